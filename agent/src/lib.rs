@@ -1,0 +1,126 @@
+//! The nine9s agent: hosts one service's releases, serves HTTP through the
+//! active one, and takes orders over gRPC to stage, upgrade, downgrade and
+//! roll back releases in place.
+//!
+//! [`Agent::boot`] opens the data directory and starts the release a node
+//! should run; [`Agent::run`] serves on listeners the caller bound, until
+//! the shutdown future resolves. `main.rs` is a thin shell over these two.
+#![forbid(unsafe_code)]
+
+mod artifacts;
+mod config;
+mod control;
+mod error;
+mod http;
+mod model;
+mod release_handler;
+mod runtime;
+mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{Bootstrap, Config};
+pub use error::Error;
+pub use http::RELEASE_HEADER;
+use release_handler::ReleaseHandler;
+
+/// How often a soaking release is looked at.
+const SOAK_TICK: Duration = Duration::from_millis(100);
+
+/// A booted agent, not serving yet.
+pub struct Agent {
+    handler: Arc<ReleaseHandler>,
+}
+
+impl Agent {
+    /// Opens the data directory and loads the release to serve.
+    pub async fn boot(config: Config) -> Result<Agent, Error> {
+        let tokio = tokio::runtime::Handle::current();
+        let handler = tokio::task::spawn_blocking(move || ReleaseHandler::boot(config, tokio))
+            .await
+            .expect("boot does not panic")?;
+        Ok(Agent {
+            handler: Arc::new(handler),
+        })
+    }
+
+    /// The version being served.
+    pub async fn active_version(&self) -> String {
+        self.handler.runtime().active().await.version.to_string()
+    }
+
+    /// Serves HTTP and gRPC until `shutdown` resolves; then stops accepting,
+    /// lets in-flight requests finish (within the grace period), and
+    /// snapshots the active state into the store.
+    pub async fn run(
+        self,
+        http: TcpListener,
+        grpc: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let handler = self.handler;
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let grace = handler.config().shutdown_grace;
+        let http = tokio::spawn(http::serve(
+            http,
+            Arc::clone(handler.runtime()),
+            until_stopped(stopped.clone()),
+            grace,
+        ));
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(control::service(Arc::clone(&handler)))
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(grpc),
+                    until_stopped(stopped.clone()),
+                ),
+        );
+        let background = tokio::spawn(background(Arc::clone(&handler), until_stopped(stopped)));
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+        let _ = http.await;
+        match grpc.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Ok(Ok(())) => {}
+        }
+        let _ = background.await;
+        let version = tokio::task::spawn_blocking(move || handler.checkpoint())
+            .await
+            .expect("checkpoint does not panic")?;
+        tracing::info!(%version, "state snapshot saved; stopped");
+        Ok(())
+    }
+}
+
+/// Watches soaks and checkpoints the active state until stopped.
+async fn background(handler: Arc<ReleaseHandler>, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut soak = tokio::time::interval(SOAK_TICK);
+    let mut checkpoint = tokio::time::interval(handler.config().checkpoint_every);
+    checkpoint.tick().await;
+    loop {
+        let job: fn(&ReleaseHandler) -> Result<(), Error> = tokio::select! {
+            () = &mut stopped => return,
+            _ = soak.tick() => ReleaseHandler::watch_soak,
+            _ = checkpoint.tick() => |h| h.checkpoint().map(drop),
+        };
+        let handler = Arc::clone(&handler);
+        match tokio::task::spawn_blocking(move || job(&handler)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "background job failed"),
+            Err(e) => tracing::error!(error = %e, "background job crashed"),
+        }
+    }
+}

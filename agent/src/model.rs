@@ -1,0 +1,149 @@
+//! The agent's domain types: releases, their lifecycle states, the
+//! transitions between them, and state snapshots. Neither sled nor the
+//! generated proto types appear here; `store` and `control` convert.
+
+use std::fmt;
+
+use nine9s_manifest::Version;
+use serde::{Deserialize, Serialize};
+
+/// Where a release is in its lifecycle (OTP's release_handler states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseState {
+    /// Uploaded and checked; never served, or not since it was staged.
+    Staged,
+    /// Serving, but not yet permanent: a restart returns to the permanent one.
+    Current,
+    /// The release a restart comes back on. Exactly one.
+    Permanent,
+    /// Served before; kept for downgrades and rollbacks.
+    Old,
+    /// Could not be started (load, init, migration or health failed).
+    Failed,
+}
+
+impl fmt::Display for ReleaseState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReleaseState::Staged => "staged",
+            ReleaseState::Current => "current",
+            ReleaseState::Permanent => "permanent",
+            ReleaseState::Old => "old",
+            ReleaseState::Failed => "failed",
+        })
+    }
+}
+
+/// A release the agent knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub name: String,
+    pub version: Version,
+    pub state: ReleaseState,
+    /// Lower-case hex sha256 of the library: its name in the artifact store.
+    pub sha256: String,
+    pub size: u64,
+    pub staged_at_ms: i64,
+    /// The state version the library's code declares.
+    pub state_version: u32,
+    pub routes: Vec<String>,
+    /// When it last became permanent; the rollback target is the old
+    /// release that was permanent most recently.
+    #[serde(default)]
+    pub permanent_since_ms: Option<i64>,
+    /// The release.toml as staged.
+    pub manifest: String,
+}
+
+/// What a transition did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransitionKind {
+    /// The first release of an empty data directory.
+    Install,
+    Stage,
+    Upgrade,
+    Downgrade,
+    Rollback,
+    MakePermanent,
+    Remove,
+    /// The agent started and came back on the permanent release.
+    Restart,
+}
+
+impl fmt::Display for TransitionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransitionKind::Install => "install",
+            TransitionKind::Stage => "stage",
+            TransitionKind::Upgrade => "upgrade",
+            TransitionKind::Downgrade => "downgrade",
+            TransitionKind::Rollback => "rollback",
+            TransitionKind::MakePermanent => "make-permanent",
+            TransitionKind::Remove => "remove",
+            TransitionKind::Restart => "restart",
+        })
+    }
+}
+
+/// How a transition ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Journalled before it started; still under way.
+    Running,
+    Ok,
+    /// Refused or undone; the previous release kept serving.
+    Failed,
+    /// The agent stopped (or was killed) while it was running.
+    Aborted,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Running => "running",
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+            Outcome::Aborted => "aborted",
+        })
+    }
+}
+
+/// One entry of the release history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Monotonic across restarts.
+    pub id: u64,
+    pub started_at_ms: i64,
+    pub kind: TransitionKind,
+    pub from: Option<Version>,
+    pub to: Option<Version>,
+    pub outcome: Outcome,
+    pub duration_us: u64,
+    /// How long new requests were held at the switch.
+    pub switch_wait_us: u64,
+    pub error: Option<String>,
+    /// Started by the agent itself (a health-gated rollback, a restart).
+    pub automatic: bool,
+    /// Why an automatic transition happened, or a note on a manual one.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A release's state, as it was at some moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: Version,
+    pub state_version: u32,
+    pub taken_at_ms: i64,
+    pub bytes: Vec<u8>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

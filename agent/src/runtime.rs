@@ -1,0 +1,186 @@
+//! The running release: the one instance that serves new requests, the
+//! instances still finishing requests, and the switch between them.
+//!
+//! Every request calls the plugin while holding a read lock on the slot;
+//! a switch takes the write lock. Taking it *is* the quiesce: it waits for
+//! the calls in flight on the old code and holds new requests back (they
+//! wait, none is refused). Under the write lock the old state is
+//! snapshotted, migrated and restored into the new instance, and the slot
+//! is swapped; releasing the lock lets the held requests through, onto the
+//! new code. Since no call into the old instance can run after the
+//! snapshot, no state change is lost or counted twice.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use nine9s_host::{CallError, Instance, Request, Response};
+use nine9s_manifest::Version;
+use tokio::sync::RwLock;
+
+/// One instance of a release, with its request counters.
+#[derive(Debug)]
+pub struct Loaded {
+    pub version: Version,
+    pub instance: Instance,
+    in_flight: AtomicU64,
+    served: AtomicU64,
+    errors: AtomicU64,
+    panics: AtomicU64,
+}
+
+/// Counters of one instance at a moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub in_flight: u64,
+    pub served: u64,
+    /// 5xx responses, panics included.
+    pub errors: u64,
+    pub panics: u64,
+}
+
+impl Loaded {
+    pub fn new(version: Version, instance: Instance) -> Loaded {
+        Loaded {
+            version,
+            instance,
+            in_flight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            served: self.served.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            panics: self.panics.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What serving one request produced, and on which release.
+pub struct Handled {
+    pub release: Arc<Loaded>,
+    pub result: Result<Response, CallError>,
+}
+
+/// What a switch did.
+pub struct Switched {
+    /// The instance that served before; the caller drains and drops it.
+    pub old: Arc<Loaded>,
+    /// From asking for the switch until new requests flowed again.
+    pub wait: Duration,
+}
+
+#[derive(Debug)]
+pub enum SwitchError<E> {
+    /// In-flight calls did not finish in time; nothing changed.
+    Quiesce,
+    /// Preparing the new instance failed; nothing changed.
+    Prepare(E),
+}
+
+pub struct Runtime {
+    slot: RwLock<Arc<Loaded>>,
+    /// Every instance still alive, serving or draining (for `status`).
+    resident: Mutex<Vec<Weak<Loaded>>>,
+}
+
+impl Runtime {
+    pub fn new(first: Loaded) -> Runtime {
+        let first = Arc::new(first);
+        Runtime {
+            resident: Mutex::new(vec![Arc::downgrade(&first)]),
+            slot: RwLock::new(first),
+        }
+    }
+
+    /// Serves one request on the active release.
+    pub async fn handle(&self, request: &Request<'_>) -> Handled {
+        let slot = self.slot.read().await;
+        let loaded = &**slot;
+        loaded.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = loaded.instance.handle(request);
+        loaded.in_flight.fetch_sub(1, Ordering::Relaxed);
+        loaded.served.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(response) if response.status < 500 => {}
+            Ok(_) | Err(CallError::Failed(_) | CallError::BadStatus(_)) => {
+                loaded.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(CallError::Panicked(_)) => {
+                loaded.errors.fetch_add(1, Ordering::Relaxed);
+                loaded.panics.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Handled {
+            release: Arc::clone(&slot),
+            result,
+        }
+    }
+
+    /// The instance serving new requests.
+    pub async fn active(&self) -> Arc<Loaded> {
+        Arc::clone(&*self.slot.read().await)
+    }
+
+    /// Runs `f` on the active instance with no request in flight on it (a
+    /// consistent snapshot).
+    pub async fn quiesced<T>(&self, f: impl FnOnce(&Loaded) -> T) -> T {
+        let slot = self.slot.write().await;
+        f(&slot)
+    }
+
+    /// Switches to the instance `prepare` builds from the quiesced old one.
+    /// If `prepare` fails, or the old instance does not quiesce within
+    /// `timeout`, the old instance keeps serving.
+    pub async fn switch<E>(
+        &self,
+        timeout: Duration,
+        prepare: impl FnOnce(&Loaded) -> Result<Loaded, E>,
+    ) -> Result<Switched, SwitchError<E>> {
+        let asked = Instant::now();
+        let mut slot = tokio::time::timeout(timeout, self.slot.write())
+            .await
+            .map_err(|_| SwitchError::Quiesce)?;
+        let next = Arc::new(prepare(&slot).map_err(SwitchError::Prepare)?);
+        self.remember(&next);
+        let old = std::mem::replace(&mut *slot, next);
+        drop(slot);
+        Ok(Switched {
+            old,
+            wait: asked.elapsed(),
+        })
+    }
+
+    /// Every instance still alive: the active one first, then the draining ones.
+    pub fn resident(&self) -> Vec<Arc<Loaded>> {
+        let mut list = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().rev().filter_map(Weak::upgrade).collect()
+    }
+
+    fn remember(&self, loaded: &Arc<Loaded>) {
+        let mut list = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(loaded));
+    }
+}
+
+/// Waits, up to `grace`, until nobody but the caller holds `old` (the last
+/// responses produced by it are written), then drops it, which releases its
+/// library. Returns whether it drained in time.
+pub async fn drain(old: Arc<Loaded>, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    while Arc::strong_count(&old) > 1 {
+        if Instant::now() >= deadline {
+            tracing::warn!(version = %old.version, "drain grace over with responses still being written");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}

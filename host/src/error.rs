@@ -1,0 +1,36 @@
+//! What can go wrong when opening or calling a plugin library.
+
+use std::path::PathBuf;
+
+/// A library was refused. Each message names the file, what was found and
+/// what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: not a loadable shared library: {reason}")]
+    NotALibrary { path: PathBuf, reason: String },
+    #[error(
+        "{path}: not a nine9s plugin: symbol `{symbol}` not found (a plugin exports it with nine9s_sdk::export_plugin!)"
+    )]
+    MissingSymbol { path: PathBuf, symbol: &'static str },
+    #[error(
+        "{path}: plugin ABI version {found}, but this agent speaks ABI version {expected}; rebuild the plugin against a matching nine9s-sdk"
+    )]
+    AbiMismatch {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{path}: invalid plugin table: {reason}")]
+    BadTable { path: PathBuf, reason: String },
+}
+
+/// A call into a plugin failed. The plugin is still loaded and usable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("plugin panicked: {0}")]
+    Panicked(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("plugin returned an unknown status code {0}")]
+    BadStatus(i32),
+}

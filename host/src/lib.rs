@@ -1,0 +1,23 @@
+//! The plugin host: opens nine9s release libraries, checks their ABI, and
+//! calls them. This crate and the SDK are the only places with `unsafe`
+//! code; everything the agent does with a plugin goes through the safe
+//! [`Library`] and [`Instance`] types here.
+//!
+//! Invariants:
+//! - the ABI version is read (a data symbol, no code runs) before anything
+//!   else in the library is touched;
+//! - a [`Library`] outlives every [`Instance`] made from it (each instance
+//!   holds an `Arc` of its library), and every buffer a plugin hands over is
+//!   copied and given back to that plugin's `free`;
+//! - when the last handle on a library is dropped it is `dlclose`d, and the
+//!   host checks `/proc/self/maps` to tell whether it is really gone.
+
+mod error;
+mod library;
+mod maps;
+
+pub use error::{CallError, LoadError};
+pub use library::{Instance, Library};
+pub use maps::{is_mapped, lingering};
+pub use nine9s_sdk::abi::ABI_VERSION;
+pub use nine9s_sdk::{Request, Response};

@@ -1,0 +1,45 @@
+//! Whether a library file is still mapped into this process, read from
+//! `/proc/self/maps`: the one way to tell that `dlclose` really unloaded it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Libraries the host released that were still mapped afterwards.
+static RELEASED_BUT_MAPPED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// True when any mapping of this process is backed by `path`.
+pub fn is_mapped(path: &Path) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    maps.lines()
+        .any(|line| line.trim_end().ends_with(wanted.as_ref()))
+}
+
+pub(crate) fn note_released_but_mapped(path: PathBuf) {
+    let mut list = RELEASED_BUT_MAPPED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if !list.contains(&path) {
+        list.push(path);
+    }
+}
+
+pub(crate) fn forget_released(path: &Path) {
+    let mut list = RELEASED_BUT_MAPPED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    list.retain(|p| p != path);
+}
+
+/// Libraries the host has released that the process still maps (a Rust
+/// library that registered a thread-local destructor can never be
+/// unmapped on glibc). Checked afresh on every call.
+pub fn lingering() -> Vec<PathBuf> {
+    let mut list = RELEASED_BUT_MAPPED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    list.retain(|p| is_mapped(p));
+    list.clone()
+}

@@ -1,0 +1,7 @@
+//! The generated types and stubs of the nine9s control plane
+//! (`proto/nine9s.proto`). Only the agent's `control` module and `ctl` use
+//! them; everything else works with domain types.
+#![forbid(unsafe_code)]
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("nine9s.control.v1");
