@@ -1,0 +1,6 @@
+//! Test fixture: a library that exports the nine9s ABI symbol with a
+//! version no agent speaks. The agent must refuse it without calling it.
+
+/// Read by the host as data; never a real ABI.
+#[no_mangle]
+pub static NINE9S_ABI_VERSION: u32 = 999;
