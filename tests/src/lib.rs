@@ -1,1 +1,304 @@
+//! The harness of the end-to-end tests: builds the workspace once, starts
+//! the real `agent` binary on free ports with a temp data dir, runs the
+//! real `ctl`, and speaks plain HTTP/1.1 to the agent over real sockets.
+//! Nothing here is a mock; tests only see what a user would see.
+#![forbid(unsafe_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where cargo put the binaries and plugin libraries of this build
+/// profile, after making sure they are built (once per test binary).
+pub fn bin_dir() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cargo.current_dir(root()).args(["build", "--workspace", "--quiet"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace failed");
+        dir
+    })
+}
+
+/// A plugin library built by the workspace, e.g. `library("nine9s_0_2_0")`.
+pub fn library(name: &str) -> PathBuf {
+    bin_dir().join(format!("lib{name}.so"))
+}
+
+/// A sample release directory under `plugins/`, e.g. `release_dir("nine9s-0.2.0")`.
+pub fn release_dir(name: &str) -> PathBuf {
+    root().join("plugins").join(name)
+}
+
+/// A test fixture release directory under `tests/plugins/`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    root().join("tests/plugins").join(name)
+}
+
+/// What a `ctl` run printed, and how it exited.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    /// Panics with the output unless the command succeeded.
+    pub fn ok(self) -> Ctl {
+        assert_eq!(self.code, 0, "ctl failed: {self:#?}");
+        self
+    }
+}
+
+/// A running agent process.
+pub struct Agent {
+    child: Child,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on free ports over `data_dir`, with extra flags,
+    /// and waits for its ready line.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Agent {
+        let log = data_dir.with_extension(format!("{}.log", unique()));
+        let mut child = Command::new(bin_dir().join("agent"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("agent log file"))
+            .spawn()
+            .expect("start the agent");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.starts_with("nine9s agent ready") => line,
+            other => {
+                let _ = child.kill();
+                panic!(
+                    "agent did not become ready ({other:?}); its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in ready line {line:?}"))
+        };
+        Agent {
+            http: addr("http="),
+            grpc: addr("grpc="),
+            child,
+            data_dir: data_dir.to_owned(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs `ctl --agent <this agent> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        ctl(&format!("http://{}", self.grpc), args)
+    }
+
+    /// `GET path` on a fresh connection.
+    pub fn get(&self, path: &str) -> Reply {
+        get(self.http, path)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(mut self) -> i32 {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, like a crash: no chance to save anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The paths of this agent's artifacts that its process has mapped.
+    pub fn mapped_artifacts(&self) -> Vec<String> {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
+        let mut paths: Vec<String> = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| p.contains("/artifacts/"))
+            .map(str::to_owned)
+            .collect();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Runs the real `ctl` against `agent`.
+pub fn ctl(agent: &str, args: &[&str]) -> Ctl {
+    let output = Command::new(bin_dir().join("ctl"))
+        .arg("--agent")
+        .arg(agent)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run ctl");
+    Ctl {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    /// The `x-nine9s-release` header: which release answered.
+    pub release: String,
+}
+
+/// `GET path` on a fresh connection; panics on a transport error.
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    let mut client = Client::connect(addr).expect("connect to the agent");
+    client.get(path).expect("HTTP exchange")
+}
+
+/// A keep-alive HTTP/1.1 client, enough for plain-text replies.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            reader: BufReader::new(stream),
+            addr,
+        })
+    }
+
+    pub fn get(&mut self, path: &str) -> std::io::Result<Reply> {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr);
+        self.reader.get_mut().write_all(request.as_bytes())?;
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        let (mut length, mut release) = (0usize, String::new());
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    "x-nine9s-release" => release = value.trim().to_owned(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        Ok(Reply {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            release,
+        })
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes.
+pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stages the sample release `nine9s-<version>` built by this workspace.
+pub fn stage_sample(agent: &Agent, version: &str) -> Ctl {
+    let lib = library(&format!("nine9s_{}", version.replace('.', "_")));
+    let dir = release_dir(&format!("nine9s-{version}"));
+    agent.ctl(&["stage", dir.to_str().unwrap(), "--library", lib.to_str().unwrap()]).ok()
+}
+
+/// Stages a fixture release from `tests/plugins/<name>`.
+pub fn stage_fixture(agent: &Agent, name: &str) -> Ctl {
+    let lib = library(&format!("fixture_{}", name.replace('-', "_")));
+    let dir = fixture_dir(name);
+    agent.ctl(&["stage", dir.to_str().unwrap(), "--library", lib.to_str().unwrap()])
+}
