@@ -23,9 +23,15 @@ pub fn bin_dir() -> &'static Path {
     BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>
-        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
         let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cargo.current_dir(root()).args(["build", "--workspace", "--quiet"]);
+        cargo
+            .current_dir(root())
+            .args(["build", "--workspace", "--quiet"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
@@ -150,7 +156,11 @@ impl Agent {
             if let Some(status) = self.child.try_wait().expect("wait for the agent") {
                 return status.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop on SIGTERM; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -163,7 +173,8 @@ impl Agent {
 
     /// The paths of this agent's artifacts that its process has mapped.
     pub fn mapped_artifacts(&self) -> Vec<String> {
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
+        let maps =
+            std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
         let mut paths: Vec<String> = maps
             .lines()
             .filter_map(|l| l.split_whitespace().nth(5))
@@ -242,7 +253,10 @@ impl Client {
         self.reader.get_mut().write_all(request.as_bytes())?;
         let mut status_line = String::new();
         if self.reader.read_line(&mut status_line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before a response",
+            ));
         }
         let status = status_line
             .split_whitespace()
@@ -293,12 +307,24 @@ pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
 pub fn stage_sample(agent: &Agent, version: &str) -> Ctl {
     let lib = library(&format!("nine9s_{}", version.replace('.', "_")));
     let dir = release_dir(&format!("nine9s-{version}"));
-    agent.ctl(&["stage", dir.to_str().unwrap(), "--library", lib.to_str().unwrap()]).ok()
+    agent
+        .ctl(&[
+            "stage",
+            dir.to_str().unwrap(),
+            "--library",
+            lib.to_str().unwrap(),
+        ])
+        .ok()
 }
 
 /// Stages a fixture release from `tests/plugins/<name>`.
 pub fn stage_fixture(agent: &Agent, name: &str) -> Ctl {
     let lib = library(&format!("fixture_{}", name.replace('-', "_")));
     let dir = fixture_dir(name);
-    agent.ctl(&["stage", dir.to_str().unwrap(), "--library", lib.to_str().unwrap()])
+    agent.ctl(&[
+        "stage",
+        dir.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ])
 }

@@ -5,7 +5,10 @@ use nine9s_tests::{ctl, fixture_dir, library, stage_fixture, Agent};
 
 fn assert_still_serving(agent: &Agent) {
     let reply = agent.get("/");
-    assert_eq!((reply.status, reply.body.as_str(), reply.release.as_str()), (200, "Hello world!", "0.1.0"));
+    assert_eq!(
+        (reply.status, reply.body.as_str(), reply.release.as_str()),
+        (200, "Hello world!", "0.1.0")
+    );
 }
 
 #[test]
@@ -23,7 +26,11 @@ fn a_file_that_is_not_a_library_is_refused() {
 
     let out = agent.ctl(&["stage", release.to_str().unwrap()]);
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("not a loadable shared library"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not a loadable shared library"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
     assert!(!agent.ctl(&["releases"]).ok().stdout.contains("0.2.0"));
     assert_still_serving(&agent);
@@ -69,9 +76,18 @@ fn a_manifest_that_does_not_match_its_library_is_refused() {
     )
     .unwrap();
     let lib = library("nine9s_0_2_0");
-    let out = agent.ctl(&["stage", release.to_str().unwrap(), "--library", lib.to_str().unwrap()]);
+    let out = agent.ctl(&[
+        "stage",
+        release.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ]);
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("0.2.5") && out.stderr.contains("nine9s 0.2.0"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("0.2.5") && out.stderr.contains("nine9s 0.2.0"),
+        "{}",
+        out.stderr
+    );
     assert_still_serving(&agent);
 }
 
@@ -92,7 +108,11 @@ fn unknown_versions_and_wrong_directions_are_refused() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("that is an upgrade"), "{}", out.stderr);
     let out = agent.ctl(&["upgrade", "--to", "0.1.0"]);
-    assert!(out.stderr.contains("already the active release"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already the active release"),
+        "{}",
+        out.stderr
+    );
     assert_still_serving(&agent);
 }
 
@@ -106,7 +126,12 @@ fn staging_the_same_version_with_other_bytes_is_refused() {
     let again = stage_fixture(&agent, "panicky").ok();
     assert!(again.stdout.contains("already staged"), "{again:?}");
     let other = library("fixture_unhealthy");
-    let out = agent.ctl(&["stage", panicky.to_str().unwrap(), "--library", other.to_str().unwrap()]);
+    let out = agent.ctl(&[
+        "stage",
+        panicky.to_str().unwrap(),
+        "--library",
+        other.to_str().unwrap(),
+    ]);
     assert_eq!(out.code, 1, "{out:?}");
     assert_still_serving(&agent);
 }
@@ -114,8 +139,16 @@ fn staging_the_same_version_with_other_bytes_is_refused() {
 #[test]
 fn ctl_says_when_no_agent_answers() {
     // A port nothing listens on: bind one, then free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let out = ctl(&format!("http://127.0.0.1:{port}"), &["status"]);
     assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("cannot reach the agent"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot reach the agent"),
+        "{}",
+        out.stderr
+    );
 }

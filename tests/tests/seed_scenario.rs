@@ -10,29 +10,53 @@ fn upgrade_count_downgrade_and_restart() {
     let agent = Agent::start(&data, &[]);
 
     let hello = agent.get("/");
-    assert_eq!((hello.status, hello.body.as_str(), hello.release.as_str()), (200, "Hello world!", "0.1.0"));
+    assert_eq!(
+        (hello.status, hello.body.as_str(), hello.release.as_str()),
+        (200, "Hello world!", "0.1.0")
+    );
     assert_eq!(agent.get("/count").status, 404);
 
     // As a user would: the release directory, library found in the build.
-    let staged = agent.ctl(&["stage", release_dir("nine9s-0.2.0").to_str().unwrap()]).ok();
+    let staged = agent
+        .ctl(&["stage", release_dir("nine9s-0.2.0").to_str().unwrap()])
+        .ok();
     assert!(staged.stdout.contains("staged nine9s 0.2.0"), "{staged:?}");
     let releases = agent.ctl(&["releases"]).ok().stdout;
-    assert!(releases.lines().any(|l| l.starts_with("0.2.0") && l.contains("staged")), "{releases}");
+    assert!(
+        releases
+            .lines()
+            .any(|l| l.starts_with("0.2.0") && l.contains("staged")),
+        "{releases}"
+    );
 
     let upgraded = agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
-    assert!(upgraded.stdout.contains("upgraded 0.1.0 -> 0.2.0"), "{upgraded:?}");
+    assert!(
+        upgraded.stdout.contains("upgraded 0.1.0 -> 0.2.0"),
+        "{upgraded:?}"
+    );
     let hellos = 7;
     for _ in 0..hellos {
         let reply = agent.get("/");
-        assert_eq!((reply.status, reply.body.as_str()), (200, "Hello world 2 !"));
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "Hello world 2 !")
+        );
     }
     assert_eq!(agent.get("/count").body, hellos.to_string());
 
     let status = agent.ctl(&["status"]).ok().stdout;
-    assert!(status.contains("active:    0.2.0") && status.contains("permanent: 0.2.0"), "{status}");
+    assert!(
+        status.contains("active:    0.2.0") && status.contains("permanent: 0.2.0"),
+        "{status}"
+    );
 
-    let downgraded = agent.ctl(&["downgrade", "--to", "0.1.0", "--permanent"]).ok();
-    assert!(downgraded.stdout.contains("downgraded 0.2.0 -> 0.1.0"), "{downgraded:?}");
+    let downgraded = agent
+        .ctl(&["downgrade", "--to", "0.1.0", "--permanent"])
+        .ok();
+    assert!(
+        downgraded.stdout.contains("downgraded 0.2.0 -> 0.1.0"),
+        "{downgraded:?}"
+    );
     assert_eq!(agent.get("/").body, "Hello world!");
     assert_eq!(agent.get("/count").status, 404);
 
@@ -68,8 +92,15 @@ fn upgrade_count_downgrade_and_restart() {
     assert_eq!(agent.terminate(), 0);
     let agent = Agent::start(&data, &[]);
     let reply = agent.get("/");
-    assert_eq!((reply.body.as_str(), reply.release.as_str()), ("Hello world 2 !", "0.2.0"));
-    assert_eq!(agent.get("/count").body, "4", "the count continues after a restart");
+    assert_eq!(
+        (reply.body.as_str(), reply.release.as_str()),
+        ("Hello world 2 !", "0.2.0")
+    );
+    assert_eq!(
+        agent.get("/count").body,
+        "4",
+        "the count continues after a restart"
+    );
 }
 
 #[test]
@@ -77,7 +108,10 @@ fn a_fresh_data_dir_starts_on_the_embedded_sample_release() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]);
     let status = agent.ctl(&["status"]).ok().stdout;
-    assert!(status.contains("active:    0.1.0") && status.contains("permanent: 0.1.0"), "{status}");
+    assert!(
+        status.contains("active:    0.1.0") && status.contains("permanent: 0.1.0"),
+        "{status}"
+    );
     assert_eq!(agent.get("/").body, "Hello world!");
     assert_eq!(agent.get("/anything-else").status, 404);
 }
