@@ -41,7 +41,10 @@ impl Artifacts {
         }
         let partial = path.with_extension("so.partial");
         let mut file = std::fs::File::create(&partial)?;
-        file.write_all(bytes)?;
+        let (first, second) = bytes.split_at(bytes.len() / 2);
+        file.write_all(first)?;
+        crate::failpoint::crash_point("stage:half-written");
+        file.write_all(second)?;
         file.sync_all()?;
         std::fs::rename(&partial, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()?;

@@ -11,6 +11,7 @@ mod artifacts;
 mod config;
 mod control;
 mod error;
+mod failpoint;
 mod http;
 mod model;
 mod release_handler;

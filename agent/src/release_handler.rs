@@ -22,6 +22,7 @@ use tokio::runtime::Handle;
 use crate::artifacts::{sha256_hex, Artifacts};
 use crate::config::{Bootstrap, Config};
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::model::{now_ms, Outcome, Release, ReleaseState, Snapshot, Transition, TransitionKind};
 use crate::runtime::{drain, Counters, Loaded, Runtime, SwitchError};
 use crate::store::Store;
@@ -232,6 +233,7 @@ impl ReleaseHandler {
         let mut t =
             self.store
                 .begin(TransitionKind::Stage, None, Some(&manifest.version), false)?;
+        crash_point("stage:begun");
         let started = Instant::now();
         match register(
             &self.store,
@@ -241,6 +243,7 @@ impl ReleaseHandler {
             bytes,
         ) {
             Ok((release, _library)) => {
+                crash_point("stage:checked");
                 finish(&mut t, started, None);
                 self.store.commit(&t, std::slice::from_ref(&release))?;
                 tracing::info!(version = %release.version, sha256 = %release.sha256, "release staged");
@@ -360,6 +363,9 @@ impl ReleaseHandler {
             t.reason = automatic;
             Some(t)
         };
+        if !dry_run {
+            crash_point("switch:begun");
+        }
         let started = Instant::now();
         let span =
             tracing::info_span!("switch", %kind, from = %active.version, to = %target.version);
@@ -377,6 +383,7 @@ impl ReleaseHandler {
                 finish(&mut t, started, None);
                 let changed = self.settle(&target.version, permanence)?;
                 self.store.commit(&t, &changed)?;
+                crash_point("switch:committed");
                 self.prune_old()?;
                 tracing::info!(
                     duration_us = t.duration_us,
@@ -485,6 +492,9 @@ impl ReleaseHandler {
             .health()
             .map_err(|e| plugin_error("health check", e))?;
         drop(trial);
+        if !dry_run {
+            crash_point("switch:loaded");
+        }
         report
             .checks
             .push("health: a fresh instance with the migrated state is healthy".into());
@@ -532,6 +542,7 @@ impl ReleaseHandler {
                         taken_at_ms: now_ms(),
                         bytes: left,
                     })?;
+                    crash_point("switch:quiesced");
                     let instance = library
                         .instantiate(migrated.as_deref())
                         .map_err(|e| plugin_error("init", e))?;
@@ -549,6 +560,7 @@ impl ReleaseHandler {
         })?;
         // Nothing of the old release may be held here, or it never drains.
         drop((active, carry, library));
+        crash_point("switch:switched");
         // The snapshot of the release just left must be durable before the
         // transition is acknowledged.
         self.store.flush()?;
@@ -740,6 +752,7 @@ impl ReleaseHandler {
         if automatic {
             t.reason = Some("healthy through its soak period".into());
         }
+        crash_point("permanent:begun");
         let changed = self.settle(version, Permanence::Immediate)?;
         finish(&mut t, Instant::now(), None);
         self.store.commit(&t, &changed)?;
@@ -783,8 +796,10 @@ impl ReleaseHandler {
         let mut t = self
             .store
             .begin(TransitionKind::Remove, Some(version), None, false)?;
+        crash_point("remove:begun");
         self.store.remove_release(version)?;
         self.store.remove_snapshots(version)?;
+        crash_point("remove:forgotten");
         finish(&mut t, Instant::now(), None);
         self.store.commit(&t, &[])?;
         let collected = self.collect_garbage()?;

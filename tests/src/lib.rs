@@ -85,6 +85,11 @@ impl Agent {
     /// Starts the agent on free ports over `data_dir`, with extra flags,
     /// and waits for its ready line.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_with_env(data_dir, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let log = data_dir.with_extension(format!("{}.log", unique()));
         let mut child = Command::new(bin_dir().join("agent"))
             .arg("--data-dir")
@@ -92,6 +97,7 @@ impl Agent {
             .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()
@@ -163,6 +169,12 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for the agent to exit on its own (a crash point) and returns
+    /// whether it did within `within`.
+    pub fn wait_for_exit(&mut self, within: Duration) -> bool {
+        eventually(within, || matches!(self.child.try_wait(), Ok(Some(_))))
     }
 
     /// SIGKILL, like a crash: no chance to save anything.

@@ -1,0 +1,245 @@
+//! The release lifecycle: staged → current → permanent → old. Soaks,
+//! health-gated automatic rollback, restarts, rollback, make-permanent,
+//! dry runs, removal and retention.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent, Client};
+
+fn status(agent: &Agent) -> String {
+    agent.ctl(&["status"]).ok().stdout
+}
+
+fn release_state(agent: &Agent, version: &str) -> String {
+    let releases = agent.ctl(&["releases"]).ok().stdout;
+    releases
+        .lines()
+        .find(|l| l.starts_with(version))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("absent")
+        .to_owned()
+}
+
+fn hello(agent: &Agent, times: usize) {
+    for _ in 0..times {
+        assert_eq!(agent.get("/").status, 200);
+    }
+}
+
+/// An agent on 0.2.0 (permanent) with `hellos` counted.
+fn on_0_2_0(data: &std::path::Path, extra: &[&str], hellos: usize) -> Agent {
+    let agent = Agent::start(data, extra);
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    hello(&agent, hellos);
+    agent
+}
+
+#[test]
+fn a_healthy_release_becomes_permanent_after_its_soak() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    stage_sample(&agent, "0.2.0");
+    let out = agent.ctl(&["upgrade", "--to", "0.2.0", "--soak", "600ms"]).ok();
+    assert!(out.stdout.contains("becomes permanent if it stays healthy"), "{out:?}");
+    let s = status(&agent);
+    assert!(s.contains("permanent: 0.1.0") && s.contains("current:   0.2.0"), "{s}");
+    assert!(eventually(Duration::from_secs(5), || release_state(&agent, "0.2.0") == "permanent"));
+    assert_eq!(release_state(&agent, "0.1.0"), "old");
+    let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
+    assert!(history.contains("make-permanent (auto)") && history.contains("healthy through its soak"), "{history}");
+}
+
+#[test]
+fn a_release_whose_health_check_fails_during_its_soak_is_rolled_back_without_refusing_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 5);
+    stage_fixture(&agent, "unhealthy").ok();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (addr, stop) = (agent.http, Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut client = Client::connect(addr).unwrap();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                match client.get("/") {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    agent.ctl(&["upgrade", "--to", "0.6.0", "--soak", "30s"]).ok();
+    let rolled_back = eventually(Duration::from_secs(10), || agent.get("/").release == "0.2.0");
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(rolled_back, "still on 0.6.0:\n{}", agent.log());
+    assert_eq!(failed, 0, "no request refused or failed");
+    assert_eq!(release_state(&agent, "0.6.0"), "failed");
+    assert_eq!(release_state(&agent, "0.2.0"), "permanent");
+    let history = agent.ctl(&["history", "--limit", "2"]).ok().stdout;
+    assert!(
+        history.contains("rollback (auto)") && history.contains("health check failed: database connection lost"),
+        "{history}"
+    );
+    // The eventually() probes above count too.
+    let probes: u64 = agent.get("/count").body.parse().unwrap();
+    assert!(probes >= 5 + ok, "count carried through 0.6.0 and back: {probes} < {}", 5 + ok);
+}
+
+#[test]
+fn a_release_that_fails_requests_during_its_soak_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 2);
+    stage_fixture(&agent, "panicky").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.1", "--soak", "30s"]).ok();
+    for _ in 0..12 {
+        agent.get("/");
+    }
+    assert!(eventually(Duration::from_secs(5), || agent.get("/").release == "0.2.0"));
+    let history = agent.ctl(&["history", "--limit", "2"]).ok().stdout;
+    assert!(history.contains("rollback (auto)") && history.contains("requests failed"), "{history}");
+    assert_eq!(release_state(&agent, "0.2.1"), "failed");
+}
+
+#[test]
+fn a_restart_while_a_release_is_only_current_comes_back_on_the_permanent_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 3);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"]).ok();
+    hello(&agent, 4);
+    assert_eq!(agent.get("/count").body, "7");
+    agent.kill9();
+
+    let agent = Agent::start(&data, &[]);
+    let reply = agent.get("/count");
+    assert_eq!(reply.release, "0.2.0");
+    assert_eq!(reply.body, "3", "0.2.0's snapshot from when it was left");
+    assert_eq!(release_state(&agent, "0.3.0"), "old");
+    let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
+    assert!(history.contains("restart (auto)") && history.contains("was current but not permanent"), "{history}");
+}
+
+#[test]
+fn make_permanent_keeps_a_current_release_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(&data, &[]);
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--no-permanent"]).ok();
+    let out = agent.ctl(&["make-permanent", "0.1.0"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("only the current release"), "{}", out.stderr);
+    agent.ctl(&["make-permanent", "0.2.0"]).ok();
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.get("/").release, "0.2.0");
+}
+
+#[test]
+fn rollback_returns_to_the_previous_permanent_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 5);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    hello(&agent, 2);
+
+    let dry = agent.ctl(&["rollback", "--dry-run"]).ok().stdout;
+    assert!(dry.contains("plan 0.3.0 -> 0.2.0") && dry.contains("nothing changed"), "{dry}");
+    assert_eq!(agent.get("/").release, "0.3.0");
+
+    let out = agent.ctl(&["rollback"]).ok();
+    assert!(out.stdout.contains("rolled back 0.3.0 -> 0.2.0"), "{out:?}");
+    // 5 on 0.2.0, then 2 and one probe on 0.3.0, migrated down.
+    assert_eq!(agent.get("/count").body, "8");
+    assert_eq!(release_state(&agent, "0.2.0"), "permanent");
+
+    // Back up, then roll back restoring the snapshot taken when 0.2.0 was left.
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    hello(&agent, 10);
+    agent.ctl(&["rollback", "--state", "snapshot"]).ok();
+    assert_eq!(
+        agent.get("/count").body,
+        "8",
+        "the snapshot taken when 0.2.0 was left, not the 10 hellos since"
+    );
+}
+
+#[test]
+fn a_dry_run_prints_the_plan_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 1);
+    stage_sample(&agent, "0.3.0");
+    let before = (agent.ctl(&["releases"]).ok().stdout, agent.ctl(&["history"]).ok().stdout);
+    let out = agent.ctl(&["upgrade", "--to", "0.3.0", "--dry-run"]).ok().stdout;
+    for expected in [
+        "plan 0.2.0 -> 0.3.0 (written): load, migrate, switch, drain, unload",
+        "library: nine9s 0.3.0 loads",
+        "state: migrated v1 -> v2 by nine9s 0.3.0",
+        "routes: added [\"/stats\"]",
+        "health: a fresh instance",
+        "dry run: nothing changed",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
+    let after = (agent.ctl(&["releases"]).ok().stdout, agent.ctl(&["history"]).ok().stdout);
+    assert_eq!(before, after);
+    assert_eq!(agent.get("/count").body, "1");
+    let derived = agent.ctl(&["downgrade", "--to", "0.1.0", "--dry-run"]).ok().stdout;
+    assert!(derived.contains("(derived)") && derived.contains("not carried"), "{derived}");
+}
+
+#[test]
+fn sigterm_drains_and_keeps_the_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &["--checkpoint-every", "1h"], 6);
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.get("/count").body, "6");
+    assert!(agent.get("/").status == 200 && agent.get("/count").body == "7");
+}
+
+#[test]
+fn a_periodic_checkpoint_bounds_what_kill_9_loses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &["--checkpoint-every", "200ms"], 9);
+    thread::sleep(Duration::from_millis(700));
+    agent.kill9();
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.get("/count").body, "9");
+}
+
+#[test]
+fn remove_refuses_what_is_in_use_and_collects_the_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 0);
+    let out = agent.ctl(&["remove", "0.2.0"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("cannot be removed"), "{}", out.stderr);
+    let artifacts = || std::fs::read_dir(data.join("artifacts")).unwrap().count();
+    assert_eq!(artifacts(), 2);
+    let out = agent.ctl(&["remove", "0.1.0"]).ok();
+    assert!(out.stdout.contains("deleted unreferenced artifact"), "{out:?}");
+    assert_eq!(artifacts(), 1);
+    assert_eq!(release_state(&agent, "0.1.0"), "absent");
+}
+
+#[test]
+fn only_the_configured_number_of_old_releases_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &["--keep-old", "1"], 0);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    assert_eq!(release_state(&agent, "0.1.0"), "absent");
+    assert_eq!(release_state(&agent, "0.2.0"), "old");
+}
