@@ -43,14 +43,27 @@ fn a_healthy_release_becomes_permanent_after_its_soak() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]);
     stage_sample(&agent, "0.2.0");
-    let out = agent.ctl(&["upgrade", "--to", "0.2.0", "--soak", "600ms"]).ok();
-    assert!(out.stdout.contains("becomes permanent if it stays healthy"), "{out:?}");
+    let out = agent
+        .ctl(&["upgrade", "--to", "0.2.0", "--soak", "600ms"])
+        .ok();
+    assert!(
+        out.stdout.contains("becomes permanent if it stays healthy"),
+        "{out:?}"
+    );
     let s = status(&agent);
-    assert!(s.contains("permanent: 0.1.0") && s.contains("current:   0.2.0"), "{s}");
-    assert!(eventually(Duration::from_secs(5), || release_state(&agent, "0.2.0") == "permanent"));
+    assert!(
+        s.contains("permanent: 0.1.0") && s.contains("current:   0.2.0"),
+        "{s}"
+    );
+    assert!(eventually(Duration::from_secs(5), || release_state(
+        &agent, "0.2.0"
+    ) == "permanent"));
     assert_eq!(release_state(&agent, "0.1.0"), "old");
     let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
-    assert!(history.contains("make-permanent (auto)") && history.contains("healthy through its soak"), "{history}");
+    assert!(
+        history.contains("make-permanent (auto)") && history.contains("healthy through its soak"),
+        "{history}"
+    );
 }
 
 #[test]
@@ -74,8 +87,12 @@ fn a_release_whose_health_check_fails_during_its_soak_is_rolled_back_without_ref
             (ok, failed)
         })
     };
-    agent.ctl(&["upgrade", "--to", "0.6.0", "--soak", "30s"]).ok();
-    let rolled_back = eventually(Duration::from_secs(10), || agent.get("/").release == "0.2.0");
+    agent
+        .ctl(&["upgrade", "--to", "0.6.0", "--soak", "30s"])
+        .ok();
+    let rolled_back = eventually(Duration::from_secs(10), || {
+        agent.get("/").release == "0.2.0"
+    });
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.join().unwrap();
     assert!(rolled_back, "still on 0.6.0:\n{}", agent.log());
@@ -84,12 +101,17 @@ fn a_release_whose_health_check_fails_during_its_soak_is_rolled_back_without_ref
     assert_eq!(release_state(&agent, "0.2.0"), "permanent");
     let history = agent.ctl(&["history", "--limit", "2"]).ok().stdout;
     assert!(
-        history.contains("rollback (auto)") && history.contains("health check failed: database connection lost"),
+        history.contains("rollback (auto)")
+            && history.contains("health check failed: database connection lost"),
         "{history}"
     );
     // The eventually() probes above count too.
     let probes: u64 = agent.get("/count").body.parse().unwrap();
-    assert!(probes >= 5 + ok, "count carried through 0.6.0 and back: {probes} < {}", 5 + ok);
+    assert!(
+        probes >= 5 + ok,
+        "count carried through 0.6.0 and back: {probes} < {}",
+        5 + ok
+    );
 }
 
 #[test]
@@ -97,13 +119,21 @@ fn a_release_that_fails_requests_during_its_soak_is_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
     let agent = on_0_2_0(&dir.path().join("data"), &[], 2);
     stage_fixture(&agent, "panicky").ok();
-    agent.ctl(&["upgrade", "--to", "0.2.1", "--soak", "30s"]).ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.2.1", "--soak", "30s"])
+        .ok();
     for _ in 0..12 {
         agent.get("/");
     }
-    assert!(eventually(Duration::from_secs(5), || agent.get("/").release == "0.2.0"));
+    assert!(eventually(Duration::from_secs(5), || agent
+        .get("/")
+        .release
+        == "0.2.0"));
     let history = agent.ctl(&["history", "--limit", "2"]).ok().stdout;
-    assert!(history.contains("rollback (auto)") && history.contains("requests failed"), "{history}");
+    assert!(
+        history.contains("rollback (auto)") && history.contains("requests failed"),
+        "{history}"
+    );
     assert_eq!(release_state(&agent, "0.2.1"), "failed");
 }
 
@@ -113,7 +143,9 @@ fn a_restart_while_a_release_is_only_current_comes_back_on_the_permanent_one() {
     let data = dir.path().join("data");
     let agent = on_0_2_0(&data, &[], 3);
     stage_sample(&agent, "0.3.0");
-    agent.ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"]).ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"])
+        .ok();
     hello(&agent, 4);
     assert_eq!(agent.get("/count").body, "7");
     agent.kill9();
@@ -124,7 +156,10 @@ fn a_restart_while_a_release_is_only_current_comes_back_on_the_permanent_one() {
     assert_eq!(reply.body, "3", "0.2.0's snapshot from when it was left");
     assert_eq!(release_state(&agent, "0.3.0"), "old");
     let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
-    assert!(history.contains("restart (auto)") && history.contains("was current but not permanent"), "{history}");
+    assert!(
+        history.contains("restart (auto)") && history.contains("was current but not permanent"),
+        "{history}"
+    );
 }
 
 #[test]
@@ -133,10 +168,16 @@ fn make_permanent_keeps_a_current_release_across_restarts() {
     let data = dir.path().join("data");
     let agent = Agent::start(&data, &[]);
     stage_sample(&agent, "0.2.0");
-    agent.ctl(&["upgrade", "--to", "0.2.0", "--no-permanent"]).ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.2.0", "--no-permanent"])
+        .ok();
     let out = agent.ctl(&["make-permanent", "0.1.0"]);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("only the current release"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("only the current release"),
+        "{}",
+        out.stderr
+    );
     agent.ctl(&["make-permanent", "0.2.0"]).ok();
     assert_eq!(agent.terminate(), 0);
     let agent = Agent::start(&data, &[]);
@@ -152,7 +193,10 @@ fn rollback_returns_to_the_previous_permanent_release() {
     hello(&agent, 2);
 
     let dry = agent.ctl(&["rollback", "--dry-run"]).ok().stdout;
-    assert!(dry.contains("plan 0.3.0 -> 0.2.0") && dry.contains("nothing changed"), "{dry}");
+    assert!(
+        dry.contains("plan 0.3.0 -> 0.2.0") && dry.contains("nothing changed"),
+        "{dry}"
+    );
     assert_eq!(agent.get("/").release, "0.3.0");
 
     let out = agent.ctl(&["rollback"]).ok();
@@ -177,8 +221,14 @@ fn a_dry_run_prints_the_plan_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let agent = on_0_2_0(&dir.path().join("data"), &[], 1);
     stage_sample(&agent, "0.3.0");
-    let before = (agent.ctl(&["releases"]).ok().stdout, agent.ctl(&["history"]).ok().stdout);
-    let out = agent.ctl(&["upgrade", "--to", "0.3.0", "--dry-run"]).ok().stdout;
+    let before = (
+        agent.ctl(&["releases"]).ok().stdout,
+        agent.ctl(&["history"]).ok().stdout,
+    );
+    let out = agent
+        .ctl(&["upgrade", "--to", "0.3.0", "--dry-run"])
+        .ok()
+        .stdout;
     for expected in [
         "plan 0.2.0 -> 0.3.0 (written): load, migrate, switch, drain, unload",
         "library: nine9s 0.3.0 loads",
@@ -189,11 +239,20 @@ fn a_dry_run_prints_the_plan_and_changes_nothing() {
     ] {
         assert!(out.contains(expected), "{expected:?} in:\n{out}");
     }
-    let after = (agent.ctl(&["releases"]).ok().stdout, agent.ctl(&["history"]).ok().stdout);
+    let after = (
+        agent.ctl(&["releases"]).ok().stdout,
+        agent.ctl(&["history"]).ok().stdout,
+    );
     assert_eq!(before, after);
     assert_eq!(agent.get("/count").body, "1");
-    let derived = agent.ctl(&["downgrade", "--to", "0.1.0", "--dry-run"]).ok().stdout;
-    assert!(derived.contains("(derived)") && derived.contains("not carried"), "{derived}");
+    let derived = agent
+        .ctl(&["downgrade", "--to", "0.1.0", "--dry-run"])
+        .ok()
+        .stdout;
+    assert!(
+        derived.contains("(derived)") && derived.contains("not carried"),
+        "{derived}"
+    );
 }
 
 #[test]
@@ -229,7 +288,10 @@ fn remove_refuses_what_is_in_use_and_collects_the_artifact() {
     let artifacts = || std::fs::read_dir(data.join("artifacts")).unwrap().count();
     assert_eq!(artifacts(), 2);
     let out = agent.ctl(&["remove", "0.1.0"]).ok();
-    assert!(out.stdout.contains("deleted unreferenced artifact"), "{out:?}");
+    assert!(
+        out.stdout.contains("deleted unreferenced artifact"),
+        "{out:?}"
+    );
     assert_eq!(artifacts(), 1);
     assert_eq!(release_state(&agent, "0.1.0"), "absent");
 }

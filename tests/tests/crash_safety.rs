@@ -1,0 +1,266 @@
+//! `kill -9` at any moment of a transition leaves, after a restart: the
+//! permanent release serving with its state, no half-registered release,
+//! and a history that shows the interrupted transition as aborted.
+//!
+//! The agent crashes at named points (`NINE9S_CRASH_AT`, which aborts the
+//! process on the spot, as `kill -9` would) so every point is hit for sure.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nine9s_tests::{library, release_dir, stage_sample, Agent};
+
+/// A data dir with 0.1.0 old, 0.2.0 permanent (3 hellos counted and saved
+/// by a clean stop) and 0.3.0 staged, unless `stage_0_3_0` is false.
+fn prepare(data: &Path, stage_0_3_0: bool) {
+    let agent = Agent::start(data, &[]);
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    if stage_0_3_0 {
+        stage_sample(&agent, "0.3.0");
+    }
+    for _ in 0..3 {
+        agent.get("/");
+    }
+    assert_eq!(agent.terminate(), 0);
+}
+
+/// Where a node must be after the crash.
+struct Expect {
+    /// The permanent (and active) release.
+    permanent: &'static str,
+    /// What `/count` answers (404 on 0.1.0).
+    count: (u16, &'static str),
+    /// The last history entry's kind and result.
+    last: (&'static str, &'static str),
+}
+
+/// Interrupted before it committed: back on 0.2.0, the transition aborted.
+const ABORTED: Expect = Expect {
+    permanent: "0.2.0",
+    count: (200, "3"),
+    last: ("", "aborted"),
+};
+
+/// Committed, but only as current: the restart returns to 0.2.0 and says so.
+const SOAKING_ABANDONED: Expect = Expect {
+    permanent: "0.2.0",
+    count: (200, "3"),
+    last: ("restart (auto)", "ok"),
+};
+
+/// Restarts with a crash point armed, runs `op` (which must crash the
+/// agent), then restarts clean and checks that the node is consistent.
+fn crash_and_check(
+    dir: &tempfile::TempDir,
+    point: &str,
+    stage_0_3_0: bool,
+    op: &[&[&str]],
+    expect: Expect,
+) -> Agent {
+    let data = dir.path().join("data");
+    prepare(&data, stage_0_3_0);
+    let mut agent = Agent::start_with_env(&data, &[], &[("NINE9S_CRASH_AT", point)]);
+    let mut crashed = false;
+    for args in op {
+        let out = agent.ctl(args);
+        if out.code != 0 {
+            crashed = true;
+            break;
+        }
+    }
+    assert!(
+        crashed && agent.wait_for_exit(Duration::from_secs(10)),
+        "{point}: the agent did not crash"
+    );
+    assert!(
+        agent.log().contains(&format!("crashing at {point}")),
+        "{point}"
+    );
+    drop(agent);
+
+    let agent = Agent::start(&data, &[]);
+    let status = agent.ctl(&["status"]).ok().stdout;
+    let permanent = expect.permanent;
+    assert!(
+        status.contains(&format!("active:    {permanent}"))
+            && status.contains(&format!("permanent: {permanent}"))
+            && !status.contains("current:"),
+        "{point}: not back on the permanent release {permanent}:\n{status}"
+    );
+    let reply = agent.get("/count");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (expect.count.0, expect.count.1),
+        "{point}: state"
+    );
+    if expect.count.0 == 200 {
+        assert_eq!(reply.release, permanent);
+    }
+
+    let history = agent.ctl(&["history"]).ok().stdout;
+    assert!(!history.contains(" running "), "{point}: {history}");
+    let last = history.lines().last().unwrap();
+    assert!(
+        last.contains(expect.last.0) && last.contains(&format!(" {} ", expect.last.1)),
+        "{point}: expected the last transition to be {:?}:\n{history}",
+        expect.last
+    );
+
+    // Every release the agent lists is whole: its library loads and checks.
+    let releases = agent.ctl(&["releases"]).ok().stdout;
+    for line in releases.lines().skip(1) {
+        let version = line.split_whitespace().next().unwrap();
+        if version == permanent {
+            continue;
+        }
+        let verb = if higher(version, permanent) {
+            "upgrade"
+        } else {
+            "downgrade"
+        };
+        let out = agent.ctl(&[verb, "--to", version, "--dry-run"]);
+        assert_eq!(
+            out.code, 0,
+            "{point}: {version} is listed but broken: {out:?}"
+        );
+    }
+    let artifacts = std::fs::read_dir(data.join("artifacts")).unwrap().count();
+    assert_eq!(
+        artifacts,
+        releases.lines().count() - 1,
+        "{point}: one artifact per release, no debris"
+    );
+    agent
+}
+
+/// Whether version `a` is higher than `b` (x.y.z only).
+fn higher(a: &str, b: &str) -> bool {
+    let parts = |v: &str| {
+        v.split('.')
+            .map(|p| p.parse::<u64>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    parts(a) > parts(b)
+}
+
+#[test]
+fn kill_9_during_a_stage() {
+    let lib = library("nine9s_0_3_0");
+    let dir = release_dir("nine9s-0.3.0");
+    let stage: &[&str] = &[
+        "stage",
+        dir.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ];
+    for point in ["stage:begun", "stage:half-written", "stage:checked"] {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = crash_and_check(&dir, point, false, &[stage], ABORTED);
+        // Staging again works, whatever the crash left.
+        agent.ctl(stage).ok();
+        agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+        assert_eq!(agent.get("/count").body, "3", "{point}");
+    }
+}
+
+#[test]
+fn kill_9_during_an_upgrade() {
+    for point in [
+        "switch:begun",
+        "switch:loaded",
+        "switch:quiesced",
+        "switch:switched",
+        "switch:committed",
+    ] {
+        let expect = if point == "switch:committed" {
+            SOAKING_ABANDONED
+        } else {
+            ABORTED
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let agent = crash_and_check(&dir, point, true, &[&["upgrade", "--to", "0.3.0"]], expect);
+        agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+        assert_eq!(agent.get("/count").body, "3", "{point}");
+    }
+}
+
+#[test]
+fn kill_9_during_a_downgrade() {
+    for point in [
+        "switch:begun",
+        "switch:quiesced",
+        "switch:switched",
+        "switch:committed",
+    ] {
+        let expect = if point == "switch:committed" {
+            SOAKING_ABANDONED
+        } else {
+            ABORTED
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let agent = crash_and_check(
+            &dir,
+            point,
+            true,
+            &[&["downgrade", "--to", "0.1.0"]],
+            expect,
+        );
+        agent
+            .ctl(&["downgrade", "--to", "0.1.0", "--permanent"])
+            .ok();
+        assert_eq!(agent.get("/").body, "Hello world!", "{point}");
+    }
+}
+
+#[test]
+fn kill_9_during_a_rollback() {
+    for point in [
+        "switch:begun",
+        "switch:loaded",
+        "switch:quiesced",
+        "switch:switched",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = crash_and_check(&dir, point, true, &[&["rollback"]], ABORTED);
+        agent.ctl(&["rollback"]).ok();
+        assert_eq!(agent.get("/").body, "Hello world!", "{point}");
+    }
+    // A rollback makes its target permanent as it commits.
+    let committed = Expect {
+        permanent: "0.1.0",
+        count: (404, "not found\n"),
+        last: ("rollback", "ok"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    crash_and_check(&dir, "switch:committed", true, &[&["rollback"]], committed);
+}
+
+#[test]
+fn kill_9_while_making_a_release_permanent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = crash_and_check(
+        &dir,
+        "permanent:begun",
+        true,
+        &[
+            &["upgrade", "--to", "0.3.0", "--no-permanent"],
+            &["make-permanent", "0.3.0"],
+        ],
+        SOAKING_ABANDONED,
+    );
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+}
+
+#[test]
+fn kill_9_during_a_remove() {
+    for point in ["remove:begun", "remove:forgotten"] {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = crash_and_check(&dir, point, true, &[&["remove", "0.1.0"]], ABORTED);
+        let out = agent.ctl(&["remove", "0.1.0"]);
+        assert!(
+            out.code == 0 || out.stderr.contains("not known"),
+            "{point}: {out:?}"
+        );
+    }
+}
