@@ -99,7 +99,13 @@ impl Store {
     ) -> Result<Transition> {
         // Ids count up from the last entry; one transition begins at a time.
         let id = match self.history.last()? {
-            Some((key, _)) => u64::from_be_bytes(key.as_ref().try_into().map_err(|_| StoreError("corrupt history key".into()))?) + 1,
+            Some((key, _)) => {
+                u64::from_be_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError("corrupt history key".into()))?,
+                ) + 1
+            }
             None => 1,
         };
         let transition = Transition {
