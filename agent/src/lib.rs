@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{Bootstrap, Config};
 pub use error::Error;
@@ -81,7 +80,9 @@ impl Agent {
             tonic::transport::Server::builder()
                 .add_service(control::service(Arc::clone(&handler)))
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(grpc),
+                    // Without TCP_NODELAY a reply's trailers wait ~40 ms for the
+                    // client's delayed ACK.
+                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                     until_stopped(stopped.clone()),
                 ),
         );

@@ -1,1 +1,162 @@
-fn main() {}
+//! `nine9s-bench`: runs the real agent and `ctl` built next to it, puts
+//! HTTP load on the agent while it upgrades and downgrades in a loop, and
+//! prints the figures as one JSON line on stdout (progress goes to stderr).
+//! This file owns the command line, the choice between the bench and the
+//! hidden `--bare-server` mode, and the exit codes: 0 when the run
+//! completed, 1 when a correctness target failed, 2 on bad flags or when
+//! the run could not be set up or finished.
+#![forbid(unsafe_code)]
+
+mod bare;
+mod control;
+mod load;
+mod procs;
+mod report;
+mod run;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds S] [--cycles N]
+
+Build first: cargo build --release --workspace
+  --short          CI smoke run: 16 connections, 3 s phases, 50 cycles
+  --connections N  keep-alive connections of the load generator (default 32)
+  --seconds S      length of the bare and steady phases (default 10)
+  --cycles N       0.2.0 -> 0.3.0 -> 0.2.0 cycles under load (default 1000)";
+
+/// What one run measures.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub short: bool,
+    pub connections: usize,
+    pub phase: Duration,
+    pub cycles: u32,
+}
+
+enum Mode {
+    Bench(Options),
+    /// The baseline server, run as a child of the bench so that the bare
+    /// server and the agent both sit in a process of their own.
+    BareServer,
+    Help,
+}
+
+fn main() -> ExitCode {
+    let mode = match parse(std::env::args().skip(1)) {
+        Ok(mode) => mode,
+        Err(message) => {
+            eprintln!("nine9s-bench: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nine9s-bench: cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match mode {
+        Mode::Help => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Mode::BareServer => match runtime.block_on(bare::serve()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nine9s-bench --bare-server: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Mode::Bench(options) => {
+            let outcome = runtime.block_on(interruptible(run::bench(options)));
+            // Dropping the runtime before exiting lets the child processes'
+            // kill-on-drop guards run on every path.
+            drop(runtime);
+            match outcome {
+                Ok(report) => {
+                    println!("{}", report.json);
+                    if report.correct {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("nine9s-bench: correctness targets failed");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("nine9s-bench: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+/// Runs `work` unless SIGINT or SIGTERM comes first; then `work` is
+/// dropped, which kills the processes it started.
+async fn interruptible<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = work => result,
+        _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    }
+}
+
+fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
+    let mut short = false;
+    let mut connections = None;
+    let mut seconds = None;
+    let mut cycles = None;
+    let mut args = args.peekable();
+    if args.peek().is_some_and(|a| a == "--bare-server") {
+        args.next();
+        return match args.next() {
+            None => Ok(Mode::BareServer),
+            Some(extra) => Err(format!("--bare-server takes no arguments, got {extra:?}")),
+        };
+    }
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.into())),
+            _ => (arg, None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--short" => short = true,
+            "--connections" => connections = Some(number::<usize>(&flag, &value()?)?),
+            "--seconds" => seconds = Some(number::<f64>(&flag, &value()?)?),
+            "--cycles" => cycles = Some(number::<u32>(&flag, &value()?)?),
+            "-h" | "--help" => return Ok(Mode::Help),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let connections = connections.unwrap_or(if short { 16 } else { 32 });
+    let seconds = seconds.unwrap_or(if short { 3.0 } else { 10.0 });
+    let cycles = cycles.unwrap_or(if short { 50 } else { 1000 });
+    if connections == 0 || !(seconds > 0.0 && seconds.is_finite()) {
+        return Err("--connections and --seconds must be above 0".into());
+    }
+    Ok(Mode::Bench(Options {
+        short,
+        connections,
+        phase: Duration::from_secs_f64(seconds),
+        cycles,
+    }))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
+}

@@ -1,0 +1,374 @@
+//! The load generator: C keep-alive connections, each looping `GET /` over
+//! a raw `TcpStream` with its own minimal HTTP/1.1 framing (status line,
+//! headers, `Content-Length` body), and the tally of what came back.
+//!
+//! A request already sent is always waited for (up to [`REQUEST_TIMEOUT`]),
+//! never abandoned at the deadline: the server may have counted it, and the
+//! bench compares its own count of 200s with the server's.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+/// Longer than any switch should make a request wait; a request past it is
+/// counted as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response head larger than this is not what the server sends.
+const MAX_HEAD: usize = 64 * 1024;
+/// Error messages kept for the report, per connection and in all.
+const ERROR_SAMPLES: usize = 5;
+
+/// What the connections saw in one phase.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Responses with status 200.
+    pub ok: u64,
+    /// Other statuses, resets, malformed responses, timeouts.
+    pub failed: u64,
+    /// Connections refused, or closed by the server before any response byte.
+    pub refused: u64,
+    /// Latency of each 200, from the request's write to its body's end.
+    pub latencies_us: Vec<u32>,
+    /// The first few failures and refusals, as text.
+    pub errors: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Tally {
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn note(&mut self, error: String) {
+        if self.errors.len() < ERROR_SAMPLES {
+            self.errors.push(error);
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.refused += other.refused;
+        self.latencies_us.extend(other.latencies_us);
+        for error in other.errors {
+            self.note(error);
+        }
+    }
+}
+
+/// Load running against one server.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    connections: JoinSet<Tally>,
+    started: Instant,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, connections: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut set = JoinSet::new();
+        for _ in 0..connections {
+            set.spawn(connection_loop(addr, Arc::clone(&stop)));
+        }
+        Load {
+            stop,
+            connections: set,
+            started: Instant::now(),
+        }
+    }
+
+    /// Lets each connection finish its request in flight, then adds up.
+    pub async fn stop(mut self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Tally::default();
+        while let Some(joined) = self.connections.join_next().await {
+            match joined {
+                Ok(tally) => total.merge(tally),
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+        total.elapsed = self.started.elapsed();
+        total
+    }
+}
+
+async fn connection_loop(addr: SocketAddr, stop: Arc<AtomicBool>) -> Tally {
+    let mut tally = Tally::default();
+    let request = request_bytes(addr, "/");
+    let mut open: Option<Connection> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut connection = match open.take() {
+            Some(connection) => connection,
+            None => match Connection::open(addr).await {
+                Ok(connection) => connection,
+                Err(Exchange::Refused(why)) => {
+                    tally.refused += 1;
+                    tally.note(why);
+                    // The server is not there; do not spin on it.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                Err(Exchange::Failed(why)) => {
+                    tally.failed += 1;
+                    tally.note(why);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+            },
+        };
+        let sent = Instant::now();
+        match connection.exchange(&request).await {
+            Ok(response) => {
+                if response.status == 200 {
+                    tally.ok += 1;
+                    let us = sent.elapsed().as_micros();
+                    tally
+                        .latencies_us
+                        .push(u32::try_from(us).unwrap_or(u32::MAX));
+                } else {
+                    tally.failed += 1;
+                    tally.note(format!(
+                        "status {}: {}",
+                        response.status,
+                        String::from_utf8_lossy(&response.body).trim_end()
+                    ));
+                }
+                if !response.close {
+                    open = Some(connection);
+                }
+            }
+            Err(Exchange::Refused(why)) => {
+                tally.refused += 1;
+                tally.note(why);
+            }
+            Err(Exchange::Failed(why)) => {
+                tally.failed += 1;
+                tally.note(why);
+            }
+        }
+    }
+    tally
+}
+
+/// One `GET` on a fresh connection, for reading `/count`.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut connection = Connection::open(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+    let response = connection
+        .exchange(&request_bytes(addr, path))
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+    let body = String::from_utf8(response.body).context("response body is not UTF-8")?;
+    if response.status != 200 {
+        bail!(
+            "GET {path}: status {}: {}",
+            response.status,
+            body.trim_end()
+        );
+    }
+    Ok(body)
+}
+
+fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes()
+}
+
+/// How an exchange went wrong, in the bench's two failure classes.
+#[derive(Debug)]
+enum Exchange {
+    /// Connection refused, or closed by the server before a response began.
+    Refused(String),
+    /// Anything else: reset, malformed response, timeout.
+    Failed(String),
+}
+
+struct Response {
+    status: u16,
+    body: Vec<u8>,
+    /// The server will close the connection after this response.
+    close: bool,
+}
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read but not consumed yet.
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> Result<Connection, Exchange> {
+        let stream = match tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(Exchange::Refused(format!("connect: {e}")))
+            }
+            Ok(Err(e)) => return Err(Exchange::Failed(format!("connect: {e}"))),
+            Err(_) => return Err(Exchange::Failed("connect: timed out".into())),
+        };
+        // The agent sets it too; without it small writes wait on Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(Connection {
+            stream,
+            buffer: Vec::with_capacity(4096),
+        })
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> Result<Response, Exchange> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange_untimed(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(Exchange::Failed(format!(
+                "no response within {REQUEST_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn exchange_untimed(&mut self, request: &[u8]) -> Result<Response, Exchange> {
+        let io = |what: &str, e: std::io::Error| Exchange::Failed(format!("{what}: {e}"));
+        self.stream
+            .write_all(request)
+            .await
+            .map_err(|e| io("write", e))?;
+        let head_len = loop {
+            if let Some(at) = find(&self.buffer, b"\r\n\r\n") {
+                break at + 4;
+            }
+            if self.buffer.len() > MAX_HEAD {
+                return Err(Exchange::Failed("response head too long".into()));
+            }
+            if self.read("head").await? == 0 {
+                return Err(if self.buffer.is_empty() {
+                    Exchange::Refused("connection closed before a response".into())
+                } else {
+                    Exchange::Failed("connection closed inside a response head".into())
+                });
+            }
+        };
+        let head = parse_head(&self.buffer[..head_len]).map_err(Exchange::Failed)?;
+        let end = head_len + head.content_length;
+        while self.buffer.len() < end {
+            if self.read("body").await? == 0 {
+                return Err(Exchange::Failed(
+                    "connection closed inside a response body".into(),
+                ));
+            }
+        }
+        let body = self.buffer[head_len..end].to_vec();
+        self.buffer.drain(..end);
+        Ok(Response {
+            status: head.status,
+            body,
+            close: head.close,
+        })
+    }
+
+    async fn read(&mut self, what: &str) -> Result<usize, Exchange> {
+        self.stream
+            .read_buf(&mut self.buffer)
+            .await
+            .map_err(|e| Exchange::Failed(format!("read {what}: {e}")))
+    }
+}
+
+struct Head {
+    status: u16,
+    content_length: usize,
+    close: bool,
+}
+
+/// Parses a response head, blank line included. Only what the agent and
+/// the bare server send is accepted: a `Content-Length` body, no chunking.
+fn parse_head(bytes: &[u8]) -> Result<Head, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "response head is not UTF-8")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut words = status_line.splitn(3, ' ');
+    let version = words.next().unwrap_or_default();
+    let status = words
+        .next()
+        .filter(|code| code.len() == 3)
+        .and_then(|code| code.parse::<u16>().ok());
+    let (Some(status), true) = (status, version.starts_with("HTTP/1.")) else {
+        return Err(format!("bad status line {status_line:?}"));
+    };
+    // HTTP/1.0 closes unless told otherwise; HTTP/1.1 keeps alive.
+    let mut close = version == "HTTP/1.0";
+    let mut content_length = None;
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(format!("bad header line {line:?}"));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let length = value
+                .parse::<usize>()
+                .map_err(|_| format!("bad content-length {value:?}"))?;
+            if content_length.is_some_and(|l| l != length) {
+                return Err("conflicting content-length headers".into());
+            }
+            content_length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(format!("unsupported transfer-encoding {value:?}"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = value
+                .split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"));
+        }
+    }
+    let content_length = match (content_length, status) {
+        (Some(length), _) => length,
+        (None, 204 | 304) => 0,
+        (None, _) => return Err(format!("status {status} without content-length")),
+    };
+    Ok(Head {
+        status,
+        content_length,
+        close,
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keep_alive_response_head() {
+        let head = parse_head(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nContent-Length: 15\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (head.status, head.content_length, head.close),
+            (200, 15, false)
+        );
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0() {
+        let head = parse_head(
+            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((head.status, head.close), (503, true));
+        let head = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n").unwrap();
+        assert!(head.close);
+    }
+
+    #[test]
+    fn framing_the_bench_cannot_follow_is_an_error() {
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 20 OK\r\ncontent-length: 0\r\n\r\n").is_err());
+        assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
+    }
+}

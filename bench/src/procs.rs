@@ -1,0 +1,298 @@
+//! The processes the bench drives: finding the built binaries, plugin
+//! libraries and release directories; starting and stopping the agent and
+//! the bare server; running `ctl`; reading the agent's memory and mapped
+//! libraries from `/proc`. Every child is killed when its handle is
+//! dropped, so an error or a panic leaves no process behind.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BUILD_FIRST: &str = "build first: cargo build --release --workspace";
+/// Boot writes the embedded release and opens the store; generous for a
+/// loaded 2-core machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The agent's own shutdown grace is 10 s; its connections are idle by then.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where the build put what the bench runs.
+pub struct Layout {
+    pub bench: PathBuf,
+    pub agent: PathBuf,
+    pub ctl: PathBuf,
+    /// `(release directory, library)` of 0.2.0 and of 0.3.0.
+    pub releases: [(PathBuf, PathBuf); 2],
+}
+
+impl Layout {
+    /// Looks next to the bench's executable, and for `plugins/` in the
+    /// directories above it.
+    pub fn find() -> anyhow::Result<Layout> {
+        let bench = std::env::current_exe().context("cannot find the bench's own executable")?;
+        let dir = bench
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no directory", bench.display()))?;
+        let existing = |path: PathBuf| {
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(anyhow!("{} is missing; {BUILD_FIRST}", path.display()))
+            }
+        };
+        let root = dir
+            .ancestors()
+            .find(|d| d.join("plugins/nine9s-0.2.0/release.toml").is_file())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no plugins/nine9s-0.2.0 in any directory above {}: run the bench from its workspace's target/release; {BUILD_FIRST}",
+                    dir.display()
+                )
+            })?;
+        let release = |version: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
+            let release_dir = root.join(format!("plugins/nine9s-{version}"));
+            existing(release_dir.join("release.toml"))?;
+            let library =
+                existing(dir.join(format!("libnine9s_{}.so", version.replace('.', "_"))))?;
+            Ok((release_dir, library))
+        };
+        Ok(Layout {
+            agent: existing(dir.join("agent"))?,
+            ctl: existing(dir.join("ctl"))?,
+            releases: [release("0.2.0")?, release("0.3.0")?],
+            bench,
+        })
+    }
+}
+
+/// The real agent, started on port 0 with its data in a directory of ours.
+pub struct AgentProcess {
+    child: Child,
+    pid: u32,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    data: PathBuf,
+    artifacts: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    pub async fn start(agent: &Path, dir: &Path) -> anyhow::Result<AgentProcess> {
+        let data = dir.join("data");
+        let log = dir.join("agent.log");
+        let log_file = std::fs::File::create(&log)?;
+        let mut child = Command::new(agent)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+            // The bench reads the state through `/count`, not from snapshots.
+            .args(["--checkpoint-every", "1h"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", agent.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("the agent exited at once"))?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut line = String::new();
+        let read = tokio::time::timeout(READY_TIMEOUT, stdout.read_line(&mut line)).await;
+        let ready = match read {
+            Ok(Ok(n)) if n > 0 => parse_ready(line.trim_end()),
+            Ok(Ok(_)) => Err(anyhow!("the agent exited before it was ready")),
+            Ok(Err(e)) => Err(anyhow!("cannot read the agent's stdout: {e}")),
+            Err(_) => Err(anyhow!("the agent was not ready within {READY_TIMEOUT:?}")),
+        };
+        let (http, grpc) = ready.map_err(|e| anyhow!("{e}\n{}", log_tail(&log)))?;
+        // Keeps the pipe open and empty should the agent print more.
+        tokio::spawn(async move { tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await });
+        // /proc shows the library paths with symlinks resolved.
+        let data = data.canonicalize().unwrap_or(data);
+        let artifacts = data.join("artifacts");
+        Ok(AgentProcess {
+            child,
+            pid,
+            http,
+            grpc,
+            data,
+            artifacts,
+            log,
+        })
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.pid);
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in {path}"))
+    }
+
+    /// Distinct files under the data dir's `artifacts/` mapped by the agent.
+    pub fn mapped_artifacts(&self) -> anyhow::Result<usize> {
+        let path = format!("/proc/{}/maps", self.pid);
+        let maps = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let mut mapped: Vec<&str> = maps
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(5))
+            .filter(|file| Path::new(file).starts_with(&self.artifacts))
+            .collect();
+        mapped.sort_unstable();
+        mapped.dedup();
+        Ok(mapped.len())
+    }
+
+    /// Bytes on disk under the data dir, artifacts aside, in KiB: what the
+    /// store has written, to set the memory growth against.
+    pub fn store_kib(&self) -> anyhow::Result<u64> {
+        fn size(dir: &Path, skip: &Path) -> std::io::Result<u64> {
+            let mut total = 0;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    if entry.path() != skip {
+                        total += size(&entry.path(), skip)?;
+                    }
+                } else {
+                    total += meta.len();
+                }
+            }
+            Ok(total)
+        }
+        let bytes = size(&self.data, &self.artifacts)
+            .with_context(|| format!("measuring {}", self.data.display()))?;
+        Ok(bytes / 1024)
+    }
+
+    /// The end of the agent's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    /// SIGTERM, then waits for the clean shutdown; SIGKILL if it hangs.
+    pub async fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        // `kill(1)` because the bench forbids the unsafe a direct kill(2) needs.
+        let signalled = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if signalled {
+            if let Ok(status) = tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+                return Ok(status?);
+            }
+        }
+        self.child.start_kill()?;
+        let status = self.child.wait().await?;
+        if signalled {
+            bail!("the agent did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed");
+        }
+        Ok(status)
+    }
+}
+
+fn parse_ready(line: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let fields = line
+        .strip_prefix("nine9s agent ready: ")
+        .ok_or_else(|| anyhow!("unexpected first line from the agent: {line:?}"))?;
+    let address = |key: &str| -> anyhow::Result<SocketAddr> {
+        fields
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix(key))
+            .ok_or_else(|| anyhow!("no {key} in {line:?}"))?
+            .parse()
+            .with_context(|| format!("bad {key} in {line:?}"))
+    };
+    Ok((address("http=")?, address("grpc=")?))
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    format!("agent log ({}), last lines:\n{tail}", log.display())
+}
+
+/// The baseline server: the bench's own binary under `--bare-server`.
+pub struct BareServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl BareServer {
+    pub async fn start(bench: &Path) -> anyhow::Result<BareServer> {
+        let mut child = Command::new(bench)
+            .arg("--bare-server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {} --bare-server", bench.display()))?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut line = String::new();
+        tokio::time::timeout(READY_TIMEOUT, stdout.read_line(&mut line))
+            .await
+            .context("the bare server did not start")??;
+        let port: u16 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("the bare server printed {line:?}, not a port"))?;
+        Ok(BareServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+
+    /// Closes its stdin, which ends it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.child.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => {
+                self.child.start_kill()?;
+                self.child.wait().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `ctl --agent URL ARGS...` to success and returns its wall time.
+pub async fn ctl(ctl: &Path, agent: &str, args: &[&str]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let output = Command::new(ctl)
+        .arg("--agent")
+        .arg(agent)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", ctl.display()))?;
+    let elapsed = started.elapsed();
+    if !output.status.success() {
+        bail!(
+            "ctl {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        );
+    }
+    Ok(elapsed)
+}

@@ -1,0 +1,147 @@
+//! The run, step by step: start the agent, stage 0.2.0 and 0.3.0 with
+//! `ctl`, upgrade to 0.2.0, then the three load phases (bare server, agent
+//! steady, agent while cycling), the `ctl` cycles and the final `/count`.
+//! The agent is stopped on every path out of here.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context};
+
+use crate::control::{micros, Control, Direction};
+use crate::load::{self, Load};
+use crate::procs::{self, AgentProcess, BareServer, Layout};
+use crate::report::{Figures, Report};
+use crate::Options;
+
+/// Cycles done with the real `ctl`, one process per switch, without load.
+const CTL_CYCLES: usize = 10;
+
+pub async fn bench(options: Options) -> anyhow::Result<Report> {
+    let layout = Layout::find()?;
+    let temp = tempfile::Builder::new()
+        .prefix("nine9s-bench-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    progress(format_args!("starting {}", layout.agent.display()));
+    let agent = AgentProcess::start(&layout.agent, temp.path()).await?;
+    progress(format_args!(
+        "agent ready: http={} grpc={}",
+        agent.http, agent.grpc
+    ));
+    let measured = measure(&layout, &agent, &options).await;
+    if measured.is_err() {
+        eprintln!("{}", agent.log_tail());
+    }
+    progress(format_args!("stopping the agent"));
+    let stopped = agent.stop().await;
+    let figures = measured?;
+    let agent_exit = match stopped {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    Ok(Report::new(&options, &figures, agent_exit))
+}
+
+async fn measure(
+    layout: &Layout,
+    agent: &AgentProcess,
+    options: &Options,
+) -> anyhow::Result<Figures> {
+    let url = agent.grpc_url();
+    for (dir, library) in &layout.releases {
+        progress(format_args!("staging {}", dir.display()));
+        let dir = dir.to_string_lossy();
+        let library = library.to_string_lossy();
+        procs::ctl(&layout.ctl, &url, &["stage", &dir, "--library", &library]).await?;
+    }
+    let mut control = Control::connect(agent.grpc).await?;
+    // 0.1.0 keeps no state, so 0.2.0 starts counting `/` from 0 here, and
+    // every `/` the bench sends from now on is one it counts.
+    control.switch(Direction::Upgrade, "0.2.0").await?;
+    progress(format_args!("upgraded to 0.2.0"));
+
+    let bare = BareServer::start(&layout.bench).await?;
+    progress(format_args!(
+        "phase a: bare server {}, {} connections, {:?}",
+        bare.addr, options.connections, options.phase
+    ));
+    let bare_load = steady("a", bare.addr, options).await;
+    bare.stop().await?;
+
+    progress(format_args!("phase b: agent on 0.2.0, steady"));
+    let steady_load = steady("b", agent.http, options).await;
+
+    let rss_before = agent.rss_kib()?;
+    let mapped_before = agent.mapped_artifacts()?;
+    let store_before = agent.store_kib()?;
+    let last_id = control.last_transition_id().await?;
+    progress(format_args!(
+        "phase c: agent under load, {} cycles 0.2.0 -> 0.3.0 -> 0.2.0",
+        options.cycles
+    ));
+    let load = Load::start(agent.http, options.connections);
+    let cycling = control.cycle(options.cycles, || agent.rss_kib().ok()).await;
+    let cycling_load = load.stop().await;
+    let rss_after = agent.rss_kib()?;
+    let mapped_after = agent.mapped_artifacts()?;
+    let store_after = agent.store_kib()?;
+    let transitions = control.transitions_after(last_id).await?;
+    log_phase("c", &cycling_load);
+    if let Some(error) = &cycling.error {
+        progress(format_args!("cycling stopped: {error}"));
+    }
+
+    // After a failed cycle the active release is not known; no point.
+    let mut ctl_us = Vec::new();
+    if cycling.error.is_none() {
+        progress(format_args!("{CTL_CYCLES} cycles with ctl, no load"));
+        for _ in 0..CTL_CYCLES {
+            for (verb, version) in [("upgrade", "0.3.0"), ("downgrade", "0.2.0")] {
+                let args = [verb, "--to", version, "--permanent"];
+                ctl_us.push(micros(procs::ctl(&layout.ctl, &url, &args).await?));
+            }
+        }
+    }
+
+    let count = load::get(agent.http, "/count").await?;
+    let count_reported = match count.trim().parse() {
+        Ok(count) => count,
+        Err(_) => bail!("GET /count answered {count:?}, not a number"),
+    };
+    Ok(Figures {
+        bare: bare_load,
+        steady: steady_load,
+        cycling_load,
+        cycling,
+        transitions,
+        ctl_us,
+        count_reported,
+        rss_kib: (rss_before, rss_after),
+        mapped: (mapped_before, mapped_after),
+        store_kib: (store_before, store_after),
+    })
+}
+
+/// Load for one phase length.
+async fn steady(phase: &str, addr: SocketAddr, options: &Options) -> load::Tally {
+    let load = Load::start(addr, options.connections);
+    tokio::time::sleep(options.phase).await;
+    let tally = load.stop().await;
+    log_phase(phase, &tally);
+    tally
+}
+
+fn log_phase(name: &str, tally: &load::Tally) {
+    progress(format_args!(
+        "phase {name} done: {:.0} req/s, {} ok, {} failed, {} refused in {:.1} s",
+        tally.rps(),
+        tally.ok,
+        tally.failed,
+        tally.refused,
+        tally.elapsed.as_secs_f64()
+    ));
+}
+
+fn progress(message: std::fmt::Arguments<'_>) {
+    eprintln!("nine9s-bench: {message}");
+}
