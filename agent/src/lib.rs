@@ -115,7 +115,8 @@ async fn background(handler: Arc<ReleaseHandler>, stopped: impl Future<Output = 
     loop {
         let job: fn(&ReleaseHandler) -> Result<(), Error> = tokio::select! {
             () = &mut stopped => return,
-            _ = soak.tick() => ReleaseHandler::watch_soak,
+            // Most of the time nothing soaks: don't wake a blocking thread for it.
+            _ = soak.tick(), if handler.soaking() => ReleaseHandler::watch_soak,
             _ = checkpoint.tick() => |h| h.checkpoint().map(drop),
         };
         let handler = Arc::clone(&handler);

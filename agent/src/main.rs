@@ -56,8 +56,11 @@ fn duration(text: &str) -> Result<Duration, String> {
     nine9s_manifest::parse_duration(text)
 }
 
-#[tokio::main]
-async fn main() {
+/// glibc malloc arenas the agent uses (see `nine9s_host::limit_malloc_arenas`).
+const MALLOC_ARENAS: i32 = 2;
+
+fn main() {
+    nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -66,7 +69,16 @@ async fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
-    if let Err(e) = run(args).await {
+    // Transitions, store reads and checkpoints run on blocking threads; a
+    // small pool that lives long means few thread stacks and malloc arenas
+    // come and go, which keeps the resident size flat over many switches.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(8)
+        .thread_keep_alive(std::time::Duration::from_secs(300))
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    if let Err(e) = runtime.block_on(run(args)) {
         eprintln!("agent: error: {e}");
         std::process::exit(1);
     }

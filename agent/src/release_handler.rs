@@ -657,6 +657,14 @@ impl ReleaseHandler {
             })
     }
 
+    /// Whether a release is being soaked.
+    pub fn soaking(&self) -> bool {
+        self.soak
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// One look at the release being soaked: rolls it back if it is
     /// unhealthy or failing requests, makes it permanent once the soak is
     /// over. Called periodically; skips a beat when a transition is running.

@@ -15,6 +15,10 @@ use sled::Transactional;
 
 use crate::model::{Outcome, Release, Snapshot, Transition, TransitionKind};
 
+/// sled keeps up to this much of the database in memory (its default is
+/// 1 GiB); history grows with every transition, and memory must not.
+const CACHE_BYTES: u64 = 2 * 1024 * 1024;
+
 /// Snapshots kept per release version; older ones are pruned.
 const SNAPSHOTS_KEPT: usize = 8;
 
@@ -45,12 +49,16 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            StoreError(format!(
-                "cannot open {}: {e} (is another agent using this data dir?)",
-                dir.display()
-            ))
-        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|e| {
+                StoreError(format!(
+                    "cannot open {}: {e} (is another agent using this data dir?)",
+                    dir.display()
+                ))
+            })?;
         Ok(Store {
             releases: db.open_tree("releases")?,
             history: db.open_tree("history")?,

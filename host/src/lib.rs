@@ -12,10 +12,12 @@
 //! - when the last handle on a library is dropped it is `dlclose`d, and the
 //!   host checks `/proc/self/maps` to tell whether it is really gone.
 
+mod allocator;
 mod error;
 mod library;
 mod maps;
 
+pub use allocator::limit_malloc_arenas;
 pub use error::{CallError, LoadError};
 pub use library::{Instance, Library};
 pub use maps::{is_mapped, lingering};
