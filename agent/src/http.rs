@@ -115,7 +115,7 @@ async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = Response::new(Full::new(Bytes::from(reply.body)));
             *response.status_mut() = status;
-            if let Ok(value) = HeaderValue::from_str(&reply.content_type) {
+            if let Ok(value) = HeaderValue::try_from(reply.content_type) {
                 response.headers_mut().insert(CONTENT_TYPE, value);
             }
             response
@@ -135,7 +135,7 @@ async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<
             )
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&version.to_string()) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(handled.release.label.clone()) {
         response.headers_mut().insert(RELEASE_HEADER, value);
     }
     response

@@ -115,8 +115,13 @@ async fn background(handler: Arc<ReleaseHandler>, stopped: impl Future<Output = 
     loop {
         let job: fn(&ReleaseHandler) -> Result<(), Error> = tokio::select! {
             () = &mut stopped => return,
-            // Most of the time nothing soaks: don't wake a blocking thread for it.
-            _ = soak.tick(), if handler.soaking() => ReleaseHandler::watch_soak,
+            _ = soak.tick() => {
+                // Most of the time nothing soaks: don't wake a blocking thread for it.
+                if !handler.soaking() {
+                    continue;
+                }
+                ReleaseHandler::watch_soak
+            }
             _ = checkpoint.tick() => |h| h.checkpoint().map(drop),
         };
         let handler = Arc::clone(&handler);

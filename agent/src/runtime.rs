@@ -22,6 +22,8 @@ use tokio::sync::RwLock;
 #[derive(Debug)]
 pub struct Loaded {
     pub version: Version,
+    /// The version as text, made once: every response carries it.
+    pub label: bytes::Bytes,
     pub instance: Instance,
     in_flight: AtomicU64,
     served: AtomicU64,
@@ -42,6 +44,7 @@ pub struct Counters {
 impl Loaded {
     pub fn new(version: Version, instance: Instance) -> Loaded {
         Loaded {
+            label: bytes::Bytes::from(version.to_string()),
             version,
             instance,
             in_flight: AtomicU64::new(0),
