@@ -15,25 +15,27 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nine9s_host::{CallError, Library};
+use nine9s_host::Library;
 use nine9s_manifest::{Manifest, Plan, Step, Version};
 use tokio::runtime::Handle;
 
 use crate::artifacts::{sha256_hex, Artifacts};
-use crate::config::{Bootstrap, Config};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::model::{now_ms, Outcome, Release, ReleaseState, Snapshot, Transition, TransitionKind};
 use crate::runtime::{drain, Counters, Loaded, Runtime, SwitchError};
 use crate::store::Store;
 
+mod boot;
+mod handoff;
+
+use boot::{install, register, resume};
+use handoff::{carry_between, plan_for, restore_carry, route_changes, Carry};
+
 /// Fewest requests a soaking release must have served before its error
 /// rate counts.
 const MIN_REQUESTS_FOR_RATE: u64 = 10;
-
-/// The sample release compiled into the agent (see build.rs).
-const EMBEDDED_MANIFEST: &str = include_str!("../../plugins/nine9s-0.1.0/release.toml");
-const EMBEDDED_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libnine9s_0_1_0.so"));
 
 /// When a release installed by a switch becomes permanent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,45 +97,6 @@ pub struct Status {
 struct Soak {
     version: Version,
     until: Instant,
-}
-
-/// How state crosses from the old release to the new one.
-enum Carry {
-    /// The new release starts fresh (one side keeps no state, or the plan
-    /// has no migrate step).
-    Fresh,
-    /// Same state version: the snapshot is restored as is.
-    Same,
-    /// `library` migrates from one state version to the other.
-    Migrate {
-        library: Arc<Library>,
-        from: u32,
-        to: u32,
-    },
-}
-
-impl Carry {
-    fn apply(&self, state: &[u8]) -> std::result::Result<Option<Vec<u8>>, CallError> {
-        match self {
-            Carry::Fresh => Ok(None),
-            Carry::Same => Ok(Some(state.to_vec())),
-            Carry::Migrate { library, from, to } => library.migrate(*from, *to, state).map(Some),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Carry::Fresh => "state: not carried (the new instance starts fresh)".into(),
-            Carry::Same => "state: carried as is (same state version)".into(),
-            Carry::Migrate { library, from, to } => {
-                format!(
-                    "state: migrated v{from} -> v{to} by {} {}",
-                    library.name(),
-                    library.version()
-                )
-            }
-        }
-    }
 }
 
 pub struct ReleaseHandler {
@@ -949,7 +912,7 @@ impl ReleaseHandler {
 }
 
 /// Sets a transition's outcome and duration.
-fn finish(t: &mut Transition, started: Instant, error: Option<&Error>) {
+pub(super) fn finish(t: &mut Transition, started: Instant, error: Option<&Error>) {
     t.duration_us = started.elapsed().as_micros() as u64;
     match error {
         None => t.outcome = Outcome::Ok,
@@ -958,279 +921,4 @@ fn finish(t: &mut Transition, started: Instant, error: Option<&Error>) {
             t.error = Some(e.to_string());
         }
     }
-}
-
-/// The plan for going from one release to another: the one written in the
-/// newer release's manifest for that pair, or the derived one.
-fn plan_for(from: &Release, to: &Release) -> Result<Plan> {
-    let written = if to.version > from.version {
-        Manifest::parse(&to.manifest)?
-            .upgrade
-            .into_iter()
-            .find(|p| p.from.matches(&from.version))
-            .map(|p| p.steps)
-    } else {
-        Manifest::parse(&from.manifest)?
-            .downgrade
-            .into_iter()
-            .find(|p| p.to.matches(&to.version))
-            .map(|p| p.steps)
-    };
-    Ok(match written {
-        Some(steps) => Plan {
-            origin: nine9s_manifest::PlanOrigin::Written,
-            steps,
-        },
-        None => Plan::derived(),
-    })
-}
-
-/// How state goes from the running instance to `library`: the newer of the
-/// two libraries is asked first for a migration chain, then the older.
-fn carry_between(active: &Arc<Loaded>, library: &Arc<Library>) -> Result<Carry> {
-    let old_library = active.instance.library();
-    let (from, to) = (old_library.state_version(), library.state_version());
-    if from == 0 || to == 0 {
-        return Ok(Carry::Fresh);
-    }
-    if from == to {
-        return Ok(Carry::Same);
-    }
-    let (newer, older) = if to > from {
-        (library, old_library)
-    } else {
-        (old_library, library)
-    };
-    [newer, older]
-        .into_iter()
-        .find(|l| l.can_migrate(from, to))
-        .map(|l| Carry::Migrate {
-            library: Arc::clone(l),
-            from,
-            to,
-        })
-        .ok_or_else(|| Error::NoMigrationPath {
-            from: active.version.clone(),
-            from_state: from,
-            to: library
-                .version()
-                .parse()
-                .unwrap_or_else(|_| Version::new(0, 0, 0)),
-            to_state: to,
-        })
-}
-
-/// How a snapshot of the target's own release is restored into it.
-fn restore_carry(library: &Arc<Library>, snapshot: &Snapshot) -> Result<Carry> {
-    let (from, to) = (snapshot.state_version, library.state_version());
-    if from == to {
-        Ok(Carry::Same)
-    } else if library.can_migrate(from, to) {
-        Ok(Carry::Migrate {
-            library: Arc::clone(library),
-            from,
-            to,
-        })
-    } else {
-        Err(Error::Precondition(format!(
-            "the snapshot of {} is state v{from}, its library wants v{to} and cannot migrate it",
-            snapshot.version
-        )))
-    }
-}
-
-fn route_changes(store: &Store, from: &Version, to: &Release) -> String {
-    let old_routes = store
-        .release(from)
-        .ok()
-        .flatten()
-        .map(|r| r.routes)
-        .unwrap_or_default();
-    let added: Vec<_> = to
-        .routes
-        .iter()
-        .filter(|r| !old_routes.contains(r))
-        .collect();
-    let removed: Vec<_> = old_routes
-        .iter()
-        .filter(|r| !to.routes.contains(r))
-        .collect();
-    if added.is_empty() && removed.is_empty() {
-        "routes: unchanged".into()
-    } else {
-        format!("routes: added {added:?}, removed {removed:?}")
-    }
-}
-
-/// Writes the artifact and checks that it is the plugin the manifest says.
-fn register(
-    store: &Store,
-    artifacts: &Artifacts,
-    manifest: &Manifest,
-    manifest_toml: &str,
-    bytes: &[u8],
-) -> Result<(Release, Arc<Library>)> {
-    let sha256 = sha256_hex(bytes);
-    let path = artifacts
-        .put(&sha256, bytes)
-        .map_err(Error::io("cannot write the artifact"))?;
-    let referenced = store.releases()?.iter().any(|r| r.sha256 == sha256);
-    let discard = |e: Error| {
-        if !referenced {
-            let _ = artifacts.remove(&sha256);
-        }
-        e
-    };
-    let library = Library::open(&path).map_err(|e| {
-        discard(Error::InvalidArtifact(format!(
-            "{} {}: {e}",
-            manifest.name, manifest.version
-        )))
-    })?;
-    if library.name() != manifest.name || library.version() != manifest.version.to_string() {
-        return Err(discard(Error::InvalidArtifact(format!(
-            "release.toml says {} {}, but the library is {} {}",
-            manifest.name,
-            manifest.version,
-            library.name(),
-            library.version()
-        ))));
-    }
-    let release = Release {
-        name: manifest.name.clone(),
-        version: manifest.version.clone(),
-        state: ReleaseState::Staged,
-        sha256,
-        size: bytes.len() as u64,
-        staged_at_ms: now_ms(),
-        state_version: library.state_version(),
-        routes: manifest.routes.clone(),
-        permanent_since_ms: None,
-        manifest: manifest_toml.to_owned(),
-    };
-    Ok((release, library))
-}
-
-/// First start on an empty data directory: installs the bootstrap release
-/// as permanent.
-fn install(
-    store: &Store,
-    artifacts: &Artifacts,
-    bootstrap: &Bootstrap,
-) -> Result<(Loaded, String)> {
-    let (manifest_toml, bytes) = match bootstrap {
-        Bootstrap::Embedded => (EMBEDDED_MANIFEST.to_owned(), EMBEDDED_LIBRARY.to_vec()),
-        Bootstrap::Dir(dir) => {
-            let manifest = Manifest::read_dir(dir)?;
-            let library =
-                nine9s_manifest::locate_library(dir, &manifest).map_err(Error::InvalidArtifact)?;
-            let text = std::fs::read_to_string(dir.join("release.toml"))
-                .map_err(Error::io(format!("cannot read {}", dir.display())))?;
-            let bytes = std::fs::read(&library)
-                .map_err(Error::io(format!("cannot read {}", library.display())))?;
-            (text, bytes)
-        }
-    };
-    let manifest = Manifest::parse(&manifest_toml)?;
-    let mut t = store.begin(
-        TransitionKind::Install,
-        None,
-        Some(&manifest.version),
-        false,
-    )?;
-    let started = Instant::now();
-    let installed = register(store, artifacts, &manifest, &manifest_toml, &bytes).and_then(
-        |(mut release, library)| {
-            let instance = library.instantiate(None).map_err(|e| Error::Plugin {
-                version: release.version.clone(),
-                during: "init",
-                source: e,
-            })?;
-            release.state = ReleaseState::Permanent;
-            release.permanent_since_ms = Some(now_ms());
-            Ok((release, instance))
-        },
-    );
-    match installed {
-        Ok((release, instance)) => {
-            finish(&mut t, started, None);
-            store.commit(&t, std::slice::from_ref(&release))?;
-            tracing::info!(name = %release.name, version = %release.version, "installed the bootstrap release as permanent");
-            Ok((Loaded::new(release.version, instance), release.name))
-        }
-        Err(e) => {
-            finish(&mut t, started, Some(&e));
-            store.commit(&t, &[])?;
-            Err(e)
-        }
-    }
-}
-
-/// A restart: comes back on the permanent release with its last snapshot.
-/// A release that was only current is demoted to old.
-fn resume(
-    store: &Store,
-    artifacts: &Artifacts,
-    releases: &[Release],
-    permanent: &Release,
-) -> Result<(Loaded, String)> {
-    let abandoned: Vec<Release> = releases
-        .iter()
-        .filter(|r| r.state == ReleaseState::Current)
-        .map(|r| Release {
-            state: ReleaseState::Old,
-            ..r.clone()
-        })
-        .collect();
-    let library =
-        Library::open(&artifacts.path(&permanent.sha256)).map_err(|source| Error::Load {
-            version: permanent.version.clone(),
-            source,
-        })?;
-    let snapshot = store.last_snapshot(&permanent.version)?;
-    let state = match &snapshot {
-        None => None,
-        Some(s) if library.state_version() == 0 => {
-            let _ = s;
-            None
-        }
-        Some(s) => restore_carry(&library, s)?
-            .apply(&s.bytes)
-            .map_err(|e| Error::Plugin {
-                version: permanent.version.clone(),
-                during: "state migration",
-                source: e,
-            })?,
-    };
-    let instance = library
-        .instantiate(state.as_deref())
-        .map_err(|e| Error::Plugin {
-            version: permanent.version.clone(),
-            during: "init",
-            source: e,
-        })?;
-    for current in &abandoned {
-        let mut t = store.begin(
-            TransitionKind::Restart,
-            Some(&current.version),
-            Some(&permanent.version),
-            true,
-        )?;
-        t.outcome = Outcome::Ok;
-        t.error = Some(format!(
-            "the agent restarted while {} was current but not permanent; back on permanent {}",
-            current.version, permanent.version
-        ));
-        store.commit(&t, std::slice::from_ref(current))?;
-        tracing::warn!(current = %current.version, permanent = %permanent.version, "came back on the permanent release");
-    }
-    tracing::info!(
-        version = %permanent.version,
-        restored = snapshot.is_some(),
-        "resumed the permanent release"
-    );
-    Ok((
-        Loaded::new(permanent.version.clone(), instance),
-        permanent.name.clone(),
-    ))
 }
