@@ -38,6 +38,20 @@ impl ControlService {
             .map_err(|e| Status::internal(format!("the operation crashed: {e}")))?
             .map_err(status)
     }
+
+    /// Upgrade and Downgrade: the same request, another direction.
+    async fn switch(
+        &self,
+        request: pb::TransitionRequest,
+        op: fn(&ReleaseHandler, &Version, Permanence, bool) -> Result<Switch, Error>,
+    ) -> Result<Response<pb::TransitionReply>, Status> {
+        let version = parse_version(&request.version)?;
+        let permanence = permanence(&request);
+        let switch = self
+            .run(move |h| op(h, &version, permanence, request.dry_run))
+            .await?;
+        Ok(Response::new(switch_pb(switch)))
+    }
 }
 
 /// The one place an agent error becomes a gRPC status.
@@ -142,26 +156,16 @@ impl Control for ControlService {
         &self,
         request: Request<pb::TransitionRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let request = request.into_inner();
-        let version = parse_version(&request.version)?;
-        let permanence = permanence(&request);
-        let switch = self
-            .run(move |h| h.upgrade(&version, permanence, request.dry_run))
-            .await?;
-        Ok(Response::new(switch_pb(switch)))
+        self.switch(request.into_inner(), ReleaseHandler::upgrade)
+            .await
     }
 
     async fn downgrade(
         &self,
         request: Request<pb::TransitionRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let request = request.into_inner();
-        let version = parse_version(&request.version)?;
-        let permanence = permanence(&request);
-        let switch = self
-            .run(move |h| h.downgrade(&version, permanence, request.dry_run))
-            .await?;
-        Ok(Response::new(switch_pb(switch)))
+        self.switch(request.into_inner(), ReleaseHandler::downgrade)
+            .await
     }
 
     async fn rollback(
