@@ -5,6 +5,13 @@
 //! [`Agent::boot`] opens the data directory and starts the release a node
 //! should run; [`Agent::run`] serves on listeners the caller bound, until
 //! the shutdown future resolves. `main.rs` is a thin shell over these two.
+//!
+//! The data plane runs on the caller's tokio runtime; the control plane
+//! (gRPC, transitions, soak watching, checkpoints) on a runtime of its own.
+//! Plugin code runs synchronously on the data plane's threads, so a release
+//! stuck in slow calls can hold them all — and that is exactly when an
+//! operator needs `ctl rollback` to work and a switch's quiesce timeout to
+//! fire.
 #![forbid(unsafe_code)]
 
 mod artifacts;
@@ -33,21 +40,52 @@ use release_handler::ReleaseHandler;
 /// How often a soaking release is looked at.
 const SOAK_TICK: Duration = Duration::from_millis(100);
 
+/// Blocking threads of the control plane. Few and long-lived, so few
+/// thread stacks and malloc arenas come and go over many switches.
+const CONTROL_BLOCKING_THREADS: usize = 8;
+
 /// A booted agent, not serving yet.
 pub struct Agent {
     handler: Arc<ReleaseHandler>,
+    /// Always `Some` until `run` or `drop` takes it.
+    control: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is not allowed inside another.
+        if let Some(control) = self.control.take() {
+            control.shutdown_background();
+        }
+    }
 }
 
 impl Agent {
     /// Opens the data directory and loads the release to serve.
     pub async fn boot(config: Config) -> Result<Agent, Error> {
-        let tokio = tokio::runtime::Handle::current();
-        let handler = tokio::task::spawn_blocking(move || ReleaseHandler::boot(config, tokio))
+        let control = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(CONTROL_BLOCKING_THREADS)
+            .thread_keep_alive(Duration::from_secs(300))
+            .thread_name("nine9s-control")
+            .enable_all()
+            .build()
+            .map_err(Error::io("cannot start the control plane's runtime"))?;
+        let handle = control.handle().clone();
+        let booted = control
+            .spawn_blocking(move || ReleaseHandler::boot(config, handle))
             .await
-            .expect("boot does not panic")?;
-        Ok(Agent {
-            handler: Arc::new(handler),
-        })
+            .expect("boot does not panic");
+        match booted {
+            Ok(handler) => Ok(Agent {
+                handler: Arc::new(handler),
+                control: Some(control),
+            }),
+            Err(e) => {
+                control.shutdown_background();
+                Err(e)
+            }
+        }
     }
 
     /// The version being served.
@@ -64,7 +102,10 @@ impl Agent {
         grpc: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let handler = self.handler;
+        let mut agent = self;
+        let control = agent.control.take().expect("present until run");
+        let handler = Arc::clone(&agent.handler);
+        drop(agent);
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -76,17 +117,27 @@ impl Agent {
             until_stopped(stopped.clone()),
             grace,
         ));
-        let grpc = tokio::spawn(
+        // The listener moves to the control runtime's own I/O driver: the
+        // data plane's driver stalls while plugin calls hold its threads.
+        let grpc = grpc
+            .into_std()
+            .map_err(Error::io("cannot move the gRPC listener"))?;
+        let service = control::service(Arc::clone(&handler));
+        let grpc_stopped = until_stopped(stopped.clone());
+        let grpc = control.spawn(async move {
+            let listener = TcpListener::from_std(grpc)?;
             tonic::transport::Server::builder()
-                .add_service(control::service(Arc::clone(&handler)))
+                .add_service(service)
                 .serve_with_incoming_shutdown(
                     // Without TCP_NODELAY a reply's trailers wait ~40 ms for the
                     // client's delayed ACK.
-                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                    until_stopped(stopped.clone()),
-                ),
-        );
-        let background = tokio::spawn(background(Arc::clone(&handler), until_stopped(stopped)));
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    grpc_stopped,
+                )
+                .await
+                .map_err(std::io::Error::other)
+        });
+        let background = control.spawn(background(Arc::clone(&handler), until_stopped(stopped)));
 
         shutdown.await;
         tracing::info!("shutting down");
@@ -98,10 +149,12 @@ impl Agent {
             Ok(Ok(())) => {}
         }
         let _ = background.await;
-        let version = tokio::task::spawn_blocking(move || handler.checkpoint())
+        let saved = control
+            .spawn_blocking(move || handler.checkpoint())
             .await
-            .expect("checkpoint does not panic")?;
-        tracing::info!(%version, "state snapshot saved; stopped");
+            .expect("checkpoint does not panic");
+        control.shutdown_background();
+        tracing::info!(version = %saved?, "state snapshot saved; stopped");
         Ok(())
     }
 }

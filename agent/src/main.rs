@@ -69,12 +69,7 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
-    // Transitions, store reads and checkpoints run on blocking threads; a
-    // small pool that lives long means few thread stacks and malloc arenas
-    // come and go, which keeps the resident size flat over many switches.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(8)
-        .thread_keep_alive(std::time::Duration::from_secs(300))
         .enable_all()
         .build()
         .expect("start the tokio runtime");

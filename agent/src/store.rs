@@ -272,6 +272,16 @@ mod tests {
         }
     }
 
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(dir) {
+                return store;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Store::open(dir).unwrap()
+    }
+
     #[test]
     fn a_committed_transition_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -289,7 +299,8 @@ mod tests {
                 .begin(TransitionKind::Downgrade, Some(&v2), None, false)
                 .unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        // sled's flusher thread lets go of the file lock a moment after the drop.
+        let store = reopen(dir.path());
         assert_eq!(
             store.release(&v2).unwrap().unwrap().state,
             ReleaseState::Permanent

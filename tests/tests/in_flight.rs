@@ -1,0 +1,88 @@
+//! Requests in flight: a switch waits for them and holds new requests back
+//! (none is refused); a switch that cannot quiesce in time is abandoned;
+//! SIGTERM lets them finish.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nine9s_tests::{get, stage_fixture, stage_sample, Agent};
+
+/// An agent on the slow fixture (permanent), with 0.3.0 staged.
+fn on_slow(dir: &tempfile::TempDir, extra: &[&str]) -> Agent {
+    let agent = Agent::start(&dir.path().join("data"), extra);
+    stage_fixture(&agent, "slow").ok();
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.2.6", "--permanent"]).ok();
+    agent
+}
+
+#[test]
+fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_slow(&dir, &[]);
+    agent.get("/");
+    let addr = agent.http;
+    let slow = thread::spawn(move || get(addr, "/slow?ms=800"));
+    thread::sleep(Duration::from_millis(150));
+
+    let upgrade = {
+        let grpc = format!("http://{}", agent.grpc);
+        thread::spawn(move || {
+            nine9s_tests::ctl(&grpc, &["upgrade", "--to", "0.3.0", "--permanent"])
+        })
+    };
+    thread::sleep(Duration::from_millis(150));
+    // Arrives while the switch waits for the slow call: held, then served
+    // by the new release.
+    let started = Instant::now();
+    let held = agent.get("/");
+    let waited = started.elapsed();
+
+    let slow = slow.join().unwrap();
+    assert_eq!(
+        (slow.status, slow.body.as_str(), slow.release.as_str()),
+        (200, "slept 800 ms", "0.2.6")
+    );
+    let upgrade = upgrade.join().unwrap().ok();
+    assert!(
+        upgrade.stdout.contains("upgraded 0.2.6 -> 0.3.0"),
+        "{upgrade:?}"
+    );
+    assert_eq!((held.status, held.release.as_str()), (200, "0.3.0"));
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the request was held by the switch: {waited:?}"
+    );
+    assert_eq!(agent.get("/count").body, "2");
+}
+
+#[test]
+fn a_switch_that_cannot_quiesce_in_time_is_abandoned() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_slow(&dir, &["--quiesce-timeout", "200ms"]);
+    let addr = agent.http;
+    let slow = thread::spawn(move || get(addr, "/slow?ms=1500"));
+    thread::sleep(Duration::from_millis(150));
+    let out = agent.ctl(&["upgrade", "--to", "0.3.0"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("did not finish within 200 ms")
+            && out.stderr.contains("0.2.6 keeps serving"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(slow.join().unwrap().status, 200);
+    assert_eq!(agent.get("/").release, "0.2.6");
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_slow(&dir, &[]);
+    let addr = agent.http;
+    let slow = thread::spawn(move || get(addr, "/slow?ms=1000"));
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(agent.terminate(), 0);
+    let reply = slow.join().unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "slept 1000 ms"));
+}
