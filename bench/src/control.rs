@@ -1,13 +1,14 @@
 //! The bench's gRPC side: switching releases with `Upgrade` and
 //! `Downgrade` (timed as the client sees them), the upgrade/downgrade
-//! cycle run under load, and reading the transitions back from `History`.
+//! cycle run under load, removing a release, and reading the transitions
+//! back from `History`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use nine9s_proto::control_client::ControlClient;
-use nine9s_proto::{HistoryRequest, Permanence, Transition, TransitionRequest};
+use nine9s_proto::{HistoryRequest, Permanence, RemoveRequest, Transition, TransitionRequest};
 use tonic::transport::Channel;
 
 /// No switch should take this long; past it the agent is stuck.
@@ -115,6 +116,24 @@ impl Control {
         }
         cycling.elapsed = started.elapsed();
         cycling
+    }
+
+    /// Forgets a release that is neither permanent nor current.
+    pub async fn remove(&mut self, version: &str) -> anyhow::Result<()> {
+        let request = RemoveRequest {
+            version: version.to_owned(),
+        };
+        tokio::time::timeout(RPC_TIMEOUT, self.client.remove(request))
+            .await
+            .map_err(|_| anyhow!("Remove {version}: no reply within {RPC_TIMEOUT:?}"))?
+            .map_err(|status| {
+                anyhow!(
+                    "Remove {version}: {:?}: {}",
+                    status.code(),
+                    status.message()
+                )
+            })?;
+        Ok(())
     }
 
     /// The id of the latest transition, 0 if none.

@@ -23,6 +23,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 64 * 1024;
 /// Error messages kept for the report, per connection and in all.
 const ERROR_SAMPLES: usize = 5;
+/// Names the release that answered, on every response of the agent.
+const RELEASE_HEADER: &str = "x-nine9s-release";
 
 /// What the connections saw in one phase.
 #[derive(Debug, Default)]
@@ -156,24 +158,44 @@ async fn connection_loop(addr: SocketAddr, stop: Arc<AtomicBool>) -> Tally {
     tally
 }
 
-/// One `GET` on a fresh connection, for reading `/count`.
+/// One `GET` on a fresh connection, for reading `/count`; anything but a
+/// 200 is an error.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let fetched = fetch(addr, path).await?;
+    if fetched.status != 200 {
+        bail!(
+            "GET {path}: status {}: {}",
+            fetched.status,
+            fetched.body.trim_end()
+        );
+    }
+    Ok(fetched.body)
+}
+
+/// A response to [`fetch`].
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub body: String,
+    /// The `x-nine9s-release` header: which release answered.
+    pub release: Option<String>,
+}
+
+/// One `GET` on a fresh connection, whatever the status.
+pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<Fetched> {
     let mut connection = Connection::open(addr)
         .await
         .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+    connection.keep_release = true;
     let response = connection
         .exchange(&request_bytes(addr, path))
         .await
         .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
-    let body = String::from_utf8(response.body).context("response body is not UTF-8")?;
-    if response.status != 200 {
-        bail!(
-            "GET {path}: status {}: {}",
-            response.status,
-            body.trim_end()
-        );
-    }
-    Ok(body)
+    Ok(Fetched {
+        status: response.status,
+        body: String::from_utf8(response.body).context("response body is not UTF-8")?,
+        release: response.release,
+    })
 }
 
 fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
@@ -194,12 +216,17 @@ struct Response {
     body: Vec<u8>,
     /// The server will close the connection after this response.
     close: bool,
+    /// Only when the connection keeps it.
+    release: Option<String>,
 }
 
 struct Connection {
     stream: TcpStream,
     /// Bytes read but not consumed yet.
     buffer: Vec<u8>,
+    /// Copy out the release header; off under load, where the copy would
+    /// cost the agent's phases a little and the bare server's nothing.
+    keep_release: bool,
 }
 
 impl Connection {
@@ -217,6 +244,7 @@ impl Connection {
         Ok(Connection {
             stream,
             buffer: Vec::with_capacity(4096),
+            keep_release: false,
         })
     }
 
@@ -250,7 +278,8 @@ impl Connection {
                 });
             }
         };
-        let head = parse_head(&self.buffer[..head_len]).map_err(Exchange::Failed)?;
+        let head =
+            parse_head(&self.buffer[..head_len], self.keep_release).map_err(Exchange::Failed)?;
         let end = head_len + head.content_length;
         while self.buffer.len() < end {
             if self.read("body").await? == 0 {
@@ -265,6 +294,7 @@ impl Connection {
             status: head.status,
             body,
             close: head.close,
+            release: head.release,
         })
     }
 
@@ -280,11 +310,13 @@ struct Head {
     status: u16,
     content_length: usize,
     close: bool,
+    /// The `x-nine9s-release` value, when asked for.
+    release: Option<String>,
 }
 
 /// Parses a response head, blank line included. Only what the agent and
 /// the bare server send is accepted: a `Content-Length` body, no chunking.
-fn parse_head(bytes: &[u8]) -> Result<Head, String> {
+fn parse_head(bytes: &[u8], keep_release: bool) -> Result<Head, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "response head is not UTF-8")?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
@@ -300,6 +332,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, String> {
     // HTTP/1.0 closes unless told otherwise; HTTP/1.1 keeps alive.
     let mut close = version == "HTTP/1.0";
     let mut content_length = None;
+    let mut release = None;
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(format!("bad header line {line:?}"));
@@ -319,6 +352,8 @@ fn parse_head(bytes: &[u8]) -> Result<Head, String> {
             close = value
                 .split(',')
                 .any(|token| token.trim().eq_ignore_ascii_case("close"));
+        } else if keep_release && name.eq_ignore_ascii_case(RELEASE_HEADER) {
+            release = Some(value.to_owned());
         }
     }
     let content_length = match (content_length, status) {
@@ -330,6 +365,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, String> {
         status,
         content_length,
         close,
+        release,
     })
 }
 
@@ -343,32 +379,37 @@ mod tests {
 
     #[test]
     fn a_keep_alive_response_head() {
-        let head = parse_head(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nContent-Length: 15\r\n\r\n",
-        )
-        .unwrap();
+        let bytes = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nContent-Length: 15\r\nx-nine9s-release: 0.3.0\r\n\r\n";
+        let head = parse_head(bytes, false).unwrap();
         assert_eq!(
-            (head.status, head.content_length, head.close),
-            (200, 15, false)
+            (head.status, head.content_length, head.close, head.release),
+            (200, 15, false, None)
         );
+        let head = parse_head(bytes, true).unwrap();
+        assert_eq!(head.release.as_deref(), Some("0.3.0"));
     }
 
     #[test]
     fn connection_close_and_http_1_0() {
         let head = parse_head(
             b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\ncontent-length: 0\r\n\r\n",
+            false,
         )
         .unwrap();
         assert_eq!((head.status, head.close), (503, true));
-        let head = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n").unwrap();
+        let head = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n", false).unwrap();
         assert!(head.close);
     }
 
     #[test]
     fn framing_the_bench_cannot_follow_is_an_error() {
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
-        assert!(parse_head(b"HTTP/1.1 20 OK\r\ncontent-length: 0\r\n\r\n").is_err());
-        assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
+        assert!(parse_head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n", false).is_err());
+        assert!(parse_head(b"HTTP/1.1 20 OK\r\ncontent-length: 0\r\n\r\n", false).is_err());
+        assert!(parse_head(b"SSH-2.0\r\n\r\n", false).is_err());
     }
 }

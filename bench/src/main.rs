@@ -1,14 +1,16 @@
 //! `nine9s-bench`: runs the real agent and `ctl` built next to it, puts
 //! HTTP load on the agent while it upgrades and downgrades in a loop, and
 //! prints the figures as one JSON line on stdout (progress goes to stderr).
-//! This file owns the command line, the choice between the bench and the
-//! hidden `--bare-server` mode, and the exit codes: 0 when the run
-//! completed, 1 when a correctness target failed, 2 on bad flags or when
-//! the run could not be set up or finished.
+//! This file owns the command line, the choice between the bench, the
+//! crash loop (`--crash-loop N`) and the hidden `--bare-server` mode, and
+//! the exit codes: 0 when the run completed, 1 when a correctness target
+//! failed (in the crash loop: an iteration ended inconsistent), 2 on bad
+//! flags or when the run could not be set up or finished.
 #![forbid(unsafe_code)]
 
 mod bare;
 mod control;
+mod crashloop;
 mod load;
 mod procs;
 mod report;
@@ -18,12 +20,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds S] [--cycles N]
+       nine9s-bench --crash-loop N [--seed S]
 
 Build first: cargo build --release --workspace
   --short          CI smoke run: 16 connections, 3 s phases, 50 cycles
   --connections N  keep-alive connections of the load generator (default 32)
   --seconds S      length of the bare and steady phases (default 10)
-  --cycles N       0.2.0 -> 0.3.0 -> 0.2.0 cycles under load (default 1000)";
+  --cycles N       0.2.0 -> 0.3.0 -> 0.2.0 cycles under load (default 1000)
+  --crash-loop N   instead of the bench: N random transitions, each cut short
+                   by a kill -9 at a random moment, the node checked after
+                   each restart
+  --seed S         the crash loop's random choices, to replay a run";
 
 /// What one run measures.
 #[derive(Debug, Clone)]
@@ -36,6 +43,7 @@ pub struct Options {
 
 enum Mode {
     Bench(Options),
+    CrashLoop(crashloop::Options),
     /// The baseline server, run as a child of the bench so that the bare
     /// server and the agent both sit in a process of their own.
     BareServer,
@@ -72,6 +80,25 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Mode::CrashLoop(options) => {
+            let outcome = runtime.block_on(interruptible(crashloop::crash_loop(options)));
+            drop(runtime);
+            match outcome {
+                Ok(outcome) => {
+                    println!("{}", outcome.json);
+                    if outcome.consistent {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("nine9s-bench: some iterations ended inconsistent");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("nine9s-bench --crash-loop: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Mode::Bench(options) => {
             let outcome = runtime.block_on(interruptible(run::bench(options)));
             // Dropping the runtime before exiting lets the child processes'
@@ -114,6 +141,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut connections = None;
     let mut seconds = None;
     let mut cycles = None;
+    let mut crash_loop = None;
+    let mut seed = None;
     let mut args = args.peekable();
     if args.peek().is_some_and(|a| a == "--bare-server") {
         args.next();
@@ -138,9 +167,23 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--connections" => connections = Some(number::<usize>(&flag, &value()?)?),
             "--seconds" => seconds = Some(number::<f64>(&flag, &value()?)?),
             "--cycles" => cycles = Some(number::<u32>(&flag, &value()?)?),
+            "--crash-loop" => crash_loop = Some(number::<u32>(&flag, &value()?)?),
+            "--seed" => seed = Some(number::<u64>(&flag, &value()?)?),
             "-h" | "--help" => return Ok(Mode::Help),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if let Some(iterations) = crash_loop {
+        if short || connections.is_some() || seconds.is_some() || cycles.is_some() {
+            return Err("--crash-loop takes no bench flags, only --seed".into());
+        }
+        if iterations == 0 {
+            return Err("--crash-loop must be above 0".into());
+        }
+        return Ok(Mode::CrashLoop(crashloop::Options { iterations, seed }));
+    }
+    if seed.is_some() {
+        return Err("--seed goes with --crash-loop".into());
     }
     let connections = connections.unwrap_or(if short { 16 } else { 32 });
     let seconds = seconds.unwrap_or(if short { 3.0 } else { 10.0 });

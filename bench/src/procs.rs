@@ -16,7 +16,7 @@ use tokio::process::{Child, Command};
 const BUILD_FIRST: &str = "build first: cargo build --release --workspace";
 /// Boot writes the embedded release and opens the store; generous for a
 /// loaded 2-core machine.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The agent's own shutdown grace is 10 s; its connections are idle by then.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -81,10 +81,20 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    pub async fn start(agent: &Path, dir: &Path) -> anyhow::Result<AgentProcess> {
+    /// Starts the agent on `dir/data` and waits up to `ready_within` for
+    /// its ready line. Its log goes to `dir/agent.log`, appended, so the
+    /// crash loop's restarts on one data dir keep the whole story.
+    pub async fn start(
+        agent: &Path,
+        dir: &Path,
+        ready_within: Duration,
+    ) -> anyhow::Result<AgentProcess> {
         let data = dir.join("data");
         let log = dir.join("agent.log");
-        let log_file = std::fs::File::create(&log)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut child = Command::new(agent)
             .arg("--data-dir")
             .arg(&data)
@@ -102,14 +112,23 @@ impl AgentProcess {
             .ok_or_else(|| anyhow!("the agent exited at once"))?;
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let mut line = String::new();
-        let read = tokio::time::timeout(READY_TIMEOUT, stdout.read_line(&mut line)).await;
+        let read = tokio::time::timeout(ready_within, stdout.read_line(&mut line)).await;
         let ready = match read {
             Ok(Ok(n)) if n > 0 => parse_ready(line.trim_end()),
             Ok(Ok(_)) => Err(anyhow!("the agent exited before it was ready")),
             Ok(Err(e)) => Err(anyhow!("cannot read the agent's stdout: {e}")),
-            Err(_) => Err(anyhow!("the agent was not ready within {READY_TIMEOUT:?}")),
+            Err(_) => Err(anyhow!("the agent was not ready within {ready_within:?}")),
         };
-        let (http, grpc) = ready.map_err(|e| anyhow!("{e}\n{}", log_tail(&log)))?;
+        let (http, grpc) = match ready {
+            Ok(addresses) => addresses,
+            Err(e) => {
+                // Reaped here, not just signalled on drop: the next agent
+                // may want the same data dir, and sled locks it.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                bail!("{e}\n{}", log_tail(&log));
+            }
+        };
         // Keeps the pipe open and empty should the agent print more.
         tokio::spawn(async move { tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await });
         // /proc shows the library paths with symlinks resolved.
@@ -183,6 +202,17 @@ impl AgentProcess {
         log_tail(&self.log)
     }
 
+    /// SIGKILL, at once; callable from a plain thread, which is how the
+    /// crash loop times it to the microsecond.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.start_kill()
+    }
+
+    /// Waits for the process to be gone (after [`AgentProcess::kill`]).
+    pub async fn wait(mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
     /// SIGTERM, then waits for the clean shutdown; SIGKILL if it hangs.
     pub async fn stop(mut self) -> anyhow::Result<ExitStatus> {
         // `kill(1)` because the bench forbids the unsafe a direct kill(2) needs.
@@ -220,7 +250,7 @@ fn parse_ready(line: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     Ok((address("http=")?, address("grpc=")?))
 }
 
-fn log_tail(log: &Path) -> String {
+pub fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(15)..].join("\n");

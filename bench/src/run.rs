@@ -23,7 +23,7 @@ pub async fn bench(options: Options) -> anyhow::Result<Report> {
         .tempdir()
         .context("cannot create a temporary directory")?;
     progress(format_args!("starting {}", layout.agent.display()));
-    let agent = AgentProcess::start(&layout.agent, temp.path()).await?;
+    let agent = AgentProcess::start(&layout.agent, temp.path(), procs::READY_TIMEOUT).await?;
     progress(format_args!(
         "agent ready: http={} grpc={}",
         agent.http, agent.grpc
@@ -142,6 +142,6 @@ fn log_phase(name: &str, tally: &load::Tally) {
     ));
 }
 
-fn progress(message: std::fmt::Arguments<'_>) {
+pub fn progress(message: std::fmt::Arguments<'_>) {
     eprintln!("nine9s-bench: {message}");
 }
