@@ -186,6 +186,24 @@ fn kill_9_during_an_upgrade() {
 }
 
 #[test]
+fn kill_9_right_after_an_immediate_upgrade_commits_keeps_the_migrated_state() {
+    let committed = Expect {
+        permanent: "0.3.0",
+        count: (200, "3"),
+        last: ("upgrade", "ok"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agent = crash_and_check(
+        &dir,
+        "switch:committed",
+        true,
+        &[&["upgrade", "--to", "0.3.0", "--permanent"]],
+        committed,
+    );
+    assert_eq!(agent.get("/").body, "Hello world 3 !");
+}
+
+#[test]
 fn kill_9_during_a_downgrade() {
     for point in [
         "switch:begun",

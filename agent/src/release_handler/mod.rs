@@ -512,6 +512,20 @@ impl ReleaseHandler {
                     for hook in &before {
                         instance.hook(hook).map_err(|e| plugin_error("hook", e))?;
                     }
+                    // The new release's starting state is durable with the
+                    // transition too: should it be permanent when the agent
+                    // dies, a restart restores this, not nothing.
+                    if library.state_version() != 0 {
+                        let start = instance
+                            .snapshot()
+                            .map_err(|e| plugin_error("snapshot", e))?;
+                        store.put_snapshot(&Snapshot {
+                            version: target.version.clone(),
+                            state_version: library.state_version(),
+                            taken_at_ms: now_ms(),
+                            bytes: start,
+                        })?;
+                    }
                     Ok(Loaded::new(target.version.clone(), instance))
                 }));
         let switched = switched.map_err(|e| match e {
@@ -724,6 +738,8 @@ impl ReleaseHandler {
             t.reason = Some("healthy through its soak period".into());
         }
         crash_point("permanent:begun");
+        // What the release served while current belongs to it now.
+        self.checkpoint()?;
         let changed = self.settle(version, Permanence::Immediate)?;
         finish(&mut t, Instant::now(), None);
         self.store.commit(&t, &changed)?;
