@@ -2,27 +2,22 @@
 //! the hooks an upgrade plan ran on it, in order, at `GET /hooks`.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use fixture_counter::{Counter, STATE_VERSION};
 use nine9s_sdk::{Plugin, Request, Response};
 
 pub struct Hooks {
-    count: AtomicU64,
+    count: Counter,
     ran: Mutex<Vec<String>>,
 }
 
 impl Plugin for Hooks {
-    const STATE_VERSION: u32 = 1;
+    const STATE_VERSION: u32 = STATE_VERSION;
 
     fn init(state: Option<&[u8]>) -> Result<Self, String> {
-        let count = state.map_or(Ok(0), |s| {
-            s.try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| "bad state".to_string())
-        })?;
         Ok(Hooks {
-            count: AtomicU64::new(count),
+            count: Counter::restore(state)?,
             ran: Mutex::new(Vec::new()),
         })
     }
@@ -30,10 +25,10 @@ impl Plugin for Hooks {
     fn handle(&self, request: &Request<'_>) -> Response {
         match request.path {
             "/" => {
-                self.count.fetch_add(1, Ordering::Relaxed);
+                self.count.hit();
                 Response::text("Hello hooks !")
             }
-            "/count" => Response::text(self.count.load(Ordering::Relaxed).to_string()),
+            "/count" => self.count.response(),
             "/hooks" => {
                 Response::text(self.ran.lock().unwrap_or_else(|e| e.into_inner()).join(" "))
             }
@@ -42,7 +37,7 @@ impl Plugin for Hooks {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        self.count.load(Ordering::Relaxed).to_le_bytes().to_vec()
+        self.count.snapshot()
     }
 
     fn hook(&self, name: &str) -> Result<(), String> {

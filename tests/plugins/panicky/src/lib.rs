@@ -3,38 +3,28 @@
 //! and error-rate rollback tests.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use fixture_counter::{Counter, STATE_VERSION};
 use nine9s_sdk::{Plugin, Request, Response};
 
-pub struct Panicky {
-    count: AtomicU64,
-}
+pub struct Panicky(Counter);
 
 impl Plugin for Panicky {
-    const STATE_VERSION: u32 = 1;
+    const STATE_VERSION: u32 = STATE_VERSION;
 
     fn init(state: Option<&[u8]>) -> Result<Self, String> {
-        let count = state.map_or(Ok(0), |s| {
-            s.try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| "bad state".to_string())
-        })?;
-        Ok(Panicky {
-            count: AtomicU64::new(count),
-        })
+        Counter::restore(state).map(Panicky)
     }
 
     fn handle(&self, request: &Request<'_>) -> Response {
         match request.path {
             "/" => panic!("deliberate panic in the handler of 0.2.1"),
-            "/count" => Response::text(self.count.load(Ordering::Relaxed).to_string()),
+            "/count" => self.0.response(),
             _ => Response::not_found(),
         }
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        self.count.load(Ordering::Relaxed).to_le_bytes().to_vec()
+        self.0.snapshot()
     }
 }
 

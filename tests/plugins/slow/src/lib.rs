@@ -3,36 +3,27 @@
 //! a switch or a shutdown comes.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fixture_counter::{Counter, STATE_VERSION};
 use nine9s_sdk::{Plugin, Request, Response};
 
-pub struct Slow {
-    count: AtomicU64,
-}
+pub struct Slow(Counter);
 
 impl Plugin for Slow {
-    const STATE_VERSION: u32 = 1;
+    const STATE_VERSION: u32 = STATE_VERSION;
 
     fn init(state: Option<&[u8]>) -> Result<Self, String> {
-        let count = state.map_or(Ok(0), |s| {
-            s.try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| "bad state".to_string())
-        })?;
-        Ok(Slow {
-            count: AtomicU64::new(count),
-        })
+        Counter::restore(state).map(Slow)
     }
 
     fn handle(&self, request: &Request<'_>) -> Response {
         match request.path {
             "/" => {
-                self.count.fetch_add(1, Ordering::Relaxed);
+                self.0.hit();
                 Response::text("Hello slow !")
             }
-            "/count" => Response::text(self.count.load(Ordering::Relaxed).to_string()),
+            "/count" => self.0.response(),
             "/slow" => {
                 let ms = request
                     .query
@@ -47,7 +38,7 @@ impl Plugin for Slow {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        self.count.load(Ordering::Relaxed).to_le_bytes().to_vec()
+        self.0.snapshot()
     }
 }
 

@@ -3,48 +3,44 @@
 //! it before the switch, unhealthy during the soak.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use fixture_counter::{Counter, STATE_VERSION};
 use nine9s_sdk::{Plugin, Request, Response};
 
 pub struct Unhealthy {
-    count: AtomicU64,
-    served: AtomicU64,
+    count: Counter,
+    served: AtomicBool,
 }
 
 impl Plugin for Unhealthy {
-    const STATE_VERSION: u32 = 1;
+    const STATE_VERSION: u32 = STATE_VERSION;
 
     fn init(state: Option<&[u8]>) -> Result<Self, String> {
-        let count = state.map_or(Ok(0), |s| {
-            s.try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| "bad state".to_string())
-        })?;
         Ok(Unhealthy {
-            count: AtomicU64::new(count),
-            served: AtomicU64::new(0),
+            count: Counter::restore(state)?,
+            served: AtomicBool::new(false),
         })
     }
 
     fn handle(&self, request: &Request<'_>) -> Response {
-        self.served.fetch_add(1, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
         match request.path {
             "/" => {
-                self.count.fetch_add(1, Ordering::Relaxed);
+                self.count.hit();
                 Response::text("Hello world 6 !")
             }
-            "/count" => Response::text(self.count.load(Ordering::Relaxed).to_string()),
+            "/count" => self.count.response(),
             _ => Response::not_found(),
         }
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        self.count.load(Ordering::Relaxed).to_le_bytes().to_vec()
+        self.count.snapshot()
     }
 
     fn health(&self) -> Result<(), String> {
-        if self.served.load(Ordering::Relaxed) > 0 {
+        if self.served.load(Ordering::Relaxed) {
             Err("database connection lost".into())
         } else {
             Ok(())
