@@ -164,25 +164,35 @@ fn kill_9_during_a_stage() {
     }
 }
 
-#[test]
-fn kill_9_during_an_upgrade() {
-    for point in [
-        "switch:begun",
-        "switch:loaded",
-        "switch:quiesced",
-        "switch:switched",
-        "switch:committed",
-    ] {
+/// Crashes a soaked switch at every point of it, then checks that the same
+/// switch, made permanent, works afterwards and answers `expect_after`.
+fn crash_a_switch_everywhere(switch: &[&str], points: &[&str], path: &str, expect_after: &str) {
+    for &point in points {
+        // Committed as current only: the restart abandons it.
         let expect = if point == "switch:committed" {
             SOAKING_ABANDONED
         } else {
             ABORTED
         };
         let dir = tempfile::tempdir().unwrap();
-        let agent = crash_and_check(&dir, point, true, &[&["upgrade", "--to", "0.3.0"]], expect);
-        agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
-        assert_eq!(agent.get("/count").body, "3", "{point}");
+        let agent = crash_and_check(&dir, point, true, &[switch], expect);
+        let mut again = switch.to_vec();
+        again.push("--permanent");
+        agent.ctl(&again).ok();
+        assert_eq!(agent.get(path).body, expect_after, "{point}");
     }
+}
+
+#[test]
+fn kill_9_during_an_upgrade() {
+    let points = [
+        "switch:begun",
+        "switch:loaded",
+        "switch:quiesced",
+        "switch:switched",
+        "switch:committed",
+    ];
+    crash_a_switch_everywhere(&["upgrade", "--to", "0.3.0"], &points, "/count", "3");
 }
 
 #[test]
@@ -205,30 +215,18 @@ fn kill_9_right_after_an_immediate_upgrade_commits_keeps_the_migrated_state() {
 
 #[test]
 fn kill_9_during_a_downgrade() {
-    for point in [
+    let points = [
         "switch:begun",
         "switch:quiesced",
         "switch:switched",
         "switch:committed",
-    ] {
-        let expect = if point == "switch:committed" {
-            SOAKING_ABANDONED
-        } else {
-            ABORTED
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let agent = crash_and_check(
-            &dir,
-            point,
-            true,
-            &[&["downgrade", "--to", "0.1.0"]],
-            expect,
-        );
-        agent
-            .ctl(&["downgrade", "--to", "0.1.0", "--permanent"])
-            .ok();
-        assert_eq!(agent.get("/").body, "Hello world!", "{point}");
-    }
+    ];
+    crash_a_switch_everywhere(
+        &["downgrade", "--to", "0.1.0"],
+        &points,
+        "/",
+        "Hello world!",
+    );
 }
 
 #[test]
