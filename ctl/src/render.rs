@@ -39,8 +39,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A duration given in microseconds, in the unit that keeps its digits.
 fn ms(us: u64) -> String {
-    format!("{:.1} ms", us as f64 / 1000.0)
+    if us < 1000 {
+        format!("{us} µs")
+    } else {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC from milliseconds since the epoch.
@@ -264,6 +269,13 @@ pub fn history(transitions: &[pb::Transition]) {
 #[cfg(test)]
 mod tests {
     use super::time;
+
+    #[test]
+    fn durations() {
+        assert_eq!(super::ms(57), "57 µs");
+        assert_eq!(super::ms(1_250), "1.2 ms");
+        assert_eq!(super::ms(30_002_700), "30002.7 ms");
+    }
 
     #[test]
     fn utc_time() {
