@@ -483,7 +483,8 @@ impl ReleaseHandler {
             hooks(&plan.steps[..switch_at]),
             hooks(&plan.steps[switch_at..]),
         );
-        let store = &self.store;
+        // Snapshots are taken under the gate, stored once it is open again.
+        let mut taken = Vec::new();
         let switched =
             self.tokio
                 .block_on(self.runtime.switch(self.config.quiesce_timeout, |old| {
@@ -498,13 +499,12 @@ impl ReleaseHandler {
                     let migrated = carry
                         .apply(state)
                         .map_err(|e| plugin_error("state migration", e))?;
-                    // Written before the switch so a rollback can restore it.
-                    store.put_snapshot(&Snapshot {
+                    taken.push(Snapshot {
                         version: old.version.clone(),
                         state_version: old.instance.library().state_version(),
                         taken_at_ms: now_ms(),
                         bytes: left,
-                    })?;
+                    });
                     crash_point("switch:quiesced");
                     let instance = library
                         .instantiate(migrated.as_deref())
@@ -519,12 +519,12 @@ impl ReleaseHandler {
                         let start = instance
                             .snapshot()
                             .map_err(|e| plugin_error("snapshot", e))?;
-                        store.put_snapshot(&Snapshot {
+                        taken.push(Snapshot {
                             version: target.version.clone(),
                             state_version: library.state_version(),
                             taken_at_ms: now_ms(),
                             bytes: start,
-                        })?;
+                        });
                     }
                     Ok(Loaded::new(target.version.clone(), instance))
                 }));
@@ -535,6 +535,9 @@ impl ReleaseHandler {
             },
             SwitchError::Prepare(e) => e,
         })?;
+        for snapshot in &taken {
+            self.store.put_snapshot(snapshot)?;
+        }
         // Nothing of the old release may be held here, or it never drains.
         drop((active, carry, library));
         crash_point("switch:switched");
