@@ -108,7 +108,7 @@ async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<
         body: &body,
     };
     let handled = runtime.handle(&plugin_request).await;
-    let version = &handled.release.version;
+    let version = handled.version;
     let mut response = match handled.result {
         Ok(reply) => {
             let status =
@@ -135,9 +135,9 @@ async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<
             )
         }
     };
-    if let Ok(value) = HeaderValue::from_maybe_shared(handled.release.label.clone()) {
-        response.headers_mut().insert(RELEASE_HEADER, value);
-    }
+    response
+        .headers_mut()
+        .insert(RELEASE_HEADER, HeaderValue::from_static(version));
     response
 }
 

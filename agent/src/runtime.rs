@@ -10,7 +10,7 @@
 //! new code. Since no call into the old instance can run after the
 //! snapshot, no state change is lost or counted twice.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,13 +22,48 @@ use tokio::sync::RwLock;
 #[derive(Debug)]
 pub struct Loaded {
     pub version: Version,
-    /// The version as text, made once: every response carries it.
-    pub label: bytes::Bytes,
+    /// The version as text: every response carries it.
+    pub label: &'static str,
     pub instance: Instance,
+    shards: [Shard; SHARDS],
+}
+
+/// Counter shards per instance. Every request bumps counters; threads that
+/// shared one cache line for them would queue on it.
+const SHARDS: usize = 8;
+
+/// One thread's share of an instance's counters, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard {
     in_flight: AtomicU64,
     served: AtomicU64,
     errors: AtomicU64,
     panics: AtomicU64,
+}
+
+/// The shard this thread counts in.
+fn my_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    MINE.with(|mine| *mine)
+}
+
+/// The version's text for the whole life of the process: one small string
+/// per version ever loaded, so responses carry it without touching shared
+/// reference counts.
+fn label(version: &Version) -> &'static str {
+    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let text = version.to_string();
+    let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = labels.iter().find(|known| **known == text) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(text.into_boxed_str());
+    labels.push(leaked);
+    leaked
 }
 
 /// Counters of one instance at a moment.
@@ -44,29 +79,32 @@ pub struct Counters {
 impl Loaded {
     pub fn new(version: Version, instance: Instance) -> Loaded {
         Loaded {
-            label: bytes::Bytes::from(version.to_string()),
+            label: label(&version),
             version,
             instance,
-            in_flight: AtomicU64::new(0),
-            served: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            panics: AtomicU64::new(0),
+            shards: Default::default(),
         }
     }
 
     pub fn counters(&self) -> Counters {
+        let sum = |field: fn(&Shard) -> &AtomicU64| -> u64 {
+            self.shards
+                .iter()
+                .map(|s| field(s).load(Ordering::Relaxed))
+                .sum()
+        };
         Counters {
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            served: self.served.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            panics: self.panics.load(Ordering::Relaxed),
+            in_flight: sum(|s| &s.in_flight),
+            served: sum(|s| &s.served),
+            errors: sum(|s| &s.errors),
+            panics: sum(|s| &s.panics),
         }
     }
 }
 
 /// What serving one request produced, and on which release.
 pub struct Handled {
-    pub release: Arc<Loaded>,
+    pub version: &'static str,
     pub result: Result<Response, CallError>,
 }
 
@@ -105,22 +143,23 @@ impl Runtime {
     pub async fn handle(&self, request: &Request<'_>) -> Handled {
         let slot = self.slot.read().await;
         let loaded = &**slot;
-        loaded.in_flight.fetch_add(1, Ordering::Relaxed);
+        let shard = &loaded.shards[my_shard()];
+        shard.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = loaded.instance.handle(request);
-        loaded.in_flight.fetch_sub(1, Ordering::Relaxed);
-        loaded.served.fetch_add(1, Ordering::Relaxed);
+        shard.in_flight.fetch_sub(1, Ordering::Relaxed);
+        shard.served.fetch_add(1, Ordering::Relaxed);
         match &result {
             Ok(response) if response.status < 500 => {}
             Ok(_) | Err(CallError::Failed(_) | CallError::BadStatus(_)) => {
-                loaded.errors.fetch_add(1, Ordering::Relaxed);
+                shard.errors.fetch_add(1, Ordering::Relaxed);
             }
             Err(CallError::Panicked(_)) => {
-                loaded.errors.fetch_add(1, Ordering::Relaxed);
-                loaded.panics.fetch_add(1, Ordering::Relaxed);
+                shard.errors.fetch_add(1, Ordering::Relaxed);
+                shard.panics.fetch_add(1, Ordering::Relaxed);
             }
         }
         Handled {
-            release: Arc::clone(&slot),
+            version: loaded.label,
             result,
         }
     }

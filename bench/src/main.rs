@@ -6,6 +6,8 @@
 //! the exit codes: 0 when the run completed, 1 when a correctness target
 //! failed (in the crash loop: an iteration ended inconsistent), 2 on bad
 //! flags or when the run could not be set up or finished.
+// serde_json::json! of the report nests deeper than the default allows.
+#![recursion_limit = "256"]
 #![forbid(unsafe_code)]
 
 mod bare;

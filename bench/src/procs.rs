@@ -149,6 +149,11 @@ impl AgentProcess {
         format!("http://{}", self.grpc)
     }
 
+    /// CPU time the agent has used so far, user and system.
+    pub fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.pid)
+    }
+
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let path = format!("/proc/{}/status", self.pid);
@@ -287,6 +292,15 @@ impl BareServer {
         })
     }
 
+    /// CPU time the bare server has used so far, user and system.
+    pub fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(
+            self.child
+                .id()
+                .ok_or_else(|| anyhow!("the bare server has exited"))?,
+        )
+    }
+
     /// Closes its stdin, which ends it.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         drop(self.child.stdin.take());
@@ -325,4 +339,25 @@ pub async fn ctl(ctl: &Path, agent: &str, args: &[&str]) -> anyhow::Result<Durat
         );
     }
     Ok(elapsed)
+}
+
+/// User plus system CPU time of a process, from `/proc/PID/stat`. CPU per
+/// request compares the two servers far more steadily than throughput does
+/// on a machine whose cores the load generator shares.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // utime and stime are the 14th and 15th fields; `rest` starts at the 3rd.
+    let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+        bail!("no CPU times in {path}");
+    };
+    // Linux reports them in clock ticks of 1/100 s (USER_HZ) on every
+    // architecture it runs this bench on.
+    Ok(Duration::from_millis((user + system) * 10))
 }

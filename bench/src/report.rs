@@ -1,6 +1,8 @@
 //! The figures: what a run measured, turned into percentiles, ratios and
 //! pass/fail targets, and rendered as one JSON line.
 
+use std::time::Duration;
+
 use nine9s_proto::Transition;
 use serde_json::{json, Value};
 
@@ -27,6 +29,8 @@ pub struct Figures {
     /// Wall time of each `ctl upgrade` / `ctl downgrade` process.
     pub ctl_us: Vec<u64>,
     pub count_reported: u64,
+    /// CPU time of the bare server in phase a and of the agent in phase b.
+    pub cpu: (Duration, Duration),
     /// The agent's VmRSS before and after the cycle under load.
     pub rss_kib: (u64, u64),
     /// Plugin libraries the agent maps, before and after that cycle.
@@ -52,10 +56,16 @@ impl Report {
             transitions,
             ctl_us,
             count_reported,
+            cpu,
             rss_kib,
             mapped,
             store_kib,
         } = figures;
+        let cpu_us_per_request = |cpu: Duration, tally: &Tally| {
+            (tally.ok > 0).then(|| cpu.as_secs_f64() * 1e6 / tally.ok as f64)
+        };
+        let bare_cpu_us = cpu_us_per_request(cpu.0, bare);
+        let plugin_cpu_us = cpu_us_per_request(cpu.1, steady);
         let served = steady.ok + cycling_load.ok;
         let failed = steady.failed + cycling_load.failed;
         let refused = steady.refused + cycling_load.refused;
@@ -110,6 +120,9 @@ impl Report {
             "plugin_rps": round(steady.rps(), 0),
             "cycling_rps": round(cycling_load.rps(), 0),
             "plugin_over_bare": round(plugin_over_bare, 3),
+            "bare_cpu_us_per_request": bare_cpu_us.map(|v| round(v, 2)),
+            "plugin_cpu_us_per_request": plugin_cpu_us.map(|v| round(v, 2)),
+            "plugin_cpu_over_bare": bare_cpu_us.zip(plugin_cpu_us).map(|(b, p)| round(p / b, 3)),
             "bare": latency(&bare.latencies_us),
             "steady": latency(&steady.latencies_us),
             "cycling": latency(&cycling_load.latencies_us),

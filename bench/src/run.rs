@@ -65,11 +65,15 @@ async fn measure(
         "phase a: bare server {}, {} connections, {:?}",
         bare.addr, options.connections, options.phase
     ));
+    let bare_cpu = bare.cpu()?;
     let bare_load = steady("a", bare.addr, options).await;
+    let bare_cpu = bare.cpu()? - bare_cpu;
     bare.stop().await?;
 
     progress(format_args!("phase b: agent on 0.2.0, steady"));
+    let agent_cpu = agent.cpu()?;
     let steady_load = steady("b", agent.http, options).await;
+    let agent_cpu = agent.cpu()? - agent_cpu;
 
     let rss_before = agent.rss_kib()?;
     let mapped_before = agent.mapped_artifacts()?;
@@ -116,6 +120,7 @@ async fn measure(
         transitions,
         ctl_us,
         count_reported,
+        cpu: (bare_cpu, agent_cpu),
         rss_kib: (rss_before, rss_after),
         mapped: (mapped_before, mapped_after),
         store_kib: (store_before, store_after),
