@@ -212,14 +212,16 @@ impl Runtime {
     }
 }
 
-/// Waits, up to `grace`, until nobody but the caller holds `old` (the last
-/// responses produced by it are written), then drops it, which releases its
-/// library. Returns whether it drained in time.
+/// Waits, up to `grace`, until nobody but the caller holds `old`, then drops
+/// it, which releases its library. Requests never hold it past their call
+/// (responses are copied out of the plugin under the read lock), so what
+/// this waits for is a `status` call looking at it. Returns whether it
+/// drained in time.
 pub async fn drain(old: Arc<Loaded>, grace: Duration) -> bool {
     let deadline = Instant::now() + grace;
     while Arc::strong_count(&old) > 1 {
         if Instant::now() >= deadline {
-            tracing::warn!(version = %old.version, "drain grace over with responses still being written");
+            tracing::warn!(version = %old.version, "drain grace over with the old instance still held");
             return false;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
