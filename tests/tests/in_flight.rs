@@ -22,7 +22,7 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
     let agent = on_slow(&dir, &[]);
     agent.get("/");
     let addr = agent.http;
-    let slow = thread::spawn(move || get(addr, "/slow?ms=800"));
+    let slow = thread::spawn(move || get(addr, "/slow?ms=2000"));
     thread::sleep(Duration::from_millis(150));
 
     let upgrade = {
@@ -31,7 +31,9 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
             nine9s_tests::ctl(&grpc, &["upgrade", "--to", "0.3.0", "--permanent"])
         })
     };
-    thread::sleep(Duration::from_millis(150));
+    // Time for ctl to start and the agent to load 0.3.0 and queue the switch,
+    // with room to spare on a loaded machine.
+    thread::sleep(Duration::from_millis(700));
     // Arrives while the switch waits for the slow call: held, then served
     // by the new release.
     let started = Instant::now();
@@ -41,7 +43,7 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
     let slow = slow.join().unwrap();
     assert_eq!(
         (slow.status, slow.body.as_str(), slow.release.as_str()),
-        (200, "slept 800 ms", "0.2.6")
+        (200, "slept 2000 ms", "0.2.6")
     );
     let upgrade = upgrade.join().unwrap().ok();
     assert!(
@@ -50,7 +52,7 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
     );
     assert_eq!((held.status, held.release.as_str()), (200, "0.3.0"));
     assert!(
-        waited >= Duration::from_millis(300),
+        waited >= Duration::from_millis(500),
         "the request was held by the switch: {waited:?}"
     );
     assert_eq!(agent.get("/count").body, "2");

@@ -44,7 +44,7 @@ fn a_healthy_release_becomes_permanent_after_its_soak() {
     let agent = Agent::start(&dir.path().join("data"), &[]);
     stage_sample(&agent, "0.2.0");
     let out = agent
-        .ctl(&["upgrade", "--to", "0.2.0", "--soak", "600ms"])
+        .ctl(&["upgrade", "--to", "0.2.0", "--soak", "2s"])
         .ok();
     assert!(
         out.stdout.contains("becomes permanent if it stays healthy"),
@@ -55,7 +55,7 @@ fn a_healthy_release_becomes_permanent_after_its_soak() {
         s.contains("permanent: 0.1.0") && s.contains("current:   0.2.0"),
         "{s}"
     );
-    assert!(eventually(Duration::from_secs(5), || release_state(
+    assert!(eventually(Duration::from_secs(10), || release_state(
         &agent, "0.2.0"
     ) == "permanent"));
     assert_eq!(release_state(&agent, "0.1.0"), "old");
