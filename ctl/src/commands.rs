@@ -9,12 +9,13 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::{render, Command, Failure, StateFrom, Switch};
+use crate::{json, render, Command, Failure, Output, StateFrom, Switch};
 
 /// Bytes per Stage message.
 const CHUNK: usize = 1024 * 1024;
 
-pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
+pub async fn run(agent: &str, output: Output, command: Command) -> Result<(), Failure> {
+    let json = output == Output::Json;
     let mut client = connect(agent).await?;
     let call = |what: String| move |status: tonic::Status| refused(agent, what, status);
     match command {
@@ -49,14 +50,23 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                     manifest.name, manifest.version
                 )))?
                 .into_inner();
-            render::staged(&reply, &library);
+            if json {
+                json::print(&json::staged(&reply));
+            } else {
+                render::staged(&reply, &library);
+            }
         }
         Command::Releases => {
             let reply = client
                 .list_releases(pb::ListReleasesRequest {})
                 .await
                 .map_err(call("listing releases".into()))?;
-            render::releases(&reply.into_inner().releases);
+            let releases = reply.into_inner().releases;
+            if json {
+                json::print(&json::releases(&releases));
+            } else {
+                render::releases(&releases);
+            }
         }
         Command::Upgrade(switch) => {
             let what = format!("upgrade to {}", switch.to);
@@ -64,7 +74,7 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                 .upgrade(transition(&switch))
                 .await
                 .map_err(call(what))?;
-            render::switched("upgrade", &switch, &reply.into_inner());
+            switched(json, "upgrade", &switch, &reply.into_inner());
         }
         Command::Downgrade(switch) => {
             let what = format!("downgrade to {}", switch.to);
@@ -72,7 +82,7 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                 .downgrade(transition(&switch))
                 .await
                 .map_err(call(what))?;
-            render::switched("downgrade", &switch, &reply.into_inner());
+            switched(json, "downgrade", &switch, &reply.into_inner());
         }
         Command::Rollback { state, dry_run } => {
             let state = match state {
@@ -86,7 +96,11 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                 })
                 .await
                 .map_err(call("rollback".into()))?;
-            render::rolled_back(dry_run, &reply.into_inner());
+            if json {
+                json::print(&json::switched(&reply.into_inner()));
+            } else {
+                render::rolled_back(dry_run, &reply.into_inner());
+            }
         }
         Command::MakePermanent { version } => {
             let reply = client
@@ -95,8 +109,11 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                 })
                 .await
                 .map_err(call(format!("making {version} permanent")))?;
-            println!("{version} is now permanent");
-            drop(reply);
+            if json {
+                json::print(&json::switched(&reply.into_inner()));
+            } else {
+                println!("{version} is now permanent");
+            }
         }
         Command::Remove { version } => {
             let reply = client
@@ -106,9 +123,13 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                 .await
                 .map_err(call(format!("removing {version}")))?
                 .into_inner();
-            println!("removed {version}");
-            for sha in reply.collected {
-                println!("deleted unreferenced artifact {sha}");
+            if json {
+                json::print(&json::removed(&reply));
+            } else {
+                println!("removed {version}");
+                for sha in reply.collected {
+                    println!("deleted unreferenced artifact {sha}");
+                }
             }
         }
         Command::Status => {
@@ -116,17 +137,34 @@ pub async fn run(agent: &str, command: Command) -> Result<(), Failure> {
                 .status(pb::StatusRequest {})
                 .await
                 .map_err(call("status".into()))?;
-            render::status(&reply.into_inner());
+            if json {
+                json::print(&json::status(&reply.into_inner()));
+            } else {
+                render::status(&reply.into_inner());
+            }
         }
         Command::History { limit } => {
             let reply = client
                 .history(pb::HistoryRequest { limit })
                 .await
                 .map_err(call("history".into()))?;
-            render::history(&reply.into_inner().transitions);
+            let transitions = reply.into_inner().transitions;
+            if json {
+                json::print(&json::history(&transitions));
+            } else {
+                render::history(&transitions);
+            }
         }
     }
     Ok(())
+}
+
+fn switched(json: bool, word: &str, switch: &Switch, reply: &pb::TransitionReply) {
+    if json {
+        json::print(&json::switched(reply));
+    } else {
+        render::switched(word, switch, reply);
+    }
 }
 
 async fn connect(agent: &str) -> Result<ControlClient<Channel>, Failure> {

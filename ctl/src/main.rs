@@ -6,6 +6,7 @@
 //! reached.
 
 mod commands;
+mod json;
 mod render;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -22,6 +23,9 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     agent: String,
+    /// `table` for people, `json` (one document on stdout) for scripts.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +89,12 @@ struct Switch {
     dry_run: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum StateFrom {
     Migrate,
@@ -113,7 +123,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
-    let code = match commands::run(&cli.agent, cli.command).await {
+    let code = match commands::run(&cli.agent, cli.output, cli.command).await {
         Ok(()) => 0,
         Err(Failure::Failed(e)) => {
             eprintln!("ctl: error: {e:#}");

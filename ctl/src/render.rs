@@ -6,7 +6,7 @@ use nine9s_proto as pb;
 
 use crate::Switch;
 
-fn state_name(state: i32) -> &'static str {
+pub fn state_name(state: i32) -> &'static str {
     match pb::ReleaseState::try_from(state) {
         Ok(pb::ReleaseState::Staged) => "staged",
         Ok(pb::ReleaseState::Current) => "current",

@@ -1,0 +1,60 @@
+//! `ctl --output json` for scripts: one JSON document per command on
+//! stdout, errors still one line on stderr with the documented exit codes.
+
+use nine9s_tests::{library, release_dir, Agent};
+use serde_json::Value;
+
+fn json(agent: &Agent, args: &[&str]) -> Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let out = agent.ctl(&all).ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout))
+}
+
+#[test]
+fn a_script_can_drive_an_upgrade_with_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let lib = library("nine9s_0_2_0");
+    let release = release_dir("nine9s-0.2.0");
+    let staged = json(
+        &agent,
+        &[
+            "stage",
+            release.to_str().unwrap(),
+            "--library",
+            lib.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(staged["release"]["version"], "0.2.0");
+    assert_eq!(staged["release"]["state"], "staged");
+    assert_eq!(staged["already_staged"], false);
+
+    let plan = json(&agent, &["upgrade", "--to", "0.2.0", "--dry-run"]);
+    assert!(plan["transition"].is_null());
+    assert_eq!(plan["plan"]["origin"], "derived");
+
+    let upgraded = json(&agent, &["upgrade", "--to", "0.2.0", "--permanent"]);
+    assert_eq!(upgraded["transition"]["result"], "ok");
+    assert_eq!(upgraded["transition"]["from"], "0.1.0");
+
+    agent.get("/");
+    let status = json(&agent, &["status"]);
+    assert_eq!(status["active"], "0.2.0");
+    assert_eq!(status["permanent"], "0.2.0");
+    assert_eq!(status["libraries"][0]["served"], 1);
+
+    let history = json(&agent, &["history"]);
+    let kinds: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["install", "stage", "upgrade"]);
+
+    let refused = agent.ctl(&["--output", "json", "upgrade", "--to", "9.9.9"]);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+    assert_eq!(refused.stderr.lines().count(), 1);
+}
