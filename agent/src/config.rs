@@ -29,6 +29,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Old releases kept for downgrades; older ones are removed.
     pub keep_old: usize,
+    /// Transitions kept in the history; older ones are dropped.
+    pub keep_history: usize,
     /// How often the active state is checkpointed into the store.
     pub checkpoint_every: Duration,
     /// Share of 5xx responses (and panics) during a soak that rolls back.
@@ -45,6 +47,7 @@ impl Config {
             drain_grace: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             keep_old: 5,
+            keep_history: 10_000,
             checkpoint_every: Duration::from_secs(10),
             max_error_rate: 0.05,
         }

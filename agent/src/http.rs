@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -82,16 +82,26 @@ pub async fn serve(
 
 async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}\n"),
-            )
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is over {MAX_BODY} bytes\n"),
+                );
+            }
+            Err(e) => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}\n"),
+                );
+            }
         }
     };
-    let mut headers = String::new();
+    let mut headers = String::with_capacity(parts.headers.len() * 32);
     for (name, value) in &parts.headers {
         if let Ok(value) = value.to_str() {
             headers.push_str(name.as_str());

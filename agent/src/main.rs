@@ -47,6 +47,9 @@ struct Args {
     /// Old releases kept for downgrades.
     #[arg(long, default_value_t = 5)]
     keep_old: usize,
+    /// Transitions kept in the history.
+    #[arg(long, default_value_t = 10_000)]
+    keep_history: usize,
     /// Share of failed requests during a soak that rolls back (0..1).
     #[arg(long, default_value_t = 0.05)]
     max_error_rate: f64,
@@ -87,6 +90,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.shutdown_grace = args.shutdown_grace;
     config.quiesce_timeout = args.quiesce_timeout;
     config.keep_old = args.keep_old;
+    config.keep_history = args.keep_history;
     config.max_error_rate = args.max_error_rate;
 
     let http = TcpListener::bind(args.http)

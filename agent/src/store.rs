@@ -45,10 +45,12 @@ pub struct Store {
     releases: sled::Tree,
     history: sled::Tree,
     snapshots: sled::Tree,
+    /// Transitions kept in the history; older ones are dropped.
+    history_kept: u64,
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Store> {
+    pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
@@ -64,6 +66,7 @@ impl Store {
             history: db.open_tree("history")?,
             snapshots: db.open_tree("snapshots")?,
             db,
+            history_kept: history_kept.max(1) as u64,
         })
     }
 
@@ -157,7 +160,32 @@ impl Store {
                 TransactionError::Storage(e) => StoreError::from(e),
                 TransactionError::Abort(()) => StoreError("transaction aborted".into()),
             })?;
+        self.trim_history()?;
         self.flush()
+    }
+
+    /// Drops the oldest transitions beyond the number kept. Ids are
+    /// consecutive and only the oldest are ever removed, so the count is
+    /// the span of ids (sled's `len` would walk the whole tree).
+    fn trim_history(&self) -> Result<()> {
+        let id = |entry: Option<(sled::IVec, sled::IVec)>| -> Result<Option<u64>> {
+            entry
+                .map(|(key, _)| {
+                    key.as_ref()
+                        .try_into()
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| StoreError("corrupt history key".into()))
+                })
+                .transpose()
+        };
+        let (Some(first), Some(last)) = (id(self.history.first()?)?, id(self.history.last()?)?)
+        else {
+            return Ok(());
+        };
+        for old in first..(last + 1).saturating_sub(self.history_kept) {
+            self.history.remove(old.to_be_bytes())?;
+        }
+        Ok(())
     }
 
     /// The last `limit` transitions (all when 0), oldest first.
@@ -274,12 +302,12 @@ mod tests {
 
     fn reopen(dir: &Path) -> Store {
         for _ in 0..100 {
-            if let Ok(store) = Store::open(dir) {
+            if let Ok(store) = Store::open(dir, 100) {
                 return store;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Store::open(dir).unwrap()
+        Store::open(dir, 100).unwrap()
     }
 
     #[test]
@@ -287,7 +315,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let v2 = Version::new(0, 2, 0);
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(dir.path(), 100).unwrap();
             let mut t = store
                 .begin(TransitionKind::Upgrade, None, Some(&v2), false)
                 .unwrap();
@@ -316,9 +344,24 @@ mod tests {
     }
 
     #[test]
+    fn only_the_newest_transitions_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 5).unwrap();
+        for _ in 0..12 {
+            let mut t = store
+                .begin(TransitionKind::Stage, None, None, false)
+                .unwrap();
+            t.outcome = Outcome::Ok;
+            store.commit(&t, &[]).unwrap();
+        }
+        let ids: Vec<u64> = store.history(0).unwrap().iter().map(|t| t.id).collect();
+        assert_eq!(ids, [8, 9, 10, 11, 12]);
+    }
+
+    #[test]
     fn last_snapshot_is_the_newest_and_old_ones_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
         let v = Version::new(0, 2, 0);
         for n in 0..20u64 {
             let snapshot = Snapshot {

@@ -152,3 +152,29 @@ fn ctl_says_when_no_agent_answers() {
         out.stderr
     );
 }
+
+#[test]
+fn an_oversized_request_body_gets_413_and_nothing_else_changes() {
+    use std::io::{BufRead, BufReader, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let size = 17 * 1024 * 1024;
+    let mut stream = std::net::TcpStream::connect(agent.http).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let head = format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..17 {
+        // The agent may answer and close before the last chunk.
+        if stream.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut status = String::new();
+    BufReader::new(stream).read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status:?}");
+    assert_still_serving(&agent);
+}

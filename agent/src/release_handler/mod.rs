@@ -122,7 +122,7 @@ impl ReleaseHandler {
             "cannot create {}",
             config.data_dir.display()
         )))?;
-        let store = Store::open(&config.data_dir.join("db"))?;
+        let store = Store::open(&config.data_dir.join("db"), config.keep_history)?;
         let artifacts = Artifacts::open(config.data_dir.join("artifacts"))
             .map_err(Error::io("cannot open the artifact store"))?;
         for t in store.abort_running()? {
