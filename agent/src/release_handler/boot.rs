@@ -148,11 +148,9 @@ pub(super) fn resume(
         })?;
     let snapshot = store.last_snapshot(&permanent.version)?;
     let state = match &snapshot {
+        // A release that keeps no state starts fresh, whatever was saved.
+        Some(_) if library.state_version() == 0 => None,
         None => None,
-        Some(s) if library.state_version() == 0 => {
-            let _ = s;
-            None
-        }
         Some(s) => restore_carry(&library, s)?
             .apply(&s.bytes)
             .map_err(|e| Error::Plugin {
