@@ -48,6 +48,9 @@ pub struct Release {
     /// The state version the library's code declares.
     pub state_version: u32,
     pub routes: Vec<String>,
+    /// Its handler may block (release.toml `blocking`).
+    #[serde(default)]
+    pub blocking: bool,
     /// When it last became permanent; the rollback target is the old
     /// release that was permanent most recently.
     #[serde(default)]

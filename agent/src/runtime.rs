@@ -25,6 +25,8 @@ pub struct Loaded {
     /// The version as text: every response carries it.
     pub label: &'static str,
     pub instance: Instance,
+    /// The handler may block: calls hand the thread's other work elsewhere.
+    blocking: bool,
     shards: [Shard; SHARDS],
 }
 
@@ -77,11 +79,12 @@ pub struct Counters {
 }
 
 impl Loaded {
-    pub fn new(version: Version, instance: Instance) -> Loaded {
+    pub fn new(version: Version, blocking: bool, instance: Instance) -> Loaded {
         Loaded {
             label: label(&version),
             version,
             instance,
+            blocking,
             shards: Default::default(),
         }
     }
@@ -145,7 +148,12 @@ impl Runtime {
         let loaded = &**slot;
         let shard = &loaded.shards[my_shard()];
         shard.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = loaded.instance.handle(request);
+        let result = if loaded.blocking {
+            // The read lock stays held, so a switch still waits for this call.
+            tokio::task::block_in_place(|| loaded.instance.handle(request))
+        } else {
+            loaded.instance.handle(request)
+        };
         shard.in_flight.fetch_sub(1, Ordering::Relaxed);
         shard.served.fetch_add(1, Ordering::Relaxed);
         match &result {

@@ -295,6 +295,7 @@ mod tests {
             staged_at_ms: 0,
             state_version: 1,
             routes: vec![],
+            blocking: false,
             permanent_since_ms: None,
             manifest: String::new(),
         }

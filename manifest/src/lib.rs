@@ -6,6 +6,7 @@
 //! version = "0.3.0"
 //! library = "libnine9s_0_3_0.so"
 //! routes = ["/", "/count", "/stats"]
+//! blocking = false       # true: the handler may block on I/O
 //!
 //! [[upgrade]]            # how to come here from an older release
 //! from = ">=0.2.0, <0.3.0"
@@ -40,6 +41,9 @@ pub struct Manifest {
     pub library: String,
     /// The paths the release serves, for plans and dry runs; informative.
     pub routes: Vec<String>,
+    /// The handler may block (file or network I/O, sleeps): the agent then
+    /// lets it block without holding up other requests.
+    pub blocking: bool,
     pub upgrade: Vec<PlanFrom>,
     pub downgrade: Vec<PlanTo>,
 }
@@ -83,6 +87,8 @@ struct RawManifest {
     library: String,
     #[serde(default)]
     routes: Vec<String>,
+    #[serde(default)]
+    blocking: bool,
     #[serde(default)]
     upgrade: Vec<RawPlanFrom>,
     #[serde(default)]
@@ -160,6 +166,7 @@ impl Manifest {
             version,
             library: raw.library,
             routes: raw.routes,
+            blocking: raw.blocking,
             upgrade,
             downgrade,
         })

@@ -88,3 +88,27 @@ fn sigterm_lets_requests_in_flight_finish() {
     let reply = slow.join().unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slept 1000 ms"));
 }
+
+#[test]
+fn a_blocking_release_does_not_hold_up_other_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_slow(&dir, &[]);
+    let addr = agent.http;
+    // More slow calls than the agent has request threads (one per core).
+    let cores = thread::available_parallelism().map_or(2, |n| n.get());
+    let slow: Vec<_> = (0..cores)
+        .map(|_| thread::spawn(move || get(addr, "/slow?ms=2000")))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let reply = agent.get("/");
+    let took = started.elapsed();
+    assert_eq!(reply.status, 200);
+    assert!(
+        took < Duration::from_millis(1000),
+        "a quick request waited {took:?} behind slow ones"
+    );
+    for call in slow {
+        assert_eq!(call.join().unwrap().status, 200);
+    }
+}

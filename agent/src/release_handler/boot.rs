@@ -64,6 +64,7 @@ pub(super) fn register(
         staged_at_ms: now_ms(),
         state_version: library.state_version(),
         routes: manifest.routes.clone(),
+        blocking: manifest.blocking,
         permanent_since_ms: None,
         manifest: manifest_toml.to_owned(),
     };
@@ -115,7 +116,10 @@ pub(super) fn install(
             finish(&mut t, started, None);
             store.commit(&t, std::slice::from_ref(&release))?;
             tracing::info!(name = %release.name, version = %release.version, "installed the bootstrap release as permanent");
-            Ok((Loaded::new(release.version, instance), release.name))
+            Ok((
+                Loaded::new(release.version, release.blocking, instance),
+                release.name,
+            ))
         }
         Err(e) => {
             finish(&mut t, started, Some(&e));
@@ -187,7 +191,7 @@ pub(super) fn resume(
         "resumed the permanent release"
     );
     Ok((
-        Loaded::new(permanent.version.clone(), instance),
+        Loaded::new(permanent.version.clone(), permanent.blocking, instance),
         permanent.name.clone(),
     ))
 }

@@ -526,7 +526,11 @@ impl ReleaseHandler {
                             bytes: start,
                         });
                     }
-                    Ok(Loaded::new(target.version.clone(), instance))
+                    Ok(Loaded::new(
+                        target.version.clone(),
+                        target.blocking,
+                        instance,
+                    ))
                 }));
         let switched = switched.map_err(|e| match e {
             SwitchError::Quiesce => Error::QuiesceTimeout {
