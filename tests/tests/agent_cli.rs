@@ -1,0 +1,102 @@
+//! The agent refuses to start, with one clear line and exit code 1, when
+//! it cannot have what it needs: a port, or a data dir of its own.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nine9s_tests::{bin_dir, Agent};
+
+/// Runs the agent to its exit (it must exit on its own within 30 s).
+fn agent_exits(args: &[&str]) -> Output {
+    let mut child = Command::new(bin_dir().join("agent"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn last_line(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = agent_exits(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http",
+        &port,
+        "--grpc",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = last_line(&out);
+    assert!(
+        line.contains(&format!("cannot listen for HTTP on {port}")),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_data_dir_in_use_by_another_agent_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = Agent::start(&data, &[]);
+    let out = agent_exits(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = last_line(&out);
+    assert!(line.contains("another agent using this data dir"), "{line}");
+    assert_eq!(
+        first.get("/").body,
+        "Hello world!",
+        "the first agent is unharmed"
+    );
+}
+
+#[test]
+fn a_bad_bootstrap_release_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let missing = dir.path().join("no-such-release");
+    let out = agent_exits(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+        "--bootstrap",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = last_line(&out);
+    assert!(
+        line.contains("cannot read") && line.contains("release.toml"),
+        "{line}"
+    );
+}
