@@ -111,7 +111,8 @@ impl Control for ControlService {
                 header.size
             )));
         }
-        let mut bytes = Vec::with_capacity(header.size as usize);
+        // Grown as chunks arrive: a header alone must not reserve the whole limit.
+        let mut bytes = Vec::new();
         while let Some(chunk) = stream.next().await {
             match chunk?.part {
                 Some(pb::stage_chunk::Part::Data(data)) => {

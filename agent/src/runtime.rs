@@ -223,16 +223,14 @@ impl Runtime {
 /// Waits, up to `grace`, until nobody but the caller holds `old`, then drops
 /// it, which releases its library. Requests never hold it past their call
 /// (responses are copied out of the plugin under the read lock), so what
-/// this waits for is a `status` call looking at it. Returns whether it
-/// drained in time.
-pub async fn drain(old: Arc<Loaded>, grace: Duration) -> bool {
+/// this waits for is a `status` call looking at it.
+pub async fn drain(old: Arc<Loaded>, grace: Duration) {
     let deadline = Instant::now() + grace;
     while Arc::strong_count(&old) > 1 {
         if Instant::now() >= deadline {
             tracing::warn!(version = %old.version, "drain grace over with the old instance still held");
-            return false;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    true
 }

@@ -25,6 +25,20 @@ fn agent_exits(args: &[&str]) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// `--data-dir DATA` on free ports, then `extra`.
+fn on_free_ports<'a>(data: &'a std::path::Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn last_line(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr)
         .lines()
@@ -60,14 +74,7 @@ fn a_data_dir_in_use_by_another_agent_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let first = Agent::start(&data, &[]);
-    let out = agent_exits(&[
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--http",
-        "127.0.0.1:0",
-        "--grpc",
-        "127.0.0.1:0",
-    ]);
+    let out = agent_exits(&on_free_ports(&data, &[]));
     assert_eq!(out.status.code(), Some(1));
     let line = last_line(&out);
     assert!(line.contains("another agent using this data dir"), "{line}");
@@ -83,16 +90,10 @@ fn a_bad_bootstrap_release_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let missing = dir.path().join("no-such-release");
-    let out = agent_exits(&[
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--http",
-        "127.0.0.1:0",
-        "--grpc",
-        "127.0.0.1:0",
-        "--bootstrap",
-        missing.to_str().unwrap(),
-    ]);
+    let out = agent_exits(&on_free_ports(
+        &data,
+        &["--bootstrap", missing.to_str().unwrap()],
+    ));
     assert_eq!(out.status.code(), Some(1));
     let line = last_line(&out);
     assert!(

@@ -11,7 +11,6 @@ use nine9s_manifest::{Manifest, Plan, Version};
 use crate::error::{Error, Result};
 use crate::model::{Release, Snapshot};
 use crate::runtime::Loaded;
-use crate::store::Store;
 
 /// How state crosses from the old release to the new one.
 pub(super) enum Carry {
@@ -131,22 +130,11 @@ pub(super) fn restore_carry(library: &Arc<Library>, snapshot: &Snapshot) -> Resu
     }
 }
 
-pub(super) fn route_changes(store: &Store, from: &Version, to: &Release) -> String {
-    let old_routes = store
-        .release(from)
-        .ok()
-        .flatten()
-        .map(|r| r.routes)
-        .unwrap_or_default();
-    let added: Vec<_> = to
-        .routes
-        .iter()
-        .filter(|r| !old_routes.contains(r))
-        .collect();
-    let removed: Vec<_> = old_routes
-        .iter()
-        .filter(|r| !to.routes.contains(r))
-        .collect();
+/// How the routes a release declares change from one release to another.
+pub(super) fn route_changes(from: &[String], to: &[String]) -> String {
+    let old_routes = from;
+    let added: Vec<_> = to.iter().filter(|r| !old_routes.contains(r)).collect();
+    let removed: Vec<_> = old_routes.iter().filter(|r| !to.contains(r)).collect();
     if added.is_empty() && removed.is_empty() {
         "routes: unchanged".into()
     } else {

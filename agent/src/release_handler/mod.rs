@@ -312,7 +312,7 @@ impl ReleaseHandler {
             from: active.version.clone(),
             to: target.version.clone(),
             plan: plan.clone(),
-            checks: Vec::new(),
+            checks: vec![route_changes(&from_release.routes, &target.routes)],
         };
         let mut transition = if dry_run {
             None
@@ -432,9 +432,6 @@ impl ReleaseHandler {
             ),
             None => carry.describe(),
         });
-        report
-            .checks
-            .push(route_changes(&self.store, &active.version, target));
         // Try init (and the migration) on a copy of the live state, so a
         // panic there aborts before the switch.
         let trial_state = match &snapshot_source {
@@ -555,21 +552,11 @@ impl ReleaseHandler {
             }
         }
         drop(new);
-        let old_path = switched.old.instance.library().path().to_owned();
-        let drained = self
-            .tokio
+        // Dropping the last handle unloads the library; the host checks,
+        // and says so, if it stays mapped.
+        self.tokio
             .block_on(drain(switched.old, self.config.drain_grace));
-        if drained && nine9s_host::is_mapped(&old_path) && !self.holds_path(&old_path) {
-            tracing::warn!(path = %old_path.display(), "the old library is still mapped after release");
-        }
         Ok(switched.wait)
-    }
-
-    fn holds_path(&self, path: &std::path::Path) -> bool {
-        self.runtime
-            .resident()
-            .iter()
-            .any(|l| l.instance.library().path() == path)
     }
 
     /// The release states after a successful switch to `version`.
@@ -787,18 +774,25 @@ impl ReleaseHandler {
                 }
             )));
         }
+        self.forget(version, false)?;
+        let collected = self.collect_garbage()?;
+        tracing::info!(%version, "release removed");
+        Ok((release, collected))
+    }
+
+    /// Removes a release's record and snapshots, as a journalled transition.
+    /// Its artifact goes with the next garbage collection.
+    fn forget(&self, version: &Version, automatic: bool) -> Result<()> {
         let mut t = self
             .store
-            .begin(TransitionKind::Remove, Some(version), None, false)?;
+            .begin(TransitionKind::Remove, Some(version), None, automatic)?;
         crash_point("remove:begun");
         self.store.remove_release(version)?;
         self.store.remove_snapshots(version)?;
         crash_point("remove:forgotten");
         finish(&mut t, Instant::now(), None);
         self.store.commit(&t, &[])?;
-        let collected = self.collect_garbage()?;
-        tracing::info!(%version, "release removed");
-        Ok((release, collected))
+        Ok(())
     }
 
     /// Removes the oldest `old` releases beyond the configured number.
@@ -811,13 +805,7 @@ impl ReleaseHandler {
             .collect();
         let excess = old.len().saturating_sub(self.config.keep_old);
         for release in old.iter().take(excess) {
-            let mut t =
-                self.store
-                    .begin(TransitionKind::Remove, Some(&release.version), None, true)?;
-            self.store.remove_release(&release.version)?;
-            self.store.remove_snapshots(&release.version)?;
-            finish(&mut t, Instant::now(), None);
-            self.store.commit(&t, &[])?;
+            self.forget(&release.version, true)?;
             tracing::info!(version = %release.version, keep = self.config.keep_old, "old release pruned");
         }
         if excess > 0 {
