@@ -1,5 +1,5 @@
 //! The generated types and stubs of the nine9s control plane
-//! (`proto/nine9s.proto`). Only the agent's `control` module and `ctl` use
+//! (`proto/nine9s/control/v1/control.proto`). Only the agent's `control` module and `ctl` use
 //! them; everything else works with domain types.
 #![forbid(unsafe_code)]
 #![allow(clippy::all, missing_docs)]
