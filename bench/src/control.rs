@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use nine9s_proto::control_client::ControlClient;
-use nine9s_proto::{HistoryRequest, Permanence, RemoveRequest, Transition, TransitionRequest};
+use nine9s_proto::{
+    HistoryRequest, Permanence, RemoveRequest, Transition, TransitionRequest, TransitionResult,
+};
 use tonic::transport::Channel;
 
 /// No switch should take this long; past it the agent is stuck.
@@ -78,10 +80,10 @@ impl Control {
             .into_inner()
             .transition
             .ok_or_else(|| anyhow!("{direction:?} to {version}: the reply has no transition"))?;
-        if transition.result != "ok" {
+        if transition.result() != TransitionResult::Ok {
             bail!(
                 "{direction:?} to {version}: result {:?}: {}",
-                transition.result,
+                transition.result(),
                 transition.error
             );
         }
@@ -122,6 +124,7 @@ impl Control {
     pub async fn remove(&mut self, version: &str) -> anyhow::Result<()> {
         let request = RemoveRequest {
             version: version.to_owned(),
+            ..Default::default()
         };
         tokio::time::timeout(RPC_TIMEOUT, self.client.remove(request))
             .await
@@ -149,11 +152,16 @@ impl Control {
     }
 
     async fn history(&mut self, limit: u32) -> anyhow::Result<Vec<Transition>> {
-        let reply =
-            tokio::time::timeout(RPC_TIMEOUT, self.client.history(HistoryRequest { limit }))
-                .await
-                .map_err(|_| anyhow!("History: no reply within {RPC_TIMEOUT:?}"))?
-                .map_err(|status| anyhow!("History: {:?}: {}", status.code(), status.message()))?;
+        let reply = tokio::time::timeout(
+            RPC_TIMEOUT,
+            self.client.history(HistoryRequest {
+                limit,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|_| anyhow!("History: no reply within {RPC_TIMEOUT:?}"))?
+        .map_err(|status| anyhow!("History: {:?}: {}", status.code(), status.message()))?;
         Ok(reply.into_inner().transitions)
     }
 }

@@ -19,7 +19,7 @@ use nine9s_proto::stage_chunk::Part;
 use nine9s_proto::{
     HistoryRequest, ListReleasesRequest, MakePermanentRequest, Permanence, RollbackRequest,
     StageChunk, StageHeader, StateSource, StatusReply, StatusRequest, Transition,
-    TransitionRequest,
+    TransitionRequest, TransitionResult,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -206,6 +206,7 @@ impl Upload {
                 manifest_toml: self.manifest_toml.clone(),
                 sha256,
                 size: self.library.len() as u64,
+                ..Default::default()
             })),
         };
         std::iter::once(header)
@@ -282,7 +283,7 @@ impl Move {
             } => {
                 let permanence = match permanence {
                     Permanence::Immediate => "immediate".to_owned(),
-                    Permanence::Soak => format!("soak {soak_ms} ms"),
+                    Permanence::Soak | Permanence::Unspecified => format!("soak {soak_ms} ms"),
                     Permanence::Never => "never".to_owned(),
                 };
                 format!("{} to {to} ({permanence})", self.kind())
@@ -299,7 +300,7 @@ impl Move {
             version: to.to_owned(),
             permanence: permanence as i32,
             soak_ms,
-            dry_run: false,
+            ..Default::default()
         }
     }
 
@@ -343,13 +344,14 @@ async fn call(
         Move::Rollback => {
             let request = RollbackRequest {
                 state: StateSource::Migrate as i32,
-                dry_run: false,
+                ..Default::default()
             };
             client.rollback(request).await?.into_inner().transition
         }
         Move::MakePermanent { version } => {
             let request = MakePermanentRequest {
                 version: version.to_owned(),
+                ..Default::default()
             };
             client
                 .make_permanent(request)
@@ -474,10 +476,11 @@ async fn iteration(
     let mut problems = Vec::new();
     let expected = match &reply {
         Reply::Acked(t) => {
-            if let Some(t) = t.as_ref().filter(|t| t.result != "ok") {
+            if let Some(t) = t.as_ref().filter(|t| t.result() != TransitionResult::Ok) {
                 problems.push(format!(
                     "(g) acknowledged with result {:?}: {}",
-                    t.result, t.error
+                    t.result(),
+                    t.error
                 ));
             }
             Some(transition.permanent_after_ack(&previous, t.as_ref()))
@@ -604,23 +607,35 @@ async fn check(agent: &AgentProcess, data: &Path, expected: Option<&str>) -> Vec
         ));
     }
 
-    match rpc(client.history(HistoryRequest { limit: 0 })).await {
+    match rpc(client.history(HistoryRequest::default())).await {
         Err(e) => problems.push(format!("(c) {e:#}")),
         Ok(reply) => {
             let history = reply.transitions;
-            if let Some(t) = history.iter().find(|t| t.result == "running") {
+            if let Some(t) = history
+                .iter()
+                .find(|t| t.result() == TransitionResult::Running)
+            {
                 problems.push(format!(
-                    "(c) transition {} ({}) is still running",
-                    t.id, t.kind
+                    "(c) transition {} ({:?}) is still running",
+                    t.id,
+                    t.kind()
                 ));
             }
             match history.iter().max_by_key(|t| t.id) {
                 None => problems.push("(c) no history".into()),
-                Some(t) if !["ok", "failed", "aborted"].contains(&t.result.as_str()) => problems
-                    .push(format!(
-                        "(c) the last transition {} ({}) is {:?}",
-                        t.id, t.kind, t.result
-                    )),
+                Some(t)
+                    if !matches!(
+                        t.result(),
+                        TransitionResult::Ok | TransitionResult::Failed | TransitionResult::Aborted
+                    ) =>
+                {
+                    problems.push(format!(
+                        "(c) the last transition {} ({:?}) is {:?}",
+                        t.id,
+                        t.kind(),
+                        t.result()
+                    ))
+                }
                 Some(_) => {}
             }
         }

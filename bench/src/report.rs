@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use nine9s_proto::Transition;
+use nine9s_proto::{Transition, TransitionResult};
 use serde_json::{json, Value};
 
 use crate::control::Cycling;
@@ -76,7 +76,10 @@ impl Report {
 
         let mut switch_waits: Vec<u64> = transitions.iter().map(|t| t.switch_wait_us).collect();
         let mut durations: Vec<u64> = transitions.iter().map(|t| t.duration_us).collect();
-        let transitions_not_ok = transitions.iter().filter(|t| t.result != "ok").count();
+        let transitions_not_ok = transitions
+            .iter()
+            .filter(|t| t.result() != TransitionResult::Ok)
+            .count();
         let max_switch_wait_us = switch_waits.iter().max().copied();
         let mut rpc_us = cycling.rpc_us.clone();
         let mut ctl_us = ctl_us.clone();
