@@ -1,25 +1,27 @@
-//! One function per command: build the request, call the agent, print the
-//! reply through `render`.
+//! One function per command: build the request, call the agent (through
+//! `rpc`, which retries transport failures with the same request id), print
+//! the reply through `render` or `json`.
 
 use anyhow::{anyhow, Context};
 use nine9s_manifest::Manifest;
 use nine9s_proto as pb;
-use pb::control_client::ControlClient;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
-use tonic::Code;
 
-use crate::{json, render, Command, Failure, Output, StateFrom, Switch};
+use crate::rpc::{new_request_id, Agent};
+use crate::{follow, json, render, Checked, Command, Failure, Output, Request, StateFrom, Switch};
 
 /// Bytes per Stage message.
 const CHUNK: usize = 1024 * 1024;
 
-pub async fn run(agent: &str, output: Output, command: Command) -> Result<(), Failure> {
+pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Failure> {
     let json = output == Output::Json;
-    let mut client = connect(agent).await?;
-    let call = |what: String| move |status: tonic::Status| refused(agent, what, status);
+    let agent = Agent::new(url)?;
     match command {
-        Command::Stage { dir, library } => {
+        Command::Stage {
+            dir,
+            library,
+            request,
+        } => {
             let manifest = Manifest::read_dir(&dir)?;
             let library = match library {
                 Some(path) => path,
@@ -37,19 +39,19 @@ pub async fn run(agent: &str, output: Output, command: Command) -> Result<(), Fa
                     manifest_toml,
                     sha256,
                     size: bytes.len() as u64,
+                    request_id: id(&request),
+                    reason: request.reason.unwrap_or_default(),
                 })),
             }];
             chunks.extend(bytes.chunks(CHUNK).map(|c| pb::StageChunk {
                 part: Some(pb::stage_chunk::Part::Data(c.to_vec())),
             }));
-            let reply = client
-                .stage(tokio_stream::iter(chunks))
-                .await
-                .map_err(call(format!(
-                    "staging {} {}",
-                    manifest.name, manifest.version
-                )))?
-                .into_inner();
+            let what = format!("staging {} {}", manifest.name, manifest.version);
+            let reply = agent
+                .call(&what, chunks, |mut c, chunks| async move {
+                    c.stage(tokio_stream::iter(chunks)).await
+                })
+                .await?;
             if json {
                 json::print(&json::staged(&reply));
             } else {
@@ -57,135 +59,216 @@ pub async fn run(agent: &str, output: Output, command: Command) -> Result<(), Fa
             }
         }
         Command::Releases => {
-            let reply = client
-                .list_releases(pb::ListReleasesRequest {})
-                .await
-                .map_err(call("listing releases".into()))?;
-            let releases = reply.into_inner().releases;
+            let reply = agent
+                .call(
+                    "listing releases",
+                    pb::ListReleasesRequest {},
+                    |mut c, r| async move { c.list_releases(r).await },
+                )
+                .await?;
             if json {
-                json::print(&json::releases(&releases));
+                json::print(&json::releases(&reply.releases));
             } else {
-                render::releases(&releases);
+                render::releases(&reply.releases);
             }
         }
-        Command::Upgrade(switch) => {
-            let what = format!("upgrade to {}", switch.to);
-            let reply = client
-                .upgrade(transition(&switch))
-                .await
-                .map_err(call(what))?;
-            switched(json, "upgrade", &switch, &reply.into_inner());
-        }
-        Command::Downgrade(switch) => {
-            let what = format!("downgrade to {}", switch.to);
-            let reply = client
-                .downgrade(transition(&switch))
-                .await
-                .map_err(call(what))?;
-            switched(json, "downgrade", &switch, &reply.into_inner());
-        }
-        Command::Rollback { state, dry_run } => {
+        Command::Upgrade(switch) => switch_to(&agent, output, "upgrade", switch).await?,
+        Command::Downgrade(switch) => switch_to(&agent, output, "downgrade", switch).await?,
+        Command::Rollback {
+            state,
+            dry_run,
+            request,
+            // The target of a rollback is permanent at once: nothing to wait for.
+            wait: _,
+        } => {
             let state = match state {
                 StateFrom::Migrate => pb::StateSource::Migrate,
                 StateFrom::Snapshot => pb::StateSource::Snapshot,
             };
-            let reply = client
-                .rollback(pb::RollbackRequest {
-                    state: state.into(),
-                    dry_run,
+            let request = pb::RollbackRequest {
+                state: state.into(),
+                dry_run,
+                request_id: id(&request.request),
+                expected_active: expected(&request),
+                reason: request.request.reason.unwrap_or_default(),
+            };
+            let reply = agent
+                .call("rollback", request, |mut c, r| async move {
+                    c.rollback(r).await
                 })
-                .await
-                .map_err(call("rollback".into()))?;
+                .await?;
             if json {
-                json::print(&json::switched(&reply.into_inner()));
+                json::print(&json::switched(&reply));
             } else {
-                render::rolled_back(dry_run, &reply.into_inner());
+                render::rolled_back(dry_run, &reply);
             }
         }
-        Command::MakePermanent { version } => {
-            let reply = client
-                .make_permanent(pb::MakePermanentRequest {
-                    version: version.clone(),
+        Command::MakePermanent { version, request } => {
+            let version = version.to_string();
+            let request = pb::MakePermanentRequest {
+                version: version.clone(),
+                request_id: id(&request.request),
+                expected_active: expected(&request),
+                reason: request.request.reason.unwrap_or_default(),
+            };
+            let what = format!("making {version} permanent");
+            let reply = agent
+                .call(&what, request, |mut c, r| async move {
+                    c.make_permanent(r).await
                 })
-                .await
-                .map_err(call(format!("making {version} permanent")))?;
+                .await?;
             if json {
-                json::print(&json::switched(&reply.into_inner()));
+                json::print(&json::switched(&reply));
             } else {
-                println!("{version} is now permanent");
+                render::made_permanent(&version, &reply);
             }
         }
-        Command::Remove { version } => {
-            let reply = client
-                .remove(pb::RemoveRequest {
-                    version: version.clone(),
-                })
-                .await
-                .map_err(call(format!("removing {version}")))?
-                .into_inner();
+        Command::Remove { version, request } => {
+            let version = version.to_string();
+            let request = pb::RemoveRequest {
+                version: version.clone(),
+                request_id: id(&request.request),
+                expected_active: expected(&request),
+                reason: request.request.reason.unwrap_or_default(),
+            };
+            let what = format!("removing {version}");
+            let reply = agent
+                .call(&what, request, |mut c, r| async move { c.remove(r).await })
+                .await?;
             if json {
                 json::print(&json::removed(&reply));
             } else {
-                println!("removed {version}");
+                outln!("removed {version}");
                 for sha in reply.collected {
-                    println!("deleted unreferenced artifact {sha}");
+                    outln!("deleted unreferenced artifact {sha}");
                 }
             }
         }
         Command::Status => {
-            let reply = client
-                .status(pb::StatusRequest {})
-                .await
-                .map_err(call("status".into()))?;
+            let reply = status(&agent).await?;
             if json {
-                json::print(&json::status(&reply.into_inner()));
+                json::print(&json::status(&reply));
             } else {
-                render::status(&reply.into_inner());
+                render::status(&reply);
             }
         }
-        Command::History { limit } => {
-            let reply = client
-                .history(pb::HistoryRequest { limit })
-                .await
-                .map_err(call("history".into()))?;
-            let transitions = reply.into_inner().transitions;
+        Command::History { limit, after } => {
+            let request = pb::HistoryRequest {
+                limit,
+                after_id: after.unwrap_or(0),
+            };
+            let reply = agent
+                .call(
+                    "history",
+                    request,
+                    |mut c, r| async move { c.history(r).await },
+                )
+                .await?;
             if json {
-                json::print(&json::history(&transitions));
+                json::print(&json::history(&reply, after.is_some()));
             } else {
-                render::history(&transitions);
+                render::history(&reply);
+            }
+        }
+        Command::Watch { after } => {
+            let after = match after {
+                Some(after) => after,
+                None => status(&agent).await?.last_event_id,
+            };
+            follow::watch(&agent, after, output).await?;
+        }
+        Command::Info => {
+            let reply = agent
+                .call(
+                    "agent info",
+                    pb::AgentInfoRequest {},
+                    |mut c, r| async move { c.agent_info(r).await },
+                )
+                .await?;
+            if json {
+                json::print(&json::info(&reply));
+            } else {
+                render::info(&reply);
             }
         }
     }
     Ok(())
 }
 
-fn switched(json: bool, word: &str, switch: &Switch, reply: &pb::TransitionReply) {
-    if json {
-        json::print(&json::switched(reply));
+/// Upgrade or Downgrade (`word`), then with `--wait` follow the release
+/// through its soak.
+async fn switch_to(
+    agent: &Agent,
+    output: Output,
+    word: &str,
+    switch: Switch,
+) -> Result<(), Failure> {
+    let target = switch.to.to_string();
+    // Read before the command, so that no event of its own is missed.
+    let before = if switch.wait && !switch.permanent {
+        Some(status(agent).await?)
     } else {
-        render::switched(word, switch, reply);
+        None
+    };
+    let what = format!("{word} to {target}");
+    let request = transition(&switch);
+    let reply = if word == "upgrade" {
+        agent
+            .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
+            .await?
+    } else {
+        agent
+            .call(
+                &what,
+                request,
+                |mut c, r| async move { c.downgrade(r).await },
+            )
+            .await?
+    };
+    if output == Output::Json {
+        json::print(&json::switched(&reply));
+    } else {
+        render::switched(word, &switch, &reply);
     }
+    let Some(before) = before else { return Ok(()) };
+    if reply.unchanged {
+        let soak = before.soak.unwrap_or_default();
+        if before.permanent_version == target {
+            return Ok(());
+        }
+        if soak.mode() == pb::SoakMode::Held && soak.version == target {
+            return Err(anyhow!(
+                "--wait: {target} is held current; `ctl make-permanent {target}` makes it permanent"
+            )
+            .into());
+        }
+    }
+    let line =
+        follow::until_permanent(agent, &target, before.last_event_id, switch.timeout).await?;
+    if output == Output::Table {
+        outln!("{line}");
+    }
+    Ok(())
 }
 
-async fn connect(agent: &str) -> Result<ControlClient<Channel>, Failure> {
-    let endpoint = Channel::from_shared(agent.to_owned())
-        .map_err(|e| Failure::Failed(anyhow!("--agent {agent:?} is not a URL: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        Failure::Unreachable(anyhow!(e).context(format!("cannot reach the agent at {agent}")))
-    })?;
-    Ok(ControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+async fn status(agent: &Agent) -> Result<pb::StatusReply, Failure> {
+    agent
+        .call("status", pb::StatusRequest {}, |mut c, r| async move {
+            c.status(r).await
+        })
+        .await
 }
 
-/// An error status from the agent, as one line.
-fn refused(agent: &str, what: String, status: tonic::Status) -> Failure {
-    match status.code() {
-        Code::Unavailable => Failure::Unreachable(anyhow!(
-            "{what}: the agent at {agent} is unavailable: {}",
-            status.message()
-        )),
-        _ => Failure::Failed(anyhow!("{what}: {}", status.message())),
-    }
+/// The request id: the user's, or a fresh one that every retry reuses.
+fn id(request: &Request) -> String {
+    request.request_id.clone().unwrap_or_else(new_request_id)
+}
+
+fn expected(request: &Checked) -> String {
+    request
+        .expect_active
+        .as_ref()
+        .map_or_else(String::new, ToString::to_string)
 }
 
 fn transition(switch: &Switch) -> pb::TransitionRequest {
@@ -197,9 +280,12 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
         pb::Permanence::Soak
     };
     pb::TransitionRequest {
-        version: switch.to.clone(),
+        version: switch.to.to_string(),
         permanence: permanence.into(),
         soak_ms: switch.soak.map_or(0, |d| d.as_millis() as u64),
         dry_run: switch.dry_run,
+        request_id: id(&switch.request.request),
+        expected_active: expected(&switch.request),
+        reason: switch.request.request.reason.clone().unwrap_or_default(),
     }
 }

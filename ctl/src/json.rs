@@ -1,25 +1,31 @@
-//! `--output json`: every reply as one JSON document on stdout, for
-//! scripts. Field names follow the gRPC API (`proto/nine9s.proto`).
+//! `--output json`: every reply as one JSON document on stdout (one per
+//! line for `watch`), for scripts. Field names follow the gRPC API
+//! (`proto/proto/nine9s/control/v1/control.proto`) where they always have;
+//! enums are the lower-case words of `render`.
 
 use nine9s_proto as pb;
 use serde_json::{json, Value};
 
-use crate::render::state_name;
+use crate::render::{
+    event_kind_name, kind_name, origin_name, result_name, soak_mode_name, state_name, step_name,
+};
 
 pub fn print(value: &Value) {
-    println!("{value}");
+    outln!("{value}");
 }
 
 pub fn release(r: &pb::Release) -> Value {
     json!({
         "name": r.name,
         "version": r.version,
-        "state": state_name(r.state),
+        "state": state_name(r.state()),
         "sha256": r.sha256,
         "size": r.size,
         "staged_at_ms": r.staged_at_ms,
         "state_version": r.state_version,
         "routes": r.routes,
+        "permanent_since_ms": r.permanent_since_ms,
+        "failure": r.failure,
     })
 }
 
@@ -31,42 +37,72 @@ pub fn transition(t: &pb::Transition) -> Value {
     json!({
         "id": t.id,
         "started_at_ms": t.started_at_ms,
-        "kind": t.kind,
+        "kind": kind_name(t.kind()),
         "from": t.from_version,
         "to": t.to_version,
-        "result": t.result,
+        "result": result_name(t.result()),
         "duration_us": t.duration_us,
         "switch_wait_us": t.switch_wait_us,
         "error": t.error,
+        "error_reason": t.error_reason,
         "automatic": t.automatic,
         "reason": t.reason,
+        "request_id": t.request_id,
     })
 }
 
-pub fn history(transitions: &[pb::Transition]) -> Value {
-    Value::Array(transitions.iter().map(transition).collect())
+/// The history: an array, or with `--after` a page
+/// `{"transitions": [...], "more": bool}`.
+pub fn history(reply: &pb::HistoryReply, paged: bool) -> Value {
+    let transitions = Value::Array(reply.transitions.iter().map(transition).collect());
+    if paged {
+        json!({ "transitions": transitions, "more": reply.more })
+    } else {
+        transitions
+    }
 }
 
-/// A switch, or a dry run (no transition, only the plan).
+/// A switch, a dry run (no transition, only the plan), or nothing to do
+/// (`unchanged`).
 pub fn switched(reply: &pb::TransitionReply) -> Value {
     json!({
         "transition": reply.transition.as_ref().map(transition),
         "plan": reply.plan.as_ref().map(|p| json!({
             "from": p.from_version,
             "to": p.to_version,
-            "origin": p.origin,
-            "steps": p.steps,
+            "origin": origin_name(p.origin()),
+            "steps": p.steps.iter().map(step_name).collect::<Vec<_>>(),
             "checks": p.checks,
         })),
+        "unchanged": reply.unchanged,
     })
 }
 
 pub fn status(s: &pb::StatusReply) -> Value {
+    let soak = s.soak.as_ref().map(|k| {
+        json!({
+            "mode": soak_mode_name(k.mode()),
+            "version": k.version,
+            "remaining_ms": k.remaining_ms,
+            "reason": k.reason,
+            "attempts": k.attempts,
+            "last_error": k.last_error,
+        })
+    });
+    let soak_remaining_ms = s
+        .soak
+        .as_ref()
+        .filter(|k| k.mode() == pb::SoakMode::Soaking)
+        .map_or(0, |k| k.remaining_ms);
     json!({
         "active": s.active_version,
         "permanent": s.permanent_version,
         "current": s.current_version,
-        "soak_remaining_ms": s.soak_remaining_ms,
+        "soak_remaining_ms": soak_remaining_ms,
+        "soak": soak,
+        "running": s.running.as_ref().map(transition),
+        "last_event_id": s.last_event_id,
+        "store_error": s.store_error,
         "uptime_ms": s.uptime_ms,
         "releases": releases(&s.releases),
         "libraries": s.libraries.iter().map(|l| json!({
@@ -92,5 +128,40 @@ pub fn removed(reply: &pb::RemoveReply) -> Value {
     json!({
         "release": reply.release.as_ref().map(release),
         "collected": reply.collected,
+    })
+}
+
+/// One event; `state` is null unless the event is a state change.
+pub fn event(e: &pb::Event) -> Value {
+    let state = Some(e.state())
+        .filter(|s| *s != pb::ReleaseState::Unspecified)
+        .map(state_name);
+    json!({
+        "id": e.id,
+        "at_ms": e.at_ms,
+        "kind": event_kind_name(e.kind()),
+        "version": e.version,
+        "state": state,
+        "soak_remaining_ms": e.soak_remaining_ms,
+        "message": e.message,
+        "transition": e.transition.as_ref().map(transition),
+    })
+}
+
+pub fn info(i: &pb::AgentInfoReply) -> Value {
+    json!({
+        "agent_version": i.agent_version,
+        "abi_versions": i.abi_versions,
+        "service": i.service,
+        "default_soak_ms": i.default_soak_ms,
+        "shutdown_grace_ms": i.shutdown_grace_ms,
+        "quiesce_timeout_ms": i.quiesce_timeout_ms,
+        "checkpoint_every_ms": i.checkpoint_every_ms,
+        "health_timeout_ms": i.health_timeout_ms,
+        "max_error_rate": i.max_error_rate,
+        "keep_old": i.keep_old,
+        "keep_history": i.keep_history,
+        "started_at_ms": i.started_at_ms,
+        "pid": i.pid,
     })
 }

@@ -1,13 +1,30 @@
 //! `ctl`: the nine9s command line, for people and scripts. Talks to an
-//! agent's gRPC control plane.
+//! agent's gRPC control plane. This file owns the command line: its
+//! commands, the checks on every flag value, and the exit codes.
 //!
-//! Exit codes: 0 success; 1 the agent refused or failed the operation (the
-//! one-line reason is on stderr); 2 bad usage; 3 the agent could not be
-//! reached.
+//! Exit codes:
+//! - 0: success.
+//! - 1: the agent refused or failed the operation (one line on stderr says
+//!   why, ending with the agent's stable reason code, e.g.
+//!   `[UNKNOWN_RELEASE]`); also `--expect-active` not matching (the line
+//!   names the active release) and `--wait --timeout` passing.
+//! - 2: bad usage (an unknown flag, a value that is not a version, a URL or
+//!   a duration in range, flags that do not go together).
+//! - 3: the agent could not be reached (connect errors, or UNAVAILABLE
+//!   without the agent's error details), after a few retries.
+//! - 4: `--wait` saw the release fail its soak and the agent roll it back.
 
+#![forbid(unsafe_code)]
+
+#[macro_use]
+mod out;
 mod commands;
+mod follow;
 mod json;
 mod render;
+mod rpc;
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -15,15 +32,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(name = "ctl", version)]
 struct Cli {
-    /// The agent's gRPC address.
+    /// The agent's gRPC address (http:// or https://).
     #[arg(
         long,
         global = true,
         env = "NINE9S_AGENT",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL",
+        value_parser = agent_url
     )]
     agent: String,
-    /// `table` for people, `json` (one document on stdout) for scripts.
+    /// `table` for people, `json` (one document on stdout; one per line for
+    /// `watch`) for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
@@ -39,6 +59,8 @@ enum Command {
         /// The library to upload, instead of looking it up.
         #[arg(long)]
         library: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        request: Request,
     },
     /// List the releases the agent knows.
     Releases,
@@ -46,7 +68,7 @@ enum Command {
     Upgrade(Switch),
     /// Switch to a lower version.
     Downgrade(Switch),
-    /// Return to the previous permanent release.
+    /// Return to the previous permanent release (it is permanent at once).
     Rollback {
         /// Migrate the running state down, or restore the snapshot taken
         /// when the release was left.
@@ -55,29 +77,82 @@ enum Command {
         /// Print the plan and run the checks; change nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        request: Checked,
+        /// Accepted for symmetry with upgrade: the target is permanent at once.
+        #[arg(long, conflicts_with = "dry_run")]
+        wait: bool,
     },
     /// Make the current release permanent now.
-    MakePermanent { version: String },
+    MakePermanent {
+        #[arg(value_parser = version)]
+        version: semver::Version,
+        #[command(flatten)]
+        request: Checked,
+    },
     /// Forget a release that is neither permanent nor current.
-    Remove { version: String },
-    /// The active release, the lifecycle states and the loaded libraries.
+    Remove {
+        #[arg(value_parser = version)]
+        version: semver::Version,
+        #[command(flatten)]
+        request: Checked,
+    },
+    /// The active release, the soak, the lifecycle states and the loaded
+    /// libraries.
     Status,
     /// The transitions, oldest first.
     History {
-        /// Only the last N.
+        /// Only the last N (with --after: the next N, 100 if 0).
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// Page on: the transitions after this id (JSON output becomes
+        /// {"transitions": [...], "more": bool}).
+        #[arg(long, value_name = "ID")]
+        after: Option<u64>,
     },
+    /// Print every lifecycle event as it happens, until Ctrl-C.
+    Watch {
+        /// Start after this event id (0: every event the agent still keeps).
+        /// Without it: only what happens from now on.
+        #[arg(long, value_name = "ID")]
+        after: Option<u64>,
+    },
+    /// What the agent is: its version, service and defaults.
+    Info,
+}
+
+/// What every mutating command may say about itself.
+#[derive(clap::Args, Clone)]
+struct Request {
+    /// Why: recorded in the history (at most 1024 characters).
+    #[arg(long, value_name = "TEXT", value_parser = reason)]
+    reason: Option<String>,
+    /// Makes the command idempotent: a retry with the same id returns the
+    /// first outcome (at most 128 printable ASCII characters; default: a
+    /// random id per invocation).
+    #[arg(long, value_name = "ID", value_parser = request_id)]
+    request_id: Option<String>,
+}
+
+/// A mutating command that can also be made conditional.
+#[derive(clap::Args, Clone)]
+struct Checked {
+    #[command(flatten)]
+    request: Request,
+    /// Refuse (exit 1, changing nothing) unless this version is active.
+    #[arg(long, value_name = "VERSION", value_parser = version)]
+    expect_active: Option<semver::Version>,
 }
 
 #[derive(clap::Args)]
 struct Switch {
     /// The version to switch to.
-    #[arg(long)]
-    to: String,
-    /// Soak period before the release becomes permanent (default: the agent's).
-    #[arg(long, value_parser = duration, conflicts_with_all = ["permanent", "no_permanent"])]
-    soak: Option<std::time::Duration>,
+    #[arg(long, value_name = "VERSION", value_parser = version)]
+    to: semver::Version,
+    /// Soak period before the release becomes permanent (default: the
+    /// agent's; at most 7 days).
+    #[arg(long, value_name = "DURATION", value_parser = soak, conflicts_with_all = ["permanent", "no_permanent"])]
+    soak: Option<Duration>,
     /// Make the release permanent at once.
     #[arg(long, conflicts_with = "no_permanent")]
     permanent: bool,
@@ -87,6 +162,15 @@ struct Switch {
     /// Print the plan and run every check that needs no traffic; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Wait until the release is permanent after its soak (exit 0) or rolled
+    /// back by the health gate (exit 4).
+    #[arg(long, conflicts_with_all = ["no_permanent", "dry_run"])]
+    wait: bool,
+    /// Give up waiting after this long (exit 1).
+    #[arg(long, value_name = "DURATION", value_parser = timeout, requires = "wait")]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    request: Checked,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -101,22 +185,95 @@ enum StateFrom {
     Snapshot,
 }
 
-fn duration(text: &str) -> Result<std::time::Duration, String> {
-    nine9s_manifest::parse_duration(text)
+/// The longest soak the agent accepts, and the longest `--timeout`.
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn version(text: &str) -> Result<semver::Version, String> {
+    semver::Version::parse(text).map_err(|e| format!("not a version (e.g. 0.2.0): {e}"))
+}
+
+fn agent_url(text: &str) -> Result<String, String> {
+    let uri: tonic::transport::Uri = text
+        .parse()
+        .map_err(|e| format!("not a URL (e.g. http://127.0.0.1:50051): {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(text.to_owned()),
+        _ => Err("not an http:// or https:// URL with a host".into()),
+    }
+}
+
+/// A duration above zero and at most 7 days.
+fn bounded_duration(text: &str) -> Result<Duration, String> {
+    // Any number above 7 days in milliseconds (the smallest unit) is too
+    // long in every unit; refusing it first keeps the parse from overflowing.
+    let number: String = text
+        .trim()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let too_long = || format!("{text:?} is longer than 7 days");
+    if number
+        .parse::<f64>()
+        .is_ok_and(|n| n > WEEK.as_millis() as f64)
+    {
+        return Err(too_long());
+    }
+    let duration = nine9s_manifest::parse_duration(text)?;
+    if duration.is_zero() {
+        Err(format!("{text:?} is not above zero"))
+    } else if duration > WEEK {
+        Err(too_long())
+    } else {
+        Ok(duration)
+    }
+}
+
+fn soak(text: &str) -> Result<Duration, String> {
+    bounded_duration(text)
+}
+
+fn timeout(text: &str) -> Result<Duration, String> {
+    bounded_duration(text)
+}
+
+fn reason(text: &str) -> Result<String, String> {
+    match text.chars().count() {
+        0..=1024 => Ok(text.to_owned()),
+        n => Err(format!("{n} characters; at most 1024")),
+    }
+}
+
+fn request_id(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 128 {
+        Err("must be 1 to 128 characters".into())
+    } else if !text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        Err("must be printable ASCII".into())
+    } else {
+        Ok(text.to_owned())
+    }
 }
 
 /// Why `ctl` failed, which decides the exit code.
 #[derive(Debug)]
 pub enum Failure {
+    /// The agent refused or failed the operation; `reason` is its stable
+    /// code (ErrorInfo.reason), when it sent one.
+    Failed {
+        error: anyhow::Error,
+        reason: Option<String>,
+    },
     /// The agent could not be reached.
     Unreachable(anyhow::Error),
-    /// Anything else.
-    Failed(anyhow::Error),
+    /// `--wait`: the release failed its soak and was rolled back.
+    RolledBack(anyhow::Error),
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure::Failed(e.into())
+        Failure::Failed {
+            error: e.into(),
+            reason: None,
+        }
     }
 }
 
@@ -125,14 +282,96 @@ async fn main() {
     let cli = Cli::parse();
     let code = match commands::run(&cli.agent, cli.output, cli.command).await {
         Ok(()) => 0,
-        Err(Failure::Failed(e)) => {
-            eprintln!("ctl: error: {e:#}");
+        Err(Failure::Failed {
+            error,
+            reason: Some(reason),
+        }) => {
+            eprintln!("ctl: error: {error:#} [{reason}]");
+            1
+        }
+        Err(Failure::Failed {
+            error,
+            reason: None,
+        }) => {
+            eprintln!("ctl: error: {error:#}");
             1
         }
         Err(Failure::Unreachable(e)) => {
             eprintln!("ctl: error: {e:#}");
             3
         }
+        Err(Failure::RolledBack(e)) => {
+            eprintln!("ctl: error: {e:#}");
+            4
+        }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_bounded_and_never_panic() {
+        assert_eq!(soak("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(soak("7h"), Ok(Duration::from_secs(7 * 3600)));
+        assert!(soak("0s").is_err());
+        assert!(soak("169h").is_err());
+        assert!(soak("99999999999999999999h").is_err());
+        assert!(soak("1e400").is_err());
+        assert!(soak("").is_err());
+        assert!(timeout("604800000ms").is_ok());
+        assert!(timeout("604800001ms").is_err());
+    }
+
+    #[test]
+    fn flag_values() {
+        assert!(version("0.2.0").is_ok());
+        assert!(version("nine").is_err());
+        assert!(agent_url("http://127.0.0.1:50051").is_ok());
+        assert!(agent_url("https://agent.example").is_ok());
+        assert!(agent_url("127.0.0.1:50051").is_err());
+        assert!(agent_url("ftp://x").is_err());
+        assert!(agent_url("not a url").is_err());
+        assert!(request_id("deploy-42").is_ok());
+        assert!(request_id("").is_err());
+        assert!(request_id("é").is_err());
+        assert!(request_id(&"x".repeat(129)).is_err());
+        assert!(reason(&"é".repeat(1024)).is_ok());
+        assert!(reason(&"x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn wait_refuses_what_never_ends() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|_| ());
+        assert!(parse(&["ctl", "upgrade", "--to", "0.2.0", "--wait"]).is_ok());
+        assert!(parse(&[
+            "ctl",
+            "upgrade",
+            "--to",
+            "0.2.0",
+            "--wait",
+            "--no-permanent"
+        ])
+        .is_err());
+        assert!(parse(&["ctl", "upgrade", "--to", "0.2.0", "--wait", "--dry-run"]).is_err());
+        assert!(parse(&["ctl", "upgrade", "--to", "0.2.0", "--timeout", "5s"]).is_err());
+        assert!(parse(&[
+            "ctl",
+            "upgrade",
+            "--to",
+            "0.2.0",
+            "--soak",
+            "99999999999999999999h"
+        ])
+        .is_err());
+        assert!(parse(&["ctl", "--agent", "localhost", "status"]).is_err());
+    }
 }

@@ -1,19 +1,95 @@
-//! How replies look on a terminal: short sentences and aligned tables.
+//! How replies look on a terminal: short sentences and aligned tables;
+//! and the lower-case words the API's enums are shown as (here and in
+//! `--output json`).
 
 use std::path::Path;
 
 use nine9s_proto as pb;
+use pb::{
+    EventKind, PlanOrigin, ReleaseState, SoakMode, StepKind, TransitionKind, TransitionResult,
+};
 
 use crate::Switch;
 
-pub fn state_name(state: i32) -> &'static str {
-    match pb::ReleaseState::try_from(state) {
-        Ok(pb::ReleaseState::Staged) => "staged",
-        Ok(pb::ReleaseState::Current) => "current",
-        Ok(pb::ReleaseState::Permanent) => "permanent",
-        Ok(pb::ReleaseState::Old) => "old",
-        Ok(pb::ReleaseState::Failed) => "failed",
-        _ => "unknown",
+pub fn state_name(state: ReleaseState) -> &'static str {
+    match state {
+        ReleaseState::Staged => "staged",
+        ReleaseState::Current => "current",
+        ReleaseState::Permanent => "permanent",
+        ReleaseState::Old => "old",
+        ReleaseState::Failed => "failed",
+        ReleaseState::Unspecified => "unknown",
+    }
+}
+
+pub fn kind_name(kind: TransitionKind) -> &'static str {
+    match kind {
+        TransitionKind::Install => "install",
+        TransitionKind::Stage => "stage",
+        TransitionKind::Upgrade => "upgrade",
+        TransitionKind::Downgrade => "downgrade",
+        TransitionKind::Rollback => "rollback",
+        TransitionKind::MakePermanent => "make-permanent",
+        TransitionKind::Remove => "remove",
+        TransitionKind::Restart => "restart",
+        TransitionKind::Unspecified => "unknown",
+    }
+}
+
+pub fn result_name(result: TransitionResult) -> &'static str {
+    match result {
+        TransitionResult::Running => "running",
+        TransitionResult::Ok => "ok",
+        TransitionResult::Failed => "failed",
+        TransitionResult::Aborted => "aborted",
+        TransitionResult::Unspecified => "unknown",
+    }
+}
+
+pub fn origin_name(origin: PlanOrigin) -> &'static str {
+    match origin {
+        PlanOrigin::Written => "written",
+        PlanOrigin::Derived => "derived",
+        PlanOrigin::Unspecified => "unknown",
+    }
+}
+
+/// `load`, `migrate`, `switch`, `drain`, `unload`, or `hook:NAME`.
+pub fn step_name(step: &pb::PlanStep) -> String {
+    match step.kind() {
+        StepKind::Load => "load".into(),
+        StepKind::Migrate => "migrate".into(),
+        StepKind::Switch => "switch".into(),
+        StepKind::Drain => "drain".into(),
+        StepKind::Unload => "unload".into(),
+        StepKind::Hook => format!("hook:{}", step.hook),
+        StepKind::Unspecified => "unknown".into(),
+    }
+}
+
+pub fn soak_mode_name(mode: SoakMode) -> &'static str {
+    match mode {
+        SoakMode::Idle => "idle",
+        SoakMode::Soaking => "soaking",
+        SoakMode::RollingBack => "rolling_back",
+        SoakMode::Held => "held",
+        SoakMode::Unspecified => "unknown",
+    }
+}
+
+pub fn event_kind_name(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::TransitionStarted => "transition_started",
+        EventKind::TransitionFinished => "transition_finished",
+        EventKind::ReleaseStateChanged => "release_state_changed",
+        EventKind::SoakStarted => "soak_started",
+        EventKind::SoakProgress => "soak_progress",
+        EventKind::SoakPassed => "soak_passed",
+        EventKind::SoakFailed => "soak_failed",
+        EventKind::RollbackRetry => "rollback_retry",
+        EventKind::AgentStarted => "agent_started",
+        EventKind::CheckpointSkipped => "checkpoint_skipped",
+        EventKind::Unspecified => "unknown",
     }
 }
 
@@ -31,7 +107,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -73,12 +149,14 @@ fn time(ms: i64) -> String {
 pub fn staged(reply: &pb::StageReply, library: &Path) {
     let Some(r) = &reply.release else { return };
     if reply.already_staged {
-        println!(
+        outln!(
             "{} {} was already staged (sha256 {})",
-            r.name, r.version, r.sha256
+            r.name,
+            r.version,
+            r.sha256
         );
     } else {
-        println!(
+        outln!(
             "staged {} {} from {} ({} bytes, sha256 {})",
             r.name,
             r.version,
@@ -93,13 +171,17 @@ pub fn releases(releases: &[pb::Release]) {
     let rows: Vec<Vec<String>> = releases
         .iter()
         .map(|r| {
+            let mut note = r.routes.join(" ");
+            if !r.failure.is_empty() {
+                note = format!("failed: {}", r.failure);
+            }
             vec![
                 r.version.clone(),
-                state_name(r.state).to_owned(),
+                state_name(r.state()).to_owned(),
                 format!("v{}", r.state_version),
                 r.sha256.chars().take(12).collect(),
                 time(r.staged_at_ms),
-                r.routes.join(" "),
+                note,
             ]
         })
         .collect();
@@ -117,24 +199,29 @@ pub fn releases(releases: &[pb::Release]) {
 }
 
 fn plan(plan: &pb::Plan) {
-    println!(
+    let steps: Vec<String> = plan.steps.iter().map(step_name).collect();
+    outln!(
         "plan {} -> {} ({}): {}",
         plan.from_version,
         plan.to_version,
-        plan.origin,
-        plan.steps.join(", ")
+        origin_name(plan.origin()),
+        steps.join(", ")
     );
     for check in &plan.checks {
-        println!("  ok  {check}");
+        outln!("  ok  {check}");
     }
 }
 
 pub fn switched(word: &str, switch: &Switch, reply: &pb::TransitionReply) {
+    if reply.unchanged {
+        outln!("{} is already active; nothing to do", switch.to);
+        return;
+    }
     let Some(t) = &reply.transition else {
         if let Some(p) = &reply.plan {
             plan(p);
         }
-        println!("dry run: nothing changed");
+        outln!("dry run: nothing changed");
         return;
     };
     let then = if switch.permanent {
@@ -150,7 +237,7 @@ pub fn switched(word: &str, switch: &Switch, reply: &pb::TransitionReply) {
             t.to_version
         )
     };
-    println!(
+    outln!(
         "{word}d {} -> {} in {} (requests held {}); {then}",
         t.from_version,
         t.to_version,
@@ -164,9 +251,9 @@ pub fn rolled_back(dry_run: bool, reply: &pb::TransitionReply) {
         if let Some(p) = &reply.plan {
             plan(p);
         }
-        println!("dry run: nothing changed");
+        outln!("dry run: nothing changed");
     } else if let Some(t) = &reply.transition {
-        println!(
+        outln!(
             "rolled back {} -> {} in {} (requests held {}); {} is permanent",
             t.from_version,
             t.to_version,
@@ -174,27 +261,91 @@ pub fn rolled_back(dry_run: bool, reply: &pb::TransitionReply) {
             ms(t.switch_wait_us),
             t.to_version
         );
+    } else {
+        outln!("nothing to do");
     }
 }
 
-pub fn status(s: &pb::StatusReply) {
-    println!("active:    {}", s.active_version);
-    println!("permanent: {}", s.permanent_version);
-    if !s.current_version.is_empty() {
-        let soak = if s.soak_remaining_ms > 0 {
-            format!(
-                " (soaking, {:.1} s left)",
-                s.soak_remaining_ms as f64 / 1000.0
-            )
-        } else {
-            String::new()
-        };
-        println!("current:   {}{soak}", s.current_version);
+pub fn made_permanent(version: &str, reply: &pb::TransitionReply) {
+    if reply.unchanged {
+        outln!("{version} is already permanent; nothing to do");
+    } else {
+        outln!("{version} is now permanent");
     }
-    println!("uptime:    {:.1} s", s.uptime_ms as f64 / 1000.0);
-    println!();
+}
+
+/// Milliseconds as seconds with one decimal.
+pub fn seconds(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+/// A transition in a few words: `upgrade 0.1.0 -> 0.2.0 ok (auto)`.
+fn transition_summary(t: &pb::Transition) -> String {
+    let mut line = format!(
+        "#{} {} {} -> {} {}",
+        t.id,
+        kind_name(t.kind()),
+        t.from_version,
+        t.to_version,
+        result_name(t.result())
+    );
+    if t.automatic {
+        line.push_str(" (auto)");
+    }
+    if !t.error.is_empty() {
+        line.push_str(&format!(": {}", t.error));
+        if !t.error_reason.is_empty() {
+            line.push_str(&format!(" [{}]", t.error_reason));
+        }
+    }
+    if !t.reason.is_empty() {
+        line.push_str(&format!("; {}", t.reason));
+    }
+    if !t.request_id.is_empty() {
+        line.push_str(&format!(" (request {})", t.request_id));
+    }
+    line
+}
+
+pub fn status(s: &pb::StatusReply) {
+    outln!("active:    {}", s.active_version);
+    outln!("permanent: {}", s.permanent_version);
+    let soak = s.soak.clone().unwrap_or_default();
+    if !s.current_version.is_empty() {
+        let note = match soak.mode() {
+            SoakMode::Soaking => format!(" (soaking, {} left)", seconds(soak.remaining_ms)),
+            SoakMode::Held => format!(
+                " (held: `ctl make-permanent {}` keeps it across restarts)",
+                s.current_version
+            ),
+            SoakMode::RollingBack => " (failed its soak; rolling back)".to_owned(),
+            SoakMode::Idle | SoakMode::Unspecified => String::new(),
+        };
+        outln!("current:   {}{note}", s.current_version);
+    }
+    if soak.mode() == SoakMode::RollingBack {
+        let mut line = format!(
+            "soak:      {} failed its soak: {}; automatic rollback, {} attempt(s) so far",
+            soak.version, soak.reason, soak.attempts
+        );
+        if !soak.last_error.is_empty() {
+            line.push_str(&format!("; last error: {}", soak.last_error));
+        }
+        outln!("{line}");
+    }
+    if let Some(t) = &s.running {
+        outln!("running:   {}", transition_summary(t));
+    }
+    if !s.store_error.is_empty() {
+        outln!(
+            "store:     cannot be written: {} (transitions are refused; serving goes on)",
+            s.store_error
+        );
+    }
+    outln!("uptime:    {}", seconds(s.uptime_ms));
+    outln!();
     releases(&s.releases);
-    println!();
+    outln!();
     let rows: Vec<Vec<String>> = s
         .libraries
         .iter()
@@ -222,31 +373,37 @@ pub fn status(s: &pb::StatusReply) {
     );
 }
 
-pub fn history(transitions: &[pb::Transition]) {
-    let rows: Vec<Vec<String>> = transitions
+pub fn history(reply: &pb::HistoryReply) {
+    let rows: Vec<Vec<String>> = reply
+        .transitions
         .iter()
         .map(|t| {
-            let mut note = t.error.clone();
-            if !t.reason.is_empty() {
-                if !note.is_empty() {
-                    note.push_str("; ");
-                }
-                note.push_str(&t.reason);
+            let mut notes = Vec::new();
+            if !t.error.is_empty() {
+                notes.push(if t.error_reason.is_empty() {
+                    t.error.clone()
+                } else {
+                    format!("{} [{}]", t.error, t.error_reason)
+                });
             }
+            if !t.reason.is_empty() {
+                notes.push(t.reason.clone());
+            }
+            let kind = kind_name(t.kind());
             vec![
                 t.id.to_string(),
                 time(t.started_at_ms),
                 if t.automatic {
-                    format!("{} (auto)", t.kind)
+                    format!("{kind} (auto)")
                 } else {
-                    t.kind.clone()
+                    kind.to_owned()
                 },
                 t.from_version.clone(),
                 t.to_version.clone(),
-                t.result.clone(),
+                result_name(t.result()).to_owned(),
                 ms(t.duration_us),
                 ms(t.switch_wait_us),
-                note,
+                notes.join("; "),
             ]
         })
         .collect();
@@ -264,6 +421,53 @@ pub fn history(transitions: &[pb::Transition]) {
         ],
         &rows,
     );
+    if let (true, Some(last)) = (reply.more, reply.transitions.last()) {
+        outln!();
+        outln!("more follow: ctl history --after {}", last.id);
+    }
+}
+
+/// One event, one line: `ID  TIME  KIND  what it says`.
+pub fn event(e: &pb::Event) {
+    let mut parts = Vec::new();
+    if let Some(t) = &e.transition {
+        parts.push(transition_summary(t));
+    }
+    if !e.version.is_empty() {
+        parts.push(e.version.clone());
+    }
+    if e.state() != ReleaseState::Unspecified {
+        parts.push(format!("-> {}", state_name(e.state())));
+    }
+    if matches!(e.kind(), EventKind::SoakStarted | EventKind::SoakProgress) {
+        parts.push(format!("{} left", seconds(e.soak_remaining_ms)));
+    }
+    if !e.message.is_empty() {
+        parts.push(e.message.clone());
+    }
+    outln!(
+        "{}  {}  {}  {}",
+        e.id,
+        time(e.at_ms),
+        event_kind_name(e.kind()),
+        parts.join("  ")
+    );
+}
+
+pub fn info(i: &pb::AgentInfoReply) {
+    let abi: Vec<String> = i.abi_versions.iter().map(u32::to_string).collect();
+    outln!("agent:              {} (pid {})", i.agent_version, i.pid);
+    outln!("service:            {}", i.service);
+    outln!("plugin ABI:         {}", abi.join(", "));
+    outln!("started (UTC):      {}", time(i.started_at_ms));
+    outln!("default soak:       {}", seconds(i.default_soak_ms));
+    outln!("max error rate:     {}", i.max_error_rate);
+    outln!("health timeout:     {}", seconds(i.health_timeout_ms));
+    outln!("quiesce timeout:    {}", seconds(i.quiesce_timeout_ms));
+    outln!("shutdown grace:     {}", seconds(i.shutdown_grace_ms));
+    outln!("checkpoint every:   {}", seconds(i.checkpoint_every_ms));
+    outln!("keep old releases:  {}", i.keep_old);
+    outln!("keep history:       {}", i.keep_history);
 }
 
 #[cfg(test)]

@@ -1,0 +1,181 @@
+//! The line to the agent: one lazily connected client, unary calls retried
+//! on transport failures (always with the same request, so the same
+//! request id: a retry never acts twice), and error statuses turned into
+//! `Failure`s carrying the agent's stable reason code.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use nine9s_proto as pb;
+use pb::control_client::ControlClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::Failure;
+
+/// Tries after the first one, and the pause before the first retry (it
+/// doubles each time).
+const RETRIES: u32 = 3;
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+
+/// The reason code for `--expect-active` not matching.
+const EXPECTED_ACTIVE_MISMATCH: &str = "EXPECTED_ACTIVE_MISMATCH";
+
+pub struct Agent {
+    url: String,
+    client: ControlClient<Channel>,
+}
+
+impl Agent {
+    /// `url` was checked by the command line; connecting waits for the first call.
+    pub fn new(url: &str) -> Result<Agent, Failure> {
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| anyhow!("--agent {url:?} is not a URL: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Agent {
+            url: url.to_owned(),
+            client: ControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+        })
+    }
+
+    pub fn client(&self) -> ControlClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Calls `rpc` with `request`, again with the same request after a
+    /// transport failure; `what` names the call in errors.
+    pub async fn call<Req, Rep, F, Fut>(
+        &self,
+        what: &str,
+        request: Req,
+        rpc: F,
+    ) -> Result<Rep, Failure>
+    where
+        Req: Clone,
+        F: Fn(ControlClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Rep>, Status>>,
+    {
+        let mut pause = FIRST_PAUSE;
+        for _ in 0..RETRIES {
+            match rpc(self.client(), request.clone()).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status) if is_transport(&status) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(status) => return Err(self.failure(what, status).await),
+            }
+        }
+        match rpc(self.client(), request).await {
+            Ok(reply) => Ok(reply.into_inner()),
+            Err(status) => Err(self.failure(what, status).await),
+        }
+    }
+
+    /// An error status as one line: `<what>: <message>`, with the agent's
+    /// reason code beside it.
+    pub async fn failure(&self, what: &str, status: Status) -> Failure {
+        if is_transport(&status) {
+            return Failure::Unreachable(anyhow!(
+                "{what}: cannot reach the agent at {}: {}",
+                self.url,
+                with_causes(&status)
+            ));
+        }
+        let Some(info) = status.get_error_details().error_info().cloned() else {
+            return Failure::Failed {
+                error: anyhow!("{what}: {:?}: {}", status.code(), status.message()),
+                reason: None,
+            };
+        };
+        let mut message = status.message().to_owned();
+        if info.reason == EXPECTED_ACTIVE_MISMATCH {
+            let active = match info.metadata.get("active").cloned() {
+                Some(active) => Some(active),
+                None => self
+                    .client()
+                    .status(pb::StatusRequest {})
+                    .await
+                    .ok()
+                    .map(|reply| reply.into_inner().active_version),
+            };
+            match active {
+                Some(active) if !message.contains(&active) => {
+                    message.push_str(&format!(" ({active} is active)"));
+                }
+                Some(_) => {}
+                None => message.push_str(" (the active release could not be read)"),
+            }
+        }
+        Failure::Failed {
+            error: anyhow!("{what}: {message}"),
+            reason: Some(info.reason),
+        }
+    }
+}
+
+/// A status the agent did not send: the call may not have reached it, and
+/// is safe to try again with the same request id.
+pub fn is_transport(status: &Status) -> bool {
+    status.code() == Code::Unavailable && status.get_error_details().error_info().is_none()
+}
+
+/// The status's message and the errors under it (a connect error says
+/// why only there: "connection refused").
+pub fn with_causes(status: &Status) -> String {
+    let mut line = status.message().to_owned();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line.push_str(&format!(": {text}"));
+        }
+        cause = e.source();
+    }
+    line
+}
+
+/// A fresh request id: random when the system has a random source, else
+/// from the time and the process id.
+pub fn new_request_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 12];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mixed = nanos ^ (u128::from(std::process::id()) << 96);
+        bytes.copy_from_slice(&mixed.to_le_bytes()[..12]);
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("ctl-{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    #[test]
+    fn only_statuses_the_agent_did_not_send_are_retried() {
+        assert!(is_transport(&Status::unavailable("tcp connect error")));
+        assert!(!is_transport(&Status::failed_precondition("no")));
+        let agents = Status::with_error_details(
+            Code::Unavailable,
+            "the store cannot be written",
+            ErrorDetails::with_error_info("STORE_UNAVAILABLE", "nine9s.dev", []),
+        );
+        assert!(!is_transport(&agents));
+    }
+
+    #[test]
+    fn request_ids_are_fresh_and_valid() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        assert!(crate::request_id(&a).is_ok());
+    }
+}
