@@ -199,3 +199,90 @@ fn or(text: &str, default: &str) -> String {
         text.to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{start, Script};
+
+    fn event(id: u64, kind: EventKind, version: &str) -> pb::Event {
+        pb::Event {
+            id,
+            kind: kind.into(),
+            version: version.into(),
+            ..Default::default()
+        }
+    }
+
+    fn rollback(id: u64) -> pb::Event {
+        pb::Event {
+            transition: Some(pb::Transition {
+                kind: TransitionKind::Rollback.into(),
+                from_version: "0.2.0".into(),
+                to_version: "0.1.0".into(),
+                result: TransitionResult::Ok.into(),
+                automatic: true,
+                ..Default::default()
+            }),
+            ..event(id, EventKind::TransitionFinished, "")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_soak_is_a_rollback_even_across_a_broken_stream() {
+        let mut failed = event(12, EventKind::SoakFailed, "0.2.0");
+        failed.message = "error rate 50% over 2%".into();
+        let (url, seen) = start(Script {
+            events: vec![
+                event(11, EventKind::SoakStarted, "0.2.0"),
+                failed,
+                event(13, EventKind::RollbackRetry, "0.2.0"),
+                rollback(14),
+            ],
+            ..Default::default()
+        })
+        .await;
+        let agent = Agent::new(&url).unwrap();
+        let waited = until_permanent(&agent, "0.2.0", 10, Some(Duration::from_secs(10))).await;
+        let Err(Failure::RolledBack(e)) = waited else {
+            panic!("not rolled back")
+        };
+        assert_eq!(
+            e.to_string(),
+            "0.2.0 was rolled back to 0.1.0 by the health gate: error rate 50% over 2%"
+        );
+        // Resumed after the last event seen.
+        assert_eq!(seen.lock().unwrap().watch_after_ids, [10, 11]);
+    }
+
+    #[tokio::test]
+    async fn a_passed_soak_is_permanent() {
+        let mut permanent = event(12, EventKind::ReleaseStateChanged, "0.2.0");
+        permanent.state = ReleaseState::Permanent.into();
+        let (url, _) = start(Script {
+            events: vec![event(11, EventKind::SoakPassed, "0.2.0"), permanent],
+            ..Default::default()
+        })
+        .await;
+        let agent = Agent::new(&url).unwrap();
+        let waited = until_permanent(&agent, "0.2.0", 10, None).await;
+        assert_eq!(
+            waited.ok().as_deref(),
+            Some("0.2.0 is permanent after its soak")
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_gives_up_at_the_timeout() {
+        let (url, _) = start(Script::default()).await;
+        let agent = Agent::new(&url).unwrap();
+        let waited = until_permanent(&agent, "0.2.0", 0, Some(Duration::from_millis(300))).await;
+        let Err(Failure::Failed { error, .. }) = waited else {
+            panic!("did not give up")
+        };
+        assert!(
+            error.to_string().starts_with("gave up waiting after 0.3 s"),
+            "{error}"
+        );
+    }
+}

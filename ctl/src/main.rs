@@ -21,6 +21,8 @@ mod out;
 mod commands;
 mod follow;
 mod json;
+#[cfg(test)]
+mod mock;
 mod render;
 mod rpc;
 

@@ -172,6 +172,71 @@ mod tests {
         assert!(!is_transport(&agents));
     }
 
+    async fn upgrade(url: &str) -> (Result<pb::TransitionReply, Failure>, String) {
+        let agent = Agent::new(url).unwrap();
+        let request = pb::TransitionRequest {
+            version: "0.2.0".into(),
+            request_id: new_request_id(),
+            ..Default::default()
+        };
+        let id = request.request_id.clone();
+        let reply = agent
+            .call("upgrade to 0.2.0", request, |mut c, r| async move {
+                c.upgrade(r).await
+            })
+            .await;
+        (reply, id)
+    }
+
+    #[tokio::test]
+    async fn transport_failures_are_retried_with_the_same_request_id() {
+        let (url, seen) = crate::mock::start(crate::mock::Script {
+            transport_failures: 2,
+            ..Default::default()
+        })
+        .await;
+        let (reply, id) = upgrade(&url).await;
+        assert!(reply.is_ok());
+        assert_eq!(
+            seen.lock().unwrap().upgrade_request_ids,
+            [id.clone(), id.clone(), id]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_stays_unavailable_is_unreachable() {
+        let (url, seen) = crate::mock::start(crate::mock::Script {
+            transport_failures: 100,
+            ..Default::default()
+        })
+        .await;
+        let (reply, _) = upgrade(&url).await;
+        assert!(matches!(reply, Err(Failure::Unreachable(_))));
+        assert_eq!(
+            seen.lock().unwrap().upgrade_request_ids.len(),
+            1 + RETRIES as usize
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_reason_code() {
+        let (url, seen) = crate::mock::start(crate::mock::Script {
+            refuse_with: Some(EXPECTED_ACTIVE_MISMATCH),
+            ..Default::default()
+        })
+        .await;
+        let (reply, _) = upgrade(&url).await;
+        let Err(Failure::Failed { error, reason }) = reply else {
+            panic!("not refused")
+        };
+        assert_eq!(reason.as_deref(), Some(EXPECTED_ACTIVE_MISMATCH));
+        let line = format!("{error:#}");
+        assert!(line.starts_with("upgrade to 0.2.0: "), "{line}");
+        assert!(line.contains("0.3.0 is"), "{line}");
+        // Refusals are final: no retry.
+        assert_eq!(seen.lock().unwrap().upgrade_request_ids.len(), 1);
+    }
+
     #[test]
     fn request_ids_are_fresh_and_valid() {
         let (a, b) = (new_request_id(), new_request_id());
