@@ -33,22 +33,35 @@ impl Artifacts {
     }
 
     /// Stores `bytes` under their digest and returns the path. Writing the
-    /// same bytes twice is harmless.
+    /// same bytes twice is harmless; a write that fails (a full disk)
+    /// leaves no partial file behind.
     pub fn put(&self, sha256: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
         let path = self.path(sha256);
         if path.is_file() {
             return Ok(path);
         }
         let partial = path.with_extension("so.partial");
-        let mut file = std::fs::File::create(&partial)?;
-        let (first, second) = bytes.split_at(bytes.len() / 2);
-        file.write_all(first)?;
-        crate::failpoint::crash_point("stage:half-written");
-        file.write_all(second)?;
-        file.sync_all()?;
-        std::fs::rename(&partial, &path)?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
+        let written = (|| {
+            let mut file = std::fs::File::create(&partial)?;
+            let (first, second) = bytes.split_at(bytes.len() / 2);
+            file.write_all(first)?;
+            crate::failpoint::crash_point("stage:half-written");
+            file.write_all(second)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, &path)?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
         Ok(path)
+    }
+
+    /// Bytes free for an unprivileged writer on the artifacts' filesystem.
+    pub fn free_space(&self) -> std::io::Result<u64> {
+        let stats = rustix::fs::statvfs(&self.dir)?;
+        Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
     }
 
     pub fn remove(&self, sha256: &str) -> std::io::Result<()> {

@@ -35,6 +35,9 @@ pub struct Config {
     pub checkpoint_every: Duration,
     /// Share of 5xx responses (and panics) during a soak that rolls back.
     pub max_error_rate: f64,
+    /// How long a soaking release's health check may take; longer is a
+    /// failed check.
+    pub health_timeout: Duration,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             keep_history: 10_000,
             checkpoint_every: Duration::from_secs(10),
             max_error_rate: 0.05,
+            health_timeout: Duration::from_secs(2),
         }
     }
 }

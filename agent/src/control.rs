@@ -1,91 +1,239 @@
 //! The gRPC control plane. The only module that knows the generated proto
-//! types: it converts requests into calls on the [`ReleaseHandler`] (on a
-//! blocking thread: transitions flush to disk and load libraries) and
-//! domain values and errors into replies and statuses.
+//! types: it validates requests, turns them into engine commands, and
+//! turns domain values into replies and errors into statuses — each with a
+//! `google.rpc.ErrorInfo` carrying the error's stable reason code.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
-use nine9s_manifest::Version;
+use nine9s_manifest::{Step, Version};
 use nine9s_proto as pb;
 use pb::control_server::{Control, ControlServer};
-use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::Error;
-use crate::model::{Release, ReleaseState, Transition};
-use crate::release_handler::{Permanence, PlanReport, ReleaseHandler, StateSource, Switch};
+use crate::error::{Error, Reason};
+use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
+use crate::release_handler::{
+    Command, Direction, Engine, Meta, Permanence, PlanReport, Reply, Soak, StateSource,
+};
 
 /// Largest library `Stage` accepts.
 const MAX_ARTIFACT: u64 = 512 * 1024 * 1024;
+/// Longest soak a request may ask for.
+const MAX_SOAK: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_REQUEST_ID: usize = 128;
+const MAX_REASON: usize = 1024;
+/// Largest history page.
+const MAX_PAGE: u32 = 1000;
+/// `ErrorInfo.domain` of every error.
+const DOMAIN: &str = "nine9s.dev";
 
-pub fn service(handler: Arc<ReleaseHandler>) -> ControlServer<ControlService> {
-    ControlServer::new(ControlService { handler }).max_decoding_message_size(8 * 1024 * 1024)
+pub fn service(engine: Engine, stopped: watch::Receiver<bool>) -> ControlServer<ControlService> {
+    ControlServer::new(ControlService { engine, stopped })
+        .max_decoding_message_size(8 * 1024 * 1024)
 }
 
 pub struct ControlService {
-    handler: Arc<ReleaseHandler>,
+    engine: Engine,
+    /// Flips to true on shutdown: open `Watch` streams end.
+    stopped: watch::Receiver<bool>,
+}
+
+/// The one place an agent error becomes a gRPC status.
+fn status(error: Error) -> Status {
+    let reason = error.reason();
+    let mut metadata = HashMap::new();
+    match &error {
+        Error::UnknownVersion(v) => {
+            metadata.insert("version".to_owned(), v.to_string());
+        }
+        Error::ExpectedActive { expected, active } => {
+            metadata.insert("expected_active".to_owned(), expected.to_string());
+            metadata.insert("active".to_owned(), active.to_string());
+        }
+        Error::Load { version, .. } | Error::Plugin { version, .. } => {
+            metadata.insert("version".to_owned(), version.to_string());
+        }
+        _ => {}
+    }
+    let code = code(reason);
+    Status::with_error_details(
+        code,
+        error.to_string(),
+        ErrorDetails::with_error_info(reason.as_str(), DOMAIN, metadata),
+    )
+}
+
+/// The gRPC code of each reason, per gRPC's guide: INVALID_ARGUMENT for
+/// the request itself, FAILED_PRECONDITION for the agent's state (plugin
+/// failures included: retrying will not help), ABORTED only for
+/// `expected_active`, UNAVAILABLE for what a later retry may clear.
+fn code(reason: Reason) -> Code {
+    match reason {
+        Reason::InvalidArgument
+        | Reason::InvalidManifest
+        | Reason::InvalidArtifact
+        | Reason::WrongService
+        | Reason::RequestIdReused => Code::InvalidArgument,
+        Reason::UnknownRelease => Code::NotFound,
+        Reason::WrongDirection
+        | Reason::NoRollbackTarget
+        | Reason::NotCurrent
+        | Reason::ReleaseInUse
+        | Reason::VersionConflict
+        | Reason::LoadFailed
+        | Reason::PluginFailed
+        | Reason::NoMigrationPath
+        | Reason::NoSnapshot
+        | Reason::UnknownHook
+        | Reason::RollbackPending => Code::FailedPrecondition,
+        Reason::ExpectedActiveMismatch => Code::Aborted,
+        Reason::DiskFull | Reason::TooLarge => Code::ResourceExhausted,
+        Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {
+            Code::Unavailable
+        }
+        Reason::ClientGone => Code::Cancelled,
+        Reason::Internal => Code::Internal,
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    status(Error::refused(Reason::InvalidArgument, message))
+}
+
+fn too_large(message: impl Into<String>) -> Status {
+    status(Error::refused(Reason::TooLarge, message))
+}
+
+fn parse_version(field: &str, text: &str) -> Result<Version, Status> {
+    Version::parse(text.trim()).map_err(|_| {
+        invalid(format!(
+            "{field}: {text:?} is not a version (expected something like 0.2.0)"
+        ))
+    })
+}
+
+/// The fields every mutating request carries, validated.
+fn meta(
+    metadata: &MetadataMap,
+    request_id: &str,
+    expected_active: &str,
+    reason: &str,
+) -> Result<Meta, Status> {
+    let request_id = match request_id {
+        "" => None,
+        id if id.len() > MAX_REQUEST_ID
+            || !id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            return Err(invalid(format!(
+                "request_id must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces"
+            )))
+        }
+        id => Some(id.to_owned()),
+    };
+    let expected_active = match expected_active {
+        "" => None,
+        text => Some(parse_version("expected_active", text)?),
+    };
+    if reason.chars().count() > MAX_REASON {
+        return Err(invalid(format!(
+            "reason is over {MAX_REASON} characters"
+        )));
+    }
+    Ok(Meta {
+        request_id,
+        expected_active,
+        reason: (!reason.is_empty()).then(|| reason.to_owned()),
+        deadline: deadline(metadata),
+    })
+}
+
+/// When the client stops waiting, from its `grpc-timeout` header.
+fn deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
+fn permanence(request: &pb::TransitionRequest) -> Result<Permanence, Status> {
+    let soak = match request.soak_ms {
+        0 => None,
+        ms if Duration::from_millis(ms) > MAX_SOAK => {
+            return Err(invalid(format!(
+                "soak_ms {ms} is over the limit of 7 days ({} ms)",
+                MAX_SOAK.as_millis()
+            )))
+        }
+        ms => Some(Duration::from_millis(ms)),
+    };
+    let permanence = pb::Permanence::try_from(request.permanence).map_err(|_| {
+        invalid(format!(
+            "permanence {} is not a Permanence value",
+            request.permanence
+        ))
+    })?;
+    match permanence {
+        pb::Permanence::Unspecified | pb::Permanence::Soak => Ok(Permanence::Soak(soak)),
+        _ if soak.is_some() => Err(invalid(
+            "soak_ms is only meaningful with PERMANENCE_SOAK (or unspecified)",
+        )),
+        pb::Permanence::Immediate => Ok(Permanence::Immediate),
+        pb::Permanence::Never => Ok(Permanence::Never),
+    }
 }
 
 impl ControlService {
-    /// Runs a handler operation on a blocking thread.
-    async fn run<T: Send + 'static>(
-        &self,
-        op: impl FnOnce(&ReleaseHandler) -> Result<T, Error> + Send + 'static,
-    ) -> Result<T, Status> {
-        let handler = Arc::clone(&self.handler);
-        tokio::task::spawn_blocking(move || op(&handler))
-            .await
-            .map_err(|e| Status::internal(format!("the operation crashed: {e}")))?
-            .map_err(status)
+    async fn command(&self, command: Command, meta: Meta) -> Result<Reply, Status> {
+        self.engine.command(command, meta).await.map_err(status)
     }
 
     /// Upgrade and Downgrade: the same request, another direction.
     async fn switch(
         &self,
-        request: pb::TransitionRequest,
-        op: fn(&ReleaseHandler, &Version, Permanence, bool) -> Result<Switch, Error>,
+        request: Request<pb::TransitionRequest>,
+        direction: Direction,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let version = parse_version(&request.version)?;
-        let permanence = permanence(&request);
-        let switch = self
-            .run(move |h| op(h, &version, permanence, request.dry_run))
+        let meta_in = meta(
+            request.metadata(),
+            &request.get_ref().request_id,
+            &request.get_ref().expected_active,
+            &request.get_ref().reason,
+        )?;
+        let request = request.into_inner();
+        let version = parse_version("version", &request.version)?;
+        let permanence = permanence(&request)?;
+        let reply = self
+            .command(
+                Command::Switch {
+                    direction,
+                    version,
+                    permanence,
+                    dry_run: request.dry_run,
+                },
+                meta_in,
+            )
             .await?;
-        Ok(Response::new(switch_pb(switch)))
+        Ok(Response::new(transition_reply(reply)))
     }
 }
 
-/// The one place an agent error becomes a gRPC status.
-fn status(error: Error) -> Status {
-    let message = error.to_string();
-    match error {
-        Error::UnknownVersion(_) => Status::not_found(message),
-        Error::Precondition(_) | Error::NoMigrationPath { .. } => {
-            Status::failed_precondition(message)
-        }
-        Error::Manifest(_) | Error::InvalidArtifact(_) => Status::invalid_argument(message),
-        Error::Load { .. } => Status::failed_precondition(message),
-        Error::Plugin { .. } | Error::QuiesceTimeout { .. } => Status::aborted(message),
-        Error::Store(_) | Error::Io { .. } => Status::internal(message),
-    }
-}
-
-fn parse_version(text: &str) -> Result<Version, Status> {
-    Version::parse(text.trim()).map_err(|_| {
-        Status::invalid_argument(format!(
-            "{text:?} is not a version (expected something like 0.2.0)"
-        ))
-    })
-}
-
-fn permanence(request: &pb::TransitionRequest) -> Permanence {
-    match request.permanence() {
-        pb::Permanence::Immediate => Permanence::Immediate,
-        pb::Permanence::Never => Permanence::Never,
-        pb::Permanence::Soak => Permanence::Soak(
-            (request.soak_ms > 0).then(|| std::time::Duration::from_millis(request.soak_ms)),
-        ),
-    }
-}
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Control for ControlService {
@@ -93,20 +241,19 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::StageChunk>>,
     ) -> Result<Response<pb::StageReply>, Status> {
+        let deadline = deadline(request.metadata());
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::StageChunk {
                 part: Some(pb::stage_chunk::Part::Header(header)),
             })) => header,
             Some(Err(e)) => return Err(e),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first Stage message must be the header",
-                ))
-            }
+            _ => return Err(invalid("the first Stage message must be the header")),
         };
+        let mut meta = meta(&MetadataMap::new(), &header.request_id, "", &header.reason)?;
+        meta.deadline = deadline;
         if header.size > MAX_ARTIFACT {
-            return Err(Status::invalid_argument(format!(
+            return Err(too_large(format!(
                 "the library is {} bytes; the limit is {MAX_ARTIFACT}",
                 header.size
             )));
@@ -117,26 +264,40 @@ impl Control for ControlService {
             match chunk?.part {
                 Some(pb::stage_chunk::Part::Data(data)) => {
                     if bytes.len() as u64 + data.len() as u64 > header.size {
-                        return Err(Status::invalid_argument(format!(
+                        return Err(invalid(format!(
                             "more bytes than the {} the header announced",
                             header.size
                         )));
                     }
                     bytes.extend_from_slice(&data);
                 }
-                _ => return Err(Status::invalid_argument("only one Stage header is allowed")),
+                _ => return Err(invalid("only one Stage header is allowed")),
             }
         }
         if bytes.len() as u64 != header.size {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "the upload ended after {} of {} bytes",
                 bytes.len(),
                 header.size
             )));
         }
-        let (release, already_staged) = self
-            .run(move |h| h.stage(&header.manifest_toml, &header.sha256, &bytes))
+        let reply = self
+            .command(
+                Command::Stage {
+                    manifest_toml: header.manifest_toml,
+                    sha256: header.sha256,
+                    bytes,
+                },
+                meta,
+            )
             .await?;
+        let Reply::Staged {
+            release,
+            already_staged,
+        } = reply
+        else {
+            return Err(Status::internal("Stage answered with another reply"));
+        };
         Ok(Response::new(pb::StageReply {
             release: Some(release_pb(&release)),
             already_staged,
@@ -147,7 +308,7 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesReply>, Status> {
-        let releases = self.run(|h| h.releases()).await?;
+        let releases = self.engine.releases().map_err(status)?;
         Ok(Response::new(pb::ListReleasesReply {
             releases: releases.iter().map(release_pb).collect(),
         }))
@@ -157,51 +318,84 @@ impl Control for ControlService {
         &self,
         request: Request<pb::TransitionRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        self.switch(request.into_inner(), ReleaseHandler::upgrade)
-            .await
+        self.switch(request, Direction::Up).await
     }
 
     async fn downgrade(
         &self,
         request: Request<pb::TransitionRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        self.switch(request.into_inner(), ReleaseHandler::downgrade)
-            .await
+        self.switch(request, Direction::Down).await
     }
 
     async fn rollback(
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let request = request.into_inner();
-        let source = match request.state() {
-            pb::StateSource::Migrate => StateSource::Migrate,
-            pb::StateSource::Snapshot => StateSource::Snapshot,
+        let r = request.get_ref();
+        let meta = meta(
+            request.metadata(),
+            &r.request_id,
+            &r.expected_active,
+            &r.reason,
+        )?;
+        let source = match pb::StateSource::try_from(r.state) {
+            Ok(pb::StateSource::Unspecified | pb::StateSource::Migrate) => StateSource::Migrate,
+            Ok(pb::StateSource::Snapshot) => StateSource::Snapshot,
+            Err(_) => {
+                return Err(invalid(format!(
+                    "state {} is not a StateSource value",
+                    r.state
+                )))
+            }
         };
-        let switch = self
-            .run(move |h| h.rollback(source, request.dry_run))
+        let reply = self
+            .command(
+                Command::Rollback {
+                    source,
+                    dry_run: r.dry_run,
+                },
+                meta,
+            )
             .await?;
-        Ok(Response::new(switch_pb(switch)))
+        Ok(Response::new(transition_reply(reply)))
     }
 
     async fn make_permanent(
         &self,
         request: Request<pb::MakePermanentRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let version = parse_version(&request.into_inner().version)?;
-        let transition = self.run(move |h| h.make_permanent(&version)).await?;
-        Ok(Response::new(pb::TransitionReply {
-            transition: Some(transition_pb(&transition)),
-            plan: None,
-        }))
+        let r = request.get_ref();
+        let meta = meta(
+            request.metadata(),
+            &r.request_id,
+            &r.expected_active,
+            &r.reason,
+        )?;
+        let version = parse_version("version", &r.version)?;
+        let reply = self
+            .command(Command::MakePermanent { version }, meta)
+            .await?;
+        Ok(Response::new(transition_reply(reply)))
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
-        let version = parse_version(&request.into_inner().version)?;
-        let (release, collected) = self.run(move |h| h.remove(&version)).await?;
+        let r = request.get_ref();
+        let meta = meta(
+            request.metadata(),
+            &r.request_id,
+            &r.expected_active,
+            &r.reason,
+        )?;
+        let version = parse_version("version", &r.version)?;
+        let Reply::Removed { release, collected } =
+            self.command(Command::Remove { version }, meta).await?
+        else {
+            return Err(Status::internal("Remove answered with another reply"));
+        };
         Ok(Response::new(pb::RemoveReply {
             release: Some(release_pb(&release)),
             collected,
@@ -212,8 +406,38 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        let status = self.run(|h| h.status()).await?;
+        let status = self.engine.status().map_err(status)?;
         let text = |v: Option<Version>| v.map(|v| v.to_string()).unwrap_or_default();
+        let soak = match &status.soak {
+            Soak::Idle => pb::Soak {
+                mode: pb::SoakMode::Idle.into(),
+                ..Default::default()
+            },
+            Soak::Soaking { version, .. } => pb::Soak {
+                mode: pb::SoakMode::Soaking.into(),
+                version: version.to_string(),
+                remaining_ms: status.soak_remaining.as_millis() as u64,
+                ..Default::default()
+            },
+            Soak::Held { version } => pb::Soak {
+                mode: pb::SoakMode::Held.into(),
+                version: version.to_string(),
+                ..Default::default()
+            },
+            Soak::RollingBack {
+                version,
+                reason,
+                attempts,
+                last_error,
+            } => pb::Soak {
+                mode: pb::SoakMode::RollingBack.into(),
+                version: version.to_string(),
+                remaining_ms: 0,
+                reason: reason.clone(),
+                attempts: *attempts,
+                last_error: last_error.clone().unwrap_or_default(),
+            },
+        };
         Ok(Response::new(pb::StatusReply {
             active_version: status.active.to_string(),
             permanent_version: text(status.permanent),
@@ -233,7 +457,10 @@ impl Control for ControlService {
                 })
                 .collect(),
             uptime_ms: status.uptime.as_millis() as u64,
-            soak_remaining_ms: status.soak_remaining.as_millis() as u64,
+            soak: Some(soak),
+            running: status.running.as_ref().map(transition_pb),
+            last_event_id: status.last_event_id,
+            store_error: status.store_error.unwrap_or_default(),
         }))
     }
 
@@ -241,64 +468,260 @@ impl Control for ControlService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryReply>, Status> {
-        let limit = request.into_inner().limit as usize;
-        let history = self.run(move |h| h.history(limit)).await?;
+        let r = request.into_inner();
+        let (after, limit) = match (r.after_id, r.limit) {
+            (0, limit) => (None, limit as usize),
+            (after, 0) => (Some(after), 100),
+            (after, limit) if limit <= MAX_PAGE => (Some(after), limit as usize),
+            (_, limit) => {
+                return Err(invalid(format!(
+                    "limit {limit} is over the page size limit of {MAX_PAGE}"
+                )))
+            }
+        };
+        let (transitions, more) = self.engine.history(after, limit).map_err(status)?;
         Ok(Response::new(pb::HistoryReply {
-            transitions: history.iter().map(transition_pb).collect(),
+            transitions: transitions.iter().map(transition_pb).collect(),
+            more,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let after = request.into_inner().after_id;
+        // Subscribed before the backlog is read: nothing falls in between.
+        let live = self.engine.subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        let engine = self.engine.clone();
+        let stopped = self.stopped.clone();
+        tokio::spawn(follow(engine, after, live, tx, stopped));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn agent_info(
+        &self,
+        _request: Request<pb::AgentInfoRequest>,
+    ) -> Result<Response<pb::AgentInfoReply>, Status> {
+        let config = self.engine.config();
+        Ok(Response::new(pb::AgentInfoReply {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            abi_versions: vec![nine9s_host::ABI_VERSION],
+            service: self.engine.service().to_owned(),
+            default_soak_ms: config.soak.as_millis() as u64,
+            shutdown_grace_ms: config.shutdown_grace.as_millis() as u64,
+            quiesce_timeout_ms: config.quiesce_timeout.as_millis() as u64,
+            checkpoint_every_ms: config.checkpoint_every.as_millis() as u64,
+            health_timeout_ms: config.health_timeout.as_millis() as u64,
+            max_error_rate: config.max_error_rate,
+            keep_old: config.keep_old.try_into().unwrap_or(u32::MAX),
+            keep_history: config.keep_history.try_into().unwrap_or(u32::MAX),
+            started_at_ms: self.engine.started_at_ms(),
+            pid: std::process::id(),
         }))
     }
 }
 
-fn release_pb(release: &Release) -> pb::Release {
-    let state = match release.state {
+/// Sends a watcher every event after `after` — first those in the store,
+/// then each new one — until it goes away or the agent stops.
+async fn follow(
+    engine: Engine,
+    mut after: u64,
+    mut live: broadcast::Receiver<Event>,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let backlog = |after: u64| -> Result<Vec<Event>, Status> {
+        let mut all = Vec::new();
+        let mut from = after;
+        loop {
+            let page = engine.events_after(from, 512).map_err(status)?;
+            let Some(last) = page.last() else {
+                return Ok(all);
+            };
+            from = last.id;
+            all.extend(page);
+        }
+    };
+    let mut pending = match backlog(after) {
+        Ok(events) => events,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    loop {
+        for event in pending.drain(..) {
+            // Id 0: an event the store could not record; still news.
+            if event.id != 0 && event.id <= after {
+                continue;
+            }
+            after = after.max(event.id);
+            if tx.send(Ok(event_pb(&event))).await.is_err() {
+                return;
+            }
+        }
+        if *stopped.borrow() {
+            return;
+        }
+        tokio::select! {
+            changed = stopped.changed() => if changed.is_err() {
+                return;
+            },
+            () = tx.closed() => return,
+            received = live.recv() => match received {
+                Ok(event) => pending.push(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => match backlog(after) {
+                    Ok(events) => pending = events,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                },
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+fn transition_reply(reply: Reply) -> pb::TransitionReply {
+    match reply {
+        Reply::Switched {
+            transition,
+            plan,
+            unchanged,
+        } => pb::TransitionReply {
+            transition: transition.as_ref().map(transition_pb),
+            plan: plan.as_ref().map(plan_pb),
+            unchanged,
+        },
+        Reply::Staged { .. } | Reply::Removed { .. } => pb::TransitionReply::default(),
+    }
+}
+
+fn state_pb(state: ReleaseState) -> pb::ReleaseState {
+    match state {
         ReleaseState::Staged => pb::ReleaseState::Staged,
         ReleaseState::Current => pb::ReleaseState::Current,
         ReleaseState::Permanent => pb::ReleaseState::Permanent,
         ReleaseState::Old => pb::ReleaseState::Old,
         ReleaseState::Failed => pb::ReleaseState::Failed,
-    };
+    }
+}
+
+fn release_pb(release: &Release) -> pb::Release {
     pb::Release {
         name: release.name.clone(),
         version: release.version.to_string(),
-        state: state.into(),
+        state: state_pb(release.state).into(),
         sha256: release.sha256.clone(),
         size: release.size,
         staged_at_ms: release.staged_at_ms,
         state_version: release.state_version,
         routes: release.routes.clone(),
+        permanent_since_ms: release.permanent_since_ms.unwrap_or(0),
+        failure: release.failure.clone().unwrap_or_default(),
     }
 }
 
 fn transition_pb(t: &Transition) -> pb::Transition {
     let text = |v: &Option<Version>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
+    let kind = match t.kind {
+        TransitionKind::Install => pb::TransitionKind::Install,
+        TransitionKind::Stage => pb::TransitionKind::Stage,
+        TransitionKind::Upgrade => pb::TransitionKind::Upgrade,
+        TransitionKind::Downgrade => pb::TransitionKind::Downgrade,
+        TransitionKind::Rollback => pb::TransitionKind::Rollback,
+        TransitionKind::MakePermanent => pb::TransitionKind::MakePermanent,
+        TransitionKind::Remove => pb::TransitionKind::Remove,
+        TransitionKind::Restart => pb::TransitionKind::Restart,
+    };
+    let result = match t.outcome {
+        Outcome::Running => pb::TransitionResult::Running,
+        Outcome::Ok => pb::TransitionResult::Ok,
+        Outcome::Failed => pb::TransitionResult::Failed,
+        Outcome::Aborted => pb::TransitionResult::Aborted,
+    };
     pb::Transition {
         id: t.id,
         started_at_ms: t.started_at_ms,
-        kind: t.kind.to_string(),
+        kind: kind.into(),
         from_version: text(&t.from),
         to_version: text(&t.to),
-        result: t.outcome.to_string(),
+        result: result.into(),
         duration_us: t.duration_us,
         switch_wait_us: t.switch_wait_us,
         error: t.error.clone().unwrap_or_default(),
         automatic: t.automatic,
         reason: t.reason.clone().unwrap_or_default(),
+        request_id: t.request_id.clone().unwrap_or_default(),
+        error_reason: t
+            .error_reason
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default(),
     }
 }
 
 fn plan_pb(report: &PlanReport) -> pb::Plan {
+    let origin = match report.plan.origin {
+        nine9s_manifest::PlanOrigin::Written => pb::PlanOrigin::Written,
+        nine9s_manifest::PlanOrigin::Derived => pb::PlanOrigin::Derived,
+    };
     pb::Plan {
         from_version: report.from.to_string(),
         to_version: report.to.to_string(),
-        origin: report.plan.origin.to_string(),
-        steps: report.plan.steps.iter().map(|s| s.to_string()).collect(),
+        origin: origin.into(),
+        steps: report
+            .plan
+            .steps
+            .iter()
+            .map(|step| {
+                let (kind, hook) = match step {
+                    Step::Load => (pb::StepKind::Load, String::new()),
+                    Step::Migrate => (pb::StepKind::Migrate, String::new()),
+                    Step::Switch => (pb::StepKind::Switch, String::new()),
+                    Step::Hook(name) => (pb::StepKind::Hook, name.clone()),
+                    Step::Drain => (pb::StepKind::Drain, String::new()),
+                    Step::Unload => (pb::StepKind::Unload, String::new()),
+                };
+                pb::PlanStep {
+                    kind: kind.into(),
+                    hook,
+                }
+            })
+            .collect(),
         checks: report.checks.clone(),
     }
 }
 
-fn switch_pb(switch: Switch) -> pb::TransitionReply {
-    pb::TransitionReply {
-        transition: switch.transition.as_ref().map(transition_pb),
-        plan: Some(plan_pb(&switch.plan)),
+fn event_pb(event: &Event) -> pb::Event {
+    let kind = match event.kind {
+        EventKind::TransitionStarted => pb::EventKind::TransitionStarted,
+        EventKind::TransitionFinished => pb::EventKind::TransitionFinished,
+        EventKind::ReleaseStateChanged => pb::EventKind::ReleaseStateChanged,
+        EventKind::SoakStarted => pb::EventKind::SoakStarted,
+        EventKind::SoakProgress => pb::EventKind::SoakProgress,
+        EventKind::SoakPassed => pb::EventKind::SoakPassed,
+        EventKind::SoakFailed => pb::EventKind::SoakFailed,
+        EventKind::RollbackRetry => pb::EventKind::RollbackRetry,
+        EventKind::AgentStarted => pb::EventKind::AgentStarted,
+        EventKind::CheckpointSkipped => pb::EventKind::CheckpointSkipped,
+    };
+    pb::Event {
+        id: event.id,
+        at_ms: event.at_ms,
+        kind: kind.into(),
+        transition: event.transition.as_ref().map(transition_pb),
+        version: event
+            .version
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        state: event.state.map_or(0, |s| state_pb(s).into()),
+        soak_remaining_ms: event.soak_remaining_ms,
+        message: event.message.clone().unwrap_or_default(),
     }
 }

@@ -1,8 +1,12 @@
 //! The agent's errors. Each says what went wrong in words a person can act
-//! on; `control` is the one place that turns them into gRPC statuses.
+//! on, and has a stable [`Reason`] code that clients branch on; `control`
+//! is the one place that turns them into gRPC statuses.
+
+use std::fmt;
 
 use nine9s_host::{CallError, LoadError};
 use nine9s_manifest::{ManifestError, Version};
+use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;
 
@@ -10,18 +14,19 @@ use crate::store::StoreError;
 pub enum Error {
     #[error("release {0} is not known to this agent (`ctl releases` lists the staged ones)")]
     UnknownVersion(Version),
-    /// The request is valid but not in the agent's current state.
-    #[error("{0}")]
-    Precondition(String),
+    /// Valid, but not in the agent's current state (or not valid at all:
+    /// the reason says which).
+    #[error("{message}")]
+    Refused { reason: Reason, message: String },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     /// The uploaded library is unusable.
     #[error("{0}")]
     InvalidArtifact(String),
-    /// A staged library failed to load at upgrade time.
+    /// A release's library failed to load.
     #[error("cannot load release {version}: {source}")]
     Load { version: Version, source: LoadError },
-    /// Plugin code failed; the switch did not happen.
+    /// Plugin code of release `version` failed; nothing was switched.
     #[error("{during} of release {version} failed, nothing was switched: {source}")]
     Plugin {
         version: Version,
@@ -41,6 +46,8 @@ pub enum Error {
         "requests on {version} did not finish within {timeout_ms} ms, so the switch was abandoned; {version} keeps serving"
     )]
     QuiesceTimeout { version: Version, timeout_ms: u64 },
+    #[error("{expected} was expected to be active, but {active} is: nothing was done")]
+    ExpectedActive { expected: Version, active: Version },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{context}: {source}")]
@@ -48,12 +55,136 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
+    /// The outcome recorded for a request id, returned to a retry.
+    #[error("{message}")]
+    Recorded { reason: Reason, message: String },
 }
 
 impl Error {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }
+    }
+
+    pub fn refused(reason: Reason, message: impl Into<String>) -> Error {
+        Error::Refused {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The stable code of this error.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::UnknownVersion(_) => Reason::UnknownRelease,
+            Error::Refused { reason, .. } | Error::Recorded { reason, .. } => *reason,
+            Error::Manifest(_) => Reason::InvalidManifest,
+            Error::InvalidArtifact(_) => Reason::InvalidArtifact,
+            Error::Load { .. } => Reason::LoadFailed,
+            Error::Plugin { .. } => Reason::PluginFailed,
+            Error::NoMigrationPath { .. } => Reason::NoMigrationPath,
+            Error::QuiesceTimeout { .. } => Reason::QuiesceTimeout,
+            Error::ExpectedActive { .. } => Reason::ExpectedActiveMismatch,
+            Error::Store(e) if e.is_disk_full() => Reason::DiskFull,
+            Error::Store(_) => Reason::StoreUnavailable,
+            Error::Io { source, .. } if is_disk_full(source) => Reason::DiskFull,
+            Error::Io { .. } => Reason::Internal,
+        }
+    }
+
+    /// The release whose own code (or library) this error blames, if any:
+    /// only that release may be marked failed for it.
+    pub fn blames(&self) -> Option<&Version> {
+        match self {
+            Error::Load { version, .. } | Error::Plugin { version, .. } => Some(version),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an I/O error means the disk (or quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == 28 /* ENOSPC */ || code == 122 /* EDQUOT */)
+        || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+/// Stable error codes, sent as `google.rpc.ErrorInfo.reason`. Clients
+/// branch on these, never on messages; never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Reason {
+    /// A field is malformed or out of range.
+    InvalidArgument,
+    UnknownRelease,
+    /// An upgrade to a lower version, or a downgrade to a higher one.
+    WrongDirection,
+    NoRollbackTarget,
+    /// Only the current release can be made permanent.
+    NotCurrent,
+    /// The permanent, current or active release cannot be removed.
+    ReleaseInUse,
+    /// The version is staged already, with other contents.
+    VersionConflict,
+    /// The release is of another service than this agent's.
+    WrongService,
+    InvalidManifest,
+    InvalidArtifact,
+    LoadFailed,
+    /// Plugin code failed (init, migration, health, hook); nothing switched.
+    PluginFailed,
+    NoMigrationPath,
+    NoSnapshot,
+    /// A written plan names a hook the release does not have.
+    UnknownHook,
+    QuiesceTimeout,
+    ExpectedActiveMismatch,
+    /// A release failed its soak and its rollback is pending.
+    RollbackPending,
+    StoreUnavailable,
+    DiskFull,
+    TooLarge,
+    RequestIdReused,
+    /// The client went away before the command started; it did not run.
+    ClientGone,
+    ShuttingDown,
+    Internal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidArgument => "INVALID_ARGUMENT",
+            Reason::UnknownRelease => "UNKNOWN_RELEASE",
+            Reason::WrongDirection => "WRONG_DIRECTION",
+            Reason::NoRollbackTarget => "NO_ROLLBACK_TARGET",
+            Reason::NotCurrent => "NOT_CURRENT",
+            Reason::ReleaseInUse => "RELEASE_IN_USE",
+            Reason::VersionConflict => "VERSION_CONFLICT",
+            Reason::WrongService => "WRONG_SERVICE",
+            Reason::InvalidManifest => "INVALID_MANIFEST",
+            Reason::InvalidArtifact => "INVALID_ARTIFACT",
+            Reason::LoadFailed => "LOAD_FAILED",
+            Reason::PluginFailed => "PLUGIN_FAILED",
+            Reason::NoMigrationPath => "NO_MIGRATION_PATH",
+            Reason::NoSnapshot => "NO_SNAPSHOT",
+            Reason::UnknownHook => "UNKNOWN_HOOK",
+            Reason::QuiesceTimeout => "QUIESCE_TIMEOUT",
+            Reason::ExpectedActiveMismatch => "EXPECTED_ACTIVE_MISMATCH",
+            Reason::RollbackPending => "ROLLBACK_PENDING",
+            Reason::StoreUnavailable => "STORE_UNAVAILABLE",
+            Reason::DiskFull => "DISK_FULL",
+            Reason::TooLarge => "TOO_LARGE",
+            Reason::RequestIdReused => "REQUEST_ID_REUSED",
+            Reason::ClientGone => "CLIENT_GONE",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::Internal => "INTERNAL",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -7,7 +7,8 @@
 //! the shutdown future resolves. `main.rs` is a thin shell over these two.
 //!
 //! The data plane runs on the caller's tokio runtime; the control plane
-//! (gRPC, transitions, soak watching, checkpoints) on a runtime of its own.
+//! (gRPC, soak watching) on a runtime of its own, and transitions on the
+//! engine's own thread.
 //! Plugin code runs synchronously on the data plane's threads, so a release
 //! stuck in slow calls can hold them all — and that is exactly when an
 //! operator needs `ctl rollback` to work and a switch's quiesce timeout to
@@ -26,8 +27,7 @@ mod runtime;
 mod store;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,18 +35,19 @@ use tokio::sync::watch;
 pub use config::{Bootstrap, Config};
 pub use error::Error;
 pub use http::RELEASE_HEADER;
-use release_handler::ReleaseHandler;
-
-/// How often a soaking release is looked at.
-const SOAK_TICK: Duration = Duration::from_millis(100);
+use release_handler::Engine;
 
 /// Blocking threads of the control plane. Few and long-lived, so few
 /// thread stacks and malloc arenas come and go over many switches.
 const CONTROL_BLOCKING_THREADS: usize = 8;
 
+/// What SIGTERM may take beyond `--shutdown-grace`: the final checkpoint
+/// and closing the store.
+const STOP_MARGIN: Duration = Duration::from_secs(1);
+
 /// A booted agent, not serving yet.
 pub struct Agent {
-    handler: Arc<ReleaseHandler>,
+    engine: Engine,
     /// Always `Some` until `run` or `drop` takes it.
     control: Option<tokio::runtime::Runtime>,
 }
@@ -73,12 +74,12 @@ impl Agent {
             .map_err(Error::io("cannot start the control plane's runtime"))?;
         let handle = control.handle().clone();
         let booted = control
-            .spawn_blocking(move || ReleaseHandler::boot(config, handle))
+            .spawn_blocking(move || Engine::start(config, handle))
             .await
             .expect("boot does not panic");
         match booted {
-            Ok(handler) => Ok(Agent {
-                handler: Arc::new(handler),
+            Ok(engine) => Ok(Agent {
+                engine,
                 control: Some(control),
             }),
             Err(e) => {
@@ -90,12 +91,14 @@ impl Agent {
 
     /// The version being served.
     pub async fn active_version(&self) -> String {
-        self.handler.runtime().active().await.version.to_string()
+        self.engine.runtime().active().await.version.to_string()
     }
 
     /// Serves HTTP and gRPC until `shutdown` resolves; then stops accepting,
-    /// lets in-flight requests finish (within the grace period), and
-    /// snapshots the active state into the store.
+    /// lets in-flight requests finish (within the grace period), takes a
+    /// last checkpoint (the previous one stands if requests are still in
+    /// flight) and records the clean stop — all within the grace period
+    /// plus a small margin, whatever the release is doing.
     pub async fn run(
         self,
         http: TcpListener,
@@ -104,16 +107,16 @@ impl Agent {
     ) -> Result<(), Error> {
         let mut agent = self;
         let control = agent.control.take().expect("present until run");
-        let handler = Arc::clone(&agent.handler);
+        let engine = agent.engine.clone();
         drop(agent);
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let grace = handler.config().shutdown_grace;
+        let grace = engine.config().shutdown_grace;
         let http = tokio::spawn(http::serve(
             http,
-            Arc::clone(handler.runtime()),
+            std::sync::Arc::clone(engine.runtime()),
             until_stopped(stopped.clone()),
             grace,
         ));
@@ -122,7 +125,7 @@ impl Agent {
         let grpc = grpc
             .into_std()
             .map_err(Error::io("cannot move the gRPC listener"))?;
-        let service = control::service(Arc::clone(&handler));
+        let service = control::service(engine.clone(), stopped.clone());
         let grpc_stopped = until_stopped(stopped.clone());
         let grpc = control.spawn(async move {
             let listener = TcpListener::from_std(grpc)?;
@@ -137,51 +140,46 @@ impl Agent {
                 .await
                 .map_err(std::io::Error::other)
         });
-        let background = control.spawn(background(Arc::clone(&handler), until_stopped(stopped)));
+        let soaks = control.spawn(release_handler::watch_soaks(
+            engine.clone(),
+            until_stopped(stopped.clone()),
+        ));
+        let checkpoints = control.spawn(checkpoints(engine.clone(), until_stopped(stopped)));
 
         shutdown.await;
-        tracing::info!("shutting down");
+        let deadline = Instant::now() + grace + STOP_MARGIN;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         let _ = stop.send(true);
         let _ = http.await;
-        match grpc.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
-            Ok(Ok(())) => {}
+        let left = || deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left(), grpc).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => tracing::warn!("gRPC calls still open at the end of the grace period"),
+            Ok(Ok(Ok(()))) => {}
         }
-        let _ = background.await;
-        let saved = control
-            .spawn_blocking(move || handler.checkpoint())
-            .await
-            .expect("checkpoint does not panic");
+        let _ = soaks.await;
+        let _ = checkpoints.await;
+        if engine.stop(left()).await {
+            tracing::info!("final checkpoint taken; stopped");
+        } else {
+            tracing::warn!("the engine did not stop in time (a transition was running); the last checkpoint stands");
+        }
         control.shutdown_background();
-        tracing::info!(version = %saved?, "state snapshot saved; stopped");
         Ok(())
     }
 }
 
-/// Watches soaks and checkpoints the active state until stopped.
-async fn background(handler: Arc<ReleaseHandler>, stopped: impl Future<Output = ()>) {
+/// Asks for a checkpoint every `--checkpoint-every` until stopped.
+async fn checkpoints(engine: Engine, stopped: impl Future<Output = ()>) {
     tokio::pin!(stopped);
-    let mut soak = tokio::time::interval(SOAK_TICK);
-    let mut checkpoint = tokio::time::interval(handler.config().checkpoint_every);
-    checkpoint.tick().await;
+    let mut tick = tokio::time::interval(engine.config().checkpoint_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
-        let job: fn(&ReleaseHandler) -> Result<(), Error> = tokio::select! {
+        tokio::select! {
             () = &mut stopped => return,
-            _ = soak.tick() => {
-                // Most of the time nothing soaks: don't wake a blocking thread for it.
-                if !handler.soaking() {
-                    continue;
-                }
-                ReleaseHandler::watch_soak
-            }
-            _ = checkpoint.tick() => |h| h.checkpoint().map(drop),
-        };
-        let handler = Arc::clone(&handler);
-        match tokio::task::spawn_blocking(move || job(&handler)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "background job failed"),
-            Err(e) => tracing::error!(error = %e, "background job crashed"),
+            _ = tick.tick() => engine.checkpoint(),
         }
     }
 }

@@ -32,31 +32,79 @@ struct Args {
     /// embedded sample nine9s 0.1.0).
     #[arg(long)]
     bootstrap: Option<PathBuf>,
-    /// Default soak before a new release becomes permanent.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    /// Default soak before a new release becomes permanent (up to 7d).
+    #[arg(long, default_value = "5s", value_parser = soak)]
     soak: Duration,
-    /// How often the active state is checkpointed.
-    #[arg(long, default_value = "10s", value_parser = duration)]
+    /// How often the active state is checkpointed (1s to 1d).
+    #[arg(long, default_value = "10s", value_parser = checkpoint_every)]
     checkpoint_every: Duration,
-    /// How long in-flight requests get on shutdown.
-    #[arg(long, default_value = "10s", value_parser = duration)]
+    /// How long in-flight requests get on shutdown (up to 1h).
+    #[arg(long, default_value = "10s", value_parser = up_to_an_hour)]
     shutdown_grace: Duration,
-    /// How long a switch waits for in-flight calls on the old release.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    /// How long a switch waits for in-flight calls on the old release (up to 1h).
+    #[arg(long, default_value = "5s", value_parser = positive_up_to_an_hour)]
     quiesce_timeout: Duration,
+    /// How long a soaking release's health check may take (up to 1h).
+    #[arg(long, default_value = "2s", value_parser = positive_up_to_an_hour)]
+    health_timeout: Duration,
     /// Old releases kept for downgrades.
-    #[arg(long, default_value_t = 5)]
-    keep_old: usize,
-    /// Transitions kept in the history.
-    #[arg(long, default_value_t = 10_000)]
-    keep_history: usize,
-    /// Share of failed requests during a soak that rolls back (0..1).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    keep_old: u32,
+    /// Transitions (and events) kept in the history.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    keep_history: u32,
+    /// Share of failed requests during a soak that rolls back (0 to 1).
+    #[arg(long, default_value_t = 0.05, value_parser = rate)]
     max_error_rate: f64,
 }
 
-fn duration(text: &str) -> Result<Duration, String> {
-    nine9s_manifest::parse_duration(text)
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration within `min..=max`.
+fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = nine9s_manifest::parse_duration(text)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{text} is out of range: give {} to {}",
+            humanize(min),
+            humanize(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn humanize(d: Duration) -> String {
+    match d.as_secs() {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    }
+}
+
+fn soak(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::ZERO, 7 * DAY)
+}
+
+fn checkpoint_every(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_secs(1), DAY)
+}
+
+fn up_to_an_hour(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::ZERO, HOUR)
+}
+
+fn positive_up_to_an_hour(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_millis(1), HOUR)
+}
+
+fn rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        Ok(_) => Err(format!("{text} is not a share between 0 and 1 (5% is 0.05)")),
+        Err(_) => Err(format!("{text:?} is not a number")),
+    }
 }
 
 /// glibc malloc arenas the agent uses (see `nine9s_host::limit_malloc_arenas`:
@@ -73,11 +121,21 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("start the tokio runtime");
-    if let Err(e) = runtime.block_on(run(args)) {
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("agent: error: cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(args));
+    // A data-plane thread may still be inside a slow plugin call: don't
+    // wait for it past the grace period that already passed.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    if let Err(e) = result {
         eprintln!("agent: error: {e}");
         std::process::exit(1);
     }
@@ -90,8 +148,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.checkpoint_every = args.checkpoint_every;
     config.shutdown_grace = args.shutdown_grace;
     config.quiesce_timeout = args.quiesce_timeout;
-    config.keep_old = args.keep_old;
-    config.keep_history = args.keep_history;
+    config.health_timeout = args.health_timeout;
+    config.keep_old = args.keep_old as usize;
+    config.keep_history = args.keep_history as usize;
     config.max_error_rate = args.max_error_rate;
 
     let http = TcpListener::bind(args.http)

@@ -7,6 +7,8 @@ use std::fmt;
 use nine9s_manifest::Version;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Reason;
+
 /// Where a release is in its lifecycle (OTP's release_handler states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,6 +59,9 @@ pub struct Release {
     pub permanent_since_ms: Option<i64>,
     /// The release.toml as staged.
     pub manifest: String,
+    /// Why it is failed, when it is.
+    #[serde(default)]
+    pub failure: Option<String>,
 }
 
 /// What a transition did.
@@ -130,9 +135,97 @@ pub struct Transition {
     pub error: Option<String>,
     /// Started by the agent itself (a health-gated rollback, a restart).
     pub automatic: bool,
-    /// Why an automatic transition happened, or a note on a manual one.
+    /// Why an automatic transition happened, or the caller's reason.
     #[serde(default)]
     pub reason: Option<String>,
+    /// The request id of the command that started it.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// The stable code of `error`.
+    #[serde(default)]
+    pub error_reason: Option<Reason>,
+}
+
+/// What happened, for `Watch`: kept in the store beside the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Monotonic across restarts.
+    pub id: u64,
+    pub at_ms: i64,
+    pub kind: EventKind,
+    #[serde(default)]
+    pub transition: Option<Transition>,
+    #[serde(default)]
+    pub version: Option<Version>,
+    #[serde(default)]
+    pub state: Option<ReleaseState>,
+    #[serde(default)]
+    pub soak_remaining_ms: u64,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    TransitionStarted,
+    TransitionFinished,
+    ReleaseStateChanged,
+    SoakStarted,
+    SoakProgress,
+    SoakPassed,
+    SoakFailed,
+    RollbackRetry,
+    AgentStarted,
+    CheckpointSkipped,
+}
+
+impl Event {
+    /// An event of `kind`, numbered by the store when it is recorded.
+    pub fn new(kind: EventKind) -> Event {
+        Event {
+            id: 0,
+            at_ms: now_ms(),
+            kind,
+            transition: None,
+            version: None,
+            state: None,
+            soak_remaining_ms: 0,
+            message: None,
+        }
+    }
+
+    pub fn version(mut self, version: &Version) -> Event {
+        self.version = Some(version.clone());
+        self
+    }
+
+    pub fn message(mut self, message: impl Into<String>) -> Event {
+        self.message = Some(message.into());
+        self
+    }
+}
+
+/// A command's outcome, kept under its request id so that a retry gets
+/// the same answer instead of running again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub at_ms: i64,
+    /// What the command asked for; a retry must ask for the same.
+    pub fingerprint: String,
+    pub outcome: RecordedOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordedOutcome {
+    /// A transition ran (its history entry has the rest).
+    Transition { id: u64 },
+    /// The release asked for was already active.
+    Unchanged,
+    Staged { version: Version, already_staged: bool },
+    Removed { release: Box<Release>, collected: Vec<String> },
+    Refused { reason: Reason, message: String },
 }
 
 /// A release's state, as it was at some moment.

@@ -177,11 +177,25 @@ impl Runtime {
         Arc::clone(&*self.slot.read().await)
     }
 
-    /// Runs `f` on the active instance with no request in flight on it (a
-    /// consistent snapshot).
-    pub async fn quiesced<T>(&self, f: impl FnOnce(&Loaded) -> T) -> T {
-        let slot = self.slot.write().await;
-        f(&slot)
+    /// Runs `f` on the active instance at a moment with no request in
+    /// flight on it (a consistent snapshot), looking for one for at most
+    /// `within`. It never queues as a writer, so new requests are never
+    /// held back; `None` if no such moment came.
+    pub async fn try_quiesced<T>(
+        &self,
+        within: Duration,
+        f: impl FnOnce(&Loaded) -> T,
+    ) -> Option<T> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(slot) = self.slot.try_write() {
+                return Some(f(&slot));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Switches to the instance `prepare` builds from the quiesced old one.

@@ -13,7 +13,8 @@ use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::model::{Outcome, Release, Snapshot, Transition, TransitionKind};
+use crate::model::{Event, Outcome, Recorded, Release, Snapshot, Transition};
+use crate::release_handler::check_states;
 
 /// sled keeps up to this much of the database in memory (its default is
 /// 1 GiB); history grows with every transition, and memory must not.
@@ -22,32 +23,67 @@ const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// Snapshots kept per release version; older ones are pruned.
 const SNAPSHOTS_KEPT: usize = 8;
 
+/// How long a request id is remembered for retries.
+pub const REQUEST_IDS_KEPT_MS: i64 = 24 * 3600 * 1000;
+
 #[derive(Debug, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StoreError(String);
+#[error("state store: {message}")]
+pub struct StoreError {
+    message: String,
+    disk_full: bool,
+}
+
+impl StoreError {
+    fn new(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            disk_full: false,
+        }
+    }
+
+    /// The write failed for lack of space.
+    pub fn is_disk_full(&self) -> bool {
+        self.disk_full
+    }
+}
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError(e.to_string())
+        let disk_full = matches!(&e, sled::Error::Io(io) if crate::error::is_disk_full(io))
+            || e.to_string().contains("No space left");
+        StoreError {
+            message: e.to_string(),
+            disk_full,
+        }
     }
 }
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError(format!("corrupt record: {e}"))
+        StoreError::new(format!("corrupt record: {e}"))
     }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub struct Store {
+    dir: std::path::PathBuf,
     db: sled::Db,
     releases: sled::Tree,
     history: sled::Tree,
     snapshots: sled::Tree,
-    /// Transitions kept in the history; older ones are dropped.
+    /// Lifecycle events for `Watch`, by id.
+    events: sled::Tree,
+    /// Outcomes of commands by request id, for retries.
+    requests: sled::Tree,
+    /// Small facts about the store itself (whether the last stop was clean).
+    meta: sled::Tree,
+    /// Transitions (and events) kept; older ones are dropped.
     history_kept: u64,
 }
+
+/// `meta` key: present while an agent runs on the store, removed by a clean stop.
+const RUNNING: &[u8] = b"running";
 
 impl Store {
     pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
@@ -56,17 +92,60 @@ impl Store {
             .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| {
-                StoreError(format!(
+                StoreError::new(format!(
                     "cannot open {}: {e} (is another agent using this data dir?)",
                     dir.display()
                 ))
             })?;
         Ok(Store {
+            dir: dir.to_owned(),
             releases: db.open_tree("releases")?,
             history: db.open_tree("history")?,
             snapshots: db.open_tree("snapshots")?,
+            events: db.open_tree("events")?,
+            requests: db.open_tree("requests")?,
+            meta: db.open_tree("meta")?,
             db,
             history_kept: history_kept.max(1) as u64,
+        })
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the store takes writes (after a failed one): writes, flushes
+    /// and removes a small record.
+    pub fn probe(&self) -> Result<()> {
+        self.meta.insert(b"probe", &[0u8; 64][..])?;
+        self.meta.remove(b"probe")?;
+        self.flush()
+    }
+
+    /// Writes release records as they are (resynchronising after the store
+    /// failed a commit), checked against the invariants, and flushes.
+    pub fn write_releases(&self, releases: &[Release]) -> Result<()> {
+        self.check_invariants_after(releases)?;
+        for release in releases {
+            self.releases
+                .insert(release.version.to_string(), serde_json::to_vec(release)?)?;
+        }
+        self.flush()
+    }
+
+    /// Refuses `releases` if writing them would break the lifecycle's
+    /// invariants (exactly one permanent, at most one current).
+    fn check_invariants_after(&self, releases: &[Release]) -> Result<()> {
+        let mut after = self.releases()?;
+        for changed in releases {
+            match after.iter_mut().find(|r| r.version == changed.version) {
+                Some(r) => *r = changed.clone(),
+                None => after.push(changed.clone()),
+            }
+        }
+        check_states(after.iter().map(|r| (&r.version, r.state))).map_err(|broken| {
+            StoreError::new(format!("write refused, it would break an invariant: {broken}"))
         })
     }
 
@@ -100,38 +179,13 @@ impl Store {
         Ok(())
     }
 
-    /// Journals the start of a transition, durably, and returns it.
-    pub fn begin(
-        &self,
-        kind: TransitionKind,
-        from: Option<&Version>,
-        to: Option<&Version>,
-        automatic: bool,
-    ) -> Result<Transition> {
+    /// Journals the start of a transition, durably: numbers it, marks it
+    /// running, and returns it.
+    pub fn begin(&self, mut transition: Transition) -> Result<Transition> {
         // Ids count up from the last entry; one transition begins at a time.
-        let id = match self.history.last()? {
-            Some((key, _)) => {
-                u64::from_be_bytes(
-                    key.as_ref()
-                        .try_into()
-                        .map_err(|_| StoreError("corrupt history key".into()))?,
-                ) + 1
-            }
-            None => 1,
-        };
-        let transition = Transition {
-            id,
-            started_at_ms: crate::model::now_ms(),
-            kind,
-            from: from.cloned(),
-            to: to.cloned(),
-            outcome: Outcome::Running,
-            duration_us: 0,
-            switch_wait_us: 0,
-            error: None,
-            automatic,
-            reason: None,
-        };
+        transition.id = last_id(&self.history)? + 1;
+        transition.started_at_ms = crate::model::now_ms();
+        transition.outcome = Outcome::Running;
         self.history.insert(
             transition.id.to_be_bytes(),
             serde_json::to_vec(&transition)?,
@@ -142,7 +196,13 @@ impl Store {
 
     /// Writes the end of a transition together with the release records it
     /// changed, atomically, and flushes.
+    /// Refuses a commit that would break the lifecycle's invariants
+    /// (exactly one permanent release, at most one current), whatever the
+    /// caller computed.
     pub fn commit(&self, transition: &Transition, releases: &[Release]) -> Result<()> {
+        if !releases.is_empty() {
+            self.check_invariants_after(releases)?;
+        }
         let entry = serde_json::to_vec(transition)?;
         let records = releases
             .iter()
@@ -158,7 +218,7 @@ impl Store {
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => StoreError::from(e),
-                TransactionError::Abort(()) => StoreError("transaction aborted".into()),
+                TransactionError::Abort(()) => StoreError::new("transaction aborted"),
             })?;
         self.trim_history()?;
         self.flush()
@@ -168,24 +228,111 @@ impl Store {
     /// consecutive and only the oldest are ever removed, so the count is
     /// the span of ids (sled's `len` would walk the whole tree).
     fn trim_history(&self) -> Result<()> {
-        let id = |entry: Option<(sled::IVec, sled::IVec)>| -> Result<Option<u64>> {
-            entry
-                .map(|(key, _)| {
-                    key.as_ref()
-                        .try_into()
-                        .map(u64::from_be_bytes)
-                        .map_err(|_| StoreError("corrupt history key".into()))
-                })
-                .transpose()
-        };
-        let (Some(first), Some(last)) = (id(self.history.first()?)?, id(self.history.last()?)?)
-        else {
+        let Some((first, _)) = self.history.first()? else {
             return Ok(());
         };
+        let (first, last) = (key_id(&first)?, last_id(&self.history)?);
         for old in first..(last + 1).saturating_sub(self.history_kept) {
             self.history.remove(old.to_be_bytes())?;
         }
         Ok(())
+    }
+
+    /// One transition of the history.
+    pub fn transition(&self, id: u64) -> Result<Option<Transition>> {
+        self.history
+            .get(id.to_be_bytes())?
+            .map(|v| Ok(serde_json::from_slice(&v)?))
+            .transpose()
+    }
+
+    /// Up to `limit` transitions after `after_id`, oldest first, and
+    /// whether more follow.
+    pub fn history_after(&self, after_id: u64, limit: usize) -> Result<(Vec<Transition>, bool)> {
+        let mut page = self
+            .history
+            .range((after_id + 1).to_be_bytes()..)
+            .values()
+            .take(limit + 1)
+            .map(|v| Ok(serde_json::from_slice::<Transition>(&v?)?))
+            .collect::<Result<Vec<_>>>()?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
+    }
+
+    /// Records an event (numbering it) and drops the oldest beyond the
+    /// number kept. Durable with the next flush.
+    pub fn record_event(&self, mut event: Event) -> Result<Event> {
+        event.id = last_id(&self.events)? + 1;
+        self.events
+            .insert(event.id.to_be_bytes(), serde_json::to_vec(&event)?)?;
+        if let Some((first, _)) = self.events.first()? {
+            let first = key_id(&first)?;
+            for old in first..(event.id + 1).saturating_sub(self.history_kept) {
+                self.events.remove(old.to_be_bytes())?;
+            }
+        }
+        Ok(event)
+    }
+
+    /// Up to `limit` events after `after_id`, oldest first.
+    pub fn events_after(&self, after_id: u64, limit: usize) -> Result<Vec<Event>> {
+        self.events
+            .range((after_id + 1).to_be_bytes()..)
+            .values()
+            .take(limit)
+            .map(|v| Ok(serde_json::from_slice::<Event>(&v?)?))
+            .collect()
+    }
+
+    pub fn last_event_id(&self) -> Result<u64> {
+        last_id(&self.events)
+    }
+
+    /// The outcome recorded for a request id.
+    pub fn request(&self, id: &str) -> Result<Option<Recorded>> {
+        self.requests
+            .get(id.as_bytes())?
+            .map(|v| Ok(serde_json::from_slice(&v)?))
+            .transpose()
+    }
+
+    /// Records a command's outcome under its request id (durable with the
+    /// transition's commit, or the next flush).
+    pub fn record_request(&self, id: &str, recorded: &Recorded) -> Result<()> {
+        self.requests
+            .insert(id.as_bytes(), serde_json::to_vec(recorded)?)?;
+        Ok(())
+    }
+
+    /// Forgets request ids recorded before `before_ms`.
+    pub fn prune_requests(&self, before_ms: i64) -> Result<usize> {
+        let mut pruned = 0;
+        for entry in self.requests.iter() {
+            let (key, value) = entry?;
+            let recorded: Recorded = serde_json::from_slice(&value)?;
+            if recorded.at_ms < before_ms {
+                self.requests.remove(key)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Marks the store in use by a running agent, durably; returns whether
+    /// the previous agent stopped cleanly (true for a new store).
+    pub fn mark_running(&self) -> Result<bool> {
+        let was_clean = self.meta.get(RUNNING)?.is_none();
+        self.meta.insert(RUNNING, &[1u8][..])?;
+        self.flush()?;
+        Ok(was_clean)
+    }
+
+    /// Records a clean stop, durably.
+    pub fn mark_stopped(&self) -> Result<()> {
+        self.meta.remove(RUNNING)?;
+        self.flush()
     }
 
     /// The last `limit` transitions (all when 0), oldest first.
@@ -212,6 +359,7 @@ impl Store {
             if t.outcome == Outcome::Running {
                 t.outcome = Outcome::Aborted;
                 t.error = Some("the agent stopped before this transition finished".into());
+                t.error_reason = Some(crate::error::Reason::Internal);
                 self.history
                     .insert(t.id.to_be_bytes(), serde_json::to_vec(&t)?)?;
                 aborted.push(t);
@@ -254,7 +402,7 @@ impl Store {
             return Ok(None);
         };
         if value.len() < 12 {
-            return Err(StoreError(format!("corrupt snapshot of {version}")));
+            return Err(StoreError::new(format!("corrupt snapshot of {version}")));
         }
         let (state_version, rest) = value.split_at(4);
         let (taken_at, bytes) = rest.split_at(8);
@@ -274,6 +422,17 @@ impl Store {
     }
 }
 
+fn key_id(key: &[u8]) -> Result<u64> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::new("corrupt key"))
+}
+
+/// The id of the last entry of a tree keyed by big-endian ids (0: empty).
+fn last_id(tree: &sled::Tree) -> Result<u64> {
+    tree.last()?.map_or(Ok(0), |(key, _)| key_id(&key))
+}
+
 fn snapshot_prefix(version: &Version) -> Vec<u8> {
     let mut prefix = version.to_string().into_bytes();
     prefix.push(0);
@@ -283,7 +442,25 @@ fn snapshot_prefix(version: &Version) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ReleaseState;
+    use crate::model::{ReleaseState, TransitionKind};
+
+    fn draft(kind: TransitionKind, to: Option<&Version>) -> Transition {
+        Transition {
+            id: 0,
+            started_at_ms: 0,
+            kind,
+            from: None,
+            to: to.cloned(),
+            outcome: Outcome::Running,
+            duration_us: 0,
+            switch_wait_us: 0,
+            error: None,
+            automatic: false,
+            reason: None,
+            request_id: None,
+            error_reason: None,
+        }
+    }
 
     fn release(version: &str, state: ReleaseState) -> Release {
         Release {
@@ -298,6 +475,7 @@ mod tests {
             blocking: false,
             permanent_since_ms: None,
             manifest: String::new(),
+            failure: None,
         }
     }
 
@@ -317,16 +495,12 @@ mod tests {
         let v2 = Version::new(0, 2, 0);
         {
             let store = Store::open(dir.path(), 100).unwrap();
-            let mut t = store
-                .begin(TransitionKind::Upgrade, None, Some(&v2), false)
-                .unwrap();
+            let mut t = store.begin(draft(TransitionKind::Upgrade, Some(&v2))).unwrap();
             t.outcome = Outcome::Ok;
             store
                 .commit(&t, &[release("0.2.0", ReleaseState::Permanent)])
                 .unwrap();
-            store
-                .begin(TransitionKind::Downgrade, Some(&v2), None, false)
-                .unwrap();
+            store.begin(draft(TransitionKind::Downgrade, None)).unwrap();
         }
         // sled's flusher thread lets go of the file lock a moment after the drop.
         let store = reopen(dir.path());
@@ -349,9 +523,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 5).unwrap();
         for _ in 0..12 {
-            let mut t = store
-                .begin(TransitionKind::Stage, None, None, false)
-                .unwrap();
+            let mut t = store.begin(draft(TransitionKind::Stage, None)).unwrap();
             t.outcome = Outcome::Ok;
             store.commit(&t, &[]).unwrap();
         }

@@ -1,19 +1,29 @@
 //! Starting up: installing the bootstrap release on an empty data
-//! directory, or resuming the permanent release with its last snapshot;
-//! and registering a release's library (shared with staging).
+//! directory, or coming back on the permanent release with its last
+//! snapshot. If the permanent release cannot be started (its library or
+//! its state no longer loads, or a store from before the invariants has
+//! none), the agent falls back to the release that was permanent most
+//! recently and starts — and says so loudly, in the log, the history and
+//! the events. It never reinstalls the bootstrap over an existing store.
+//!
+//! A release that was current when the previous agent died (no clean
+//! stop recorded) is marked failed: a crash-looping release must not look
+//! healthy. After a clean stop it is only demoted to old.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use nine9s_host::Library;
-use nine9s_manifest::Manifest;
+use nine9s_manifest::{Manifest, Version};
 
-use super::finish;
+use super::catalog::register;
 use super::handoff::restore_carry;
-use crate::artifacts::{sha256_hex, Artifacts};
-use crate::config::Bootstrap;
+use super::journal::{Changes, Journal, Origin};
+use super::machine::{self, Entry, Lifecycle};
+use crate::artifacts::Artifacts;
+use crate::config::{Bootstrap, Config};
 use crate::error::{Error, Result};
-use crate::model::{now_ms, Outcome, Release, ReleaseState, TransitionKind};
+use crate::model::{now_ms, Event, EventKind, Release, TransitionKind};
 use crate::runtime::Loaded;
 use crate::store::Store;
 
@@ -21,63 +31,59 @@ use crate::store::Store;
 const EMBEDDED_MANIFEST: &str = include_str!("../../../plugins/nine9s-0.1.0/release.toml");
 const EMBEDDED_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libnine9s_0_1_0.so"));
 
-/// Writes the artifact and checks that it is the plugin the manifest says.
-pub(super) fn register(
-    store: &Store,
-    artifacts: &Artifacts,
-    manifest: &Manifest,
-    manifest_toml: &str,
-    bytes: &[u8],
-) -> Result<(Release, Arc<Library>)> {
-    let sha256 = sha256_hex(bytes);
-    let path = artifacts
-        .put(&sha256, bytes)
-        .map_err(Error::io("cannot write the artifact"))?;
-    let referenced = store.releases()?.iter().any(|r| r.sha256 == sha256);
-    let discard = |e: Error| {
-        if !referenced {
-            let _ = artifacts.remove(&sha256);
-        }
-        e
-    };
-    let library = Library::open(&path).map_err(|e| {
-        discard(Error::InvalidArtifact(format!(
-            "{} {}: {e}",
-            manifest.name, manifest.version
-        )))
-    })?;
-    if library.name() != manifest.name || library.version() != manifest.version.to_string() {
-        return Err(discard(Error::InvalidArtifact(format!(
-            "release.toml says {} {}, but the library is {} {}",
-            manifest.name,
-            manifest.version,
-            library.name(),
-            library.version()
-        ))));
+/// What a boot produced.
+pub(super) struct Booted {
+    pub config: Config,
+    pub journal: Journal,
+    pub artifacts: Artifacts,
+    pub lifecycle: Lifecycle,
+    pub loaded: Loaded,
+    pub service: String,
+}
+
+pub(super) fn boot(config: Config, _tokio: tokio::runtime::Handle) -> Result<Booted> {
+    std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!(
+        "cannot create {}",
+        config.data_dir.display()
+    )))?;
+    let store = Arc::new(Store::open(
+        &config.data_dir.join("db"),
+        config.keep_history,
+    )?);
+    let artifacts = Artifacts::open(config.data_dir.join("artifacts"))
+        .map_err(Error::io("cannot open the artifact store"))?;
+    let clean = store.mark_running()?;
+    for t in store.abort_running()? {
+        tracing::warn!(id = t.id, kind = %t.kind, from = ?t.from, to = ?t.to, "transition interrupted by the previous stop, recorded as aborted");
     }
-    let release = Release {
-        name: manifest.name.clone(),
-        version: manifest.version.clone(),
-        state: ReleaseState::Staged,
-        sha256,
-        size: bytes.len() as u64,
-        staged_at_ms: now_ms(),
-        state_version: library.state_version(),
-        routes: manifest.routes.clone(),
-        blocking: manifest.blocking,
-        permanent_since_ms: None,
-        manifest: manifest_toml.to_owned(),
+    let journal = Journal::new(Arc::clone(&store));
+    let releases = store.releases()?;
+    let (lifecycle, loaded, service, message) = if releases.is_empty() {
+        install(&journal, &artifacts, &config.bootstrap)?
+    } else {
+        resume(&journal, &artifacts, &releases, !clean)?
     };
-    Ok((release, library))
+    let mut started = Event::new(EventKind::AgentStarted).version(&loaded.version);
+    started.message = message;
+    journal.emit(started);
+    store.flush()?;
+    Ok(Booted {
+        config,
+        journal,
+        artifacts,
+        lifecycle,
+        loaded,
+        service,
+    })
 }
 
 /// First start on an empty data directory: installs the bootstrap release
 /// as permanent.
-pub(super) fn install(
-    store: &Store,
+fn install(
+    journal: &Journal,
     artifacts: &Artifacts,
     bootstrap: &Bootstrap,
-) -> Result<(Loaded, String)> {
+) -> Result<(Lifecycle, Loaded, String, Option<String>)> {
     let (manifest_toml, bytes) = match bootstrap {
         Bootstrap::Embedded => (EMBEDDED_MANIFEST.to_owned(), EMBEDDED_LIBRARY.to_vec()),
         Bootstrap::Dir(dir) => {
@@ -92,65 +98,159 @@ pub(super) fn install(
         }
     };
     let manifest = Manifest::parse(&manifest_toml)?;
-    let mut t = store.begin(
+    let guard = journal.begin(
         TransitionKind::Install,
         None,
         Some(&manifest.version),
-        false,
+        &Origin::default(),
     )?;
-    let started = Instant::now();
-    let installed = register(store, artifacts, &manifest, &manifest_toml, &bytes).and_then(
-        |(mut release, library)| {
+    let installed = register(&journal.store, artifacts, &manifest, &manifest_toml, &bytes)
+        .and_then(|(release, library)| {
             let instance = library.instantiate(None).map_err(|e| Error::Plugin {
                 version: release.version.clone(),
                 during: "init",
                 source: e,
             })?;
-            release.state = ReleaseState::Permanent;
-            release.permanent_since_ms = Some(now_ms());
             Ok((release, instance))
-        },
-    );
-    match installed {
-        Ok((release, instance)) => {
-            finish(&mut t, started, None);
-            store.commit(&t, std::slice::from_ref(&release))?;
-            tracing::info!(name = %release.name, version = %release.version, "installed the bootstrap release as permanent");
-            Ok((
-                Loaded::new(release.version, release.blocking, instance),
-                release.name,
-            ))
-        }
-        Err(e) => {
-            finish(&mut t, started, Some(&e));
-            store.commit(&t, &[])?;
-            Err(e)
-        }
-    }
+        });
+    let (release, instance) = match installed {
+        Ok(installed) => installed,
+        Err(e) => return Err(guard.fail(e, &Changes::default())),
+    };
+    let empty = Lifecycle::new(BTreeMap::new(), release.version.clone());
+    let (lifecycle, _) = empty.apply(machine::Event::Installed {
+        version: release.version.clone(),
+        at_ms: now_ms(),
+    })?;
+    let record = settled(&lifecycle, release);
+    guard.succeed(&Changes {
+        records: vec![record.clone()],
+        moved: vec![record.clone()],
+    })?;
+    tracing::info!(name = %record.name, version = %record.version, "installed the bootstrap release as permanent");
+    Ok((
+        lifecycle,
+        Loaded::new(record.version.clone(), record.blocking, instance),
+        record.name,
+        None,
+    ))
 }
 
-/// A restart: comes back on the permanent release with its last snapshot.
-/// A release that was only current is demoted to old.
-pub(super) fn resume(
-    store: &Store,
+/// A restart: comes back on the permanent release with its last snapshot,
+/// or on the most recent release that was permanent and starts.
+fn resume(
+    journal: &Journal,
     artifacts: &Artifacts,
     releases: &[Release],
-    permanent: &Release,
-) -> Result<(Loaded, String)> {
-    let abandoned: Vec<Release> = releases
+    unclean: bool,
+) -> Result<(Lifecycle, Loaded, String, Option<String>)> {
+    let store = &journal.store;
+    let entries: BTreeMap<Version, Entry> = releases
         .iter()
-        .filter(|r| r.state == ReleaseState::Current)
-        .map(|r| Release {
-            state: ReleaseState::Old,
-            ..r.clone()
+        .map(|r| {
+            (
+                r.version.clone(),
+                Entry {
+                    state: r.state,
+                    permanent_since_ms: r.permanent_since_ms,
+                    failure: r.failure.clone(),
+                },
+            )
         })
         .collect();
-    let library =
-        Library::open(&artifacts.path(&permanent.sha256)).map_err(|source| Error::Load {
-            version: permanent.version.clone(),
-            source,
-        })?;
-    let snapshot = store.last_snapshot(&permanent.version)?;
+    let stored = Lifecycle::new(entries, releases[0].version.clone());
+    let mut unloadable = Vec::new();
+    let mut serving = None;
+    for candidate in stored.boot_candidates() {
+        let release = releases
+            .iter()
+            .find(|r| r.version == candidate)
+            .expect("a candidate is a stored release");
+        match start(store, artifacts, release) {
+            Ok(loaded) => {
+                serving = Some((release, loaded));
+                break;
+            }
+            Err(e) => {
+                tracing::error!(version = %candidate, error = %e, "cannot start this release; falling back to the one permanent before it");
+                unloadable.push((candidate, e.to_string()));
+            }
+        }
+    }
+    let Some((release, loaded)) = serving else {
+        return Err(Error::refused(
+            crate::error::Reason::Internal,
+            format!(
+                "no release that was ever permanent can be started ({}); the store is kept as it is — stage a working release with another agent's data dir, or move {} aside to start over",
+                if unloadable.is_empty() {
+                    "none was ever permanent".to_owned()
+                } else {
+                    unloadable
+                        .iter()
+                        .map(|(v, e)| format!("{v}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+                store.path().display()
+            ),
+        ));
+    };
+    let fell_back = (!unloadable.is_empty()).then(|| {
+        format!(
+            "FELL BACK to {}: {}",
+            release.version,
+            unloadable
+                .iter()
+                .map(|(v, e)| format!("{v} could not be started: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    });
+    let abandoned = stored.current().cloned();
+    let (lifecycle, _) = stored.apply(machine::Event::Booted {
+        serving: release.version.clone(),
+        unclean,
+        unloadable: unloadable.clone(),
+        at_ms: now_ms(),
+    })?;
+    let changes = changes(&lifecycle, releases);
+    if !changes.records.is_empty() {
+        let mut notes = Vec::new();
+        if let Some(current) = &abandoned {
+            notes.push(if unclean {
+                format!("the agent died while {current} was current; it is marked failed")
+            } else {
+                format!("the agent stopped while {current} was current but not permanent")
+            });
+        }
+        notes.extend(fell_back.clone());
+        let origin = Origin {
+            automatic: true,
+            reason: Some(notes.join("; ")),
+            request_id: None,
+        };
+        let guard = journal.begin(
+            TransitionKind::Restart,
+            abandoned.as_ref().or(unloadable.first().map(|(v, _)| v)),
+            Some(&release.version),
+            &origin,
+        )?;
+        guard.succeed(&changes)?;
+    }
+    match &fell_back {
+        Some(message) => tracing::error!(version = %release.version, "{message}"),
+        None => tracing::info!(version = %release.version, "resumed the permanent release"),
+    }
+    Ok((lifecycle, loaded, release.name.clone(), fell_back))
+}
+
+/// Starts a release's instance with its last snapshot.
+fn start(store: &Store, artifacts: &Artifacts, release: &Release) -> Result<Loaded> {
+    let library = Library::open(&artifacts.path(&release.sha256)).map_err(|source| Error::Load {
+        version: release.version.clone(),
+        source,
+    })?;
+    let snapshot = store.last_snapshot(&release.version)?;
     let state = match &snapshot {
         // A release that keeps no state starts fresh, whatever was saved.
         Some(_) if library.state_version() == 0 => None,
@@ -158,7 +258,7 @@ pub(super) fn resume(
         Some(s) => restore_carry(&library, s)?
             .apply(&s.bytes)
             .map_err(|e| Error::Plugin {
-                version: permanent.version.clone(),
+                version: release.version.clone(),
                 during: "state migration",
                 source: e,
             })?,
@@ -166,32 +266,39 @@ pub(super) fn resume(
     let instance = library
         .instantiate(state.as_deref())
         .map_err(|e| Error::Plugin {
-            version: permanent.version.clone(),
+            version: release.version.clone(),
             during: "init",
             source: e,
         })?;
-    for current in &abandoned {
-        let mut t = store.begin(
-            TransitionKind::Restart,
-            Some(&current.version),
-            Some(&permanent.version),
-            true,
-        )?;
-        t.outcome = Outcome::Ok;
-        t.error = Some(format!(
-            "the agent restarted while {} was current but not permanent; back on permanent {}",
-            current.version, permanent.version
-        ));
-        store.commit(&t, std::slice::from_ref(current))?;
-        tracing::warn!(current = %current.version, permanent = %permanent.version, "came back on the permanent release");
-    }
-    tracing::info!(
-        version = %permanent.version,
-        restored = snapshot.is_some(),
-        "resumed the permanent release"
-    );
-    Ok((
-        Loaded::new(permanent.version.clone(), permanent.blocking, instance),
-        permanent.name.clone(),
+    tracing::info!(version = %release.version, restored = snapshot.is_some(), "started");
+    Ok(Loaded::new(
+        release.version.clone(),
+        release.blocking,
+        instance,
     ))
+}
+
+/// A release record as the lifecycle has it.
+fn settled(lifecycle: &Lifecycle, mut release: Release) -> Release {
+    if let Some(entry) = lifecycle.entry(&release.version) {
+        release.state = entry.state;
+        release.permanent_since_ms = entry.permanent_since_ms;
+        release.failure = entry.failure.clone();
+    }
+    release
+}
+
+/// The records that differ from what the store holds.
+fn changes(lifecycle: &Lifecycle, stored: &[Release]) -> Changes {
+    let mut changes = Changes::default();
+    for release in stored {
+        let now = settled(lifecycle, release.clone());
+        if now != *release {
+            if now.state != release.state {
+                changes.moved.push(now.clone());
+            }
+            changes.records.push(now);
+        }
+    }
+    changes
 }

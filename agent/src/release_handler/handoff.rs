@@ -8,11 +8,12 @@ use std::sync::Arc;
 use nine9s_host::{CallError, Library};
 use nine9s_manifest::{Manifest, Plan, Version};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::model::{Release, Snapshot};
 use crate::runtime::Loaded;
 
 /// How state crosses from the old release to the new one.
+#[derive(Clone)]
 pub(super) enum Carry {
     /// The new release starts fresh (one side keeps no state, or the plan
     /// has no migrate step).
@@ -33,6 +34,17 @@ impl Carry {
             Carry::Fresh => Ok(None),
             Carry::Same => Ok(Some(state.to_vec())),
             Carry::Migrate { library, from, to } => library.migrate(*from, *to, state).map(Some),
+        }
+    }
+
+    /// Whose code a failed migration blames: the library that migrates.
+    pub(super) fn migrator(&self, target: &Version) -> Version {
+        match self {
+            Carry::Migrate { library, .. } => library
+                .version()
+                .parse()
+                .unwrap_or_else(|_| target.clone()),
+            Carry::Fresh | Carry::Same => target.clone(),
         }
     }
 
@@ -123,7 +135,7 @@ pub(super) fn restore_carry(library: &Arc<Library>, snapshot: &Snapshot) -> Resu
             to,
         })
     } else {
-        Err(Error::Precondition(format!(
+        Err(Error::refused(Reason::NoMigrationPath, format!(
             "the snapshot of {} is state v{from}, its library wants v{to} and cannot migrate it",
             snapshot.version
         )))

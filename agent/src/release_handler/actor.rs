@@ -1,0 +1,671 @@
+//! The actor: one thread that owns the lifecycle and applies commands,
+//! soak verdicts and checkpoints one at a time. Every command is checked
+//! the same way before it runs — its client still there, its request id
+//! not already answered, the store writable, the expected release active —
+//! and its outcome is recorded under its request id.
+
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use nine9s_manifest::Version;
+use tokio::sync::oneshot;
+
+use super::journal::{Changes, Origin};
+use super::machine::{self, Decision, Lifecycle, Settle, Soak};
+use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, StateSource, View};
+use crate::artifacts::Artifacts;
+use crate::error::{Error, Reason, Result};
+use crate::failpoint::crash_point;
+use crate::model::{now_ms, Recorded, RecordedOutcome, Release, TransitionKind};
+use crate::store::REQUEST_IDS_KEPT_MS;
+
+/// Longest wait between two attempts of a failing automatic rollback.
+const MAX_ROLLBACK_BACKOFF: Duration = Duration::from_secs(5);
+
+pub(super) struct Actor {
+    pub(super) shared: Arc<Shared>,
+    pub(super) artifacts: Artifacts,
+    pub(super) lifecycle: Lifecycle,
+    pub(super) tokio: tokio::runtime::Handle,
+    /// When a failing automatic rollback is tried next.
+    next_rollback: Instant,
+    /// When the last soak progress event went out.
+    last_progress: Instant,
+}
+
+impl Actor {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        artifacts: Artifacts,
+        lifecycle: Lifecycle,
+        tokio: tokio::runtime::Handle,
+    ) -> Actor {
+        Actor {
+            shared,
+            artifacts,
+            lifecycle,
+            tokio,
+            next_rollback: Instant::now(),
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// Applies jobs until the engine is stopped or every handle is gone.
+    pub(super) fn run(mut self, inbox: mpsc::Receiver<Job>) {
+        while let Ok(job) = inbox.recv() {
+            match job {
+                Job::Command {
+                    command,
+                    meta,
+                    reply,
+                } => {
+                    if let Some(gone) = client_gone(&reply, &meta) {
+                        tracing::warn!(?command, request_id = ?meta.request_id, "{gone}: the command was not run");
+                        continue;
+                    }
+                    let outcome = self.command(command, meta);
+                    let _ = reply.send(outcome);
+                }
+                Job::Soak(verdict) => self.soak(verdict),
+                Job::Checkpoint => {
+                    self.checkpoint();
+                    self.maintain();
+                }
+                Job::Stop(done) => {
+                    self.checkpoint();
+                    if let Err(e) = self.shared.store().mark_stopped() {
+                        tracing::error!(error = %e, "cannot record the clean stop");
+                    }
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Housekeeping with the periodic checkpoint: forget old request ids,
+    /// and see whether a failed store works again.
+    fn maintain(&mut self) {
+        let store = self.shared.store();
+        if let Err(e) = store.prune_requests(now_ms() - REQUEST_IDS_KEPT_MS) {
+            tracing::warn!(error = %e, "cannot prune old request ids");
+        }
+        if self.shared.view().store_error.is_some() {
+            self.recover_store();
+        }
+    }
+
+    fn command(&mut self, command: Command, meta: Meta) -> Result<Reply> {
+        let store = Arc::clone(&self.shared.journal.store);
+        let fingerprint = command.fingerprint(&meta);
+        if let Some(id) = &meta.request_id {
+            if let Some(recorded) = store.request(id)? {
+                if recorded.fingerprint != fingerprint {
+                    return Err(Error::refused(
+                        Reason::RequestIdReused,
+                        format!("request id {id:?} was used for another command ({}); use a new id for a new command", recorded.fingerprint),
+                    ));
+                }
+                tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
+                return self.replay(recorded.outcome);
+            }
+        }
+        if let Some(error) = self.shared.view().store_error {
+            self.recover_store();
+            if self.shared.view().store_error.is_some() {
+                return Err(Error::refused(
+                    Reason::StoreUnavailable,
+                    format!("the store cannot be written ({error}); the agent keeps serving {}, and takes transitions again once the store works", self.lifecycle.active()),
+                ));
+            }
+        }
+        if let Some(expected) = &meta.expected_active {
+            if expected != self.lifecycle.active() {
+                return Err(Error::ExpectedActive {
+                    expected: expected.clone(),
+                    active: self.lifecycle.active().clone(),
+                });
+            }
+        }
+        let dry_run = command.dry_run();
+        let origin = Origin {
+            automatic: false,
+            reason: meta.reason.clone(),
+            request_id: meta.request_id.clone(),
+        };
+        let outcome = match command {
+            Command::Stage {
+                manifest_toml,
+                sha256,
+                bytes,
+            } => self.stage(&manifest_toml, &sha256, &bytes, &origin),
+            Command::Switch {
+                direction,
+                version,
+                permanence,
+                dry_run,
+            } => self.switch_to(direction, &version, permanence, dry_run, &origin),
+            Command::Rollback { source, dry_run } => {
+                let target = self.lifecycle.rollback_target()?;
+                self.switch_kind(
+                    TransitionKind::Rollback,
+                    &target,
+                    source,
+                    Settle::Immediate,
+                    dry_run,
+                    &origin,
+                )
+            }
+            Command::MakePermanent { version } => self.make_permanent(&version, &origin),
+            Command::Remove { version } => self.remove(&version, &origin),
+        };
+        if let Err(Error::Store(e)) = &outcome {
+            self.store_failed(e.to_string());
+        }
+        if let (Some(id), false) = (&meta.request_id, dry_run) {
+            self.record_request(id, fingerprint, &outcome);
+        }
+        outcome
+    }
+
+    fn record_request(&self, id: &str, fingerprint: String, outcome: &Result<Reply>) {
+        let outcome = match outcome {
+            Ok(Reply::Staged {
+                release,
+                already_staged,
+            }) => RecordedOutcome::Staged {
+                version: release.version.clone(),
+                already_staged: *already_staged,
+            },
+            Ok(Reply::Switched {
+                transition: Some(t),
+                ..
+            }) => RecordedOutcome::Transition { id: t.id },
+            Ok(Reply::Switched { .. }) => RecordedOutcome::Unchanged,
+            Ok(Reply::Removed { release, collected }) => RecordedOutcome::Removed {
+                release: Box::new(release.clone()),
+                collected: collected.clone(),
+            },
+            // Transient refusals are not final: a retry should try again.
+            Err(e) if is_transient(e) => return,
+            Err(e) => RecordedOutcome::Refused {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+        };
+        let recorded = Recorded {
+            at_ms: now_ms(),
+            fingerprint,
+            outcome,
+        };
+        let store = self.shared.store();
+        if let Err(e) = store
+            .record_request(id, &recorded)
+            .and_then(|()| store.flush())
+        {
+            tracing::warn!(error = %e, request_id = %id, "cannot record the request's outcome");
+        }
+    }
+
+    fn replay(&self, outcome: RecordedOutcome) -> Result<Reply> {
+        let store = self.shared.store();
+        Ok(match outcome {
+            RecordedOutcome::Transition { id } => Reply::Switched {
+                transition: store.transition(id)?,
+                plan: None,
+                unchanged: false,
+            },
+            RecordedOutcome::Unchanged => Reply::Switched {
+                transition: None,
+                plan: None,
+                unchanged: true,
+            },
+            RecordedOutcome::Staged {
+                version,
+                already_staged,
+            } => Reply::Staged {
+                release: store
+                    .release(&version)?
+                    .ok_or(Error::UnknownVersion(version))?,
+                already_staged,
+            },
+            RecordedOutcome::Removed { release, collected } => Reply::Removed {
+                release: *release,
+                collected,
+            },
+            RecordedOutcome::Refused { reason, message } => {
+                return Err(Error::Recorded { reason, message })
+            }
+        })
+    }
+
+    fn switch_to(
+        &mut self,
+        direction: machine::Direction,
+        version: &Version,
+        permanence: Permanence,
+        dry_run: bool,
+        origin: &Origin,
+    ) -> Result<Reply> {
+        if self.lifecycle.check_switch(direction, version)? == Decision::Unchanged {
+            return Ok(Reply::Switched {
+                transition: None,
+                plan: None,
+                unchanged: true,
+            });
+        }
+        let settle = match permanence {
+            Permanence::Immediate => Settle::Immediate,
+            Permanence::Never => Settle::Held,
+            Permanence::Soak(period) => Settle::Soak {
+                until_ms: now_ms()
+                    + period.unwrap_or(self.shared.config.soak).as_millis() as i64,
+            },
+        };
+        let kind = match direction {
+            machine::Direction::Up => TransitionKind::Upgrade,
+            machine::Direction::Down => TransitionKind::Downgrade,
+        };
+        self.switch_kind(kind, version, StateSource::Migrate, settle, dry_run, origin)
+    }
+
+    /// Journals and runs a switch (or only its checks, for a dry run), then
+    /// settles the lifecycle. A rollback whose state migration fails falls
+    /// back to the target's snapshot.
+    fn switch_kind(
+        &mut self,
+        kind: TransitionKind,
+        version: &Version,
+        source: StateSource,
+        settle: Settle,
+        dry_run: bool,
+        origin: &Origin,
+    ) -> Result<Reply> {
+        let store = Arc::clone(&self.shared.journal.store);
+        let target = store
+            .release(version)?
+            .ok_or_else(|| Error::UnknownVersion(version.clone()))?;
+        let from = self.lifecycle.active().clone();
+        let from_release = store
+            .release(&from)?
+            .ok_or_else(|| Error::UnknownVersion(from.clone()))?;
+        if dry_run {
+            let report = self.prepare_report(&from_release, &target)?;
+            let report = self.rehearse(&target, source, report)?;
+            return Ok(Reply::Switched {
+                transition: None,
+                plan: Some(report),
+                unchanged: false,
+            });
+        }
+        let shared = Arc::clone(&self.shared);
+        let mut guard = shared
+            .journal
+            .begin(kind, Some(&from), Some(version), origin)?;
+        crash_point("switch:begun");
+        let span = tracing::info_span!("switch", id = guard.id(), %kind, %from, to = %version);
+        let _entered = span.enter();
+        let mut report = match self.prepare_report(&from_release, &target) {
+            Ok(report) => report,
+            Err(e) => return Err(guard.fail(e, &Changes::default())),
+        };
+        let mut outcome = self.execute(&target, source, &mut report);
+        if kind == TransitionKind::Rollback && source == StateSource::Migrate {
+            if let Err(e) = &outcome {
+                if is_migration_failure(e) {
+                    tracing::warn!(error = %e, "the rollback's state migration failed; restoring the target's snapshot instead");
+                    guard.note(format!(
+                        "state migration failed ({e}); restored the snapshot taken when {version} was left"
+                    ));
+                    report.checks.push(format!("state: migration failed ({e}); falling back to the snapshot"));
+                    outcome = self.execute(&target, StateSource::Snapshot, &mut report);
+                }
+            }
+        }
+        match outcome {
+            Ok(wait) => {
+                guard.set_switch_wait(wait);
+                let at_ms = now_ms();
+                let event = if kind == TransitionKind::Rollback {
+                    machine::Event::RolledBack {
+                        to: version.clone(),
+                        at_ms,
+                    }
+                } else {
+                    machine::Event::Switched {
+                        to: version.clone(),
+                        settle,
+                        at_ms,
+                    }
+                };
+                let changes = self.advance(event, &[])?;
+                let transition = guard.succeed(&changes)?;
+                crash_point("switch:committed");
+                tracing::info!(
+                    duration_us = transition.duration_us,
+                    switch_wait_us = transition.switch_wait_us,
+                    "switched"
+                );
+                self.announce_soak();
+                self.prune_old()?;
+                Ok(Reply::Switched {
+                    transition: Some(transition),
+                    plan: Some(report),
+                    unchanged: false,
+                })
+            }
+            Err(e) => {
+                let fault = (e.blames() == Some(version)).then(|| e.to_string());
+                let changes = match self.advance(
+                    machine::Event::SwitchFailed {
+                        to: version.clone(),
+                        fault,
+                    },
+                    &[],
+                ) {
+                    Ok(changes) => changes,
+                    Err(bug) => {
+                        tracing::error!(error = %bug, "cannot settle a failed switch");
+                        Changes::default()
+                    }
+                };
+                tracing::error!(error = %e, "switch failed; the previous release keeps serving");
+                Err(guard.fail(e, &changes))
+            }
+        }
+    }
+
+    fn make_permanent(&mut self, version: &Version, origin: &Origin) -> Result<Reply> {
+        self.lifecycle.check_make_permanent(version)?;
+        let transition = self.promote(version, origin)?;
+        Ok(Reply::Switched {
+            transition: Some(transition),
+            plan: None,
+            unchanged: false,
+        })
+    }
+
+    /// Makes the current release permanent (a command, or the end of a
+    /// healthy soak), with a checkpoint of what it served while current.
+    fn promote(&mut self, version: &Version, origin: &Origin) -> Result<crate::model::Transition> {
+        let previous = self.lifecycle.permanent().cloned();
+        let shared = Arc::clone(&self.shared);
+        let guard = shared.journal.begin(
+            TransitionKind::MakePermanent,
+            previous.as_ref(),
+            Some(version),
+            origin,
+        )?;
+        crash_point("permanent:begun");
+        // What the release served while current belongs to it now.
+        self.checkpoint();
+        let event = match self.lifecycle.soak() {
+            Soak::Soaking { version: soaking, .. } if soaking == version && origin.automatic => {
+                machine::Event::SoakPassed { at_ms: now_ms() }
+            }
+            _ => machine::Event::MadePermanent {
+                version: version.clone(),
+                at_ms: now_ms(),
+            },
+        };
+        let changes = match self.advance(event, &[]) {
+            Ok(changes) => changes,
+            Err(e) => return Err(guard.fail(e, &Changes::default())),
+        };
+        let transition = guard.succeed(&changes)?;
+        tracing::info!(%version, automatic = origin.automatic, "release made permanent");
+        self.prune_old()?;
+        Ok(transition)
+    }
+
+    /// Applies an event to the lifecycle and returns the release records
+    /// it changed (`fresh`: records not in the store yet), ready to commit.
+    pub(super) fn advance(
+        &mut self,
+        event: machine::Event,
+        fresh: &[Release],
+    ) -> Result<Changes> {
+        let (next, effects) = self.lifecycle.apply(event)?;
+        let store = self.shared.store();
+        let mut changes = Changes::default();
+        for effect in &effects {
+            if let machine::Effect::RollBack { reason } = effect {
+                tracing::error!(%reason, "release failed its soak; rolling back");
+                self.next_rollback = Instant::now();
+            }
+        }
+        let versions: Vec<Version> = next
+            .versions()
+            .filter(|v| next.entry(v) != self.lifecycle.entry(v))
+            .cloned()
+            .collect();
+        for version in versions {
+            let entry = next.entry(&version).expect("listed by the machine");
+            let mut record = match fresh.iter().find(|r| r.version == version) {
+                Some(r) => r.clone(),
+                None => store
+                    .release(&version)?
+                    .ok_or_else(|| Error::UnknownVersion(version.clone()))?,
+            };
+            let moved = record.state != entry.state;
+            record.state = entry.state;
+            record.permanent_since_ms = entry.permanent_since_ms;
+            record.failure = entry.failure.clone();
+            if moved {
+                changes.moved.push(record.clone());
+            }
+            changes.records.push(record);
+        }
+        self.lifecycle = next;
+        self.publish();
+        Ok(changes)
+    }
+
+    /// Publishes the lifecycle's soak to readers.
+    fn publish(&self) {
+        let mut view = self.shared.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.soak = self.lifecycle.soak().clone();
+    }
+
+    fn set_view(&self, update: impl FnOnce(&mut View)) {
+        update(&mut self.shared.view.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// After a switch: tells watchers a soak started.
+    fn announce_soak(&self) {
+        if let Soak::Soaking { version, until_ms } = self.lifecycle.soak() {
+            let mut event =
+                crate::model::Event::new(crate::model::EventKind::SoakStarted).version(version);
+            event.soak_remaining_ms = (until_ms - now_ms()).max(0) as u64;
+            self.shared.journal.emit(event);
+        }
+    }
+
+    /// The store failed a write: serve on, refuse transitions until it works.
+    fn store_failed(&self, error: String) {
+        tracing::error!(%error, "the store cannot be written: transitions are refused until it works again; serving goes on");
+        self.set_view(|view| view.store_error = Some(error));
+    }
+
+    /// Tries the store again; once it takes writes, the lifecycle as the
+    /// agent runs it is written back whole, and transitions resume.
+    fn recover_store(&mut self) {
+        let store = self.shared.store();
+        let records = self.lifecycle.versions().cloned().collect::<Vec<_>>();
+        let result = (|| -> Result<()> {
+            store.probe()?;
+            let mut changed = Vec::new();
+            for version in records {
+                let entry = self.lifecycle.entry(&version).expect("listed");
+                if let Some(mut record) = store.release(&version)? {
+                    if record.state != entry.state
+                        || record.permanent_since_ms != entry.permanent_since_ms
+                    {
+                        record.state = entry.state;
+                        record.permanent_since_ms = entry.permanent_since_ms;
+                        record.failure = entry.failure.clone();
+                        changed.push(record);
+                    }
+                }
+            }
+            if !changed.is_empty() {
+                store.write_releases(&changed)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                tracing::info!("the store takes writes again; transitions resume");
+                self.set_view(|view| view.store_error = None);
+            }
+            Err(e) => tracing::debug!(error = %e, "the store still cannot be written"),
+        }
+    }
+
+    /// A soak verdict from the watcher.
+    fn soak(&mut self, verdict: super::soak::Verdict) {
+        match self.lifecycle.soak().clone() {
+            Soak::Soaking { version, until_ms } if verdict.version == version => {
+                match verdict.health {
+                    Err(reason) => {
+                        let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)
+                            .version(&version)
+                            .message(reason.clone());
+                        self.shared.journal.emit(event);
+                        match self.advance(machine::Event::SoakFailed { reason }, &[]) {
+                            Ok(_) => self.roll_back_automatically(),
+                            Err(e) => tracing::error!(error = %e, "cannot fail the soak"),
+                        }
+                    }
+                    Ok(()) if now_ms() >= until_ms => {
+                        let event = crate::model::Event::new(crate::model::EventKind::SoakPassed)
+                            .version(&version);
+                        self.shared.journal.emit(event);
+                        let origin = Origin {
+                            automatic: true,
+                            reason: Some("healthy through its soak period".into()),
+                            request_id: None,
+                        };
+                        if let Err(e) = self.promote(&version, &origin) {
+                            tracing::error!(error = %e, %version, "cannot make the soaked release permanent");
+                            if let Error::Store(e) = &e {
+                                self.store_failed(e.to_string());
+                            }
+                        }
+                    }
+                    Ok(()) => {
+                        if self.last_progress.elapsed() >= Duration::from_secs(1) {
+                            self.last_progress = Instant::now();
+                            let mut event =
+                                crate::model::Event::new(crate::model::EventKind::SoakProgress)
+                                    .version(&version);
+                            event.soak_remaining_ms = (until_ms - now_ms()).max(0) as u64;
+                            self.shared.journal.emit(event);
+                        }
+                    }
+                }
+            }
+            Soak::RollingBack { .. } if Instant::now() >= self.next_rollback => {
+                self.roll_back_automatically();
+            }
+            _ => {}
+        }
+    }
+
+    /// Rolls the release that failed its soak back to the permanent one.
+    /// A failed attempt stays pending (visible in status) and is retried
+    /// with back-off.
+    fn roll_back_automatically(&mut self) {
+        let Soak::RollingBack {
+            version,
+            reason,
+            attempts,
+            ..
+        } = self.lifecycle.soak().clone()
+        else {
+            return;
+        };
+        let origin = Origin {
+            automatic: true,
+            reason: Some(format!("{version} failed its soak: {reason}")),
+            request_id: None,
+        };
+        let outcome = self.lifecycle.rollback_target().and_then(|target| {
+            self.switch_kind(
+                TransitionKind::Rollback,
+                &target,
+                StateSource::Migrate,
+                Settle::Immediate,
+                false,
+                &origin,
+            )
+        });
+        if let Err(e) = outcome {
+            let backoff = Duration::from_millis(200 * 2u64.pow(attempts.min(5)))
+                .min(MAX_ROLLBACK_BACKOFF);
+            self.next_rollback = Instant::now() + backoff;
+            tracing::error!(error = %e, attempt = attempts + 1, retry_in_ms = backoff.as_millis() as u64, "automatic rollback failed; it will be retried");
+            let event = crate::model::Event::new(crate::model::EventKind::RollbackRetry)
+                .version(&version)
+                .message(e.to_string());
+            self.shared.journal.emit(event);
+            if let Err(bug) = self.advance(
+                machine::Event::RollbackFailed {
+                    error: e.to_string(),
+                },
+                &[],
+            ) {
+                tracing::error!(error = %bug, "cannot record the failed rollback");
+            }
+            if let Error::Store(e) = &e {
+                self.store_failed(e.to_string());
+            }
+        }
+    }
+
+    pub(super) fn prepare_report(&self, from: &Release, to: &Release) -> Result<PlanReport> {
+        let plan = super::handoff::plan_for(from, to)?;
+        Ok(PlanReport {
+            from: from.version.clone(),
+            to: to.version.clone(),
+            plan,
+            checks: vec![super::handoff::route_changes(&from.routes, &to.routes)],
+        })
+    }
+}
+
+/// Why a command should not start: its client stopped waiting.
+fn client_gone(reply: &oneshot::Sender<Result<Reply>>, meta: &Meta) -> Option<&'static str> {
+    if reply.is_closed() {
+        Some("the client cancelled the call")
+    } else if meta.deadline.is_some_and(|d| Instant::now() >= d) {
+        Some("the client's deadline passed while the command was queued")
+    } else {
+        None
+    }
+}
+
+/// Refusals a retry may well not meet: not recorded under the request id.
+fn is_transient(e: &Error) -> bool {
+    matches!(
+        e.reason(),
+        Reason::QuiesceTimeout
+            | Reason::StoreUnavailable
+            | Reason::DiskFull
+            | Reason::ShuttingDown
+            | Reason::RollbackPending
+            | Reason::ClientGone
+            | Reason::Internal
+    )
+}
+
+/// The state could not be migrated: a rollback can use the snapshot instead.
+fn is_migration_failure(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Plugin {
+            during: "state migration",
+            ..
+        } | Error::NoMigrationPath { .. }
+    )
+}

@@ -1,0 +1,201 @@
+//! The journal: every transition is written `running` (flushed) before it
+//! starts and committed with its outcome and the release states it changed
+//! (one sled transaction, flushed) before it is acknowledged; every
+//! lifecycle event is recorded beside it and broadcast to watchers.
+//!
+//! [`Journal::begin`] returns a [`Guard`]; a transition ends only through
+//! the guard (`succeed` or `fail`), so no code path can forget to commit.
+//! A guard dropped without either (an early `?`) commits the transition as
+//! failed with the running view cleared.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nine9s_manifest::Version;
+use tokio::sync::broadcast;
+
+use crate::error::{Error, Result};
+use crate::model::{Event, EventKind, Outcome, Release, Transition, TransitionKind};
+use crate::store::Store;
+
+/// The release records a transition changed: all of them are committed
+/// with it; those whose state moved are announced.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub records: Vec<Release>,
+    pub moved: Vec<Release>,
+}
+
+/// Who asked for a transition and why.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub automatic: bool,
+    pub reason: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// The store plus the live side of the journal: the event broadcast and
+/// the transition under way, for `status`.
+pub struct Journal {
+    pub store: Arc<Store>,
+    events: broadcast::Sender<Event>,
+    running: Mutex<Option<Transition>>,
+}
+
+impl Journal {
+    pub fn new(store: Arc<Store>) -> Journal {
+        Journal {
+            store,
+            events: broadcast::channel(1024).0,
+            running: Mutex::new(None),
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The transition under way, if any.
+    pub fn running(&self) -> Option<Transition> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records an event and tells watchers. An event that cannot be
+    /// recorded is logged and still broadcast: watching must not fail a
+    /// transition.
+    pub fn emit(&self, event: Event) {
+        let event = match self.store.record_event(event.clone()) {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::warn!(error = %e, kind = ?event.kind, "cannot record an event");
+                event
+            }
+        };
+        let _ = self.events.send(event);
+    }
+
+    /// Journals a transition as running (durably) and announces it.
+    pub fn begin(
+        &self,
+        kind: TransitionKind,
+        from: Option<&Version>,
+        to: Option<&Version>,
+        origin: &Origin,
+    ) -> Result<Guard<'_>> {
+        let transition = self.store.begin(Transition {
+            id: 0,
+            started_at_ms: 0,
+            kind,
+            from: from.cloned(),
+            to: to.cloned(),
+            outcome: Outcome::Running,
+            duration_us: 0,
+            switch_wait_us: 0,
+            error: None,
+            automatic: origin.automatic,
+            reason: origin.reason.clone(),
+            request_id: origin.request_id.clone(),
+            error_reason: None,
+        })?;
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(transition.clone());
+        let mut started = Event::new(EventKind::TransitionStarted);
+        started.transition = Some(transition.clone());
+        self.emit(started);
+        Ok(Guard {
+            journal: self,
+            transition: Some(transition),
+            started: Instant::now(),
+        })
+    }
+
+    /// Announces release state changes (after they were committed).
+    pub fn announce(&self, changed: &[Release]) {
+        for release in changed {
+            let mut event = Event::new(EventKind::ReleaseStateChanged).version(&release.version);
+            event.state = Some(release.state);
+            event.message = release.failure.clone();
+            self.emit(event);
+        }
+    }
+}
+
+/// A transition under way; ends with [`Guard::succeed`] or [`Guard::fail`].
+pub struct Guard<'a> {
+    journal: &'a Journal,
+    transition: Option<Transition>,
+    started: Instant,
+}
+
+impl Guard<'_> {
+    pub fn id(&self) -> u64 {
+        self.transition.as_ref().map_or(0, |t| t.id)
+    }
+
+    /// Adds to the transition's reason (what the engine did on its own).
+    pub fn note(&mut self, note: impl Into<String>) {
+        if let Some(t) = self.transition.as_mut() {
+            let note = note.into();
+            t.reason = Some(match t.reason.take() {
+                Some(reason) => format!("{reason}; {note}"),
+                None => note,
+            });
+        }
+    }
+
+    pub fn set_switch_wait(&mut self, wait: std::time::Duration) {
+        if let Some(t) = self.transition.as_mut() {
+            t.switch_wait_us = wait.as_micros() as u64;
+        }
+    }
+
+    /// Commits the transition as done, with the release states it changed.
+    pub fn succeed(mut self, changed: &Changes) -> Result<Transition> {
+        self.end(None, changed)
+    }
+
+    /// Commits the transition as failed with `error`, with the release
+    /// states the failure changed, and returns the error.
+    pub fn fail(mut self, error: Error, changed: &Changes) -> Error {
+        match self.end(Some(&error), changed) {
+            Ok(_) => error,
+            Err(commit) => {
+                tracing::error!(error = %commit, "cannot record a failed transition");
+                error
+            }
+        }
+    }
+
+    fn end(&mut self, error: Option<&Error>, changed: &Changes) -> Result<Transition> {
+        let mut t = self.transition.take().expect("a guard ends once");
+        t.duration_us = self.started.elapsed().as_micros() as u64;
+        match error {
+            None => t.outcome = Outcome::Ok,
+            Some(e) => {
+                t.outcome = Outcome::Failed;
+                t.error = Some(e.to_string());
+                t.error_reason = Some(e.reason());
+            }
+        }
+        *self.journal.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.journal.store.commit(&t, &changed.records)?;
+        let mut finished = Event::new(EventKind::TransitionFinished);
+        finished.transition = Some(t.clone());
+        self.journal.emit(finished);
+        self.journal.announce(&changed.moved);
+        Ok(t)
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if self.transition.is_some() {
+            let error = Error::refused(
+                crate::error::Reason::Internal,
+                "the transition ended without an outcome",
+            );
+            if let Err(e) = self.end(Some(&error), &Changes::default()) {
+                tracing::error!(error = %e, "cannot record an abandoned transition");
+            }
+        }
+    }
+}

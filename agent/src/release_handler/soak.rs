@@ -1,0 +1,114 @@
+//! The soak watcher: looks at the soaking release every tick — its health
+//! check, and its share of failed requests — and sends the verdict to the
+//! actor, which decides (roll back, make permanent, go on).
+//!
+//! The health check is plugin code: it runs here, outside the actor, on a
+//! blocking thread with a time limit (`--health-timeout`). A check that
+//! does not answer in time is a failed check, and a hung one cannot hold
+//! up `ctl rollback`, which the actor keeps taking meanwhile. While an
+//! automatic rollback is pending, the watcher keeps ticking the actor so
+//! it retries.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nine9s_manifest::Version;
+
+use super::{Engine, Job, Soak};
+
+/// How often the soaking release is looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Fewest requests a soaking release must have served before its error
+/// rate counts.
+const MIN_REQUESTS_FOR_RATE: u64 = 10;
+
+/// One look at the soaking release.
+#[derive(Debug)]
+pub struct Verdict {
+    pub version: Version,
+    /// `Err(why)` when it is unhealthy.
+    pub health: Result<(), String>,
+}
+
+/// Watches soaks until `stopped` resolves.
+pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A health check still running: the next one waits for it.
+    let checking = Arc::new(AtomicBool::new(false));
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        let verdict = match engine.shared.view().soak {
+            Soak::Soaking { version, .. } => {
+                if checking.load(Ordering::Acquire) {
+                    continue;
+                }
+                look(&engine, version, &checking).await
+            }
+            // The actor retries the rollback when its back-off allows.
+            Soak::RollingBack { version, .. } => Some(Verdict {
+                version,
+                health: Ok(()),
+            }),
+            Soak::Idle | Soak::Held { .. } => None,
+        };
+        if let Some(verdict) = verdict {
+            if engine.send(Job::Soak(verdict)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn look(engine: &Engine, version: Version, checking: &Arc<AtomicBool>) -> Option<Verdict> {
+    let active = engine.runtime().active().await;
+    if active.version != version {
+        return None;
+    }
+    let config = engine.config();
+    let counters = active.counters();
+    checking.store(true, Ordering::Release);
+    let done = Arc::clone(checking);
+    let instance = Arc::clone(&active);
+    drop(active);
+    let check = tokio::task::spawn_blocking(move || {
+        let result = instance.instance.health();
+        done.store(false, Ordering::Release);
+        result
+    });
+    let health = match tokio::time::timeout(config.health_timeout, check).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(format!("health check failed: {e}")),
+        Ok(Err(e)) => Err(format!("health check crashed: {e}")),
+        Err(_) => Err(format!(
+            "health check did not answer within {} ms",
+            config.health_timeout.as_millis()
+        )),
+    };
+    let health = health.and_then(|()| {
+        if counters.served < MIN_REQUESTS_FOR_RATE {
+            return Ok(());
+        }
+        let rate = counters.errors as f64 / counters.served as f64;
+        if rate > config.max_error_rate {
+            Err(format!(
+                "{} of {} requests failed ({} panics): {:.1}% is over the {:.1}% threshold",
+                counters.errors,
+                counters.served,
+                counters.panics,
+                rate * 100.0,
+                config.max_error_rate * 100.0
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    Some(Verdict { version, health })
+}

@@ -1,0 +1,331 @@
+//! The switch executor: walks a plan's steps in order.
+//!
+//! `load` opens and checks the target library, then rehearses on a trial
+//! instance — the state migrated from a copy of the live state, `init`,
+//! every hook placed before `switch`, the health check — on a thread of its
+//! own with a time limit, so nothing about the switch is tried for the
+//! first time while requests are held. `switch` holds new requests only for
+//! snapshot → migrate → restore → swap. Hooks after `switch` run on the
+//! serving instance; `drain` waits for the old instance to be released and
+//! `unload` drops it (the host checks its library is unmapped). A dry run
+//! stops after the rehearsal, with every hook of the plan tried on the
+//! trial instance.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nine9s_host::{CallError, Library};
+use nine9s_manifest::{Step, Version};
+
+use super::actor::Actor;
+use super::handoff::{carry_between, restore_carry, Carry};
+use super::{PlanReport, StateSource};
+use crate::error::{Error, Reason, Result};
+use crate::failpoint::crash_point;
+use crate::model::{now_ms, Release, Snapshot};
+use crate::runtime::{drain, Loaded, SwitchError};
+
+/// Longest a rehearsal (migration, init, hooks and health check on the
+/// trial instance) may take before the switch is refused.
+pub const REHEARSAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `load` found: the library and how state will cross.
+struct Prepared {
+    library: Arc<Library>,
+    carry: Carry,
+    snapshot: Option<Snapshot>,
+}
+
+impl Actor {
+    /// A dry run: every check that needs no traffic.
+    pub(super) fn rehearse(
+        &self,
+        target: &Release,
+        source: StateSource,
+        mut report: PlanReport,
+    ) -> Result<PlanReport> {
+        let active = self.tokio.block_on(self.shared.runtime.active());
+        let loaded = self.load(&active, target, source, &report)?;
+        describe(&loaded, &mut report.checks);
+        let hooks = hooks(&report.plan.steps, ..);
+        self.trial(&active, target, &loaded, &hooks)?;
+        report.checks.push(trial_check(&hooks));
+        Ok(report)
+    }
+
+    /// Runs a plan; returns how long new requests were held at the switch.
+    pub(super) fn execute(
+        &self,
+        target: &Release,
+        source: StateSource,
+        report: &mut PlanReport,
+    ) -> Result<Duration> {
+        let active = self.tokio.block_on(self.shared.runtime.active());
+        let steps = report.plan.steps.clone();
+        let switch_at = steps
+            .iter()
+            .position(|s| *s == Step::Switch)
+            .expect("a validated plan has a switch");
+        let loaded = self.load(&active, target, source, report)?;
+        describe(&loaded, &mut report.checks);
+        let before = hooks(&steps, ..switch_at);
+        self.trial(&active, target, &loaded, &before)?;
+        report.checks.push(trial_check(&before));
+        crash_point("switch:loaded");
+
+        let carry = loaded.carry;
+        let plugin_error = |version: &Version, during, source| Error::Plugin {
+            version: version.clone(),
+            during,
+            source,
+        };
+        // The gate: snapshot → migrate → restore → swap. Snapshots are
+        // taken under it and stored once it is open again.
+        let mut taken = Vec::new();
+        let library = Arc::clone(&loaded.library);
+        let snapshot_source = loaded.snapshot;
+        let switched = self.tokio.block_on(self.shared.runtime.switch(
+            self.shared.config.quiesce_timeout,
+            |old| {
+                let left = old
+                    .instance
+                    .snapshot()
+                    .map_err(|e| plugin_error(&old.version, "snapshot", e))?;
+                let state = snapshot_source
+                    .as_ref()
+                    .map_or(left.as_slice(), |s| s.bytes.as_slice());
+                let migrated = carry
+                    .apply(state)
+                    .map_err(|e| plugin_error(&carry.migrator(&target.version), "state migration", e))?;
+                taken.push(Snapshot {
+                    version: old.version.clone(),
+                    state_version: old.instance.library().state_version(),
+                    taken_at_ms: now_ms(),
+                    bytes: left,
+                });
+                crash_point("switch:quiesced");
+                let instance = library
+                    .instantiate(migrated.as_deref())
+                    .map_err(|e| plugin_error(&target.version, "init", e))?;
+                // The new release's starting state is durable with the
+                // transition too: should it be permanent when the agent
+                // dies, a restart restores this, not nothing.
+                if library.state_version() != 0 {
+                    if let Some(start) = migrated {
+                        taken.push(Snapshot {
+                            version: target.version.clone(),
+                            state_version: library.state_version(),
+                            taken_at_ms: now_ms(),
+                            bytes: start,
+                        });
+                    }
+                }
+                Ok(Loaded::new(
+                    target.version.clone(),
+                    target.blocking,
+                    instance,
+                ))
+            },
+        ));
+        let switched = switched.map_err(|e| match e {
+            SwitchError::Quiesce => Error::QuiesceTimeout {
+                version: active.version.clone(),
+                timeout_ms: self.shared.config.quiesce_timeout.as_millis() as u64,
+            },
+            SwitchError::Prepare(e) => e,
+        })?;
+        let store = self.shared.store();
+        for snapshot in &taken {
+            store.put_snapshot(snapshot)?;
+        }
+        // Nothing of the old release may be held here, or it never drains.
+        drop((active, carry, library));
+        crash_point("switch:switched");
+        // The snapshot of the release just left must be durable before the
+        // transition is acknowledged.
+        store.flush()?;
+        let mut old = Some(switched.old);
+        for step in &steps[switch_at + 1..] {
+            match step {
+                Step::Hook(name) => {
+                    let serving = self.tokio.block_on(self.shared.runtime.active());
+                    if let Err(e) = serving.instance.hook(name) {
+                        tracing::warn!(hook = %name, error = %e, "hook after the switch failed");
+                        report
+                            .checks
+                            .push(format!("hook {name} after the switch failed: {e}"));
+                    }
+                }
+                Step::Drain => {
+                    if let Some(old) = &old {
+                        self.tokio
+                            .block_on(drain(Arc::clone(old), self.shared.config.drain_grace));
+                    }
+                }
+                Step::Unload => drop(old.take()),
+                Step::Load | Step::Migrate | Step::Switch => {}
+            }
+        }
+        // A plan without `unload` still lets the old release go.
+        drop(old);
+        Ok(switched.wait)
+    }
+
+    /// The `load` step: opens the target library, checks it is the release
+    /// recorded, and decides how state crosses.
+    fn load(
+        &self,
+        active: &Arc<Loaded>,
+        target: &Release,
+        source: StateSource,
+        report: &PlanReport,
+    ) -> Result<Prepared> {
+        let library = Library::open(&self.artifacts.path(&target.sha256)).map_err(|source| {
+            Error::Load {
+                version: target.version.clone(),
+                source,
+            }
+        })?;
+        if library.version() != target.version.to_string() || library.name() != target.name {
+            return Err(Error::InvalidArtifact(format!(
+                "the library of {} {} says it is {} {}",
+                target.name,
+                target.version,
+                library.name(),
+                library.version()
+            )));
+        }
+        let snapshot = match source {
+            StateSource::Snapshot => Some(
+                self.shared
+                    .store()
+                    .last_snapshot(&target.version)?
+                    .ok_or_else(|| {
+                        Error::refused(
+                            Reason::NoSnapshot,
+                            format!(
+                                "no snapshot of {} to restore; roll back with the state migrated instead",
+                                target.version
+                            ),
+                        )
+                    })?,
+            ),
+            StateSource::Migrate => None,
+        };
+        let carry = match &snapshot {
+            Some(s) => restore_carry(&library, s)?,
+            None if !report.plan.steps.contains(&Step::Migrate) => Carry::Fresh,
+            None => carry_between(active, &library)?,
+        };
+        Ok(Prepared {
+            library,
+            carry,
+            snapshot,
+        })
+    }
+
+    /// The rehearsal, on a thread of its own with a time limit: a copy of
+    /// the live state migrated, a trial instance started with it, `hooks`
+    /// run on it, its health checked. Nothing serving is touched.
+    fn trial(
+        &self,
+        active: &Arc<Loaded>,
+        target: &Release,
+        loaded: &Prepared,
+        hooks: &[String],
+    ) -> Result<()> {
+        let state = match &loaded.snapshot {
+            Some(s) => s.bytes.clone(),
+            None => active.instance.snapshot().map_err(|e| Error::Plugin {
+                version: active.version.clone(),
+                during: "snapshot",
+                source: e,
+            })?,
+        };
+        let carry = loaded.carry.clone();
+        let library = Arc::clone(&loaded.library);
+        let version = target.version.clone();
+        let hooks = hooks.to_vec();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("nine9s-trial".into())
+            .spawn(move || {
+                let plugin = |version: &Version, during, source| Error::Plugin {
+                    version: version.clone(),
+                    during,
+                    source,
+                };
+                let run = || -> Result<()> {
+                    let migrated = carry
+                        .apply(&state)
+                        .map_err(|e| plugin(&carry.migrator(&version), "state migration", e))?;
+                    let trial = library
+                        .instantiate(migrated.as_deref())
+                        .map_err(|e| plugin(&version, "init", e))?;
+                    for hook in &hooks {
+                        trial
+                            .hook(hook)
+                            .map_err(|e| plugin(&version, "hook", e))?;
+                    }
+                    trial
+                        .health()
+                        .map_err(|e| plugin(&version, "health check", e))
+                };
+                let _ = tx.send(run());
+            })
+            .map_err(Error::io("cannot start the rehearsal thread"))?;
+        rx.recv_timeout(REHEARSAL_TIMEOUT).unwrap_or_else(|_| {
+            Err(Error::Plugin {
+                version: target.version.clone(),
+                during: "rehearsal",
+                source: CallError::Failed(format!(
+                    "the trial instance did not finish migrating, starting and checking its health within {} s",
+                    REHEARSAL_TIMEOUT.as_secs()
+                )),
+            })
+        })
+    }
+}
+
+/// What `load` found, for the report.
+fn describe(loaded: &Prepared, checks: &mut Vec<String>) {
+    checks.push(format!(
+        "library: {} {} loads, ABI v{}",
+        loaded.library.name(),
+        loaded.library.version(),
+        nine9s_host::ABI_VERSION
+    ));
+    checks.push(match &loaded.snapshot {
+        Some(s) => format!(
+            "state: restored from the snapshot of {} taken at {} ms",
+            s.version, s.taken_at_ms
+        ),
+        None => loaded.carry.describe(),
+    });
+}
+
+/// The hooks among `steps[range]`, in order.
+fn hooks(steps: &[Step], range: impl std::slice::SliceIndex<[Step], Output = [Step]>) -> Vec<String> {
+    steps[range]
+        .iter()
+        .filter_map(|s| match s {
+            Step::Hook(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn trial_check(hooks: &[String]) -> String {
+    if hooks.is_empty() {
+        "health: a fresh instance with the migrated state is healthy".into()
+    } else {
+        format!(
+            "health: a fresh instance with the migrated state ran {} and is healthy",
+            hooks
+                .iter()
+                .map(|h| format!("hook:{h}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
