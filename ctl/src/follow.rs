@@ -74,7 +74,7 @@ impl<'a> Events<'a> {
     async fn broke(&mut self, why: &str) {
         if self.pause.is_zero() {
             eprintln!(
-                "ctl: the event stream broke ({why}); reconnecting to resume after event {}",
+                "ctl: lost the agent's events ({why}); reconnecting to resume after event {}",
                 self.after
             );
             self.pause = Duration::from_millis(200);

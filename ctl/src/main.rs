@@ -13,6 +13,10 @@
 //! - 3: the agent could not be reached (connect errors, or UNAVAILABLE
 //!   without the agent's error details), after a few retries.
 //! - 4: `--wait` saw the release fail its soak and the agent roll it back.
+//!
+//! Every mutating command sends a request id (`--request-id`, or a random
+//! one), and a retry after a transport failure sends the same id, so the
+//! agent never acts twice on one invocation.
 
 #![forbid(unsafe_code)]
 
@@ -165,7 +169,8 @@ struct Switch {
     #[arg(long)]
     dry_run: bool,
     /// Wait until the release is permanent after its soak (exit 0) or rolled
-    /// back by the health gate (exit 4).
+    /// back by the health gate (exit 4). With `--output json` the reply is
+    /// printed at once; the exit code tells how the wait ended.
     #[arg(long, conflicts_with_all = ["no_permanent", "dry_run"])]
     wait: bool,
     /// Give up waiting after this long (exit 1).
