@@ -234,13 +234,13 @@ impl Runtime {
     }
 }
 
-/// Waits, up to `grace`, until nobody but the caller holds `old`, then drops
-/// it, which releases its library. Requests never hold it past their call
-/// (responses are copied out of the plugin under the read lock), so what
-/// this waits for is a `status` call looking at it.
-pub async fn drain(old: Arc<Loaded>, grace: Duration) {
+/// Waits, up to `grace`, until nobody but the caller holds `old`; the
+/// caller then drops it, which releases its library. Requests never hold it
+/// past their call (responses are copied out of the plugin under the read
+/// lock), so what this waits for is a `status` call looking at it.
+pub async fn drain(old: &Arc<Loaded>, grace: Duration) {
     let deadline = Instant::now() + grace;
-    while Arc::strong_count(&old) > 1 {
+    while Arc::strong_count(old) > 1 {
         if Instant::now() >= deadline {
             tracing::warn!(version = %old.version, "drain grace over with the old instance still held");
             return;

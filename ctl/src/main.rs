@@ -25,8 +25,6 @@ mod out;
 mod commands;
 mod follow;
 mod json;
-#[cfg(test)]
-mod mock;
 mod render;
 mod rpc;
 

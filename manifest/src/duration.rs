@@ -1,9 +1,11 @@
-//! Durations as people write them on a command line: `500ms`, `5s`, `2m`.
+//! Durations as people write them on a command line: `500ms`, `5s`, `2m`,
+//! `1h`, `7d`.
 
 use std::time::Duration;
 
-/// Parses `<number><unit>` with unit `ms`, `s`, `m` or `h` (a bare number
-/// is seconds).
+/// Parses `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d` (a bare
+/// number is seconds). Negative, non-finite and absurdly long durations
+/// are errors, never panics.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -18,13 +20,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+                "unknown unit {other:?} in {text:?} (use ms, s, m, h or d)"
             ))
         }
     };
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is too long a duration"))
 }
 
 #[cfg(test)]
@@ -38,6 +41,9 @@ mod tests {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 }

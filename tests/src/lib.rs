@@ -143,6 +143,45 @@ impl Agent {
         ctl(&format!("http://{}", self.grpc), args)
     }
 
+    /// Runs `ctl --output json ARGS`, which must succeed, and parses its
+    /// one JSON document.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all).ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}): {out:?}"))
+    }
+
+    /// `ctl status` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        self.json(&["status"])
+    }
+
+    /// A release's lifecycle state (`ctl releases`), or "absent".
+    pub fn release_state(&self, version: &str) -> String {
+        self.release(version)
+            .map_or_else(|| "absent".to_owned(), |r| r["state"].as_str().unwrap_or("?").to_owned())
+    }
+
+    /// A release as `ctl releases --output json` shows it.
+    pub fn release(&self, version: &str) -> Option<serde_json::Value> {
+        self.json(&["releases"])
+            .as_array()
+            .expect("an array of releases")
+            .iter()
+            .find(|r| r["version"] == version)
+            .cloned()
+    }
+
+    /// The history as JSON, oldest first.
+    pub fn history(&self) -> Vec<serde_json::Value> {
+        self.json(&["history"])
+            .as_array()
+            .expect("an array of transitions")
+            .clone()
+    }
+
     /// `GET path` on a fresh connection.
     pub fn get(&self, path: &str) -> Reply {
         get(self.http, path)

@@ -4,7 +4,7 @@
 use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::{
     stage_chunk, HistoryRequest, Permanence, StageChunk, StageHeader, StatusRequest,
-    TransitionRequest,
+    TransitionKind, TransitionRequest, TransitionResult,
 };
 use nine9s_tests::{library, release_dir, Agent};
 use sha2::{Digest, Sha256};
@@ -23,6 +23,7 @@ fn stage_chunks(manifest: &str, sha256: &str, bytes: &[u8]) -> Vec<StageChunk> {
             manifest_toml: manifest.to_owned(),
             sha256: sha256.to_owned(),
             size: bytes.len() as u64,
+            ..Default::default()
         })),
     }];
     chunks.extend(bytes.chunks(64 * 1024).map(|c| StageChunk {
@@ -100,12 +101,17 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
     let t = reply.transition.unwrap();
     assert_eq!(
         (
-            t.kind.as_str(),
+            t.kind(),
             t.from_version.as_str(),
             t.to_version.as_str(),
-            t.result.as_str()
+            t.result()
         ),
-        ("upgrade", "0.1.0", "0.2.0", "ok")
+        (
+            TransitionKind::Upgrade,
+            "0.1.0",
+            "0.2.0",
+            TransitionResult::Ok
+        )
     );
     assert!(t.switch_wait_us < t.duration_us);
     assert_eq!(agent.get("/").body, "Hello world 2 !");
@@ -122,7 +128,7 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
     assert!(status.libraries[0].active && status.libraries[0].served == 1);
 
     let history = api
-        .history(HistoryRequest { limit: 0 })
+        .history(HistoryRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -132,13 +138,16 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
         ids.windows(2).all(|w| w[1] == w[0] + 1),
         "monotonic ids: {ids:?}"
     );
-    let outcomes: Vec<(&str, &str)> = history
-        .iter()
-        .map(|t| (t.kind.as_str(), t.result.as_str()))
-        .collect();
+    let outcomes: Vec<(TransitionKind, TransitionResult)> =
+        history.iter().map(|t| (t.kind(), t.result())).collect();
+    use TransitionKind::*;
     assert_eq!(
         outcomes,
-        [("install", "ok"), ("stage", "ok"), ("upgrade", "ok")],
+        [
+            (Install, TransitionResult::Ok),
+            (Stage, TransitionResult::Ok),
+            (Upgrade, TransitionResult::Ok)
+        ],
         "refusals that never started a transition are not in the history"
     );
 }

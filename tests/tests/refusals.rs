@@ -97,22 +97,28 @@ fn unknown_versions_and_wrong_directions_are_refused() {
     let agent = Agent::start(&dir.path().join("data"), &[]);
     let out = agent.ctl(&["upgrade", "--to", "9.9.9"]);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("9.9.9 is not known"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("9.9.9 is not known") && out.stderr.contains("UNKNOWN_RELEASE"),
+        "{}",
+        out.stderr
+    );
 
     let out = agent.ctl(&["upgrade", "--to", "nine"]);
-    assert_eq!(out.code, 1);
+    assert_eq!(out.code, 2, "a usage error");
     assert!(out.stderr.contains("not a version"), "{}", out.stderr);
 
     assert_eq!(stage_fixture(&agent, "panicky").code, 0);
     let out = agent.ctl(&["downgrade", "--to", "0.2.1"]);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("that is an upgrade"), "{}", out.stderr);
-    let out = agent.ctl(&["upgrade", "--to", "0.1.0"]);
     assert!(
-        out.stderr.contains("already the active release"),
+        out.stderr.contains("that is an upgrade") && out.stderr.contains("WRONG_DIRECTION"),
         "{}",
         out.stderr
     );
+    // Asking for what is already active converges: nothing to do.
+    let reply = agent.json(&["upgrade", "--to", "0.1.0"]);
+    assert_eq!(reply["unchanged"], true, "{reply}");
+    assert!(reply["transition"].is_null(), "{reply}");
     assert_still_serving(&agent);
 }
 

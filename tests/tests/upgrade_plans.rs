@@ -1,5 +1,7 @@
 //! Written upgrade plans (the appup of nine9s): their steps run in order,
-//! hooks included, and a failing hook before the switch aborts the upgrade.
+//! hooks included — those before the switch on the rehearsal's trial
+//! instance, before any request is held — and a failing hook before the
+//! switch aborts the upgrade.
 
 use nine9s_tests::{stage_fixture, stage_sample, Agent};
 
@@ -21,8 +23,12 @@ fn a_written_plan_runs_its_hooks_around_the_switch() {
         dry.contains("(written): load, migrate, hook:warm, switch, hook:announce, drain, unload"),
         "{dry}"
     );
-    agent.ctl(&["upgrade", "--to", "0.2.5", "--permanent"]).ok();
-    assert_eq!(agent.get("/hooks").body, "warm announce");
+    let upgraded = agent.json(&["upgrade", "--to", "0.2.5", "--permanent"]);
+    let checks = upgraded["plan"]["checks"].to_string();
+    assert!(checks.contains("ran hook:warm and is healthy"), "{checks}");
+    // `warm` ran on the trial instance before the switch; `announce` on
+    // the serving one after it.
+    assert_eq!(agent.get("/hooks").body, "announce");
     assert_eq!(agent.get("/count").body, "3");
 }
 

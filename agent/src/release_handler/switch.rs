@@ -159,7 +159,7 @@ impl Actor {
                 Step::Drain => {
                     if let Some(old) = &old {
                         self.tokio
-                            .block_on(drain(Arc::clone(old), self.shared.config.drain_grace));
+                            .block_on(drain(old, self.shared.config.drain_grace));
                     }
                 }
                 Step::Unload => drop(old.take()),

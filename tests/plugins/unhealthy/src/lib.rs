@@ -1,6 +1,7 @@
 //! Test fixture nine9s 0.6.0: serves like 0.2.0 (state v1), but its health
 //! check fails once it has served a request — healthy when the agent tries
-//! it before the switch, unhealthy during the soak.
+//! it before the switch, unhealthy during the soak. `GET /slow?ms=N` takes
+//! N milliseconds: a request that keeps its rollback from quiescing.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +32,15 @@ impl Plugin for Unhealthy {
                 Response::text("Hello world 6 !")
             }
             "/count" => self.count.response(),
+            "/slow" => {
+                let ms = request
+                    .query
+                    .strip_prefix("ms=")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(100);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Response::text(format!("slept {ms} ms"))
+            }
             _ => Response::not_found(),
         }
     }

@@ -1,0 +1,384 @@
+//! The failure paths users install nine9s for, each a defect once
+//! confirmed (issue 7): the permanent release and its state survive a
+//! failed rollback, a failed automatic rollback is retried in plain sight,
+//! a retried rollback never flips back, plugin code never holds the engine
+//! or the traffic without a bound, a crash while a release is current
+//! counts against it, and a broken permanent release falls back at boot.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use nine9s_proto::control_client::ControlClient;
+use nine9s_proto::{Event, EventKind, WatchRequest};
+use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent};
+use tokio_stream::StreamExt;
+
+fn hello(agent: &Agent, times: usize) {
+    for _ in 0..times {
+        assert_eq!(agent.get("/").status, 200);
+    }
+}
+
+/// An agent on 0.2.0 (permanent) with `hellos` counted.
+fn on_0_2_0(data: &std::path::Path, extra: &[&str], hellos: usize) -> Agent {
+    let agent = Agent::start(data, extra);
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    hello(&agent, hellos);
+    agent
+}
+
+/// The first event of `kind` after `after`, from the agent's Watch stream.
+fn first_event(agent: &Agent, after: u64, kind: EventKind) -> Event {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut api = ControlClient::connect(format!("http://{}", agent.grpc))
+            .await
+            .unwrap();
+        let mut events = api
+            .watch(WatchRequest { after_id: after })
+            .await
+            .unwrap()
+            .into_inner();
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(event) = events.next().await {
+                let event = event.unwrap();
+                if event.kind() == kind {
+                    return event;
+                }
+            }
+            panic!("the event stream ended");
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {kind:?} event:\n{}", agent.log()))
+    })
+}
+
+fn last(agent: &Agent) -> serde_json::Value {
+    agent.history().pop().expect("a history")
+}
+
+#[test]
+fn a_rollback_whose_down_migration_panics_restores_the_snapshot_and_keeps_the_permanent_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 3);
+    stage_fixture(&agent, "bad-downgrade").ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.3.5", "--soak", "10m"])
+        .ok();
+    hello(&agent, 2);
+    assert_eq!(agent.get("/count").body, "5");
+
+    let out = agent.ctl(&["rollback"]);
+    assert_eq!(out.code, 0, "the rollback falls back to the snapshot: {out:?}");
+    let status = agent.status();
+    assert_eq!(status["active"], "0.2.0");
+    assert_eq!(status["permanent"], "0.2.0");
+    assert_eq!(status["current"], "");
+    assert_eq!(agent.release_state("0.2.0"), "permanent");
+    assert_eq!(agent.release_state("0.3.5"), "old", "a manual rollback fails nobody");
+    // The snapshot taken when 0.2.0 was left: the 2 hellos on 0.3.5 are
+    // what could not be carried down.
+    assert_eq!(agent.get("/count").body, "3");
+    let rollback = last(&agent);
+    assert_eq!(rollback["kind"], "rollback");
+    assert_eq!(rollback["result"], "ok");
+    assert!(
+        rollback["reason"]
+            .as_str()
+            .unwrap()
+            .contains("restored the snapshot"),
+        "{rollback}"
+    );
+
+    // And a restart comes back on it, with its state.
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.status()["permanent"], "0.2.0");
+    assert_eq!(agent.get("/").body, "Hello world 2 !");
+    assert_eq!(agent.get("/count").body, "4");
+}
+
+#[test]
+fn a_failed_automatic_rollback_is_retried_in_plain_sight_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &["--quiesce-timeout", "200ms"], 2);
+    stage_fixture(&agent, "unhealthy").ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.6.0", "--soak", "10m"])
+        .ok();
+    // A slow request makes 0.6.0 unhealthy and keeps its rollback from
+    // quiescing for a while.
+    let addr = agent.http;
+    let slow = thread::spawn(move || nine9s_tests::get(addr, "/slow?ms=3000"));
+    let mut seen = serde_json::Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seen = agent.status()["soak"].clone();
+            seen["mode"] == "rolling_back" && seen["attempts"].as_u64() >= Some(1)
+        }),
+        "no pending rollback shown: {seen}\n{}",
+        agent.log()
+    );
+    assert!(
+        seen["last_error"].as_str().unwrap().contains("did not finish"),
+        "{seen}"
+    );
+    assert_eq!(agent.status()["current"], "0.6.0", "still watched, still current");
+    assert_eq!(slow.join().unwrap().status, 200);
+    assert!(
+        eventually(Duration::from_secs(15), || agent.status()["active"] == "0.2.0"),
+        "the rollback was not retried:\n{}",
+        agent.log()
+    );
+    assert_eq!(agent.release_state("0.6.0"), "failed");
+    assert_eq!(agent.status()["soak"]["mode"], "idle");
+    let rollbacks: Vec<String> = agent
+        .history()
+        .iter()
+        .filter(|t| t["kind"] == "rollback" && t["automatic"] == true)
+        .map(|t| t["result"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(rollbacks.len() >= 2, "{rollbacks:?}");
+    assert_eq!(rollbacks.last().unwrap(), "ok");
+    assert!(rollbacks[..rollbacks.len() - 1].iter().all(|r| r == "failed"));
+}
+
+#[test]
+fn a_retried_rollback_never_flips_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 0);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+
+    let first = agent.json(&["rollback", "--request-id", "rb-1"]);
+    let again = agent.json(&["rollback", "--request-id", "rb-1"]);
+    assert_eq!(first["transition"]["id"], again["transition"]["id"]);
+    assert_eq!(agent.status()["active"], "0.2.0");
+
+    // A new rollback goes further back, never forth to 0.3.0.
+    let further = agent.json(&["rollback"]);
+    assert_eq!(further["transition"]["to"], "0.1.0");
+    let out = agent.ctl(&["rollback"]);
+    assert_eq!(out.code, 1, "nothing older than 0.1.0: {out:?}");
+    assert!(out.stderr.contains("NO_ROLLBACK_TARGET"), "{}", out.stderr);
+    assert_eq!(agent.status()["active"], "0.1.0");
+}
+
+#[test]
+fn a_hung_health_check_does_not_hold_up_a_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &["--health-timeout", "1h"], 1);
+    stage_fixture(&agent, "hung-health").ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.6.5", "--soak", "10m"])
+        .ok();
+    // Served once: its next health check hangs for a minute.
+    hello(&agent, 1);
+    let out = agent.ctl(&["rollback", "--reason", "health check hangs"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let rollback = last(&agent);
+    assert_eq!(
+        (&rollback["kind"], &rollback["automatic"], &rollback["reason"]),
+        (
+            &serde_json::json!("rollback"),
+            &serde_json::json!(false),
+            &serde_json::json!("health check hangs")
+        )
+    );
+    assert_eq!(agent.status()["active"], "0.2.0");
+}
+
+#[test]
+fn a_slow_request_never_stalls_traffic_behind_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--checkpoint-every", "1s"]);
+    stage_fixture(&agent, "slow").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.6", "--permanent"]).ok();
+    let after = agent.status()["last_event_id"].as_u64().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let slow = {
+        let (addr, done) = (agent.http, Arc::clone(&done));
+        thread::spawn(move || {
+            let reply = nine9s_tests::get(addr, "/slow?ms=6000");
+            done.store(true, Ordering::SeqCst);
+            reply
+        })
+    };
+    // A checkpoint comes, cannot quiesce, and is skipped — it does not wait.
+    let skipped = first_event(&agent, after, EventKind::CheckpointSkipped);
+    assert!(
+        skipped.message.contains("still in flight"),
+        "{skipped:?}"
+    );
+    // Requests flow meanwhile.
+    assert_eq!(agent.get("/").status, 200);
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the slow request should still be running"
+    );
+    assert_eq!(slow.join().unwrap().status, 200);
+}
+
+#[test]
+fn sigterm_stops_within_the_grace_period_with_a_slow_request_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--shutdown-grace", "500ms"]);
+    stage_fixture(&agent, "slow").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.6", "--permanent"]).ok();
+    hello(&agent, 3);
+    let answered = Arc::new(AtomicBool::new(false));
+    {
+        let (addr, answered) = (agent.http, Arc::clone(&answered));
+        thread::spawn(move || {
+            let reply = nine9s_tests::Client::connect(addr).and_then(|mut c| c.get("/slow?ms=30000"));
+            answered.store(reply.is_ok(), Ordering::SeqCst);
+        });
+    }
+    assert!(eventually(Duration::from_secs(5), || {
+        agent.status()["libraries"][0]["in_flight"] == 1
+    }));
+    let data = agent.data_dir.clone();
+    assert_eq!(agent.terminate(), 0);
+    assert!(
+        !answered.load(Ordering::SeqCst),
+        "the agent waited for the 30 s request instead of stopping after its grace period"
+    );
+    // The last checkpoint stands: the count is back after a restart.
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.get("/count").body, "3");
+}
+
+#[test]
+fn an_agent_killed_while_a_release_is_current_counts_it_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 1);
+    stage_sample(&agent, "0.3.0");
+    agent
+        .ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"])
+        .ok();
+    agent.kill9();
+    let agent = Agent::start(&data, &[]);
+    let release = agent.release("0.3.0").unwrap();
+    assert_eq!(release["state"], "failed");
+    assert!(
+        release["failure"]
+            .as_str()
+            .unwrap()
+            .contains("the agent died while 0.3.0 was current"),
+        "{release}"
+    );
+    assert_eq!(agent.status()["active"], "0.2.0");
+    let restart = last(&agent);
+    assert_eq!((&restart["kind"], &restart["result"]), (&"restart".into(), &"ok".into()));
+
+    // A clean stop while current is not a failure.
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"]).ok();
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.release_state("0.3.0"), "old");
+}
+
+#[test]
+fn a_permanent_release_that_no_longer_loads_falls_back_to_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 2);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    let sha = agent.release("0.3.0").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(agent.terminate(), 0);
+    std::fs::write(
+        data.join("artifacts").join(format!("{sha}.so")),
+        b"not a library any more",
+    )
+    .unwrap();
+
+    let agent = Agent::start(&data, &[]);
+    let status = agent.status();
+    assert_eq!(status["active"], "0.2.0", "{status}");
+    assert_eq!(status["permanent"], "0.2.0");
+    assert_eq!(agent.release_state("0.3.0"), "failed");
+    assert!(agent.log().contains("FELL BACK to 0.2.0"), "{}", agent.log());
+    let restart = last(&agent);
+    assert!(
+        restart["reason"].as_str().unwrap().contains("FELL BACK"),
+        "{restart}"
+    );
+    // Its state: the snapshot taken when 0.2.0 was left.
+    assert_eq!(agent.get("/count").body, "2");
+}
+
+#[test]
+fn bad_flag_values_are_usage_errors_not_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    for flags in [
+        ["--checkpoint-every", "0s"],
+        ["--soak", "99999999999999999999h"],
+        ["--max-error-rate", "7"],
+        ["--quiesce-timeout", "0s"],
+    ] {
+        let out = std::process::Command::new(nine9s_tests::bin_dir().join("agent"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
+    }
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    for args in [
+        &["upgrade", "--to", "0.2.0", "--soak", "99999999999999999999h"][..],
+        &["upgrade", "--to", "nine"],
+        &["history", "--limit", "-1"],
+    ] {
+        let out = agent.ctl(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(!out.stderr.contains("panicked"), "{args:?}: {out:?}");
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_ctl_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 0);
+    let mut child = std::process::Command::new(nine9s_tests::bin_dir().join("ctl"))
+        .args(["--agent", &format!("http://{}", agent.grpc), "history"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As `ctl history | head -0`: the reader is gone before ctl writes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+#[test]
+fn a_dry_run_refuses_a_plan_whose_hook_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    stage_fixture(&agent, "hooks").ok();
+    let out = agent.ctl(&["upgrade", "--to", "0.2.5", "--dry-run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("reticulate_splines") && out.stderr.contains("PLUGIN_FAILED"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(agent.release_state("0.2.5"), "staged", "a dry run fails nobody");
+}
