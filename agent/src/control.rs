@@ -128,9 +128,7 @@ fn meta(
 ) -> Result<Meta, Status> {
     let request_id = match request_id {
         "" => None,
-        id if id.len() > MAX_REQUEST_ID
-            || !id.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
+        id if id.len() > MAX_REQUEST_ID || !id.bytes().all(|b| b.is_ascii_graphic()) => {
             return Err(invalid(format!(
                 "request_id must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces"
             )))
@@ -142,9 +140,7 @@ fn meta(
         text => Some(parse_version("expected_active", text)?),
     };
     if reason.chars().count() > MAX_REASON {
-        return Err(invalid(format!(
-            "reason is over {MAX_REASON} characters"
-        )));
+        return Err(invalid(format!("reason is over {MAX_REASON} characters")));
     }
     Ok(Meta {
         request_id,

@@ -35,7 +35,7 @@ struct Args {
     /// Default soak before a new release becomes permanent (up to 7d).
     #[arg(long, default_value = "5s", value_parser = soak)]
     soak: Duration,
-    /// How often the active state is checkpointed (1s to 1d).
+    /// How often the active state is checkpointed (100ms to 1d).
     #[arg(long, default_value = "10s", value_parser = checkpoint_every)]
     checkpoint_every: Duration,
     /// How long in-flight requests get on shutdown (up to 1h).
@@ -88,7 +88,7 @@ fn soak(text: &str) -> Result<Duration, String> {
 }
 
 fn checkpoint_every(text: &str) -> Result<Duration, String> {
-    bounded(text, Duration::from_secs(1), DAY)
+    bounded(text, Duration::from_millis(100), DAY)
 }
 
 fn up_to_an_hour(text: &str) -> Result<Duration, String> {
@@ -102,7 +102,9 @@ fn positive_up_to_an_hour(text: &str) -> Result<Duration, String> {
 fn rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-        Ok(_) => Err(format!("{text} is not a share between 0 and 1 (5% is 0.05)")),
+        Ok(_) => Err(format!(
+            "{text} is not a share between 0 and 1 (5% is 0.05)"
+        )),
         Err(_) => Err(format!("{text:?} is not a number")),
     }
 }

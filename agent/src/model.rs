@@ -220,12 +220,23 @@ pub struct Recorded {
 #[serde(rename_all = "snake_case")]
 pub enum RecordedOutcome {
     /// A transition ran (its history entry has the rest).
-    Transition { id: u64 },
+    Transition {
+        id: u64,
+    },
     /// The release asked for was already active.
     Unchanged,
-    Staged { version: Version, already_staged: bool },
-    Removed { release: Box<Release>, collected: Vec<String> },
-    Refused { reason: Reason, message: String },
+    Staged {
+        version: Version,
+        already_staged: bool,
+    },
+    Removed {
+        release: Box<Release>,
+        collected: Vec<String>,
+    },
+    Refused {
+        reason: Reason,
+        message: String,
+    },
 }
 
 /// A release's state, as it was at some moment.

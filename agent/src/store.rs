@@ -145,7 +145,9 @@ impl Store {
             }
         }
         check_states(after.iter().map(|r| (&r.version, r.state))).map_err(|broken| {
-            StoreError::new(format!("write refused, it would break an invariant: {broken}"))
+            StoreError::new(format!(
+                "write refused, it would break an invariant: {broken}"
+            ))
         })
     }
 
@@ -495,7 +497,9 @@ mod tests {
         let v2 = Version::new(0, 2, 0);
         {
             let store = Store::open(dir.path(), 100).unwrap();
-            let mut t = store.begin(draft(TransitionKind::Upgrade, Some(&v2))).unwrap();
+            let mut t = store
+                .begin(draft(TransitionKind::Upgrade, Some(&v2)))
+                .unwrap();
             t.outcome = Outcome::Ok;
             store
                 .commit(&t, &[release("0.2.0", ReleaseState::Permanent)])

@@ -76,13 +76,20 @@ fn a_rollback_whose_down_migration_panics_restores_the_snapshot_and_keeps_the_pe
     assert_eq!(agent.get("/count").body, "5");
 
     let out = agent.ctl(&["rollback"]);
-    assert_eq!(out.code, 0, "the rollback falls back to the snapshot: {out:?}");
+    assert_eq!(
+        out.code, 0,
+        "the rollback falls back to the snapshot: {out:?}"
+    );
     let status = agent.status();
     assert_eq!(status["active"], "0.2.0");
     assert_eq!(status["permanent"], "0.2.0");
     assert_eq!(status["current"], "");
     assert_eq!(agent.release_state("0.2.0"), "permanent");
-    assert_eq!(agent.release_state("0.3.5"), "old", "a manual rollback fails nobody");
+    assert_eq!(
+        agent.release_state("0.3.5"),
+        "old",
+        "a manual rollback fails nobody"
+    );
     // The snapshot taken when 0.2.0 was left: the 2 hellos on 0.3.5 are
     // what could not be carried down.
     assert_eq!(agent.get("/count").body, "3");
@@ -127,13 +134,21 @@ fn a_failed_automatic_rollback_is_retried_in_plain_sight_until_it_succeeds() {
         agent.log()
     );
     assert!(
-        seen["last_error"].as_str().unwrap().contains("did not finish"),
+        seen["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish"),
         "{seen}"
     );
-    assert_eq!(agent.status()["current"], "0.6.0", "still watched, still current");
+    assert_eq!(
+        agent.status()["current"],
+        "0.6.0",
+        "still watched, still current"
+    );
     assert_eq!(slow.join().unwrap().status, 200);
     assert!(
-        eventually(Duration::from_secs(15), || agent.status()["active"] == "0.2.0"),
+        eventually(Duration::from_secs(15), || agent.status()["active"]
+            == "0.2.0"),
         "the rollback was not retried:\n{}",
         agent.log()
     );
@@ -147,7 +162,9 @@ fn a_failed_automatic_rollback_is_retried_in_plain_sight_until_it_succeeds() {
         .collect();
     assert!(rollbacks.len() >= 2, "{rollbacks:?}");
     assert_eq!(rollbacks.last().unwrap(), "ok");
-    assert!(rollbacks[..rollbacks.len() - 1].iter().all(|r| r == "failed"));
+    assert!(rollbacks[..rollbacks.len() - 1]
+        .iter()
+        .all(|r| r == "failed"));
 }
 
 #[test]
@@ -185,7 +202,11 @@ fn a_hung_health_check_does_not_hold_up_a_rollback() {
     assert_eq!(out.code, 0, "{out:?}");
     let rollback = last(&agent);
     assert_eq!(
-        (&rollback["kind"], &rollback["automatic"], &rollback["reason"]),
+        (
+            &rollback["kind"],
+            &rollback["automatic"],
+            &rollback["reason"]
+        ),
         (
             &serde_json::json!("rollback"),
             &serde_json::json!(false),
@@ -213,10 +234,7 @@ fn a_slow_request_never_stalls_traffic_behind_a_checkpoint() {
     };
     // A checkpoint comes, cannot quiesce, and is skipped — it does not wait.
     let skipped = first_event(&agent, after, EventKind::CheckpointSkipped);
-    assert!(
-        skipped.message.contains("still in flight"),
-        "{skipped:?}"
-    );
+    assert!(skipped.message.contains("still in flight"), "{skipped:?}");
     // Requests flow meanwhile.
     assert_eq!(agent.get("/").status, 200);
     assert!(
@@ -229,15 +247,16 @@ fn a_slow_request_never_stalls_traffic_behind_a_checkpoint() {
 #[test]
 fn sigterm_stops_within_the_grace_period_with_a_slow_request_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("data"), &["--shutdown-grace", "500ms"]);
+    let agent = on_0_2_0(&dir.path().join("data"), &["--shutdown-grace", "500ms"], 3);
     stage_fixture(&agent, "slow").ok();
+    // The switch stores 0.2.6's starting state (the count, 3).
     agent.ctl(&["upgrade", "--to", "0.2.6", "--permanent"]).ok();
-    hello(&agent, 3);
     let answered = Arc::new(AtomicBool::new(false));
     {
         let (addr, answered) = (agent.http, Arc::clone(&answered));
         thread::spawn(move || {
-            let reply = nine9s_tests::Client::connect(addr).and_then(|mut c| c.get("/slow?ms=30000"));
+            let reply =
+                nine9s_tests::Client::connect(addr).and_then(|mut c| c.get("/slow?ms=30000"));
             answered.store(reply.is_ok(), Ordering::SeqCst);
         });
     }
@@ -250,7 +269,7 @@ fn sigterm_stops_within_the_grace_period_with_a_slow_request_in_flight() {
         !answered.load(Ordering::SeqCst),
         "the agent waited for the 30 s request instead of stopping after its grace period"
     );
-    // The last checkpoint stands: the count is back after a restart.
+    // The final checkpoint could not be taken; the last one stands.
     let agent = Agent::start(&data, &[]);
     assert_eq!(agent.get("/count").body, "3");
 }
@@ -277,10 +296,15 @@ fn an_agent_killed_while_a_release_is_current_counts_it_as_failed() {
     );
     assert_eq!(agent.status()["active"], "0.2.0");
     let restart = last(&agent);
-    assert_eq!((&restart["kind"], &restart["result"]), (&"restart".into(), &"ok".into()));
+    assert_eq!(
+        (&restart["kind"], &restart["result"]),
+        (&"restart".into(), &"ok".into())
+    );
 
     // A clean stop while current is not a failure.
-    agent.ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"]).ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.3.0", "--no-permanent"])
+        .ok();
     assert_eq!(agent.terminate(), 0);
     let agent = Agent::start(&data, &[]);
     assert_eq!(agent.release_state("0.3.0"), "old");
@@ -309,7 +333,11 @@ fn a_permanent_release_that_no_longer_loads_falls_back_to_the_one_before() {
     assert_eq!(status["active"], "0.2.0", "{status}");
     assert_eq!(status["permanent"], "0.2.0");
     assert_eq!(agent.release_state("0.3.0"), "failed");
-    assert!(agent.log().contains("FELL BACK to 0.2.0"), "{}", agent.log());
+    assert!(
+        agent.log().contains("FELL BACK to 0.2.0"),
+        "{}",
+        agent.log()
+    );
     let restart = last(&agent);
     assert!(
         restart["reason"].as_str().unwrap().contains("FELL BACK"),
@@ -340,7 +368,13 @@ fn bad_flag_values_are_usage_errors_not_crashes() {
     }
     let agent = Agent::start(&dir.path().join("data"), &[]);
     for args in [
-        &["upgrade", "--to", "0.2.0", "--soak", "99999999999999999999h"][..],
+        &[
+            "upgrade",
+            "--to",
+            "0.2.0",
+            "--soak",
+            "99999999999999999999h",
+        ][..],
         &["upgrade", "--to", "nine"],
         &["history", "--limit", "-1"],
     ] {
@@ -380,5 +414,9 @@ fn a_dry_run_refuses_a_plan_whose_hook_does_not_exist() {
         "{}",
         out.stderr
     );
-    assert_eq!(agent.release_state("0.2.5"), "staged", "a dry run fails nobody");
+    assert_eq!(
+        agent.release_state("0.2.5"),
+        "staged",
+        "a dry run fails nobody"
+    );
 }

@@ -8,6 +8,7 @@ use nine9s_proto::{
 };
 use nine9s_tests::{library, release_dir, Agent};
 use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -149,5 +150,225 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
             (Upgrade, TransitionResult::Ok)
         ],
         "refusals that never started a transition are not in the history"
+    );
+}
+
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| {
+            assert_eq!(info.domain, "nine9s.dev");
+            info.reason
+        })
+        .unwrap_or_default()
+}
+
+async fn stage_sample_over_grpc(api: &mut ControlClient<Channel>, version: &str) {
+    let dir = release_dir(&format!("nine9s-{version}"));
+    let manifest = std::fs::read_to_string(dir.join("release.toml")).unwrap();
+    let bytes = std::fs::read(library(&format!("nine9s_{}", version.replace('.', "_")))).unwrap();
+    api.stage(tokio_stream::iter(stage_chunks(
+        &manifest,
+        &hex(&bytes),
+        &bytes,
+    )))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn commands_an_orchestrator_can_retry_and_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let mut api = client(&agent).await;
+    stage_sample_over_grpc(&mut api, "0.2.0").await;
+
+    // A compare-and-set that does not hold changes nothing.
+    let err = api
+        .upgrade(TransitionRequest {
+            expected_active: "0.3.0".into(),
+            ..transition("0.2.0")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert_eq!(reason(&err), "EXPECTED_ACTIVE_MISMATCH");
+    assert_eq!(agent.get("/").body, "Hello world!");
+
+    // The same request id twice: one transition, the same answer.
+    let request = TransitionRequest {
+        request_id: "deploy-42".into(),
+        expected_active: "0.1.0".into(),
+        reason: "ticket 42".into(),
+        ..transition("0.2.0")
+    };
+    let first = api.upgrade(request.clone()).await.unwrap().into_inner();
+    let retry = api.upgrade(request.clone()).await.unwrap().into_inner();
+    let (a, b) = (first.transition.unwrap(), retry.transition.unwrap());
+    assert_eq!(a.id, b.id);
+    assert_eq!(
+        (a.reason.as_str(), a.request_id.as_str()),
+        ("ticket 42", "deploy-42")
+    );
+    // Reusing the id for another command is refused.
+    let err = api
+        .downgrade(TransitionRequest {
+            request_id: "deploy-42".into(),
+            ..transition("0.1.0")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "REQUEST_ID_REUSED")
+    );
+
+    // Declarative callers converge: the active release again is "unchanged".
+    let again = api.upgrade(transition("0.2.0")).await.unwrap().into_inner();
+    assert!(again.unchanged && again.transition.is_none());
+
+    // Out-of-range and unknown values are INVALID_ARGUMENT, never accepted.
+    for bad in [
+        TransitionRequest {
+            permanence: 99,
+            ..transition("0.2.0")
+        },
+        TransitionRequest {
+            permanence: Permanence::Soak.into(),
+            soak_ms: u64::MAX,
+            ..transition("0.2.0")
+        },
+        TransitionRequest {
+            request_id: "has spaces".into(),
+            ..transition("0.2.0")
+        },
+    ] {
+        let err = api.downgrade(bad).await.unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            "{err:?}"
+        );
+    }
+    let err = api
+        .rollback(nine9s_proto::RollbackRequest {
+            state: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let info = api
+        .agent_info(nine9s_proto::AgentInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.service, "nine9s");
+    assert_eq!(info.default_soak_ms, 5000);
+    assert!(info.abi_versions.contains(&1));
+}
+
+#[tokio::test]
+async fn the_event_stream_resumes_after_a_disconnect() {
+    use nine9s_proto::{EventKind, ReleaseState, WatchRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let mut api = client(&agent).await;
+    let start = api
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .last_event_id;
+    stage_sample_over_grpc(&mut api, "0.2.0").await;
+
+    let mut events = api
+        .watch(WatchRequest { after_id: start })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.next().await.unwrap().unwrap();
+    assert_eq!(first.kind(), EventKind::TransitionStarted);
+    assert_eq!(first.id, start + 1);
+    drop(events);
+
+    api.upgrade(transition("0.2.0")).await.unwrap();
+    // Resuming after the last event seen: nothing lost, nothing twice.
+    let mut events = api
+        .watch(WatchRequest { after_id: first.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = vec![first];
+    while let Ok(Some(event)) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), events.next()).await
+    {
+        seen.push(event.unwrap());
+    }
+    let ids: Vec<u64> = seen.iter().map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    assert!(
+        seen.iter()
+            .any(|e| e.kind() == EventKind::ReleaseStateChanged
+                && e.version == "0.2.0"
+                && e.state() == ReleaseState::Permanent),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|e| e.kind() == EventKind::TransitionFinished)
+            .count(),
+        2,
+        "the stage and the upgrade"
+    );
+}
+
+#[tokio::test]
+async fn a_command_whose_client_gave_up_while_it_was_queued_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = std::sync::Arc::new(Agent::start(&dir.path().join("data"), &[]));
+    nine9s_tests::stage_fixture(&agent, "slow").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.6", "--permanent"]).ok();
+    nine9s_tests::stage_sample(&agent, "0.3.0");
+    nine9s_tests::stage_fixture(&agent, "bad-downgrade").ok();
+
+    // A slow request keeps the next upgrade waiting to quiesce...
+    let addr = agent.http;
+    let slow = std::thread::spawn(move || nine9s_tests::get(addr, "/slow?ms=3000"));
+    assert!(nine9s_tests::eventually(
+        std::time::Duration::from_secs(5),
+        || agent.status()["libraries"][0]["in_flight"] == 1
+    ));
+    let busy = {
+        let agent = std::sync::Arc::clone(&agent);
+        std::thread::spawn(move || agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]))
+    };
+    assert!(nine9s_tests::eventually(
+        std::time::Duration::from_secs(5),
+        || !agent.status()["running"].is_null()
+    ));
+    // ...and this one queues behind it, and its client gives up.
+    let mut api = client(&agent).await;
+    let mut ghost = tonic::Request::new(TransitionRequest {
+        request_id: "ghost-1".into(),
+        ..transition("0.3.5")
+    });
+    ghost.set_timeout(std::time::Duration::from_millis(300));
+    let err = api.upgrade(ghost).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    busy.join().unwrap().ok();
+    slow.join().unwrap();
+    // Anything queued before this dry run has been handled when it answers.
+    agent.ctl(&["downgrade", "--to", "0.2.6", "--dry-run"]).ok();
+    assert_eq!(agent.status()["active"], "0.3.0");
+    assert!(
+        agent.history().iter().all(|t| t["request_id"] != "ghost-1"),
+        "the ghost ran: {:?}",
+        agent.history()
     );
 }

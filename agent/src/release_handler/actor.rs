@@ -258,8 +258,7 @@ impl Actor {
             Permanence::Immediate => Settle::Immediate,
             Permanence::Never => Settle::Held,
             Permanence::Soak(period) => Settle::Soak {
-                until_ms: now_ms()
-                    + period.unwrap_or(self.shared.config.soak).as_millis() as i64,
+                until_ms: now_ms() + period.unwrap_or(self.shared.config.soak).as_millis() as i64,
             },
         };
         let kind = match direction {
@@ -317,7 +316,9 @@ impl Actor {
                     guard.note(format!(
                         "state migration failed ({e}); restored the snapshot taken when {version} was left"
                     ));
-                    report.checks.push(format!("state: migration failed ({e}); falling back to the snapshot"));
+                    report.checks.push(format!(
+                        "state: migration failed ({e}); falling back to the snapshot"
+                    ));
                     outcome = self.execute(&target, StateSource::Snapshot, &mut report);
                 }
             }
@@ -400,7 +401,9 @@ impl Actor {
         // What the release served while current belongs to it now.
         self.checkpoint();
         let event = match self.lifecycle.soak() {
-            Soak::Soaking { version: soaking, .. } if soaking == version && origin.automatic => {
+            Soak::Soaking {
+                version: soaking, ..
+            } if soaking == version && origin.automatic => {
                 machine::Event::SoakPassed { at_ms: now_ms() }
             }
             _ => machine::Event::MadePermanent {
@@ -420,11 +423,7 @@ impl Actor {
 
     /// Applies an event to the lifecycle and returns the release records
     /// it changed (`fresh`: records not in the store yet), ready to commit.
-    pub(super) fn advance(
-        &mut self,
-        event: machine::Event,
-        fresh: &[Release],
-    ) -> Result<Changes> {
+    pub(super) fn advance(&mut self, event: machine::Event, fresh: &[Release]) -> Result<Changes> {
         let (next, effects) = self.lifecycle.apply(event)?;
         let store = self.shared.store();
         let mut changes = Changes::default();
@@ -601,8 +600,8 @@ impl Actor {
             )
         });
         if let Err(e) = outcome {
-            let backoff = Duration::from_millis(200 * 2u64.pow(attempts.min(5)))
-                .min(MAX_ROLLBACK_BACKOFF);
+            let backoff =
+                Duration::from_millis(200 * 2u64.pow(attempts.min(5))).min(MAX_ROLLBACK_BACKOFF);
             self.next_rollback = Instant::now() + backoff;
             tracing::error!(error = %e, attempt = attempts + 1, retry_in_ms = backoff.as_millis() as u64, "automatic rollback failed; it will be retried");
             let event = crate::model::Event::new(crate::model::EventKind::RollbackRetry)

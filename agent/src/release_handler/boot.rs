@@ -246,10 +246,11 @@ fn resume(
 
 /// Starts a release's instance with its last snapshot.
 fn start(store: &Store, artifacts: &Artifacts, release: &Release) -> Result<Loaded> {
-    let library = Library::open(&artifacts.path(&release.sha256)).map_err(|source| Error::Load {
-        version: release.version.clone(),
-        source,
-    })?;
+    let library =
+        Library::open(&artifacts.path(&release.sha256)).map_err(|source| Error::Load {
+            version: release.version.clone(),
+            source,
+        })?;
     let snapshot = store.last_snapshot(&release.version)?;
     let state = match &snapshot {
         // A release that keeps no state starts fresh, whatever was saved.

@@ -157,9 +157,7 @@ impl Actor {
         let old: Vec<Version> = self
             .lifecycle
             .versions()
-            .filter(|v| {
-                self.lifecycle.entry(v).map(|e| e.state) == Some(ReleaseState::Old)
-            })
+            .filter(|v| self.lifecycle.entry(v).map(|e| e.state) == Some(ReleaseState::Old))
             .cloned()
             .collect();
         let keep = self.shared.config.keep_old;

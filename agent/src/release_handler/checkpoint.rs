@@ -19,13 +19,15 @@ impl Actor {
     /// Takes a checkpoint; logs (and announces) why if it cannot.
     pub(super) fn checkpoint(&self) {
         let runtime = &self.shared.runtime;
-        let taken = self.tokio.block_on(runtime.try_quiesced(CHECKPOINT_QUIESCE, |loaded| {
-            (
-                loaded.version.clone(),
-                loaded.instance.library().state_version(),
-                loaded.instance.snapshot(),
-            )
-        }));
+        let taken = self
+            .tokio
+            .block_on(runtime.try_quiesced(CHECKPOINT_QUIESCE, |loaded| {
+                (
+                    loaded.version.clone(),
+                    loaded.instance.library().state_version(),
+                    loaded.instance.snapshot(),
+                )
+            }));
         let skipped = |why: String| {
             tracing::warn!(%why, "checkpoint skipped; the previous one stands");
             self.shared

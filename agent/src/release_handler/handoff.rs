@@ -40,10 +40,9 @@ impl Carry {
     /// Whose code a failed migration blames: the library that migrates.
     pub(super) fn migrator(&self, target: &Version) -> Version {
         match self {
-            Carry::Migrate { library, .. } => library
-                .version()
-                .parse()
-                .unwrap_or_else(|_| target.clone()),
+            Carry::Migrate { library, .. } => {
+                library.version().parse().unwrap_or_else(|_| target.clone())
+            }
             Carry::Fresh | Carry::Same => target.clone(),
         }
     }
@@ -135,10 +134,13 @@ pub(super) fn restore_carry(library: &Arc<Library>, snapshot: &Snapshot) -> Resu
             to,
         })
     } else {
-        Err(Error::refused(Reason::NoMigrationPath, format!(
+        Err(Error::refused(
+            Reason::NoMigrationPath,
+            format!(
             "the snapshot of {} is state v{from}, its library wants v{to} and cannot migrate it",
             snapshot.version
-        )))
+        ),
+        ))
     }
 }
 

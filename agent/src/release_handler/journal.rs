@@ -57,7 +57,10 @@ impl Journal {
 
     /// The transition under way, if any.
     pub fn running(&self) -> Option<Transition> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Records an event and tells watchers. An event that cannot be
@@ -176,7 +179,11 @@ impl Guard<'_> {
                 t.error_reason = Some(e.reason());
             }
         }
-        *self.journal.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .journal
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.journal.store.commit(&t, &changed.records)?;
         let mut finished = Event::new(EventKind::TransitionFinished);
         finished.transition = Some(t.clone());

@@ -65,7 +65,9 @@ impl Soak {
 pub enum Settle {
     Immediate,
     /// Soak until this instant (epoch ms).
-    Soak { until_ms: i64 },
+    Soak {
+        until_ms: i64,
+    },
     /// Current until `MakePermanent`.
     Held,
 }
@@ -74,8 +76,13 @@ pub enum Settle {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The bootstrap release of an empty store is installed, permanent.
-    Installed { version: Version, at_ms: i64 },
-    Staged { version: Version },
+    Installed {
+        version: Version,
+        at_ms: i64,
+    },
+    Staged {
+        version: Version,
+    },
     /// An upgrade or downgrade switched to `to`.
     Switched {
         to: Version,
@@ -84,18 +91,35 @@ pub enum Event {
     },
     /// A switch to `to` failed before the swap; `fault` is set when `to`'s
     /// own code failed (its load, init, migration or health check).
-    SwitchFailed { to: Version, fault: Option<String> },
+    SwitchFailed {
+        to: Version,
+        fault: Option<String>,
+    },
     /// The soaking release is unhealthy: roll it back.
-    SoakFailed { reason: String },
+    SoakFailed {
+        reason: String,
+    },
     /// The soaking release stayed healthy to the end.
-    SoakPassed { at_ms: i64 },
+    SoakPassed {
+        at_ms: i64,
+    },
     /// A rollback to `to` succeeded; a release that failed its soak is
     /// marked failed by it.
-    RolledBack { to: Version, at_ms: i64 },
+    RolledBack {
+        to: Version,
+        at_ms: i64,
+    },
     /// An automatic rollback attempt failed; it will be retried.
-    RollbackFailed { error: String },
-    MadePermanent { version: Version, at_ms: i64 },
-    Removed { version: Version },
+    RollbackFailed {
+        error: String,
+    },
+    MadePermanent {
+        version: Version,
+        at_ms: i64,
+    },
+    Removed {
+        version: Version,
+    },
     /// The agent started and serves `serving`. `unclean`: the previous run
     /// did not stop cleanly. `unloadable`: releases tried first whose
     /// library could not be started, with why.
@@ -322,7 +346,9 @@ impl Lifecycle {
         match event {
             Event::Installed { version, at_ms } => {
                 if !self.releases.is_empty() {
-                    return Err(bug("the bootstrap release is installed only on an empty store"));
+                    return Err(bug(
+                        "the bootstrap release is installed only on an empty store",
+                    ));
                 }
                 next.set(&version, ReleaseState::Permanent, &mut effects);
                 next.entry_mut(&version).permanent_since_ms = Some(at_ms);
@@ -488,11 +514,9 @@ impl Lifecycle {
                 next.active = serving;
             }
         }
-        next.check().map_err(|broken| {
-            Error::Refused {
-                reason: Reason::Internal,
-                message: format!("refused: applying that would break an invariant: {broken}"),
-            }
+        next.check().map_err(|broken| Error::Refused {
+            reason: Reason::Internal,
+            message: format!("refused: applying that would break an invariant: {broken}"),
         })?;
         Ok((next, effects))
     }
@@ -589,7 +613,9 @@ pub fn check_states<'a>(
         ));
     }
     if current.len() > 1 {
-        return Err(format!("at most one release may be current, not {current:?}"));
+        return Err(format!(
+            "at most one release may be current, not {current:?}"
+        ));
     }
     Ok(())
 }

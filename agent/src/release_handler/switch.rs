@@ -94,9 +94,9 @@ impl Actor {
                 let state = snapshot_source
                     .as_ref()
                     .map_or(left.as_slice(), |s| s.bytes.as_slice());
-                let migrated = carry
-                    .apply(state)
-                    .map_err(|e| plugin_error(&carry.migrator(&target.version), "state migration", e))?;
+                let migrated = carry.apply(state).map_err(|e| {
+                    plugin_error(&carry.migrator(&target.version), "state migration", e)
+                })?;
                 taken.push(Snapshot {
                     version: old.version.clone(),
                     state_version: old.instance.library().state_version(),
@@ -180,12 +180,11 @@ impl Actor {
         source: StateSource,
         report: &PlanReport,
     ) -> Result<Prepared> {
-        let library = Library::open(&self.artifacts.path(&target.sha256)).map_err(|source| {
-            Error::Load {
+        let library =
+            Library::open(&self.artifacts.path(&target.sha256)).map_err(|source| Error::Load {
                 version: target.version.clone(),
                 source,
-            }
-        })?;
+            })?;
         if library.version() != target.version.to_string() || library.name() != target.name {
             return Err(Error::InvalidArtifact(format!(
                 "the library of {} {} says it is {} {}",
@@ -263,9 +262,7 @@ impl Actor {
                         .instantiate(migrated.as_deref())
                         .map_err(|e| plugin(&version, "init", e))?;
                     for hook in &hooks {
-                        trial
-                            .hook(hook)
-                            .map_err(|e| plugin(&version, "hook", e))?;
+                        trial.hook(hook).map_err(|e| plugin(&version, "hook", e))?;
                     }
                     trial
                         .health()
@@ -305,7 +302,10 @@ fn describe(loaded: &Prepared, checks: &mut Vec<String>) {
 }
 
 /// The hooks among `steps[range]`, in order.
-fn hooks(steps: &[Step], range: impl std::slice::SliceIndex<[Step], Output = [Step]>) -> Vec<String> {
+fn hooks(
+    steps: &[Step],
+    range: impl std::slice::SliceIndex<[Step], Output = [Step]>,
+) -> Vec<String> {
     steps[range]
         .iter()
         .filter_map(|s| match s {

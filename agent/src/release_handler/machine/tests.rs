@@ -104,7 +104,13 @@ fn a_repeated_rollback_goes_further_back_never_forth() {
     let l = apply(&l, switched(3, Settle::Immediate, 3));
     let target = l.rollback_target().unwrap();
     assert_eq!(target, v(2));
-    let l = apply(&l, Event::RolledBack { to: target, at_ms: 4 });
+    let l = apply(
+        &l,
+        Event::RolledBack {
+            to: target,
+            at_ms: 4,
+        },
+    );
     assert_eq!(l.rollback_target().unwrap(), v(1));
     let l = apply(&l, Event::RolledBack { to: v(1), at_ms: 5 });
     assert!(l.rollback_target().is_err(), "nothing older than 0.1.0");
@@ -196,8 +202,10 @@ fn op() -> impl Strategy<Value = Op> {
         (1u64..8).prop_map(|to| Op::SwitchFailsForOtherReasons { to }),
         Just(Op::SoakFails),
         Just(Op::SoakPasses),
-        (any::<bool>(), any::<bool>())
-            .prop_map(|(succeeds, own_fault)| Op::Rollback { succeeds, own_fault }),
+        (any::<bool>(), any::<bool>()).prop_map(|(succeeds, own_fault)| Op::Rollback {
+            succeeds,
+            own_fault
+        }),
         Just(Op::MakePermanent),
         (1u64..8).prop_map(|version| Op::Remove { version }),
         any::<bool>().prop_map(|unloadable_permanent| Op::Crash {
@@ -219,7 +227,9 @@ fn play(l: &Lifecycle, op: &Op, t: i64, staged: &mut u64, blame: &mut Blame) -> 
     let result = match op {
         Op::Stage => {
             *staged += 1;
-            next(Event::Staged { version: v(*staged) })
+            next(Event::Staged {
+                version: v(*staged),
+            })
         }
         Op::Switch { to, settle, fault } => {
             let to = v(*to);
