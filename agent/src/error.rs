@@ -85,7 +85,6 @@ impl Error {
             Error::NoMigrationPath { .. } => Reason::NoMigrationPath,
             Error::QuiesceTimeout { .. } => Reason::QuiesceTimeout,
             Error::ExpectedActive { .. } => Reason::ExpectedActiveMismatch,
-            Error::Store(e) if e.is_disk_full() => Reason::DiskFull,
             Error::Store(_) => Reason::StoreUnavailable,
             Error::Io { source, .. } if is_disk_full(source) => Reason::DiskFull,
             Error::Io { .. } => Reason::Internal,

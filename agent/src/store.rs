@@ -8,6 +8,7 @@
 //! entry are written in one sled transaction.
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -30,31 +31,19 @@ pub const REQUEST_IDS_KEPT_MS: i64 = 24 * 3600 * 1000;
 #[error("state store: {message}")]
 pub struct StoreError {
     message: String,
-    disk_full: bool,
 }
 
 impl StoreError {
     fn new(message: impl Into<String>) -> StoreError {
         StoreError {
             message: message.into(),
-            disk_full: false,
         }
-    }
-
-    /// The write failed for lack of space.
-    pub fn is_disk_full(&self) -> bool {
-        self.disk_full
     }
 }
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        let disk_full = matches!(&e, sled::Error::Io(io) if crate::error::is_disk_full(io))
-            || e.to_string().contains("No space left");
-        StoreError {
-            message: e.to_string(),
-            disk_full,
-        }
+        StoreError::new(e.to_string())
     }
 }
 
@@ -68,6 +57,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub struct Store {
     dir: std::path::PathBuf,
+    /// The open database; swapped for a fresh one by [`Store::reopen`]
+    /// (`None` only while that runs).
+    trees: RwLock<Option<Arc<Trees>>>,
+    /// Transitions (and events) kept; older ones are dropped.
+    history_kept: u64,
+}
+
+/// The database and its trees.
+struct Trees {
     db: sled::Db,
     releases: sled::Tree,
     history: sled::Tree,
@@ -78,15 +76,10 @@ pub struct Store {
     requests: sled::Tree,
     /// Small facts about the store itself (whether the last stop was clean).
     meta: sled::Tree,
-    /// Transitions (and events) kept; older ones are dropped.
-    history_kept: u64,
 }
 
-/// `meta` key: present while an agent runs on the store, removed by a clean stop.
-const RUNNING: &[u8] = b"running";
-
-impl Store {
-    pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
+impl Trees {
+    fn open(dir: &Path) -> Result<Trees> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
@@ -97,8 +90,7 @@ impl Store {
                     dir.display()
                 ))
             })?;
-        Ok(Store {
-            dir: dir.to_owned(),
+        Ok(Trees {
             releases: db.open_tree("releases")?,
             history: db.open_tree("history")?,
             snapshots: db.open_tree("snapshots")?,
@@ -106,8 +98,49 @@ impl Store {
             requests: db.open_tree("requests")?,
             meta: db.open_tree("meta")?,
             db,
+        })
+    }
+}
+
+/// `meta` key: present while an agent runs on the store, removed by a clean stop.
+const RUNNING: &[u8] = b"running";
+
+impl Store {
+    pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
+        Ok(Store {
+            dir: dir.to_owned(),
+            trees: RwLock::new(Some(Arc::new(Trees::open(dir)?))),
             history_kept: history_kept.max(1) as u64,
         })
+    }
+
+    fn trees(&self) -> Result<Arc<Trees>> {
+        self.trees
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::new("the store is being reopened"))
+    }
+
+    /// Closes and reopens the database. sled refuses every write for the
+    /// rest of the process once one failed (a full disk); a fresh handle
+    /// works again once the cause is gone, with everything flushed before
+    /// intact.
+    pub fn reopen(&self) -> Result<()> {
+        let mut slot = self.trees.write().unwrap_or_else(|e| e.into_inner());
+        drop(slot.take());
+        // sled's flusher thread lets go of the directory's lock a moment
+        // after the last handle is dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let trees = loop {
+            match Trees::open(&self.dir) {
+                Ok(trees) => break trees,
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
+        *slot = Some(Arc::new(trees));
+        Ok(())
     }
 
     /// Where the database lives.
@@ -118,17 +151,19 @@ impl Store {
     /// Whether the store takes writes (after a failed one): writes, flushes
     /// and removes a small record.
     pub fn probe(&self) -> Result<()> {
-        self.meta.insert(b"probe", &[0u8; 64][..])?;
-        self.meta.remove(b"probe")?;
+        let t = self.trees()?;
+        t.meta.insert(b"probe", &[0u8; 64][..])?;
+        t.meta.remove(b"probe")?;
         self.flush()
     }
 
     /// Writes release records as they are (resynchronising after the store
     /// failed a commit), checked against the invariants, and flushes.
     pub fn write_releases(&self, releases: &[Release]) -> Result<()> {
+        let t = self.trees()?;
         self.check_invariants_after(releases)?;
         for release in releases {
-            self.releases
+            t.releases
                 .insert(release.version.to_string(), serde_json::to_vec(release)?)?;
         }
         self.flush()
@@ -153,13 +188,15 @@ impl Store {
 
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        let t = self.trees()?;
+        t.db.flush()?;
         Ok(())
     }
 
     /// All releases, lowest version first.
     pub fn releases(&self) -> Result<Vec<Release>> {
-        let mut all = self
+        let t = self.trees()?;
+        let mut all = t
             .releases
             .iter()
             .values()
@@ -170,25 +207,28 @@ impl Store {
     }
 
     pub fn release(&self, version: &Version) -> Result<Option<Release>> {
-        self.releases
+        let t = self.trees()?;
+        t.releases
             .get(version.to_string())?
             .map(|v| Ok(serde_json::from_slice(&v)?))
             .transpose()
     }
 
     pub fn remove_release(&self, version: &Version) -> Result<()> {
-        self.releases.remove(version.to_string())?;
+        let t = self.trees()?;
+        t.releases.remove(version.to_string())?;
         Ok(())
     }
 
     /// Journals the start of a transition, durably: numbers it, marks it
     /// running, and returns it.
     pub fn begin(&self, mut transition: Transition) -> Result<Transition> {
+        let t = self.trees()?;
         // Ids count up from the last entry; one transition begins at a time.
-        transition.id = last_id(&self.history)? + 1;
+        transition.id = last_id(&t.history)? + 1;
         transition.started_at_ms = crate::model::now_ms();
         transition.outcome = Outcome::Running;
-        self.history.insert(
+        t.history.insert(
             transition.id.to_be_bytes(),
             serde_json::to_vec(&transition)?,
         )?;
@@ -202,6 +242,7 @@ impl Store {
     /// (exactly one permanent release, at most one current), whatever the
     /// caller computed.
     pub fn commit(&self, transition: &Transition, releases: &[Release]) -> Result<()> {
+        let t = self.trees()?;
         if !releases.is_empty() {
             self.check_invariants_after(releases)?;
         }
@@ -210,7 +251,7 @@ impl Store {
             .iter()
             .map(|r| Ok((r.version.to_string(), serde_json::to_vec(r)?)))
             .collect::<Result<Vec<_>>>()?;
-        (&self.releases, &self.history)
+        (&t.releases, &t.history)
             .transaction(|(rel, hist)| {
                 for (key, value) in &records {
                     rel.insert(key.as_bytes(), value.as_slice())?;
@@ -230,19 +271,21 @@ impl Store {
     /// consecutive and only the oldest are ever removed, so the count is
     /// the span of ids (sled's `len` would walk the whole tree).
     fn trim_history(&self) -> Result<()> {
-        let Some((first, _)) = self.history.first()? else {
+        let t = self.trees()?;
+        let Some((first, _)) = t.history.first()? else {
             return Ok(());
         };
-        let (first, last) = (key_id(&first)?, last_id(&self.history)?);
+        let (first, last) = (key_id(&first)?, last_id(&t.history)?);
         for old in first..(last + 1).saturating_sub(self.history_kept) {
-            self.history.remove(old.to_be_bytes())?;
+            t.history.remove(old.to_be_bytes())?;
         }
         Ok(())
     }
 
     /// One transition of the history.
     pub fn transition(&self, id: u64) -> Result<Option<Transition>> {
-        self.history
+        let t = self.trees()?;
+        t.history
             .get(id.to_be_bytes())?
             .map(|v| Ok(serde_json::from_slice(&v)?))
             .transpose()
@@ -251,7 +294,8 @@ impl Store {
     /// Up to `limit` transitions after `after_id`, oldest first, and
     /// whether more follow.
     pub fn history_after(&self, after_id: u64, limit: usize) -> Result<(Vec<Transition>, bool)> {
-        let mut page = self
+        let t = self.trees()?;
+        let mut page = t
             .history
             .range((after_id + 1).to_be_bytes()..)
             .values()
@@ -266,13 +310,14 @@ impl Store {
     /// Records an event (numbering it) and drops the oldest beyond the
     /// number kept. Durable with the next flush.
     pub fn record_event(&self, mut event: Event) -> Result<Event> {
-        event.id = last_id(&self.events)? + 1;
-        self.events
+        let t = self.trees()?;
+        event.id = last_id(&t.events)? + 1;
+        t.events
             .insert(event.id.to_be_bytes(), serde_json::to_vec(&event)?)?;
-        if let Some((first, _)) = self.events.first()? {
+        if let Some((first, _)) = t.events.first()? {
             let first = key_id(&first)?;
             for old in first..(event.id + 1).saturating_sub(self.history_kept) {
-                self.events.remove(old.to_be_bytes())?;
+                t.events.remove(old.to_be_bytes())?;
             }
         }
         Ok(event)
@@ -280,7 +325,8 @@ impl Store {
 
     /// Up to `limit` events after `after_id`, oldest first.
     pub fn events_after(&self, after_id: u64, limit: usize) -> Result<Vec<Event>> {
-        self.events
+        let t = self.trees()?;
+        t.events
             .range((after_id + 1).to_be_bytes()..)
             .values()
             .take(limit)
@@ -289,12 +335,14 @@ impl Store {
     }
 
     pub fn last_event_id(&self) -> Result<u64> {
-        last_id(&self.events)
+        let t = self.trees()?;
+        last_id(&t.events)
     }
 
     /// The outcome recorded for a request id.
     pub fn request(&self, id: &str) -> Result<Option<Recorded>> {
-        self.requests
+        let t = self.trees()?;
+        t.requests
             .get(id.as_bytes())?
             .map(|v| Ok(serde_json::from_slice(&v)?))
             .transpose()
@@ -303,19 +351,21 @@ impl Store {
     /// Records a command's outcome under its request id (durable with the
     /// transition's commit, or the next flush).
     pub fn record_request(&self, id: &str, recorded: &Recorded) -> Result<()> {
-        self.requests
+        let t = self.trees()?;
+        t.requests
             .insert(id.as_bytes(), serde_json::to_vec(recorded)?)?;
         Ok(())
     }
 
     /// Forgets request ids recorded before `before_ms`.
     pub fn prune_requests(&self, before_ms: i64) -> Result<usize> {
+        let t = self.trees()?;
         let mut pruned = 0;
-        for entry in self.requests.iter() {
+        for entry in t.requests.iter() {
             let (key, value) = entry?;
             let recorded: Recorded = serde_json::from_slice(&value)?;
             if recorded.at_ms < before_ms {
-                self.requests.remove(key)?;
+                t.requests.remove(key)?;
                 pruned += 1;
             }
         }
@@ -325,22 +375,25 @@ impl Store {
     /// Marks the store in use by a running agent, durably; returns whether
     /// the previous agent stopped cleanly (true for a new store).
     pub fn mark_running(&self) -> Result<bool> {
-        let was_clean = self.meta.get(RUNNING)?.is_none();
-        self.meta.insert(RUNNING, &[1u8][..])?;
+        let t = self.trees()?;
+        let was_clean = t.meta.get(RUNNING)?.is_none();
+        t.meta.insert(RUNNING, &[1u8][..])?;
         self.flush()?;
         Ok(was_clean)
     }
 
     /// Records a clean stop, durably.
     pub fn mark_stopped(&self) -> Result<()> {
-        self.meta.remove(RUNNING)?;
+        let t = self.trees()?;
+        t.meta.remove(RUNNING)?;
         self.flush()
     }
 
     /// The last `limit` transitions (all when 0), oldest first.
     pub fn history(&self, limit: usize) -> Result<Vec<Transition>> {
+        let t = self.trees()?;
         let take = if limit == 0 { usize::MAX } else { limit };
-        let mut entries = self
+        let mut entries = t
             .history
             .iter()
             .values()
@@ -355,14 +408,16 @@ impl Store {
     /// Marks every transition still `running` as `aborted`: the agent died
     /// during it. Returns them.
     pub fn abort_running(&self) -> Result<Vec<Transition>> {
+        let trees = self.trees()?;
         let mut aborted = Vec::new();
-        for entry in self.history.iter().values() {
+        for entry in trees.history.iter().values() {
             let mut t: Transition = serde_json::from_slice(&entry?)?;
             if t.outcome == Outcome::Running {
                 t.outcome = Outcome::Aborted;
                 t.error = Some("the agent stopped before this transition finished".into());
                 t.error_reason = Some(crate::error::Reason::Internal);
-                self.history
+                trees
+                    .history
                     .insert(t.id.to_be_bytes(), serde_json::to_vec(&t)?)?;
                 aborted.push(t);
             }
@@ -374,28 +429,30 @@ impl Store {
     /// Records a snapshot (not flushed: the caller flushes when it must be
     /// durable). Keeps the last few per version.
     pub fn put_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        let t = self.trees()?;
         let prefix = snapshot_prefix(&snapshot.version);
         let mut key = prefix.clone();
-        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        key.extend_from_slice(&t.db.generate_id()?.to_be_bytes());
         let mut value = Vec::with_capacity(12 + snapshot.bytes.len());
         value.extend_from_slice(&snapshot.state_version.to_be_bytes());
         value.extend_from_slice(&snapshot.taken_at_ms.to_be_bytes());
         value.extend_from_slice(&snapshot.bytes);
-        self.snapshots.insert(key, value)?;
-        let keys: Vec<_> = self
+        t.snapshots.insert(key, value)?;
+        let keys: Vec<_> = t
             .snapshots
             .scan_prefix(&prefix)
             .keys()
             .collect::<Result<_, _>>()?;
         for old in keys.iter().take(keys.len().saturating_sub(SNAPSHOTS_KEPT)) {
-            self.snapshots.remove(old)?;
+            t.snapshots.remove(old)?;
         }
         Ok(())
     }
 
     /// The most recent snapshot of a release.
     pub fn last_snapshot(&self, version: &Version) -> Result<Option<Snapshot>> {
-        let Some((_, value)) = self
+        let t = self.trees()?;
+        let Some((_, value)) = t
             .snapshots
             .scan_prefix(snapshot_prefix(version))
             .last()
@@ -417,8 +474,9 @@ impl Store {
     }
 
     pub fn remove_snapshots(&self, version: &Version) -> Result<()> {
-        for key in self.snapshots.scan_prefix(snapshot_prefix(version)).keys() {
-            self.snapshots.remove(key?)?;
+        let t = self.trees()?;
+        for key in t.snapshots.scan_prefix(snapshot_prefix(version)).keys() {
+            t.snapshots.remove(key?)?;
         }
         Ok(())
     }
@@ -551,7 +609,7 @@ mod tests {
         }
         let last = store.last_snapshot(&v).unwrap().unwrap();
         assert_eq!(last.bytes, 19u64.to_le_bytes());
-        assert_eq!(store.snapshots.len(), SNAPSHOTS_KEPT);
+        assert_eq!(store.trees().unwrap().snapshots.len(), SNAPSHOTS_KEPT);
         assert!(store
             .last_snapshot(&Version::new(0, 3, 0))
             .unwrap()

@@ -420,3 +420,113 @@ fn a_dry_run_refuses_a_plan_whose_hook_does_not_exist() {
         "a dry run fails nobody"
     );
 }
+
+/// A small filesystem of the test's own (tmpfs), unmounted when dropped.
+/// Mounting needs root, which CI has; elsewhere the test is skipped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(megabytes: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| SmallDisk(dir))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
+    /// Fills the filesystem to the last byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while filler.write_all(&chunk).is_ok() {}
+        while filler.write_all(&[0]).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_loses_nothing_and_the_agent_recovers_by_itself() {
+    let Some(disk) = SmallDisk::mount(64) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let data = disk.path().join("data");
+    let agent = on_0_2_0(&data, &["--checkpoint-every", "200ms"], 3);
+    disk.fill();
+
+    // Staging checks the free space first, and leaves nothing behind.
+    let out = stage_sample_result(&agent, "0.3.0");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("DISK_FULL"), "{}", out.stderr);
+    let debris: Vec<_> = std::fs::read_dir(data.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(debris.is_empty(), "{debris:?}");
+
+    // The next checkpoint cannot be written: serving goes on, transitions
+    // are refused with a clear reason.
+    hello(&agent, 2);
+    assert!(
+        eventually(Duration::from_secs(10), || agent.status()["store_error"]
+            != ""),
+        "no store error shown:\n{}",
+        agent.log()
+    );
+    let out = agent.ctl(&["downgrade", "--to", "0.1.0"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("STORE_UNAVAILABLE"), "{}", out.stderr);
+    assert_eq!(agent.get("/").body, "Hello world 2 !");
+    assert_eq!(agent.get("/count").body, "6");
+
+    // Room again: the agent recovers by itself.
+    disk.free();
+    assert!(
+        eventually(Duration::from_secs(10), || agent.status()["store_error"]
+            == ""),
+        "the store did not recover:\n{}",
+        agent.log()
+    );
+    stage_sample(&agent, "0.3.0");
+    hello(&agent, 1);
+
+    // And the state served meanwhile survives a restart.
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.status()["permanent"], "0.2.0");
+    assert_eq!(agent.get("/count").body, "7");
+    assert_eq!(agent.release_state("0.3.0"), "staged");
+    drop(agent);
+}
+
+/// `ctl stage` of a sample release, whatever its outcome.
+fn stage_sample_result(agent: &Agent, version: &str) -> nine9s_tests::Ctl {
+    let lib = nine9s_tests::library(&format!("nine9s_{}", version.replace('.', "_")));
+    let dir = nine9s_tests::release_dir(&format!("nine9s-{version}"));
+    agent.ctl(&[
+        "stage",
+        dir.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ])
+}

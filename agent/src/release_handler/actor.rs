@@ -159,8 +159,15 @@ impl Actor {
             Command::MakePermanent { version } => self.make_permanent(&version, &origin),
             Command::Remove { version } => self.remove(&version, &origin),
         };
-        if let Err(Error::Store(e)) = &outcome {
-            self.store_failed(e.to_string());
+        match &outcome {
+            Err(e @ Error::Store(_)) => self.store_failed(e.to_string()),
+            Err(
+                e @ Error::Refused {
+                    reason: Reason::StoreUnavailable,
+                    ..
+                },
+            ) => self.store_failed(e.to_string()),
+            _ => {}
         }
         if let (Some(id), false) = (&meta.request_id, dry_run) {
             self.record_request(id, fingerprint, &outcome);
@@ -324,8 +331,8 @@ impl Actor {
             }
         }
         match outcome {
-            Ok(wait) => {
-                guard.set_switch_wait(wait);
+            Ok(executed) => {
+                guard.set_switch_wait(executed.wait);
                 let at_ms = now_ms();
                 let event = if kind == TransitionKind::Rollback {
                     machine::Event::RolledBack {
@@ -340,7 +347,16 @@ impl Actor {
                     }
                 };
                 let changes = self.advance(event, &[])?;
-                let transition = guard.succeed(&changes)?;
+                let committed = match executed.unrecorded {
+                    None => guard.succeed(&changes),
+                    Some(e) => Err(guard.fail(e.into(), &changes)),
+                };
+                let transition = committed.map_err(|e| {
+                    Error::refused(
+                        Reason::StoreUnavailable,
+                        format!("switched to {version}, but the store cannot record it ({e}); a restart before the store works again would come back on the permanent release"),
+                    )
+                })?;
                 crash_point("switch:committed");
                 tracing::info!(
                     duration_us = transition.duration_us,
@@ -481,7 +497,7 @@ impl Actor {
     }
 
     /// The store failed a write: serve on, refuse transitions until it works.
-    fn store_failed(&self, error: String) {
+    pub(super) fn store_failed(&self, error: String) {
         tracing::error!(%error, "the store cannot be written: transitions are refused until it works again; serving goes on");
         self.set_view(|view| view.store_error = Some(error));
     }
@@ -489,9 +505,16 @@ impl Actor {
     /// Tries the store again; once it takes writes, the lifecycle as the
     /// agent runs it is written back whole, and transitions resume.
     fn recover_store(&mut self) {
+        // Until there is room again, a fresh handle would fail as well.
+        match self.artifacts.free_space() {
+            Ok(free) if free >= super::catalog::FREE_SPACE_MARGIN => {}
+            _ => return,
+        }
         let store = self.shared.store();
         let records = self.lifecycle.versions().cloned().collect::<Vec<_>>();
         let result = (|| -> Result<()> {
+            // sled refuses writes for good after one failed: a fresh handle.
+            store.reopen()?;
             store.probe()?;
             let mut changed = Vec::new();
             for version in records {

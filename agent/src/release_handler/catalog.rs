@@ -18,7 +18,7 @@ use crate::store::Store;
 
 /// Room kept free on the data dir's filesystem beyond what a stage writes:
 /// the store must still be able to journal and checkpoint.
-const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+pub(super) const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
 
 impl Actor {
     /// Checks and records a release: the manifest, the digest, free space,

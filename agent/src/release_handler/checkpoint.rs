@@ -57,7 +57,10 @@ impl Actor {
             .and_then(|()| store.flush());
         match stored {
             Ok(()) => tracing::debug!(%version, "checkpoint taken"),
-            Err(e) => skipped(format!("the store cannot be written: {e}")),
+            Err(e) => {
+                skipped(format!("the store cannot be written: {e}"));
+                self.store_failed(e.to_string());
+            }
         }
     }
 }

@@ -29,6 +29,15 @@ use crate::runtime::{drain, Loaded, SwitchError};
 /// trial instance) may take before the switch is refused.
 pub const REHEARSAL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A switch that happened.
+pub(super) struct Executed {
+    /// How long new requests were held at the switch.
+    pub wait: Duration,
+    /// The snapshots could not be stored: the switch stands, but the store
+    /// is failing.
+    pub unrecorded: Option<crate::store::StoreError>,
+}
+
 /// What `load` found: the library and how state will cross.
 struct Prepared {
     library: Arc<Library>,
@@ -53,13 +62,13 @@ impl Actor {
         Ok(report)
     }
 
-    /// Runs a plan; returns how long new requests were held at the switch.
+    /// Runs a plan. `Err` means nothing was switched.
     pub(super) fn execute(
         &self,
         target: &Release,
         source: StateSource,
         report: &mut PlanReport,
-    ) -> Result<Duration> {
+    ) -> Result<Executed> {
         let active = self.tokio.block_on(self.shared.runtime.active());
         let steps = report.plan.steps.clone();
         let switch_at = steps
@@ -134,16 +143,18 @@ impl Actor {
             },
             SwitchError::Prepare(e) => e,
         })?;
+        // From here on the switch has happened: a store that cannot take
+        // the snapshots does not undo it, it is reported with it.
         let store = self.shared.store();
-        for snapshot in &taken {
-            store.put_snapshot(snapshot)?;
-        }
+        let stored = taken
+            .iter()
+            .try_for_each(|snapshot| store.put_snapshot(snapshot));
         // Nothing of the old release may be held here, or it never drains.
         drop((active, carry, library));
         crash_point("switch:switched");
         // The snapshot of the release just left must be durable before the
         // transition is acknowledged.
-        store.flush()?;
+        let stored = stored.and_then(|()| store.flush());
         let mut old = Some(switched.old);
         for step in &steps[switch_at + 1..] {
             match step {
@@ -168,7 +179,10 @@ impl Actor {
         }
         // A plan without `unload` still lets the old release go.
         drop(old);
-        Ok(switched.wait)
+        Ok(Executed {
+            wait: switched.wait,
+            unrecorded: stored.err(),
+        })
     }
 
     /// The `load` step: opens the target library, checks it is the release
