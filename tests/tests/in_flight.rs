@@ -5,7 +5,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nine9s_tests::{get, stage_fixture, stage_sample, Agent};
+use nine9s_tests::{eventually, get, stage_fixture, stage_sample, Agent};
 
 /// An agent on the slow fixture (permanent), with 0.3.0 staged.
 fn on_slow(dir: &tempfile::TempDir, extra: &[&str]) -> Agent {
@@ -16,6 +16,19 @@ fn on_slow(dir: &tempfile::TempDir, extra: &[&str]) -> Agent {
     agent
 }
 
+/// Waits until `calls` requests are in flight on the active release.
+fn wait_in_flight(agent: &Agent, calls: u64) {
+    assert!(
+        eventually(Duration::from_secs(10), || agent.status()["libraries"]
+            .as_array()
+            .expect("an array of libraries")
+            .iter()
+            .any(|l| l["active"] == true && l["in_flight"] == calls)),
+        "never {calls} in flight: {}",
+        agent.status()
+    );
+}
+
 #[test]
 fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,7 +36,7 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
     agent.get("/");
     let addr = agent.http;
     let slow = thread::spawn(move || get(addr, "/slow?ms=2000"));
-    thread::sleep(Duration::from_millis(150));
+    wait_in_flight(&agent, 1);
 
     let upgrade = {
         let grpc = format!("http://{}", agent.grpc);
@@ -31,14 +44,32 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
             nine9s_tests::ctl(&grpc, &["upgrade", "--to", "0.3.0", "--permanent"])
         })
     };
-    // Time for ctl to start and the agent to load 0.3.0 and queue the switch,
-    // with room to spare on a loaded machine.
-    thread::sleep(Duration::from_millis(700));
-    // Arrives while the switch waits for the slow call: held, then served
-    // by the new release.
-    let started = Instant::now();
-    let held = agent.get("/");
-    let waited = started.elapsed();
+    assert!(
+        eventually(Duration::from_secs(10), || agent.status()["running"]["to"]
+            == "0.3.0"),
+        "the upgrade never started: {}",
+        agent.status()
+    );
+    // Until the switch queues behind the slow call (after loading 0.3.0 and
+    // rehearsing it), 0.2.6 answers at once; the first request that arrives
+    // while the switch waits is held, then served by the new release.
+    let mut hellos = 1;
+    let mut held = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let started = Instant::now();
+            let reply = agent.get("/");
+            let waited = started.elapsed();
+            assert_eq!(reply.status, 200, "{reply:?}");
+            hellos += 1;
+            let switched = reply.release == "0.3.0";
+            held = Some((reply, waited));
+            switched
+        }),
+        "never answered by 0.3.0: {:?}",
+        held
+    );
+    let (held, waited) = held.unwrap();
 
     let slow = slow.join().unwrap();
     assert_eq!(
@@ -55,7 +86,7 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
         waited >= Duration::from_millis(500),
         "the request was held by the switch: {waited:?}"
     );
-    assert_eq!(agent.get("/count").body, "2");
+    assert_eq!(agent.get("/count").body, hellos.to_string());
 }
 
 #[test]
@@ -64,7 +95,7 @@ fn a_switch_that_cannot_quiesce_in_time_is_abandoned() {
     let agent = on_slow(&dir, &["--quiesce-timeout", "200ms"]);
     let addr = agent.http;
     let slow = thread::spawn(move || get(addr, "/slow?ms=1500"));
-    thread::sleep(Duration::from_millis(150));
+    wait_in_flight(&agent, 1);
     let out = agent.ctl(&["upgrade", "--to", "0.3.0"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
@@ -75,6 +106,13 @@ fn a_switch_that_cannot_quiesce_in_time_is_abandoned() {
     );
     assert_eq!(slow.join().unwrap().status, 200);
     assert_eq!(agent.get("/").release, "0.2.6");
+    assert_eq!(agent.status()["active"], "0.2.6");
+    let last = agent.history().pop().expect("a history");
+    assert_eq!(
+        (&last["kind"], &last["to"], &last["result"]),
+        (&"upgrade".into(), &"0.3.0".into(), &"failed".into()),
+        "{last}"
+    );
 }
 
 #[test]
@@ -83,7 +121,7 @@ fn sigterm_lets_requests_in_flight_finish() {
     let agent = on_slow(&dir, &[]);
     let addr = agent.http;
     let slow = thread::spawn(move || get(addr, "/slow?ms=1000"));
-    thread::sleep(Duration::from_millis(200));
+    wait_in_flight(&agent, 1);
     assert_eq!(agent.terminate(), 0);
     let reply = slow.join().unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slept 1000 ms"));
@@ -99,7 +137,7 @@ fn a_blocking_release_does_not_hold_up_other_requests() {
     let slow: Vec<_> = (0..cores)
         .map(|_| thread::spawn(move || get(addr, "/slow?ms=2000")))
         .collect();
-    thread::sleep(Duration::from_millis(300));
+    wait_in_flight(&agent, cores as u64);
     let started = Instant::now();
     let reply = agent.get("/");
     let took = started.elapsed();

@@ -9,18 +9,20 @@ use std::time::Duration;
 
 use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent, Client};
 
-fn status(agent: &Agent) -> String {
-    agent.ctl(&["status"]).ok().stdout
+/// The newest transition of `kind` in the history.
+fn last_of_kind(agent: &Agent, kind: &str) -> serde_json::Value {
+    let history = agent.history();
+    history
+        .iter()
+        .rev()
+        .find(|t| t["kind"] == kind)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} in the history: {history:#?}"))
 }
 
-fn release_state(agent: &Agent, version: &str) -> String {
-    let releases = agent.ctl(&["releases"]).ok().stdout;
-    releases
-        .lines()
-        .find(|l| l.starts_with(version))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("absent")
-        .to_owned()
+/// Whether `field` of a JSON object is a string containing `text`.
+fn says(value: &serde_json::Value, field: &str, text: &str) -> bool {
+    value[field].as_str().is_some_and(|s| s.contains(text))
 }
 
 fn hello(agent: &Agent, times: usize) {
@@ -50,20 +52,41 @@ fn a_healthy_release_becomes_permanent_after_its_soak() {
         out.stdout.contains("becomes permanent if it stays healthy"),
         "{out:?}"
     );
-    let s = status(&agent);
-    assert!(
-        s.contains("permanent: 0.1.0") && s.contains("current:   0.2.0"),
+    let s = agent.status();
+    assert_eq!(
+        (&s["active"], &s["permanent"], &s["current"]),
+        (&"0.2.0".into(), &"0.1.0".into(), &"0.2.0".into()),
         "{s}"
     );
-    assert!(eventually(Duration::from_secs(10), || release_state(
-        &agent, "0.2.0"
-    ) == "permanent"));
-    assert_eq!(release_state(&agent, "0.1.0"), "old");
-    let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
-    assert!(
-        history.contains("make-permanent (auto)") && history.contains("healthy through its soak"),
-        "{history}"
+    assert_eq!(
+        (&s["soak"]["mode"], &s["soak"]["version"]),
+        (&"soaking".into(), &"0.2.0".into()),
+        "{s}"
     );
+    assert!(
+        eventually(Duration::from_secs(10), || agent.release_state("0.2.0")
+            == "permanent"),
+        "{}",
+        agent.status()
+    );
+    assert_eq!(agent.release_state("0.1.0"), "old");
+    let last = agent.history().pop().expect("a history");
+    assert_eq!(
+        (
+            &last["kind"],
+            &last["to"],
+            &last["result"],
+            &last["automatic"]
+        ),
+        (
+            &"make-permanent".into(),
+            &"0.2.0".into(),
+            &"ok".into(),
+            &true.into()
+        ),
+        "{last}"
+    );
+    assert!(says(&last, "reason", "healthy through its soak"), "{last}");
 }
 
 #[test]
@@ -97,13 +120,26 @@ fn a_release_whose_health_check_fails_during_its_soak_is_rolled_back_without_ref
     let (ok, failed) = load.join().unwrap();
     assert!(rolled_back, "still on 0.6.0:\n{}", agent.log());
     assert_eq!(failed, 0, "no request refused or failed");
-    assert_eq!(release_state(&agent, "0.6.0"), "failed");
-    assert_eq!(release_state(&agent, "0.2.0"), "permanent");
-    let history = agent.ctl(&["history", "--limit", "2"]).ok().stdout;
+    assert_eq!(agent.release_state("0.6.0"), "failed");
+    assert_eq!(agent.release_state("0.2.0"), "permanent");
+    let rollback = last_of_kind(&agent, "rollback");
+    assert_eq!(
+        (
+            &rollback["from"],
+            &rollback["to"],
+            &rollback["result"],
+            &rollback["automatic"]
+        ),
+        (&"0.6.0".into(), &"0.2.0".into(), &"ok".into(), &true.into()),
+        "{rollback}"
+    );
     assert!(
-        history.contains("rollback (auto)")
-            && history.contains("health check failed: database connection lost"),
-        "{history}"
+        says(
+            &rollback,
+            "reason",
+            "health check failed: database connection lost"
+        ),
+        "{rollback}"
     );
     // The eventually() probes above count too.
     let probes: u64 = agent.get("/count").body.parse().unwrap();
@@ -129,12 +165,19 @@ fn a_release_that_fails_requests_during_its_soak_is_rolled_back() {
         .get("/")
         .release
         == "0.2.0"));
-    let history = agent.ctl(&["history", "--limit", "2"]).ok().stdout;
-    assert!(
-        history.contains("rollback (auto)") && history.contains("requests failed"),
-        "{history}"
+    let rollback = last_of_kind(&agent, "rollback");
+    assert_eq!(
+        (
+            &rollback["from"],
+            &rollback["to"],
+            &rollback["result"],
+            &rollback["automatic"]
+        ),
+        (&"0.2.1".into(), &"0.2.0".into(), &"ok".into(), &true.into()),
+        "{rollback}"
     );
-    assert_eq!(release_state(&agent, "0.2.1"), "failed");
+    assert!(says(&rollback, "reason", "requests failed"), "{rollback}");
+    assert_eq!(agent.release_state("0.2.1"), "failed");
 }
 
 #[test]
@@ -154,11 +197,33 @@ fn a_restart_while_a_release_is_only_current_comes_back_on_the_permanent_one() {
     let reply = agent.get("/count");
     assert_eq!(reply.release, "0.2.0");
     assert_eq!(reply.body, "3", "0.2.0's snapshot from when it was left");
-    assert_eq!(release_state(&agent, "0.3.0"), "old");
-    let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
+    // Dying while current counts against the release (a clean stop would
+    // only make it old).
+    let release = agent.release("0.3.0").expect("0.3.0 is known");
+    assert_eq!(release["state"], "failed", "{release}");
     assert!(
-        history.contains("restart (auto)") && history.contains("was current but not permanent"),
-        "{history}"
+        says(
+            &release,
+            "failure",
+            "the agent died while 0.3.0 was current"
+        ),
+        "{release}"
+    );
+    let s = agent.status();
+    assert_eq!(
+        (&s["active"], &s["permanent"], &s["current"]),
+        (&"0.2.0".into(), &"0.2.0".into(), &"".into()),
+        "{s}"
+    );
+    let last = agent.history().pop().expect("a history");
+    assert_eq!(
+        (&last["kind"], &last["result"], &last["automatic"]),
+        (&"restart".into(), &"ok".into(), &true.into()),
+        "{last}"
+    );
+    assert!(
+        says(&last, "reason", "the agent died while 0.3.0 was current"),
+        "{last}"
     );
 }
 
@@ -179,9 +244,11 @@ fn make_permanent_keeps_a_current_release_across_restarts() {
         out.stderr
     );
     agent.ctl(&["make-permanent", "0.2.0"]).ok();
+    assert_eq!(agent.release_state("0.2.0"), "permanent");
     assert_eq!(agent.terminate(), 0);
     let agent = Agent::start(&data, &[]);
     assert_eq!(agent.get("/").release, "0.2.0");
+    assert_eq!(agent.release_state("0.2.0"), "permanent");
 }
 
 #[test]
@@ -203,7 +270,7 @@ fn rollback_returns_to_the_previous_permanent_release() {
     assert!(out.stdout.contains("rolled back 0.3.0 -> 0.2.0"), "{out:?}");
     // 5 on 0.2.0, then 2 and one probe on 0.3.0, migrated down.
     assert_eq!(agent.get("/count").body, "8");
-    assert_eq!(release_state(&agent, "0.2.0"), "permanent");
+    assert_eq!(agent.release_state("0.2.0"), "permanent");
 
     // Back up, then roll back restoring the snapshot taken when 0.2.0 was left.
     agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
@@ -221,10 +288,7 @@ fn a_dry_run_prints_the_plan_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let agent = on_0_2_0(&dir.path().join("data"), &[], 1);
     stage_sample(&agent, "0.3.0");
-    let before = (
-        agent.ctl(&["releases"]).ok().stdout,
-        agent.ctl(&["history"]).ok().stdout,
-    );
+    let before = (agent.json(&["releases"]), agent.history());
     let out = agent
         .ctl(&["upgrade", "--to", "0.3.0", "--dry-run"])
         .ok()
@@ -239,10 +303,7 @@ fn a_dry_run_prints_the_plan_and_changes_nothing() {
     ] {
         assert!(out.contains(expected), "{expected:?} in:\n{out}");
     }
-    let after = (
-        agent.ctl(&["releases"]).ok().stdout,
-        agent.ctl(&["history"]).ok().stdout,
-    );
+    let after = (agent.json(&["releases"]), agent.history());
     assert_eq!(before, after);
     assert_eq!(agent.get("/count").body, "1");
     let derived = agent
@@ -293,7 +354,7 @@ fn remove_refuses_what_is_in_use_and_collects_the_artifact() {
         "{out:?}"
     );
     assert_eq!(artifacts(), 1);
-    assert_eq!(release_state(&agent, "0.1.0"), "absent");
+    assert_eq!(agent.release_state("0.1.0"), "absent");
 }
 
 #[test]
@@ -302,6 +363,6 @@ fn only_the_configured_number_of_old_releases_is_kept() {
     let agent = on_0_2_0(&dir.path().join("data"), &["--keep-old", "1"], 0);
     stage_sample(&agent, "0.3.0");
     agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
-    assert_eq!(release_state(&agent, "0.1.0"), "absent");
-    assert_eq!(release_state(&agent, "0.2.0"), "old");
+    assert_eq!(agent.release_state("0.1.0"), "absent");
+    assert_eq!(agent.release_state("0.2.0"), "old");
 }

@@ -32,7 +32,7 @@ fn a_file_that_is_not_a_library_is_refused() {
         out.stderr
     );
     assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
-    assert!(!agent.ctl(&["releases"]).ok().stdout.contains("0.2.0"));
+    assert_eq!(agent.release_state("0.2.0"), "absent");
     assert_still_serving(&agent);
 }
 
@@ -129,6 +129,7 @@ fn staging_the_same_version_with_other_bytes_is_refused() {
     let panicky = fixture_dir("panicky");
     let out = stage_fixture(&agent, "panicky").ok();
     assert!(out.stdout.contains("staged nine9s 0.2.1"));
+    let staged = agent.release("0.2.1").expect("0.2.1 is staged");
     let again = stage_fixture(&agent, "panicky").ok();
     assert!(again.stdout.contains("already staged"), "{again:?}");
     let other = library("fixture_unhealthy");
@@ -139,6 +140,11 @@ fn staging_the_same_version_with_other_bytes_is_refused() {
         other.to_str().unwrap(),
     ]);
     assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(
+        agent.release("0.2.1"),
+        Some(staged),
+        "the staged release keeps its bytes"
+    );
     assert_still_serving(&agent);
 }
 

@@ -21,13 +21,7 @@ fn upgrade_count_downgrade_and_restart() {
         .ctl(&["stage", release_dir("nine9s-0.2.0").to_str().unwrap()])
         .ok();
     assert!(staged.stdout.contains("staged nine9s 0.2.0"), "{staged:?}");
-    let releases = agent.ctl(&["releases"]).ok().stdout;
-    assert!(
-        releases
-            .lines()
-            .any(|l| l.starts_with("0.2.0") && l.contains("staged")),
-        "{releases}"
-    );
+    assert_eq!(agent.release_state("0.2.0"), "staged");
 
     let upgraded = agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
     assert!(
@@ -44,9 +38,10 @@ fn upgrade_count_downgrade_and_restart() {
     }
     assert_eq!(agent.get("/count").body, hellos.to_string());
 
-    let status = agent.ctl(&["status"]).ok().stdout;
-    assert!(
-        status.contains("active:    0.2.0") && status.contains("permanent: 0.2.0"),
+    let status = agent.status();
+    assert_eq!(
+        (&status["active"], &status["permanent"]),
+        (&"0.2.0".into(), &"0.2.0".into()),
         "{status}"
     );
 
@@ -60,27 +55,20 @@ fn upgrade_count_downgrade_and_restart() {
     assert_eq!(agent.get("/").body, "Hello world!");
     assert_eq!(agent.get("/count").status, 404);
 
-    let history = agent.ctl(&["history"]).ok().stdout;
-    let kinds: Vec<(&str, &str, &str, &str)> = history
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            match f[3] {
-                "install" | "stage" => (f[3], "", f[4], f[5]),
-                _ => (f[3], f[4], f[5], f[6]),
-            }
-        })
+    let history = agent.history();
+    let kinds: Vec<[&str; 4]> = history
+        .iter()
+        .map(|t| ["kind", "from", "to", "result"].map(|field| t[field].as_str().unwrap_or("?")))
         .collect();
     assert_eq!(
         kinds,
         [
-            ("install", "", "0.1.0", "ok"),
-            ("stage", "", "0.2.0", "ok"),
-            ("upgrade", "0.1.0", "0.2.0", "ok"),
-            ("downgrade", "0.2.0", "0.1.0", "ok"),
+            ["install", "", "0.1.0", "ok"],
+            ["stage", "", "0.2.0", "ok"],
+            ["upgrade", "0.1.0", "0.2.0", "ok"],
+            ["downgrade", "0.2.0", "0.1.0", "ok"],
         ],
-        "{history}"
+        "{history:#?}"
     );
 
     // Back up, count a little, and restart: the permanent release and its
@@ -107,9 +95,10 @@ fn upgrade_count_downgrade_and_restart() {
 fn a_fresh_data_dir_starts_on_the_embedded_sample_release() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]);
-    let status = agent.ctl(&["status"]).ok().stdout;
-    assert!(
-        status.contains("active:    0.1.0") && status.contains("permanent: 0.1.0"),
+    let status = agent.status();
+    assert_eq!(
+        (&status["active"], &status["permanent"]),
+        (&"0.1.0".into(), &"0.1.0".into()),
         "{status}"
     );
     assert_eq!(agent.get("/").body, "Hello world!");

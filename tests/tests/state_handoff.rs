@@ -78,12 +78,12 @@ fn counts_stay_exact_under_load_across_upgrades_and_downgrades() {
         "no count lost, none doubled"
     );
 
-    let history = agent.ctl(&["history"]).ok().stdout;
+    let history = agent.history();
     let switches = history
-        .lines()
-        .filter(|l| l.contains("grade ") && l.contains(" ok "))
+        .iter()
+        .filter(|t| (t["kind"] == "upgrade" || t["kind"] == "downgrade") && t["result"] == "ok")
         .count();
-    assert_eq!(switches, 2 * cycles + 2, "{history}");
+    assert_eq!(switches, 2 * cycles + 2, "{history:#?}");
 }
 
 #[test]
@@ -158,18 +158,19 @@ fn a_panic_in_a_migration_aborts_the_upgrade_with_state_intact() {
     );
     assert_eq!(agent.get("/").body, "Hello world 2 !");
     assert_eq!(agent.get("/count").body, "4");
-    let releases = agent.ctl(&["releases"]).ok().stdout;
-    assert!(
-        releases
-            .lines()
-            .any(|l| l.starts_with("0.4.0") && l.contains("failed")),
-        "{releases}"
+    assert_eq!(agent.release_state("0.4.0"), "failed");
+    let last = agent.history().pop().expect("a history");
+    assert_eq!(
+        (&last["kind"], &last["from"], &last["to"], &last["result"]),
+        (
+            &"upgrade".into(),
+            &"0.2.0".into(),
+            &"0.4.0".into(),
+            &"failed".into()
+        ),
+        "{last}"
     );
-    let history = agent.ctl(&["history", "--limit", "1"]).ok().stdout;
-    assert!(
-        history.contains("upgrade") && history.contains("failed"),
-        "{history}"
-    );
+    assert_eq!(agent.status()["active"], "0.2.0");
 }
 
 #[test]

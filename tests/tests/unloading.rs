@@ -6,15 +6,26 @@ use std::time::Duration;
 
 use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent};
 
+/// The sha256 of a release's library, which names its artifact.
 fn artifact_of(agent: &Agent, version: &str) -> String {
-    let releases = agent.ctl(&["releases"]).ok().stdout;
-    let prefix = releases
-        .lines()
-        .find(|l| l.starts_with(version))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .unwrap_or_else(|| panic!("{version} in {releases}"))
-        .to_owned();
-    prefix
+    let release = agent
+        .release(version)
+        .unwrap_or_else(|| panic!("{version} is not staged"));
+    release["sha256"]
+        .as_str()
+        .filter(|sha| !sha.is_empty())
+        .unwrap_or_else(|| panic!("no sha256: {release}"))
+        .to_owned()
+}
+
+/// The loaded library of `version` in `ctl status`, if any.
+fn library_of(agent: &Agent, version: &str) -> Option<serde_json::Value> {
+    agent.status()["libraries"]
+        .as_array()
+        .expect("an array of libraries")
+        .iter()
+        .find(|l| l["version"] == version)
+        .cloned()
 }
 
 #[test]
@@ -50,15 +61,24 @@ fn a_retired_library_is_unmapped() {
             agent.mapped_artifacts()
         );
     }
-    let status = agent.ctl(&["status"]).ok().stdout;
-    let libraries: Vec<&str> = status
-        .lines()
-        .skip_while(|l| !l.starts_with("LIBRARY"))
-        .skip(1)
-        .collect();
+    let status = agent.status();
+    let libraries = status["libraries"]
+        .as_array()
+        .expect("an array of libraries");
     assert_eq!(libraries.len(), 1, "{status}");
+    assert_eq!(
+        (
+            &libraries[0]["version"],
+            &libraries[0]["active"],
+            &libraries[0]["lingering"]
+        ),
+        (&"0.2.0".into(), &true.into(), &false.into()),
+        "{status}"
+    );
     assert!(
-        libraries[0].starts_with("0.2.0") && libraries[0].contains("active"),
+        libraries[0]["path"]
+            .as_str()
+            .is_some_and(|p| p.contains(&v2)),
         "{status}"
     );
 }
@@ -83,16 +103,17 @@ fn a_panicking_handler_fails_one_request_and_the_agent_keeps_serving() {
     assert_eq!(agent.get("/count").status, 200, "other routes still work");
     assert!(agent.log().contains("release panicked handling a request"));
 
-    let status = agent.ctl(&["status"]).ok().stdout;
-    let active = status
-        .lines()
-        .find(|l| l.starts_with("0.2.1") && l.contains("active"))
-        .expect(&status);
-    let columns: Vec<&str> = active.split_whitespace().collect();
+    let library = library_of(&agent, "0.2.1").expect("0.2.1 is loaded");
+    assert_eq!(library["active"], true, "{library}");
     assert_eq!(
-        &columns[2..5],
-        ["0", "4", "3"],
-        "in-flight, served, errors: {status}"
+        [
+            &library["in_flight"],
+            &library["served"],
+            &library["errors"]
+        ]
+        .map(|n| n.as_u64()),
+        [Some(0), Some(4), Some(3)],
+        "in-flight, served, errors: {library}"
     );
 
     agent
@@ -102,15 +123,13 @@ fn a_panicking_handler_fails_one_request_and_the_agent_keeps_serving() {
     // A library that panicked may stay mapped (std registers thread-local
     // destructors on a panic); if it does, status must say so.
     let sha = artifact_of(&agent, "0.2.1");
-    std::thread::sleep(Duration::from_millis(100));
-    let still_mapped = agent.mapped_artifacts().iter().any(|p| p.contains(&sha));
-    let status = agent.ctl(&["status"]).ok().stdout;
-    let reported = status
-        .lines()
-        .any(|l| l.starts_with("0.2.1") && l.contains("lingering"));
-    assert_eq!(
-        still_mapped, reported,
-        "mapped: {still_mapped}; status:\n{status}"
+    let still_mapped = || agent.mapped_artifacts().iter().any(|p| p.contains(&sha));
+    let reported = || library_of(&agent, "0.2.1").is_some_and(|l| l["lingering"] == true);
+    assert!(
+        eventually(Duration::from_secs(5), || still_mapped() == reported()),
+        "mapped: {}; status: {}",
+        still_mapped(),
+        agent.status()
     );
 }
 
@@ -131,12 +150,11 @@ fn a_library_that_cannot_be_unmapped_is_reported_as_lingering() {
         agent.mapped_artifacts().iter().any(|p| p.contains(&sha)),
         "glibc keeps a library with thread-local destructors mapped"
     );
-    let status = agent.ctl(&["status"]).ok().stdout;
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("0.2.2") && l.contains("lingering")),
-        "{status}"
+    let library = library_of(&agent, "0.2.2").expect("0.2.2 is still mapped, so listed");
+    assert_eq!(
+        (&library["lingering"], &library["active"]),
+        (&true.into(), &false.into()),
+        "{library}"
     );
     assert!(agent.log().contains("library released but still mapped"));
     assert_eq!(agent.get("/").body, "Hello world!");
