@@ -119,6 +119,34 @@ fn parse_version(field: &str, text: &str) -> Result<Version, Status> {
     })
 }
 
+/// A mutating request: it carries a request id, an expected active
+/// release and a reason.
+trait Mutating {
+    fn fields(&self) -> (&str, &str, &str);
+}
+
+macro_rules! mutating {
+    ($($request:ty),*) => {$(
+        impl Mutating for $request {
+            fn fields(&self) -> (&str, &str, &str) {
+                (&self.request_id, &self.expected_active, &self.reason)
+            }
+        }
+    )*};
+}
+
+mutating!(
+    pb::TransitionRequest,
+    pb::RollbackRequest,
+    pb::MakePermanentRequest,
+    pb::RemoveRequest
+);
+
+fn meta_of<R: Mutating>(request: &Request<R>) -> Result<Meta, Status> {
+    let (request_id, expected_active, reason) = request.get_ref().fields();
+    meta(request.metadata(), request_id, expected_active, reason)
+}
+
 /// The fields every mutating request carries, validated.
 fn meta(
     metadata: &MetadataMap,
@@ -205,12 +233,7 @@ impl ControlService {
         request: Request<pb::TransitionRequest>,
         direction: Direction,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let meta_in = meta(
-            request.metadata(),
-            &request.get_ref().request_id,
-            &request.get_ref().expected_active,
-            &request.get_ref().reason,
-        )?;
+        let meta_in = meta_of(&request)?;
         let request = request.into_inner();
         let version = parse_version("version", &request.version)?;
         let permanence = permanence(&request)?;
@@ -328,13 +351,8 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
+        let meta = meta_of(&request)?;
         let r = request.get_ref();
-        let meta = meta(
-            request.metadata(),
-            &r.request_id,
-            &r.expected_active,
-            &r.reason,
-        )?;
         let source = match pb::StateSource::try_from(r.state) {
             Ok(pb::StateSource::Unspecified | pb::StateSource::Migrate) => StateSource::Migrate,
             Ok(pb::StateSource::Snapshot) => StateSource::Snapshot,
@@ -361,13 +379,8 @@ impl Control for ControlService {
         &self,
         request: Request<pb::MakePermanentRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
+        let meta = meta_of(&request)?;
         let r = request.get_ref();
-        let meta = meta(
-            request.metadata(),
-            &r.request_id,
-            &r.expected_active,
-            &r.reason,
-        )?;
         let version = parse_version("version", &r.version)?;
         let reply = self
             .command(Command::MakePermanent { version }, meta)
@@ -379,13 +392,8 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
+        let meta = meta_of(&request)?;
         let r = request.get_ref();
-        let meta = meta(
-            request.metadata(),
-            &r.request_id,
-            &r.expected_active,
-            &r.reason,
-        )?;
         let version = parse_version("version", &r.version)?;
         let Reply::Removed { release, collected } =
             self.command(Command::Remove { version }, meta).await?
@@ -457,6 +465,7 @@ impl Control for ControlService {
             running: status.running.as_ref().map(transition_pb),
             last_event_id: status.last_event_id,
             store_error: status.store_error.unwrap_or_default(),
+            last_checkpoint_ms: status.last_checkpoint_ms.unwrap_or(0),
         }))
     }
 
@@ -466,9 +475,9 @@ impl Control for ControlService {
     ) -> Result<Response<pb::HistoryReply>, Status> {
         let r = request.into_inner();
         let (after, limit) = match (r.after_id, r.limit) {
-            (0, limit) => (None, limit as usize),
-            (after, 0) => (Some(after), 100),
-            (after, limit) if limit <= MAX_PAGE => (Some(after), limit as usize),
+            (None, limit) => (None, limit as usize),
+            (Some(after), 0) => (Some(after), 100),
+            (Some(after), limit) if limit <= MAX_PAGE => (Some(after), limit as usize),
             (_, limit) => {
                 return Err(invalid(format!(
                     "limit {limit} is over the page size limit of {MAX_PAGE}"

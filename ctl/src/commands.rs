@@ -155,7 +155,7 @@ pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Fail
         Command::History { limit, after } => {
             let request = pb::HistoryRequest {
                 limit,
-                after_id: after.unwrap_or(0),
+                after_id: after,
             };
             let reply = agent
                 .call(

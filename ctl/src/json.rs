@@ -103,6 +103,7 @@ pub fn status(s: &pb::StatusReply) -> Value {
         "running": s.running.as_ref().map(transition),
         "last_event_id": s.last_event_id,
         "store_error": s.store_error,
+        "last_checkpoint_ms": s.last_checkpoint_ms,
         "uptime_ms": s.uptime_ms,
         "releases": releases(&s.releases),
         "libraries": s.libraries.iter().map(|l| json!({

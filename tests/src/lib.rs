@@ -160,8 +160,10 @@ impl Agent {
 
     /// A release's lifecycle state (`ctl releases`), or "absent".
     pub fn release_state(&self, version: &str) -> String {
-        self.release(version)
-            .map_or_else(|| "absent".to_owned(), |r| r["state"].as_str().unwrap_or("?").to_owned())
+        self.release(version).map_or_else(
+            || "absent".to_owned(),
+            |r| r["state"].as_str().unwrap_or("?").to_owned(),
+        )
     }
 
     /// A release as `ctl releases --output json` shows it.
@@ -378,4 +380,21 @@ pub fn stage_fixture(agent: &Agent, name: &str) -> Ctl {
         "--library",
         lib.to_str().unwrap(),
     ])
+}
+
+/// `GET /` `times` times, each answered 200.
+pub fn hello(agent: &Agent, times: usize) {
+    for _ in 0..times {
+        assert_eq!(agent.get("/").status, 200);
+    }
+}
+
+/// An agent over `data` (with `extra` flags) on nine9s 0.2.0, permanent,
+/// with `hellos` requests counted.
+pub fn on_0_2_0(data: &Path, extra: &[&str], hellos: usize) -> Agent {
+    let agent = Agent::start(data, extra);
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    hello(&agent, hellos);
+    agent
 }

@@ -34,20 +34,16 @@ fn wait_exits_4_when_the_health_gate_rolls_the_release_back() {
             nine9s_tests::ctl(
                 &grpc,
                 &[
-                    "upgrade",
-                    "--to",
-                    "0.6.0",
-                    "--soak",
-                    "1m",
-                    "--wait",
-                    "--reason",
-                    "canary",
+                    "upgrade", "--to", "0.6.0", "--soak", "1m", "--wait", "--reason", "canary",
                 ],
             )
         })
     };
     // Once 0.6.0 serves a request its health check fails.
-    assert!(eventually(Duration::from_secs(10), || agent.get("/").release == "0.6.0"));
+    assert!(eventually(Duration::from_secs(10), || agent
+        .get("/")
+        .release
+        == "0.6.0"));
     let out = waiting.join().unwrap();
     assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("rolled back"), "{}", out.stderr);
@@ -94,7 +90,11 @@ fn watch_prints_every_event_as_json_lines() {
     }
     let _ = watch.kill();
     let _ = watch.wait();
-    assert_eq!(kinds.first().map(String::as_str), Some("transition_started"), "{kinds:?}");
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("transition_started"),
+        "{kinds:?}"
+    );
     assert!(kinds.contains(&"agent_started".to_owned()), "{kinds:?}");
     assert!(
         kinds.iter().filter(|k| *k == "transition_finished").count() >= 3,

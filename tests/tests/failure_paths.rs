@@ -12,23 +12,8 @@ use std::time::Duration;
 
 use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::{Event, EventKind, WatchRequest};
-use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent};
+use nine9s_tests::{eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent};
 use tokio_stream::StreamExt;
-
-fn hello(agent: &Agent, times: usize) {
-    for _ in 0..times {
-        assert_eq!(agent.get("/").status, 200);
-    }
-}
-
-/// An agent on 0.2.0 (permanent) with `hellos` counted.
-fn on_0_2_0(data: &std::path::Path, extra: &[&str], hellos: usize) -> Agent {
-    let agent = Agent::start(data, extra);
-    stage_sample(&agent, "0.2.0");
-    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
-    hello(&agent, hellos);
-    agent
-}
 
 /// The first event of `kind` after `after`, from the agent's Watch stream.
 fn first_event(agent: &Agent, after: u64, kind: EventKind) -> Event {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent, Client};
+use nine9s_tests::{eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent, Client};
 
 /// The newest transition of `kind` in the history.
 fn last_of_kind(agent: &Agent, kind: &str) -> serde_json::Value {
@@ -23,21 +23,6 @@ fn last_of_kind(agent: &Agent, kind: &str) -> serde_json::Value {
 /// Whether `field` of a JSON object is a string containing `text`.
 fn says(value: &serde_json::Value, field: &str, text: &str) -> bool {
     value[field].as_str().is_some_and(|s| s.contains(text))
-}
-
-fn hello(agent: &Agent, times: usize) {
-    for _ in 0..times {
-        assert_eq!(agent.get("/").status, 200);
-    }
-}
-
-/// An agent on 0.2.0 (permanent) with `hellos` counted.
-fn on_0_2_0(data: &std::path::Path, extra: &[&str], hellos: usize) -> Agent {
-    let agent = Agent::start(data, extra);
-    stage_sample(&agent, "0.2.0");
-    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
-    hello(&agent, hellos);
-    agent
 }
 
 #[test]
@@ -332,7 +317,14 @@ fn a_periodic_checkpoint_bounds_what_kill_9_loses() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let agent = on_0_2_0(&data, &["--checkpoint-every", "200ms"], 9);
-    thread::sleep(Duration::from_millis(700));
+    let before = agent.status()["last_checkpoint_ms"].as_i64().unwrap();
+    // A checkpoint written after the 9 requests were served.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            agent.status()["last_checkpoint_ms"].as_i64().unwrap() > before
+        }),
+        "no checkpoint was taken"
+    );
     agent.kill9();
     let agent = Agent::start(&data, &[]);
     assert_eq!(agent.get("/count").body, "9");

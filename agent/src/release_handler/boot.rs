@@ -41,7 +41,7 @@ pub(super) struct Booted {
     pub service: String,
 }
 
-pub(super) fn boot(config: Config, _tokio: tokio::runtime::Handle) -> Result<Booted> {
+pub(super) fn boot(config: Config) -> Result<Booted> {
     std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!(
         "cannot create {}",
         config.data_dir.display()

@@ -47,16 +47,24 @@ impl Actor {
             Some((version, state_version, Ok(bytes))) => (version, state_version, bytes),
         };
         let store = self.shared.store();
+        let taken_at_ms = now_ms();
         let stored = store
             .put_snapshot(&Snapshot {
                 version: version.clone(),
                 state_version,
-                taken_at_ms: now_ms(),
+                taken_at_ms,
                 bytes,
             })
             .and_then(|()| store.flush());
         match stored {
-            Ok(()) => tracing::debug!(%version, "checkpoint taken"),
+            Ok(()) => {
+                tracing::debug!(%version, "checkpoint taken");
+                self.shared
+                    .view
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_checkpoint_ms = Some(taken_at_ms);
+            }
             Err(e) => {
                 skipped(format!("the store cannot be written: {e}"));
                 self.store_failed(e.to_string());

@@ -174,6 +174,7 @@ pub struct Status {
     pub running: Option<Transition>,
     pub last_event_id: u64,
     pub store_error: Option<String>,
+    pub last_checkpoint_ms: Option<i64>,
 }
 
 /// What the actor publishes for readers after every change.
@@ -181,6 +182,8 @@ pub struct Status {
 struct View {
     soak: Soak,
     store_error: Option<String>,
+    /// When the last checkpoint was written (epoch ms).
+    last_checkpoint_ms: Option<i64>,
 }
 
 /// What the actor and the readers share.
@@ -229,7 +232,7 @@ impl Engine {
     /// Opens the data directory, starts the release the node should run,
     /// and starts the actor thread. Blocking: run it off the async threads.
     pub fn start(config: Config, tokio: tokio::runtime::Handle) -> Result<Engine> {
-        let booted = boot::boot(config, tokio.clone())?;
+        let booted = boot::boot(config)?;
         let shared = Arc::new(Shared {
             config: booted.config,
             journal: booted.journal,
@@ -240,6 +243,7 @@ impl Engine {
             view: Mutex::new(View {
                 soak: Soak::Idle,
                 store_error: None,
+                last_checkpoint_ms: None,
             }),
         });
         let (jobs, inbox) = mpsc::channel();
@@ -389,6 +393,7 @@ impl Engine {
             running: self.shared.journal.running(),
             last_event_id: store.last_event_id()?,
             store_error: view.store_error,
+            last_checkpoint_ms: view.last_checkpoint_ms,
             releases,
         })
     }

@@ -1,11 +1,12 @@
 //! What most test fixtures share with nine9s 0.2.0: a count of `GET /`
 //! kept as state version 1 (a little-endian `u64`), so the fixtures can
-//! take over 0.2.0's state and hand it back.
+//! take over 0.2.0's state and hand it back; and `GET /slow?ms=N`, a
+//! request that stays in flight for a while.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nine9s_sdk::Response;
+use nine9s_sdk::{Request, Response};
 
 /// The state version of the count, as in nine9s 0.2.0.
 pub const STATE_VERSION: u32 = 1;
@@ -38,4 +39,16 @@ impl Counter {
     pub fn snapshot(&self) -> Vec<u8> {
         self.0.load(Ordering::Relaxed).to_le_bytes().to_vec()
     }
+}
+
+/// The answer to `GET /slow?ms=N`, after sleeping N milliseconds (100 by
+/// default).
+pub fn slow(request: &Request<'_>) -> Response {
+    let ms = request
+        .query
+        .strip_prefix("ms=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    Response::text(format!("slept {ms} ms"))
 }

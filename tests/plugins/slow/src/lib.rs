@@ -3,8 +3,6 @@
 //! a switch or a shutdown comes.
 #![forbid(unsafe_code)]
 
-use std::time::Duration;
-
 use fixture_counter::{Counter, STATE_VERSION};
 use nine9s_sdk::{Plugin, Request, Response};
 
@@ -24,15 +22,7 @@ impl Plugin for Slow {
                 Response::text("Hello slow !")
             }
             "/count" => self.0.response(),
-            "/slow" => {
-                let ms = request
-                    .query
-                    .strip_prefix("ms=")
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(100);
-                std::thread::sleep(Duration::from_millis(ms));
-                Response::text(format!("slept {ms} ms"))
-            }
+            "/slow" => fixture_counter::slow(request),
             _ => Response::not_found(),
         }
     }

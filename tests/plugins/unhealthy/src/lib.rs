@@ -32,15 +32,7 @@ impl Plugin for Unhealthy {
                 Response::text("Hello world 6 !")
             }
             "/count" => self.count.response(),
-            "/slow" => {
-                let ms = request
-                    .query
-                    .strip_prefix("ms=")
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(100);
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-                Response::text(format!("slept {ms} ms"))
-            }
+            "/slow" => fixture_counter::slow(request),
             _ => Response::not_found(),
         }
     }
