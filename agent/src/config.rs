@@ -22,8 +22,11 @@ pub struct Config {
     /// How long a switch waits for in-flight calls on the old code before
     /// it gives up (and the old release keeps serving).
     pub quiesce_timeout: Duration,
-    /// How long an upgrade waits for responses still being written by the
-    /// old release before it releases the library anyway.
+    /// How long a switch's `drain` step waits for others to let go of the
+    /// old instance (a `status` call reading its counters, a health check
+    /// still running on it) before it drops its own reference; the library
+    /// is then unloaded by whoever lets go last. Requests never hold it:
+    /// no request runs old code after the swap.
     pub drain_grace: Duration,
     /// On SIGTERM, how long in-flight requests get to finish.
     pub shutdown_grace: Duration,
@@ -47,7 +50,7 @@ impl Config {
             bootstrap: Bootstrap::Embedded,
             soak: Duration::from_secs(5),
             quiesce_timeout: Duration::from_secs(5),
-            drain_grace: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             keep_old: 5,
             keep_history: 10_000,

@@ -301,6 +301,15 @@ impl Lifecycle {
 
     pub fn check_make_permanent(&self, version: &Version) -> Result<(), Error> {
         let entry = self.known(version)?;
+        if let Soak::RollingBack {
+            version: failing, ..
+        } = &self.soak
+        {
+            return Err(refused(
+                Reason::RollbackPending,
+                format!("{failing} failed its soak and is being rolled back; it cannot be made permanent"),
+            ));
+        }
         if entry.state != ReleaseState::Current {
             return Err(refused(
                 Reason::NotCurrent,
@@ -460,12 +469,6 @@ impl Lifecycle {
             }
             Event::MadePermanent { version, at_ms } => {
                 self.check_make_permanent(&version)?;
-                if matches!(self.soak, Soak::RollingBack { .. }) {
-                    return Err(refused(
-                        Reason::RollbackPending,
-                        format!("{version} failed its soak and is being rolled back; it cannot be made permanent"),
-                    ));
-                }
                 next.promote(&version, at_ms, &mut effects);
                 next.soak = Soak::Idle;
             }

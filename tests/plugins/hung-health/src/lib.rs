@@ -1,6 +1,7 @@
 //! Test fixture nine9s 0.6.5: serves like 0.2.0 (state v1), but once it
 //! has served a request its health check hangs for a minute — healthy
-//! when the agent rehearses the switch, stuck during the soak.
+//! when the agent rehearses the switch, stuck during the soak. `GET /hung`
+//! says whether a health check is hanging right now.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use nine9s_sdk::{Plugin, Request, Response};
 pub struct HungHealth {
     count: Counter,
     served: AtomicBool,
+    hanging: AtomicBool,
 }
 
 impl Plugin for HungHealth {
@@ -21,6 +23,7 @@ impl Plugin for HungHealth {
         Ok(HungHealth {
             count: Counter::restore(state)?,
             served: AtomicBool::new(false),
+            hanging: AtomicBool::new(false),
         })
     }
 
@@ -32,6 +35,11 @@ impl Plugin for HungHealth {
                 Response::text("Hello hung !")
             }
             "/count" => self.count.response(),
+            "/hung" => Response::text(if self.hanging.load(Ordering::SeqCst) {
+                "yes"
+            } else {
+                "no"
+            }),
             _ => Response::not_found(),
         }
     }
@@ -42,7 +50,9 @@ impl Plugin for HungHealth {
 
     fn health(&self) -> Result<(), String> {
         if self.served.load(Ordering::Relaxed) {
+            self.hanging.store(true, Ordering::SeqCst);
             std::thread::sleep(Duration::from_secs(60));
+            self.hanging.store(false, Ordering::SeqCst);
         }
         Ok(())
     }
