@@ -14,7 +14,7 @@ use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::model::{Event, Outcome, Recorded, Release, Snapshot, Transition};
+use crate::model::{Event, EventKind, Outcome, Recorded, Release, Snapshot, Transition};
 use crate::release_handler::check_states;
 
 /// sled keeps up to this much of the database in memory (its default is
@@ -312,8 +312,16 @@ impl Store {
     pub fn record_event(&self, mut event: Event) -> Result<Event> {
         let t = self.trees()?;
         event.id = last_id(&t.events)? + 1;
+        // A transition is kept once, in the history; its events name it.
+        let stored = StoredEvent {
+            transition_id: event.transition.as_ref().map(|t| t.id),
+            event: Event {
+                transition: None,
+                ..event.clone()
+            },
+        };
         t.events
-            .insert(event.id.to_be_bytes(), serde_json::to_vec(&event)?)?;
+            .insert(event.id.to_be_bytes(), serde_json::to_vec(&stored)?)?;
         if let Some((first, _)) = t.events.first()? {
             let first = key_id(&first)?;
             for old in first..(event.id + 1).saturating_sub(self.history_kept) {
@@ -330,7 +338,22 @@ impl Store {
             .range((after_id + 1).to_be_bytes()..)
             .values()
             .take(limit)
-            .map(|v| Ok(serde_json::from_slice::<Event>(&v?)?))
+            .map(|v| {
+                let stored: StoredEvent = serde_json::from_slice(&v?)?;
+                let mut event = stored.event;
+                if let Some(id) = stored.transition_id {
+                    event.transition = self.transition(id)?.map(|mut t| {
+                        // As it was when it started, not as it ended.
+                        if event.kind == EventKind::TransitionStarted {
+                            t.outcome = Outcome::Running;
+                            (t.duration_us, t.switch_wait_us) = (0, 0);
+                            (t.error, t.error_reason) = (None, None);
+                        }
+                        t
+                    });
+                }
+                Ok(event)
+            })
             .collect()
     }
 
@@ -480,6 +503,15 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// An event as kept in the store: its transition by id only.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredEvent {
+    #[serde(flatten)]
+    event: Event,
+    #[serde(default)]
+    transition_id: Option<u64>,
 }
 
 fn key_id(key: &[u8]) -> Result<u64> {

@@ -31,6 +31,8 @@ pub(super) struct Actor {
     next_rollback: Instant,
     /// When the last soak progress event went out.
     last_progress: Instant,
+    /// Where switches rehearse.
+    pub(super) rehearsals: super::switch::Rehearsals,
 }
 
 impl Actor {
@@ -47,6 +49,7 @@ impl Actor {
             tokio,
             next_rollback: Instant::now(),
             last_progress: Instant::now(),
+            rehearsals: Default::default(),
         }
     }
 

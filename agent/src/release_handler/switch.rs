@@ -260,32 +260,32 @@ impl Actor {
         let version = target.version.clone();
         let hooks = hooks.to_vec();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("nine9s-trial".into())
-            .spawn(move || {
-                let plugin = |version: &Version, during, source| Error::Plugin {
-                    version: version.clone(),
-                    during,
-                    source,
-                };
-                let run = || -> Result<()> {
-                    let migrated = carry
-                        .apply(&state)
-                        .map_err(|e| plugin(&carry.migrator(&version), "state migration", e))?;
-                    let trial = library
-                        .instantiate(migrated.as_deref())
-                        .map_err(|e| plugin(&version, "init", e))?;
-                    for hook in &hooks {
-                        trial.hook(hook).map_err(|e| plugin(&version, "hook", e))?;
-                    }
-                    trial
-                        .health()
-                        .map_err(|e| plugin(&version, "health check", e))
-                };
-                let _ = tx.send(run());
-            })
-            .map_err(Error::io("cannot start the rehearsal thread"))?;
+        self.rehearsals.run(Box::new(move || {
+            let plugin = |version: &Version, during, source| Error::Plugin {
+                version: version.clone(),
+                during,
+                source,
+            };
+            let run = || -> Result<()> {
+                let migrated = carry
+                    .apply(&state)
+                    .map_err(|e| plugin(&carry.migrator(&version), "state migration", e))?;
+                let trial = library
+                    .instantiate(migrated.as_deref())
+                    .map_err(|e| plugin(&version, "init", e))?;
+                for hook in &hooks {
+                    trial.hook(hook).map_err(|e| plugin(&version, "hook", e))?;
+                }
+                trial
+                    .health()
+                    .map_err(|e| plugin(&version, "health check", e))
+            };
+            let _ = tx.send(run());
+        }))?;
         rx.recv_timeout(REHEARSAL_TIMEOUT).unwrap_or_else(|_| {
+            // That thread is stuck in plugin code: the next rehearsal gets
+            // a new one.
+            self.rehearsals.abandon();
             Err(Error::Plugin {
                 version: target.version.clone(),
                 during: "rehearsal",
@@ -295,6 +295,46 @@ impl Actor {
                 )),
             })
         })
+    }
+}
+
+/// The thread rehearsals run on, kept from one switch to the next (a
+/// thread per switch would come and go thousands of times); replaced when
+/// a rehearsal hangs in plugin code.
+#[derive(Default)]
+pub(super) struct Rehearsals {
+    worker: std::cell::RefCell<Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>>,
+}
+
+impl Rehearsals {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) -> Result<()> {
+        let mut worker = self.worker.borrow_mut();
+        if worker.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            std::thread::Builder::new()
+                .name("nine9s-rehearsal".into())
+                .spawn(move || {
+                    // Ends when the engine lets go of the sender.
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .map_err(Error::io("cannot start the rehearsal thread"))?;
+            *worker = Some(tx);
+        }
+        let sent = worker.as_ref().map(|tx| tx.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            *worker = None;
+            return Err(Error::refused(
+                Reason::Internal,
+                "the rehearsal thread is gone; the next switch starts a new one",
+            ));
+        }
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        self.worker.borrow_mut().take();
     }
 }
 
