@@ -303,14 +303,17 @@ impl Actor {
 /// a rehearsal hangs in plugin code.
 #[derive(Default)]
 pub(super) struct Rehearsals {
-    worker: std::cell::RefCell<Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>>,
+    worker: std::cell::RefCell<Option<std::sync::mpsc::Sender<Job>>>,
 }
 
+/// One rehearsal, as the thread runs it.
+type Job = Box<dyn FnOnce() + Send>;
+
 impl Rehearsals {
-    fn run(&self, job: Box<dyn FnOnce() + Send>) -> Result<()> {
+    fn run(&self, job: Job) -> Result<()> {
         let mut worker = self.worker.borrow_mut();
         if worker.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
             std::thread::Builder::new()
                 .name("nine9s-rehearsal".into())
                 .spawn(move || {
