@@ -14,17 +14,25 @@ use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::{Event, EventKind, WatchRequest};
 use nine9s_tests::{eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent};
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
-/// The first event of `kind` after `after`, from the agent's Watch stream.
-fn first_event(agent: &Agent, after: u64, kind: EventKind) -> Event {
+/// Runs `call` with a gRPC client of the agent, on a runtime of its own.
+fn with_api<T>(agent: &Agent, call: impl AsyncFnOnce(ControlClient<Channel>) -> T) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut api = ControlClient::connect(format!("http://{}", agent.grpc))
+        let api = ControlClient::connect(format!("http://{}", agent.grpc))
             .await
             .unwrap();
+        call(api).await
+    })
+}
+
+/// The first event of `kind` after `after`, from the agent's Watch stream.
+fn first_event(agent: &Agent, after: u64, kind: EventKind) -> Event {
+    with_api(agent, async |mut api| {
         let mut events = api
             .watch(WatchRequest { after_id: after })
             .await
@@ -189,14 +197,7 @@ fn a_hung_health_check_does_not_hold_up_a_rollback() {
         == "yes"));
     // The rollback answers while the health check hangs (well before the
     // minute is over).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut api = ControlClient::connect(format!("http://{}", agent.grpc))
-            .await
-            .unwrap();
+    with_api(&agent, async |mut api| {
         let mut rollback = tonic::Request::new(nine9s_proto::RollbackRequest {
             reason: "health check hangs".into(),
             ..Default::default()
