@@ -95,6 +95,11 @@ impl Error {
     /// only that release may be marked failed for it.
     pub fn blames(&self) -> Option<&Version> {
         match self {
+            // A rehearsal that timed out may be stuck in either release's code.
+            Error::Plugin {
+                during: "rehearsal",
+                ..
+            } => None,
             Error::Load { version, .. } | Error::Plugin { version, .. } => Some(version),
             _ => None,
         }

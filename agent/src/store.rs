@@ -8,6 +8,7 @@
 //! entry are written in one sled transaction.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use nine9s_manifest::Version;
@@ -57,6 +58,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub struct Store {
     dir: std::path::PathBuf,
+    /// The lowest id the next event may take (see [`EVENT_ID_GAP`]).
+    event_floor: AtomicU64,
     /// The open database; swapped for a fresh one by [`Store::reopen`]
     /// (`None` only while that runs).
     trees: RwLock<Option<Arc<Trees>>>,
@@ -107,9 +110,11 @@ const RUNNING: &[u8] = b"running";
 
 impl Store {
     pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
+        let trees = Trees::open(dir)?;
         Ok(Store {
             dir: dir.to_owned(),
-            trees: RwLock::new(Some(Arc::new(Trees::open(dir)?))),
+            event_floor: AtomicU64::new(event_floor(&trees)?),
+            trees: RwLock::new(Some(Arc::new(trees))),
             history_kept: history_kept.max(1) as u64,
         })
     }
@@ -139,6 +144,8 @@ impl Store {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         };
+        self.event_floor
+            .store(event_floor(&trees)?, Ordering::SeqCst);
         *slot = Some(Arc::new(trees));
         Ok(())
     }
@@ -311,7 +318,7 @@ impl Store {
     /// number kept. Durable with the next flush.
     pub fn record_event(&self, mut event: Event) -> Result<Event> {
         let t = self.trees()?;
-        event.id = last_id(&t.events)? + 1;
+        event.id = (last_id(&t.events)? + 1).max(self.event_floor.load(Ordering::SeqCst));
         // A transition is kept once, in the history; its events name it.
         let stored = StoredEvent {
             transition_id: event.transition.as_ref().map(|t| t.id),
@@ -322,11 +329,15 @@ impl Store {
         };
         t.events
             .insert(event.id.to_be_bytes(), serde_json::to_vec(&stored)?)?;
-        if let Some((first, _)) = t.events.first()? {
-            let first = key_id(&first)?;
-            for old in first..(event.id + 1).saturating_sub(self.history_kept) {
-                t.events.remove(old.to_be_bytes())?;
-            }
+        // Ids have gaps (see EVENT_ID_GAP): walk the keys, not the ids.
+        let cutoff = (event.id + 1).saturating_sub(self.history_kept);
+        let stale = t
+            .events
+            .range(..cutoff.to_be_bytes())
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?;
+        for key in stale {
+            t.events.remove(key)?;
         }
         Ok(event)
     }
@@ -512,6 +523,19 @@ struct StoredEvent {
     event: Event,
     #[serde(default)]
     transition_id: Option<u64>,
+}
+
+/// Event ids skipped each time the store is opened. Events are broadcast
+/// before sled's next flush makes them durable; if the agent dies in
+/// between, they are gone, and new events must not take their ids — a
+/// watcher resuming after an id it saw would skip them.
+const EVENT_ID_GAP: u64 = 1 << 20;
+
+fn event_floor(trees: &Trees) -> Result<u64> {
+    Ok(match last_id(&trees.events)? {
+        0 => 1,
+        last => last + EVENT_ID_GAP,
+    })
 }
 
 fn key_id(key: &[u8]) -> Result<u64> {

@@ -318,6 +318,15 @@ impl Actor {
             Ok(report) => report,
             Err(e) => return Err(guard.fail(e, &Changes::default())),
         };
+        // A rollback never starts its target empty: without a migrate step
+        // in the plan, it restores the snapshot taken when it was left.
+        let source = if kind == TransitionKind::Rollback
+            && !report.plan.steps.contains(&nine9s_manifest::Step::Migrate)
+        {
+            StateSource::Snapshot
+        } else {
+            source
+        };
         let mut outcome = self.execute(&target, source, &mut report);
         if kind == TransitionKind::Rollback && source == StateSource::Migrate {
             if let Err(e) = &outcome {
@@ -334,7 +343,7 @@ impl Actor {
             }
         }
         match outcome {
-            Ok(executed) => {
+            Ok(mut executed) => {
                 guard.set_switch_wait(executed.wait);
                 let at_ms = now_ms();
                 let event = if kind == TransitionKind::Rollback {
@@ -350,7 +359,7 @@ impl Actor {
                     }
                 };
                 let changes = self.advance(event, &[])?;
-                let committed = match executed.unrecorded {
+                let committed = match executed.unrecorded.take() {
                     None => guard.succeed(&changes),
                     Some(e) => Err(guard.fail(e.into(), &changes)),
                 };
@@ -367,7 +376,11 @@ impl Actor {
                     "switched"
                 );
                 self.announce_soak();
-                self.prune_old()?;
+                self.finish_plan(executed, &mut report);
+                // Done and recorded: housekeeping cannot fail the command.
+                if let Err(e) = self.prune_old() {
+                    tracing::warn!(error = %e, "cannot prune old releases");
+                }
                 Ok(Reply::Switched {
                     transition: Some(transition),
                     plan: Some(report),
@@ -375,7 +388,13 @@ impl Actor {
                 })
             }
             Err(e) => {
-                let fault = (e.blames() == Some(version)).then(|| e.to_string());
+                // A downgrade's plan is written by the release being left:
+                // a hook it names that the target lacks is not the target's
+                // fault.
+                let foreign_hook = matches!(e, Error::Plugin { during: "hook", .. })
+                    && report.plan.origin == nine9s_manifest::PlanOrigin::Written
+                    && *version < from;
+                let fault = (e.blames() == Some(version) && !foreign_hook).then(|| e.to_string());
                 let changes = match self.advance(
                     machine::Event::SwitchFailed {
                         to: version.clone(),
@@ -573,7 +592,7 @@ impl Actor {
                         };
                         if let Err(e) = self.promote(&version, &origin) {
                             tracing::error!(error = %e, %version, "cannot make the soaked release permanent");
-                            if let Error::Store(e) = &e {
+                            if e.reason() == Reason::StoreUnavailable {
                                 self.store_failed(e.to_string());
                             }
                         }
@@ -626,6 +645,13 @@ impl Actor {
             )
         });
         if let Err(e) = outcome {
+            if e.reason() == Reason::StoreUnavailable {
+                self.store_failed(e.to_string());
+            }
+            if !matches!(self.lifecycle.soak(), Soak::RollingBack { .. }) {
+                // It did switch back; only the store could not record it.
+                return;
+            }
             let backoff =
                 Duration::from_millis(200 * 2u64.pow(attempts.min(5))).min(MAX_ROLLBACK_BACKOFF);
             self.next_rollback = Instant::now() + backoff;
@@ -641,9 +667,6 @@ impl Actor {
                 &[],
             ) {
                 tracing::error!(error = %bug, "cannot record the failed rollback");
-            }
-            if let Error::Store(e) = &e {
-                self.store_failed(e.to_string());
             }
         }
     }
@@ -684,13 +707,8 @@ fn is_transient(e: &Error) -> bool {
     )
 }
 
-/// The state could not be migrated: a rollback can use the snapshot instead.
+/// The running state could not be carried down (migrated, snapshotted,
+/// or accepted by the target): a rollback restores the stored snapshot.
 fn is_migration_failure(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Plugin {
-            during: "state migration",
-            ..
-        } | Error::NoMigrationPath { .. }
-    )
+    matches!(e, Error::Plugin { .. } | Error::NoMigrationPath { .. })
 }

@@ -171,10 +171,14 @@ fn resume(
                 serving = Some((release, loaded));
                 break;
             }
-            Err(e) => {
+            // Its library or its code failed: fall back to the one before.
+            Err(e) if e.blames() == Some(&candidate) => {
                 tracing::error!(version = %candidate, error = %e, "cannot start this release; falling back to the one permanent before it");
                 unloadable.push((candidate, e.to_string()));
             }
+            // Anything else (the store, a snapshot it cannot read) is not
+            // the release's fault: refuse to start rather than fail it.
+            Err(e) => return Err(e),
         }
     }
     let Some((release, loaded)) = serving else {

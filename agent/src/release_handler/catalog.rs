@@ -154,15 +154,27 @@ impl Actor {
 
     /// Removes the oldest `old` releases beyond the configured number.
     pub(super) fn prune_old(&mut self) -> Result<()> {
-        let old: Vec<Version> = self
+        let mut old: Vec<(Option<i64>, Version)> = self
             .lifecycle
             .versions()
-            .filter(|v| self.lifecycle.entry(v).map(|e| e.state) == Some(ReleaseState::Old))
-            .cloned()
+            .filter_map(|v| {
+                let entry = self.lifecycle.entry(v)?;
+                (entry.state == ReleaseState::Old).then(|| (entry.permanent_since_ms, v.clone()))
+            })
             .collect();
+        // Least recently permanent first (never permanent, or rolled back
+        // from, before all); the rollback target is never pruned.
+        old.sort();
         let keep = self.shared.config.keep_old;
         let excess = old.len().saturating_sub(keep);
-        for version in old.iter().take(excess) {
+        let target = self.lifecycle.rollback_target().ok();
+        let doomed: Vec<Version> = old
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|v| Some(v) != target.as_ref())
+            .take(excess)
+            .collect();
+        for version in &doomed {
             let origin = Origin {
                 automatic: true,
                 reason: Some(format!("more than {keep} old releases are kept")),

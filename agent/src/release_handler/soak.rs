@@ -10,8 +10,7 @@
 //! it retries.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nine9s_manifest::Version;
@@ -38,8 +37,10 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     tokio::pin!(stopped);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A health check still running: the next one waits for it.
-    let checking = Arc::new(AtomicBool::new(false));
+    // A health check still running, and on which release: the next check
+    // of that release waits for it; a hung check of a release rolled back
+    // since does not hold up the soak of the next one.
+    let checking: Arc<Mutex<Option<Version>>> = Arc::default();
     loop {
         tokio::select! {
             () = &mut stopped => return,
@@ -47,7 +48,7 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
         }
         let verdict = match engine.shared.view().soak {
             Soak::Soaking { version, .. } => {
-                if checking.load(Ordering::Acquire) {
+                if checking.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&version) {
                     continue;
                 }
                 look(&engine, version, &checking).await
@@ -67,20 +68,27 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     }
 }
 
-async fn look(engine: &Engine, version: Version, checking: &Arc<AtomicBool>) -> Option<Verdict> {
+async fn look(
+    engine: &Engine,
+    version: Version,
+    checking: &Arc<Mutex<Option<Version>>>,
+) -> Option<Verdict> {
     let active = engine.runtime().active().await;
     if active.version != version {
         return None;
     }
     let config = engine.config();
     let counters = active.counters();
-    checking.store(true, Ordering::Release);
+    *checking.lock().unwrap_or_else(|e| e.into_inner()) = Some(version.clone());
     let done = Arc::clone(checking);
     let instance = Arc::clone(&active);
     drop(active);
     let check = tokio::task::spawn_blocking(move || {
         let result = instance.instance.health();
-        done.store(false, Ordering::Release);
+        let mut checking = done.lock().unwrap_or_else(|e| e.into_inner());
+        if checking.as_ref() == Some(&instance.version) {
+            *checking = None;
+        }
         result
     });
     let health = match tokio::time::timeout(config.health_timeout, check).await {

@@ -36,6 +36,10 @@ pub(super) struct Executed {
     /// The snapshots could not be stored: the switch stands, but the store
     /// is failing.
     pub unrecorded: Option<crate::store::StoreError>,
+    /// The instance that served before, to drain and unload.
+    old: Arc<Loaded>,
+    /// The plan's steps after `switch`.
+    rest: Vec<Step>,
 }
 
 /// What `load` found: the library and how state will cross.
@@ -99,19 +103,32 @@ impl Actor {
                 let left = old
                     .instance
                     .snapshot()
-                    .map_err(|e| plugin_error(&old.version, "snapshot", e))?;
-                let state = snapshot_source
-                    .as_ref()
-                    .map_or(left.as_slice(), |s| s.bytes.as_slice());
+                    .map_err(|e| plugin_error(&old.version, "snapshot", e));
+                // Restoring the stored snapshot needs nothing of the release
+                // being left: a failing snapshot of it is only not kept.
+                let left = match (&snapshot_source, left) {
+                    (_, Ok(left)) => Some(left),
+                    (Some(_), Err(e)) => {
+                        tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
+                        None
+                    }
+                    (None, Err(e)) => return Err(e),
+                };
+                let state = match &snapshot_source {
+                    Some(stored) => stored.bytes.as_slice(),
+                    None => left.as_deref().unwrap_or_default(),
+                };
                 let migrated = carry.apply(state).map_err(|e| {
                     plugin_error(&carry.migrator(&target.version), "state migration", e)
                 })?;
-                taken.push(Snapshot {
-                    version: old.version.clone(),
-                    state_version: old.instance.library().state_version(),
-                    taken_at_ms: now_ms(),
-                    bytes: left,
-                });
+                if let Some(left) = left {
+                    taken.push(Snapshot {
+                        version: old.version.clone(),
+                        state_version: old.instance.library().state_version(),
+                        taken_at_ms: now_ms(),
+                        bytes: left,
+                    });
+                }
                 crash_point("switch:quiesced");
                 let instance = library
                     .instantiate(migrated.as_deref())
@@ -155,8 +172,19 @@ impl Actor {
         // The snapshot of the release just left must be durable before the
         // transition is acknowledged.
         let stored = stored.and_then(|()| store.flush());
-        let mut old = Some(switched.old);
-        for step in &steps[switch_at + 1..] {
+        Ok(Executed {
+            wait: switched.wait,
+            unrecorded: stored.err(),
+            old: switched.old,
+            rest: steps[switch_at + 1..].to_vec(),
+        })
+    }
+
+    /// The steps after `switch`, once the switch is committed: hooks on the
+    /// serving instance, `drain` and `unload` of the old one.
+    pub(super) fn finish_plan(&self, executed: Executed, report: &mut PlanReport) {
+        let mut old = Some(executed.old);
+        for step in &executed.rest {
             match step {
                 Step::Hook(name) => {
                     let serving = self.tokio.block_on(self.shared.runtime.active());
@@ -179,10 +207,6 @@ impl Actor {
         }
         // A plan without `unload` still lets the old release go.
         drop(old);
-        Ok(Executed {
-            wait: switched.wait,
-            unrecorded: stored.err(),
-        })
     }
 
     /// The `load` step: opens the target library, checks it is the release
