@@ -271,14 +271,10 @@ impl Actor {
         loaded: &Prepared,
         hooks: &[String],
     ) -> Result<()> {
-        let state = match &loaded.snapshot {
-            Some(s) => s.bytes.clone(),
-            None => active.instance.snapshot().map_err(|e| Error::Plugin {
-                version: active.version.clone(),
-                during: "snapshot",
-                source: e,
-            })?,
-        };
+        // The live state's copy is taken in the rehearsal too: a snapshot
+        // call that hangs must not hold the engine.
+        let stored = loaded.snapshot.as_ref().map(|s| s.bytes.clone());
+        let active = Arc::clone(active);
         let carry = loaded.carry.clone();
         let library = Arc::clone(&loaded.library);
         let version = target.version.clone();
@@ -291,6 +287,14 @@ impl Actor {
                 source,
             };
             let run = || -> Result<()> {
+                let state = match stored {
+                    Some(bytes) => bytes,
+                    None => active
+                        .instance
+                        .snapshot()
+                        .map_err(|e| plugin(&active.version, "snapshot", e))?,
+                };
+                drop(active);
                 let migrated = carry
                     .apply(&state)
                     .map_err(|e| plugin(&carry.migrator(&version), "state migration", e))?;
