@@ -76,7 +76,11 @@ impl Actor {
                 }
                 Job::Stop(done) => {
                     self.checkpoint();
-                    if let Err(e) = self.shared.store().mark_stopped() {
+                    if let Soak::RollingBack { version, .. } = self.lifecycle.soak() {
+                        // Not a clean stop for it: the next start counts the
+                        // release that failed its soak as failed, not old.
+                        tracing::warn!(%version, "stopping with its automatic rollback pending; the next start marks it failed");
+                    } else if let Err(e) = self.shared.store().mark_stopped() {
                         tracing::error!(error = %e, "cannot record the clean stop");
                     }
                     let _ = done.send(());
