@@ -220,6 +220,15 @@ fn op() -> impl Strategy<Value = Op> {
 /// and those that could not be loaded at boot.
 struct Blame(BTreeSet<Version>);
 
+/// The way a switch from the active release to `to` goes.
+fn direction_to(l: &Lifecycle, to: &Version) -> Direction {
+    if *to > *l.active() {
+        Direction::Up
+    } else {
+        Direction::Down
+    }
+}
+
 /// Plays one op the way the engine does: ask the machine, then apply
 /// what happened. Refused commands change nothing.
 fn play(l: &Lifecycle, op: &Op, t: i64, staged: &mut u64, blame: &mut Blame) -> Lifecycle {
@@ -233,12 +242,7 @@ fn play(l: &Lifecycle, op: &Op, t: i64, staged: &mut u64, blame: &mut Blame) -> 
         }
         Op::Switch { to, settle, fault } => {
             let to = v(*to);
-            let direction = if to > *l.active() {
-                Direction::Up
-            } else {
-                Direction::Down
-            };
-            match l.check_switch(direction, &to) {
+            match l.check_switch(direction_to(l, &to), &to) {
                 Ok(Decision::Proceed) if *fault => {
                     blame.0.insert(to.clone());
                     next(Event::SwitchFailed {
@@ -260,12 +264,7 @@ fn play(l: &Lifecycle, op: &Op, t: i64, staged: &mut u64, blame: &mut Blame) -> 
         }
         Op::SwitchFailsForOtherReasons { to } => {
             let to = v(*to);
-            let direction = if to > *l.active() {
-                Direction::Up
-            } else {
-                Direction::Down
-            };
-            match l.check_switch(direction, &to) {
+            match l.check_switch(direction_to(l, &to), &to) {
                 Ok(Decision::Proceed) => next(Event::SwitchFailed { to, fault: None }),
                 _ => Ok(l.clone()),
             }
