@@ -20,6 +20,22 @@ fn last_of_kind(agent: &Agent, kind: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no {kind} in the history: {history:#?}"))
 }
 
+/// The last rollback, which must be the health gate's, from `from` to `to`.
+fn automatic_rollback(agent: &Agent, from: &str, to: &str) -> serde_json::Value {
+    let rollback = last_of_kind(agent, "rollback");
+    assert_eq!(
+        (
+            &rollback["from"],
+            &rollback["to"],
+            &rollback["result"],
+            &rollback["automatic"]
+        ),
+        (&from.into(), &to.into(), &"ok".into(), &true.into()),
+        "{rollback}"
+    );
+    rollback
+}
+
 /// Whether `field` of a JSON object is a string containing `text`.
 fn says(value: &serde_json::Value, field: &str, text: &str) -> bool {
     value[field].as_str().is_some_and(|s| s.contains(text))
@@ -107,17 +123,7 @@ fn a_release_whose_health_check_fails_during_its_soak_is_rolled_back_without_ref
     assert_eq!(failed, 0, "no request refused or failed");
     assert_eq!(agent.release_state("0.6.0"), "failed");
     assert_eq!(agent.release_state("0.2.0"), "permanent");
-    let rollback = last_of_kind(&agent, "rollback");
-    assert_eq!(
-        (
-            &rollback["from"],
-            &rollback["to"],
-            &rollback["result"],
-            &rollback["automatic"]
-        ),
-        (&"0.6.0".into(), &"0.2.0".into(), &"ok".into(), &true.into()),
-        "{rollback}"
-    );
+    let rollback = automatic_rollback(&agent, "0.6.0", "0.2.0");
     assert!(
         says(
             &rollback,
@@ -150,17 +156,7 @@ fn a_release_that_fails_requests_during_its_soak_is_rolled_back() {
         .get("/")
         .release
         == "0.2.0"));
-    let rollback = last_of_kind(&agent, "rollback");
-    assert_eq!(
-        (
-            &rollback["from"],
-            &rollback["to"],
-            &rollback["result"],
-            &rollback["automatic"]
-        ),
-        (&"0.2.1".into(), &"0.2.0".into(), &"ok".into(), &true.into()),
-        "{rollback}"
-    );
+    let rollback = automatic_rollback(&agent, "0.2.1", "0.2.0");
     assert!(says(&rollback, "reason", "requests failed"), "{rollback}");
     assert_eq!(agent.release_state("0.2.1"), "failed");
 }
