@@ -401,7 +401,7 @@ impl Control for ControlService {
             return Err(Status::internal("Remove answered with another reply"));
         };
         Ok(Response::new(pb::RemoveReply {
-            release: Some(release_pb(&release)),
+            release: release.as_ref().map(release_pb),
             collected,
         }))
     }

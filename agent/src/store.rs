@@ -15,7 +15,9 @@ use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::model::{Event, EventKind, Outcome, Recorded, Release, Snapshot, Transition};
+use crate::model::{
+    Event, EventKind, Outcome, Recorded, RecordedOutcome, Release, Snapshot, Transition,
+};
 use crate::release_handler::check_states;
 
 /// sled keeps up to this much of the database in memory (its default is
@@ -228,8 +230,14 @@ impl Store {
     }
 
     /// Journals the start of a transition, durably: numbers it, marks it
-    /// running, and returns it.
-    pub fn begin(&self, mut transition: Transition) -> Result<Transition> {
+    /// running, and returns it. `request` (id, fingerprint): the command's
+    /// request id, recorded as answered by this transition in the same
+    /// flush.
+    pub fn begin(
+        &self,
+        mut transition: Transition,
+        request: Option<(&str, &str)>,
+    ) -> Result<Transition> {
         let t = self.trees()?;
         // Ids count up from the last entry; one transition begins at a time.
         transition.id = last_id(&t.history)? + 1;
@@ -239,8 +247,24 @@ impl Store {
             transition.id.to_be_bytes(),
             serde_json::to_vec(&transition)?,
         )?;
+        if let Some((id, fingerprint)) = request {
+            let recorded = Recorded {
+                at_ms: transition.started_at_ms,
+                fingerprint: fingerprint.to_owned(),
+                outcome: RecordedOutcome::Transition { id: transition.id },
+            };
+            t.requests
+                .insert(id.as_bytes(), serde_json::to_vec(&recorded)?)?;
+        }
         self.flush()?;
         Ok(transition)
+    }
+
+    /// Forgets a request id (its command failed in a way a retry may not).
+    pub fn forget_request(&self, id: &str) -> Result<()> {
+        let t = self.trees()?;
+        t.requests.remove(id.as_bytes())?;
+        self.flush()
     }
 
     /// Writes the end of a transition together with the release records it
@@ -612,13 +636,15 @@ mod tests {
         {
             let store = Store::open(dir.path(), 100).unwrap();
             let mut t = store
-                .begin(draft(TransitionKind::Upgrade, Some(&v2)))
+                .begin(draft(TransitionKind::Upgrade, Some(&v2)), None)
                 .unwrap();
             t.outcome = Outcome::Ok;
             store
                 .commit(&t, &[release("0.2.0", ReleaseState::Permanent)])
                 .unwrap();
-            store.begin(draft(TransitionKind::Downgrade, None)).unwrap();
+            store
+                .begin(draft(TransitionKind::Downgrade, None), None)
+                .unwrap();
         }
         // sled's flusher thread lets go of the file lock a moment after the drop.
         let store = reopen(dir.path());
@@ -641,7 +667,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 5).unwrap();
         for _ in 0..12 {
-            let mut t = store.begin(draft(TransitionKind::Stage, None)).unwrap();
+            let mut t = store
+                .begin(draft(TransitionKind::Stage, None), None)
+                .unwrap();
             t.outcome = Outcome::Ok;
             store.commit(&t, &[]).unwrap();
         }

@@ -539,3 +539,40 @@ fn stage_sample_result(agent: &Agent, version: &str) -> nine9s_tests::Ctl {
         lib.to_str().unwrap(),
     ])
 }
+
+#[test]
+fn a_retry_after_a_crash_finds_the_command_it_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 0);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    assert_eq!(agent.terminate(), 0);
+
+    // The agent dies right after committing the rollback, before it answers.
+    let mut agent = Agent::start_with_env(&data, &[], &[("NINE9S_CRASH_AT", "switch:committed")]);
+    let out = agent.ctl(&["rollback", "--request-id", "rb-crash"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(agent.wait_for_exit(Duration::from_secs(10)));
+    drop(agent);
+
+    // The orchestrator retries with the same id: it gets the rollback that
+    // happened, and nothing runs a second time (that would go to 0.1.0).
+    let agent = Agent::start(&data, &[]);
+    let retry = agent.json(&["rollback", "--request-id", "rb-crash"]);
+    assert_eq!(
+        (
+            &retry["transition"]["to"],
+            &retry["transition"]["request_id"]
+        ),
+        (&"0.2.0".into(), &"rb-crash".into()),
+        "{retry}"
+    );
+    assert_eq!(agent.status()["active"], "0.2.0");
+    let rollbacks = agent
+        .history()
+        .iter()
+        .filter(|t| t["kind"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
+}

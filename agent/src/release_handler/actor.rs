@@ -16,7 +16,7 @@ use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, StateSour
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
-use crate::model::{now_ms, Recorded, RecordedOutcome, Release, TransitionKind};
+use crate::model::{now_ms, Outcome, Recorded, RecordedOutcome, Release, TransitionKind};
 use crate::store::REQUEST_IDS_KEPT_MS;
 
 /// Longest wait between two attempts of a failing automatic rollback.
@@ -113,8 +113,11 @@ impl Actor {
                         format!("request id {id:?} was used for another command ({}); use a new id for a new command", recorded.fingerprint),
                     ));
                 }
-                tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
-                return self.replay(recorded.outcome);
+                if let Some(answer) = self.replay(recorded.outcome)? {
+                    tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
+                    return answer;
+                }
+                tracing::info!(request_id = %id, "a retried command whose transition was cut short by a stop: running it again");
             }
         }
         if let Some(error) = self.shared.view().store_error {
@@ -138,8 +141,9 @@ impl Actor {
         let origin = Origin {
             automatic: false,
             reason: meta.reason.clone(),
-            request_id: meta.request_id.clone(),
+            request: meta.request_id.clone().map(|id| (id, fingerprint.clone())),
         };
+        let before = self.lifecycle.clone();
         let outcome = match command {
             Command::Stage {
                 manifest_toml,
@@ -153,15 +157,16 @@ impl Actor {
                 dry_run,
             } => self.switch_to(direction, &version, permanence, dry_run, &origin),
             Command::Rollback { source, dry_run } => {
-                let target = self.lifecycle.rollback_target()?;
-                self.switch_kind(
-                    TransitionKind::Rollback,
-                    &target,
-                    source,
-                    Settle::Immediate,
-                    dry_run,
-                    &origin,
-                )
+                self.lifecycle.rollback_target().and_then(|target| {
+                    self.switch_kind(
+                        TransitionKind::Rollback,
+                        &target,
+                        source,
+                        Settle::Immediate,
+                        dry_run,
+                        &origin,
+                    )
+                })
             }
             Command::MakePermanent { version } => self.make_permanent(&version, &origin),
             Command::Remove { version } => self.remove(&version, &origin),
@@ -177,12 +182,23 @@ impl Actor {
             _ => {}
         }
         if let (Some(id), false) = (&meta.request_id, dry_run) {
-            self.record_request(id, fingerprint, &outcome);
+            self.record_request(id, fingerprint, &outcome, self.lifecycle != before);
         }
         outcome
     }
 
-    fn record_request(&self, id: &str, fingerprint: String, outcome: &Result<Reply>) {
+    /// Records a command's outcome under its request id. A transition's
+    /// begin already recorded it (durably, with the journal entry); what
+    /// ended without one, or otherwise, is recorded here. A transient
+    /// refusal that changed nothing is forgotten, so a retry runs again.
+    fn record_request(
+        &self,
+        id: &str,
+        fingerprint: String,
+        outcome: &Result<Reply>,
+        changed: bool,
+    ) {
+        let store = self.shared.store();
         let outcome = match outcome {
             Ok(Reply::Staged {
                 release,
@@ -191,17 +207,31 @@ impl Actor {
                 version: release.version.clone(),
                 already_staged: *already_staged,
             },
+            // Recorded when it began.
             Ok(Reply::Switched {
-                transition: Some(t),
+                transition: Some(_),
                 ..
-            }) => RecordedOutcome::Transition { id: t.id },
+            }) => return,
             Ok(Reply::Switched { .. }) => RecordedOutcome::Unchanged,
-            Ok(Reply::Removed { release, collected }) => RecordedOutcome::Removed {
+            Ok(Reply::Removed {
+                release: Some(release),
+                collected,
+            }) => RecordedOutcome::Removed {
                 release: Box::new(release.clone()),
                 collected: collected.clone(),
             },
-            // Transient refusals are not final: a retry should try again.
-            Err(e) if is_transient(e) => return,
+            Ok(Reply::Removed { release: None, .. }) => return,
+            // Transient refusals are not final: a retry should try again —
+            // unless the command did change the lifecycle (a switch the
+            // store could not record), which its begin record stands for.
+            Err(e) if is_transient(e) => {
+                if !changed {
+                    if let Err(e) = store.forget_request(id) {
+                        tracing::warn!(error = %e, request_id = %id, "cannot forget the request id");
+                    }
+                }
+                return;
+            }
             Err(e) => RecordedOutcome::Refused {
                 reason: e.reason(),
                 message: e.to_string(),
@@ -212,7 +242,6 @@ impl Actor {
             fingerprint,
             outcome,
         };
-        let store = self.shared.store();
         if let Err(e) = store
             .record_request(id, &recorded)
             .and_then(|()| store.flush())
@@ -221,14 +250,45 @@ impl Actor {
         }
     }
 
-    fn replay(&self, outcome: RecordedOutcome) -> Result<Reply> {
+    /// The answer recorded for a request id; `None` when it must run
+    /// again (its transition was cut short by a stop and changed nothing).
+    fn replay(&self, outcome: RecordedOutcome) -> Result<Option<Result<Reply>>> {
         let store = self.shared.store();
-        Ok(match outcome {
-            RecordedOutcome::Transition { id } => Reply::Switched {
-                transition: store.transition(id)?,
-                plan: None,
-                unchanged: false,
-            },
+        Ok(Some(Ok(match outcome {
+            RecordedOutcome::Transition { id } => {
+                let Some(t) = store.transition(id)? else {
+                    return Ok(None);
+                };
+                match t.outcome {
+                    Outcome::Running | Outcome::Aborted => return Ok(None),
+                    Outcome::Failed => {
+                        return Ok(Some(Err(Error::Recorded {
+                            reason: t.error_reason.unwrap_or(Reason::Internal),
+                            message: t.error.unwrap_or_default(),
+                        })))
+                    }
+                    Outcome::Ok => {}
+                }
+                match (t.kind, &t.to, &t.from) {
+                    (TransitionKind::Stage, Some(version), _) => Reply::Staged {
+                        release: store
+                            .release(version)?
+                            .ok_or_else(|| Error::UnknownVersion(version.clone()))?,
+                        already_staged: false,
+                    },
+                    // Answered before the removal was recorded: the record
+                    // is gone with it.
+                    (TransitionKind::Remove, _, Some(_)) => Reply::Removed {
+                        release: None,
+                        collected: Vec::new(),
+                    },
+                    _ => Reply::Switched {
+                        transition: Some(t),
+                        plan: None,
+                        unchanged: false,
+                    },
+                }
+            }
             RecordedOutcome::Unchanged => Reply::Switched {
                 transition: None,
                 plan: None,
@@ -244,13 +304,13 @@ impl Actor {
                 already_staged,
             },
             RecordedOutcome::Removed { release, collected } => Reply::Removed {
-                release: *release,
+                release: Some(*release),
                 collected,
             },
             RecordedOutcome::Refused { reason, message } => {
-                return Err(Error::Recorded { reason, message })
+                return Ok(Some(Err(Error::Recorded { reason, message })))
             }
-        })
+        })))
     }
 
     fn switch_to(
@@ -589,11 +649,7 @@ impl Actor {
                         let event = crate::model::Event::new(crate::model::EventKind::SoakPassed)
                             .version(&version);
                         self.shared.journal.emit(event);
-                        let origin = Origin {
-                            automatic: true,
-                            reason: Some("healthy through its soak period".into()),
-                            request_id: None,
-                        };
+                        let origin = Origin::automatic("healthy through its soak period");
                         if let Err(e) = self.promote(&version, &origin) {
                             tracing::error!(error = %e, %version, "cannot make the soaked release permanent");
                             if e.reason() == Reason::StoreUnavailable {
@@ -633,11 +689,7 @@ impl Actor {
         else {
             return;
         };
-        let origin = Origin {
-            automatic: true,
-            reason: Some(format!("{version} failed its soak: {reason}")),
-            request_id: None,
-        };
+        let origin = Origin::automatic(format!("{version} failed its soak: {reason}"));
         let outcome = self.lifecycle.rollback_target().and_then(|target| {
             self.switch_kind(
                 TransitionKind::Rollback,

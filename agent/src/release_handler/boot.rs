@@ -228,11 +228,7 @@ fn resume(
             });
         }
         notes.extend(fell_back.clone());
-        let origin = Origin {
-            automatic: true,
-            reason: Some(notes.join("; ")),
-            request_id: None,
-        };
+        let origin = Origin::automatic(notes.join("; "));
         let guard = journal.begin(
             TransitionKind::Restart,
             abandoned.as_ref().or(unloadable.first().map(|(v, _)| v)),

@@ -124,7 +124,10 @@ impl Actor {
         self.forget(version, origin)?;
         let collected = self.collect_garbage()?;
         tracing::info!(%version, "release removed");
-        Ok(Reply::Removed { release, collected })
+        Ok(Reply::Removed {
+            release: Some(release),
+            collected,
+        })
     }
 
     /// Removes a release's record and snapshots, as a journalled transition.
@@ -175,11 +178,7 @@ impl Actor {
             .take(excess)
             .collect();
         for version in &doomed {
-            let origin = Origin {
-                automatic: true,
-                reason: Some(format!("more than {keep} old releases are kept")),
-                request_id: None,
-            };
+            let origin = Origin::automatic(format!("more than {keep} old releases are kept"));
             self.forget(version, &origin)?;
             tracing::info!(%version, keep, "old release pruned");
         }

@@ -31,7 +31,21 @@ pub struct Changes {
 pub struct Origin {
     pub automatic: bool,
     pub reason: Option<String>,
-    pub request_id: Option<String>,
+    /// The command's request id and fingerprint: the transition is
+    /// recorded under the id as it begins, durably with it, so a retry
+    /// after a crash finds it instead of running again.
+    pub request: Option<(String, String)>,
+}
+
+impl Origin {
+    /// The agent acting on its own, for `reason`.
+    pub fn automatic(reason: impl Into<String>) -> Origin {
+        Origin {
+            automatic: true,
+            reason: Some(reason.into()),
+            request: None,
+        }
+    }
 }
 
 /// The store plus the live side of the journal: the event broadcast and
@@ -85,21 +99,28 @@ impl Journal {
         to: Option<&Version>,
         origin: &Origin,
     ) -> Result<Guard<'_>> {
-        let transition = self.store.begin(Transition {
-            id: 0,
-            started_at_ms: 0,
-            kind,
-            from: from.cloned(),
-            to: to.cloned(),
-            outcome: Outcome::Running,
-            duration_us: 0,
-            switch_wait_us: 0,
-            error: None,
-            automatic: origin.automatic,
-            reason: origin.reason.clone(),
-            request_id: origin.request_id.clone(),
-            error_reason: None,
-        })?;
+        let request = origin
+            .request
+            .as_ref()
+            .map(|(id, fingerprint)| (id.as_str(), fingerprint.as_str()));
+        let transition = self.store.begin(
+            Transition {
+                id: 0,
+                started_at_ms: 0,
+                kind,
+                from: from.cloned(),
+                to: to.cloned(),
+                outcome: Outcome::Running,
+                duration_us: 0,
+                switch_wait_us: 0,
+                error: None,
+                automatic: origin.automatic,
+                reason: origin.reason.clone(),
+                request_id: origin.request.as_ref().map(|(id, _)| id.clone()),
+                error_reason: None,
+            },
+            request,
+        )?;
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(transition.clone());
         let mut started = Event::new(EventKind::TransitionStarted);
         started.transition = Some(transition.clone());

@@ -145,7 +145,8 @@ pub enum Reply {
         unchanged: bool,
     },
     Removed {
-        release: Release,
+        /// `None` when a retry is answered after the record went.
+        release: Option<Release>,
         collected: Vec<String>,
     },
 }
