@@ -31,8 +31,8 @@ pub(super) struct Actor {
     next_rollback: Instant,
     /// When the last soak progress event went out.
     last_progress: Instant,
-    /// Where switches rehearse.
-    pub(super) rehearsals: super::switch::Rehearsals,
+    /// Where rehearsals and hooks after a switch run.
+    pub(super) plugin_thread: super::switch::PluginThread,
 }
 
 impl Actor {
@@ -49,7 +49,7 @@ impl Actor {
             tokio,
             next_rollback: Instant::now(),
             last_progress: Instant::now(),
-            rehearsals: Default::default(),
+            plugin_thread: Default::default(),
         }
     }
 
@@ -513,28 +513,60 @@ impl Actor {
                 at_ms: now_ms(),
             },
         };
-        let changes = match self.advance(event, &[]) {
-            Ok(changes) => changes,
-            Err(e) => return Err(guard.fail(e, &Changes::default())),
-        };
-        let transition = guard.succeed(&changes)?;
+        let transition = self.commit_event(guard, event, &[])?;
         tracing::info!(%version, automatic = origin.automatic, "release made permanent");
         self.prune_old()?;
         Ok(transition)
     }
 
-    /// Applies an event to the lifecycle and returns the release records
-    /// it changed (`fresh`: records not in the store yet), ready to commit.
+    /// Applies an event to the lifecycle at once and returns the release
+    /// records it changed (`fresh`: records not in the store yet), to
+    /// commit: for what has already happened whatever the store says (a
+    /// switch the runtime made, a soak verdict).
     pub(super) fn advance(&mut self, event: machine::Event, fresh: &[Release]) -> Result<Changes> {
-        let (next, effects) = self.lifecycle.apply(event)?;
-        let store = self.shared.store();
-        let mut changes = Changes::default();
-        for effect in &effects {
+        let (next, effects, changes) = self.prepare(event, fresh)?;
+        self.adopt(next, &effects);
+        Ok(changes)
+    }
+
+    /// Commits `guard` with what `event` changes, and only then applies the
+    /// event to the lifecycle: if the store refuses the commit, the
+    /// lifecycle stays as the store has it.
+    pub(super) fn commit_event(
+        &mut self,
+        guard: super::journal::Guard<'_>,
+        event: machine::Event,
+        fresh: &[Release],
+    ) -> Result<crate::model::Transition> {
+        let (next, effects, changes) = match self.prepare(event, fresh) {
+            Ok(prepared) => prepared,
+            Err(e) => return Err(guard.fail(e, &Changes::default())),
+        };
+        let transition = guard.succeed(&changes)?;
+        self.adopt(next, &effects);
+        Ok(transition)
+    }
+
+    fn adopt(&mut self, next: Lifecycle, effects: &[machine::Effect]) {
+        for effect in effects {
             if let machine::Effect::RollBack { reason } = effect {
                 tracing::error!(%reason, "release failed its soak; rolling back");
                 self.next_rollback = Instant::now();
             }
         }
+        self.lifecycle = next;
+        self.publish();
+    }
+
+    /// What an event would make of the lifecycle, and the records to commit.
+    fn prepare(
+        &self,
+        event: machine::Event,
+        fresh: &[Release],
+    ) -> Result<(Lifecycle, Vec<machine::Effect>, Changes)> {
+        let (next, effects) = self.lifecycle.apply(event)?;
+        let store = self.shared.store();
+        let mut changes = Changes::default();
         let versions: Vec<Version> = next
             .versions()
             .filter(|v| next.entry(v) != self.lifecycle.entry(v))
@@ -557,9 +589,7 @@ impl Actor {
             }
             changes.records.push(record);
         }
-        self.lifecycle = next;
-        self.publish();
-        Ok(changes)
+        Ok((next, effects, changes))
     }
 
     /// Publishes the lifecycle's soak to readers.
@@ -633,7 +663,9 @@ impl Actor {
     /// A soak verdict from the watcher.
     fn soak(&mut self, verdict: super::soak::Verdict) {
         match self.lifecycle.soak().clone() {
-            Soak::Soaking { version, until_ms } if verdict.version == version => {
+            Soak::Soaking { version, until_ms }
+                if verdict.version == version && verdict.until_ms == until_ms =>
+            {
                 match verdict.health {
                     Err(reason) => {
                         let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)

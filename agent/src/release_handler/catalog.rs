@@ -92,16 +92,13 @@ impl Actor {
         match register(&store, &self.artifacts, &manifest, manifest_toml, bytes) {
             Ok((release, _library)) => {
                 crash_point("stage:checked");
-                let changes = match self.advance(
+                self.commit_event(
+                    guard,
                     machine::Event::Staged {
                         version: release.version.clone(),
                     },
                     std::slice::from_ref(&release),
-                ) {
-                    Ok(changes) => changes,
-                    Err(e) => return Err(guard.fail(e, &Default::default())),
-                };
-                guard.succeed(&changes)?;
+                )?;
                 tracing::info!(version = %release.version, sha256 = %release.sha256, "release staged");
                 Ok(Reply::Staged {
                     release,
@@ -133,25 +130,29 @@ impl Actor {
     /// Removes a release's record and snapshots, as a journalled transition.
     /// Its artifact goes with the next garbage collection.
     fn forget(&mut self, version: &Version, origin: &Origin) -> Result<()> {
+        self.lifecycle.check_remove(version)?;
         let shared = Arc::clone(&self.shared);
         let guard = shared
             .journal
             .begin(TransitionKind::Remove, Some(version), None, origin)?;
         crash_point("remove:begun");
-        let changes = match self.advance(
+        // Snapshots first: a failure between the two leaves the release
+        // listed, as the lifecycle still has it.
+        let store = shared.store();
+        if let Err(e) = store
+            .remove_snapshots(version)
+            .and_then(|()| store.remove_release(version))
+        {
+            return Err(guard.fail(e.into(), &Default::default()));
+        }
+        crash_point("remove:forgotten");
+        self.commit_event(
+            guard,
             machine::Event::Removed {
                 version: version.clone(),
             },
             &[],
-        ) {
-            Ok(changes) => changes,
-            Err(e) => return Err(guard.fail(e, &Default::default())),
-        };
-        let store = shared.store();
-        store.remove_release(version)?;
-        store.remove_snapshots(version)?;
-        crash_point("remove:forgotten");
-        guard.succeed(&changes)?;
+        )?;
         Ok(())
     }
 

@@ -28,6 +28,9 @@ const MIN_REQUESTS_FOR_RATE: u64 = 10;
 #[derive(Debug)]
 pub struct Verdict {
     pub version: Version,
+    /// The end of the soak looked at: a verdict on an earlier soak of the
+    /// same version (queued while it was switched away and back) is stale.
+    pub until_ms: i64,
     /// `Err(why)` when it is unhealthy.
     pub health: Result<(), String>,
 }
@@ -47,15 +50,16 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
             _ = tick.tick() => {}
         }
         let verdict = match engine.shared.view().soak {
-            Soak::Soaking { version, .. } => {
+            Soak::Soaking { version, until_ms } => {
                 if checking.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&version) {
                     continue;
                 }
-                look(&engine, version, &checking).await
+                look(&engine, version, until_ms, &checking).await
             }
             // The actor retries the rollback when its back-off allows.
             Soak::RollingBack { version, .. } => Some(Verdict {
                 version,
+                until_ms: 0,
                 health: Ok(()),
             }),
             Soak::Idle | Soak::Held { .. } => None,
@@ -71,6 +75,7 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
 async fn look(
     engine: &Engine,
     version: Version,
+    until_ms: i64,
     checking: &Arc<Mutex<Option<Version>>>,
 ) -> Option<Verdict> {
     let active = engine.runtime().active().await;
@@ -118,5 +123,9 @@ async fn look(
             Ok(())
         }
     });
-    Some(Verdict { version, health })
+    Some(Verdict {
+        version,
+        until_ms,
+        health,
+    })
 }

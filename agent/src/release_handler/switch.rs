@@ -187,8 +187,7 @@ impl Actor {
         for step in &executed.rest {
             match step {
                 Step::Hook(name) => {
-                    let serving = self.tokio.block_on(self.shared.runtime.active());
-                    if let Err(e) = serving.instance.hook(name) {
+                    if let Err(e) = self.hook_after_switch(name) {
                         tracing::warn!(hook = %name, error = %e, "hook after the switch failed");
                         report
                             .checks
@@ -207,6 +206,29 @@ impl Actor {
         }
         // A plan without `unload` still lets the old release go.
         drop(old);
+    }
+
+    /// Runs a hook on the serving instance, on the plugin thread with the
+    /// rehearsal's time limit: the switch is done, a hook that hangs must
+    /// not hold the engine.
+    fn hook_after_switch(&self, name: &str) -> Result<()> {
+        let serving = self.tokio.block_on(self.shared.runtime.active());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hook = name.to_owned();
+        self.plugin_thread.run(Box::new(move || {
+            let _ = tx.send(serving.instance.hook(&hook).map_err(|e| Error::Plugin {
+                version: serving.version.clone(),
+                during: "hook",
+                source: e,
+            }));
+        }))?;
+        rx.recv_timeout(REHEARSAL_TIMEOUT).unwrap_or_else(|_| {
+            self.plugin_thread.abandon();
+            Err(Error::refused(
+                Reason::Internal,
+                format!("it did not finish within {} s", REHEARSAL_TIMEOUT.as_secs()),
+            ))
+        })
     }
 
     /// The `load` step: opens the target library, checks it is the release
@@ -280,7 +302,7 @@ impl Actor {
         let version = target.version.clone();
         let hooks = hooks.to_vec();
         let (tx, rx) = std::sync::mpsc::channel();
-        self.rehearsals.run(Box::new(move || {
+        self.plugin_thread.run(Box::new(move || {
             let plugin = |version: &Version, during, source| Error::Plugin {
                 version: version.clone(),
                 during,
@@ -313,7 +335,7 @@ impl Actor {
         rx.recv_timeout(REHEARSAL_TIMEOUT).unwrap_or_else(|_| {
             // That thread is stuck in plugin code: the next rehearsal gets
             // a new one.
-            self.rehearsals.abandon();
+            self.plugin_thread.abandon();
             Err(Error::Plugin {
                 version: target.version.clone(),
                 during: "rehearsal",
@@ -326,24 +348,25 @@ impl Actor {
     }
 }
 
-/// The thread rehearsals run on, kept from one switch to the next (a
+/// The thread the engine's own plugin calls (rehearsals, hooks after a
+/// switch) run on, with a time limit, kept from one switch to the next (a
 /// thread per switch would come and go thousands of times); replaced when
-/// a rehearsal hangs in plugin code.
+/// a call hangs in plugin code.
 #[derive(Default)]
-pub(super) struct Rehearsals {
+pub(super) struct PluginThread {
     worker: std::cell::RefCell<Option<std::sync::mpsc::Sender<Job>>>,
 }
 
 /// One rehearsal, as the thread runs it.
 type Job = Box<dyn FnOnce() + Send>;
 
-impl Rehearsals {
+impl PluginThread {
     fn run(&self, job: Job) -> Result<()> {
         let mut worker = self.worker.borrow_mut();
         if worker.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
             std::thread::Builder::new()
-                .name("nine9s-rehearsal".into())
+                .name("nine9s-plugin-calls".into())
                 .spawn(move || {
                     // Ends when the engine lets go of the sender.
                     while let Ok(job) = rx.recv() {
