@@ -91,14 +91,12 @@ fn code(reason: Reason) -> Code {
         | Reason::PluginFailed
         | Reason::NoMigrationPath
         | Reason::NoSnapshot
-        | Reason::UnknownHook
         | Reason::RollbackPending => Code::FailedPrecondition,
         Reason::ExpectedActiveMismatch => Code::Aborted,
         Reason::DiskFull | Reason::TooLarge => Code::ResourceExhausted,
         Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {
             Code::Unavailable
         }
-        Reason::ClientGone => Code::Cancelled,
         Reason::Internal => Code::Internal,
     }
 }

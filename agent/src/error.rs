@@ -138,8 +138,6 @@ pub enum Reason {
     PluginFailed,
     NoMigrationPath,
     NoSnapshot,
-    /// A written plan names a hook the release does not have.
-    UnknownHook,
     QuiesceTimeout,
     ExpectedActiveMismatch,
     /// A release failed its soak and its rollback is pending.
@@ -148,8 +146,6 @@ pub enum Reason {
     DiskFull,
     TooLarge,
     RequestIdReused,
-    /// The client went away before the command started; it did not run.
-    ClientGone,
     ShuttingDown,
     Internal,
 }
@@ -171,7 +167,6 @@ impl Reason {
             Reason::PluginFailed => "PLUGIN_FAILED",
             Reason::NoMigrationPath => "NO_MIGRATION_PATH",
             Reason::NoSnapshot => "NO_SNAPSHOT",
-            Reason::UnknownHook => "UNKNOWN_HOOK",
             Reason::QuiesceTimeout => "QUIESCE_TIMEOUT",
             Reason::ExpectedActiveMismatch => "EXPECTED_ACTIVE_MISMATCH",
             Reason::RollbackPending => "ROLLBACK_PENDING",
@@ -179,7 +174,6 @@ impl Reason {
             Reason::DiskFull => "DISK_FULL",
             Reason::TooLarge => "TOO_LARGE",
             Reason::RequestIdReused => "REQUEST_ID_REUSED",
-            Reason::ClientGone => "CLIENT_GONE",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::Internal => "INTERNAL",
         }

@@ -790,7 +790,6 @@ fn is_transient(e: &Error) -> bool {
             | Reason::DiskFull
             | Reason::ShuttingDown
             | Reason::RollbackPending
-            | Reason::ClientGone
             | Reason::Internal
     )
 }
