@@ -2,14 +2,107 @@
 //! by the sha256 of its bytes. A unique path per content matters: `dlopen`
 //! of a path already loaded returns the code loaded first.
 //!
-//! A library is written to a `.partial` file, synced, then renamed, so a
-//! crash never leaves a truncated artifact under its final name; partial
-//! files are swept at start-up.
+//! A library arrives as an [`Upload`]: streamed to a `.partial` file beside
+//! the artifacts (owner-only) and hashed as it comes, synced, probed, then
+//! renamed under its digest — so a crash never leaves a truncated artifact
+//! under its final name, and an upload is never held in memory. Partial
+//! files are swept at start-up, and an upload dropped before it was adopted
+//! deletes its file.
+//!
+//! Every load re-hashes the artifact against the digest it was staged with
+//! ([`Artifacts::verified`]): bytes changed on disk are never loaded.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
+
+/// The artifacts' directory in a data dir.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("artifacts")
+}
+
+/// An upload on its way to becoming an artifact; its file is deleted if
+/// it is dropped before [`Artifacts::adopt`] took it.
+pub struct Upload {
+    file: std::fs::File,
+    hasher: Sha256,
+    size: u64,
+    guard: Guard,
+}
+
+impl Upload {
+    /// A new, empty, owner-only upload file in `dir`.
+    pub fn create(dir: &Path) -> std::io::Result<Upload> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = dir.join(format!(
+            "upload-{}-{}.partial",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(Upload {
+            file,
+            hasher: Sha256::new(),
+            size: 0,
+            guard: Guard(Some(path)),
+        })
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(data)?;
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Syncs the file and returns it with its digest.
+    pub fn finish(self) -> std::io::Result<Uploaded> {
+        crate::failpoint::crash_point("stage:half-written");
+        self.file.sync_all()?;
+        Ok(Uploaded {
+            sha256: hex(&self.hasher.finalize()),
+            size: self.size,
+            guard: self.guard,
+        })
+    }
+}
+
+/// A complete upload, synced, not adopted yet; deleted if dropped.
+#[derive(Debug)]
+pub struct Uploaded {
+    pub sha256: String,
+    pub size: u64,
+    guard: Guard,
+}
+
+impl Uploaded {
+    pub fn path(&self) -> &Path {
+        self.guard.0.as_deref().expect("armed until adopted")
+    }
+}
+
+/// Deletes its file when dropped, unless disarmed.
+#[derive(Debug)]
+struct Guard(Option<PathBuf>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
 
 pub struct Artifacts {
     dir: PathBuf,
@@ -21,7 +114,7 @@ impl Artifacts {
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "partial") {
-                tracing::info!(path = %path.display(), "removing an artifact left half-written by a crash");
+                tracing::info!(path = %path.display(), "removing an upload left unfinished by a crash");
                 std::fs::remove_file(&path)?;
             }
         }
@@ -32,43 +125,48 @@ impl Artifacts {
         self.dir.join(format!("{sha256}.so"))
     }
 
-    /// Stores `bytes` under their digest and returns the path. Writing the
-    /// same bytes twice is harmless; a write that fails (a full disk)
-    /// leaves no partial file behind.
-    pub fn put(&self, sha256: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        let path = self.path(sha256);
+    /// Moves a complete upload under its digest (synced, directory
+    /// included) and returns the path. Adopting bytes already stored just
+    /// drops the upload.
+    pub fn adopt(&self, mut upload: Uploaded) -> std::io::Result<PathBuf> {
+        let path = self.path(&upload.sha256);
         if path.is_file() {
             return Ok(path);
         }
-        let partial = path.with_extension("so.partial");
-        let written = (|| {
-            let mut file = std::fs::File::create(&partial)?;
-            let (first, second) = bytes.split_at(bytes.len() / 2);
-            file.write_all(first)?;
-            crate::failpoint::crash_point("stage:half-written");
-            file.write_all(second)?;
-            file.sync_all()?;
-            std::fs::rename(&partial, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
+        std::fs::rename(upload.path(), &path)?;
+        upload.guard.0 = None;
+        std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(path)
+    }
+
+    /// The path of the artifact with this digest, after checking that its
+    /// bytes still have it; `Err` carries the digest they have now.
+    pub fn verified(&self, sha256: &str) -> std::io::Result<Result<PathBuf, String>> {
+        let path = self.path(sha256);
+        let mut file = std::fs::File::open(&path)?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0; 256 * 1024];
+        loop {
+            match file.read(&mut buffer)? {
+                0 => break,
+                n => hasher.update(&buffer[..n]),
+            }
+        }
+        let actual = hex(&hasher.finalize());
+        Ok(if actual == sha256 {
+            Ok(path)
+        } else {
+            Err(actual)
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Bytes free for an unprivileged writer on the artifacts' filesystem.
     pub fn free_space(&self) -> std::io::Result<u64> {
-        let stats = rustix::fs::statvfs(&self.dir)?;
-        Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
-    }
-
-    pub fn remove(&self, sha256: &str) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path(sha256)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        free_space(&self.dir)
     }
 
     /// Deletes every artifact whose digest is not in `keep`; returns the
@@ -89,14 +187,16 @@ impl Artifacts {
     }
 }
 
+/// Bytes free for an unprivileged writer on `dir`'s filesystem.
+pub fn free_space(dir: &Path) -> std::io::Result<u64> {
+    let stats = rustix::fs::statvfs(dir)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
 fn stem_if_artifact(path: &Path) -> Option<String> {
     (path.extension()? == "so").then(|| path.file_stem()?.to_str().map(str::to_owned))?
 }
 
-/// Lower-case hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::tls::TlsFiles;
+
 /// Which release an empty data directory starts on.
 #[derive(Debug, Clone)]
 pub enum Bootstrap {
@@ -41,6 +43,46 @@ pub struct Config {
     /// How long a soaking release's health check may take; longer is a
     /// failed check.
     pub health_timeout: Duration,
+    /// `NAME ROLE TOKEN` lines; `None`: one admin token in `DATA/admin.token`.
+    pub tokens: Option<PathBuf>,
+    /// TLS (and mTLS) for the control plane.
+    pub tls: Option<TlsFiles>,
+    /// Directory of `*.pub` ed25519 keys whose release signatures are trusted.
+    pub trusted_keys: Option<PathBuf>,
+    /// Refuse releases without a trusted signature.
+    pub require_signed: bool,
+    /// Limits on the control and data planes.
+    pub limits: Limits,
+}
+
+/// What a stranger (or a broken client) can make the agent hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Uploads in progress at once; more are refused.
+    pub max_uploads: usize,
+    /// An upload that sends nothing for this long is dropped.
+    pub upload_idle_timeout: Duration,
+    /// How long a client gets to send a request's headers.
+    pub http_header_timeout: Duration,
+    /// How long an idle keep-alive connection is kept open.
+    pub http_idle_timeout: Duration,
+    /// Open data-plane connections; beyond, new ones wait in the backlog.
+    pub max_connections: usize,
+    /// Largest request body handed to a release.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_uploads: 4,
+            upload_idle_timeout: Duration::from_secs(30),
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_body: 16 * 1024 * 1024,
+        }
+    }
 }
 
 impl Config {
@@ -57,6 +99,11 @@ impl Config {
             checkpoint_every: Duration::from_secs(10),
             max_error_rate: 0.05,
             health_timeout: Duration::from_secs(2),
+            tokens: None,
+            tls: None,
+            trusted_keys: None,
+            require_signed: false,
+            limits: Limits::default(),
         }
     }
 }

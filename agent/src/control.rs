@@ -5,22 +5,27 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nine9s_manifest::{Step, Version};
+use nine9s_manifest::signature::TrustedKeys;
+use nine9s_manifest::{Manifest, Step, Version, MAX_MANIFEST};
 use nine9s_proto as pb;
 use pb::control_server::{Control, ControlServer};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::access::{Access, Credentials, Identity, Role};
+use crate::artifacts::{self, Upload};
 use crate::error::{Error, Reason};
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
 use crate::release_handler::{
-    Command, Direction, Engine, Meta, Permanence, PlanReport, Reply, Soak, StateSource,
+    check_service, inspect, Command, Direction, Engine, Meta, Permanence, PlanReport, Reply, Soak,
+    Staging, StateSource, FREE_SPACE_MARGIN,
 };
 
 /// Largest library `Stage` accepts.
@@ -34,13 +39,30 @@ const MAX_PAGE: u32 = 1000;
 /// `ErrorInfo.domain` of every error.
 const DOMAIN: &str = "nine9s.dev";
 
-pub fn service(engine: Engine, stopped: watch::Receiver<bool>) -> ControlServer<ControlService> {
-    ControlServer::new(ControlService { engine, stopped })
-        .max_decoding_message_size(8 * 1024 * 1024)
+pub fn service(
+    engine: Engine,
+    access: Arc<Access>,
+    keys: Option<Arc<TrustedKeys>>,
+    stopped: watch::Receiver<bool>,
+) -> ControlServer<ControlService> {
+    let uploads = Arc::new(Semaphore::new(engine.config().limits.max_uploads));
+    ControlServer::new(ControlService {
+        engine,
+        access,
+        keys,
+        uploads,
+        stopped,
+    })
+    .max_decoding_message_size(8 * 1024 * 1024)
 }
 
 pub struct ControlService {
     engine: Engine,
+    access: Arc<Access>,
+    /// Keys whose release signatures are trusted (`--trusted-keys`).
+    keys: Option<Arc<TrustedKeys>>,
+    /// One permit per upload in progress (`--max-uploads`).
+    uploads: Arc<Semaphore>,
     /// Flips to true on shutdown: open `Watch` streams end.
     stopped: watch::Receiver<bool>,
 }
@@ -93,7 +115,12 @@ fn code(reason: Reason) -> Code {
         | Reason::NoSnapshot
         | Reason::RollbackPending => Code::FailedPrecondition,
         Reason::ExpectedActiveMismatch => Code::Aborted,
-        Reason::DiskFull | Reason::TooLarge => Code::ResourceExhausted,
+        Reason::DiskFull | Reason::TooLarge | Reason::TooManyUploads => Code::ResourceExhausted,
+        Reason::Unauthenticated => Code::Unauthenticated,
+        Reason::PermissionDenied => Code::PermissionDenied,
+        Reason::BadSignature | Reason::SignatureRequired => Code::FailedPrecondition,
+        Reason::ChecksumMismatch => Code::DataLoss,
+        Reason::UploadStalled => Code::DeadlineExceeded,
         Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {
             Code::Unavailable
         }
@@ -140,9 +167,24 @@ mutating!(
     pb::RemoveRequest
 );
 
-fn meta_of<R: Mutating>(request: &Request<R>) -> Result<Meta, Status> {
+/// Who is calling, if they may act as `role`: the one check every RPC
+/// makes before it looks at its request.
+fn authorize<T>(access: &Access, request: &Request<T>, role: Role) -> Result<Identity, Status> {
+    let credentials = Credentials {
+        authorization: request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes()),
+        certificate: crate::tls::client_name(request),
+    };
+    access.check(&credentials, role).map_err(status)
+}
+
+fn meta_of<R: Mutating>(request: &Request<R>, identity: Identity) -> Result<Meta, Status> {
     let (request_id, expected_active, reason) = request.get_ref().fields();
-    meta(request.metadata(), request_id, expected_active, reason)
+    let mut meta = meta(request.metadata(), request_id, expected_active, reason)?;
+    meta.identity = Some(identity.name);
+    Ok(meta)
 }
 
 /// The fields every mutating request carries, validated.
@@ -173,6 +215,7 @@ fn meta(
         expected_active,
         reason: (!reason.is_empty()).then(|| reason.to_owned()),
         deadline: deadline(metadata),
+        identity: None,
     })
 }
 
@@ -221,6 +264,84 @@ fn permanence(request: &pb::TransitionRequest) -> Result<Permanence, Status> {
 }
 
 impl ControlService {
+    /// A Stage header's checks: sizes, the manifest, the service, the
+    /// signature, room on disk.
+    fn check_header(&self, header: &pb::StageHeader) -> Result<Manifest, Status> {
+        if header.manifest_toml.len() > MAX_MANIFEST {
+            return Err(too_large(format!(
+                "the release.toml is {} bytes; the limit is {MAX_MANIFEST}",
+                header.manifest_toml.len()
+            )));
+        }
+        if header.size == 0 {
+            return Err(invalid("the library is empty (size 0)"));
+        }
+        if header.size > MAX_ARTIFACT {
+            return Err(too_large(format!(
+                "the library is {} bytes; the limit is {MAX_ARTIFACT}",
+                header.size
+            )));
+        }
+        if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid("sha256 must be 64 hex digits"));
+        }
+        let manifest = Manifest::parse(&header.manifest_toml).map_err(|e| status(e.into()))?;
+        check_service(&manifest, self.engine.service()).map_err(status)?;
+        self.check_signature(header).map_err(status)?;
+        let dir = artifacts::dir(&self.engine.config().data_dir);
+        let free = artifacts::free_space(&dir)
+            .map_err(|e| status(Error::io("cannot read the free space of the data dir")(e)))?;
+        let needed = header.size + FREE_SPACE_MARGIN;
+        if free < needed {
+            return Err(status(Error::refused(
+                Reason::DiskFull,
+                format!(
+                    "not enough free space in the data dir to stage {} {}: {} MiB free, {} MiB needed (the library plus {} MiB kept for the store)",
+                    manifest.name,
+                    manifest.version,
+                    free / (1024 * 1024),
+                    needed.div_ceil(1024 * 1024),
+                    FREE_SPACE_MARGIN / (1024 * 1024)
+                ),
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// A signature must verify against a trusted key, whether or not one
+    /// is required; none at all is refused only under `--require-signed`.
+    fn check_signature(&self, header: &pb::StageHeader) -> Result<(), Error> {
+        let config = self.engine.config();
+        if header.signature.is_empty() {
+            if config.require_signed {
+                return Err(Error::refused(
+                    Reason::SignatureRequired,
+                    "this agent takes signed releases only (--require-signed): sign it with `ctl sign DIR --key KEY` by a key in its --trusted-keys",
+                ));
+            }
+            return Ok(());
+        }
+        let Some(keys) = &self.keys else {
+            return Err(Error::refused(
+                Reason::BadSignature,
+                "the release is signed, but this agent trusts no keys (start it with --trusted-keys DIR) and does not take a signature it cannot check",
+            ));
+        };
+        let key = keys
+            .verify(
+                &header.signature,
+                &header.manifest_toml,
+                &header.sha256.to_ascii_lowercase(),
+            )
+            .map_err(|e| Error::refused(Reason::BadSignature, e.to_string()))?;
+        tracing::info!(key, "release signature verified");
+        Ok(())
+    }
+
+    fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<Identity, Status> {
+        authorize(&self.access, request, role)
+    }
+
     async fn command(&self, command: Command, meta: Meta) -> Result<Reply, Status> {
         self.engine.command(command, meta).await.map_err(status)
     }
@@ -231,7 +352,8 @@ impl ControlService {
         request: Request<pb::TransitionRequest>,
         direction: Direction,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let meta_in = meta_of(&request)?;
+        let identity = self.authorize(&request, Role::Deploy)?;
+        let meta_in = meta_of(&request, identity)?;
         let request = request.into_inner();
         let version = parse_version("version", &request.version)?;
         let permanence = permanence(&request)?;
@@ -258,55 +380,90 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::StageChunk>>,
     ) -> Result<Response<pb::StageReply>, Status> {
+        let identity = self.authorize(&request, Role::Deploy)?;
         let deadline = deadline(request.metadata());
+        let limits = &self.engine.config().limits;
+        let _permit = Arc::clone(&self.uploads).try_acquire_owned().map_err(|_| {
+            status(Error::refused(
+                Reason::TooManyUploads,
+                format!(
+                    "{} uploads are in progress, as many as this agent takes at once (--max-uploads); try again when one has ended",
+                    limits.max_uploads
+                ),
+            ))
+        })?;
+        let idle = limits.upload_idle_timeout;
         let mut stream = request.into_inner();
-        let header = match stream.next().await {
-            Some(Ok(pb::StageChunk {
+        let mut next = async || match tokio::time::timeout(idle, stream.next()).await {
+            Ok(chunk) => chunk.transpose(),
+            Err(_) => Err(status(Error::refused(
+                Reason::UploadStalled,
+                format!(
+                    "the upload sent nothing for {} ms (--upload-idle-timeout); it was dropped",
+                    idle.as_millis()
+                ),
+            ))),
+        };
+        let header = match next().await? {
+            Some(pb::StageChunk {
                 part: Some(pb::stage_chunk::Part::Header(header)),
-            })) => header,
-            Some(Err(e)) => return Err(e),
+            }) => header,
             _ => return Err(invalid("the first Stage message must be the header")),
         };
         let mut meta = meta(&MetadataMap::new(), &header.request_id, "", &header.reason)?;
         meta.deadline = deadline;
-        if header.size > MAX_ARTIFACT {
-            return Err(too_large(format!(
-                "the library is {} bytes; the limit is {MAX_ARTIFACT}",
-                header.size
-            )));
-        }
-        // Grown as chunks arrive: a header alone must not reserve the whole limit.
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            match chunk?.part {
-                Some(pb::stage_chunk::Part::Data(data)) => {
-                    if bytes.len() as u64 + data.len() as u64 > header.size {
-                        return Err(invalid(format!(
-                            "more bytes than the {} the header announced",
-                            header.size
-                        )));
-                    }
-                    bytes.extend_from_slice(&data);
-                }
-                _ => return Err(invalid("only one Stage header is allowed")),
+        meta.identity = Some(identity.name);
+        // Everything the header alone can tell is checked before a byte of
+        // the library is accepted.
+        let manifest = self.check_header(&header)?;
+        let mut upload = Upload::create(&artifacts::dir(&self.engine.config().data_dir))
+            .map_err(|e| status(Error::io("cannot start the upload")(e)))?;
+        while let Some(chunk) = next().await? {
+            let Some(pb::stage_chunk::Part::Data(data)) = chunk.part else {
+                return Err(invalid("only one Stage header is allowed"));
+            };
+            if upload.size() + data.len() as u64 > header.size {
+                return Err(invalid(format!(
+                    "more bytes than the {} the header announced",
+                    header.size
+                )));
             }
+            upload
+                .write(&data)
+                .map_err(|e| status(Error::io("cannot write the upload")(e)))?;
         }
-        if bytes.len() as u64 != header.size {
+        if upload.size() != header.size {
             return Err(invalid(format!(
                 "the upload ended after {} of {} bytes",
-                bytes.len(),
+                upload.size(),
                 header.size
             )));
         }
+        let expected = header.sha256.to_ascii_lowercase();
+        let inspected = tokio::task::spawn_blocking(move || {
+            let upload = upload
+                .finish()
+                .map_err(Error::io("cannot write the upload"))?;
+            if upload.sha256 != expected {
+                return Err(Error::refused(
+                    Reason::ChecksumMismatch,
+                    format!(
+                        "the upload is corrupt: its sha256 is {} ({} bytes), but the header says {expected}",
+                        upload.sha256, upload.size
+                    ),
+                ));
+            }
+            let report = inspect(&manifest, &upload)?;
+            Ok(Staging {
+                manifest_toml: header.manifest_toml,
+                upload,
+                state_version: report.state_version,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the upload's inspection failed: {e}")))?;
         let reply = self
-            .command(
-                Command::Stage {
-                    manifest_toml: header.manifest_toml,
-                    sha256: header.sha256,
-                    bytes,
-                },
-                meta,
-            )
+            .command(Command::Stage(inspected.map_err(status)?), meta)
             .await?;
         let Reply::Staged {
             release,
@@ -323,8 +480,9 @@ impl Control for ControlService {
 
     async fn list_releases(
         &self,
-        _request: Request<pb::ListReleasesRequest>,
+        request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesReply>, Status> {
+        self.authorize(&request, Role::Read)?;
         let releases = self.engine.releases().map_err(status)?;
         Ok(Response::new(pb::ListReleasesReply {
             releases: releases.iter().map(release_pb).collect(),
@@ -349,7 +507,8 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let meta = meta_of(&request)?;
+        let identity = self.authorize(&request, Role::Deploy)?;
+        let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let source = match pb::StateSource::try_from(r.state) {
             Ok(pb::StateSource::Unspecified | pb::StateSource::Migrate) => StateSource::Migrate,
@@ -377,7 +536,8 @@ impl Control for ControlService {
         &self,
         request: Request<pb::MakePermanentRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let meta = meta_of(&request)?;
+        let identity = self.authorize(&request, Role::Deploy)?;
+        let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let version = parse_version("version", &r.version)?;
         let reply = self
@@ -390,7 +550,8 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
-        let meta = meta_of(&request)?;
+        let identity = self.authorize(&request, Role::Admin)?;
+        let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let version = parse_version("version", &r.version)?;
         let Reply::Removed { release, collected } =
@@ -406,8 +567,9 @@ impl Control for ControlService {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        self.authorize(&request, Role::Read)?;
         let status = self.engine.status().map_err(status)?;
         let text = |v: Option<Version>| v.map(|v| v.to_string()).unwrap_or_default();
         let soak = match &status.soak {
@@ -471,6 +633,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryReply>, Status> {
+        self.authorize(&request, Role::Read)?;
         let r = request.into_inner();
         let (after, limit) = match (r.after_id, r.limit) {
             (None, limit) => (None, limit as usize),
@@ -495,6 +658,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&request, Role::Read)?;
         let after = request.into_inner().after_id;
         // Subscribed before the backlog is read: nothing falls in between.
         let live = self.engine.subscribe();
@@ -507,8 +671,9 @@ impl Control for ControlService {
 
     async fn agent_info(
         &self,
-        _request: Request<pb::AgentInfoRequest>,
+        request: Request<pb::AgentInfoRequest>,
     ) -> Result<Response<pb::AgentInfoReply>, Status> {
+        self.authorize(&request, Role::Read)?;
         let config = self.engine.config();
         Ok(Response::new(pb::AgentInfoReply {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -665,6 +830,7 @@ fn transition_pb(t: &Transition) -> pb::Transition {
             .error_reason
             .map(|r| r.as_str().to_owned())
             .unwrap_or_default(),
+        identity: t.identity.clone().unwrap_or_default(),
     }
 }
 

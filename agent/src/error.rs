@@ -23,6 +23,13 @@ pub enum Error {
     /// The uploaded library is unusable.
     #[error("{0}")]
     InvalidArtifact(String),
+    /// A release's artifact no longer has the digest it was staged with.
+    #[error("the library of release {version} was changed on disk (sha256 {actual}, staged as {expected}); it was not loaded")]
+    Corrupt {
+        version: Version,
+        expected: String,
+        actual: String,
+    },
     /// A release's library failed to load.
     #[error("cannot load release {version}: {source}")]
     Load { version: Version, source: LoadError },
@@ -81,6 +88,7 @@ impl Error {
             Error::Manifest(_) => Reason::InvalidManifest,
             Error::InvalidArtifact(_) => Reason::InvalidArtifact,
             Error::Load { .. } => Reason::LoadFailed,
+            Error::Corrupt { .. } => Reason::ChecksumMismatch,
             Error::Plugin { .. } => Reason::PluginFailed,
             Error::NoMigrationPath { .. } => Reason::NoMigrationPath,
             Error::QuiesceTimeout { .. } => Reason::QuiesceTimeout,
@@ -100,7 +108,9 @@ impl Error {
                 during: "rehearsal",
                 ..
             } => None,
-            Error::Load { version, .. } | Error::Plugin { version, .. } => Some(version),
+            Error::Load { version, .. }
+            | Error::Corrupt { version, .. }
+            | Error::Plugin { version, .. } => Some(version),
             _ => None,
         }
     }
@@ -147,6 +157,21 @@ pub enum Reason {
     TooLarge,
     RequestIdReused,
     ShuttingDown,
+    /// No credentials, or credentials the agent does not accept.
+    Unauthenticated,
+    /// A known identity whose role does not allow the call.
+    PermissionDenied,
+    /// A signature that does not verify, or by a key the agent does not trust.
+    BadSignature,
+    /// An unsigned release, and the agent requires signatures.
+    SignatureRequired,
+    /// Bytes that do not match their recorded sha256 (an upload, or an
+    /// artifact on disk before it is loaded).
+    ChecksumMismatch,
+    /// As many uploads as the agent takes at once are in progress.
+    TooManyUploads,
+    /// An upload sent nothing for longer than the idle timeout.
+    UploadStalled,
     Internal,
 }
 
@@ -175,6 +200,13 @@ impl Reason {
             Reason::TooLarge => "TOO_LARGE",
             Reason::RequestIdReused => "REQUEST_ID_REUSED",
             Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::PermissionDenied => "PERMISSION_DENIED",
+            Reason::BadSignature => "BAD_SIGNATURE",
+            Reason::SignatureRequired => "SIGNATURE_REQUIRED",
+            Reason::ChecksumMismatch => "CHECKSUM_MISMATCH",
+            Reason::TooManyUploads => "TOO_MANY_UPLOADS",
+            Reason::UploadStalled => "UPLOAD_STALLED",
             Reason::Internal => "INTERNAL",
         }
     }

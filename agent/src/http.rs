@@ -2,11 +2,23 @@
 //! release through the [`Runtime`]. The listener is never closed by an
 //! upgrade; only shutdown stops it, and then in-flight requests get a
 //! grace period to finish.
+//!
+//! What a client can hold is bounded: at most `--max-connections` open
+//! connections (beyond, new ones wait in the kernel's backlog, so the
+//! data plane never takes the file descriptors the control plane needs);
+//! a request's headers must arrive within `--http-header-timeout` of its
+//! first byte (slowloris), and a connection with no request under way and
+//! no byte of a new one is closed after `--http-idle-timeout`. hyper has a
+//! single timer for both waits, so each connection's [`Watchdog`] keeps
+//! them apart.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -16,14 +28,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use nine9s_host::CallError;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
+use crate::config::Limits;
 use crate::runtime::Runtime;
-
-/// Largest request body a plugin is given.
-const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
@@ -33,43 +44,44 @@ pub const RELEASE_HEADER: &str = "x-nine9s-release";
 pub async fn serve(
     listener: TcpListener,
     runtime: Arc<Runtime>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let runtime = Arc::clone(&runtime);
-                let service = service_fn(move |request| {
-                    let runtime = Arc::clone(&runtime);
-                    async move { Ok::<_, Infallible>(answer(&runtime, request).await) }
-                });
-                let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
+        // A slot first: at the cap, connections wait in the backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
             () = &mut shutdown => break,
-        }
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let runtime = Arc::clone(&runtime);
+        let limits = limits.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            connection(stream, runtime, &limits, stopping).await;
+            drop(permit);
+        });
     }
     drop(listener);
     tracing::info!("HTTP listener closed; draining open connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let _ = stop.send(true);
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, slots.acquire_many(all))
         .await
         .is_err()
     {
@@ -80,17 +92,212 @@ pub async fn serve(
     }
 }
 
-async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Serves one connection until it ends, times out, or shutdown lets its
+/// last request finish.
+async fn connection(
+    stream: TcpStream,
+    runtime: Arc<Runtime>,
+    limits: &Limits,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let watchdog = Arc::new(Watchdog::new());
+    let io = Watched {
+        inner: stream,
+        watchdog: Arc::clone(&watchdog),
+    };
+    let service = {
+        let watchdog = Arc::clone(&watchdog);
+        let max_body = limits.max_body;
+        service_fn(move |request| {
+            let runtime = Arc::clone(&runtime);
+            let watchdog = Arc::clone(&watchdog);
+            async move {
+                let _busy = watchdog.request();
+                Ok::<_, Infallible>(answer(&runtime, request, max_body).await)
+            }
+        })
+    };
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        let wait = watchdog.next_check(limits);
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stopping.changed(), if !draining => {
+                draining = true;
+                if changed.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = tokio::time::sleep(wait) => {
+                if let Some(why) = watchdog.expired(limits) {
+                    tracing::debug!(why, "closing an HTTP connection");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a connection is doing, for its timeouts: when it last changed
+/// phase, whether a request is under way, whether bytes of the next
+/// request have come.
+struct Watchdog {
+    started: Instant,
+    /// Milliseconds after `started` of the last phase change.
+    since_ms: AtomicU64,
+    /// Requests under way (0 or 1 on HTTP/1.1).
+    busy: AtomicUsize,
+    /// Bytes read since the last request was answered.
+    pending: AtomicU64,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        Watchdog {
+            started: Instant::now(),
+            since_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn mark(&self) {
+        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn read(&self, bytes: usize) {
+        if bytes > 0 && self.pending.fetch_add(bytes as u64, Ordering::Relaxed) == 0 {
+            // The first byte of a request: its header clock starts.
+            self.mark();
+        }
+    }
+
+    fn request(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(self))
+    }
+
+    /// How long the current phase may last, if it is bounded.
+    fn limit(&self, limits: &Limits) -> Option<(Duration, &'static str)> {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            None
+        } else if self.pending.load(Ordering::Relaxed) > 0 {
+            Some((limits.http_header_timeout, "request headers too slow"))
+        } else {
+            Some((limits.http_idle_timeout, "idle"))
+        }
+    }
+
+    fn expired(&self, limits: &Limits) -> Option<&'static str> {
+        let (limit, why) = self.limit(limits)?;
+        let elapsed = self.now_ms() - self.since_ms.load(Ordering::Relaxed).min(self.now_ms());
+        (elapsed >= limit.as_millis() as u64).then_some(why)
+    }
+
+    fn next_check(&self, limits: &Limits) -> Duration {
+        // Phases change without waking the connection task; a check at
+        // least every second keeps a new phase's deadline within a second.
+        let second = Duration::from_secs(1);
+        match self.limit(limits) {
+            Some((limit, _)) => {
+                let elapsed =
+                    self.now_ms() - self.since_ms.load(Ordering::Relaxed).min(self.now_ms());
+                limit
+                    .saturating_sub(Duration::from_millis(elapsed))
+                    .clamp(Duration::from_millis(10), second)
+            }
+            None => second,
+        }
+    }
+}
+
+/// A request under way; when it ends, the connection is idle again.
+struct Busy(Arc<Watchdog>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.pending.store(0, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.mark();
+    }
+}
+
+/// The socket, telling the watchdog about every read.
+struct Watched {
+    inner: TcpStream,
+    watchdog: Arc<Watchdog>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.watchdog.read(buf.filled().len() - before);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+async fn answer(
+    runtime: &Runtime,
+    request: Request<Incoming>,
+    max_body: usize,
+) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
-        match Limited::new(body, MAX_BODY).collect().await {
+        match Limited::new(body, max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return plain(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is over {MAX_BODY} bytes\n"),
+                    format!("the request body is over {max_body} bytes\n"),
                 );
             }
             Err(e) => {

@@ -15,6 +15,7 @@
 //! fire.
 #![forbid(unsafe_code)]
 
+mod access;
 mod artifacts;
 mod config;
 mod control;
@@ -22,19 +23,26 @@ mod error;
 mod failpoint;
 mod http;
 mod model;
+pub mod probe;
 mod release_handler;
 mod runtime;
 mod store;
+mod tls;
 
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{Bootstrap, Config};
+pub use access::admin_token_path;
+pub use config::{Bootstrap, Config, Limits, TlsFiles};
 pub use error::Error;
 pub use http::RELEASE_HEADER;
+use nine9s_manifest::signature::TrustedKeys;
 use release_handler::Engine;
 
 /// Blocking threads of the control plane. Few and long-lived, so few
@@ -48,6 +56,9 @@ const STOP_MARGIN: Duration = Duration::from_secs(1);
 /// A booted agent, not serving yet.
 pub struct Agent {
     engine: Engine,
+    access: Arc<access::Access>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    keys: Option<Arc<TrustedKeys>>,
     /// Always `Some` until `run` or `drop` takes it.
     control: Option<tokio::runtime::Runtime>,
 }
@@ -64,6 +75,23 @@ impl Drop for Agent {
 impl Agent {
     /// Opens the data directory and loads the release to serve.
     pub async fn boot(config: Config) -> Result<Agent, Error> {
+        prepare_data_dir(&config.data_dir)?;
+        let access = Arc::new(access::load(config.tokens.as_deref(), &config.data_dir)?);
+        tracing::info!(tokens = access.source(), "control plane access");
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsFiles::server_config)
+            .transpose()?;
+        let keys = match &config.trusted_keys {
+            Some(dir) => Some(Arc::new(TrustedKeys::read_dir(dir).map_err(|e| {
+                Error::refused(
+                    error::Reason::InvalidArgument,
+                    format!("--trusted-keys: {e}"),
+                )
+            })?)),
+            None => None,
+        };
         let control = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .max_blocking_threads(CONTROL_BLOCKING_THREADS)
@@ -80,6 +108,9 @@ impl Agent {
         match booted {
             Ok(engine) => Ok(Agent {
                 engine,
+                access,
+                tls,
+                keys,
                 control: Some(control),
             }),
             Err(e) => {
@@ -108,7 +139,19 @@ impl Agent {
         let mut agent = self;
         let control = agent.control.take().expect("present until run");
         let engine = agent.engine.clone();
+        let access = Arc::clone(&agent.access);
+        let tls = agent.tls.take();
+        let keys = agent.keys.take();
         drop(agent);
+        let address = grpc
+            .local_addr()
+            .map_err(Error::io("cannot read the gRPC listener's address"))?;
+        if tls.is_none() && !address.ip().is_loopback() {
+            return Err(Error::refused(
+                error::Reason::InvalidArgument,
+                plaintext_refusal(address),
+            ));
+        }
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -116,7 +159,8 @@ impl Agent {
         let grace = engine.config().shutdown_grace;
         let http = tokio::spawn(http::serve(
             http,
-            std::sync::Arc::clone(engine.runtime()),
+            Arc::clone(engine.runtime()),
+            engine.config().limits.clone(),
             until_stopped(stopped.clone()),
             grace,
         ));
@@ -125,11 +169,15 @@ impl Agent {
         let grpc = grpc
             .into_std()
             .map_err(Error::io("cannot move the gRPC listener"))?;
-        let service = control::service(engine.clone(), stopped.clone());
+        let service = control::service(engine.clone(), access, keys, stopped.clone());
         let grpc_stopped = until_stopped(stopped.clone());
         let grpc = control.spawn(async move {
             let listener = TcpListener::from_std(grpc)?;
-            tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = tls {
+                server = server.tls_config(tls).map_err(std::io::Error::other)?;
+            }
+            server
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     // Without TCP_NODELAY a reply's trailers wait ~40 ms for the
@@ -168,6 +216,22 @@ impl Agent {
         control.shutdown_background();
         Ok(())
     }
+}
+
+/// Why a plaintext control plane on `address` is refused, and what to do.
+pub fn plaintext_refusal(address: std::net::SocketAddr) -> String {
+    format!(
+        "refusing to serve the control plane on {address} without TLS: whoever reaches it could read its tokens off the wire and run code as this agent. Give --tls-cert and --tls-key (and --client-ca to require client certificates), or listen on a loopback address such as 127.0.0.1"
+    )
+}
+
+/// Creates the data dir if needed and makes it owner-only, whatever it
+/// was: it holds the admin token, the artifacts and the store.
+fn prepare_data_dir(dir: &Path) -> Result<(), Error> {
+    let context = || format!("cannot prepare the data dir {}", dir.display());
+    std::fs::create_dir_all(dir).map_err(Error::io(context()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(context()))
 }
 
 /// Asks for a checkpoint every `--checkpoint-every` until stopped.

@@ -4,14 +4,17 @@
 //!
 //! Exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C), 1 when the
 //! agent cannot start or fails, 2 for bad flags.
+//!
+//! `agent probe LIBRARY` (hidden) is the throwaway process the agent opens
+//! an uploaded library in before its own process ever maps it.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-use nine9s_agent::{Agent, Bootstrap, Config};
+use clap::{CommandFactory, Parser, Subcommand};
+use nine9s_agent::{Agent, Bootstrap, Config, Limits, TlsFiles};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +22,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(name = "agent", version)]
 struct Args {
+    #[command(subcommand)]
+    probe: Option<Probe>,
     /// Where releases, history and state snapshots are kept.
     #[arg(long, default_value = "nine9s-data", env = "NINE9S_DATA_DIR")]
     data_dir: PathBuf,
@@ -56,6 +61,53 @@ struct Args {
     /// Share of failed requests during a soak that rolls back (0 to 1).
     #[arg(long, default_value_t = 0.05, value_parser = rate)]
     max_error_rate: f64,
+    /// Who may use the control plane: one `NAME ROLE TOKEN` per line, ROLE
+    /// read, deploy or admin. Default: an admin token kept in DATA/admin.token.
+    #[arg(long, env = "NINE9S_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// The control plane's TLS certificate (PEM); needed to listen beyond loopback.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); a certificate's
+    /// subject common name is looked up as a NAME in --tokens.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Directory of ed25519 public keys (`*.pub`, from `ctl keygen`) whose
+    /// release signatures are trusted.
+    #[arg(long)]
+    trusted_keys: Option<PathBuf>,
+    /// Refuse releases that carry no signature by a --trusted-keys key.
+    #[arg(long, requires = "trusted_keys")]
+    require_signed: bool,
+    /// Uploads (stages) in progress at once; more are refused (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_uploads: u32,
+    /// An upload that sends nothing for this long is dropped (100ms to 1h).
+    #[arg(long, default_value = "30s", value_parser = upload_idle)]
+    upload_idle_timeout: Duration,
+    /// How long an HTTP client gets to send a request's headers (up to 1h).
+    #[arg(long, default_value = "10s", value_parser = positive_up_to_an_hour)]
+    http_header_timeout: Duration,
+    /// How long an idle HTTP keep-alive connection stays open (up to 1h).
+    #[arg(long, default_value = "60s", value_parser = positive_up_to_an_hour)]
+    http_idle_timeout: Duration,
+    /// Open HTTP connections at most; more wait in the listen backlog.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Largest HTTP request body handed to a release, in bytes (up to 1 GiB).
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1024 * 1024 * 1024))]
+    max_body: u64,
+}
+
+#[derive(Subcommand)]
+enum Probe {
+    /// Opens LIBRARY in this throwaway process and reports what it is, as
+    /// one JSON line (used by the agent itself).
+    #[command(hide = true)]
+    Probe { library: PathBuf },
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -99,6 +151,10 @@ fn positive_up_to_an_hour(text: &str) -> Result<Duration, String> {
     bounded(text, Duration::from_millis(1), HOUR)
 }
 
+fn upload_idle(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_millis(100), HOUR)
+}
+
 fn rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
@@ -114,6 +170,21 @@ fn rate(text: &str) -> Result<f64, String> {
 const MALLOC_ARENAS: i32 = 1;
 
 fn main() {
+    // Everything the agent creates is its own alone: the data dir holds
+    // the admin token, the artifacts and the store.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let args = Args::parse();
+    if let Some(Probe::Probe { library }) = &args.probe {
+        std::process::exit(nine9s_agent::probe::child(library));
+    }
+    if args.tls_cert.is_none() && !args.grpc.ip().is_loopback() {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                nine9s_agent::plaintext_refusal(args.grpc),
+            )
+            .exit();
+    }
     nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -122,7 +193,6 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -154,6 +224,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.keep_old = args.keep_old as usize;
     config.keep_history = args.keep_history as usize;
     config.max_error_rate = args.max_error_rate;
+    config.tokens = args.tokens;
+    config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
+        cert,
+        key,
+        client_ca: args.client_ca,
+    });
+    config.trusted_keys = args.trusted_keys;
+    config.require_signed = args.require_signed;
+    let max_connections = connection_cap(args.max_connections as usize);
+    config.limits = Limits {
+        max_uploads: args.max_uploads as usize,
+        upload_idle_timeout: args.upload_idle_timeout,
+        http_header_timeout: args.http_header_timeout,
+        http_idle_timeout: args.http_idle_timeout,
+        max_connections,
+        max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+    };
 
     let http = TcpListener::bind(args.http)
         .await
@@ -172,6 +259,40 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     agent.run(http, grpc, shutdown_signal()).await?;
     Ok(())
+}
+
+/// File descriptors kept for everything but data-plane connections: the
+/// control plane's, the store's, artifacts, probes.
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the open-file limit to its maximum, and keeps `wanted`
+/// connections under it with room to spare: a flood of HTTP connections
+/// must never leave the control plane unable to accept.
+fn connection_cap(wanted: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(max) = limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
+        );
+    }
+    let Some(files) = getrlimit(Resource::Nofile).current else {
+        return wanted;
+    };
+    let room = usize::try_from(files.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX);
+    if wanted > room {
+        tracing::warn!(
+            wanted,
+            allowed = room,
+            open_files = files,
+            "--max-connections is over what the open-file limit leaves beside the control plane; lowered"
+        );
+    }
+    wanted.min(room)
 }
 
 async fn shutdown_signal() {

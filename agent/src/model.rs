@@ -144,6 +144,9 @@ pub struct Transition {
     /// The stable code of `error`.
     #[serde(default)]
     pub error_reason: Option<Reason>,
+    /// Who asked for it; `None` for the agent itself.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// What happened, for `Watch`: kept in the store beside the history.

@@ -599,6 +599,7 @@ mod tests {
             reason: None,
             request_id: None,
             error_reason: None,
+            identity: None,
         }
     }
 

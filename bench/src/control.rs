@@ -3,15 +3,14 @@
 //! cycle run under load, removing a release, and reading the transitions
 //! back from `History`.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::{
     HistoryRequest, Permanence, RemoveRequest, Transition, TransitionRequest, TransitionResult,
 };
-use tonic::transport::Channel;
+
+use crate::procs::{AgentProcess, Client};
 
 /// No switch should take this long; past it the agent is stuck.
 const RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -23,7 +22,7 @@ pub enum Direction {
 }
 
 pub struct Control {
-    client: ControlClient<Channel>,
+    client: Client,
 }
 
 /// What the cycle under load did.
@@ -40,10 +39,11 @@ pub struct Cycling {
 }
 
 impl Control {
-    pub async fn connect(grpc: SocketAddr) -> anyhow::Result<Control> {
-        let client = ControlClient::connect(format!("http://{grpc}"))
+    pub async fn connect(agent: &AgentProcess) -> anyhow::Result<Control> {
+        let client = agent
+            .client()
             .await
-            .with_context(|| format!("cannot reach the agent's gRPC at {grpc}"))?;
+            .with_context(|| format!("cannot reach the agent's gRPC at {}", agent.grpc))?;
         Ok(Control { client })
     }
 

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
-use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::stage_chunk::Part;
 use nine9s_proto::{
     HistoryRequest, ListReleasesRequest, MakePermanentRequest, Permanence, RollbackRequest,
@@ -22,12 +21,11 @@ use nine9s_proto::{
     TransitionRequest, TransitionResult,
 };
 use serde_json::json;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::control::{Control, Direction};
 use crate::load;
-use crate::procs::{self, AgentProcess, Layout};
+use crate::procs::{self, AgentProcess, Client, Layout};
 use crate::run::progress;
 
 /// `GET /` requests the setup sends; `/count` answers this ever after.
@@ -143,18 +141,17 @@ pub async fn crash_loop(options: Options) -> anyhow::Result<Outcome> {
 async fn setup(layout: &Layout, dir: &Path) -> anyhow::Result<()> {
     let agent = AgentProcess::start(&layout.agent, dir, procs::READY_TIMEOUT).await?;
     let prepared = async {
-        let url = agent.grpc_url();
         for (release, library) in &layout.releases {
             let release = release.to_string_lossy();
             let library = library.to_string_lossy();
             procs::ctl(
                 &layout.ctl,
-                &url,
+                &agent,
                 &["stage", &release, "--library", &library],
             )
             .await?;
         }
-        let mut control = Control::connect(agent.grpc).await?;
+        let mut control = Control::connect(&agent).await?;
         control.switch(Direction::Upgrade, LOWER).await?;
         control.remove("0.1.0").await?;
         for _ in 0..COUNT {
@@ -323,7 +320,7 @@ impl Move {
 /// Calls `client` with `transition`'s RPC; the transition the agent
 /// committed, if the call has one.
 async fn call(
-    mut client: ControlClient<Channel>,
+    mut client: Client,
     transition: Move,
     stage: Option<Vec<StageChunk>>,
 ) -> Result<Option<Transition>, Status> {
@@ -372,7 +369,7 @@ async fn call(
 /// How the fired call ended.
 enum Reply {
     /// The agent answered OK.
-    Acked(Option<Transition>),
+    Acked(Option<Box<Transition>>),
     /// The agent answered with an error, before the kill.
     Refused(Status),
     /// No answer: the kill came first.
@@ -462,7 +459,7 @@ async fn iteration(
     drop(client);
     let after_reply = replied_at <= killed_at;
     let reply = match result {
-        Ok(transition) => Reply::Acked(transition),
+        Ok(transition) => Reply::Acked(transition.map(Box::new)),
         Err(status) if after_reply => Reply::Refused(status),
         Err(_) => Reply::Lost,
     };
@@ -483,7 +480,7 @@ async fn iteration(
                     t.error
                 ));
             }
-            Some(transition.permanent_after_ack(&previous, t.as_ref()))
+            Some(transition.permanent_after_ack(&previous, t.as_deref()))
         }
         Reply::Refused(status)
             if matches!(transition, Move::Rollback)
@@ -536,13 +533,8 @@ async fn prepare(
     agent: &AgentProcess,
     uploads: &[Upload; 2],
     rng: &mut Rng,
-) -> anyhow::Result<(
-    ControlClient<Channel>,
-    Move,
-    String,
-    Option<Vec<StageChunk>>,
-)> {
-    let mut client = ControlClient::connect(agent.grpc_url()).await?;
+) -> anyhow::Result<(Client, Move, String, Option<Vec<StageChunk>>)> {
+    let mut client = agent.client().await?;
     let status = status(&mut client).await?;
     if status.active_version != status.permanent_version
         || ![LOWER, HIGHER].contains(&status.active_version.as_str())
@@ -586,7 +578,7 @@ async fn prepare(
 /// `expected` is the permanent release an answered transition implies.
 async fn check(agent: &AgentProcess, data: &Path, expected: Option<&str>) -> Vec<String> {
     let mut problems = Vec::new();
-    let mut client = match ControlClient::connect(agent.grpc_url()).await {
+    let mut client = match agent.client().await {
         Ok(client) => client,
         Err(e) => return vec![format!("gRPC: {e}")],
     };
@@ -701,7 +693,7 @@ async fn check(agent: &AgentProcess, data: &Path, expected: Option<&str>) -> Vec
     problems
 }
 
-async fn status(client: &mut ControlClient<Channel>) -> anyhow::Result<StatusReply> {
+async fn status(client: &mut Client) -> anyhow::Result<StatusReply> {
     rpc(client.status(StatusRequest {})).await
 }
 

@@ -10,8 +10,13 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use nine9s_proto::control_client::ControlClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
 
 const BUILD_FIRST: &str = "build first: cargo build --release --workspace";
 /// Boot writes the embedded release and opens the store; generous for a
@@ -147,6 +152,22 @@ impl AgentProcess {
 
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The admin token the agent created in its data dir.
+    pub fn token_file(&self) -> PathBuf {
+        self.data.join("admin.token")
+    }
+
+    /// A gRPC client that sends the agent's admin token with every call.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let token = std::fs::read_to_string(self.token_file())
+            .with_context(|| format!("cannot read {}", self.token_file().display()))?;
+        let header = format!("Bearer {}", token.trim())
+            .parse()
+            .context("the admin token is not a header value")?;
+        let channel = Channel::from_shared(self.grpc_url())?.connect().await?;
+        Ok(ControlClient::with_interceptor(channel, Bearer(header)))
     }
 
     /// CPU time the agent has used so far, user and system.
@@ -317,12 +338,33 @@ impl BareServer {
     }
 }
 
-/// Runs `ctl --agent URL ARGS...` to success and returns its wall time.
-pub async fn ctl(ctl: &Path, agent: &str, args: &[&str]) -> anyhow::Result<Duration> {
+/// A gRPC client of the agent, with its admin token.
+pub type Client = ControlClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Runs `ctl --agent URL ARGS...` (with the agent's admin token) to
+/// success and returns its wall time.
+pub async fn ctl(ctl: &Path, agent: &AgentProcess, args: &[&str]) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let output = Command::new(ctl)
         .arg("--agent")
-        .arg(agent)
+        .arg(agent.grpc_url())
+        .env("NINE9S_TOKEN_FILE", agent.token_file())
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -47,14 +47,13 @@ async fn measure(
     agent: &AgentProcess,
     options: &Options,
 ) -> anyhow::Result<Figures> {
-    let url = agent.grpc_url();
     for (dir, library) in &layout.releases {
         progress(format_args!("staging {}", dir.display()));
         let dir = dir.to_string_lossy();
         let library = library.to_string_lossy();
-        procs::ctl(&layout.ctl, &url, &["stage", &dir, "--library", &library]).await?;
+        procs::ctl(&layout.ctl, agent, &["stage", &dir, "--library", &library]).await?;
     }
-    let mut control = Control::connect(agent.grpc).await?;
+    let mut control = Control::connect(agent).await?;
     // 0.1.0 keeps no state, so 0.2.0 starts counting `/` from 0 here, and
     // every `/` the bench sends from now on is one it counts.
     control.switch(Direction::Upgrade, "0.2.0").await?;
@@ -102,7 +101,7 @@ async fn measure(
         for _ in 0..CTL_CYCLES {
             for (verb, version) in [("upgrade", "0.3.0"), ("downgrade", "0.2.0")] {
                 let args = [verb, "--to", version, "--permanent"];
-                ctl_us.push(micros(procs::ctl(&layout.ctl, &url, &args).await?));
+                ctl_us.push(micros(procs::ctl(&layout.ctl, agent, &args).await?));
             }
         }
     }

@@ -1,8 +1,14 @@
 //! One function per command: build the request, call the agent (through
 //! `rpc`, which retries transport failures with the same request id), print
-//! the reply through `render` or `json`.
+//! the reply through `render` or `json`; and the two commands that need no
+//! agent, `keygen` and `sign`.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
+use nine9s_manifest::signature::{self, SecretKey, SIGNATURE_FILE};
 use nine9s_manifest::Manifest;
 use nine9s_proto as pb;
 use sha2::{Digest, Sha256};
@@ -13,27 +19,183 @@ use crate::{follow, json, render, Checked, Command, Failure, Output, Request, St
 /// Bytes per Stage message.
 const CHUNK: usize = 1024 * 1024;
 
-pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Failure> {
+/// The key files `keygen` writes.
+const SECRET_KEY_FILE: &str = "nine9s.key";
+const PUBLIC_KEY_FILE: &str = "nine9s.pub";
+
+/// A release directory as `stage` and `sign` see it.
+struct Release {
+    manifest: Manifest,
+    /// release.toml verbatim: what the agent records and a signature covers.
+    manifest_toml: String,
+    library: PathBuf,
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+/// Reads `DIR/release.toml` and its library: `library` if given, else the
+/// one `locate_library` finds beside it or in a cargo target directory.
+fn read_release(dir: &Path, library: Option<PathBuf>) -> Result<Release, Failure> {
+    let path = dir.join("release.toml");
+    // Read once: the text parsed is the text sent and signed.
+    let manifest_toml = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let manifest = Manifest::parse(&manifest_toml)?;
+    let library = match library {
+        Some(path) => path,
+        None => nine9s_manifest::locate_library(dir, &manifest).map_err(|e| anyhow!(e))?,
+    };
+    let bytes =
+        std::fs::read(&library).with_context(|| format!("cannot read {}", library.display()))?;
+    let sha256 = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Release {
+        manifest,
+        manifest_toml,
+        library,
+        bytes,
+        sha256,
+    })
+}
+
+/// Reads at most `signature::MAX_TEXT` bytes and one more: a key or a
+/// signature is one short line, and a longer file is refused as malformed
+/// without being read whole.
+fn read_short(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(signature::MAX_TEXT as u64 + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// `DIR/release.sig` and the id of the key it names, if the release is
+/// signed; a malformed one is refused here rather than by the agent.
+fn read_signature(dir: &Path) -> Result<Option<(String, String)>, Failure> {
+    let path = dir.join(SIGNATURE_FILE);
+    let text = match read_short(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(anyhow!(e)
+                .context(format!("cannot read {}", path.display()))
+                .into())
+        }
+    };
+    let signer = signature::signer(&text)
+        .with_context(|| format!("{} (run ctl sign again)", path.display()))?;
+    Ok(Some((text, signer)))
+}
+
+/// `ctl keygen --out DIR`.
+pub fn keygen(out: &Path, output: Output) -> Result<(), Failure> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (secret_path, public_path) = (out.join(SECRET_KEY_FILE), out.join(PUBLIC_KEY_FILE));
+    let key = SecretKey::generate()?;
+    // Owner-only from the start (whatever the umask), and never over a key
+    // that exists: a lost key can sign nothing more for the agents that
+    // trust it.
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return Err(anyhow!(
+                "{} exists; refusing to overwrite a key (move it away to make a new one)",
+                secret_path.display()
+            )
+            .into())
+        }
+        Err(e) => {
+            return Err(anyhow!(e)
+                .context(format!("cannot create {}", secret_path.display()))
+                .into())
+        }
+    };
+    let written = file
+        .write_all(key.to_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::write(&public_path, key.public().to_text()));
+    if let Err(e) = written {
+        // A half-written key would block the next keygen for nothing.
+        let _ = std::fs::remove_file(&secret_path);
+        return Err(anyhow!(e)
+            .context(format!("cannot write the keys in {}", out.display()))
+            .into());
+    }
+    let id = key.public().id();
+    if output == Output::Json {
+        json::print(&json::keygen(&id, &secret_path, &public_path));
+    } else {
+        outln!("created signing key {id}");
+        outln!(
+            "  secret: {} (owner-only; keep it private)",
+            secret_path.display()
+        );
+        outln!(
+            "  public: {} (put it in the agent's --trusted-keys directory)",
+            public_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `ctl sign DIR --key KEYFILE [--library PATH]`.
+pub fn sign(
+    dir: &Path,
+    key: &Path,
+    library: Option<PathBuf>,
+    output: Output,
+) -> Result<(), Failure> {
+    let key_text = read_short(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let key = SecretKey::parse(&key_text).with_context(|| key.display().to_string())?;
+    let release = read_release(dir, library)?;
+    let text = signature::sign(&key, &release.manifest_toml, &release.sha256);
+    let path = dir.join(SIGNATURE_FILE);
+    std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    let (m, id) = (&release.manifest, key.public().id());
+    if output == Output::Json {
+        json::print(&json::signed(
+            m,
+            &release.library,
+            &release.sha256,
+            &id,
+            &path,
+        ));
+    } else {
+        outln!(
+            "signed {} {} (library {}, sha256 {}) with key {id}: {}",
+            m.name,
+            m.version,
+            release.library.display(),
+            release.sha256,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), Failure> {
     let json = output == Output::Json;
-    let agent = Agent::new(url)?;
     match command {
         Command::Stage {
             dir,
             library,
             request,
         } => {
-            let manifest = Manifest::read_dir(&dir)?;
-            let library = match library {
-                Some(path) => path,
-                None => nine9s_manifest::locate_library(&dir, &manifest).map_err(|e| anyhow!(e))?,
-            };
-            let manifest_toml = std::fs::read_to_string(dir.join("release.toml"))?;
-            let bytes = std::fs::read(&library)
-                .with_context(|| format!("cannot read {}", library.display()))?;
-            let sha256: String = Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let Release {
+                manifest,
+                manifest_toml,
+                library,
+                bytes,
+                sha256,
+            } = read_release(&dir, library)?;
+            let (signature, signer) = read_signature(&dir)?.unzip();
             let mut chunks = vec![pb::StageChunk {
                 part: Some(pb::stage_chunk::Part::Header(pb::StageHeader {
                     manifest_toml,
@@ -41,6 +203,7 @@ pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Fail
                     size: bytes.len() as u64,
                     request_id: id(&request),
                     reason: request.reason.unwrap_or_default(),
+                    signature: signature.unwrap_or_default(),
                 })),
             }];
             chunks.extend(bytes.chunks(CHUNK).map(|c| pb::StageChunk {
@@ -55,7 +218,7 @@ pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Fail
             if json {
                 json::print(&json::staged(&reply));
             } else {
-                render::staged(&reply, &library);
+                render::staged(&reply, &library, signer.as_deref());
             }
         }
         Command::Releases => {
@@ -72,8 +235,8 @@ pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Fail
                 render::releases(&reply.releases);
             }
         }
-        Command::Upgrade(switch) => switch_to(&agent, output, "upgrade", switch).await?,
-        Command::Downgrade(switch) => switch_to(&agent, output, "downgrade", switch).await?,
+        Command::Upgrade(switch) => switch_to(agent, output, "upgrade", switch).await?,
+        Command::Downgrade(switch) => switch_to(agent, output, "downgrade", switch).await?,
         Command::Rollback {
             state,
             dry_run,
@@ -145,7 +308,7 @@ pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Fail
             }
         }
         Command::Status => {
-            let reply = status(&agent).await?;
+            let reply = status(agent).await?;
             if json {
                 json::print(&json::status(&reply));
             } else {
@@ -173,9 +336,9 @@ pub async fn run(url: &str, output: Output, command: Command) -> Result<(), Fail
         Command::Watch { after } => {
             let after = match after {
                 Some(after) => after,
-                None => status(&agent).await?.last_event_id,
+                None => status(agent).await?.last_event_id,
             };
-            follow::watch(&agent, after, output).await?;
+            follow::watch(agent, after, output).await?;
         }
         Command::Info => {
             let reply = agent

@@ -3,6 +3,9 @@
 //! (`proto/proto/nine9s/control/v1/control.proto`) where they always have;
 //! enums are the lower-case words of `render`.
 
+use std::path::Path;
+
+use nine9s_manifest::Manifest;
 use nine9s_proto as pb;
 use serde_json::{json, Value};
 
@@ -48,6 +51,7 @@ pub fn transition(t: &pb::Transition) -> Value {
         "automatic": t.automatic,
         "reason": t.reason,
         "request_id": t.request_id,
+        "identity": t.identity,
     })
 }
 
@@ -165,4 +169,50 @@ pub fn info(i: &pb::AgentInfoReply) -> Value {
         "started_at_ms": i.started_at_ms,
         "pid": i.pid,
     })
+}
+
+/// `ctl keygen`: the new key's id and where its two files are.
+pub fn keygen(key_id: &str, secret_key: &Path, public_key: &Path) -> Value {
+    json!({
+        "key_id": key_id,
+        "secret_key": secret_key.display().to_string(),
+        "public_key": public_key.display().to_string(),
+    })
+}
+
+/// `ctl sign`: what was signed, by which key, and where the signature is.
+pub fn signed(
+    manifest: &Manifest,
+    library: &Path,
+    sha256: &str,
+    key_id: &str,
+    signature: &Path,
+) -> Value {
+    json!({
+        "name": manifest.name,
+        "version": manifest.version.to_string(),
+        "library": library.display().to_string(),
+        "sha256": sha256,
+        "key_id": key_id,
+        "signature": signature.display().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_say_who() {
+        let t = pb::Transition {
+            identity: "deployer".into(),
+            ..Default::default()
+        };
+        assert_eq!(transition(&t)["identity"], "deployer");
+        let e = pb::Event {
+            transition: Some(t),
+            ..Default::default()
+        };
+        assert_eq!(event(&e)["transition"]["identity"], "deployer");
+    }
 }

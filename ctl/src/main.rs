@@ -1,18 +1,45 @@
 //! `ctl`: the nine9s command line, for people and scripts. Talks to an
-//! agent's gRPC control plane. This file owns the command line: its
-//! commands, the checks on every flag value, and the exit codes.
+//! agent's gRPC control plane; `keygen` and `sign` work without one. This
+//! file owns the command line: its commands, the checks on every flag
+//! value, and the exit codes.
 //!
 //! Exit codes:
 //! - 0: success.
-//! - 1: the agent refused or failed the operation (one line on stderr says
-//!   why, ending with the agent's stable reason code, e.g.
-//!   `[UNKNOWN_RELEASE]`); also `--expect-active` not matching (the line
-//!   names the active release) and `--wait --timeout` passing.
+//! - 1: the operation failed: the agent refused or failed it (one line on
+//!   stderr says why, ending with the agent's stable reason code, e.g.
+//!   `[UNKNOWN_RELEASE]`, `[UNAUTHENTICATED]`, `[PERMISSION_DENIED]`);
+//!   `--expect-active` not matching (the line names the active release);
+//!   `--wait --timeout` passing; or a local step failing (a release that
+//!   cannot be read, a malformed release.sig, `keygen` finding a key
+//!   already there).
 //! - 2: bad usage (an unknown flag, a value that is not a version, a URL or
-//!   a duration in range, flags that do not go together).
-//! - 3: the agent could not be reached (connect errors, or UNAVAILABLE
-//!   without the agent's error details), after a few retries.
+//!   a duration in range, flags that do not go together, a `--token-file`,
+//!   `--ca`, `--cert` or `--key` file that cannot be read, an https://
+//!   agent without `--ca`, TLS files with an http:// agent).
+//! - 3: the agent could not be reached (connect errors, a failed TLS
+//!   handshake, or UNAVAILABLE without the agent's error details), after a
+//!   few retries.
 //! - 4: `--wait` saw the release fail its soak and the agent roll it back.
+//!
+//! Reaching the agent (global flags; each has an environment variable):
+//! - `--agent URL` (`NINE9S_AGENT`, default `http://127.0.0.1:50051`).
+//! - Every call carries `authorization: Bearer TOKEN`. The token is
+//!   `--token TOKEN` (`NINE9S_TOKEN`) or the content of `--token-file FILE`
+//!   (`NINE9S_TOKEN_FILE`; surrounding whitespace ignored); not both. With
+//!   neither, it is the content of `./nine9s-data/admin.token` (relative to
+//!   the working directory) if that exists: the agent creates it there,
+//!   owner-only, when it runs with its default data dir. Otherwise no token
+//!   is sent, and the agent's UNAUTHENTICATED refusal says how to give one.
+//! - An `https://` agent needs `--ca FILE` (`NINE9S_CA`), the PEM CA that
+//!   signed its certificate (no system roots are used); the server name is
+//!   the URL's host. `--cert FILE` and `--key FILE` (`NINE9S_CERT`,
+//!   `NINE9S_KEY`), both or neither, present a client certificate. None of
+//!   the three goes with an `http://` agent. (`ctl sign --key` is the
+//!   signing key, a flag of its own.)
+//!
+//! Signing: `ctl keygen --out DIR` makes `DIR/nine9s.key` and
+//! `DIR/nine9s.pub`; `ctl sign DIR --key KEYFILE` writes `DIR/release.sig`;
+//! `ctl stage DIR` sends it along when it is there.
 //!
 //! Every mutating command sends a request id (`--request-id`, or a random
 //! one), and a retry after a transport failure sends the same id, so the
@@ -23,14 +50,18 @@
 #[macro_use]
 mod out;
 mod commands;
+mod credentials;
 mod follow;
 mod json;
 mod render;
 mod rpc;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+use credentials::AccessFlags;
 
 /// Stage, upgrade, downgrade and roll back the releases of a nine9s agent.
 #[derive(Parser)]
@@ -50,19 +81,59 @@ struct Cli {
     /// `watch`) for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    #[command(flatten)]
+    access: AccessFlags,
     #[command(subcommand)]
-    command: Command,
+    command: Top,
 }
 
+#[derive(Subcommand)]
+enum Top {
+    #[command(flatten)]
+    Agent(Command),
+    #[command(flatten)]
+    Local(Local),
+}
+
+/// The commands that need no agent.
+#[derive(Subcommand)]
+enum Local {
+    /// Create a release signing key (needs no agent).
+    ///
+    /// Writes DIR/nine9s.key (secret, owner-only; never overwritten) and
+    /// DIR/nine9s.pub (for the agent's --trusted-keys directory).
+    Keygen {
+        /// Where to write the keys (created if needed).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Sign a release directory (needs no agent).
+    ///
+    /// Writes DIR/release.sig over release.toml and the library's sha256;
+    /// `stage` sends it along.
+    Sign {
+        /// Directory holding release.toml.
+        dir: PathBuf,
+        /// The secret key file from `ctl keygen` (here --key is the signing
+        /// key, not the TLS client key).
+        #[arg(long, value_name = "KEYFILE")]
+        key: PathBuf,
+        /// The library to sign, instead of looking it up as `stage` does.
+        #[arg(long)]
+        library: Option<PathBuf>,
+    },
+}
+
+/// The commands that talk to the agent.
 #[derive(Subcommand)]
 enum Command {
     /// Upload a release directory (release.toml + its library).
     Stage {
-        /// Directory holding release.toml.
-        dir: std::path::PathBuf,
+        /// Directory holding release.toml (and release.sig, if signed).
+        dir: PathBuf,
         /// The library to upload, instead of looking it up.
         #[arg(long)]
-        library: Option<std::path::PathBuf>,
+        library: Option<PathBuf>,
         #[command(flatten)]
         request: Request,
     },
@@ -285,7 +356,24 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
-    let code = match commands::run(&cli.agent, cli.output, cli.command).await {
+    let result = match cli.command {
+        Top::Local(Local::Keygen { out }) => commands::keygen(&out, cli.output),
+        Top::Local(Local::Sign { dir, key, library }) => {
+            commands::sign(&dir, &key, library, cli.output)
+        }
+        Top::Agent(command) => match cli.access.connect(&cli.agent) {
+            Ok(connection) => {
+                let agent = rpc::Agent::new(connection);
+                commands::run(&agent, cli.output, command).await
+            }
+            // Credentials or TLS files that do not go together: the same
+            // exit (2) and format as the usage errors clap finds itself.
+            Err(usage) => Cli::command()
+                .error(clap::error::ErrorKind::ValueValidation, usage)
+                .exit(),
+        },
+    };
+    let code = match result {
         Ok(()) => 0,
         Err(Failure::Failed {
             error,
@@ -349,8 +437,26 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sign_has_its_own_key_flag() {
+        let cli = Cli::try_parse_from(["ctl", "sign", "rel", "--key", "s.key"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Top::Local(Local::Sign { key, .. }) if key == std::path::Path::new("s.key")
+        ));
+        assert!(Cli::try_parse_from(["ctl", "sign", "rel"]).is_err());
+        assert!(Cli::try_parse_from(["ctl", "keygen", "--out", "k"]).is_ok());
+        // --key elsewhere is the TLS client key.
+        let cli = Cli::try_parse_from(["ctl", "status", "--key", "k.pem"]).unwrap();
+        assert!(cli.access.connect("https://agent:1").is_err());
+        assert!(Cli::try_parse_from(["ctl", "status", "--cert", "c", "--key", "k"]).is_ok());
+        assert!(Cli::try_parse_from(["ctl", "--cert", "c", "--key", "k", "status"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["ctl", "status", "--token", "t", "--token-file", "f"]).is_err()
+        );
     }
 
     #[test]

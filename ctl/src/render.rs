@@ -146,18 +146,20 @@ fn time(ms: i64) -> String {
     )
 }
 
-pub fn staged(reply: &pb::StageReply, library: &Path) {
+/// `signer`: the key id of the release.sig sent along, if one was.
+pub fn staged(reply: &pb::StageReply, library: &Path, signer: Option<&str>) {
     let Some(r) = &reply.release else { return };
+    let signed = signer.map_or_else(String::new, |id| format!("; signed by {id}"));
     if reply.already_staged {
         outln!(
-            "{} {} was already staged (sha256 {})",
+            "{} {} was already staged (sha256 {}){signed}",
             r.name,
             r.version,
             r.sha256
         );
     } else {
         outln!(
-            "staged {} {} from {} ({} bytes, sha256 {})",
+            "staged {} {} from {} ({} bytes, sha256 {}){signed}",
             r.name,
             r.version,
             library.display(),
@@ -279,7 +281,8 @@ pub fn seconds(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
-/// A transition in a few words: `upgrade 0.1.0 -> 0.2.0 ok (auto)`.
+/// A transition in a few words: `#7 upgrade 0.1.0 -> 0.2.0 ok by deployer`
+/// (`(auto)` for what the agent did on its own).
 fn transition_summary(t: &pb::Transition) -> String {
     let mut line = format!(
         "#{} {} {} -> {} {}",
@@ -291,6 +294,9 @@ fn transition_summary(t: &pb::Transition) -> String {
     );
     if t.automatic {
         line.push_str(" (auto)");
+    }
+    if !t.identity.is_empty() {
+        line.push_str(&format!(" by {}", t.identity));
     }
     if !t.error.is_empty() {
         line.push_str(&format!(": {}", t.error));
@@ -373,6 +379,19 @@ pub fn status(s: &pb::StatusReply) {
     );
 }
 
+/// Who started a transition: the identity of its token or certificate;
+/// `agent` for what the agent did on its own; `-` when not recorded
+/// (history from before identities were).
+fn who(t: &pb::Transition) -> String {
+    if !t.identity.is_empty() {
+        t.identity.clone()
+    } else if t.automatic {
+        "agent".to_owned()
+    } else {
+        "-".to_owned()
+    }
+}
+
 pub fn history(reply: &pb::HistoryReply) {
     let rows: Vec<Vec<String>> = reply
         .transitions
@@ -398,6 +417,7 @@ pub fn history(reply: &pb::HistoryReply) {
                 } else {
                     kind.to_owned()
                 },
+                who(t),
                 t.from_version.clone(),
                 t.to_version.clone(),
                 result_name(t.result()).to_owned(),
@@ -412,6 +432,7 @@ pub fn history(reply: &pb::HistoryReply) {
             "ID",
             "TIME (UTC)",
             "KIND",
+            "WHO",
             "FROM",
             "TO",
             "RESULT",
@@ -472,7 +493,24 @@ pub fn info(i: &pb::AgentInfoReply) {
 
 #[cfg(test)]
 mod tests {
-    use super::time;
+    use super::{time, transition_summary, who};
+    use nine9s_proto as pb;
+
+    #[test]
+    fn who_started_it() {
+        let mut t = pb::Transition {
+            id: 7,
+            identity: "deployer".into(),
+            ..Default::default()
+        };
+        assert_eq!(who(&t), "deployer");
+        assert!(transition_summary(&t).contains("by deployer"));
+        t.identity.clear();
+        assert_eq!(who(&t), "-");
+        assert!(!transition_summary(&t).contains(" by "));
+        t.automatic = true;
+        assert_eq!(who(&t), "agent");
+    }
 
     #[test]
     fn durations() {

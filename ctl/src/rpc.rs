@@ -1,7 +1,8 @@
-//! The line to the agent: one lazily connected client, unary calls retried
-//! on transport failures (always with the same request, so the same
-//! request id: a retry never acts twice), and error statuses turned into
-//! `Failure`s carrying the agent's stable reason code.
+//! The line to the agent: one lazily connected client that sends the
+//! bearer token with every call, unary calls retried on transport failures
+//! (always with the same request, so the same request id: a retry never
+//! acts twice), and error statuses turned into `Failure`s carrying the
+//! agent's stable reason code.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,10 +10,12 @@ use std::time::Duration;
 use anyhow::anyhow;
 use nine9s_proto as pb;
 use pb::control_client::ControlClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+use crate::credentials::{unauthenticated_hint, Bearer, Connection, TokenSource};
 use crate::Failure;
 
 /// Tries after the first one, and the pause before the first retry (it
@@ -22,26 +25,31 @@ const FIRST_PAUSE: Duration = Duration::from_millis(200);
 
 /// The reason code for `--expect-active` not matching.
 const EXPECTED_ACTIVE_MISMATCH: &str = "EXPECTED_ACTIVE_MISMATCH";
+/// The reason code for missing or unknown credentials.
+const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+
+/// A client whose every call carries the token.
+pub type Client = ControlClient<InterceptedService<Channel, Bearer>>;
 
 pub struct Agent {
     url: String,
-    client: ControlClient<Channel>,
+    client: Client,
+    token_source: TokenSource,
 }
 
 impl Agent {
-    /// `url` was checked by the command line; connecting waits for the first call.
-    pub fn new(url: &str) -> Result<Agent, Failure> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| anyhow!("--agent {url:?} is not a URL: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(Agent {
-            url: url.to_owned(),
-            client: ControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
-        })
+    /// Connecting waits for the first call.
+    pub fn new(connection: Connection) -> Agent {
+        let channel = connection.endpoint.connect_lazy();
+        Agent {
+            url: connection.url,
+            client: ControlClient::with_interceptor(channel, connection.bearer)
+                .max_decoding_message_size(64 * 1024 * 1024),
+            token_source: connection.token_source,
+        }
     }
 
-    pub fn client(&self) -> ControlClient<Channel> {
+    pub fn client(&self) -> Client {
         self.client.clone()
     }
 
@@ -55,7 +63,7 @@ impl Agent {
     ) -> Result<Rep, Failure>
     where
         Req: Clone,
-        F: Fn(ControlClient<Channel>, Req) -> Fut,
+        F: Fn(Client, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Rep>, Status>>,
     {
         let mut pause = FIRST_PAUSE;
@@ -85,13 +93,20 @@ impl Agent {
                 with_causes(&status)
             ));
         }
-        let Some(info) = status.get_error_details().error_info().cloned() else {
+        let info = status.get_error_details().error_info().cloned();
+        let mut message = status.message().to_owned();
+        // Without credentials nothing else can work: say how to give them.
+        if status.code() == Code::Unauthenticated
+            || info.as_ref().is_some_and(|i| i.reason == UNAUTHENTICATED)
+        {
+            message.push_str(&format!(" ({})", unauthenticated_hint(&self.token_source)));
+        }
+        let Some(info) = info else {
             return Failure::Failed {
-                error: anyhow!("{what}: {:?}: {}", status.code(), status.message()),
+                error: anyhow!("{what}: {:?}: {message}", status.code()),
                 reason: None,
             };
         };
-        let mut message = status.message().to_owned();
         if info.reason == EXPECTED_ACTIVE_MISMATCH {
             let active = match info.metadata.get("active").cloned() {
                 Some(active) => Some(active),

@@ -11,6 +11,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+use nine9s_proto::control_client::ControlClient;
+use nine9s_proto::{stage_chunk, StageChunk, StageHeader};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -138,9 +145,44 @@ impl Agent {
         self.child.id()
     }
 
-    /// Runs `ctl --agent <this agent> ARGS`.
+    /// Runs `ctl --agent <this agent> ARGS` with the agent's admin token.
     pub fn ctl(&self, args: &[&str]) -> Ctl {
-        ctl(&format!("http://{}", self.grpc), args)
+        self.ctl_env(
+            args,
+            &[("NINE9S_TOKEN_FILE", self.token_file().to_str().unwrap())],
+        )
+    }
+
+    /// Runs `ctl --agent <this agent> ARGS` with only `env` for credentials.
+    pub fn ctl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Ctl {
+        ctl_env(&self.url(), args, env)
+    }
+
+    /// The control plane's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The admin token the agent created in its data dir.
+    pub fn token_file(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+
+    /// A gRPC client sending the agent's admin token.
+    pub async fn api(&self) -> Api {
+        let token = std::fs::read_to_string(self.token_file()).expect("the admin token");
+        self.api_with(Some(token.trim())).await
+    }
+
+    /// A gRPC client sending `token` (or nothing).
+    pub async fn api_with(&self, token: Option<&str>) -> Api {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the control plane");
+        let header = token.map(|t| format!("Bearer {t}").parse().expect("a header value"));
+        ControlClient::with_interceptor(channel, Bearer(header))
     }
 
     /// Runs `ctl --output json ARGS`, which must succeed, and parses its
@@ -253,9 +295,44 @@ fn unique() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// Runs the real `ctl` against `agent`.
+/// A gRPC client of the control plane with its credentials.
+pub type Api = ControlClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call, if there is a token.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Runs the real `ctl` against `agent`, with no credentials but what it
+/// finds itself.
 pub fn ctl(agent: &str, args: &[&str]) -> Ctl {
-    let output = Command::new(bin_dir().join("ctl"))
+    ctl_env(agent, args, &[])
+}
+
+/// Runs the real `ctl` against `agent` with extra environment variables
+/// (and none of the caller's `NINE9S_*` ones).
+pub fn ctl_env(agent: &str, args: &[&str], env: &[(&str, &str)]) -> Ctl {
+    let mut command = Command::new(bin_dir().join("ctl"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("NINE9S_") {
+            command.env_remove(name);
+        }
+    }
+    let output = command
+        .envs(env.iter().copied())
         .arg("--agent")
         .arg(agent)
         .args(args)
@@ -340,6 +417,53 @@ impl Client {
             release,
         })
     }
+}
+
+/// The messages of a Stage call: the header (with the library's size),
+/// then the library in 64 KiB pieces.
+pub fn stage_chunks(manifest: &str, sha256: &str, bytes: &[u8]) -> Vec<StageChunk> {
+    stage_chunks_with(
+        StageHeader {
+            manifest_toml: manifest.to_owned(),
+            sha256: sha256.to_owned(),
+            size: bytes.len() as u64,
+            ..Default::default()
+        },
+        bytes,
+    )
+}
+
+/// [`stage_chunks`] with a header of the caller's own.
+pub fn stage_chunks_with(header: StageHeader, bytes: &[u8]) -> Vec<StageChunk> {
+    let mut chunks = vec![StageChunk {
+        part: Some(stage_chunk::Part::Header(header)),
+    }];
+    chunks.extend(bytes.chunks(64 * 1024).map(|c| StageChunk {
+        part: Some(stage_chunk::Part::Data(c.to_vec())),
+    }));
+    chunks
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The stable reason code of an error status (its ErrorInfo, whose domain
+/// must be the agent's).
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| {
+            assert_eq!(info.domain, "nine9s.dev");
+            info.reason
+        })
+        .unwrap_or_default()
 }
 
 /// Polls `check` every 50 ms until it holds or `within` passes.

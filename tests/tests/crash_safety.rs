@@ -42,6 +42,14 @@ const ABORTED: Expect = Expect {
     last: ("", "aborted"),
 };
 
+/// Cut during the upload, before the stage began as a transition: the
+/// history ends with the setup's upgrade, and the upload is swept.
+const UPLOAD_CUT: Expect = Expect {
+    permanent: "0.2.0",
+    count: (200, "3"),
+    last: ("upgrade", "ok"),
+};
+
 /// Committed, but only as current: the restart returns to 0.2.0 and says
 /// so (and the release current when the agent died is failed).
 const SOAKING_ABANDONED: Expect = Expect {
@@ -160,9 +168,19 @@ fn kill_9_during_a_stage() {
         "--library",
         lib.to_str().unwrap(),
     ];
-    for point in ["stage:begun", "stage:half-written", "stage:checked"] {
+    for (point, expect) in [
+        ("stage:half-written", UPLOAD_CUT),
+        ("stage:begun", ABORTED),
+        ("stage:checked", ABORTED),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let agent = crash_and_check(&dir, point, false, &[stage], ABORTED);
+        let agent = crash_and_check(&dir, point, false, &[stage], expect);
+        let artifacts = std::fs::read_dir(dir.path().join("data/artifacts")).unwrap();
+        let partial: Vec<_> = artifacts
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".partial"))
+            .collect();
+        assert!(partial.is_empty(), "{point}: left behind {partial:?}");
         // Staging again works, whatever the crash left.
         agent.ctl(stage).ok();
         agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();

@@ -29,13 +29,14 @@ fn wait_exits_4_when_the_health_gate_rolls_the_release_back() {
     agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
     stage_fixture(&agent, "unhealthy").ok();
     let waiting = {
-        let grpc = format!("http://{}", agent.grpc);
+        let (grpc, token) = (agent.url(), agent.token_file());
         thread::spawn(move || {
-            nine9s_tests::ctl(
+            nine9s_tests::ctl_env(
                 &grpc,
                 &[
                     "upgrade", "--to", "0.6.0", "--soak", "1m", "--wait", "--reason", "canary",
                 ],
+                &[("NINE9S_TOKEN_FILE", token.to_str().unwrap())],
             )
         })
     };
@@ -62,6 +63,7 @@ fn watch_prints_every_event_as_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]);
     let mut watch = Command::new(bin_dir().join("ctl"))
+        .env("NINE9S_TOKEN_FILE", agent.token_file())
         .args([
             "--agent",
             &format!("http://{}", agent.grpc),

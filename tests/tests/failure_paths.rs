@@ -10,24 +10,17 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::{Event, EventKind, WatchRequest};
-use nine9s_tests::{eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent};
+use nine9s_tests::{eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent, Api};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 /// Runs `call` with a gRPC client of the agent, on a runtime of its own.
-fn with_api<T>(agent: &Agent, call: impl AsyncFnOnce(ControlClient<Channel>) -> T) -> T {
+fn with_api<T>(agent: &Agent, call: impl AsyncFnOnce(Api) -> T) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
-        let api = ControlClient::connect(format!("http://{}", agent.grpc))
-            .await
-            .unwrap();
-        call(api).await
-    })
+    runtime.block_on(async { call(agent.api().await).await })
 }
 
 /// The first event of `kind` after `after`, from the agent's Watch stream.
@@ -395,6 +388,7 @@ fn a_closed_pipe_ends_ctl_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let agent = on_0_2_0(&dir.path().join("data"), &[], 0);
     let mut child = std::process::Command::new(nine9s_tests::bin_dir().join("ctl"))
+        .env("NINE9S_TOKEN_FILE", agent.token_file())
         .args(["--agent", &format!("http://{}", agent.grpc), "history"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -1,43 +1,15 @@
 //! The control plane as another orchestrator sees it: the gRPC API
 //! directly, with the status codes it promises.
 
-use nine9s_proto::control_client::ControlClient;
 use nine9s_proto::{
-    stage_chunk, HistoryRequest, Permanence, StageChunk, StageHeader, StatusRequest,
-    TransitionKind, TransitionRequest, TransitionResult,
+    HistoryRequest, Permanence, StatusRequest, TransitionKind, TransitionRequest, TransitionResult,
 };
-use nine9s_tests::{library, release_dir, Agent};
-use sha2::{Digest, Sha256};
+use nine9s_tests::{library, reason, release_dir, sha256_hex, stage_chunks, Agent, Api};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::Code;
 
-async fn client(agent: &Agent) -> ControlClient<Channel> {
-    ControlClient::connect(format!("http://{}", agent.grpc))
-        .await
-        .expect("connect")
-}
-
-fn stage_chunks(manifest: &str, sha256: &str, bytes: &[u8]) -> Vec<StageChunk> {
-    let mut chunks = vec![StageChunk {
-        part: Some(stage_chunk::Part::Header(StageHeader {
-            manifest_toml: manifest.to_owned(),
-            sha256: sha256.to_owned(),
-            size: bytes.len() as u64,
-            ..Default::default()
-        })),
-    }];
-    chunks.extend(bytes.chunks(64 * 1024).map(|c| StageChunk {
-        part: Some(stage_chunk::Part::Data(c.to_vec())),
-    }));
-    chunks
-}
-
-fn hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+async fn client(agent: &Agent) -> Api {
+    agent.api().await
 }
 
 fn transition(version: &str) -> TransitionRequest {
@@ -63,16 +35,17 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
     let err = api
         .stage(tokio_stream::iter(stage_chunks(
             &manifest,
-            &hex(&bytes),
+            &sha256_hex(&bytes),
             &corrupt,
         )))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert_eq!(reason(&err), "CHECKSUM_MISMATCH");
     assert!(err.message().contains("corrupt"), "{}", err.message());
 
     // A truncated upload.
-    let mut chunks = stage_chunks(&manifest, &hex(&bytes), &bytes);
+    let mut chunks = stage_chunks(&manifest, &sha256_hex(&bytes), &bytes);
     chunks.pop();
     let err = api.stage(tokio_stream::iter(chunks)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -85,7 +58,7 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
     let reply = api
         .stage(tokio_stream::iter(stage_chunks(
             &manifest,
-            &hex(&bytes),
+            &sha256_hex(&bytes),
             &bytes,
         )))
         .await
@@ -153,24 +126,13 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
     );
 }
 
-fn reason(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    status
-        .get_details_error_info()
-        .map(|info| {
-            assert_eq!(info.domain, "nine9s.dev");
-            info.reason
-        })
-        .unwrap_or_default()
-}
-
-async fn stage_sample_over_grpc(api: &mut ControlClient<Channel>, version: &str) {
+async fn stage_sample_over_grpc(api: &mut Api, version: &str) {
     let dir = release_dir(&format!("nine9s-{version}"));
     let manifest = std::fs::read_to_string(dir.join("release.toml")).unwrap();
     let bytes = std::fs::read(library(&format!("nine9s_{}", version.replace('.', "_")))).unwrap();
     api.stage(tokio_stream::iter(stage_chunks(
         &manifest,
-        &hex(&bytes),
+        &sha256_hex(&bytes),
         &bytes,
     )))
     .await

@@ -27,7 +27,7 @@ fn a_file_that_is_not_a_library_is_refused() {
     let out = agent.ctl(&["stage", release.to_str().unwrap()]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
-        out.stderr.contains("not a loadable shared library"),
+        out.stderr.contains("not an ELF shared library"),
         "{}",
         out.stderr
     );

@@ -142,14 +142,11 @@ impl Actor {
             automatic: false,
             reason: meta.reason.clone(),
             request: meta.request_id.clone().map(|id| (id, fingerprint.clone())),
+            identity: meta.identity.clone(),
         };
         let before = self.lifecycle.clone();
         let outcome = match command {
-            Command::Stage {
-                manifest_toml,
-                sha256,
-                bytes,
-            } => self.stage(&manifest_toml, &sha256, &bytes, &origin),
+            Command::Stage(staging) => self.stage(staging, &origin),
             Command::Switch {
                 direction,
                 version,

@@ -13,14 +13,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use nine9s_host::Library;
 use nine9s_manifest::{Manifest, Version};
 
-use super::catalog::register;
+use super::catalog::{inspect, open, register};
 use super::handoff::restore_carry;
 use super::journal::{Changes, Journal, Origin};
 use super::machine::{self, Entry, Lifecycle};
-use crate::artifacts::Artifacts;
+use crate::artifacts::{Artifacts, Upload};
 use crate::config::{Bootstrap, Config};
 use crate::error::{Error, Result};
 use crate::model::{now_ms, Event, EventKind, Release, TransitionKind};
@@ -98,21 +97,40 @@ fn install(
         }
     };
     let manifest = Manifest::parse(&manifest_toml)?;
+    // The bootstrap release goes through the same checks as an upload:
+    // written as one, probed out of process, then adopted.
+    let mut upload =
+        Upload::create(artifacts.dir()).map_err(Error::io("cannot write the bootstrap release"))?;
+    upload
+        .write(&bytes)
+        .map_err(Error::io("cannot write the bootstrap release"))?;
+    let upload = upload
+        .finish()
+        .map_err(Error::io("cannot write the bootstrap release"))?;
+    let report = inspect(&manifest, &upload)?;
     let guard = journal.begin(
         TransitionKind::Install,
         None,
         Some(&manifest.version),
         &Origin::default(),
     )?;
-    let installed = register(&journal.store, artifacts, &manifest, &manifest_toml, &bytes)
-        .and_then(|(release, library)| {
-            let instance = library.instantiate(None).map_err(|e| Error::Plugin {
+    let installed = register(
+        artifacts,
+        &manifest,
+        &manifest_toml,
+        upload,
+        report.state_version,
+    )
+    .and_then(|release| {
+        let instance = open(artifacts, &release)?
+            .instantiate(None)
+            .map_err(|e| Error::Plugin {
                 version: release.version.clone(),
                 during: "init",
                 source: e,
             })?;
-            Ok((release, instance))
-        });
+        Ok((release, instance))
+    });
     let (release, instance) = match installed {
         Ok(installed) => installed,
         Err(e) => return Err(guard.fail(e, &Changes::default())),
@@ -246,11 +264,7 @@ fn resume(
 
 /// Starts a release's instance with its last snapshot.
 fn start(store: &Store, artifacts: &Artifacts, release: &Release) -> Result<Loaded> {
-    let library =
-        Library::open(&artifacts.path(&release.sha256)).map_err(|source| Error::Load {
-            version: release.version.clone(),
-            source,
-        })?;
+    let library = open(artifacts, release)?;
     let snapshot = store.last_snapshot(&release.version)?;
     let state = match &snapshot {
         // A release that keeps no state starts fresh, whatever was saved.

@@ -1,57 +1,41 @@
-//! The catalog of releases the agent knows: staging (checking and
-//! recording a release and its library), removing, pruning old releases
-//! beyond `--keep-old`, and collecting artifacts nothing references.
+//! The catalog of releases the agent knows: staging (inspecting an upload
+//! out of process, then recording the release and its library), removing,
+//! pruning old releases beyond `--keep-old`, and collecting artifacts
+//! nothing references.
 
 use std::sync::Arc;
 
-use nine9s_host::Library;
+use nine9s_host::{Library, LoadError};
 use nine9s_manifest::{Manifest, Version};
 
 use super::actor::Actor;
 use super::journal::Origin;
 use super::{machine, Reply};
-use crate::artifacts::{sha256_hex, Artifacts};
+use crate::artifacts::{Artifacts, Uploaded};
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
 use crate::model::{now_ms, Release, ReleaseState, TransitionKind};
-use crate::store::Store;
+use crate::probe;
 
 /// Room kept free on the data dir's filesystem beyond what a stage writes:
 /// the store must still be able to journal and checkpoint.
-pub(super) const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+pub const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
 
 impl Actor {
-    /// Checks and records a release: the manifest, the digest, free space,
-    /// and that the library is a nine9s plugin of the right name and
-    /// version. Staging the same version with the same bytes again is a
-    /// no-op.
-    pub(super) fn stage(
-        &mut self,
-        manifest_toml: &str,
-        sha256: &str,
-        bytes: &[u8],
-        origin: &Origin,
-    ) -> Result<Reply> {
-        let manifest = Manifest::parse(manifest_toml)?;
-        if manifest.name != self.shared.service {
-            return Err(Error::refused(
-                Reason::WrongService,
-                format!(
-                    "this agent runs the service {:?}; release.toml names {:?}",
-                    self.shared.service, manifest.name
-                ),
-            ));
-        }
-        let actual = sha256_hex(bytes);
-        if !actual.eq_ignore_ascii_case(sha256) {
-            return Err(Error::InvalidArtifact(format!(
-                "the upload is corrupt: sha256 {actual} ({} bytes), but the header says {sha256}",
-                bytes.len()
-            )));
-        }
+    /// Records a release whose upload was checked ([`inspect`]): the same
+    /// version with the same bytes again is a no-op, with other bytes a
+    /// conflict.
+    pub(super) fn stage(&mut self, staging: Staging, origin: &Origin) -> Result<Reply> {
+        let Staging {
+            manifest_toml,
+            upload,
+            state_version,
+        } = staging;
+        let manifest = Manifest::parse(&manifest_toml)?;
+        check_service(&manifest, &self.shared.service)?;
         let store = Arc::clone(&self.shared.journal.store);
         if let Some(existing) = store.release(&manifest.version)? {
-            if existing.sha256 == actual && existing.manifest == manifest_toml {
+            if existing.sha256 == upload.sha256 && existing.manifest == manifest_toml {
                 return Ok(Reply::Staged {
                     release: existing,
                     already_staged: true,
@@ -65,32 +49,20 @@ impl Actor {
                 ),
             ));
         }
-        let free = self
-            .artifacts
-            .free_space()
-            .map_err(Error::io("cannot read the free space of the data dir"))?;
-        let needed = bytes.len() as u64 + FREE_SPACE_MARGIN;
-        if free < needed {
-            return Err(Error::refused(
-                Reason::DiskFull,
-                format!(
-                    "not enough free space in the data dir to stage {} {}: {} MiB free, {} MiB needed (the library plus {} MiB kept for the store)",
-                    manifest.name,
-                    manifest.version,
-                    free / (1024 * 1024),
-                    needed.div_ceil(1024 * 1024),
-                    FREE_SPACE_MARGIN / (1024 * 1024)
-                ),
-            ));
-        }
         let shared = Arc::clone(&self.shared);
         let guard =
             shared
                 .journal
                 .begin(TransitionKind::Stage, None, Some(&manifest.version), origin)?;
         crash_point("stage:begun");
-        match register(&store, &self.artifacts, &manifest, manifest_toml, bytes) {
-            Ok((release, _library)) => {
+        match register(
+            &self.artifacts,
+            &manifest,
+            &manifest_toml,
+            upload,
+            state_version,
+        ) {
+            Ok(release) => {
                 crash_point("stage:checked");
                 self.commit_event(
                     guard,
@@ -99,7 +71,7 @@ impl Actor {
                     },
                     std::slice::from_ref(&release),
                 )?;
-                tracing::info!(version = %release.version, sha256 = %release.sha256, "release staged");
+                tracing::info!(version = %release.version, sha256 = %release.sha256, identity = ?origin.identity, "release staged");
                 Ok(Reply::Staged {
                     release,
                     already_staged: false,
@@ -203,53 +175,108 @@ impl Actor {
     }
 }
 
-/// Writes the artifact and checks that it is the plugin the manifest says.
+/// An upload that passed every check, for the engine to record.
+#[derive(Debug)]
+pub struct Staging {
+    pub manifest_toml: String,
+    pub upload: Uploaded,
+    /// What the probe found: the plugin's state version.
+    pub state_version: u32,
+}
+
+pub fn check_service(manifest: &Manifest, service: &str) -> Result<()> {
+    if manifest.name != service {
+        return Err(Error::refused(
+            Reason::WrongService,
+            format!(
+                "this agent runs the service {service:?}; release.toml names {:?}",
+                manifest.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a complete upload is the plugin `manifest` says, without
+/// ever opening it in this process: its ELF headers, then a throwaway
+/// probe process. Blocks for up to the probe's time limit.
+pub fn inspect(manifest: &Manifest, upload: &Uploaded) -> Result<probe::Report> {
+    let refused = |why: String| {
+        Error::InvalidArtifact(format!(
+            "the library of {} {} was refused: {why}",
+            manifest.name, manifest.version
+        ))
+    };
+    let report = probe::probe(upload.path()).map_err(refused)?;
+    if report.name != manifest.name || report.version != manifest.version.to_string() {
+        return Err(refused(format!(
+            "release.toml says {} {}, but the library is {} {}",
+            manifest.name, manifest.version, report.name, report.version
+        )));
+    }
+    Ok(report)
+}
+
+/// Opens a recorded release's library in this process, after checking
+/// that its bytes are still those it was staged (and probed) with.
+pub(super) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Library>> {
+    let load_error = |source| Error::Load {
+        version: release.version.clone(),
+        source,
+    };
+    let path = match artifacts.verified(&release.sha256) {
+        Ok(Ok(path)) => path,
+        Ok(Err(actual)) => {
+            return Err(Error::Corrupt {
+                version: release.version.clone(),
+                expected: release.sha256.clone(),
+                actual,
+            })
+        }
+        Err(e) => {
+            return Err(load_error(LoadError::NotALibrary {
+                path: artifacts.path(&release.sha256),
+                reason: e.to_string(),
+            }))
+        }
+    };
+    let library = Library::open(&path).map_err(load_error)?;
+    if library.version() != release.version.to_string() || library.name() != release.name {
+        return Err(Error::InvalidArtifact(format!(
+            "the library of {} {} says it is {} {}",
+            release.name,
+            release.version,
+            library.name(),
+            library.version()
+        )));
+    }
+    Ok(library)
+}
+
+/// Moves the artifact in place and makes its release record.
 pub(super) fn register(
-    store: &Store,
     artifacts: &Artifacts,
     manifest: &Manifest,
     manifest_toml: &str,
-    bytes: &[u8],
-) -> Result<(Release, Arc<Library>)> {
-    let sha256 = sha256_hex(bytes);
-    let path = artifacts
-        .put(&sha256, bytes)
-        .map_err(Error::io("cannot write the artifact"))?;
-    let referenced = store.releases()?.iter().any(|r| r.sha256 == sha256);
-    let discard = |e: Error| {
-        if !referenced {
-            let _ = artifacts.remove(&sha256);
-        }
-        e
-    };
-    let library = Library::open(&path).map_err(|e| {
-        discard(Error::InvalidArtifact(format!(
-            "{} {}: {e}",
-            manifest.name, manifest.version
-        )))
-    })?;
-    if library.name() != manifest.name || library.version() != manifest.version.to_string() {
-        return Err(discard(Error::InvalidArtifact(format!(
-            "release.toml says {} {}, but the library is {} {}",
-            manifest.name,
-            manifest.version,
-            library.name(),
-            library.version()
-        ))));
-    }
-    let release = Release {
+    upload: Uploaded,
+    state_version: u32,
+) -> Result<Release> {
+    let (sha256, size) = (upload.sha256.clone(), upload.size);
+    artifacts
+        .adopt(upload)
+        .map_err(Error::io("cannot store the artifact"))?;
+    Ok(Release {
         name: manifest.name.clone(),
         version: manifest.version.clone(),
         state: ReleaseState::Staged,
         sha256,
-        size: bytes.len() as u64,
+        size,
         staged_at_ms: now_ms(),
-        state_version: library.state_version(),
+        state_version,
         routes: manifest.routes.clone(),
         blocking: manifest.blocking,
         permanent_since_ms: None,
         manifest: manifest_toml.to_owned(),
         failure: None,
-    };
-    Ok((release, library))
+    })
 }

@@ -35,6 +35,8 @@ pub struct Origin {
     /// recorded under the id as it begins, durably with it, so a retry
     /// after a crash finds it instead of running again.
     pub request: Option<(String, String)>,
+    /// Who asked: the token's or certificate's name; `None` for the agent.
+    pub identity: Option<String>,
 }
 
 impl Origin {
@@ -44,6 +46,7 @@ impl Origin {
             automatic: true,
             reason: Some(reason.into()),
             request: None,
+            identity: None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl Journal {
                 reason: origin.reason.clone(),
                 request_id: origin.request.as_ref().map(|(id, _)| id.clone()),
                 error_reason: None,
+                identity: origin.identity.clone(),
             },
             request,
         )?;

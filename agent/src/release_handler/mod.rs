@@ -34,6 +34,7 @@ mod machine;
 mod soak;
 mod switch;
 
+pub use catalog::{check_service, inspect, Staging, FREE_SPACE_MARGIN};
 pub use machine::{check_states, Direction, Soak};
 pub use soak::watch as watch_soaks;
 
@@ -58,11 +59,8 @@ pub enum StateSource {
 /// A command for the engine.
 #[derive(Debug)]
 pub enum Command {
-    Stage {
-        manifest_toml: String,
-        sha256: String,
-        bytes: Vec<u8>,
-    },
+    /// An upload that passed its checks (`catalog::inspect`).
+    Stage(Staging),
     Switch {
         direction: Direction,
         version: Version,
@@ -93,8 +91,9 @@ impl Command {
     /// reusing its request id.
     fn fingerprint(&self, meta: &Meta) -> String {
         let expected = meta.expected_active.as_ref().map(ToString::to_string);
-        match self {
-            Command::Stage { sha256, .. } => format!("stage {sha256}"),
+        let who = meta.identity.as_deref().unwrap_or("-");
+        let what = match self {
+            Command::Stage(staging) => format!("stage {}", staging.upload.sha256),
             Command::Switch {
                 direction,
                 version,
@@ -104,7 +103,10 @@ impl Command {
             Command::Rollback { source, .. } => format!("rollback {source:?} {expected:?}"),
             Command::MakePermanent { version } => format!("make-permanent {version} {expected:?}"),
             Command::Remove { version } => format!("remove {version} {expected:?}"),
-        }
+        };
+        // A request id belongs to its caller: another identity reusing it
+        // is refused, never handed the first caller's outcome.
+        format!("{what} by {who}")
     }
 }
 
@@ -119,6 +121,8 @@ pub struct Meta {
     pub reason: Option<String>,
     /// After this the client has given up: don't start.
     pub deadline: Option<Instant>,
+    /// Who asked; recorded in the history.
+    pub identity: Option<String>,
 }
 
 /// A plan and what the checks before a switch found.

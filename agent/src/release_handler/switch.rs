@@ -240,20 +240,7 @@ impl Actor {
         source: StateSource,
         report: &PlanReport,
     ) -> Result<Prepared> {
-        let library =
-            Library::open(&self.artifacts.path(&target.sha256)).map_err(|source| Error::Load {
-                version: target.version.clone(),
-                source,
-            })?;
-        if library.version() != target.version.to_string() || library.name() != target.name {
-            return Err(Error::InvalidArtifact(format!(
-                "the library of {} {} says it is {} {}",
-                target.name,
-                target.version,
-                library.name(),
-                library.version()
-            )));
-        }
+        let library = super::catalog::open(&self.artifacts, target)?;
         let snapshot = match source {
             StateSource::Snapshot => Some(
                 self.shared

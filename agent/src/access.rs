@@ -1,0 +1,425 @@
+//! Who may drive the control plane: bearer tokens (and, over mTLS, client
+//! certificates), each naming an identity with a role. Every RPC asks
+//! [`Access::check`] for the role it needs before it reads its request.
+//!
+//! With no `--tokens` file the agent keeps one admin token in
+//! `DATA/admin.token`, created owner-only at first start: the agent's own
+//! user (and root) can read it, `ctl` finds it there, other local users
+//! cannot. Tokens are compared by their sha256 in constant time, and every
+//! entry is compared, so timing tells nothing about which one matched.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::{Error, Reason, Result};
+
+/// Shortest token accepted in a tokens file: guessing must be hopeless.
+const MIN_TOKEN: usize = 16;
+const MAX_NAME: usize = 64;
+
+/// What an identity may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Status, releases, history, watch, info.
+    Read,
+    /// Stage, upgrade, downgrade, rollback, make-permanent.
+    Deploy,
+    /// Remove, and everything else.
+    Admin,
+}
+
+impl Role {
+    fn parse(text: &str) -> Option<Role> {
+        match text {
+            "read" => Some(Role::Read),
+            "deploy" => Some(Role::Deploy),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Read => "read",
+            Role::Deploy => "deploy",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+/// A caller the agent recognised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub role: Role,
+}
+
+struct Entry {
+    identity: Identity,
+    /// sha256 of the token; `None` for a certificate-only identity.
+    digest: Option<[u8; 32]>,
+}
+
+/// The identities the control plane knows.
+pub struct Access {
+    entries: Vec<Entry>,
+    /// Where the tokens came from, for messages.
+    source: String,
+}
+
+/// What a caller presented.
+pub struct Credentials<'a> {
+    /// The `authorization` metadata, if any.
+    pub authorization: Option<&'a [u8]>,
+    /// The subject common name of a verified client certificate, if any.
+    pub certificate: Option<String>,
+}
+
+impl Access {
+    /// Reads a tokens file: one `NAME ROLE TOKEN` per line (`#` starts a
+    /// comment). A TOKEN of `-` admits the identity only by a client
+    /// certificate whose subject common name is NAME.
+    pub fn from_file(path: &Path) -> Result<Access> {
+        let text = std::fs::read_to_string(path).map_err(Error::io(format!(
+            "cannot read the tokens file {}",
+            path.display()
+        )))?;
+        let source = path.display().to_string();
+        match Access::parse(&text) {
+            Ok(access) => Ok(Access { source, ..access }),
+            Err(message) => Err(Error::refused(
+                Reason::InvalidArgument,
+                format!("{source}: {message}"),
+            )),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Access, String> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = |what: String| format!("line {}: {what}", n + 1);
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [name, role, token] = fields[..] else {
+                return Err(at("expected NAME ROLE TOKEN".into()));
+            };
+            if name.len() > MAX_NAME
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@=".contains(c))
+            {
+                return Err(at(format!(
+                    "name {name:?} must be 1 to {MAX_NAME} letters, digits or -_.@="
+                )));
+            }
+            let role = Role::parse(role)
+                .ok_or_else(|| at(format!("role {role:?} is not read, deploy or admin")))?;
+            let digest = match token {
+                "-" => None,
+                t if t.len() < MIN_TOKEN => {
+                    return Err(at(format!(
+                        "the token of {name} is shorter than {MIN_TOKEN} characters"
+                    )))
+                }
+                t => Some(digest(t.as_bytes())),
+            };
+            if entries.iter().any(|e| e.identity.name == name) {
+                return Err(at(format!("{name} is listed twice")));
+            }
+            if digest.is_some() && entries.iter().any(|e| e.digest == digest) {
+                return Err(at(format!("the token of {name} is another's too")));
+            }
+            entries.push(Entry {
+                identity: Identity {
+                    name: name.to_owned(),
+                    role,
+                },
+                digest,
+            });
+        }
+        if entries.is_empty() {
+            return Err("no identities: give at least one NAME ROLE TOKEN line".into());
+        }
+        Ok(Access {
+            entries,
+            source: String::new(),
+        })
+    }
+
+    /// The admin token kept in `data_dir`: read it, or create it (owner-only)
+    /// at first start.
+    pub fn default_admin(data_dir: &Path) -> Result<Access> {
+        let path = admin_token_path(data_dir);
+        let token = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_admin_token(&path)?,
+            Err(e) => {
+                return Err(Error::io(format!("cannot read {}", path.display()))(e));
+            }
+        };
+        if token.len() < MIN_TOKEN {
+            return Err(Error::refused(
+                Reason::InvalidArgument,
+                format!(
+                    "{} holds no usable token; delete it and restart to get a new one",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Access {
+            entries: vec![Entry {
+                identity: Identity {
+                    name: "admin".into(),
+                    role: Role::Admin,
+                },
+                digest: Some(digest(token.as_bytes())),
+            }],
+            source: path.display().to_string(),
+        })
+    }
+
+    /// Where the tokens came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The identity behind `credentials`, if it may act as `needed`.
+    /// A bearer token is looked at first; without one, a verified client
+    /// certificate.
+    pub fn check(&self, credentials: &Credentials<'_>, needed: Role) -> Result<Identity> {
+        let identity = match (credentials.authorization, &credentials.certificate) {
+            (Some(header), _) => {
+                let token = bearer(header).ok_or_else(|| {
+                    unauthenticated("the authorization metadata must be \"Bearer TOKEN\"")
+                })?;
+                self.by_token(token).ok_or_else(|| {
+                    unauthenticated("the token is not one this agent accepts")
+                })?
+            }
+            (None, Some(subject)) => self
+                .entries
+                .iter()
+                .find(|e| e.identity.name == *subject)
+                .map(|e| e.identity.clone())
+                .ok_or_else(|| {
+                    Error::refused(
+                        Reason::PermissionDenied,
+                        format!("the client certificate {subject:?} is not listed in the tokens file"),
+                    )
+                })?,
+            (None, None) => {
+                return Err(unauthenticated(
+                    "no credentials: send \"authorization: Bearer TOKEN\" (ctl: --token, --token-file, NINE9S_TOKEN or ./nine9s-data/admin.token)",
+                ))
+            }
+        };
+        if identity.role < needed {
+            return Err(Error::refused(
+                Reason::PermissionDenied,
+                format!(
+                    "{} has the {} role; this call needs {needed}",
+                    identity.name, identity.role
+                ),
+            ));
+        }
+        Ok(identity)
+    }
+
+    /// Compares against every entry, without stopping at a match.
+    fn by_token(&self, token: &[u8]) -> Option<Identity> {
+        let presented = digest(token);
+        let mut found = None;
+        for entry in &self.entries {
+            if let Some(d) = &entry.digest {
+                if bool::from(d.ct_eq(&presented)) {
+                    found = Some(entry.identity.clone());
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Builds the access list: the tokens file if one was given, otherwise
+/// the data dir's admin token.
+pub fn load(tokens: Option<&Path>, data_dir: &Path) -> Result<Access> {
+    match tokens {
+        Some(path) => Access::from_file(path),
+        None => Access::default_admin(data_dir),
+    }
+}
+
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+fn unauthenticated(message: &str) -> Error {
+    Error::refused(Reason::Unauthenticated, message)
+}
+
+fn bearer(header: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = header.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| token.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// A new random admin token, written owner-only (created with mode 0600,
+/// whatever the umask) and synced.
+fn create_admin_token(path: &Path) -> Result<String> {
+    let mut bytes = [0u8; 32];
+    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
+        .map_err(|e| Error::io("cannot draw a random admin token")(e.into()))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        writeln!(file, "{token}")?;
+        file.sync_all()
+    })();
+    written.map_err(Error::io(format!("cannot write {}", path.display())))?;
+    tracing::info!(path = %path.display(), "created the admin token (owner-only); ctl reads it from there");
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(token: &str) -> Credentials<'_> {
+        Credentials {
+            authorization: Some(token.as_bytes()),
+            certificate: None,
+        }
+    }
+
+    const FILE: &str = "# who may deploy\nci deploy 0123456789abcdef0123\nwatcher read fedcba9876543210fedc # dashboards\nops admin aaaaaaaaaaaaaaaaaaaaaaaa\nedge-1 deploy -\n";
+
+    #[test]
+    fn roles_are_checked_per_call() {
+        let access = Access::parse(FILE).unwrap();
+        let ci = access
+            .check(&creds("Bearer 0123456789abcdef0123"), Role::Deploy)
+            .unwrap();
+        assert_eq!(ci.name, "ci");
+        let err = access
+            .check(&creds("Bearer 0123456789abcdef0123"), Role::Admin)
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::PermissionDenied);
+        let err = access
+            .check(&creds("bearer fedcba9876543210fedc"), Role::Deploy)
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::PermissionDenied);
+        assert!(
+            err.to_string().contains("watcher has the read role"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn strangers_are_unauthenticated() {
+        let access = Access::parse(FILE).unwrap();
+        for header in [
+            "Bearer nope-nope-nope-nope",
+            "Basic abc",
+            "Bearer ",
+            "0123456789abcdef0123",
+        ] {
+            let err = access.check(&creds(header), Role::Read).unwrap_err();
+            assert_eq!(err.reason(), Reason::Unauthenticated, "{header}");
+        }
+        let none = Credentials {
+            authorization: None,
+            certificate: None,
+        };
+        assert_eq!(
+            access.check(&none, Role::Read).unwrap_err().reason(),
+            Reason::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn a_certificate_is_an_identity_by_its_common_name() {
+        let access = Access::parse(FILE).unwrap();
+        let cert = |cn: &str| Credentials {
+            authorization: None,
+            certificate: Some(cn.to_owned()),
+        };
+        assert_eq!(
+            access.check(&cert("edge-1"), Role::Deploy).unwrap().name,
+            "edge-1"
+        );
+        assert_eq!(
+            access
+                .check(&cert("mallory"), Role::Read)
+                .unwrap_err()
+                .reason(),
+            Reason::PermissionDenied
+        );
+        // A certificate-only identity has no token that "-" would match.
+        assert_eq!(
+            access
+                .check(&creds("Bearer -"), Role::Read)
+                .unwrap_err()
+                .reason(),
+            Reason::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn bad_files_say_which_line() {
+        for (text, expected) in [
+            ("ci deploy short", "line 1: the token of ci is shorter"),
+            ("ci root 0123456789abcdef0123", "line 1: role \"root\""),
+            (
+                "a read 0123456789abcdef0123\nb read 0123456789abcdef0123",
+                "line 2: the token of b is another's",
+            ),
+            (
+                "a read 0123456789abcdef0123\na admin 0123456789abcdef9999",
+                "line 2: a is listed twice",
+            ),
+            ("a read", "line 1: expected NAME ROLE TOKEN"),
+            ("# nothing\n", "no identities"),
+        ] {
+            let err = Access::parse(text).err().expect(text);
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_default_admin_token_is_created_owner_only_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = Access::default_admin(dir.path()).unwrap();
+        let path = admin_token_path(dir.path());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        let token = std::fs::read_to_string(&path).unwrap();
+        let header = format!("Bearer {}", token.trim());
+        assert_eq!(
+            first.check(&creds(&header), Role::Admin).unwrap().name,
+            "admin"
+        );
+        let again = Access::default_admin(dir.path()).unwrap();
+        assert!(again.check(&creds(&header), Role::Admin).is_ok());
+    }
+}

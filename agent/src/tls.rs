@@ -1,0 +1,43 @@
+//! The control plane's TLS: the server's certificate and key, and the CA
+//! whose client certificates it accepts (mTLS). A client certificate's
+//! subject common name is its identity, looked up in the tokens file.
+
+use std::path::PathBuf;
+
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::Request;
+
+use crate::error::{Error, Result};
+
+/// PEM files given on the command line.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files into tonic's server configuration.
+    pub fn server_config(&self) -> Result<ServerTlsConfig> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))
+        };
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        Ok(config)
+    }
+}
+
+/// The subject common name of the client's verified certificate, if the
+/// call came over mTLS.
+pub fn client_name<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_owned())
+}

@@ -1,0 +1,1105 @@
+//! The hostile-input matrix (issue 8): whatever a stranger or a broken
+//! client sends, the agent answers with a clear error — gRPC code, message
+//! and ErrorInfo reason — keeps serving the release it served with its
+//! state, leaves nothing behind in its data dir, and comes back from a
+//! restart on the same release and state.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nine9s_proto::{StageHeader, StageReply, StatusRequest, TransitionRequest};
+use nine9s_tests::{
+    eventually, fixture_dir, library, on_0_2_0, reason, release_dir, sha256_hex, stage_chunks,
+    stage_chunks_with, Agent,
+};
+use object::{Object, ObjectSection};
+use tonic::{Code, Status};
+
+/// `/` requests counted by 0.2.0 before each case.
+const HELLOS: usize = 3;
+
+/// An agent on 0.2.0 (permanent, count [`HELLOS`]) and what its data dir
+/// held before the case.
+struct Target {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    extra: Vec<String>,
+    agent: Agent,
+    artifacts: Vec<String>,
+}
+
+fn target(extra: &[&str]) -> Target {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, extra, HELLOS);
+    let artifacts = listing(&data.join("artifacts"));
+    Target {
+        _dir: dir,
+        data,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        agent,
+        artifacts,
+    }
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+fn manifest(version: &str, library: &str) -> String {
+    format!(
+        "name = \"nine9s\"\nversion = \"{version}\"\nlibrary = \"{library}\"\nroutes = [\"/\"]\n"
+    )
+}
+
+impl Target {
+    /// Stages `bytes` under `manifest` over gRPC, with the admin token.
+    fn stage(&self, manifest: &str, bytes: &[u8]) -> Result<StageReply, Status> {
+        self.stage_with(
+            StageHeader {
+                manifest_toml: manifest.to_owned(),
+                sha256: sha256_hex(bytes),
+                size: bytes.len() as u64,
+                ..Default::default()
+            },
+            bytes,
+        )
+    }
+
+    fn stage_with(&self, header: StageHeader, bytes: &[u8]) -> Result<StageReply, Status> {
+        block_on(async {
+            let mut api = self.agent.api().await;
+            api.stage(tokio_stream::iter(stage_chunks_with(header, bytes)))
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+
+    /// The release it served, with its state; no upload left behind; and
+    /// the same after a restart.
+    fn unharmed(self) {
+        let Target {
+            _dir,
+            data,
+            extra,
+            agent,
+            artifacts,
+        } = self;
+        let check = |agent: &Agent, when: &str| {
+            let reply = agent.get("/count");
+            assert_eq!(
+                (reply.status, reply.body.trim(), reply.release.as_str()),
+                (200, HELLOS.to_string().as_str(), "0.2.0"),
+                "{when}"
+            );
+            assert_eq!(agent.status()["permanent"], "0.2.0", "{when}");
+        };
+        check(&agent, "after the case");
+        assert!(
+            eventually(Duration::from_secs(10), || listing(&data.join("artifacts"))
+                == artifacts),
+            "left behind in the artifacts: {:?} (before: {artifacts:?})",
+            listing(&data.join("artifacts"))
+        );
+        assert_eq!(agent.terminate(), 0);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let again = Agent::start(&data, &extra);
+        check(&again, "after a restart");
+    }
+}
+
+/// Asserts an error status: its code, its reason code, and words of its message.
+#[track_caller]
+fn refused(result: Result<StageReply, Status>, code: Code, reason_code: &str, says: &str) {
+    let status = result.expect_err("the stage must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(reason(&status), reason_code, "{status:?}");
+    assert!(
+        status.message().contains(says),
+        "the message {:?} does not say {says:?}",
+        status.message()
+    );
+}
+
+fn sample_library(version: &str) -> Vec<u8> {
+    std::fs::read(library(&format!("nine9s_{}", version.replace('.', "_")))).unwrap()
+}
+
+fn fixture_library(name: &str) -> Vec<u8> {
+    std::fs::read(library(&format!("fixture_{}", name.replace('-', "_")))).unwrap()
+}
+
+fn fixture_manifest(name: &str) -> String {
+    std::fs::read_to_string(fixture_dir(name).join("release.toml")).unwrap()
+}
+
+#[test]
+fn random_bytes_are_no_library() {
+    let t = target(&[]);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    refused(
+        t.stage(&manifest("0.9.9", "libx.so"), &bytes),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "not an ELF shared library",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn a_library_truncated_inside_its_code_is_refused_before_it_is_mapped() {
+    let t = target(&[]);
+    let whole = sample_library("0.3.0");
+    let text = object::File::parse(&*whole)
+        .unwrap()
+        .section_by_name(".text")
+        .expect("a .text section")
+        .file_range()
+        .expect("in the file");
+    let cut = &whole[..(text.0 + text.1 / 2) as usize];
+    refused(
+        t.stage(&manifest("0.3.0", "libnine9s_0_3_0.so"), cut),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "truncated",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn a_library_for_another_architecture_is_refused() {
+    let t = target(&[]);
+    let mut bytes = sample_library("0.3.0");
+    // e_machine, little-endian: EM_AARCH64 (or EM_X86_64 on an arm host).
+    let other: u16 = if cfg!(target_arch = "x86_64") {
+        183
+    } else {
+        62
+    };
+    bytes[18..20].copy_from_slice(&other.to_le_bytes());
+    refused(
+        t.stage(&manifest("0.3.0", "libnine9s_0_3_0.so"), &bytes),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "built for",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn a_shared_library_that_is_no_plugin_is_refused_libz() {
+    let t = target(&[]);
+    let libz = [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/aarch64-linux-gnu/libz.so.1",
+        "/usr/lib/aarch64-linux-gnu/libz.so.1",
+        "/usr/lib64/libz.so.1",
+        "/lib64/libz.so.1",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read(p).ok())
+    .expect("libz.so.1 on this machine (Debian: zlib1g)");
+    refused(
+        t.stage(&manifest("0.9.9", "libz.so"), &libz),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "not a nine9s plugin",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn a_plugin_of_another_abi_version_is_refused() {
+    let t = target(&[]);
+    refused(
+        t.stage(
+            &fixture_manifest("wrong-abi"),
+            &fixture_library("wrong-abi"),
+        ),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "ABI",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn a_library_whose_constructor_crashes_only_crashes_the_probe() {
+    let t = target(&[]);
+    refused(
+        t.stage(
+            &fixture_manifest("ctor-crash"),
+            &fixture_library("ctor-crash"),
+        ),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "crashed the probe process with SIGSEGV",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn a_constructor_runs_in_the_probe_never_in_the_serving_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("opened-by");
+    let data = dir.path().join("data");
+    let agent = Agent::start_with_env(
+        &data,
+        &[],
+        &[("NINE9S_FIXTURE_MARKER", marker.to_str().unwrap())],
+    );
+    let staged = nine9s_tests::stage_fixture(&agent, "ctor-writes").ok();
+    assert!(staged.stdout.contains("0.2.7"), "{staged:?}");
+    let openers = std::fs::read_to_string(&marker).expect("the constructor ran somewhere");
+    let pids: Vec<u32> = openers.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(
+        !pids.is_empty() && !pids.contains(&agent.pid()),
+        "opened by {pids:?}; the agent is {}",
+        agent.pid()
+    );
+    let sha = agent.release("0.2.7").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !agent.mapped_artifacts().iter().any(|p| p.contains(&sha)),
+        "the agent mapped the staged library: {:?}",
+        agent.mapped_artifacts()
+    );
+    // Once accepted, it is the agent's to load when told to.
+    agent.ctl(&["upgrade", "--to", "0.2.7"]).ok();
+    assert_eq!(agent.get("/").body, "Hello marked !");
+}
+
+#[test]
+fn an_upload_whose_bytes_do_not_match_its_digest_is_refused() {
+    let t = target(&[]);
+    let bytes = sample_library("0.3.0");
+    let mut header = StageHeader {
+        manifest_toml: manifest("0.3.0", "libnine9s_0_3_0.so"),
+        sha256: sha256_hex(&bytes),
+        size: bytes.len() as u64,
+        ..Default::default()
+    };
+    let mut corrupt = bytes.clone();
+    corrupt[4096] ^= 0x55;
+    refused(
+        t.stage_with(header.clone(), &corrupt),
+        Code::DataLoss,
+        "CHECKSUM_MISMATCH",
+        "corrupt",
+    );
+    header.sha256 = "not hex".into();
+    refused(
+        t.stage_with(header, &bytes),
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+        "64 hex digits",
+    );
+    t.unharmed();
+}
+
+/// A key pair made by `ctl keygen` in `dir/name`.
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let made = nine9s_tests::ctl(
+        "http://127.0.0.1:1",
+        &["keygen", "--out", out.to_str().unwrap()],
+    );
+    assert_eq!(made.code, 0, "{made:?}");
+    out
+}
+
+/// A copy of nine9s 0.3.0's release dir signed with `key`, and its release.sig.
+fn signed_copy(dir: &Path, key: &Path) -> String {
+    let release = dir.join(format!(
+        "release-{}",
+        sha256_hex(key.to_str().unwrap().as_bytes())
+    ));
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::copy(
+        release_dir("nine9s-0.3.0").join("release.toml"),
+        release.join("release.toml"),
+    )
+    .unwrap();
+    let signed = nine9s_tests::ctl(
+        "http://127.0.0.1:1",
+        &[
+            "sign",
+            release.to_str().unwrap(),
+            "--key",
+            key.join("nine9s.key").to_str().unwrap(),
+            "--library",
+            library("nine9s_0_3_0").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(signed.code, 0, "{signed:?}");
+    std::fs::read_to_string(release.join("release.sig")).unwrap()
+}
+
+#[test]
+fn signatures_that_do_not_verify_are_always_refused() {
+    let keys = tempfile::tempdir().unwrap();
+    let trusted = keygen(keys.path(), "trusted");
+    let stranger = keygen(keys.path(), "stranger");
+    let trusted_dir = keys.path().join("trust");
+    std::fs::create_dir_all(&trusted_dir).unwrap();
+    std::fs::copy(
+        trusted.join("nine9s.pub"),
+        trusted_dir.join("release-team.pub"),
+    )
+    .unwrap();
+    let t = target(&["--trusted-keys", trusted_dir.to_str().unwrap()]);
+    let text = std::fs::read_to_string(release_dir("nine9s-0.3.0").join("release.toml")).unwrap();
+    let bytes = sample_library("0.3.0");
+    let header = |signature: String, manifest: &str| StageHeader {
+        manifest_toml: manifest.to_owned(),
+        sha256: sha256_hex(&bytes),
+        size: bytes.len() as u64,
+        signature,
+        ..Default::default()
+    };
+    // Signed by a key this agent does not trust.
+    refused(
+        t.stage_with(header(signed_copy(keys.path(), &stranger), &text), &bytes),
+        Code::FailedPrecondition,
+        "BAD_SIGNATURE",
+        "not trusted",
+    );
+    // Signed by a trusted key, then the manifest was changed.
+    let good = signed_copy(keys.path(), &trusted);
+    let changed = text.replace("routes = [", "routes = [\"/admin\", ");
+    assert_ne!(changed, text);
+    refused(
+        t.stage_with(header(good.clone(), &changed), &bytes),
+        Code::FailedPrecondition,
+        "BAD_SIGNATURE",
+        "does not match",
+    );
+    // Garbage where the signature goes.
+    refused(
+        t.stage_with(header("nine9s-ed25519-signature zz".into(), &text), &bytes),
+        Code::FailedPrecondition,
+        "BAD_SIGNATURE",
+        "",
+    );
+    t.unharmed();
+    // And the good one is taken.
+    let t = target(&["--trusted-keys", trusted_dir.to_str().unwrap()]);
+    let reply = t.stage_with(header(good, &text), &bytes).unwrap();
+    assert_eq!(reply.release.unwrap().version, "0.3.0");
+}
+
+#[test]
+fn an_unsigned_release_is_refused_when_signatures_are_required() {
+    let keys = tempfile::tempdir().unwrap();
+    let trusted = keygen(keys.path(), "trusted");
+    let agent = Agent::start(
+        &keys.path().join("data"),
+        &[
+            "--trusted-keys",
+            trusted.to_str().unwrap(),
+            "--require-signed",
+        ],
+    );
+    let lib = library("nine9s_0_3_0");
+    let unsigned = agent.ctl(&[
+        "stage",
+        release_dir("nine9s-0.3.0").to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ]);
+    assert_eq!(unsigned.code, 1, "{unsigned:?}");
+    assert!(
+        unsigned.stderr.contains("SIGNATURE_REQUIRED"),
+        "{unsigned:?}"
+    );
+    assert_eq!(agent.release_state("0.3.0"), "absent");
+    assert_eq!(agent.get("/").body, "Hello world!");
+    // `ctl sign` writes release.sig beside release.toml; `ctl stage` sends it.
+    let signed = keys.path().join("signed");
+    std::fs::create_dir_all(&signed).unwrap();
+    std::fs::copy(
+        release_dir("nine9s-0.3.0").join("release.toml"),
+        signed.join("release.toml"),
+    )
+    .unwrap();
+    let key = trusted.join("nine9s.key");
+    let sign = [
+        "sign",
+        signed.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ];
+    assert_eq!(nine9s_tests::ctl("http://127.0.0.1:1", &sign).code, 0);
+    agent
+        .ctl(&[
+            "stage",
+            signed.to_str().unwrap(),
+            "--library",
+            lib.to_str().unwrap(),
+        ])
+        .ok();
+    assert_eq!(agent.release_state("0.3.0"), "staged");
+}
+
+#[test]
+fn a_manifest_that_names_another_version_than_its_library_is_refused() {
+    let t = target(&[]);
+    refused(
+        t.stage(
+            &manifest("0.2.9", "libnine9s_0_2_0.so"),
+            &sample_library("0.2.0"),
+        ),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "release.toml says nine9s 0.2.9, but the library is nine9s 0.2.0",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn versions_that_are_not_semver_or_too_long_are_refused_and_leave_the_history_alone() {
+    let t = target(&[]);
+    let bytes = sample_library("0.3.0");
+    let history_before = t.agent.history();
+    refused(
+        t.stage(&manifest("three", "l.so"), &bytes),
+        Code::InvalidArgument,
+        "INVALID_MANIFEST",
+        "three",
+    );
+    let long = format!("0.3.0-{}", "a".repeat(1000));
+    refused(
+        t.stage(&manifest(&long, "l.so"), &bytes),
+        Code::InvalidArgument,
+        "INVALID_MANIFEST",
+        "at most 64",
+    );
+    let huge = format!("0.3.0-{}", "a".repeat(70_000));
+    refused(
+        t.stage(&manifest(&huge, "l.so"), &bytes),
+        Code::ResourceExhausted,
+        "TOO_LARGE",
+        "release.toml",
+    );
+    // Refusals are not transitions: the history is as it was, and readable.
+    assert_eq!(t.agent.history(), history_before);
+    t.unharmed();
+}
+
+#[test]
+fn path_traversal_in_name_and_library_is_refused() {
+    let t = target(&[]);
+    let bytes = sample_library("0.3.0");
+    refused(
+        t.stage(
+            "name = \"../../etc\"\nversion = \"0.3.0\"\nlibrary = \"l.so\"\n",
+            &bytes,
+        ),
+        Code::InvalidArgument,
+        "INVALID_MANIFEST",
+        "name",
+    );
+    for library in ["../../../etc/passwd.so", "/etc/x.so", "sub/dir.so", ".."] {
+        refused(
+            t.stage(&manifest("0.3.0", library), &bytes),
+            Code::InvalidArgument,
+            "INVALID_MANIFEST",
+            "file name",
+        );
+    }
+    t.unharmed();
+}
+
+#[test]
+fn an_oversized_manifest_is_refused_before_the_upload() {
+    let t = target(&[]);
+    let text = format!(
+        "{}# {}\n",
+        manifest("0.3.0", "libnine9s_0_3_0.so"),
+        "x".repeat(100 * 1024)
+    );
+    refused(
+        t.stage(&text, &sample_library("0.3.0")),
+        Code::ResourceExhausted,
+        "TOO_LARGE",
+        "release.toml",
+    );
+    t.unharmed();
+}
+
+/// Sends a Stage header and `sent` of the library, then keeps the call
+/// open without sending more; returns the call's task and the sender
+/// that keeps it open.
+fn open_upload(
+    runtime: &tokio::runtime::Runtime,
+    agent: &Agent,
+    bytes: &[u8],
+    sent: usize,
+) -> (
+    tokio::task::JoinHandle<Result<StageReply, Status>>,
+    tokio::sync::mpsc::Sender<nine9s_proto::StageChunk>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let chunks = stage_chunks(
+        &std::fs::read_to_string(release_dir("nine9s-0.3.0").join("release.toml")).unwrap(),
+        &sha256_hex(bytes),
+        &bytes[..sent],
+    );
+    let header = chunks[0].clone();
+    // The header announces the whole library.
+    let header = match header.part {
+        Some(nine9s_proto::stage_chunk::Part::Header(mut h)) => {
+            h.size = bytes.len() as u64;
+            nine9s_proto::StageChunk {
+                part: Some(nine9s_proto::stage_chunk::Part::Header(h)),
+            }
+        }
+        _ => unreachable!(),
+    };
+    let mut api = runtime.block_on(agent.api());
+    let call = runtime.spawn(async move {
+        api.stage(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    runtime.block_on(async {
+        tx.send(header).await.unwrap();
+        for chunk in chunks.into_iter().skip(1) {
+            tx.send(chunk).await.unwrap();
+        }
+    });
+    (call, tx)
+}
+
+fn partials(data: &Path) -> usize {
+    listing(&data.join("artifacts"))
+        .iter()
+        .filter(|n| n.ends_with(".partial"))
+        .count()
+}
+
+#[test]
+fn an_interrupted_upload_leaves_nothing_behind() {
+    let t = target(&[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bytes = sample_library("0.3.0");
+    let (call, tx) = open_upload(&runtime, &t.agent, &bytes, bytes.len() / 2);
+    assert!(
+        eventually(Duration::from_secs(10), || partials(&t.data) == 1),
+        "the upload never reached the disk"
+    );
+    // The client goes away mid-upload.
+    call.abort();
+    drop(tx);
+    drop(runtime);
+    assert!(
+        eventually(Duration::from_secs(10), || partials(&t.data) == 0),
+        "a partial upload was left behind"
+    );
+    // An upload that ends early is refused, and leaves nothing either.
+    let mut short = stage_chunks(
+        &manifest("0.3.0", "libnine9s_0_3_0.so"),
+        &sha256_hex(&bytes),
+        &bytes,
+    );
+    short.pop();
+    let status =
+        block_on(async { t.agent.api().await.stage(tokio_stream::iter(short)).await }).unwrap_err();
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::InvalidArgument, "INVALID_ARGUMENT")
+    );
+    assert!(status.message().contains("ended after"), "{status:?}");
+    t.unharmed();
+}
+
+#[test]
+fn stalled_uploads_are_bounded_in_number_and_time() {
+    let t = target(&["--max-uploads", "2", "--upload-idle-timeout", "1s"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bytes = sample_library("0.3.0");
+    let stalled: Vec<_> = (0..2)
+        .map(|_| open_upload(&runtime, &t.agent, &bytes, 64 * 1024))
+        .collect();
+    assert!(eventually(Duration::from_secs(10), || partials(&t.data) == 2));
+    // A third at the same time is refused at once.
+    refused(
+        t.stage(&manifest("0.3.0", "libnine9s_0_3_0.so"), &bytes),
+        Code::ResourceExhausted,
+        "TOO_MANY_UPLOADS",
+        "--max-uploads",
+    );
+    // The stalled ones are dropped after their idle timeout.
+    for (call, tx) in stalled {
+        let status = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), call).await })
+            .expect("a stalled upload is dropped")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(reason(&status), "UPLOAD_STALLED");
+        drop(tx);
+    }
+    assert_eq!(partials(&t.data), 0);
+    // And uploads are taken again.
+    let reply = t
+        .stage(
+            &std::fs::read_to_string(release_dir("nine9s-0.3.0").join("release.toml")).unwrap(),
+            &bytes,
+        )
+        .unwrap();
+    assert_eq!(reply.release.unwrap().version, "0.3.0");
+}
+
+#[test]
+fn the_same_version_with_other_bytes_is_a_conflict() {
+    let t = target(&[]);
+    let text = std::fs::read_to_string(release_dir("nine9s-0.2.0").join("release.toml")).unwrap();
+    let mut other = sample_library("0.2.0");
+    other.extend_from_slice(&[0; 64]);
+    refused(
+        t.stage(&text, &other),
+        Code::FailedPrecondition,
+        "VERSION_CONFLICT",
+        "already staged with other contents",
+    );
+    t.unharmed();
+}
+
+#[test]
+fn concurrent_transitions_with_the_same_expectation_run_one_at_a_time() {
+    let t = target(&[]);
+    nine9s_tests::stage_sample(&t.agent, "0.3.0");
+    let agent = &t.agent;
+    let (up, down) = std::thread::scope(|s| {
+        let up = s.spawn(|| agent.ctl(&["upgrade", "--to", "0.3.0", "--expect-active", "0.2.0"]));
+        let down =
+            s.spawn(|| agent.ctl(&["downgrade", "--to", "0.1.0", "--expect-active", "0.2.0"]));
+        (up.join().unwrap(), down.join().unwrap())
+    });
+    let winners = [&up, &down].iter().filter(|c| c.code == 0).count();
+    assert_eq!(winners, 1, "exactly one wins: {up:?} {down:?}");
+    let loser = if up.code == 0 { &down } else { &up };
+    assert_eq!(loser.code, 1, "{loser:?}");
+    assert!(
+        loser.stderr.contains("EXPECTED_ACTIVE_MISMATCH"),
+        "{loser:?}"
+    );
+    let active = agent.status()["active"].as_str().unwrap().to_owned();
+    assert_eq!(active, if up.code == 0 { "0.3.0" } else { "0.1.0" });
+}
+
+#[test]
+fn strangers_are_unauthenticated() {
+    let t = target(&[]);
+    block_on(async {
+        let mut nobody = t.agent.api_with(None).await;
+        let status = nobody.status(StatusRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(reason(&status), "UNAUTHENTICATED");
+        let mut guesser = t
+            .agent
+            .api_with(Some("0123456789abcdef0123456789abcdef"))
+            .await;
+        let status = guesser
+            .upgrade(TransitionRequest {
+                version: "0.1.0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    });
+    let out = t
+        .agent
+        .ctl_env(&["status"], &[("NINE9S_TOKEN", "not-the-token-at-all")]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("UNAUTHENTICATED"), "{out:?}");
+    // The admin token is the agent user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(t.agent.token_file())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "admin.token mode {mode:o}");
+    t.unharmed();
+}
+
+#[test]
+fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "# name role token\nwatcher read read-token-0123456789\nci deploy deploy-token-0123456789\nops admin admin-token-0123456789\n",
+    )
+    .unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &["--tokens", tokens.to_str().unwrap()],
+    );
+    // With --tokens, no admin token is made in the data dir.
+    assert!(!agent.token_file().exists());
+    let as_ = |token: &str, args: &[&str]| agent.ctl_env(args, &[("NINE9S_TOKEN", token)]);
+    let lib = library("nine9s_0_2_0");
+    let release = release_dir("nine9s-0.2.0");
+    let stage = [
+        "stage",
+        release.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ];
+    let denied = as_("read-token-0123456789", &stage);
+    assert_eq!(denied.code, 1, "{denied:?}");
+    assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
+    as_("read-token-0123456789", &["status"]).ok();
+    as_("deploy-token-0123456789", &stage).ok();
+    as_(
+        "deploy-token-0123456789",
+        &[
+            "upgrade",
+            "--to",
+            "0.2.0",
+            "--permanent",
+            "--reason",
+            "ticket 7",
+        ],
+    )
+    .ok();
+    let denied = as_("deploy-token-0123456789", &["remove", "0.1.0"]);
+    assert_eq!(denied.code, 1, "{denied:?}");
+    assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
+    as_("admin-token-0123456789", &["remove", "0.1.0"]).ok();
+    let history = as_("watcher-is-not-a-token", &["--output", "json", "history"]);
+    assert_eq!(history.code, 1, "{history:?}");
+    let history = as_("read-token-0123456789", &["--output", "json", "history"]).ok();
+    let history: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let who: Vec<(String, String, String)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let text = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+            (text("kind"), text("identity"), text("reason"))
+        })
+        .collect();
+    let expect = |kind: &str, identity: &str, reason: &str| {
+        assert!(
+            who.contains(&(kind.into(), identity.into(), reason.into())),
+            "no {kind} by {identity:?} for {reason:?} in {who:?}"
+        )
+    };
+    expect("stage", "ci", "");
+    expect("upgrade", "ci", "ticket 7");
+    expect("remove", "ops", "");
+    assert_eq!(agent.get("/").release, "0.2.0");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and client certificates,
+/// made with the openssl command line.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki { dir };
+        pki.ca("ca");
+        pki.ca("other-ca");
+        pki.issue(
+            "server",
+            "ca",
+            "/CN=localhost",
+            Some("subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        );
+        pki.issue("edge-1", "ca", "/CN=edge-1", None);
+        pki.issue("impostor", "other-ca", "/CN=edge-1", None);
+        pki
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_owned()
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("openssl (Debian: openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ca(&self, name: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+    }
+
+    fn issue(&self, name: &str, ca: &str, subject: &str, ext: Option<&str>) {
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ]);
+        let ext_file = format!("{name}.ext");
+        std::fs::write(
+            self.dir.path().join(&ext_file),
+            ext.unwrap_or("basicConstraints=CA:FALSE"),
+        )
+        .unwrap();
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &ext_file,
+        ]);
+    }
+}
+
+#[test]
+fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
+    let pki = Pki::new();
+    let tokens = pki.dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "edge-1 deploy -\nops admin admin-token-0123456789\n",
+    )
+    .unwrap();
+    let data = pki.dir.path().join("data");
+    let agent = Agent::start(
+        &data,
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--tls-cert",
+            &pki.path("server.pem"),
+            "--tls-key",
+            &pki.path("server.key"),
+            "--client-ca",
+            &pki.path("ca.pem"),
+        ],
+    );
+    let url = format!("https://localhost:{}", agent.grpc.port());
+    let with = |client: &str, args: &[&str]| {
+        let mut all = vec![
+            "--ca".to_owned(),
+            pki.path("ca.pem"),
+            "--cert".into(),
+            pki.path(&format!("{client}.pem")),
+            "--key".into(),
+            pki.path(&format!("{client}.key")),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        nine9s_tests::ctl(&url, &all)
+    };
+    let ok = with("edge-1", &["--output", "json", "status"]);
+    assert_eq!(ok.code, 0, "{ok:?}");
+    let (release, lib) = (release_dir("nine9s-0.2.0"), library("nine9s_0_2_0"));
+    let staged = with(
+        "edge-1",
+        &[
+            "stage",
+            release.to_str().unwrap(),
+            "--library",
+            lib.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(staged.code, 0, "{staged:?}");
+    assert_eq!(with("edge-1", &["upgrade", "--to", "0.2.0"]).code, 0);
+    let history = with("edge-1", &["--output", "json", "history"]);
+    let history: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    assert_eq!(
+        history.as_array().unwrap().last().unwrap()["identity"],
+        "edge-1"
+    );
+    // Same subject, another CA: the handshake fails, nothing is done.
+    let impostor = with("impostor", &["upgrade", "--to", "0.1.0"]);
+    assert_ne!(impostor.code, 0, "{impostor:?}");
+    // No certificate at all, even with a valid token: no handshake either.
+    let bare = nine9s_tests::ctl(
+        &url,
+        &[
+            "--ca",
+            &pki.path("ca.pem"),
+            "--token",
+            "admin-token-0123456789",
+            "status",
+        ],
+    );
+    assert_ne!(bare.code, 0, "{bare:?}");
+    assert_eq!(agent.get("/").release, "0.2.0");
+}
+
+#[test]
+fn a_control_plane_beyond_loopback_without_tls_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(nine9s_tests::bin_dir().join("agent"))
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--http", "127.0.0.1:0", "--grpc", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+}
+
+#[test]
+fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
+    let t = target(&["--http-header-timeout", "1s", "--http-idle-timeout", "2s"]);
+    let mut slow = TcpStream::connect(t.agent.http).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap();
+    let mut idle = TcpStream::connect(t.agent.http).unwrap();
+    for stream in [&slow, &idle] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+    }
+    // Served meanwhile.
+    assert_eq!(t.agent.get("/count").status, 200);
+    let mut buf = [0u8; 64];
+    let closed =
+        |stream: &mut TcpStream, buf: &mut [u8]| matches!(stream.read(buf), Ok(0) | Err(_));
+    assert!(
+        closed(&mut slow, &mut buf),
+        "a slowloris connection was kept"
+    );
+    assert!(closed(&mut idle, &mut buf), "an idle connection was kept");
+    t.unharmed();
+}
+
+#[test]
+fn too_many_connections_wait_and_never_take_the_control_plane_down() {
+    let t = target(&["--max-connections", "16", "--http-idle-timeout", "2s"]);
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(t.agent.http).unwrap())
+        .collect();
+    // The control plane answers while the data plane is full.
+    assert_eq!(t.agent.status()["active"], "0.2.0");
+    // As idle connections are closed, waiting ones are served.
+    assert_eq!(t.agent.get("/count").body.trim(), HELLOS.to_string());
+    drop(idle);
+    t.unharmed();
+}
+
+/// What proptest sends as a Stage call: header and data messages in any
+/// order, with sizes and digests that may or may not add up.
+mod stage_protocol {
+    use std::sync::OnceLock;
+
+    use nine9s_proto::{stage_chunk::Part, StageChunk, StageHeader};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn agent() -> &'static (tempfile::TempDir, Agent) {
+        static AGENT: OnceLock<(tempfile::TempDir, Agent)> = OnceLock::new();
+        AGENT.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let agent = Agent::start(&dir.path().join("data"), &["--upload-idle-timeout", "2s"]);
+            (dir, agent)
+        })
+    }
+
+    fn message() -> impl Strategy<Value = StageChunk> {
+        let bytes = proptest::collection::vec(any::<u8>(), 0..2048);
+        prop_oneof![
+            3 => bytes.clone().prop_map(|b| StageChunk { part: Some(Part::Data(b)) }),
+            1 => (0u64..5000, "[0-9a-f]{0,64}", prop::bool::ANY, bytes).prop_map(|(size, sha, real, b)| {
+                let manifest = if real {
+                    "name = \"nine9s\"\nversion = \"0.9.0\"\nlibrary = \"l.so\"\n".to_owned()
+                } else {
+                    String::from_utf8_lossy(&b).into_owned()
+                };
+                StageChunk { part: Some(Part::Header(StageHeader { manifest_toml: manifest, sha256: sha, size, ..Default::default() })) }
+            }),
+            1 => Just(StageChunk { part: None }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_stage_call_gets_a_clear_answer_and_the_agent_keeps_serving(
+            messages in proptest::collection::vec(message(), 0..6)
+        ) {
+            let (_, agent) = agent();
+            let result = block_on(async { agent.api().await.stage(tokio_stream::iter(messages)).await });
+            if let Err(status) = result {
+                prop_assert!(!reason(&status).is_empty(), "no reason code: {status:?}");
+                prop_assert!(!status.message().is_empty());
+            }
+            prop_assert_eq!(agent.get("/").status, 200);
+        }
+    }
+}
