@@ -49,6 +49,9 @@ use release_handler::Engine;
 /// thread stacks and malloc arenas come and go over many switches.
 const CONTROL_BLOCKING_THREADS: usize = 8;
 
+/// Concurrent calls (`Watch` streams included) on one gRPC connection.
+const GRPC_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// What SIGTERM may take beyond `--shutdown-grace`: the final checkpoint
 /// and closing the store.
 const STOP_MARGIN: Duration = Duration::from_secs(1);
@@ -173,7 +176,10 @@ impl Agent {
         let grpc_stopped = until_stopped(stopped.clone());
         let grpc = control.spawn(async move {
             let listener = TcpListener::from_std(grpc)?;
-            let mut server = tonic::transport::Server::builder();
+            // Bounds on what one connection can hold, authenticated or not.
+            let mut server = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
+                .tcp_keepalive(Some(Duration::from_secs(60)));
             if let Some(tls) = tls {
                 server = server.tls_config(tls).map_err(std::io::Error::other)?;
             }

@@ -2,7 +2,8 @@
 //! HTTP load on the agent while it upgrades and downgrades in a loop, and
 //! prints the figures as one JSON line on stdout (progress goes to stderr).
 //! This file owns the command line, the choice between the bench, the
-//! crash loop (`--crash-loop N`) and the hidden `--bare-server` mode, and
+//! crash loop (`--crash-loop N`), the stalled-upload measure
+//! (`--stalled-uploads N`) and the hidden `--bare-server` mode, and
 //! the exit codes: 0 when the run completed, 1 when a correctness target
 //! failed (in the crash loop: an iteration ended inconsistent), 2 on bad
 //! flags or when the run could not be set up or finished.
@@ -17,12 +18,14 @@ mod load;
 mod procs;
 mod report;
 mod run;
+mod uploads;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds S] [--cycles N]
        nine9s-bench --crash-loop N [--seed S]
+       nine9s-bench --stalled-uploads N [--upload-mib M]
 
 Build first: cargo build --release --workspace
   --short          CI smoke run: 16 connections, 3 s phases, 50 cycles
@@ -32,7 +35,11 @@ Build first: cargo build --release --workspace
   --crash-loop N   instead of the bench: N random transitions, each cut short
                    by a kill -9 at a random moment, the node checked after
                    each restart
-  --seed S         the crash loop's random choices, to replay a run";
+  --seed S         the crash loop's random choices, to replay a run
+  --stalled-uploads N
+                   instead of the bench: N uploads of --upload-mib MiB
+                   (default 100) that stall before their last MiB; prints
+                   the agent's resident memory before and with all stalled";
 
 /// What one run measures.
 #[derive(Debug, Clone)]
@@ -46,6 +53,7 @@ pub struct Options {
 enum Mode {
     Bench(Options),
     CrashLoop(crashloop::Options),
+    StalledUploads(uploads::Options),
     /// The baseline server, run as a child of the bench so that the bare
     /// server and the agent both sit in a process of their own.
     BareServer,
@@ -101,6 +109,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Mode::StalledUploads(options) => {
+            let outcome = runtime.block_on(interruptible(uploads::stalled_uploads(options)));
+            drop(runtime);
+            match outcome {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nine9s-bench --stalled-uploads: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Mode::Bench(options) => {
             let outcome = runtime.block_on(interruptible(run::bench(options)));
             // Dropping the runtime before exiting lets the child processes'
@@ -145,6 +167,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut cycles = None;
     let mut crash_loop = None;
     let mut seed = None;
+    let mut stalled = None;
+    let mut upload_mib = None;
     let mut args = args.peekable();
     if args.peek().is_some_and(|a| a == "--bare-server") {
         args.next();
@@ -171,9 +195,30 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--cycles" => cycles = Some(number::<u32>(&flag, &value()?)?),
             "--crash-loop" => crash_loop = Some(number::<u32>(&flag, &value()?)?),
             "--seed" => seed = Some(number::<u64>(&flag, &value()?)?),
+            "--stalled-uploads" => stalled = Some(number::<usize>(&flag, &value()?)?),
+            "--upload-mib" => upload_mib = Some(number::<usize>(&flag, &value()?)?),
             "-h" | "--help" => return Ok(Mode::Help),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if let Some(uploads) = stalled {
+        if short
+            || connections.is_some()
+            || seconds.is_some()
+            || cycles.is_some()
+            || crash_loop.is_some()
+            || seed.is_some()
+        {
+            return Err("--stalled-uploads takes no other flag than --upload-mib".into());
+        }
+        let mib = upload_mib.unwrap_or(100);
+        if !(1..=64).contains(&uploads) || !(2..=4096).contains(&mib) {
+            return Err("--stalled-uploads takes 1 to 64, --upload-mib 2 to 4096".into());
+        }
+        return Ok(Mode::StalledUploads(uploads::Options { uploads, mib }));
+    }
+    if upload_mib.is_some() {
+        return Err("--upload-mib goes with --stalled-uploads".into());
     }
     if let Some(iterations) = crash_loop {
         if short || connections.is_some() || seconds.is_some() || cycles.is_some() {

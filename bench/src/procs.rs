@@ -94,6 +94,16 @@ impl AgentProcess {
         dir: &Path,
         ready_within: Duration,
     ) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_with(agent, dir, ready_within, &[]).await
+    }
+
+    /// [`AgentProcess::start`] with extra flags.
+    pub async fn start_with(
+        agent: &Path,
+        dir: &Path,
+        ready_within: Duration,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
         let data = dir.join("data");
         let log = dir.join("agent.log");
         let log_file = std::fs::OpenOptions::new()
@@ -106,6 +116,7 @@ impl AgentProcess {
             .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
             // The bench reads the state through `/count`, not from snapshots.
             .args(["--checkpoint-every", "1h"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)

@@ -97,8 +97,22 @@ impl Agent {
 
     /// [`Agent::start`] with extra environment variables.
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::spawn(Command::new(bin_dir().join("agent")), data_dir, extra, env)
+    }
+
+    /// [`Agent::start`] after `sh` ran `setup` (`ulimit -n 512`, `umask
+    /// 000`, ...) in the process that then becomes the agent.
+    pub fn start_after(setup: &str, data_dir: &Path, extra: &[&str]) -> Agent {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("{setup}; exec \"$0\" \"$@\""))
+            .arg(bin_dir().join("agent"));
+        Agent::spawn(sh, data_dir, extra, &[])
+    }
+
+    fn spawn(mut command: Command, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let log = data_dir.with_extension(format!("{}.log", unique()));
-        let mut child = Command::new(bin_dir().join("agent"))
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])

@@ -782,18 +782,21 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
     assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
     as_("read-token-0123456789", &["status"]).ok();
     as_("deploy-token-0123456789", &stage).ok();
-    as_(
-        "deploy-token-0123456789",
-        &[
-            "upgrade",
-            "--to",
-            "0.2.0",
-            "--permanent",
-            "--reason",
-            "ticket 7",
-        ],
-    )
-    .ok();
+    let upgrade = [
+        "upgrade",
+        "--to",
+        "0.2.0",
+        "--permanent",
+        "--reason",
+        "ticket 7",
+        "--request-id",
+        "deploy-7",
+    ];
+    as_("deploy-token-0123456789", &upgrade).ok();
+    // A request id is its caller's: another identity cannot replay it.
+    let replayed = as_("admin-token-0123456789", &upgrade);
+    assert_eq!(replayed.code, 1, "{replayed:?}");
+    assert!(replayed.stderr.contains("REQUEST_ID_REUSED"), "{replayed:?}");
     let denied = as_("deploy-token-0123456789", &["remove", "0.1.0"]);
     assert_eq!(denied.code, 1, "{denied:?}");
     assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
@@ -1027,8 +1030,11 @@ fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
     // Served meanwhile.
     assert_eq!(t.agent.get("/count").status, 200);
     let mut buf = [0u8; 64];
-    let closed =
-        |stream: &mut TcpStream, buf: &mut [u8]| matches!(stream.read(buf), Ok(0) | Err(_));
+    // Closed by the agent: end of file or a reset, not our read timeout.
+    let closed = |stream: &mut TcpStream, buf: &mut [u8]| match stream.read(buf) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
     assert!(
         closed(&mut slow, &mut buf),
         "a slowloris connection was kept"
@@ -1102,4 +1108,109 @@ mod stage_protocol {
             prop_assert_eq!(agent.get("/").status, 200);
         }
     }
+}
+
+#[test]
+fn an_artifact_changed_on_disk_is_never_loaded() {
+    let t = target(&[]);
+    nine9s_tests::stage_sample(&t.agent, "0.3.0");
+    let sha = t.agent.release("0.3.0").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = t.data.join("artifacts").join(format!("{sha}.so"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let text = object::File::parse(&*bytes)
+        .unwrap()
+        .section_by_name(".text")
+        .unwrap()
+        .file_range()
+        .unwrap();
+    // Someone with access to the data dir patches the code.
+    bytes[(text.0 + text.1 / 2) as usize] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = t.agent.ctl(&["upgrade", "--to", "0.3.0"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("CHECKSUM_MISMATCH") && out.stderr.contains("changed on disk"),
+        "{out:?}"
+    );
+    assert!(
+        !t.agent.mapped_artifacts().iter().any(|p| p.contains(&sha)),
+        "the changed library was mapped"
+    );
+    assert_eq!(t.agent.release_state("0.3.0"), "failed");
+    assert_eq!(t.agent.get("/count").release, "0.2.0");
+}
+
+#[test]
+fn a_permanent_artifact_changed_on_disk_is_not_loaded_at_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], HELLOS);
+    let sha = agent.release("0.2.0").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(agent.terminate(), 0);
+    let path = data.join("artifacts").join(format!("{sha}.so"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let agent = Agent::start(&data, &[]);
+    // It falls back on the release before, and says why.
+    assert_eq!(agent.get("/").release, "0.1.0");
+    let status = agent.status();
+    assert_eq!(status["permanent"], "0.1.0", "{status}");
+    assert!(agent.log().contains("changed on disk"), "{}", agent.log());
+    assert!(!agent.mapped_artifacts().iter().any(|p| p.contains(&sha)));
+}
+
+#[test]
+fn the_data_dir_is_owner_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A data dir someone made world-readable, and a permissive umask.
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let agent = Agent::start_after("umask 000", &data, &[]);
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let mut open = Vec::new();
+    let mut stack = vec![data.clone()];
+    while let Some(path) = stack.pop() {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        if mode & 0o077 != 0 {
+            open.push(format!("{} {:o}", path.display(), mode & 0o777));
+        }
+        if path.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+}
+
+#[test]
+fn a_flood_of_connections_never_takes_the_control_plane_down() {
+    // Few file descriptors, and more connections than they could hold.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_after("ulimit -n 300", &dir.path().join("data"), &[]);
+    // Those beyond the agent's cap and the listen backlog wait for the
+    // kernel to take their SYN: not for this test.
+    let flood: Vec<TcpStream> = (0..400)
+        .filter_map(|_| TcpStream::connect_timeout(&agent.http, Duration::from_millis(20)).ok())
+        .collect();
+    let status = agent.ctl(&["--output", "json", "status"]);
+    assert_eq!(
+        status.code, 0,
+        "the control plane is unreachable: {status:?}"
+    );
+    drop(flood);
+    assert!(eventually(Duration::from_secs(10), || {
+        nine9s_tests::Client::connect(agent.http)
+            .and_then(|mut c| c.get("/"))
+            .is_ok_and(|r| r.status == 200)
+    }));
 }
