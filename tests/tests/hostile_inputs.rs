@@ -796,7 +796,10 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
     // A request id is its caller's: another identity cannot replay it.
     let replayed = as_("admin-token-0123456789", &upgrade);
     assert_eq!(replayed.code, 1, "{replayed:?}");
-    assert!(replayed.stderr.contains("REQUEST_ID_REUSED"), "{replayed:?}");
+    assert!(
+        replayed.stderr.contains("REQUEST_ID_REUSED"),
+        "{replayed:?}"
+    );
     let denied = as_("deploy-token-0123456789", &["remove", "0.1.0"]);
     assert_eq!(denied.code, 1, "{denied:?}");
     assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
