@@ -104,7 +104,12 @@ impl Access {
     fn parse(text: &str) -> Result<Access, String> {
         let mut entries: Vec<Entry> = Vec::new();
         for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
+            // A comment is a line that starts with `#`, or ` #` after the
+            // fields: a token may contain `#`.
+            let line = line.split(" #").next().unwrap_or("").trim();
+            if line.starts_with('#') {
+                continue;
+            }
             if line.is_empty() {
                 continue;
             }
@@ -206,16 +211,17 @@ impl Access {
                     unauthenticated("the token is not one this agent accepts")
                 })?
             }
+            // Only identities listed for certificates (`NAME ROLE -`): a
+            // certificate never stands in for a token's identity.
             (None, Some(subject)) => self
                 .entries
                 .iter()
-                .find(|e| e.identity.name == *subject)
+                .find(|e| e.digest.is_none() && e.identity.name == *subject)
                 .map(|e| e.identity.clone())
                 .ok_or_else(|| {
-                    Error::refused(
-                        Reason::PermissionDenied,
-                        format!("the client certificate {subject:?} is not listed in the tokens file"),
-                    )
+                    unauthenticated(&format!(
+                        "the client certificate {subject:?} is not listed as NAME ROLE - in the tokens file"
+                    ))
                 })?,
             (None, None) => {
                 return Err(unauthenticated(
@@ -311,7 +317,7 @@ mod tests {
         }
     }
 
-    const FILE: &str = "# who may deploy\nci deploy 0123456789abcdef0123\nwatcher read fedcba9876543210fedc # dashboards\nops admin aaaaaaaaaaaaaaaaaaaaaaaa\nedge-1 deploy -\n";
+    const FILE: &str = "# who may deploy\nci deploy 0123456789abcdef0123\nwatcher read fedcba9876543210fedc # dashboards\nops admin aaaaaaaaaaaa#aaaaaaaaaaa\nedge-1 deploy -\n";
 
     #[test]
     fn roles_are_checked_per_call() {
@@ -320,6 +326,10 @@ mod tests {
             .check(&creds("Bearer 0123456789abcdef0123"), Role::Deploy)
             .unwrap();
         assert_eq!(ci.name, "ci");
+        let ops = access
+            .check(&creds("Bearer aaaaaaaaaaaa#aaaaaaaaaaa"), Role::Admin)
+            .unwrap();
+        assert_eq!(ops.name, "ops");
         let err = access
             .check(&creds("Bearer 0123456789abcdef0123"), Role::Admin)
             .unwrap_err();
@@ -372,7 +382,12 @@ mod tests {
                 .check(&cert("mallory"), Role::Read)
                 .unwrap_err()
                 .reason(),
-            Reason::PermissionDenied
+            Reason::Unauthenticated
+        );
+        // A token identity's name on a certificate is not that identity.
+        assert_eq!(
+            access.check(&cert("ops"), Role::Read).unwrap_err().reason(),
+            Reason::Unauthenticated
         );
         // A certificate-only identity has no token that "-" would match.
         assert_eq!(

@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -24,18 +25,66 @@ pub fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("artifacts")
 }
 
-/// An upload on its way to becoming an artifact; its file is deleted if
-/// it is dropped before [`Artifacts::adopt`] took it.
+/// Disk space promised to uploads in progress, so that parallel uploads
+/// cannot together eat the room kept free for the store.
+#[derive(Debug, Clone, Default)]
+pub struct Reservations(Arc<AtomicU64>);
+
+impl Reservations {
+    /// Promises `bytes` if `free`, less what is promised already, leaves
+    /// `margin` beside them; `Err` is what is left to promise.
+    pub fn reserve(&self, free: u64, bytes: u64, margin: u64) -> Result<Reservation, u64> {
+        let mut promised = self.0.load(Ordering::Acquire);
+        loop {
+            let left = free.saturating_sub(promised);
+            if left < bytes.saturating_add(margin) {
+                return Err(left);
+            }
+            match self.0.compare_exchange(
+                promised,
+                promised + bytes,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        all: self.clone(),
+                        bytes,
+                    })
+                }
+                Err(now) => promised = now,
+            }
+        }
+    }
+}
+
+/// Space promised to one upload, until it is adopted or dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    all: Reservations,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.all.0.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// An upload on its way to becoming an artifact; its file is deleted (and
+/// its space reservation returned) if it is dropped before
+/// [`Artifacts::adopt`] took it.
 pub struct Upload {
     file: std::fs::File,
     hasher: Sha256,
     size: u64,
     guard: Guard,
+    reservation: Option<Reservation>,
 }
 
 impl Upload {
     /// A new, empty, owner-only upload file in `dir`.
-    pub fn create(dir: &Path) -> std::io::Result<Upload> {
+    pub fn create(dir: &Path, reservation: Option<Reservation>) -> std::io::Result<Upload> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = dir.join(format!(
             "upload-{}-{}.partial",
@@ -52,6 +101,7 @@ impl Upload {
             hasher: Sha256::new(),
             size: 0,
             guard: Guard(Some(path)),
+            reservation,
         })
     }
 
@@ -74,6 +124,7 @@ impl Upload {
             sha256: hex(&self.hasher.finalize()),
             size: self.size,
             guard: self.guard,
+            _reservation: self.reservation,
         })
     }
 }
@@ -84,6 +135,7 @@ pub struct Uploaded {
     pub sha256: String,
     pub size: u64,
     guard: Guard,
+    _reservation: Option<Reservation>,
 }
 
 impl Uploaded {

@@ -68,6 +68,10 @@ pub struct Limits {
     pub http_idle_timeout: Duration,
     /// Open data-plane connections; beyond, new ones wait in the backlog.
     pub max_connections: usize,
+    /// Open control-plane connections; beyond, new ones wait in the backlog.
+    pub max_control_connections: usize,
+    /// How long a request body may take to arrive.
+    pub http_body_timeout: Duration,
     /// Largest request body handed to a release.
     pub max_body: usize,
 }
@@ -80,6 +84,8 @@ impl Default for Limits {
             http_header_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            max_control_connections: 128,
+            http_body_timeout: Duration::from_secs(30),
             max_body: 16 * 1024 * 1024,
         }
     }

@@ -12,7 +12,7 @@ use nine9s_manifest::signature::TrustedKeys;
 use nine9s_manifest::{Manifest, Step, Version, MAX_MANIFEST};
 use nine9s_proto as pb;
 use pb::control_server::{Control, ControlServer};
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
@@ -20,7 +20,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::access::{Access, Credentials, Identity, Role};
-use crate::artifacts::{self, Upload};
+use crate::artifacts::{self, Reservation, Reservations, Upload};
 use crate::error::{Error, Reason};
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
 use crate::release_handler::{
@@ -51,6 +51,7 @@ pub fn service(
         access,
         keys,
         uploads,
+        reservations: Reservations::default(),
         stopped,
     })
     .max_decoding_message_size(8 * 1024 * 1024)
@@ -63,6 +64,8 @@ pub struct ControlService {
     keys: Option<Arc<TrustedKeys>>,
     /// One permit per upload in progress (`--max-uploads`).
     uploads: Arc<Semaphore>,
+    /// Disk space promised to uploads in progress.
+    reservations: Reservations,
     /// Flips to true on shutdown: open `Watch` streams end.
     stopped: watch::Receiver<bool>,
 }
@@ -266,7 +269,7 @@ fn permanence(request: &pb::TransitionRequest) -> Result<Permanence, Status> {
 impl ControlService {
     /// A Stage header's checks: sizes, the manifest, the service, the
     /// signature, room on disk.
-    fn check_header(&self, header: &pb::StageHeader) -> Result<Manifest, Status> {
+    fn check_header(&self, header: &pb::StageHeader) -> Result<(Manifest, Reservation), Status> {
         if header.manifest_toml.len() > MAX_MANIFEST {
             return Err(too_large(format!(
                 "the release.toml is {} bytes; the limit is {MAX_MANIFEST}",
@@ -291,21 +294,24 @@ impl ControlService {
         let dir = artifacts::dir(&self.engine.config().data_dir);
         let free = artifacts::free_space(&dir)
             .map_err(|e| status(Error::io("cannot read the free space of the data dir")(e)))?;
-        let needed = header.size + FREE_SPACE_MARGIN;
-        if free < needed {
-            return Err(status(Error::refused(
-                Reason::DiskFull,
-                format!(
-                    "not enough free space in the data dir to stage {} {}: {} MiB free, {} MiB needed (the library plus {} MiB kept for the store)",
-                    manifest.name,
-                    manifest.version,
-                    free / (1024 * 1024),
-                    needed.div_ceil(1024 * 1024),
-                    FREE_SPACE_MARGIN / (1024 * 1024)
-                ),
-            )));
-        }
-        Ok(manifest)
+        let reservation = self
+            .reservations
+            .reserve(free, header.size, FREE_SPACE_MARGIN)
+            .map_err(|left| {
+                let needed = header.size + FREE_SPACE_MARGIN;
+                status(Error::refused(
+                    Reason::DiskFull,
+                    format!(
+                        "not enough free space in the data dir to stage {} {}: {} MiB free for it (other uploads in progress included), {} MiB needed (the library plus {} MiB kept for the store)",
+                        manifest.name,
+                        manifest.version,
+                        left / (1024 * 1024),
+                        needed.div_ceil(1024 * 1024),
+                        FREE_SPACE_MARGIN / (1024 * 1024)
+                    ),
+                ))
+            })?;
+        Ok((manifest, reservation))
     }
 
     /// A signature must verify against a trusted key, whether or not one
@@ -383,7 +389,7 @@ impl Control for ControlService {
         let identity = self.authorize(&request, Role::Deploy)?;
         let deadline = deadline(request.metadata());
         let limits = &self.engine.config().limits;
-        let _permit = Arc::clone(&self.uploads).try_acquire_owned().map_err(|_| {
+        let permit = Arc::clone(&self.uploads).try_acquire_owned().map_err(|_| {
             status(Error::refused(
                 Reason::TooManyUploads,
                 format!(
@@ -415,9 +421,12 @@ impl Control for ControlService {
         meta.identity = Some(identity.name);
         // Everything the header alone can tell is checked before a byte of
         // the library is accepted.
-        let manifest = self.check_header(&header)?;
-        let mut upload = Upload::create(&artifacts::dir(&self.engine.config().data_dir))
-            .map_err(|e| status(Error::io("cannot start the upload")(e)))?;
+        let (manifest, reservation) = self.check_header(&header)?;
+        let mut upload = Upload::create(
+            &artifacts::dir(&self.engine.config().data_dir),
+            Some(reservation),
+        )
+        .map_err(|e| status(Error::io("cannot start the upload")(e)))?;
         while let Some(chunk) = next().await? {
             let Some(pb::stage_chunk::Part::Data(data)) = chunk.part else {
                 return Err(invalid("only one Stage header is allowed"));
@@ -428,8 +437,8 @@ impl Control for ControlService {
                     header.size
                 )));
             }
-            upload
-                .write(&data)
+            // A write and its hashing block; other calls go on meanwhile.
+            tokio::task::block_in_place(|| upload.write(&data))
                 .map_err(|e| status(Error::io("cannot write the upload")(e)))?;
         }
         if upload.size() != header.size {
@@ -440,7 +449,11 @@ impl Control for ControlService {
             )));
         }
         let expected = header.sha256.to_ascii_lowercase();
-        let inspected = tokio::task::spawn_blocking(move || {
+        // On a thread of its own, not the control plane's blocking pool,
+        // which soak health checks need; the upload permit goes with it,
+        // so an inspection outliving its client still counts.
+        let (done, inspection) = oneshot::channel();
+        let inspect_upload = move || {
             let upload = upload
                 .finish()
                 .map_err(Error::io("cannot write the upload"))?;
@@ -459,9 +472,20 @@ impl Control for ControlService {
                 upload,
                 state_version: report.state_version,
             })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the upload's inspection failed: {e}")))?;
+        };
+        std::thread::Builder::new()
+            .name("nine9s-inspect".into())
+            .spawn(move || {
+                let _permit = permit;
+                let _ = done.send(inspect_upload());
+            })
+            .map_err(|e| status(Error::io("cannot start the upload's inspection")(e)))?;
+        let inspected = inspection.await.map_err(|_| {
+            status(Error::refused(
+                Reason::Internal,
+                "the upload's inspection ended without an answer",
+            ))
+        })?;
         let reply = self
             .command(Command::Stage(inspected.map_err(status)?), meta)
             .await?;

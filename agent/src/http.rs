@@ -8,9 +8,10 @@
 //! data plane never takes the file descriptors the control plane needs);
 //! a request's headers must arrive within `--http-header-timeout` of its
 //! first byte (slowloris), and a connection with no request under way and
-//! no byte of a new one is closed after `--http-idle-timeout`. hyper has a
-//! single timer for both waits, so each connection's [`Watchdog`] keeps
-//! them apart.
+//! no byte of a new one is closed after `--http-idle-timeout` (counted from
+//! the last byte of the previous response); a request's body must arrive
+//! within `--http-body-timeout`. hyper has a single timer for the first
+//! two waits, so each connection's [`Watchdog`] keeps them apart.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -108,13 +109,13 @@ async fn connection(
     };
     let service = {
         let watchdog = Arc::clone(&watchdog);
-        let max_body = limits.max_body;
+        let body_limits = (limits.max_body, limits.http_body_timeout);
         service_fn(move |request| {
             let runtime = Arc::clone(&runtime);
             let watchdog = Arc::clone(&watchdog);
             async move {
                 let _busy = watchdog.request();
-                Ok::<_, Infallible>(answer(&runtime, request, max_body).await)
+                Ok::<_, Infallible>(answer(&runtime, request, body_limits).await)
             }
         })
     };
@@ -180,6 +181,17 @@ impl Watchdog {
     fn read(&self, bytes: usize) {
         if bytes > 0 && self.pending.fetch_add(bytes as u64, Ordering::Relaxed) == 0 {
             // The first byte of a request: its header clock starts.
+            self.mark();
+        }
+    }
+
+    /// A response still going out keeps the connection from counting as
+    /// idle: the idle clock starts from the last byte written.
+    fn wrote(&self, polled: &Poll<std::io::Result<usize>>) {
+        if matches!(polled, Poll::Ready(Ok(n)) if *n > 0)
+            && self.busy.load(Ordering::Relaxed) == 0
+            && self.pending.load(Ordering::Relaxed) == 0
+        {
             self.mark();
         }
     }
@@ -259,7 +271,9 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watchdog.wrote(&polled);
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -275,7 +289,9 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watchdog.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -286,21 +302,35 @@ impl tokio::io::AsyncWrite for Watched {
 async fn answer(
     runtime: &Runtime,
     request: Request<Incoming>,
-    max_body: usize,
+    (max_body, body_timeout): (usize, Duration),
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
-        match Limited::new(body, max_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+        let collected = tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect());
+        match collected.await {
+            Err(_) => {
+                let mut response = plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} ms\n",
+                        body_timeout.as_millis()
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return plain(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the request body is over {max_body} bytes\n"),
                 );
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 return plain(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read the request body: {e}\n"),

@@ -22,6 +22,7 @@ mod control;
 mod error;
 mod failpoint;
 mod http;
+mod incoming;
 mod model;
 pub mod probe;
 mod release_handler;
@@ -174,21 +175,22 @@ impl Agent {
             .map_err(Error::io("cannot move the gRPC listener"))?;
         let service = control::service(engine.clone(), access, keys, stopped.clone());
         let grpc_stopped = until_stopped(stopped.clone());
+        let max_control_connections = engine.config().limits.max_control_connections;
         let grpc = control.spawn(async move {
             let listener = TcpListener::from_std(grpc)?;
             // Bounds on what one connection can hold, authenticated or not.
             let mut server = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
-                .tcp_keepalive(Some(Duration::from_secs(60)));
+                .tcp_keepalive(Some(Duration::from_secs(60)))
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)));
             if let Some(tls) = tls {
                 server = server.tls_config(tls).map_err(std::io::Error::other)?;
             }
             server
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    // Without TCP_NODELAY a reply's trailers wait ~40 ms for the
-                    // client's delayed ACK.
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    incoming::capped(listener, max_control_connections),
                     grpc_stopped,
                 )
                 .await

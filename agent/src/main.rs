@@ -94,6 +94,12 @@ struct Args {
     /// How long an idle HTTP keep-alive connection stays open (up to 1h).
     #[arg(long, default_value = "60s", value_parser = positive_up_to_an_hour)]
     http_idle_timeout: Duration,
+    /// How long an HTTP request's body may take to arrive (up to 1h).
+    #[arg(long, default_value = "30s", value_parser = positive_up_to_an_hour)]
+    http_body_timeout: Duration,
+    /// Open gRPC connections at most; more wait in the listen backlog.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_control_connections: u32,
     /// Open HTTP connections at most; more wait in the listen backlog.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
@@ -232,13 +238,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     config.trusted_keys = args.trusted_keys;
     config.require_signed = args.require_signed;
-    let max_connections = connection_cap(args.max_connections as usize);
+    let max_connections = connection_cap(
+        args.max_connections as usize,
+        u64::from(args.max_control_connections) + RESERVED_FDS,
+    );
     config.limits = Limits {
         max_uploads: args.max_uploads as usize,
         upload_idle_timeout: args.upload_idle_timeout,
         http_header_timeout: args.http_header_timeout,
         http_idle_timeout: args.http_idle_timeout,
         max_connections,
+        max_control_connections: args.max_control_connections as usize,
+        http_body_timeout: args.http_body_timeout,
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
     };
 
@@ -261,14 +272,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// File descriptors kept for everything but data-plane connections: the
-/// control plane's, the store's, artifacts, probes.
-const RESERVED_FDS: u64 = 256;
+/// File descriptors kept beside the control plane's connections for the
+/// store, artifacts, uploads and probes.
+const RESERVED_FDS: u64 = 128;
 
 /// Raises the open-file limit to its maximum, and keeps `wanted`
 /// connections under it with room to spare: a flood of HTTP connections
 /// must never leave the control plane unable to accept.
-fn connection_cap(wanted: usize) -> usize {
+fn connection_cap(wanted: usize, reserved: u64) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     if let Some(max) = limit.maximum {
@@ -283,7 +294,7 @@ fn connection_cap(wanted: usize) -> usize {
     let Some(files) = getrlimit(Resource::Nofile).current else {
         return wanted;
     };
-    let room = usize::try_from(files.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX);
+    let room = usize::try_from(files.saturating_sub(reserved).max(1)).unwrap_or(usize::MAX);
     if wanted > room {
         tracing::warn!(
             wanted,

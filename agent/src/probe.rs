@@ -4,25 +4,29 @@
 //! headers are read as data ([`check_elf`]: the right architecture and
 //! type, every loadable segment and the section headers inside the file), then the library is
 //! opened in a throwaway child — this same binary run as `agent probe
-//! LIBRARY` ([`child`]) — under a time, memory and file limit. The child
+//! LIBRARY` ([`child`]) — in a process group of its own, under a time,
+//! memory, file size and open-file limit. The child
 //! reports the plugin's ABI, name, version and state version as one JSON
 //! line; a crash, a hang or anything else is the library's fault, said in
 //! words, and the agent never mapped it.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use object::elf::{self, FileHeader64};
 use object::read::elf::{FileHeader, ProgramHeader};
-use object::{Endianness, FileKind};
+use object::{Endianness, FileKind, ReadCache};
 use serde::{Deserialize, Serialize};
 
 /// How long the probe may take: opening a library is milliseconds.
 pub const TIME_LIMIT: Duration = Duration::from_secs(10);
 /// The probe's address space: the agent binary, libc and one plugin.
 const MEMORY_LIMIT: u64 = 1024 * 1024 * 1024;
+/// The largest file the probe may write.
+const FILE_LIMIT: u64 = 1024 * 1024;
 /// The largest report the parent reads.
 const MAX_REPORT: u64 = 64 * 1024;
 
@@ -47,37 +51,49 @@ enum Answer {
 /// object for this machine, whose loadable segments and section headers
 /// all lie inside the file (a truncated library would be mapped past its
 /// end: SIGBUS).
-pub fn check_elf(path: &Path) -> Result<(), String> {
-    let data = std::fs::read(path).map_err(|e| format!("cannot read the upload: {e}"))?;
-    match FileKind::parse(&*data) {
+pub fn check_elf(path: &Path) -> Result<(), ProbeError> {
+    let refused = ProbeError::Refused;
+    let unreadable = |e: std::io::Error| ProbeError::Failed(format!("cannot read the upload: {e}"));
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let size = file.metadata().map_err(unreadable)?.len();
+    // Only the headers are read, not the whole upload.
+    let data = ReadCache::new(file);
+    match FileKind::parse(&data) {
         Ok(FileKind::Elf64) => {}
         Ok(FileKind::Elf32) => {
-            return Err("a 32-bit ELF file; this agent loads 64-bit libraries".into())
+            return Err(refused(
+                "a 32-bit ELF file; this agent loads 64-bit libraries".into(),
+            ))
         }
-        Ok(other) => return Err(format!("a {other:?} file, not an ELF shared library")),
-        Err(_) => return Err("not an ELF shared library (no ELF header)".into()),
+        Ok(other) => {
+            return Err(refused(format!(
+                "a {other:?} file, not an ELF shared library"
+            )))
+        }
+        Err(_) => return Err(refused("not an ELF shared library (no ELF header)".into())),
     }
-    let header = FileHeader64::<Endianness>::parse(&*data)
-        .map_err(|e| format!("not a valid ELF file: {e}"))?;
+    let header = FileHeader64::<Endianness>::parse(&data)
+        .map_err(|e| refused(format!("not a valid ELF file: {e}")))?;
     let endian = header
         .endian()
-        .map_err(|e| format!("not a valid ELF file: {e}"))?;
+        .map_err(|e| refused(format!("not a valid ELF file: {e}")))?;
     let machine = header.e_machine(endian);
     if machine != HOST_MACHINE {
-        return Err(format!(
+        return Err(refused(format!(
             "built for {} (ELF machine {machine}); this agent runs on {}",
             machine_name(machine),
             std::env::consts::ARCH
-        ));
+        )));
     }
     if header.e_type(endian) != elf::ET_DYN {
-        return Err(
+        return Err(refused(
             "an ELF file that is not a shared library (build the release as a cdylib)".into(),
-        );
+        ));
     }
-    let size = data.len() as u64;
     let truncated = |what: &str, end: u64| {
-        format!("truncated: {what} needs the file to be {end} bytes, but it has {size}")
+        refused(format!(
+            "truncated: {what} needs the file to be {end} bytes, but it has {size}"
+        ))
     };
     let sections_end = header
         .e_shoff(endian)
@@ -86,8 +102,8 @@ pub fn check_elf(path: &Path) -> Result<(), String> {
         return Err(truncated("the section header table", sections_end));
     }
     let segments = header
-        .program_headers(endian, &*data)
-        .map_err(|e| format!("truncated or corrupt program headers: {e}"))?;
+        .program_headers(endian, &data)
+        .map_err(|e| refused(format!("truncated or corrupt program headers: {e}")))?;
     for segment in segments {
         if segment.p_type(endian) != elf::PT_LOAD {
             continue;
@@ -126,53 +142,81 @@ fn machine_name(machine: u16) -> String {
     }
 }
 
+/// Why a library was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The library's fault: it is refused.
+    #[error("{0}")]
+    Refused(String),
+    /// The agent could not look (no process, no file): not the library's fault.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Opens `library` in a child process and returns what it found, or why
 /// the library is refused. Blocks for up to [`TIME_LIMIT`].
-pub fn probe(library: &Path) -> Result<Report, String> {
+///
+/// The child leads a process group of its own, killed whole when the
+/// probe ends: a constructor that forks leaves nothing behind, and the
+/// report is read on a thread of its own, so a grandchild holding stdout
+/// open cannot hold the agent either.
+pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     check_elf(library)?;
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the agent binary to probe with: {e}"))?;
-    let mut child = Command::new(exe)
+    // The running binary itself, even if a package upgrade replaced the file.
+    let mut child = Command::new("/proc/self/exe")
         .arg("probe")
         .arg(library)
+        .current_dir("/")
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start the probe: {e}"))?;
+        .map_err(|e| ProbeError::Failed(format!("cannot start the probe process: {e}")))?;
+    let group = rustix::process::Pid::from_child(&child);
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.take(MAX_REPORT).read_to_string(&mut out);
+        out
+    });
     let deadline = Instant::now() + TIME_LIMIT;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break status,
+            Ok(Some(status)) => break Ok(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
+                break Err(ProbeError::Refused(format!(
                     "opening it did not finish within {} s (a constructor that hangs?)",
                     TIME_LIMIT.as_secs()
-                ));
+                )))
             }
-            Err(e) => return Err(format!("cannot wait for the probe: {e}")),
+            Err(e) => {
+                break Err(ProbeError::Failed(format!(
+                    "cannot wait for the probe: {e}"
+                )))
+            }
         }
     };
-    let mut out = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        let _ = stdout.take(MAX_REPORT).read_to_string(&mut out);
-    }
+    // Whatever the library started goes with the probe.
+    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = reader.join().unwrap_or_default();
+    let status = status?;
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
-        return Err(format!(
+        return Err(ProbeError::Refused(format!(
             "opening it crashed the probe process with {}",
             signal_name(signal)
-        ));
+        )));
     }
     // The last line: a constructor may have printed before the report.
     match out.lines().last().map(serde_json::from_str::<Answer>) {
         Some(Ok(Answer::Plugin(report))) if status.success() => Ok(report),
-        Some(Ok(Answer::Refused(reason))) => Err(reason),
-        _ => Err(format!(
+        Some(Ok(Answer::Refused(reason))) => Err(ProbeError::Refused(reason)),
+        _ => Err(ProbeError::Refused(format!(
             "the probe ended with {status} and no report (the library exited the process?)"
-        )),
+        ))),
     }
 }
 
@@ -206,6 +250,9 @@ pub fn child(library: &Path) -> i32 {
     };
     limit(Resource::As, MEMORY_LIMIT);
     limit(Resource::Cpu, TIME_LIMIT.as_secs());
+    // A constructor may write, but cannot fill the disk or open much.
+    limit(Resource::Fsize, FILE_LIMIT);
+    limit(Resource::Nofile, 64);
     // A crash here is expected of bad uploads: leave no core dumps behind.
     limit(Resource::Core, 0);
     // Die with the agent rather than linger.

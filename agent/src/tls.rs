@@ -9,6 +9,9 @@ use tonic::Request;
 
 use crate::error::{Error, Result};
 
+/// How long a client gets to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// PEM files given on the command line.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -24,7 +27,9 @@ impl TlsFiles {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))
         };
+        // A client that never finishes its handshake is dropped.
         let mut config = ServerTlsConfig::new()
+            .timeout(HANDSHAKE_TIMEOUT)
             .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
         if let Some(ca) = &self.client_ca {
             config = config.client_ca_root(Certificate::from_pem(read(ca)?));

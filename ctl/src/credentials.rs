@@ -63,6 +63,8 @@ pub enum TokenSource {
     DataDir,
     /// `./nine9s-data/admin.token` exists but could not be used (why).
     DataDirUnusable(String),
+    /// The agent is not on this machine: the local admin token is not sent.
+    NotForRemote,
     None,
 }
 
@@ -94,7 +96,7 @@ impl AccessFlags {
     /// the command line already checked is an http:// or https:// URL).
     /// `Err` is a usage error.
     pub fn connect(&self, url: &str) -> Result<Connection, String> {
-        let (bearer, token_source) = self.bearer()?;
+        let (bearer, token_source) = self.bearer(url)?;
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| format!("--agent {url:?} is not a URL: {e}"))?
             .connect_timeout(Duration::from_secs(5));
@@ -111,13 +113,17 @@ impl AccessFlags {
         })
     }
 
-    fn bearer(&self) -> Result<(Bearer, TokenSource), String> {
+    fn bearer(&self, url: &str) -> Result<(Bearer, TokenSource), String> {
         let (token, source) = if let Some(token) = &self.token {
             (token.clone(), TokenSource::Flag)
         } else if let Some(path) = &self.token_file {
             let text =
                 read_small(path).map_err(|e| format!("--token-file: {}", cannot_read(path, &e)))?;
             (text, TokenSource::File(path.clone()))
+        } else if !is_loopback(url) {
+            // The local agent's admin token is for the local agent: never
+            // sent to another machine unless asked for.
+            return Ok((Bearer(None), TokenSource::NotForRemote));
         } else {
             let path = Path::new(DEFAULT_TOKEN_FILE);
             match read_small(path) {
@@ -196,12 +202,31 @@ pub fn unauthenticated_hint(source: &TokenSource) -> String {
         "give --token/--token-file, or run where ./nine9s-data/admin.token is readable";
     match source {
         TokenSource::None => format!("no token was sent: {GIVE}"),
+        TokenSource::NotForRemote => format!(
+            "no token was sent: ./{DEFAULT_TOKEN_FILE} is only used for an agent on this machine; give --token/--token-file"
+        ),
         TokenSource::DataDirUnusable(why) => format!("no token was sent ({why}): {GIVE}"),
         TokenSource::DataDir => format!(
             "the token in ./{DEFAULT_TOKEN_FILE} is not this agent's (it may use another data dir): give --token/--token-file"
         ),
         TokenSource::Flag => "check --token (or NINE9S_TOKEN)".to_owned(),
         TokenSource::File(path) => format!("check the token in {}", path.display()),
+    }
+}
+
+/// Whether `url`'s host is this machine (loopback or `localhost`).
+fn is_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
     }
 }
 
@@ -267,31 +292,61 @@ mod tests {
     }
 
     #[test]
+    fn the_local_admin_token_is_only_for_a_local_agent() {
+        for url in [
+            "http://127.0.0.1:50051",
+            "http://localhost:1",
+            "https://[::1]:2",
+        ] {
+            assert!(is_loopback(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.7:50051",
+            "https://agent.example:443",
+            "http://[2001:db8::1]:1",
+        ] {
+            assert!(!is_loopback(url), "{url}");
+            let (bearer, source) = flags(&[]).bearer(url).unwrap();
+            assert!(
+                bearer.0.is_none() && matches!(source, TokenSource::NotForRemote),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
     fn tokens() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t");
         std::fs::write(&file, "  s3cret-token\n").unwrap();
         let file = file.to_str().unwrap();
-        let (bearer, source) = flags(&["--token-file", file]).bearer().unwrap();
+        let (bearer, source) = flags(&["--token-file", file])
+            .bearer("http://127.0.0.1:50051")
+            .unwrap();
         assert_eq!(bearer.0.unwrap().to_str().unwrap(), "Bearer s3cret-token");
         assert_eq!(source, TokenSource::File(file.into()));
-        let (bearer, source) = flags(&["--token", "abc"]).bearer().unwrap();
+        let (bearer, source) = flags(&["--token", "abc"])
+            .bearer("http://127.0.0.1:50051")
+            .unwrap();
         assert_eq!(bearer.0.unwrap().to_str().unwrap(), "Bearer abc");
         assert_eq!(source, TokenSource::Flag);
         for bad in ["", " ", "two words", "é"] {
-            let err = flags(&["--token", bad]).bearer().err().unwrap();
+            let err = flags(&["--token", bad])
+                .bearer("http://127.0.0.1:50051")
+                .err()
+                .unwrap();
             assert!(err.starts_with("--token "), "{err}");
         }
         let missing = dir.path().join("missing");
         let err = flags(&["--token-file", missing.to_str().unwrap()])
-            .bearer()
+            .bearer("http://127.0.0.1:50051")
             .err()
             .unwrap();
         assert!(err.contains("missing"), "{err}");
         std::fs::write(dir.path().join("empty"), "\n").unwrap();
         let empty = dir.path().join("empty");
         let err = flags(&["--token-file", empty.to_str().unwrap()])
-            .bearer()
+            .bearer("http://127.0.0.1:50051")
             .err()
             .unwrap();
         assert!(err.contains("is empty"), "{err}");
@@ -351,7 +406,9 @@ mod tests {
 
     #[test]
     fn every_call_carries_the_token() {
-        let (mut bearer, _) = flags(&["--token", "abc"]).bearer().unwrap();
+        let (mut bearer, _) = flags(&["--token", "abc"])
+            .bearer("http://127.0.0.1:50051")
+            .unwrap();
         let request = bearer.call(Request::new(())).unwrap();
         assert_eq!(
             request.metadata().get("authorization").unwrap(),

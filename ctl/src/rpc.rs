@@ -135,7 +135,16 @@ impl Agent {
 /// A status the agent did not send: the call may not have reached it, and
 /// is safe to try again with the same request id.
 pub fn is_transport(status: &Status) -> bool {
-    status.code() == Code::Unavailable && status.get_error_details().error_info().is_none()
+    let from_transport = match status.code() {
+        Code::Unavailable => true,
+        // A connection the agent closed (a TLS handshake it refused, say):
+        // tonic's own error, with the transport's under it, or the call
+        // cut short with it (ctl never cancels a call itself).
+        Code::Unknown => std::error::Error::source(status).is_some(),
+        Code::Cancelled => true,
+        _ => false,
+    };
+    from_transport && status.get_error_details().error_info().is_none()
 }
 
 /// The status's message and the errors under it (a connect error says

@@ -147,20 +147,25 @@ impl Manifest {
     /// Parses and validates a `release.toml` text; nothing it accepts is
     /// over the limits above.
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
-        if text.len() > MAX_MANIFEST {
-            return Err(invalid(format!(
-                "it is {} bytes; at most {MAX_MANIFEST} (64 KiB)",
-                text.len()
-            )));
+        Manifest::parse_as(text, true)
+    }
+
+    /// Parses a `release.toml` an agent recorded when it staged the
+    /// release, perhaps under older, looser rules: its syntax, version and
+    /// plans, not the limits on new uploads (a release staged before them
+    /// stays usable).
+    pub fn parse_recorded(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse_as(text, false)
+    }
+
+    fn parse_as(text: &str, strict: bool) -> Result<Manifest, ManifestError> {
+        if strict {
+            Manifest::check_text(text)?;
         }
         let raw: RawManifest =
             toml::from_str(text).map_err(|e| ManifestError::Syntax(e.message().to_owned()))?;
-        // Lengths first: the errors below quote the values.
-        let name_len = raw.name.chars().count();
-        if name_len > MAX_NAME {
-            return Err(invalid(format!(
-                "name is {name_len} characters; at most {MAX_NAME}"
-            )));
+        if strict {
+            raw.check_limits()?;
         }
         if raw.name.is_empty()
             || !raw
@@ -173,24 +178,47 @@ impl Manifest {
                 raw.name
             )));
         }
-        let version_len = raw.version.chars().count();
+        let version = Version::parse(&raw.version)
+            .map_err(|_| ManifestError::Version(raw.version.clone()))?;
+        raw.into_manifest(version)
+    }
+
+    fn check_text(text: &str) -> Result<(), ManifestError> {
+        if text.len() > MAX_MANIFEST {
+            return Err(invalid(format!(
+                "it is {} bytes; at most {MAX_MANIFEST} (64 KiB)",
+                text.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl RawManifest {
+    /// The limits on a new upload; the errors quote the values, so lengths first.
+    fn check_limits(&self) -> Result<(), ManifestError> {
+        let name_len = self.name.chars().count();
+        if name_len > MAX_NAME {
+            return Err(invalid(format!(
+                "name is {name_len} characters; at most {MAX_NAME}"
+            )));
+        }
+        let version_len = self.version.chars().count();
         if version_len > MAX_VERSION {
             return Err(invalid(format!(
                 "version is {version_len} characters; at most {MAX_VERSION}"
             )));
         }
-        let version = Version::parse(&raw.version)
-            .map_err(|_| ManifestError::Version(raw.version.clone()))?;
-        check_library(&raw.library)?;
-        check_routes(&raw.routes)?;
+        check_library(&self.library)?;
+        check_routes(&self.routes)?;
         for (word, plans) in [
             (
                 "upgrade",
-                raw.upgrade.iter().map(|p| &p.steps).collect::<Vec<_>>(),
+                self.upgrade.iter().map(|p| &p.steps).collect::<Vec<_>>(),
             ),
             (
                 "downgrade",
-                raw.downgrade.iter().map(|p| &p.steps).collect(),
+                self.downgrade.iter().map(|p| &p.steps).collect(),
             ),
         ] {
             if plans.len() > MAX_PLANS {
@@ -206,7 +234,11 @@ impl Manifest {
                 )));
             }
         }
-        let upgrade = raw
+        Ok(())
+    }
+
+    fn into_manifest(self, version: Version) -> Result<Manifest, ManifestError> {
+        let upgrade = self
             .upgrade
             .into_iter()
             .map(|p| {
@@ -216,7 +248,7 @@ impl Manifest {
                 })
             })
             .collect::<Result<_, ManifestError>>()?;
-        let downgrade = raw
+        let downgrade = self
             .downgrade
             .into_iter()
             .map(|p| {
@@ -227,11 +259,11 @@ impl Manifest {
             })
             .collect::<Result<_, ManifestError>>()?;
         Ok(Manifest {
-            name: raw.name,
+            name: self.name,
             version,
-            library: raw.library,
-            routes: raw.routes,
-            blocking: raw.blocking,
+            library: self.library,
+            routes: self.routes,
+            blocking: self.blocking,
             upgrade,
             downgrade,
         })
@@ -309,6 +341,18 @@ fn parse_range(text: &str) -> Result<VersionReq, ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_manifest_is_read_under_the_rules_it_was_staged_with() {
+        let old = "name = \"a\"\nversion = \"0.3.0\"\nlibrary = \"target/release/l.so\"\nroutes = [\"count\"]\n";
+        assert!(Manifest::parse(old).is_err());
+        let m = Manifest::parse_recorded(old).unwrap();
+        assert_eq!(m.library, "target/release/l.so");
+        assert!(
+            Manifest::parse_recorded("name = \"a b\"\nversion = \"1\"\nlibrary = \"l.so\"\n")
+                .is_err()
+        );
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -11,7 +11,9 @@ use std::thread;
 use std::time::Duration;
 
 use nine9s_proto::{Event, EventKind, WatchRequest};
-use nine9s_tests::{eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent, Api};
+use nine9s_tests::{
+    eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent, Api, SmallDisk,
+};
 use tokio_stream::StreamExt;
 
 /// Runs `call` with a gRPC client of the agent, on a runtime of its own.
@@ -419,48 +421,6 @@ fn a_dry_run_refuses_a_plan_whose_hook_does_not_exist() {
         "staged",
         "a dry run fails nobody"
     );
-}
-
-/// A small filesystem of the test's own (tmpfs), unmounted when dropped.
-/// Mounting needs root, which CI has; elsewhere the test is skipped.
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn mount(megabytes: u32) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then(|| SmallDisk(dir))
-    }
-
-    fn path(&self) -> &std::path::Path {
-        self.0.path()
-    }
-
-    /// Fills the filesystem to the last byte.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(self.path().join("filler")).unwrap();
-        let chunk = vec![0u8; 1 << 16];
-        while filler.write_all(&chunk).is_ok() {}
-        while filler.write_all(&[0]).is_ok() {}
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.path().join("filler")).unwrap();
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
 }
 
 #[test]

@@ -405,7 +405,7 @@ fn signatures_that_do_not_verify_are_always_refused() {
         t.stage_with(header("nine9s-ed25519-signature zz".into(), &text), &bytes),
         Code::FailedPrecondition,
         "BAD_SIGNATURE",
-        "",
+        "malformed",
     );
     t.unharmed();
     // And the good one is taken.
@@ -782,6 +782,24 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
     assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
     as_("read-token-0123456789", &["status"]).ok();
     as_("deploy-token-0123456789", &stage).ok();
+    // A read token calling Upgrade, straight over gRPC.
+    let status = block_on(async {
+        agent
+            .api_with(Some("read-token-0123456789"))
+            .await
+            .upgrade(TransitionRequest {
+                version: "0.2.0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "PERMISSION_DENIED");
+    assert!(
+        status.message().contains("watcher has the read role"),
+        "{status:?}"
+    );
     let upgrade = [
         "upgrade",
         "--to",
@@ -849,6 +867,8 @@ impl Pki {
         );
         pki.issue("edge-1", "ca", "/CN=edge-1", None);
         pki.issue("impostor", "other-ca", "/CN=edge-1", None);
+        pki.issue("stranger", "ca", "/CN=stranger", None);
+        pki.issue("ops", "ca", "/CN=ops", None);
         pki
     }
 
@@ -989,7 +1009,14 @@ fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
     );
     // Same subject, another CA: the handshake fails, nothing is done.
     let impostor = with("impostor", &["upgrade", "--to", "0.1.0"]);
-    assert_ne!(impostor.code, 0, "{impostor:?}");
+    assert_eq!(impostor.code, 3, "{impostor:?}");
+    // Signed by the CA, but not listed: unauthenticated.
+    let stranger = with("stranger", &["status"]);
+    assert_eq!(stranger.code, 1, "{stranger:?}");
+    assert!(stranger.stderr.contains("UNAUTHENTICATED"), "{stranger:?}");
+    // A token identity's name on a certificate is not that identity.
+    let ops = with("ops", &["remove", "0.1.0"]);
+    assert!(ops.stderr.contains("UNAUTHENTICATED"), "{ops:?}");
     // No certificate at all, even with a valid token: no handshake either.
     let bare = nine9s_tests::ctl(
         &url,
@@ -1001,7 +1028,7 @@ fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
             "status",
         ],
     );
-    assert_ne!(bare.code, 0, "{bare:?}");
+    assert_eq!(bare.code, 3, "{bare:?}");
     assert_eq!(agent.get("/").release, "0.2.0");
 }
 
@@ -1019,44 +1046,118 @@ fn a_control_plane_beyond_loopback_without_tls_is_refused_at_start() {
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
 
-#[test]
-fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
-    let t = target(&["--http-header-timeout", "1s", "--http-idle-timeout", "2s"]);
-    let mut slow = TcpStream::connect(t.agent.http).unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap();
-    let mut idle = TcpStream::connect(t.agent.http).unwrap();
-    for stream in [&slow, &idle] {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+/// Closed by the agent: end of file or a reset, not our read timeout.
+fn closed_by_the_agent(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // A response (the 408 of a slow body): read on to the close.
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
-    // Served meanwhile.
-    assert_eq!(t.agent.get("/count").status, 200);
-    let mut buf = [0u8; 64];
-    // Closed by the agent: end of file or a reset, not our read timeout.
-    let closed = |stream: &mut TcpStream, buf: &mut [u8]| match stream.read(buf) {
-        Ok(n) => n == 0,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-    };
-    assert!(
-        closed(&mut slow, &mut buf),
-        "a slowloris connection was kept"
-    );
-    assert!(closed(&mut idle, &mut buf), "an idle connection was kept");
+}
+
+/// Sends `bytes` one at a time, 300 ms apart, until the agent closes the
+/// connection or they run out; returns whether it closed it.
+fn trickle(stream: &mut TcpStream, bytes: &[u8]) -> bool {
+    let mut probe = stream.try_clone().unwrap();
+    probe.set_nonblocking(true).unwrap();
+    for byte in bytes {
+        if stream.write_all(&[*byte]).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut buf = [0u8; 1];
+        if matches!(probe.read(&mut buf), Ok(0)) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn slowloris_headers_are_cut_off_while_others_are_served() {
+    // An idle limit far away: only the header timeout can close it.
+    let t = target(&["--http-header-timeout", "1s", "--http-idle-timeout", "1h"]);
+    let mut slow = TcpStream::connect(t.agent.http).unwrap();
+    let agent = &t.agent;
+    let cut = std::thread::scope(|s| {
+        let served = s.spawn(|| agent.get("/count").status);
+        let cut = trickle(&mut slow, &[b'G'; 100]);
+        assert_eq!(served.join().unwrap(), 200);
+        cut
+    });
+    assert!(cut, "a request whose headers never end was kept for 30 s");
     t.unharmed();
 }
 
 #[test]
-fn too_many_connections_wait_and_never_take_the_control_plane_down() {
-    let t = target(&["--max-connections", "16", "--http-idle-timeout", "2s"]);
-    let idle: Vec<TcpStream> = (0..64)
+fn a_slow_body_is_cut_off() {
+    let t = target(&["--http-body-timeout", "1s", "--http-idle-timeout", "1h"]);
+    let mut slow = TcpStream::connect(t.agent.http).unwrap();
+    slow.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n")
+        .unwrap();
+    assert!(trickle(&mut slow, &[b'x'; 100]) || closed_by_the_agent(&mut slow));
+    t.unharmed();
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    let t = target(&["--http-idle-timeout", "1s", "--http-header-timeout", "1h"]);
+    let mut idle = TcpStream::connect(t.agent.http).unwrap();
+    let mut used = nine9s_tests::Client::connect(t.agent.http).unwrap();
+    assert_eq!(used.get("/count").unwrap().status, 200);
+    assert!(
+        closed_by_the_agent(&mut idle),
+        "an idle connection was kept"
+    );
+    // And one idle after a response.
+    assert!(
+        used.get("/count").is_err(),
+        "a keep-alive connection idle for 30 s was kept"
+    );
+    t.unharmed();
+}
+
+#[test]
+fn connections_beyond_the_cap_wait_and_never_take_the_control_plane_down() {
+    let t = target(&["--max-connections", "16", "--http-idle-timeout", "1h"]);
+    let mut held: Vec<TcpStream> = (0..16)
         .map(|_| TcpStream::connect(t.agent.http).unwrap())
         .collect();
+    // The 17th waits: connected (the backlog), not served.
+    let mut waiting = TcpStream::connect(t.agent.http).unwrap();
+    waiting
+        .write_all(b"GET /count HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let early = waiting.read(&mut buf);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "served beyond the cap: {early:?}"
+    );
     // The control plane answers while the data plane is full.
     assert_eq!(t.agent.status()["active"], "0.2.0");
-    // As idle connections are closed, waiting ones are served.
-    assert_eq!(t.agent.get("/count").body.trim(), HELLOS.to_string());
-    drop(idle);
+    // A slot frees: the waiting one is served.
+    held.pop();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let n = waiting.read(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(held);
     t.unharmed();
 }
 
@@ -1216,4 +1317,66 @@ fn a_flood_of_connections_never_takes_the_control_plane_down() {
             .and_then(|mut c| c.get("/"))
             .is_ok_and(|r| r.status == 200)
     }));
+}
+
+#[test]
+fn disk_full_while_staging_is_refused_and_leaves_nothing() {
+    let Some(disk) = nine9s_tests::SmallDisk::mount(64) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let data = disk.path().join("data");
+    let agent = on_0_2_0(&data, &["--checkpoint-every", "1d"], HELLOS);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let big = vec![0x5a_u8; 20 * 1024 * 1024];
+    // One upload under way holds its room on the disk...
+    let (first, tx) = open_upload(&runtime, &agent, &big, 1024 * 1024);
+    assert!(eventually(Duration::from_secs(10), || partials(&data) == 1));
+    // ...so a second that would fit alone, but not beside it, is refused at once.
+    let status = block_on(async {
+        agent
+            .api()
+            .await
+            .stage(tokio_stream::iter(stage_chunks(
+                &manifest("0.3.0", "libnine9s_0_3_0.so"),
+                &sha256_hex(&big),
+                &big,
+            )))
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::ResourceExhausted, "DISK_FULL"),
+        "{status:?}"
+    );
+    // The disk fills up under the first: its writes fail, it is refused.
+    disk.fill();
+    runtime.block_on(async {
+        for chunk in big[1024 * 1024..].chunks(64 * 1024) {
+            let message = nine9s_proto::StageChunk {
+                part: Some(nine9s_proto::stage_chunk::Part::Data(chunk.to_vec())),
+            };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    drop(tx);
+    let status = runtime
+        .block_on(first)
+        .unwrap()
+        .expect_err("an upload onto a full disk");
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::ResourceExhausted, "DISK_FULL"),
+        "{status:?}"
+    );
+    assert_eq!(partials(&data), 0, "a partial upload was left behind");
+    assert_eq!(agent.get("/count").body.trim(), HELLOS.to_string());
+    disk.free();
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.get("/count").body.trim(), HELLOS.to_string());
+    assert_eq!(agent.release_state("0.3.0"), "absent");
 }

@@ -99,8 +99,8 @@ fn install(
     let manifest = Manifest::parse(&manifest_toml)?;
     // The bootstrap release goes through the same checks as an upload:
     // written as one, probed out of process, then adopted.
-    let mut upload =
-        Upload::create(artifacts.dir()).map_err(Error::io("cannot write the bootstrap release"))?;
+    let mut upload = Upload::create(artifacts.dir(), None)
+        .map_err(Error::io("cannot write the bootstrap release"))?;
     upload
         .write(&bytes)
         .map_err(Error::io("cannot write the bootstrap release"))?;

@@ -207,7 +207,16 @@ pub fn inspect(manifest: &Manifest, upload: &Uploaded) -> Result<probe::Report> 
             manifest.name, manifest.version
         ))
     };
-    let report = probe::probe(upload.path()).map_err(refused)?;
+    let report = probe::probe(upload.path()).map_err(|e| match e {
+        probe::ProbeError::Refused(why) => refused(why),
+        probe::ProbeError::Failed(why) => Error::refused(
+            Reason::Internal,
+            format!(
+                "cannot inspect {} {}: {why}",
+                manifest.name, manifest.version
+            ),
+        ),
+    })?;
     if report.name != manifest.name || report.version != manifest.version.to_string() {
         return Err(refused(format!(
             "release.toml says {} {}, but the library is {} {}",

@@ -66,13 +66,13 @@ impl Carry {
 /// newer release's manifest for that pair, or the derived one.
 pub(super) fn plan_for(from: &Release, to: &Release) -> Result<Plan> {
     let written = if to.version > from.version {
-        Manifest::parse(&to.manifest)?
+        Manifest::parse_recorded(&to.manifest)?
             .upgrade
             .into_iter()
             .find(|p| p.from.matches(&from.version))
             .map(|p| p.steps)
     } else {
-        Manifest::parse(&from.manifest)?
+        Manifest::parse_recorded(&from.manifest)?
             .downgrade
             .into_iter()
             .find(|p| p.to.matches(&to.version))
