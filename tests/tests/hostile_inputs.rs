@@ -1380,3 +1380,34 @@ fn disk_full_while_staging_is_refused_and_leaves_nothing() {
     assert_eq!(agent.get("/count").body.trim(), HELLOS.to_string());
     assert_eq!(agent.release_state("0.3.0"), "absent");
 }
+
+/// Processes running `sleep 3599`, the child the hanging fixture starts.
+fn fixture_sleepers() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\03599\0")
+        })
+        .collect()
+}
+
+#[test]
+fn a_library_whose_constructor_hangs_is_refused_and_leaves_no_process() {
+    let t = target(&[]);
+    refused(
+        t.stage(
+            &fixture_manifest("ctor-hangs"),
+            &fixture_library("ctor-hangs"),
+        ),
+        Code::InvalidArgument,
+        "INVALID_ARTIFACT",
+        "did not finish within 10 s",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || fixture_sleepers().is_empty()),
+        "the constructor's child outlived the probe: {:?}",
+        fixture_sleepers()
+    );
+    t.unharmed();
+}
