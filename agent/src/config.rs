@@ -53,6 +53,13 @@ pub struct Config {
     pub require_signed: bool,
     /// Limits on the control and data planes.
     pub limits: Limits,
+    /// How the worker before this one ended, when it died ("was killed by
+    /// SIGSEGV"): the release current then is failed with this cause.
+    pub previous_exit: Option<String>,
+    /// The supervisor's pid, when a supervisor runs this agent.
+    pub supervisor_pid: Option<u32>,
+    /// How long to wait for the store's lock (another worker handing over).
+    pub store_wait: Duration,
 }
 
 /// What a stranger (or a broken client) can make the agent hold.
@@ -110,6 +117,9 @@ impl Config {
             trusted_keys: None,
             require_signed: false,
             limits: Limits::default(),
+            previous_exit: None,
+            supervisor_pid: None,
+            store_wait: Duration::ZERO,
         }
     }
 }

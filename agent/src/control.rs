@@ -121,7 +121,9 @@ fn code(reason: Reason) -> Code {
         Reason::DiskFull | Reason::TooLarge | Reason::TooManyUploads => Code::ResourceExhausted,
         Reason::Unauthenticated => Code::Unauthenticated,
         Reason::PermissionDenied => Code::PermissionDenied,
-        Reason::BadSignature | Reason::SignatureRequired => Code::FailedPrecondition,
+        Reason::BadSignature | Reason::SignatureRequired | Reason::NoSupervisor => {
+            Code::FailedPrecondition
+        }
         Reason::ChecksumMismatch => Code::DataLoss,
         Reason::UploadStalled => Code::DeadlineExceeded,
         Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {
@@ -267,6 +269,19 @@ fn permanence(request: &pb::TransitionRequest) -> Result<Permanence, Status> {
 }
 
 impl ControlService {
+    /// This worker's process, for Status and AgentInfo.
+    fn process(&self) -> pb::AgentProcess {
+        let config = self.engine.config();
+        pb::AgentProcess {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            supervisor_pid: config.supervisor_pid.unwrap_or(0),
+            worker_pid: std::process::id(),
+            worker_started_at_ms: self.engine.started_at_ms(),
+            binary_sha256: crate::process::binary_sha256().to_owned(),
+            previous_exit: config.previous_exit.clone().unwrap_or_default(),
+        }
+    }
+
     /// A Stage header's checks: sizes, the manifest, the service, the
     /// signature, room on disk.
     fn check_header(&self, header: &pb::StageHeader) -> Result<(Manifest, Reservation), Status> {
@@ -650,6 +665,7 @@ impl Control for ControlService {
             last_event_id: status.last_event_id,
             store_error: status.store_error.unwrap_or_default(),
             last_checkpoint_ms: status.last_checkpoint_ms.unwrap_or(0),
+            agent: Some(self.process()),
         }))
     }
 
@@ -713,6 +729,38 @@ impl Control for ControlService {
             keep_history: config.keep_history.try_into().unwrap_or(u32::MAX),
             started_at_ms: self.engine.started_at_ms(),
             pid: std::process::id(),
+            process: Some(self.process()),
+        }))
+    }
+
+    async fn restart_agent(
+        &self,
+        request: Request<pb::RestartAgentRequest>,
+    ) -> Result<Response<pb::RestartAgentReply>, Status> {
+        let identity = self.authorize(&request, Role::Admin)?;
+        let reason = request.into_inner().reason;
+        let supervisor = self
+            .engine
+            .config()
+            .supervisor_pid
+            .filter(|&pid| {
+                // Only the supervisor that started this worker.
+                rustix::process::getppid().is_some_and(|p| p.as_raw_nonzero().get() as u32 == pid)
+            })
+            .ok_or_else(|| {
+                status(Error::refused(
+                    Reason::NoSupervisor,
+                    "this agent runs without its supervisor (as `agent worker`), so nothing can start a new worker: restart it by hand",
+                ))
+            })?;
+        tracing::info!(identity = %identity.name, %reason, supervisor, "agent restart requested: the supervisor starts a new worker");
+        let pid =
+            rustix::process::Pid::from_raw(supervisor as i32).expect("a parent's pid is positive");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+            .map_err(|e| status(Error::io("cannot signal the supervisor")(e.into())))?;
+        Ok(Response::new(pb::RestartAgentReply {
+            worker_pid: std::process::id(),
+            supervisor_pid: supervisor,
         }))
     }
 }

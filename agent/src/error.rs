@@ -172,6 +172,8 @@ pub enum Reason {
     TooManyUploads,
     /// An upload sent nothing for longer than the idle timeout.
     UploadStalled,
+    /// The agent runs without its supervisor: it cannot replace itself.
+    NoSupervisor,
     Internal,
 }
 
@@ -207,6 +209,7 @@ impl Reason {
             Reason::ChecksumMismatch => "CHECKSUM_MISMATCH",
             Reason::TooManyUploads => "TOO_MANY_UPLOADS",
             Reason::UploadStalled => "UPLOAD_STALLED",
+            Reason::NoSupervisor => "NO_SUPERVISOR",
             Reason::Internal => "INTERNAL",
         }
     }

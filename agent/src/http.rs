@@ -16,7 +16,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,11 +37,18 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::Limits;
 use crate::runtime::Runtime;
 
+/// While draining, how long a connection may sit idle before it is closed:
+/// a keep-alive client about to send on it does so well within this, and
+/// gets `Connection: close` with its answer instead.
+const DRAIN_LINGER: Duration = Duration::from_millis(250);
+const DRAIN_CHECK: Duration = Duration::from_millis(25);
+
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
 
 /// Accepts connections until `shutdown` resolves, then waits up to `grace`
-/// for open connections to finish their requests.
+/// for open connections to finish their requests (each is closed at a
+/// request boundary, or once it has been idle for a moment).
 pub async fn serve(
     listener: TcpListener,
     runtime: Arc<Runtime>,
@@ -115,15 +122,28 @@ async fn connection(
             let watchdog = Arc::clone(&watchdog);
             async move {
                 let _busy = watchdog.request();
-                Ok::<_, Infallible>(answer(&runtime, request, body_limits).await)
+                let mut response = answer(&runtime, request, body_limits).await;
+                if watchdog.draining.load(Ordering::Relaxed) {
+                    // The client learns at a request boundary that this
+                    // connection ends, and opens another for its next one.
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
             }
         })
     };
     let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut draining = false;
+    let mut closing = false;
     loop {
-        let wait = watchdog.next_check(limits);
+        let wait = if draining {
+            DRAIN_CHECK
+        } else {
+            watchdog.next_check(limits)
+        };
         tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
@@ -131,14 +151,18 @@ async fn connection(
                 }
                 return;
             }
-            changed = stopping.changed(), if !draining => {
+            _ = stopping.changed(), if !draining => {
+                // Not closed under a client that may be sending on it right
+                // now: a request in flight or arriving soon is answered with
+                // `Connection: close`; one that stays idle is closed below.
                 draining = true;
-                if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
-                }
+                watchdog.draining.store(true, Ordering::Relaxed);
             }
             () = tokio::time::sleep(wait) => {
-                if let Some(why) = watchdog.expired(limits) {
+                if draining && !closing && watchdog.idle_for() >= DRAIN_LINGER {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                } else if let Some(why) = watchdog.expired(limits) {
                     tracing::debug!(why, "closing an HTTP connection");
                     return;
                 }
@@ -158,6 +182,8 @@ struct Watchdog {
     busy: AtomicUsize,
     /// Bytes read since the last request was answered.
     pending: AtomicU64,
+    /// The agent is stopping: responses say `Connection: close`.
+    draining: AtomicBool,
 }
 
 impl Watchdog {
@@ -167,6 +193,7 @@ impl Watchdog {
             since_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             pending: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -210,6 +237,16 @@ impl Watchdog {
         } else {
             Some((limits.http_idle_timeout, "idle"))
         }
+    }
+
+    /// How long the connection has had no request under way and no byte
+    /// of a new one.
+    fn idle_for(&self) -> Duration {
+        if self.busy.load(Ordering::Relaxed) > 0 || self.pending.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let since = self.since_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(since))
     }
 
     fn expired(&self, limits: &Limits) -> Option<&'static str> {

@@ -25,9 +25,11 @@ mod http;
 mod incoming;
 mod model;
 pub mod probe;
+mod process;
 mod release_handler;
 mod runtime;
 mod store;
+pub mod supervisor;
 mod tls;
 
 use std::future::Future;
@@ -79,6 +81,7 @@ impl Drop for Agent {
 impl Agent {
     /// Opens the data directory and loads the release to serve.
     pub async fn boot(config: Config) -> Result<Agent, Error> {
+        process::hash_binary_in_background();
         prepare_data_dir(&config.data_dir)?;
         let access = Arc::new(access::load(config.tokens.as_deref(), &config.data_dir)?);
         tracing::info!(tokens = access.source(), "control plane access");

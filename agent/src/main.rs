@@ -2,14 +2,17 @@
 //! release nine9s 0.1.0 on 127.0.0.1:9090, gRPC on 127.0.0.1:50051, data in
 //! `./nine9s-data`.
 //!
+//! The process started is the supervisor (`supervisor.rs`): it binds the
+//! listeners (or takes them from systemd, `LISTEN_FDS`) and runs the agent
+//! proper in a worker, this binary again as `agent FLAGS worker` (hidden).
+//! `agent probe LIBRARY` (hidden) is the throwaway process a worker opens
+//! an uploaded library in before its own process ever maps it.
+//!
 //! Exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C), 1 when the
 //! agent cannot start or fails, 2 for bad flags.
-//!
-//! `agent probe LIBRARY` (hidden) is the throwaway process the agent opens
-//! an uploaded library in before its own process ever maps it.
 
-use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::io::{IsTerminal, Write};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,7 +26,7 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "agent", version)]
 struct Args {
     #[command(subcommand)]
-    probe: Option<Probe>,
+    mode: Option<Mode>,
     /// Where releases, history and state snapshots are kept.
     #[arg(long, default_value = "nine9s-data", env = "NINE9S_DATA_DIR")]
     data_dir: PathBuf,
@@ -109,11 +112,15 @@ struct Args {
 }
 
 #[derive(Subcommand)]
-enum Probe {
+enum Mode {
     /// Opens LIBRARY in this throwaway process and reports what it is, as
     /// one JSON line (used by the agent itself).
     #[command(hide = true)]
     Probe { library: PathBuf },
+    /// Serves, on the listeners passed in as fds 3 and 4 (`LISTEN_FDS`);
+    /// the supervisor runs the agent this way.
+    #[command(hide = true)]
+    Worker,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -180,18 +187,14 @@ fn main() {
     // the admin token, the artifacts and the store.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let args = Args::parse();
-    if let Some(Probe::Probe { library }) = &args.probe {
-        std::process::exit(nine9s_agent::probe::child(library));
+    match &args.mode {
+        Some(Mode::Probe { library }) => std::process::exit(nine9s_agent::probe::child(library)),
+        Some(Mode::Worker) => worker(args),
+        None => supervise(args),
     }
-    if args.tls_cert.is_none() && !args.grpc.ip().is_loopback() {
-        Args::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                nine9s_agent::plaintext_refusal(args.grpc),
-            )
-            .exit();
-    }
-    nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -199,6 +202,104 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Refuses (exit 2) a control plane beyond loopback without TLS.
+fn check_plaintext(args: &Args, grpc: SocketAddr) {
+    if args.tls_cert.is_none() && !grpc.ip().is_loopback() {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                nine9s_agent::plaintext_refusal(grpc),
+            )
+            .exit();
+    }
+}
+
+/// The supervisor: the listeners, then workers until SIGTERM.
+fn supervise(args: Args) -> ! {
+    init_logging();
+    let listeners = match inherited_listeners() {
+        Ok(Some(listeners)) => Ok(listeners),
+        Ok(None) => bind(&args),
+        Err(e) => Err(e),
+    };
+    let (http, grpc) = listeners.unwrap_or_else(|e| {
+        eprintln!("agent: error: {e}");
+        std::process::exit(1);
+    });
+    if let Ok(address) = grpc.local_addr() {
+        check_plaintext(&args, address);
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| {
+        eprintln!("agent: error: cannot find the agent binary to start workers from: {e}");
+        std::process::exit(1);
+    });
+    let supervisor = nine9s_agent::supervisor::Supervisor {
+        exe,
+        args: std::env::args_os().skip(1).collect(),
+        http,
+        grpc,
+    };
+    std::process::exit(supervisor.run());
+}
+
+/// Listeners passed in by systemd (or by the supervisor): HTTP as the
+/// first, gRPC as the second; made close-on-exec, so no probe inherits them.
+fn inherited_listeners() -> Result<Option<(StdListener, StdListener)>, String> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    let take = |fds: &mut listenfd::ListenFd, index: usize, what: &str| {
+        fds.take_tcp_listener(index)
+            .map_err(|e| {
+                format!(
+                    "LISTEN_FDS: fd {} is not a TCP listener for {what}: {e}",
+                    3 + index
+                )
+            })?
+            .ok_or_else(|| {
+                format!(
+                    "LISTEN_FDS names {} sockets; the agent needs two: HTTP, then gRPC",
+                    fds.len()
+                )
+            })
+    };
+    let http = take(&mut fds, 0, "HTTP")?;
+    let grpc = take(&mut fds, 1, "gRPC")?;
+    for listener in [&http, &grpc] {
+        rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| format!("LISTEN_FDS: {e}"))?;
+    }
+    Ok(Some((http, grpc)))
+}
+
+fn bind(args: &Args) -> Result<(StdListener, StdListener), String> {
+    let http = StdListener::bind(args.http)
+        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", args.http))?;
+    let grpc = StdListener::bind(args.grpc)
+        .map_err(|e| format!("cannot listen for gRPC on {}: {e}", args.grpc))?;
+    Ok((http, grpc))
+}
+
+/// The worker: dies with its supervisor, serves on the inherited
+/// listeners, says READY=1 once it serves.
+fn worker(args: Args) -> ! {
+    if let Some(supervisor) = std::env::var("NINE9S_SUPERVISOR_PID")
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    {
+        let _ =
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+        // The supervisor may have died before the line above.
+        if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(supervisor) {
+            eprintln!("agent worker: the supervisor {supervisor} is gone");
+            std::process::exit(1);
+        }
+    }
+    nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -217,9 +318,20 @@ fn main() {
         eprintln!("agent: error: {e}");
         std::process::exit(1);
     }
+    std::process::exit(0);
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let (http, grpc) = match inherited_listeners()? {
+        Some(listeners) => listeners,
+        None => bind(&args)?,
+    };
+    check_plaintext(&args, grpc.local_addr()?);
+    let listener = |l: StdListener| {
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    let (http, grpc) = (listener(http)?, listener(grpc)?);
     let mut config = Config::new(args.data_dir);
     config.bootstrap = args.bootstrap.map_or(Bootstrap::Embedded, Bootstrap::Dir);
     config.soak = args.soak;
@@ -253,21 +365,27 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
     };
 
-    let http = TcpListener::bind(args.http)
-        .await
-        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", args.http))?;
-    let grpc = TcpListener::bind(args.grpc)
-        .await
-        .map_err(|e| format!("cannot listen for gRPC on {}: {e}", args.grpc))?;
+    config.previous_exit = std::env::var("NINE9S_PREVIOUS_EXIT").ok();
+    config.supervisor_pid = std::env::var("NINE9S_SUPERVISOR_PID")
+        .ok()
+        .and_then(|p| p.parse().ok());
+    if std::env::var_os("NINE9S_HANDOVER").is_some() {
+        // The worker before this one still holds the store: it lets go
+        // once its requests are done, within its shutdown grace.
+        config.store_wait = config.shutdown_grace + Duration::from_secs(10);
+    }
     let agent = Agent::boot(config).await?;
     // One line on stdout, for people and for scripts that started the agent
-    // on port 0.
-    println!(
+    // on port 0 (every worker says it; a reader that went away is no error).
+    let _ = writeln!(
+        std::io::stdout(),
         "nine9s agent ready: release {} http={} grpc={}",
         agent.active_version().await,
         http.local_addr()?,
         grpc.local_addr()?
     );
+    // The listeners already queue connections: serving starts below.
+    nine9s_agent::supervisor::notify_ready();
     agent.run(http, grpc, shutdown_signal()).await?;
     Ok(())
 }

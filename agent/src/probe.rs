@@ -162,10 +162,14 @@ pub enum ProbeError {
 /// open cannot hold the agent either.
 pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     check_elf(library)?;
+    // The probe runs in `/`: a relative data dir would not be found there.
+    let library = library
+        .canonicalize()
+        .map_err(|e| ProbeError::Failed(format!("cannot find the upload: {e}")))?;
     // The running binary itself, even if a package upgrade replaced the file.
     let mut child = Command::new("/proc/self/exe")
         .arg("probe")
-        .arg(library)
+        .arg(&library)
         .current_dir("/")
         .process_group(0)
         .stdin(Stdio::null())
@@ -205,8 +209,13 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     let out = reader.join().unwrap_or_default();
     let status = status?;
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        let hint = if signal == 9 {
+            " (out of its memory limit?)"
+        } else {
+            ""
+        };
         return Err(ProbeError::Refused(format!(
-            "opening it crashed the probe process with {}",
+            "opening it crashed the probe process with {}{hint}",
             signal_name(signal)
         )));
     }
@@ -220,13 +229,13 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     }
 }
 
-fn signal_name(signal: i32) -> String {
+pub(crate) fn signal_name(signal: i32) -> String {
     let name = match signal {
         4 => "SIGILL",
         6 => "SIGABRT",
         7 => "SIGBUS",
         8 => "SIGFPE",
-        9 => "SIGKILL (out of its time or memory limit?)",
+        9 => "SIGKILL",
         11 => "SIGSEGV",
         24 => "SIGXCPU (out of its CPU time)",
         25 => "SIGXFSZ",

@@ -107,6 +107,11 @@ impl Trees {
     }
 }
 
+/// `meta` key of a release's unfinished boot attempts.
+fn boot_attempts_key(version: &Version) -> Vec<u8> {
+    format!("boot-attempts/{version}").into_bytes()
+}
+
 /// `meta` key: present while an agent runs on the store, removed by a clean stop.
 const RUNNING: &[u8] = b"running";
 
@@ -430,6 +435,25 @@ impl Store {
         Ok(pruned)
     }
 
+    /// Opens the store at `dir`, waiting up to `wait` for another process
+    /// (the worker handing over to this one) to let go of it.
+    pub fn open_waiting(
+        dir: &Path,
+        history_kept: usize,
+        wait: std::time::Duration,
+    ) -> Result<Store> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Store::open(dir, history_kept) {
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "the store is still held; waiting");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                opened => return opened,
+            }
+        }
+    }
+
     /// Marks the store in use by a running agent, durably; returns whether
     /// the previous agent stopped cleanly (true for a new store).
     pub fn mark_running(&self) -> Result<bool> {
@@ -438,6 +462,30 @@ impl Store {
         t.meta.insert(RUNNING, &[1u8][..])?;
         self.flush()?;
         Ok(was_clean)
+    }
+
+    /// Counts, durably, one more attempt to start `version` at boot, and
+    /// returns how many attempts before this one never finished: an
+    /// attempt ends with [`Store::boot_started`], or not at all if starting
+    /// the release killed the process.
+    pub fn boot_attempt(&self, version: &Version) -> Result<u32> {
+        let t = self.trees()?;
+        let key = boot_attempts_key(version);
+        let before = t
+            .meta
+            .get(&key)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map_or(0, u32::from_le_bytes);
+        t.meta.insert(key, &(before + 1).to_le_bytes()[..])?;
+        self.flush()?;
+        Ok(before)
+    }
+
+    /// `version` started: its boot attempts are forgotten.
+    pub fn boot_started(&self, version: &Version) -> Result<()> {
+        let t = self.trees()?;
+        t.meta.remove(boot_attempts_key(version))?;
+        self.flush()
     }
 
     /// Records a clean stop, durably.

@@ -6,6 +6,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use nine9s_manifest::signature::{self, SecretKey, SIGNATURE_FILE};
@@ -14,7 +15,10 @@ use nine9s_proto as pb;
 use sha2::{Digest, Sha256};
 
 use crate::rpc::{new_request_id, Agent};
-use crate::{follow, json, render, Checked, Command, Failure, Output, Request, StateFrom, Switch};
+use crate::{
+    follow, json, render, AgentCommand, Checked, Command, Failure, Output, Request, Restart,
+    StateFrom, Switch,
+};
 
 /// Bytes per Stage message.
 const CHUNK: usize = 1024 * 1024;
@@ -354,6 +358,43 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 render::info(&reply);
             }
         }
+        Command::Agent {
+            command: AgentCommand::Restart(restart),
+        } => restart_agent(agent, output, restart).await?,
+    }
+    Ok(())
+}
+
+/// `ctl agent restart`, then with `--wait` ask the agent until a new
+/// worker serves.
+async fn restart_agent(agent: &Agent, output: Output, restart: Restart) -> Result<(), Failure> {
+    let json = output == Output::Json;
+    let request = pb::RestartAgentRequest {
+        reason: restart.reason.unwrap_or_default(),
+    };
+    let asked = Instant::now();
+    // No request id: a call cut short is not sent again, for the agent may
+    // have acted on it.
+    let reply = agent
+        .call_unsent_retried("restarting the agent", request, |mut c, r| async move {
+            c.restart_agent(r).await
+        })
+        .await?;
+    if !json {
+        render::agent_restarting(&reply);
+    }
+    if !restart.wait {
+        if json {
+            json::print(&json::agent_restart(&reply, None));
+        }
+        return Ok(());
+    }
+    let new = follow::until_new_worker(agent, reply.worker_pid, restart.timeout).await?;
+    let ms = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if json {
+        json::print(&json::agent_restart(&reply, Some((&new, ms))));
+    } else {
+        outln!("{}", render::agent_restarted(reply.worker_pid, &new, ms));
     }
     Ok(())
 }

@@ -1,13 +1,16 @@
 //! Following the agent's lifecycle events: the stream that survives
 //! disconnects (it resumes after the last event seen), `ctl watch`, and
-//! `--wait` until a release is permanent or rolled back.
+//! `--wait` until a release is permanent or rolled back; and `ctl agent
+//! restart --wait`, asking the agent until a new worker serves.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use nine9s_proto as pb;
 use pb::{EventKind, ReleaseState, TransitionKind, TransitionResult};
 use tonic::codec::Streaming;
+use tonic::{Code, Status};
 
 use crate::rpc::{is_transport, with_causes, Agent};
 use crate::{json, render, Failure, Output};
@@ -197,5 +200,148 @@ fn or(text: &str, default: &str) -> String {
         default.to_owned()
     } else {
         text.to_owned()
+    }
+}
+
+/// How often `ctl agent restart --wait` asks the agent.
+const WORKER_POLL: Duration = Duration::from_millis(50);
+/// How long one of those calls may take before it is given up, and asked
+/// again on a new connection: a connection the old worker accepted but
+/// will not answer on must not hold the wait up.
+const WORKER_CALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// `ctl agent restart --wait`: asks the agent (`AgentInfo`) until a worker
+/// other than `old_worker` serves, and returns it; `Failure::Failed` after
+/// `limit`, or when the agent refuses the question (credentials).
+pub async fn until_new_worker(
+    agent: &Agent,
+    old_worker: u32,
+    limit: Duration,
+) -> Result<pb::AgentProcess, Failure> {
+    // What the last call saw, for the message if the wait gives up.
+    let mut seen = String::from("no answer yet");
+    match tokio::time::timeout(limit, poll_worker(agent, old_worker, &mut seen)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(anyhow!(
+            "gave up waiting after {}: no new worker serves yet (last: {seen}); \
+             `ctl info` shows the serving worker",
+            render::seconds(limit.as_millis() as u64)
+        )
+        .into()),
+    }
+}
+
+async fn poll_worker(
+    agent: &Agent,
+    old_worker: u32,
+    seen: &mut String,
+) -> Result<pb::AgentProcess, Failure> {
+    let mut client = agent.client();
+    loop {
+        let call = client.agent_info(pb::AgentInfoRequest {});
+        match tokio::time::timeout(WORKER_CALL_LIMIT, call).await {
+            Ok(Ok(reply)) => {
+                let process = process_of(reply.into_inner());
+                if is_new_worker(&process, old_worker) {
+                    return Ok(process);
+                }
+                seen.clear();
+                let _ = write!(seen, "worker {} still serves", process.worker_pid);
+            }
+            Ok(Err(status)) if passes(&status) => {
+                *seen = with_causes(&status);
+                if is_transport(&status) {
+                    client = agent.reconnected();
+                }
+            }
+            Ok(Err(status)) => {
+                return Err(agent.failure("waiting for the new worker", status).await)
+            }
+            Err(_) => {
+                *seen = format!(
+                    "the agent did not answer within {}",
+                    render::seconds(WORKER_CALL_LIMIT.as_millis() as u64)
+                );
+                client = agent.reconnected();
+            }
+        }
+        tokio::time::sleep(WORKER_POLL).await;
+    }
+}
+
+/// The serving worker, from an agent that may predate `process`.
+fn process_of(info: pb::AgentInfoReply) -> pb::AgentProcess {
+    info.process.unwrap_or(pb::AgentProcess {
+        agent_version: info.agent_version,
+        worker_pid: info.pid,
+        worker_started_at_ms: info.started_at_ms,
+        ..Default::default()
+    })
+}
+
+fn is_new_worker(process: &pb::AgentProcess, old_worker: u32) -> bool {
+    process.worker_pid != 0 && process.worker_pid != old_worker
+}
+
+/// A failure that may pass while the workers hand over: the call did not
+/// reach a worker, a worker going away cut it short, or the new worker is
+/// not ready yet. Anything else (credentials, permissions) will not change.
+fn passes(status: &Status) -> bool {
+    is_transport(status)
+        || matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::DeadlineExceeded
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_worker_is_another_live_one() {
+        let worker = |pid| pb::AgentProcess {
+            worker_pid: pid,
+            ..Default::default()
+        };
+        assert!(!is_new_worker(&worker(1234), 1234));
+        assert!(!is_new_worker(&worker(0), 1234));
+        assert!(is_new_worker(&worker(5678), 1234));
+    }
+
+    #[test]
+    fn an_agent_without_process_names_its_worker_by_pid() {
+        let old = pb::AgentInfoReply {
+            agent_version: "0.1.0".into(),
+            pid: 1234,
+            started_at_ms: 7,
+            ..Default::default()
+        };
+        let p = process_of(old);
+        assert_eq!((p.worker_pid, p.worker_started_at_ms), (1234, 7));
+        assert_eq!(p.agent_version, "0.1.0");
+        let new = pb::AgentInfoReply {
+            pid: 1234,
+            process: Some(pb::AgentProcess {
+                worker_pid: 5678,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(process_of(new).worker_pid, 5678);
+    }
+
+    #[test]
+    fn what_passes_while_workers_hand_over() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(passes(&Status::from_error(Box::new(reset))));
+        assert!(passes(&Status::unavailable("starting")));
+        assert!(!passes(&Status::unauthenticated("who")));
+        assert!(!passes(&Status::permission_denied("no")));
+        assert!(!passes(&Status::unimplemented("old agent")));
     }
 }

@@ -109,6 +109,7 @@ pub fn status(s: &pb::StatusReply) -> Value {
         "store_error": s.store_error,
         "last_checkpoint_ms": s.last_checkpoint_ms,
         "uptime_ms": s.uptime_ms,
+        "agent": s.agent.as_ref().map(process),
         "releases": releases(&s.releases),
         "libraries": s.libraries.iter().map(|l| json!({
             "version": l.version,
@@ -168,7 +169,40 @@ pub fn info(i: &pb::AgentInfoReply) -> Value {
         "keep_history": i.keep_history,
         "started_at_ms": i.started_at_ms,
         "pid": i.pid,
+        "process": i.process.as_ref().map(process),
     })
+}
+
+/// The agent's processes (`status`'s `agent`, `info`'s `process`).
+pub fn process(p: &pb::AgentProcess) -> Value {
+    json!({
+        "agent_version": p.agent_version,
+        "supervisor_pid": p.supervisor_pid,
+        "worker_pid": p.worker_pid,
+        "worker_started_at_ms": p.worker_started_at_ms,
+        "binary_sha256": p.binary_sha256,
+        "previous_exit": p.previous_exit,
+    })
+}
+
+/// `ctl agent restart`: the agent's answer (`worker_pid` is the worker
+/// being replaced); with `--wait` also the handover seen through: the new
+/// worker, its binary and how long since the request, in milliseconds.
+pub fn agent_restart(
+    reply: &pb::RestartAgentReply,
+    waited: Option<(&pb::AgentProcess, u64)>,
+) -> Value {
+    let mut value = json!({
+        "worker_pid": reply.worker_pid,
+        "supervisor_pid": reply.supervisor_pid,
+    });
+    if let (Some((new, ms)), Some(object)) = (waited, value.as_object_mut()) {
+        object.insert("old_worker_pid".into(), reply.worker_pid.into());
+        object.insert("new_worker_pid".into(), new.worker_pid.into());
+        object.insert("binary_sha256".into(), new.binary_sha256.clone().into());
+        object.insert("ms".into(), ms.into());
+    }
+    value
 }
 
 /// `ctl keygen`: the new key's id and where its two files are.
@@ -214,5 +248,67 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(event(&e)["transition"]["identity"], "deployer");
+    }
+
+    #[test]
+    fn the_agent_processes() {
+        let p = pb::AgentProcess {
+            agent_version: "0.1.0".into(),
+            supervisor_pid: 1200,
+            worker_pid: 1234,
+            worker_started_at_ms: 1_795_000_000_000,
+            binary_sha256: "3f2a".into(),
+            previous_exit: "was killed by SIGSEGV".into(),
+        };
+        let s = pb::StatusReply {
+            agent: Some(p.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            status(&s)["agent"],
+            json!({
+                "agent_version": "0.1.0",
+                "supervisor_pid": 1200,
+                "worker_pid": 1234,
+                "worker_started_at_ms": 1_795_000_000_000_i64,
+                "binary_sha256": "3f2a",
+                "previous_exit": "was killed by SIGSEGV",
+            })
+        );
+        assert!(status(&pb::StatusReply::default())["agent"].is_null());
+        let i = pb::AgentInfoReply {
+            process: Some(p),
+            ..Default::default()
+        };
+        assert_eq!(info(&i)["process"]["supervisor_pid"], 1200);
+        assert!(info(&pb::AgentInfoReply::default())["process"].is_null());
+    }
+
+    #[test]
+    fn agent_restarts() {
+        let reply = pb::RestartAgentReply {
+            worker_pid: 1234,
+            supervisor_pid: 1200,
+        };
+        assert_eq!(
+            agent_restart(&reply, None),
+            json!({"worker_pid": 1234, "supervisor_pid": 1200})
+        );
+        let new = pb::AgentProcess {
+            worker_pid: 5678,
+            binary_sha256: "3f2a".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            agent_restart(&reply, Some((&new, 840))),
+            json!({
+                "worker_pid": 1234,
+                "supervisor_pid": 1200,
+                "old_worker_pid": 1234,
+                "new_worker_pid": 5678,
+                "binary_sha256": "3f2a",
+                "ms": 840,
+            })
+        );
     }
 }

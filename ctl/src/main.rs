@@ -41,6 +41,21 @@
 //! `DIR/nine9s.pub`; `ctl sign DIR --key KEYFILE` writes `DIR/release.sig`;
 //! `ctl stage DIR` sends it along when it is there.
 //!
+//! Upgrading the agent itself: `ctl agent restart [--reason TEXT] [--wait
+//! [--timeout DURATION]]` (admin) has the agent's supervisor, which holds
+//! the sockets, start a new worker from the agent binary now on disk and
+//! retire the serving one once it has finished its requests; connections
+//! wait meanwhile, none is refused. The agent answers before the handover;
+//! `--wait` then asks the agent (`AgentInfo`, every 50 ms, through the
+//! connections the handover closes) until a new worker serves, and prints
+//! the old and new worker and the binary's sha256 (exit 1 after
+//! `--timeout`, default 60s). The request carries no request id, so it is
+//! retried only when it could not be sent (no connection could be made);
+//! one cut short is not retried: `ctl info` then shows whether the worker
+//! changed. `ctl status` and `ctl info` show the agent's processes: the
+//! supervisor, the worker, its uptime and binary, and how the previous
+//! worker ended if it died.
+//!
 //! Every mutating command sends a request id (`--request-id`, or a random
 //! one), and a retry after a transport failure sends the same id, so the
 //! agent never acts twice on one invocation.
@@ -63,7 +78,8 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use credentials::AccessFlags;
 
-/// Stage, upgrade, downgrade and roll back the releases of a nine9s agent.
+/// Stage, upgrade, downgrade and roll back the releases of a nine9s agent;
+/// restart the agent itself on a new binary.
 #[derive(Parser)]
 #[command(name = "ctl", version)]
 struct Cli {
@@ -192,8 +208,46 @@ enum Command {
         #[arg(long, value_name = "ID")]
         after: Option<u64>,
     },
-    /// What the agent is: its version, service and defaults.
+    /// What the agent is: its version, service, defaults and processes.
     Info,
+    /// The agent itself: its processes.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+/// `ctl agent ...`.
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Upgrade the agent itself (admin): a new worker from the agent binary
+    /// now on disk takes over from the serving one.
+    ///
+    /// The supervisor keeps the sockets: connections wait while the workers
+    /// hand over, none is refused. The agent answers before the handover;
+    /// --wait follows it.
+    Restart(Restart),
+}
+
+#[derive(clap::Args)]
+struct Restart {
+    /// Why: recorded by the agent (at most 1024 characters).
+    #[arg(long, value_name = "TEXT", value_parser = reason)]
+    reason: Option<String>,
+    /// Wait until a new worker serves (exit 0), asking the agent every
+    /// 50 ms. With `--output json` one document is printed when the wait
+    /// ends.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long (exit 1).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = timeout,
+        default_value = "60s",
+        requires = "wait"
+    )]
+    timeout: Duration,
 }
 
 /// What every mutating command may say about itself.
@@ -484,5 +538,33 @@ mod tests {
         ])
         .is_err());
         assert!(parse(&["ctl", "--agent", "localhost", "status"]).is_err());
+    }
+
+    #[test]
+    fn agent_restart_flags() {
+        let restart = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["ctl", "agent", "restart"], args].concat())?;
+            match cli.command {
+                Top::Agent(Command::Agent {
+                    command: AgentCommand::Restart(restart),
+                }) => Ok::<_, clap::Error>(restart),
+                _ => panic!("not agent restart"),
+            }
+        };
+        let plain = restart(&[]).unwrap();
+        assert!(!plain.wait && plain.reason.is_none());
+        assert_eq!(plain.timeout, Duration::from_secs(60));
+        let waiting = restart(&["--wait", "--timeout", "90s", "--reason", "new build"]).unwrap();
+        assert!(waiting.wait);
+        assert_eq!(waiting.timeout, Duration::from_secs(90));
+        assert_eq!(waiting.reason.as_deref(), Some("new build"));
+        assert!(restart(&["--timeout", "5s"]).is_err());
+        assert!(restart(&["--wait", "--timeout", "0s"]).is_err());
+        assert!(restart(&["--wait", "--timeout", "169h"]).is_err());
+        assert!(restart(&["--reason", &"x".repeat(1025)]).is_err());
+        // The global --agent flag still goes anywhere.
+        let cli = Cli::try_parse_from(["ctl", "agent", "restart", "--agent", "http://h:1"]);
+        assert_eq!(cli.unwrap().agent, "http://h:1");
+        assert!(Cli::try_parse_from(["ctl", "agent"]).is_err());
     }
 }

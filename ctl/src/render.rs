@@ -349,6 +349,12 @@ pub fn status(s: &pb::StatusReply) {
         );
     }
     outln!("uptime:    {}", seconds(s.uptime_ms));
+    if let Some(p) = &s.agent {
+        outln!("agent:     {}", process_line(p, now_ms()));
+        if !p.previous_exit.is_empty() {
+            outln!("           {}", previous_worker(p));
+        }
+    }
     outln!();
     releases(&s.releases);
     outln!();
@@ -489,6 +495,108 @@ pub fn info(i: &pb::AgentInfoReply) {
     outln!("checkpoint every:   {}", seconds(i.checkpoint_every_ms));
     outln!("keep old releases:  {}", i.keep_old);
     outln!("keep history:       {}", i.keep_history);
+    if let Some(p) = &i.process {
+        let supervisor = if p.supervisor_pid == 0 {
+            "none (the worker runs on its own)".to_owned()
+        } else {
+            p.supervisor_pid.to_string()
+        };
+        outln!("supervisor:         {supervisor}");
+        outln!("worker:             {}{}", p.worker_pid, up(p, now_ms()));
+        outln!("binary sha256:      {}", or_unknown(&p.binary_sha256));
+        if !p.previous_exit.is_empty() {
+            outln!("previous worker:    {}", p.previous_exit);
+        }
+    }
+}
+
+/// Now, in milliseconds since the epoch (0 if the clock is before it).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A running time in its two largest units: `45s`, `3m12s`, `2h05m`,
+/// `3d04h`.
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// ` (up 3m12s)`, or nothing when the start time is not known.
+fn up(p: &pb::AgentProcess, now_ms: i64) -> String {
+    if p.worker_started_at_ms <= 0 {
+        return String::new();
+    }
+    // A clock behind the agent's counts as just started.
+    let ms = u64::try_from(now_ms.saturating_sub(p.worker_started_at_ms)).unwrap_or(0);
+    format!(" (up {})", age(ms))
+}
+
+/// The first 12 hex digits of a sha256, and `…` when there is more.
+pub fn short_sha(sha: &str) -> String {
+    if sha.is_empty() {
+        return "unknown".to_owned();
+    }
+    let short: String = sha.chars().take(12).collect();
+    if short.len() < sha.len() {
+        format!("{short}…")
+    } else {
+        short
+    }
+}
+
+fn or_unknown(text: &str) -> &str {
+    if text.is_empty() {
+        "unknown"
+    } else {
+        text
+    }
+}
+
+/// The agent's processes on one line:
+/// `0.1.0  supervisor 1200  worker 1234 (up 3m12s)  binary 3f2a9c1b7e04…`.
+pub fn process_line(p: &pb::AgentProcess, now_ms: i64) -> String {
+    let supervisor = if p.supervisor_pid == 0 {
+        "no supervisor".to_owned()
+    } else {
+        format!("supervisor {}", p.supervisor_pid)
+    };
+    format!(
+        "{}  {supervisor}  worker {}{}  binary {}",
+        or_unknown(&p.agent_version),
+        p.worker_pid,
+        up(p, now_ms),
+        short_sha(&p.binary_sha256)
+    )
+}
+
+/// `previous worker was killed by SIGSEGV`.
+fn previous_worker(p: &pb::AgentProcess) -> String {
+    format!("previous worker {}", p.previous_exit)
+}
+
+/// `ctl agent restart`: the agent's answer, before the handover.
+pub fn agent_restarting(reply: &pb::RestartAgentReply) {
+    outln!(
+        "restarting the agent: worker {} is handing over to a new worker from the binary on disk",
+        reply.worker_pid
+    );
+}
+
+/// `ctl agent restart --wait`: the handover seen through.
+pub fn agent_restarted(old_worker: u32, new: &pb::AgentProcess, ms: u64) -> String {
+    format!(
+        "agent restarted: worker {old_worker} -> {} (binary sha256 {}), in {ms} ms",
+        new.worker_pid,
+        short_sha(&new.binary_sha256)
+    )
 }
 
 #[cfg(test)]
@@ -517,6 +625,61 @@ mod tests {
         assert_eq!(super::ms(57), "57 µs");
         assert_eq!(super::ms(1_250), "1.2 ms");
         assert_eq!(super::ms(30_002_700), "30002.7 ms");
+    }
+
+    #[test]
+    fn the_agent_processes() {
+        let sha = "3f2a9c1b7e04d5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4";
+        let mut p = pb::AgentProcess {
+            agent_version: "0.1.0".into(),
+            supervisor_pid: 1200,
+            worker_pid: 1234,
+            worker_started_at_ms: 1_000_000,
+            binary_sha256: sha.into(),
+            previous_exit: String::new(),
+        };
+        assert_eq!(
+            super::process_line(&p, 1_000_000 + 192_000),
+            "0.1.0  supervisor 1200  worker 1234 (up 3m12s)  binary 3f2a9c1b7e04…"
+        );
+        // A clock behind the agent's; no start time; no supervisor.
+        assert!(super::process_line(&p, 0).contains("worker 1234 (up 0s)"));
+        p.worker_started_at_ms = 0;
+        p.supervisor_pid = 0;
+        assert_eq!(
+            super::process_line(&p, 1_000_000),
+            "0.1.0  no supervisor  worker 1234  binary 3f2a9c1b7e04…"
+        );
+        p.previous_exit = "was killed by SIGSEGV".into();
+        assert_eq!(
+            super::previous_worker(&p),
+            "previous worker was killed by SIGSEGV"
+        );
+        let new = pb::AgentProcess {
+            worker_pid: 5678,
+            binary_sha256: sha.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            super::agent_restarted(1234, &new, 840),
+            "agent restarted: worker 1234 -> 5678 (binary sha256 3f2a9c1b7e04…), in 840 ms"
+        );
+        assert_eq!(super::short_sha(""), "unknown");
+        assert_eq!(super::short_sha("abcd"), "abcd");
+        assert_eq!(
+            super::process_line(&pb::AgentProcess::default(), 0),
+            "unknown  no supervisor  worker 0  binary unknown"
+        );
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(super::age(999), "0s");
+        assert_eq!(super::age(45_000), "45s");
+        assert_eq!(super::age(192_000), "3m12s");
+        assert_eq!(super::age(2 * 3_600_000 + 5 * 60_000), "2h05m");
+        assert_eq!(super::age(3 * 86_400_000 + 4 * 3_600_000), "3d04h");
+        assert!(super::age(u64::MAX).ends_with('h'));
     }
 
     #[test]

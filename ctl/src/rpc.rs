@@ -1,8 +1,9 @@
 //! The line to the agent: one lazily connected client that sends the
 //! bearer token with every call, unary calls retried on transport failures
 //! (always with the same request, so the same request id: a retry never
-//! acts twice), and error statuses turned into `Failure`s carrying the
-//! agent's stable reason code.
+//! acts twice; a request without an id only when it cannot have been
+//! sent), and error statuses turned into `Failure`s carrying the agent's
+//! stable reason code.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,8 +12,8 @@ use anyhow::anyhow;
 use nine9s_proto as pb;
 use pb::control_client::ControlClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, ConnectError, Status};
 use tonic_types::StatusExt;
 
 use crate::credentials::{unauthenticated_hint, Bearer, Connection, TokenSource};
@@ -35,22 +36,38 @@ pub struct Agent {
     url: String,
     client: Client,
     token_source: TokenSource,
+    /// For `reconnected`.
+    endpoint: Endpoint,
+    bearer: Bearer,
 }
 
 impl Agent {
     /// Connecting waits for the first call.
     pub fn new(connection: Connection) -> Agent {
-        let channel = connection.endpoint.connect_lazy();
+        let Connection {
+            url,
+            endpoint,
+            bearer,
+            token_source,
+        } = connection;
         Agent {
-            url: connection.url,
-            client: ControlClient::with_interceptor(channel, connection.bearer)
-                .max_decoding_message_size(64 * 1024 * 1024),
-            token_source: connection.token_source,
+            url,
+            client: client(&endpoint, &bearer),
+            token_source,
+            endpoint,
+            bearer,
         }
     }
 
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// A client on a connection of its own, made at its first call: for a
+    /// connection that stopped answering (the channel replaces a connection
+    /// the agent closed by itself, but not one that hangs).
+    pub fn reconnected(&self) -> Client {
+        client(&self.endpoint, &self.bearer)
     }
 
     /// Calls `rpc` with `request`, again with the same request after a
@@ -66,21 +83,67 @@ impl Agent {
         F: Fn(Client, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Rep>, Status>>,
     {
+        match self.call_retrying(request, rpc, is_transport).await {
+            Ok(reply) => Ok(reply),
+            Err(status) => Err(self.failure(what, status).await),
+        }
+    }
+
+    /// As `call`, for a request the agent would act on twice (it carries
+    /// no request id): retried only when it cannot have been sent, because
+    /// no connection to the agent could be made.
+    pub async fn call_unsent_retried<Req, Rep, F, Fut>(
+        &self,
+        what: &str,
+        request: Req,
+        rpc: F,
+    ) -> Result<Rep, Failure>
+    where
+        Req: Clone,
+        F: Fn(Client, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Rep>, Status>>,
+    {
+        match self.call_retrying(request, rpc, is_unsent).await {
+            Ok(reply) => Ok(reply),
+            Err(status) if is_transport(&status) && !is_unsent(&status) => {
+                Err(Failure::Unreachable(anyhow!(
+                    "{what}: the connection to the agent at {} broke before its answer: {}; \
+                     it may have acted all the same: `ctl info` tells",
+                    self.url,
+                    with_causes(&status)
+                )))
+            }
+            Err(status) => Err(self.failure(what, status).await),
+        }
+    }
+
+    /// Calls `rpc`, again after a failure `retry` accepts; the last
+    /// failure as it came.
+    async fn call_retrying<Req, Rep, F, Fut>(
+        &self,
+        request: Req,
+        rpc: F,
+        retry: fn(&Status) -> bool,
+    ) -> Result<Rep, Status>
+    where
+        Req: Clone,
+        F: Fn(Client, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Rep>, Status>>,
+    {
         let mut pause = FIRST_PAUSE;
         for _ in 0..RETRIES {
             match rpc(self.client(), request.clone()).await {
                 Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) if is_transport(&status) => {
+                Err(status) if retry(&status) => {
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                 }
-                Err(status) => return Err(self.failure(what, status).await),
+                Err(status) => return Err(status),
             }
         }
-        match rpc(self.client(), request).await {
-            Ok(reply) => Ok(reply.into_inner()),
-            Err(status) => Err(self.failure(what, status).await),
-        }
+        rpc(self.client(), request)
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     /// An error status as one line: `<what>: <message>`, with the agent's
@@ -132,6 +195,11 @@ impl Agent {
     }
 }
 
+fn client(endpoint: &Endpoint, bearer: &Bearer) -> Client {
+    ControlClient::with_interceptor(endpoint.connect_lazy(), bearer.clone())
+        .max_decoding_message_size(64 * 1024 * 1024)
+}
+
 /// A status the agent did not send: the call may not have reached it, and
 /// is safe to try again with the same request id.
 pub fn is_transport(status: &Status) -> bool {
@@ -145,6 +213,19 @@ pub fn is_transport(status: &Status) -> bool {
         _ => false,
     };
     from_transport && status.get_error_details().error_info().is_none()
+}
+
+/// A call that never left: no connection could be made (refused, timed
+/// out, a failed TLS handshake), so the agent cannot have seen it.
+pub fn is_unsent(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.is::<ConnectError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// The status's message and the errors under it (a connect error says
@@ -194,6 +275,20 @@ mod tests {
             ErrorDetails::with_error_info("STORE_UNAVAILABLE", "nine9s.dev", []),
         );
         assert!(!is_transport(&agents));
+    }
+
+    #[test]
+    fn only_calls_without_a_connection_are_unsent() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let unsent = Status::from_error(Box::new(ConnectError(Box::new(refused))));
+        assert!(is_transport(&unsent));
+        assert!(is_unsent(&unsent));
+        // A connection cut mid-call: the agent may have acted on it.
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let cut = Status::from_error(Box::new(reset));
+        assert!(is_transport(&cut));
+        assert!(!is_unsent(&cut));
+        assert!(!is_unsent(&Status::unavailable("tcp connect error")));
     }
 
     #[test]

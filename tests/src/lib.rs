@@ -100,6 +100,11 @@ impl Agent {
         Agent::spawn(Command::new(bin_dir().join("agent")), data_dir, extra, env)
     }
 
+    /// [`Agent::start`] from the agent binary at `binary` (a copy, say).
+    pub fn start_binary(binary: &Path, data_dir: &Path, extra: &[&str]) -> Agent {
+        Agent::spawn(Command::new(binary), data_dir, extra, &[])
+    }
+
     /// [`Agent::start`] after `sh` ran `setup` (`ulimit -n 512`, `umask
     /// 000`, ...) in the process that then becomes the agent.
     pub fn start_after(setup: &str, data_dir: &Path, extra: &[&str]) -> Agent {
@@ -112,7 +117,7 @@ impl Agent {
 
     fn spawn(mut command: Command, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let log = data_dir.with_extension(format!("{}.log", unique()));
-        let mut child = command
+        command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
@@ -120,9 +125,19 @@ impl Agent {
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("agent log file"))
-            .spawn()
-            .expect("start the agent");
+            .stderr(std::fs::File::create(&log).expect("agent log file"));
+        // A binary the test just wrote can be "busy" for a moment: another
+        // test's fork may still hold the writer's descriptor until it execs.
+        let mut tries = 0;
+        let mut child = loop {
+            match command.spawn() {
+                Err(e) if e.raw_os_error() == Some(26 /* ETXTBSY */) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                spawned => break spawned.expect("start the agent"),
+            }
+        };
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -155,8 +170,18 @@ impl Agent {
         }
     }
 
+    /// The supervisor's pid: the process the test started.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The serving worker's pid, as `ctl status` reports it.
+    pub fn worker_pid(&self) -> u32 {
+        let status = self.status();
+        let pid = status["agent"]["worker_pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no agent.worker_pid in {status}"));
+        u32::try_from(pid).expect("a pid")
     }
 
     /// Runs `ctl --agent <this agent> ARGS` with the agent's admin token.
@@ -268,10 +293,11 @@ impl Agent {
         }
     }
 
-    /// Waits for the agent to exit on its own (a crash point) and returns
-    /// whether it did within `within`.
-    pub fn wait_for_exit(&mut self, within: Duration) -> bool {
-        eventually(within, || matches!(self.child.try_wait(), Ok(Some(_))))
+    /// Waits for the serving worker to die on its own (a crash point: the
+    /// supervisor says it was killed) and returns whether it did within
+    /// `within`. The supervisor then starts another.
+    pub fn wait_for_crash(&self, within: Duration) -> bool {
+        eventually(within, || self.log().contains("the worker was killed by"))
     }
 
     /// SIGKILL, like a crash: no chance to save anything.
@@ -280,10 +306,10 @@ impl Agent {
         let _ = self.child.wait();
     }
 
-    /// The paths of this agent's artifacts that its process has mapped.
+    /// The paths of this agent's artifacts that its serving worker has mapped.
     pub fn mapped_artifacts(&self) -> Vec<String> {
-        let maps =
-            std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.worker_pid()))
+            .unwrap_or_default();
         let mut paths: Vec<String> = maps
             .lines()
             .filter_map(|l| l.split_whitespace().nth(5))
@@ -367,6 +393,8 @@ pub struct Reply {
     pub body: String,
     /// The `x-nine9s-release` header: which release answered.
     pub release: String,
+    /// The server said `Connection: close`: this connection is done.
+    pub close: bool,
 }
 
 /// `GET path` on a fresh connection; panics on a transport error.
@@ -407,7 +435,7 @@ impl Client {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
-        let (mut length, mut release) = (0usize, String::new());
+        let (mut length, mut release, mut close) = (0usize, String::new(), false);
         loop {
             let mut line = String::new();
             self.reader.read_line(&mut line)?;
@@ -419,6 +447,7 @@ impl Client {
                 match name.to_ascii_lowercase().as_str() {
                     "content-length" => length = value.trim().parse().unwrap_or(0),
                     "x-nine9s-release" => release = value.trim().to_owned(),
+                    "connection" => close = value.trim().eq_ignore_ascii_case("close"),
                     _ => {}
                 }
             }
@@ -429,6 +458,7 @@ impl Client {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
             release,
+            close,
         })
     }
 }
@@ -519,6 +549,84 @@ impl Drop for SmallDisk {
         let _ = std::process::Command::new("umount")
             .arg(self.0.path())
             .status();
+    }
+}
+
+/// What keep-alive load saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    /// 200 answers.
+    pub ok: u64,
+    /// Other answers, and requests sent on an open connection that got no
+    /// answer.
+    pub failed: u64,
+    /// Connection attempts refused.
+    pub refused: u64,
+}
+
+/// Keep-alive `GET path` on `connections` connections, each a thread,
+/// until stopped; a connection the server closes (after `Connection:
+/// close`, or between requests) is replaced by a new one.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, path: &str, connections: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..connections)
+            .map(|_| {
+                let (stop, path) = (std::sync::Arc::clone(&stop), path.to_owned());
+                std::thread::spawn(move || {
+                    let mut report = LoadReport::default();
+                    let mut client: Option<Client> = None;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let mut open = match client.take() {
+                            Some(open) => open,
+                            None => match Client::connect(addr) {
+                                Ok(open) => open,
+                                Err(e) => {
+                                    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                                        report.refused += 1;
+                                    }
+                                    std::thread::sleep(Duration::from_millis(5));
+                                    continue;
+                                }
+                            },
+                        };
+                        match open.get(&path) {
+                            Ok(reply) => {
+                                if reply.status == 200 {
+                                    report.ok += 1;
+                                } else {
+                                    report.failed += 1;
+                                }
+                                if !reply.close {
+                                    client = Some(open);
+                                }
+                            }
+                            Err(_) => report.failed += 1,
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the load and adds up what every connection saw.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("a load thread"))
+            .fold(LoadReport::default(), |a, b| LoadReport {
+                ok: a.ok + b.ok,
+                failed: a.failed + b.failed,
+                refused: a.refused + b.refused,
+            })
     }
 }
 

@@ -276,10 +276,10 @@ fn a_constructor_runs_in_the_probe_never_in_the_serving_agent() {
     assert!(staged.stdout.contains("0.2.7"), "{staged:?}");
     let openers = std::fs::read_to_string(&marker).expect("the constructor ran somewhere");
     let pids: Vec<u32> = openers.lines().map(|l| l.parse().unwrap()).collect();
+    let (supervisor, worker) = (agent.pid(), agent.worker_pid());
     assert!(
-        !pids.is_empty() && !pids.contains(&agent.pid()),
-        "opened by {pids:?}; the agent is {}",
-        agent.pid()
+        !pids.is_empty() && !pids.contains(&worker) && !pids.contains(&supervisor),
+        "opened by {pids:?}; the agent is {supervisor} (worker {worker})"
     );
     let sha = agent.release("0.2.7").unwrap()["sha256"]
         .as_str()
@@ -1163,55 +1163,60 @@ fn connections_beyond_the_cap_wait_and_never_take_the_control_plane_down() {
 
 /// What proptest sends as a Stage call: header and data messages in any
 /// order, with sizes and digests that may or may not add up.
-mod stage_protocol {
-    use std::sync::OnceLock;
-
-    use nine9s_proto::{stage_chunk::Part, StageChunk, StageHeader};
+fn stage_message() -> impl proptest::strategy::Strategy<Value = nine9s_proto::StageChunk> {
+    use nine9s_proto::stage_chunk::Part;
+    use nine9s_proto::StageChunk;
     use proptest::prelude::*;
-
-    use super::*;
-
-    fn agent() -> &'static (tempfile::TempDir, Agent) {
-        static AGENT: OnceLock<(tempfile::TempDir, Agent)> = OnceLock::new();
-        AGENT.get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let agent = Agent::start(&dir.path().join("data"), &["--upload-idle-timeout", "2s"]);
-            (dir, agent)
-        })
-    }
-
-    fn message() -> impl Strategy<Value = StageChunk> {
-        let bytes = proptest::collection::vec(any::<u8>(), 0..2048);
-        prop_oneof![
-            3 => bytes.clone().prop_map(|b| StageChunk { part: Some(Part::Data(b)) }),
-            1 => (0u64..5000, "[0-9a-f]{0,64}", prop::bool::ANY, bytes).prop_map(|(size, sha, real, b)| {
-                let manifest = if real {
-                    "name = \"nine9s\"\nversion = \"0.9.0\"\nlibrary = \"l.so\"\n".to_owned()
-                } else {
-                    String::from_utf8_lossy(&b).into_owned()
-                };
-                StageChunk { part: Some(Part::Header(StageHeader { manifest_toml: manifest, sha256: sha, size, ..Default::default() })) }
-            }),
-            1 => Just(StageChunk { part: None }),
-        ]
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-        #[test]
-        fn any_stage_call_gets_a_clear_answer_and_the_agent_keeps_serving(
-            messages in proptest::collection::vec(message(), 0..6)
-        ) {
-            let (_, agent) = agent();
-            let result = block_on(async { agent.api().await.stage(tokio_stream::iter(messages)).await });
-            if let Err(status) = result {
-                prop_assert!(!reason(&status).is_empty(), "no reason code: {status:?}");
-                prop_assert!(!status.message().is_empty());
+    let bytes = proptest::collection::vec(any::<u8>(), 0..2048);
+    prop_oneof![
+        3 => bytes.clone().prop_map(|b| StageChunk { part: Some(Part::Data(b)) }),
+        1 => (0u64..5000, "[0-9a-f]{0,64}", any::<bool>(), bytes).prop_map(|(size, sha, real, b)| {
+            let manifest = if real {
+                "name = \"nine9s\"\nversion = \"0.9.0\"\nlibrary = \"l.so\"\n".to_owned()
+            } else {
+                String::from_utf8_lossy(&b).into_owned()
+            };
+            StageChunk {
+                part: Some(Part::Header(StageHeader {
+                    manifest_toml: manifest,
+                    sha256: sha,
+                    size,
+                    ..Default::default()
+                })),
             }
-            prop_assert_eq!(agent.get("/").status, 200);
-        }
-    }
+        }),
+        1 => Just(StageChunk { part: None }),
+    ]
+}
+
+/// A proptest over one real agent, which lives (and is stopped) with the test.
+#[test]
+fn any_stage_call_gets_a_clear_answer_and_the_agent_keeps_serving() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--upload-idle-timeout", "2s"]);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    let messages = proptest::collection::vec(stage_message(), 0..6);
+    runner
+        .run(&messages, |messages| {
+            let result =
+                block_on(async { agent.api().await.stage(tokio_stream::iter(messages)).await });
+            if let Err(status) = result {
+                if reason(&status).is_empty() || status.message().is_empty() {
+                    return Err(TestCaseError::fail(format!(
+                        "no reason or message: {status:?}"
+                    )));
+                }
+            }
+            if agent.get("/").status != 200 {
+                return Err(TestCaseError::fail("the agent stopped serving"));
+            }
+            Ok(())
+        })
+        .unwrap();
 }
 
 #[test]

@@ -45,9 +45,10 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
         "cannot create {}",
         config.data_dir.display()
     )))?;
-    let store = Arc::new(Store::open(
+    let store = Arc::new(Store::open_waiting(
         &config.data_dir.join("db"),
         config.keep_history,
+        config.store_wait,
     )?);
     let artifacts = Artifacts::open(config.data_dir.join("artifacts"))
         .map_err(Error::io("cannot open the artifact store"))?;
@@ -60,7 +61,13 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
     let (lifecycle, loaded, service, message) = if releases.is_empty() {
         install(&journal, &artifacts, &config.bootstrap)?
     } else {
-        resume(&journal, &artifacts, &releases, !clean)?
+        resume(
+            &journal,
+            &artifacts,
+            &releases,
+            !clean,
+            config.previous_exit.as_deref(),
+        )?
     };
     let mut started = Event::new(EventKind::AgentStarted).version(&loaded.version);
     started.message = message;
@@ -161,6 +168,7 @@ fn resume(
     artifacts: &Artifacts,
     releases: &[Release],
     unclean: bool,
+    previous_exit: Option<&str>,
 ) -> Result<(Lifecycle, Loaded, String, Option<String>)> {
     let store = &journal.store;
     let entries: BTreeMap<Version, Entry> = releases
@@ -184,13 +192,30 @@ fn resume(
             .iter()
             .find(|r| r.version == candidate)
             .expect("a candidate is a stored release");
+        // A release whose start killed the agent (not an error: a crash)
+        // twice in a row is passed over, as one that does not load.
+        let crashed = store.boot_attempt(&candidate)?;
+        if crashed >= CRASHED_STARTS {
+            let why = format!(
+                "starting it killed the agent {crashed} times in a row{}",
+                previous_exit
+                    .map(|how| format!(" (the last worker {how})"))
+                    .unwrap_or_default()
+            );
+            tracing::error!(version = %candidate, "{why}; falling back to the one permanent before it");
+            store.boot_started(&candidate)?;
+            unloadable.push((candidate, why));
+            continue;
+        }
         match start(store, artifacts, release) {
             Ok(loaded) => {
+                store.boot_started(&candidate)?;
                 serving = Some((release, loaded));
                 break;
             }
             // Its library or its code failed: fall back to the one before.
             Err(e) if e.blames() == Some(&candidate) => {
+                store.boot_started(&candidate)?;
                 tracing::error!(version = %candidate, error = %e, "cannot start this release; falling back to the one permanent before it");
                 unloadable.push((candidate, e.to_string()));
             }
@@ -232,6 +257,7 @@ fn resume(
     let (lifecycle, _) = stored.apply(machine::Event::Booted {
         serving: release.version.clone(),
         unclean,
+        cause: previous_exit.map(str::to_owned),
         unloadable: unloadable.clone(),
         at_ms: now_ms(),
     })?;
@@ -261,6 +287,10 @@ fn resume(
     }
     Ok((lifecycle, loaded, release.name.clone(), fell_back))
 }
+
+/// Boot attempts of one release that may end in a crash before it is
+/// passed over.
+const CRASHED_STARTS: u32 = 2;
 
 /// Starts a release's instance with its last snapshot.
 fn start(store: &Store, artifacts: &Artifacts, release: &Release) -> Result<Loaded> {

@@ -126,6 +126,8 @@ pub enum Event {
     Booted {
         serving: Version,
         unclean: bool,
+        /// How the process before ended, when it died (from the supervisor).
+        cause: Option<String>,
         unloadable: Vec<(Version, String)>,
         at_ms: i64,
     },
@@ -479,6 +481,7 @@ impl Lifecycle {
             Event::Booted {
                 serving,
                 unclean,
+                cause,
                 unloadable,
                 at_ms,
             } => {
@@ -486,8 +489,12 @@ impl Lifecycle {
                 if let Some(current) = self.current().cloned() {
                     if unclean {
                         next.set(&current, ReleaseState::Failed, &mut effects);
+                        let how = cause
+                            .as_ref()
+                            .map(|how| format!(": its worker {how}"))
+                            .unwrap_or_default();
                         next.entry_mut(&current).failure =
-                            Some(format!("the agent died while {current} was current"));
+                            Some(format!("the agent died while {current} was current{how}"));
                     } else {
                         next.set(&current, ReleaseState::Old, &mut effects);
                     }

@@ -121,13 +121,14 @@ fn a_crash_while_current_fails_the_release_and_a_clean_stop_does_not() {
     // Defect 8.
     let l = installed(2);
     let l = apply(&l, switched(2, Settle::Held, 2));
-    let booted = |unclean| Event::Booted {
+    let booted = |unclean, cause: Option<&str>| Event::Booted {
         serving: v(1),
         unclean,
+        cause: cause.map(str::to_owned),
         unloadable: vec![],
         at_ms: 9,
     };
-    let crashed = apply(&l, booted(true));
+    let crashed = apply(&l, booted(true, None));
     assert_eq!(state(&crashed, 2), ReleaseState::Failed);
     assert!(crashed
         .entry(&v(2))
@@ -136,7 +137,13 @@ fn a_crash_while_current_fails_the_release_and_a_clean_stop_does_not() {
         .as_deref()
         .unwrap()
         .contains("agent died while 0.2.0 was current"));
-    let stopped = apply(&l, booted(false));
+    // The supervisor says how its worker died: the reason names it.
+    let segfaulted = apply(&l, booted(true, Some("was killed by SIGSEGV")));
+    assert_eq!(
+        segfaulted.entry(&v(2)).unwrap().failure.as_deref(),
+        Some("the agent died while 0.2.0 was current: its worker was killed by SIGSEGV")
+    );
+    let stopped = apply(&l, booted(false, None));
     assert_eq!(state(&stopped, 2), ReleaseState::Old);
 }
 
@@ -151,6 +158,7 @@ fn boot_falls_back_to_the_last_permanent_release_that_loads() {
         Event::Booted {
             serving: v(2),
             unclean: true,
+            cause: None,
             unloadable: vec![(v(3), "cannot load".into())],
             at_ms: 10,
         },
@@ -335,6 +343,7 @@ fn play(l: &Lifecycle, op: &Op, t: i64, staged: &mut u64, blame: &mut Blame) -> 
             next(Event::Booted {
                 serving: candidates[skip].clone(),
                 unclean: true,
+                cause: None,
                 unloadable,
                 at_ms: t,
             })
@@ -342,6 +351,7 @@ fn play(l: &Lifecycle, op: &Op, t: i64, staged: &mut u64, blame: &mut Blame) -> 
         Op::CleanRestart => next(Event::Booted {
             serving: l.permanent().expect("one permanent").clone(),
             unclean: false,
+            cause: None,
             unloadable: vec![],
             at_ms: t,
         }),
