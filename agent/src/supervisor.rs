@@ -16,6 +16,8 @@
 //!   disk now, and stops the old one as SIGTERM would: it finishes its
 //!   requests, checkpoints and closes the store, which the new one waits
 //!   for (`NINE9S_HANDOVER`).
+//! - SIGUSR2 re-executes the supervisor itself from the binary on disk,
+//!   keeping its pid, the listeners and the serving worker.
 //! - SIGTERM or Ctrl-C stops the worker and then the supervisor, with the
 //!   worker's exit code. The worker dies with the supervisor, whatever
 //!   kills it (`PR_SET_PDEATHSIG`, set by the worker on the thread that
@@ -56,10 +58,33 @@ pub struct Supervisor {
 
 /// A running worker.
 struct Worker {
-    child: Child,
+    /// `None` for a worker adopted across a re-exec of the supervisor:
+    /// still this process's child, but not a `Child` of this image.
+    child: Option<Child>,
     pid: u32,
     started: Instant,
     ready: bool,
+}
+
+impl Worker {
+    async fn wait(&mut self) -> ExitStatus {
+        match &mut self.child {
+            Some(child) => child
+                .wait()
+                .await
+                .unwrap_or_else(|_| ExitStatus::from_raw(1 << 8)),
+            None => {
+                let pid = rustix::process::Pid::from_raw(self.pid as i32);
+                loop {
+                    match rustix::process::waitpid(pid, rustix::process::WaitOptions::NOHANG) {
+                        Ok(Some((_, status))) => return ExitStatus::from_raw(status.as_raw()),
+                        Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        Err(_) => return ExitStatus::from_raw(1 << 8),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How the next worker starts.
@@ -100,7 +125,17 @@ impl Supervisor {
         let mut term = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
-        let mut current = Some(self.spawn(&notify_name, Start::default())?);
+        let mut reexec = signal(SignalKind::user_defined2())?;
+        let mut current = Some(match adopted() {
+            Some(worker) => {
+                tracing::info!(
+                    pid = worker.pid,
+                    "supervisor re-executed; the serving worker goes on"
+                );
+                worker
+            }
+            None => self.spawn(&notify_name, Start::default())?,
+        });
         let mut retiring: Option<Worker> = None;
         let mut stopping = false;
         let mut failures_before_ready = 0u32;
@@ -114,7 +149,7 @@ impl Supervisor {
                     if stopping {
                         tracing::info!(pid = worker.pid, "worker {how}; supervisor stopping");
                         if let Some(mut old) = retiring.take() {
-                            let _ = old.child.wait().await;
+                            old.wait().await;
                         }
                         return Ok(status.code().unwrap_or(1));
                     }
@@ -169,6 +204,12 @@ impl Supervisor {
                         }
                     }
                 }
+                _ = reexec.recv(), if !stopping && retiring.is_none() => {
+                    if let Some(worker) = &current {
+                        let error = self.reexec(worker);
+                        tracing::error!(%error, "cannot re-execute the supervisor; it goes on as it is");
+                    }
+                }
                 _ = term.recv() => stopping = stop(&current, &retiring),
                 _ = interrupt.recv() => stopping = stop(&current, &retiring),
                 _ = hangup.recv(), if !stopping && retiring.is_none() => {
@@ -190,6 +231,47 @@ impl Supervisor {
         }
     }
 
+    /// Replaces this process's image with the agent binary on disk,
+    /// keeping its pid, the listeners (passed as `LISTEN_FDS`) and the
+    /// serving worker, which stays its child (`NINE9S_ADOPT_WORKER`). Only
+    /// returns if that failed.
+    fn reexec(&self, worker: &Worker) -> std::io::Error {
+        use std::os::unix::process::CommandExt as _;
+        tracing::info!(
+            pid = worker.pid,
+            "SIGUSR2: re-executing the supervisor from {}",
+            self.exe.display()
+        );
+        let mut command = std::process::Command::new(&self.exe);
+        command
+            .args(&self.args)
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_FDNAMES", "http:grpc")
+            .env_remove("LISTEN_PID")
+            .env("NINE9S_ADOPT_WORKER", worker.pid.to_string());
+        let fds = self
+            .http
+            .try_clone()
+            .and_then(|http| Ok((http, self.grpc.try_clone()?)));
+        let (http, grpc) = match fds {
+            Ok(fds) => fds,
+            Err(e) => return e,
+        };
+        if let Err(e) = command.fd_mappings(vec![
+            FdMapping {
+                parent_fd: OwnedFd::from(http),
+                child_fd: 3,
+            },
+            FdMapping {
+                parent_fd: OwnedFd::from(grpc),
+                child_fd: 4,
+            },
+        ]) {
+            return std::io::Error::other(format!("cannot pass the listeners on: {e}"));
+        }
+        command.exec()
+    }
+
     /// Starts a worker on the listeners.
     fn spawn(&self, notify: &str, start: Start) -> std::io::Result<Worker> {
         let mut command = Command::new(&self.exe);
@@ -200,6 +282,7 @@ impl Supervisor {
             .env("LISTEN_FDS", "2")
             .env("LISTEN_FDNAMES", "http:grpc")
             .env_remove("LISTEN_PID")
+            .env_remove("NINE9S_ADOPT_WORKER")
             .env("NOTIFY_SOCKET", notify)
             .env("NINE9S_SUPERVISOR_PID", std::process::id().to_string())
             .kill_on_drop(true);
@@ -227,7 +310,7 @@ impl Supervisor {
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, "worker started");
         Ok(Worker {
-            child,
+            child: Some(child),
             pid,
             started: Instant::now(),
             ready: false,
@@ -275,12 +358,21 @@ fn bind_notify() -> std::io::Result<(UnixDatagram, String)> {
 
 async fn exited(worker: &mut Option<Worker>) -> ExitStatus {
     match worker {
-        Some(worker) => match worker.child.wait().await {
-            Ok(status) => status,
-            Err(_) => ExitStatus::from_raw(1 << 8),
-        },
+        Some(worker) => worker.wait().await,
         None => pending().await,
     }
+}
+
+/// The worker a previous image of this supervisor was running, if this
+/// one was re-executed (SIGUSR2).
+fn adopted() -> Option<Worker> {
+    let pid: u32 = std::env::var("NINE9S_ADOPT_WORKER").ok()?.parse().ok()?;
+    Some(Worker {
+        child: None,
+        pid,
+        started: Instant::now(),
+        ready: true,
+    })
 }
 
 /// Asks the workers to stop; returns true.

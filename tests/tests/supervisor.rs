@@ -130,6 +130,18 @@ fn a_release_that_kills_its_worker_is_failed_with_the_signal() {
         failure.contains("died while 0.2.8 was current") && failure.contains("SIGSEGV"),
         "{failure}"
     );
+    // And the history says so, as an automatic restart.
+    let history = agent.history();
+    let restart = history.last().unwrap();
+    assert_eq!(
+        (&restart["kind"], &restart["automatic"]),
+        (&"restart".into(), &true.into()),
+        "{restart}"
+    );
+    assert!(
+        restart["reason"].as_str().unwrap().contains("SIGSEGV"),
+        "{restart}"
+    );
 }
 
 #[test]
@@ -293,4 +305,33 @@ fn listeners_passed_in_by_socket_activation_are_served() {
         .status();
     let exited = child.wait().unwrap();
     assert_eq!(exited.code(), Some(0));
+}
+
+#[test]
+fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(
+        &dir.path().join("data"),
+        &["--checkpoint-every", "100ms"],
+        2,
+    );
+    let worker = agent.worker_pid();
+    let load = Load::start(agent.http, "/count", 4);
+    kill("USR2", agent.pid());
+    assert!(
+        eventually(Duration::from_secs(10), || agent
+            .log()
+            .contains("supervisor re-executed")),
+        "{}",
+        agent.log()
+    );
+    let report = load.stop();
+    assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
+    // The same worker serves, now supervised by the new image: its death
+    // is seen and mended.
+    assert_eq!(agent.worker_pid(), worker);
+    kill("KILL", worker);
+    new_worker(&agent, worker);
+    assert_eq!(agent.get("/count").body, "2");
+    assert_eq!(agent.status()["agent"]["supervisor_pid"], agent.pid());
 }

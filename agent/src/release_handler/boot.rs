@@ -266,7 +266,10 @@ fn resume(
         let mut notes = Vec::new();
         if let Some(current) = &abandoned {
             notes.push(if unclean {
-                format!("the agent died while {current} was current; it is marked failed")
+                let how = previous_exit
+                    .map(|how| format!(" (its worker {how})"))
+                    .unwrap_or_default();
+                format!("the agent died while {current} was current{how}; it is marked failed")
             } else {
                 format!("the agent stopped while {current} was current but not permanent")
             });
