@@ -110,11 +110,17 @@ fn a_release_that_kills_its_worker_is_failed_with_the_signal() {
         .ok();
     assert_eq!(agent.get("/").body, "Hello segfault !");
     let old = agent.worker_pid();
+    let load = Load::start(agent.http, "/count", 8);
+    std::thread::sleep(Duration::from_millis(300));
     let crashed = nine9s_tests::Client::connect(agent.http)
         .unwrap()
         .get("/crash");
     assert!(crashed.is_err(), "the worker answered /crash: {crashed:?}");
     new_worker(&agent, old);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    assert_eq!(report.refused, 0, "{report:?}");
+    assert!(report.failed <= 8 && report.ok > 0, "{report:?}");
     // Back on the permanent release, with the state it had when it was
     // left: what the current release served is gone with it, as after
     // any restart.
