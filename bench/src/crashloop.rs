@@ -8,6 +8,10 @@
 //! The node only ever moves between 0.2.0 and 0.3.0, which both carry the
 //! count of `GET /` exactly, and the loop sends no `/`: `/count` must
 //! answer the setup's count after every crash.
+//!
+//! The kill goes to the agent's supervisor (the pid the bench started);
+//! its worker dies with it, and the restart waits until that worker is
+//! gone, so that it does not race the dying worker for the store's lock.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -430,6 +434,9 @@ async fn iteration(
         }
     };
     let delay = Duration::from_micros(rng.below(MAX_KILL_DELAY_US + 1));
+    // The SIGKILL goes to the supervisor; its worker, noted now rather
+    // than in the kill's microseconds, dies with it and is waited for.
+    agent.note_workers();
 
     let fired = Instant::now();
     let mut rpc = tokio::spawn({
@@ -698,7 +705,7 @@ async fn status(client: &mut Client) -> anyhow::Result<StatusReply> {
 }
 
 /// An RPC's reply, within [`RPC_TIMEOUT`].
-async fn rpc<T>(
+pub async fn rpc<T>(
     call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(RPC_TIMEOUT, call).await {

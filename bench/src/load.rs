@@ -1,13 +1,21 @@
-//! The load generator: C keep-alive connections, each looping `GET /` over
-//! a raw `TcpStream` with its own minimal HTTP/1.1 framing (status line,
-//! headers, `Content-Length` body), and the tally of what came back.
+//! The load generator: C keep-alive connections, each looping `GET /` (or
+//! another path) over a raw `TcpStream` with its own minimal HTTP/1.1
+//! framing (status line, headers, `Content-Length` body), and the tally of
+//! what came back.
 //!
 //! A request already sent is always waited for (up to [`REQUEST_TIMEOUT`]),
 //! never abandoned at the deadline: the server may have counted it, and the
 //! bench compares its own count of 200s with the server's.
+//!
+//! A response with `Connection: close` (what a draining agent worker
+//! sends) is a response like any other: the connection is dropped and the
+//! next request goes on a new one. A connection the server ends with no
+//! response byte at all counts as *refused*, like a refused connect; the
+//! tally keeps the two apart (`closed_unanswered`, `connect_refused`), for
+//! a worker that dies mid-request closes its connections too.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +41,18 @@ pub struct Tally {
     pub ok: u64,
     /// Other statuses, resets, malformed responses, timeouts.
     pub failed: u64,
-    /// Connections refused, or closed by the server before any response byte.
+    /// Connections refused, or closed by the server before any response
+    /// byte: `connect_refused + closed_unanswered`.
     pub refused: u64,
+    /// Connects refused (`ECONNREFUSED`): nothing listened.
+    pub connect_refused: u64,
+    /// Connections the server closed (FIN) with a request sent and no
+    /// response byte back.
+    pub closed_unanswered: u64,
+    /// The longest wait on one connection between two responses (or from
+    /// the start to its first), reconnects included: the worst stall a
+    /// client saw.
+    pub max_gap: Duration,
     /// Latency of each 200, from the request's write to its body's end.
     pub latencies_us: Vec<u32>,
     /// The first few failures and refusals, as text.
@@ -57,6 +75,9 @@ impl Tally {
         self.ok += other.ok;
         self.failed += other.failed;
         self.refused += other.refused;
+        self.connect_refused += other.connect_refused;
+        self.closed_unanswered += other.closed_unanswered;
+        self.max_gap = self.max_gap.max(other.max_gap);
         self.latencies_us.extend(other.latencies_us);
         for error in other.errors {
             self.note(error);
@@ -67,22 +88,43 @@ impl Tally {
 /// Load running against one server.
 pub struct Load {
     stop: Arc<AtomicBool>,
+    /// Failed and refused requests so far, all connections together.
+    unsuccessful: Arc<AtomicU64>,
     connections: JoinSet<Tally>,
     started: Instant,
 }
 
 impl Load {
+    /// `GET /` on `connections` keep-alive connections.
     pub fn start(addr: SocketAddr, connections: usize) -> Load {
+        Load::start_on(addr, connections, "/")
+    }
+
+    /// `GET path` on `connections` keep-alive connections.
+    pub fn start_on(addr: SocketAddr, connections: usize, path: &str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let unsuccessful = Arc::new(AtomicU64::new(0));
+        let request: Arc<[u8]> = request_bytes(addr, path).into();
         let mut set = JoinSet::new();
         for _ in 0..connections {
-            set.spawn(connection_loop(addr, Arc::clone(&stop)));
+            set.spawn(connection_loop(
+                addr,
+                Arc::clone(&request),
+                Arc::clone(&stop),
+                Arc::clone(&unsuccessful),
+            ));
         }
         Load {
             stop,
+            unsuccessful,
             connections: set,
             started: Instant::now(),
         }
+    }
+
+    /// Failed plus refused requests so far (the tally has them apart).
+    pub fn unsuccessful(&self) -> u64 {
+        self.unsuccessful.load(Ordering::Relaxed)
     }
 
     /// Lets each connection finish its request in flight, then adds up.
@@ -100,25 +142,27 @@ impl Load {
     }
 }
 
-async fn connection_loop(addr: SocketAddr, stop: Arc<AtomicBool>) -> Tally {
+async fn connection_loop(
+    addr: SocketAddr,
+    request: Arc<[u8]>,
+    stop: Arc<AtomicBool>,
+    unsuccessful: Arc<AtomicU64>,
+) -> Tally {
     let mut tally = Tally::default();
-    let request = request_bytes(addr, "/");
     let mut open: Option<Connection> = None;
+    let mut last_response = Instant::now();
+    let count = |tally: &mut Tally, error: Exchange| {
+        unsuccessful.fetch_add(1, Ordering::Relaxed);
+        tally.count(error);
+    };
     while !stop.load(Ordering::Relaxed) {
         let mut connection = match open.take() {
             Some(connection) => connection,
             None => match Connection::open(addr).await {
                 Ok(connection) => connection,
-                Err(Exchange::Refused(why)) => {
-                    tally.refused += 1;
-                    tally.note(why);
+                Err(error) => {
+                    count(&mut tally, error);
                     // The server is not there; do not spin on it.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-                Err(Exchange::Failed(why)) => {
-                    tally.failed += 1;
-                    tally.note(why);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
@@ -127,6 +171,9 @@ async fn connection_loop(addr: SocketAddr, stop: Arc<AtomicBool>) -> Tally {
         let sent = Instant::now();
         match connection.exchange(&request).await {
             Ok(response) => {
+                let now = Instant::now();
+                tally.max_gap = tally.max_gap.max(now - last_response);
+                last_response = now;
                 if response.status == 200 {
                     tally.ok += 1;
                     let us = sent.elapsed().as_micros();
@@ -134,28 +181,48 @@ async fn connection_loop(addr: SocketAddr, stop: Arc<AtomicBool>) -> Tally {
                         .latencies_us
                         .push(u32::try_from(us).unwrap_or(u32::MAX));
                 } else {
-                    tally.failed += 1;
-                    tally.note(format!(
-                        "status {}: {}",
-                        response.status,
-                        String::from_utf8_lossy(&response.body).trim_end()
-                    ));
+                    count(
+                        &mut tally,
+                        Exchange::Failed(format!(
+                            "status {}: {}",
+                            response.status,
+                            String::from_utf8_lossy(&response.body).trim_end()
+                        )),
+                    );
                 }
+                // `Connection: close` (a draining worker says it): the next
+                // request goes on a new connection; nothing failed.
                 if !response.close {
                     open = Some(connection);
                 }
             }
-            Err(Exchange::Refused(why)) => {
-                tally.refused += 1;
-                tally.note(why);
-            }
-            Err(Exchange::Failed(why)) => {
-                tally.failed += 1;
-                tally.note(why);
-            }
+            Err(error) => count(&mut tally, error),
         }
     }
     tally
+}
+
+impl Tally {
+    /// Adds one request that got no good response.
+    fn count(&mut self, error: Exchange) {
+        let why = match error {
+            Exchange::Refused(why) => {
+                self.refused += 1;
+                self.connect_refused += 1;
+                why
+            }
+            Exchange::Closed(why) => {
+                self.refused += 1;
+                self.closed_unanswered += 1;
+                why
+            }
+            Exchange::TimedOut(why) | Exchange::Failed(why) => {
+                self.failed += 1;
+                why
+            }
+        };
+        self.note(why);
+    }
 }
 
 /// One `GET` on a fresh connection, for reading `/count`; anything but a
@@ -198,16 +265,39 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<Fetched> {
     })
 }
 
+/// One `GET` on a fresh connection that the server must end without a
+/// response (closed or reset: the process serving it died); an error if
+/// it answers, or neither answers nor closes within [`REQUEST_TIMEOUT`].
+pub async fn unanswered(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+    let mut connection = Connection::open(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+    match connection.exchange(&request_bytes(addr, path)).await {
+        Ok(response) => bail!(
+            "GET {path} was answered: status {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body).trim_end()
+        ),
+        Err(Exchange::Closed(_) | Exchange::Failed(_)) => Ok(()),
+        Err(e @ (Exchange::Refused(_) | Exchange::TimedOut(_))) => bail!("GET {path}: {e:?}"),
+    }
+}
+
 fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes()
 }
 
-/// How an exchange went wrong, in the bench's two failure classes.
+/// How an exchange went wrong. The first two are the bench's *refused*:
+/// no response byte came back.
 #[derive(Debug)]
 enum Exchange {
-    /// Connection refused, or closed by the server before a response began.
+    /// Connection refused.
     Refused(String),
-    /// Anything else: reset, malformed response, timeout.
+    /// Closed by the server (FIN) before a response began.
+    Closed(String),
+    /// No response (or connection) within [`REQUEST_TIMEOUT`].
+    TimedOut(String),
+    /// Anything else: reset, malformed response, a status other than 200.
     Failed(String),
 }
 
@@ -237,7 +327,7 @@ impl Connection {
                 return Err(Exchange::Refused(format!("connect: {e}")))
             }
             Ok(Err(e)) => return Err(Exchange::Failed(format!("connect: {e}"))),
-            Err(_) => return Err(Exchange::Failed("connect: timed out".into())),
+            Err(_) => return Err(Exchange::TimedOut("connect: timed out".into())),
         };
         // The agent sets it too; without it small writes wait on Nagle.
         let _ = stream.set_nodelay(true);
@@ -251,7 +341,7 @@ impl Connection {
     async fn exchange(&mut self, request: &[u8]) -> Result<Response, Exchange> {
         match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange_untimed(request)).await {
             Ok(result) => result,
-            Err(_) => Err(Exchange::Failed(format!(
+            Err(_) => Err(Exchange::TimedOut(format!(
                 "no response within {REQUEST_TIMEOUT:?}"
             ))),
         }
@@ -272,7 +362,7 @@ impl Connection {
             }
             if self.read("head").await? == 0 {
                 return Err(if self.buffer.is_empty() {
-                    Exchange::Refused("connection closed before a response".into())
+                    Exchange::Closed("connection closed before a response".into())
                 } else {
                     Exchange::Failed("connection closed inside a response head".into())
                 });

@@ -1,12 +1,22 @@
 //! `nine9s-bench`: runs the real agent and `ctl` built next to it, puts
 //! HTTP load on the agent while it upgrades and downgrades in a loop, and
 //! prints the figures as one JSON line on stdout (progress goes to stderr).
+//! The agent runs as a supervisor (the process the bench starts, holding
+//! the sockets) and a worker child that serves; everything measured of the
+//! agent's process (memory, CPU time, mapped libraries) is the worker's.
+//!
 //! This file owns the command line, the choice between the bench, the
-//! crash loop (`--crash-loop N`), the stalled-upload measure
-//! (`--stalled-uploads N`) and the hidden `--bare-server` mode, and
-//! the exit codes: 0 when the run completed, 1 when a correctness target
-//! failed (in the crash loop: an iteration ended inconsistent), 2 on bad
-//! flags or when the run could not be set up or finished.
+//! crash loop (`--crash-loop N`: kill -9 of the whole agent), the worker
+//! crashes (`--worker-crashes N`: a worker segfaults under load and the
+//! supervisor replaces it), the self-upgrades (`--self-upgrades N`: `ctl
+//! agent restart` under load), the stalled-upload measure
+//! (`--stalled-uploads N`) and the hidden `--bare-server` mode, and the
+//! exit codes: 0 when the run completed, 1 when a correctness target
+//! failed (in the crash loop: an iteration ended inconsistent; with worker
+//! crashes: a connection refused or a crash not recovered from; with
+//! self-upgrades: a request failed or refused, counts not exact, or a
+//! restart not done), 2 on bad flags or when the run could not be set up
+//! or finished.
 // serde_json::json! of the report nests deeper than the default allows.
 #![recursion_limit = "256"]
 #![forbid(unsafe_code)]
@@ -18,13 +28,17 @@ mod load;
 mod procs;
 mod report;
 mod run;
+mod selfupgrade;
 mod uploads;
+mod workercrash;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds S] [--cycles N]
        nine9s-bench --crash-loop N [--seed S]
+       nine9s-bench --worker-crashes N [--connections C]
+       nine9s-bench --self-upgrades N [--connections C]
        nine9s-bench --stalled-uploads N [--upload-mib M]
 
 Build first: cargo build --release --workspace
@@ -36,6 +50,18 @@ Build first: cargo build --release --workspace
                    by a kill -9 at a random moment, the node checked after
                    each restart
   --seed S         the crash loop's random choices, to replay a run
+  --worker-crashes N
+                   instead of the bench: the segfaulting fixture 0.2.8
+                   permanent, C (default 16) connections loading /count,
+                   N times GET /crash; recovery time until a new worker
+                   serves, requests lost, connections refused (must be 0;
+                   needs tests/plugins/segfault built)
+  --self-upgrades N
+                   instead of the bench: 0.2.0 permanent, C (default 32)
+                   connections loading /, N self-upgrades (RestartAgent, as
+                   `ctl agent restart`; 100 is a good run) and one
+                   `ctl agent restart --wait`; restart times, worst stall,
+                   failed and refused (must be 0), /count exact
   --stalled-uploads N
                    instead of the bench: N uploads of --upload-mib MiB
                    (default 100) that stall before their last MiB; prints
@@ -53,6 +79,8 @@ pub struct Options {
 enum Mode {
     Bench(Options),
     CrashLoop(crashloop::Options),
+    WorkerCrashes(workercrash::Options),
+    SelfUpgrades(selfupgrade::Options),
     StalledUploads(uploads::Options),
     /// The baseline server, run as a child of the bench so that the bare
     /// server and the agent both sit in a process of their own.
@@ -109,6 +137,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Mode::WorkerCrashes(options) => {
+            let outcome = runtime.block_on(interruptible(workercrash::worker_crashes(options)));
+            drop(runtime);
+            finish("--worker-crashes", outcome)
+        }
+        Mode::SelfUpgrades(options) => {
+            let outcome = runtime.block_on(interruptible(selfupgrade::self_upgrades(options)));
+            drop(runtime);
+            finish("--self-upgrades", outcome)
+        }
         Mode::StalledUploads(options) => {
             let outcome = runtime.block_on(interruptible(uploads::stalled_uploads(options)));
             drop(runtime);
@@ -147,6 +185,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a mode's JSON line; the exit code of its outcome.
+fn finish(mode: &str, outcome: anyhow::Result<report::Outcome>) -> ExitCode {
+    match outcome {
+        Ok(outcome) => {
+            println!("{}", outcome.json);
+            if outcome.passed {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("nine9s-bench {mode}: correctness targets failed");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("nine9s-bench {mode}: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Runs `work` unless SIGINT or SIGTERM comes first; then `work` is
 /// dropped, which kills the processes it started.
 async fn interruptible<T>(
@@ -166,6 +223,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut seconds = None;
     let mut cycles = None;
     let mut crash_loop = None;
+    let mut worker_crashes = None;
+    let mut self_upgrades = None;
     let mut seed = None;
     let mut stalled = None;
     let mut upload_mib = None;
@@ -195,6 +254,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--cycles" => cycles = Some(number::<u32>(&flag, &value()?)?),
             "--crash-loop" => crash_loop = Some(number::<u32>(&flag, &value()?)?),
             "--seed" => seed = Some(number::<u64>(&flag, &value()?)?),
+            "--worker-crashes" => worker_crashes = Some(number::<u32>(&flag, &value()?)?),
+            "--self-upgrades" => self_upgrades = Some(number::<u32>(&flag, &value()?)?),
             "--stalled-uploads" => stalled = Some(number::<usize>(&flag, &value()?)?),
             "--upload-mib" => upload_mib = Some(number::<usize>(&flag, &value()?)?),
             "-h" | "--help" => return Ok(Mode::Help),
@@ -208,6 +269,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             || cycles.is_some()
             || crash_loop.is_some()
             || seed.is_some()
+            || worker_crashes.is_some()
+            || self_upgrades.is_some()
         {
             return Err("--stalled-uploads takes no other flag than --upload-mib".into());
         }
@@ -219,6 +282,31 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     }
     if upload_mib.is_some() {
         return Err("--upload-mib goes with --stalled-uploads".into());
+    }
+    if worker_crashes.is_some() || self_upgrades.is_some() {
+        if short || seconds.is_some() || cycles.is_some() || crash_loop.is_some() || seed.is_some()
+        {
+            return Err(
+                "--worker-crashes and --self-upgrades take no other flag than --connections".into(),
+            );
+        }
+        if connections == Some(0) {
+            return Err("--connections must be above 0".into());
+        }
+        return match (worker_crashes, self_upgrades) {
+            (Some(0), _) | (_, Some(0)) => {
+                Err("--worker-crashes and --self-upgrades must be above 0".into())
+            }
+            (Some(crashes), None) => Ok(Mode::WorkerCrashes(workercrash::Options {
+                crashes,
+                connections: connections.unwrap_or(16),
+            })),
+            (None, Some(restarts)) => Ok(Mode::SelfUpgrades(selfupgrade::Options {
+                restarts,
+                connections: connections.unwrap_or(32),
+            })),
+            _ => Err("--worker-crashes and --self-upgrades are two runs: one at a time".into()),
+        };
     }
     if let Some(iterations) = crash_loop {
         if short || connections.is_some() || seconds.is_some() || cycles.is_some() {

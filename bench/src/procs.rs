@@ -1,8 +1,17 @@
 //! The processes the bench drives: finding the built binaries, plugin
 //! libraries and release directories; starting and stopping the agent and
-//! the bare server; running `ctl`; reading the agent's memory and mapped
-//! libraries from `/proc`. Every child is killed when its handle is
+//! the bare server; running `ctl`; reading the agent's memory, CPU time and
+//! mapped libraries from `/proc`. Every child is killed when its handle is
 //! dropped, so an error or a panic leaves no process behind.
+//!
+//! The pid the bench spawns is the agent's **supervisor**, which holds the
+//! sockets and runs no plugin code; the agent proper runs in its
+//! **worker** child (`agent FLAGS worker`), found through
+//! `/proc/SUPERVISOR/task/SUPERVISOR/children`. Everything measured is
+//! measured on the worker. A SIGKILL goes to the supervisor, and the
+//! worker dies with it (`PR_SET_PDEATHSIG`) — a moment later: waiting for
+//! a killed agent also waits until its worker is gone, since the next
+//! agent on the same data dir needs the store's lock it held.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +34,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The agent's own shutdown grace is 10 s; its connections are idle by then.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a killed agent's worker may take to be gone.
+const WORKER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where the build put what the bench runs.
 pub struct Layout {
     pub bench: PathBuf,
@@ -32,6 +44,9 @@ pub struct Layout {
     pub ctl: PathBuf,
     /// `(release directory, library)` of 0.2.0 and of 0.3.0.
     pub releases: [(PathBuf, PathBuf); 2],
+    /// The workspace (where `plugins/` is) and the build's directory.
+    root: PathBuf,
+    dir: PathBuf,
 }
 
 impl Layout {
@@ -69,15 +84,124 @@ impl Layout {
             agent: existing(dir.join("agent"))?,
             ctl: existing(dir.join("ctl"))?,
             releases: [release("0.2.0")?, release("0.3.0")?],
+            root: root.to_owned(),
+            dir: dir.to_owned(),
             bench,
         })
     }
+
+    /// `(release directory, library)` of the test fixture nine9s 0.2.8
+    /// (`tests/plugins/segfault`), whose `GET /crash` segfaults the worker.
+    pub fn segfault_release(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let release_dir = self.root.join("tests/plugins/segfault");
+        let library = self.dir.join("libfixture_segfault.so");
+        for path in [release_dir.join("release.toml"), library.clone()] {
+            if !path.is_file() {
+                bail!("{} is missing; {BUILD_FIRST}", path.display());
+            }
+        }
+        Ok((release_dir, library))
+    }
 }
 
-/// The real agent, started on port 0 with its data in a directory of ours.
+/// A process as `/proc` knows it: its pid and its start time (in clock
+/// ticks after boot), which together never name another process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: u32,
+    start: u64,
+}
+
+impl ProcId {
+    /// The process `pid` if it lives (a zombie does not).
+    pub fn of(pid: u32) -> Option<ProcId> {
+        let stat = Stat::read(pid).ok()?;
+        (!stat.dead()).then_some(ProcId {
+            pid,
+            start: stat.start,
+        })
+    }
+
+    /// The process has ended: no such pid, another process under it, or
+    /// a zombie — which has closed its files, so its locks are free.
+    pub fn gone(&self) -> bool {
+        ProcId::of(self.pid) != Some(*self)
+    }
+
+    /// Waits until [`ProcId::gone`], polling every millisecond.
+    pub async fn wait_gone(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while !self.gone() {
+            if Instant::now() >= deadline {
+                bail!("process {} still runs after {within:?}", self.pid);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}
+
+/// What the bench reads of `/proc/PID/stat`.
+struct Stat {
+    /// One letter: R, S, D, Z, X...
+    state: char,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+    /// Start time after boot, in clock ticks.
+    start: u64,
+}
+
+impl Stat {
+    fn read(pid: u32) -> anyhow::Result<Stat> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // `fields` starts at the 3rd field (state); utime, stime and
+        // starttime are the 14th, 15th and 22nd.
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let state = fields.first().and_then(|s| s.chars().next());
+        let (Some(state), Some(user), Some(system), Some(start)) =
+            (state, number(11), number(12), number(19))
+        else {
+            bail!("cannot parse {path}");
+        };
+        Ok(Stat {
+            state,
+            cpu_ticks: user + system,
+            start,
+        })
+    }
+
+    fn dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// The live children of `pid`'s main thread, oldest first.
+fn children(pid: u32) -> anyhow::Result<Vec<ProcId>> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut children: Vec<ProcId> = text
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter_map(ProcId::of)
+        .collect();
+    children.sort_by_key(|c| c.start);
+    Ok(children)
+}
+
+/// The real agent, started on port 0 with its data in a directory of ours:
+/// the supervisor we spawned, and through it its worker.
 pub struct AgentProcess {
     child: Child,
+    /// The supervisor's.
     pid: u32,
+    /// The workers noted just before a SIGKILL, to wait for.
+    dying: Vec<ProcId>,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     data: PathBuf,
@@ -140,8 +264,12 @@ impl AgentProcess {
             Err(e) => {
                 // Reaped here, not just signalled on drop: the next agent
                 // may want the same data dir, and sled locks it.
+                let workers = children(pid).unwrap_or_default();
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                for worker in workers {
+                    let _ = worker.wait_gone(WORKER_GONE_TIMEOUT).await;
+                }
                 bail!("{e}\n{}", log_tail(&log));
             }
         };
@@ -153,6 +281,7 @@ impl AgentProcess {
         Ok(AgentProcess {
             child,
             pid,
+            dying: Vec::new(),
             http,
             grpc,
             data,
@@ -181,14 +310,32 @@ impl AgentProcess {
         Ok(ControlClient::with_interceptor(channel, Bearer(header)))
     }
 
-    /// CPU time the agent has used so far, user and system.
-    pub fn cpu(&self) -> anyhow::Result<Duration> {
-        cpu_time(self.pid)
+    /// The supervisor's pid: the process the bench spawned.
+    pub fn supervisor_pid(&self) -> u32 {
+        self.pid
     }
 
-    /// Resident memory in KiB.
+    /// The worker serving now: the supervisor's youngest child (during a
+    /// self-upgrade the retiring worker is the older one).
+    pub fn worker(&self) -> anyhow::Result<ProcId> {
+        children(self.pid)?
+            .pop()
+            .ok_or_else(|| anyhow!("the agent's supervisor {} has no worker", self.pid))
+    }
+
+    /// The pid of the worker serving now.
+    pub fn worker_pid(&self) -> anyhow::Result<u32> {
+        Ok(self.worker()?.pid)
+    }
+
+    /// CPU time the agent's worker has used so far, user and system.
+    pub fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.worker_pid()?)
+    }
+
+    /// The worker's resident memory in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.pid);
+        let path = format!("/proc/{}/status", self.worker_pid()?);
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         status
             .lines()
@@ -197,9 +344,10 @@ impl AgentProcess {
             .ok_or_else(|| anyhow!("no VmRSS in {path}"))
     }
 
-    /// Distinct files under the data dir's `artifacts/` mapped by the agent.
+    /// Distinct files under the data dir's `artifacts/` mapped by the
+    /// worker.
     pub fn mapped_artifacts(&self) -> anyhow::Result<usize> {
-        let path = format!("/proc/{}/maps", self.pid);
+        let path = format!("/proc/{}/maps", self.worker_pid()?);
         let maps = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         let mut mapped: Vec<&str> = maps
             .lines()
@@ -239,18 +387,44 @@ impl AgentProcess {
         log_tail(&self.log)
     }
 
-    /// SIGKILL, at once; callable from a plain thread, which is how the
-    /// crash loop times it to the microsecond.
+    /// Notes the workers now running, for [`AgentProcess::wait`] after a
+    /// kill; [`AgentProcess::kill`] does it itself when nothing was noted,
+    /// but a caller timing the kill to the microsecond does it beforehand.
+    pub fn note_workers(&mut self) {
+        self.dying = children(self.pid).unwrap_or_default();
+    }
+
+    /// SIGKILL to the supervisor, at once (its worker follows by
+    /// PDEATHSIG); callable from a plain thread, which is how the crash
+    /// loop times it to the microsecond.
     pub fn kill(&mut self) -> std::io::Result<()> {
+        if self.dying.is_empty() {
+            self.note_workers();
+        }
         self.child.start_kill()
     }
 
-    /// Waits for the process to be gone (after [`AgentProcess::kill`]).
-    pub async fn wait(mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+    /// Waits for the supervisor to be gone (after [`AgentProcess::kill`]),
+    /// then for its workers: a worker killed by PDEATHSIG may still hold
+    /// the store's lock a moment after its supervisor was reaped.
+    pub async fn wait(mut self) -> anyhow::Result<ExitStatus> {
+        let status = self.child.wait().await?;
+        for worker in std::mem::take(&mut self.dying) {
+            worker
+                .wait_gone(WORKER_GONE_TIMEOUT)
+                .await
+                .with_context(|| {
+                    format!(
+                        "the worker {} outlived its killed supervisor {}",
+                        worker.pid, self.pid
+                    )
+                })?;
+        }
+        Ok(status)
     }
 
-    /// SIGTERM, then waits for the clean shutdown; SIGKILL if it hangs.
+    /// SIGTERM, then waits for the clean shutdown (the supervisor stops
+    /// its workers and waits for them); SIGKILL if it hangs.
     pub async fn stop(mut self) -> anyhow::Result<ExitStatus> {
         // `kill(1)` because the bench forbids the unsafe a direct kill(2) needs.
         let signalled = Command::new("kill")
@@ -263,8 +437,9 @@ impl AgentProcess {
                 return Ok(status?);
             }
         }
+        self.note_workers();
         self.child.start_kill()?;
-        let status = self.child.wait().await?;
+        let status = self.wait().await?;
         if signalled {
             bail!("the agent did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed");
         }
@@ -398,19 +573,37 @@ pub async fn ctl(ctl: &Path, agent: &AgentProcess, args: &[&str]) -> anyhow::Res
 /// request compares the two servers far more steadily than throughput does
 /// on a machine whose cores the load generator shares.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    // utime and stime are the 14th and 15th fields; `rest` starts at the 3rd.
-    let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
-        bail!("no CPU times in {path}");
-    };
-    // Linux reports them in clock ticks of 1/100 s (USER_HZ) on every
+    // Linux reports it in clock ticks of 1/100 s (USER_HZ) on every
     // architecture it runs this bench on.
-    Ok(Duration::from_millis((user + system) * 10))
+    Ok(Duration::from_millis(Stat::read(pid)?.cpu_ticks * 10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_is_known_by_pid_and_start_until_it_is_reaped() {
+        let me = ProcId::of(std::process::id()).expect("this process lives");
+        assert!(!me.gone());
+        assert!(cpu_time(me.pid).is_ok());
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let sleeper = ProcId::of(child.id()).expect("the child lives");
+        // The test runs on a thread of its own: its children are listed
+        // under its task, not the main thread's `children()` reads.
+        let listed = std::fs::read_dir("/proc/self/task").unwrap().any(|task| {
+            let path = task.unwrap().path().join("children");
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .split_whitespace()
+                .any(|pid| pid == sleeper.pid.to_string())
+        });
+        assert!(listed);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(sleeper.gone());
+    }
 }

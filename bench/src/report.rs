@@ -1,5 +1,6 @@
 //! The figures: what a run measured, turned into percentiles, ratios and
-//! pass/fail targets, and rendered as one JSON line.
+//! pass/fail targets, and rendered as one JSON line; the percentile and
+//! rounding helpers the other modes' lines use too.
 
 use std::time::Duration;
 
@@ -37,6 +38,13 @@ pub struct Figures {
     pub mapped: (usize, usize),
     /// The data dir's store on disk before and after that cycle.
     pub store_kib: (u64, u64),
+}
+
+/// The JSON line of `--worker-crashes` or `--self-upgrades`, and whether
+/// its correctness targets held.
+pub struct Outcome {
+    pub json: String,
+    pub passed: bool,
 }
 
 pub struct Report {
@@ -164,7 +172,7 @@ impl Report {
     }
 }
 
-fn latency(samples_us: &[u32]) -> Value {
+pub fn latency(samples_us: &[u32]) -> Value {
     let mut sorted = samples_us.to_vec();
     json!({
         "p50_us": percentile(&mut sorted, 0.5),
@@ -175,17 +183,17 @@ fn latency(samples_us: &[u32]) -> Value {
 }
 
 /// Nearest-rank percentile; sorts `samples` in place.
-fn percentile<T: Copy + Ord>(samples: &mut [T], p: f64) -> Option<T> {
+pub fn percentile<T: Copy + Ord>(samples: &mut [T], p: f64) -> Option<T> {
     samples.sort_unstable();
     let rank = (p * samples.len() as f64).ceil() as usize;
     samples.get(rank.max(1) - 1).copied()
 }
 
-fn ms(us: u64) -> f64 {
+pub fn ms(us: u64) -> f64 {
     round(us as f64 / 1000.0, 3)
 }
 
-fn round(value: f64, digits: i32) -> f64 {
+pub fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
 }

@@ -1,0 +1,259 @@
+//! `--self-upgrades N`: the agent upgrading itself under load. With 0.2.0
+//! permanent and keep-alive connections loading `GET /` (counted), the
+//! bench asks for N self-upgrades one after the other (`RestartAgent`,
+//! what `ctl agent restart` sends): the supervisor starts a new worker from
+//! the binary on disk, the old one drains (answering with `Connection:
+//! close`, which the load follows by reconnecting), checkpoints and hands
+//! the store over. Each restart is timed until `AgentInfo` names a new
+//! worker, and until the old worker is gone; one more goes through the
+//! real `ctl agent restart --wait`. At the end nothing may have failed or
+//! been refused, and `/count` must equal the 200s the load counted: no
+//! request lost, none counted twice, across every handover.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use nine9s_proto::{AgentInfoRequest, RestartAgentRequest};
+use serde_json::json;
+
+use crate::control::{micros, Control, Direction};
+use crate::crashloop::rpc;
+use crate::load::{self, Load};
+use crate::procs::{self, AgentProcess, Client, Layout, ProcId};
+use crate::report::{latency, ms, percentile, round, Outcome};
+use crate::run::progress;
+
+/// One restart, until the old worker is gone; the agent's shutdown grace
+/// is 10 s.
+const RESTART_LIMIT: Duration = Duration::from_secs(60);
+/// One `AgentInfo` call while the workers change hands.
+const CALL_LIMIT: Duration = Duration::from_secs(5);
+/// Load before the first restart and after the last.
+const SETTLE: Duration = Duration::from_millis(300);
+
+pub struct Options {
+    pub restarts: u32,
+    pub connections: usize,
+}
+
+/// What the restarts measured.
+#[derive(Default)]
+struct Restarts {
+    done: u32,
+    /// From the call to the first `AgentInfo` answered by a new worker.
+    restart_us: Vec<u64>,
+    /// From the call until the old worker was gone.
+    handover_us: Vec<u64>,
+    /// `ctl agent restart --wait`, as a process.
+    ctl_us: Option<u64>,
+    /// Why the restarts stopped early.
+    error: Option<String>,
+}
+
+pub async fn self_upgrades(options: Options) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let layout = Layout::find()?;
+    let temp = tempfile::Builder::new()
+        .prefix("nine9s-self-upgrades-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    progress(format_args!("starting {}", layout.agent.display()));
+    let agent = AgentProcess::start(&layout.agent, temp.path(), procs::READY_TIMEOUT).await?;
+    progress(format_args!(
+        "agent ready: http={} grpc={}, supervisor {}",
+        agent.http,
+        agent.grpc,
+        agent.supervisor_pid()
+    ));
+    let measured = measure(&layout, &agent, &options).await;
+    if measured.is_err() {
+        eprintln!("{}", agent.log_tail());
+    }
+    progress(format_args!("stopping the agent"));
+    let stopped = agent.stop().await;
+    let (mut restarts, tally, count_reported) = measured?;
+    let agent_exit = match stopped {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+
+    let counts_exact = count_reported == Some(tally.ok);
+    let all_restarts = restarts.error.is_none() && restarts.done == options.restarts;
+    let passed = tally.failed == 0 && tally.refused == 0 && counts_exact && all_restarts;
+    let stall_ms = round(tally.max_gap.as_secs_f64() * 1000.0, 3);
+    let json = json!({
+        "mode": "self-upgrades",
+        "restarts": options.restarts,
+        "restarts_done": restarts.done,
+        "connections": options.connections,
+        "restart_ms": {
+            "p50": percentile(&mut restarts.restart_us, 0.5).map(ms),
+            "p99": percentile(&mut restarts.restart_us, 0.99).map(ms),
+            "max": restarts.restart_us.iter().max().copied().map(ms),
+        },
+        "handover_ms": {
+            "p50": percentile(&mut restarts.handover_us, 0.5).map(ms),
+            "p99": percentile(&mut restarts.handover_us, 0.99).map(ms),
+            "max": restarts.handover_us.iter().max().copied().map(ms),
+        },
+        "ctl_restart_ms": restarts.ctl_us.map(ms),
+        "worst_stall_ms": stall_ms,
+        "served": tally.ok,
+        "rps": round(tally.rps(), 0),
+        "latency": latency(&tally.latencies_us),
+        "failed": tally.failed,
+        "refused": tally.refused,
+        "connect_refused": tally.connect_refused,
+        "closed_unanswered": tally.closed_unanswered,
+        "hello_200": tally.ok,
+        "count_reported": count_reported,
+        "counts_exact": counts_exact,
+        "errors": tally.errors.iter().cloned().chain(restarts.error.clone()).collect::<Vec<_>>(),
+        "agent_exit": agent_exit,
+        "targets": {
+            "zero_failed": tally.failed == 0,
+            "zero_refused": tally.refused == 0,
+            "counts_exact": counts_exact,
+            "all_restarts": all_restarts,
+        },
+        "seconds": round(started.elapsed().as_secs_f64(), 1),
+    });
+    Ok(Outcome {
+        json: json.to_string(),
+        passed,
+    })
+}
+
+async fn measure(
+    layout: &Layout,
+    agent: &AgentProcess,
+    options: &Options,
+) -> anyhow::Result<(Restarts, load::Tally, Option<u64>)> {
+    let (dir, library) = &layout.releases[0];
+    progress(format_args!("staging {}", dir.display()));
+    let (dir, library) = (dir.to_string_lossy(), library.to_string_lossy());
+    procs::ctl(&layout.ctl, agent, &["stage", &dir, "--library", &library]).await?;
+    // 0.1.0 keeps no state, so 0.2.0 counts `/` from 0 here.
+    Control::connect(agent)
+        .await?
+        .switch(Direction::Upgrade, "0.2.0")
+        .await?;
+    progress(format_args!(
+        "0.2.0 permanent; {} connections load /, {} self-upgrades",
+        options.connections, options.restarts
+    ));
+
+    let load = Load::start(agent.http, options.connections);
+    tokio::time::sleep(SETTLE).await;
+    let mut restarts = Restarts::default();
+    let mut client = agent.client().await?;
+    let every = (options.restarts / 10).max(1);
+    for i in 1..=options.restarts {
+        match restart(agent, &mut client, i).await {
+            Ok((restart, handover)) => {
+                restarts.restart_us.push(micros(restart));
+                restarts.handover_us.push(micros(handover));
+                restarts.done += 1;
+            }
+            Err(e) => {
+                restarts.error = Some(format!("restart {i}: {e:#}"));
+                break;
+            }
+        }
+        if i % every == 0 {
+            progress(format_args!(
+                "{i}/{} self-upgrades, last {:.1} ms, {} failed or refused so far",
+                options.restarts,
+                restarts.restart_us.last().map_or(0.0, |&us| ms(us)),
+                load.unsuccessful()
+            ));
+        }
+    }
+    if restarts.error.is_none() {
+        // The real CLI once, as an operator runs it.
+        let ctl_restart = async {
+            let old = agent.worker()?;
+            let elapsed = procs::ctl(&layout.ctl, agent, &["agent", "restart", "--wait"]).await?;
+            old.wait_gone(RESTART_LIMIT).await?;
+            anyhow::Ok(elapsed)
+        };
+        match ctl_restart.await {
+            Ok(elapsed) => restarts.ctl_us = Some(micros(elapsed)),
+            Err(e) => restarts.error = Some(format!("ctl agent restart --wait: {e:#}")),
+        }
+    }
+    tokio::time::sleep(SETTLE).await;
+    let tally = load.stop().await;
+    let count = load::get(agent.http, "/count").await?;
+    let count_reported = count.trim().parse().ok();
+    if count_reported.is_none() {
+        bail!("GET /count answered {count:?}, not a number");
+    }
+    Ok((restarts, tally, count_reported))
+}
+
+/// One self-upgrade: how long until a new worker answers `AgentInfo`, and
+/// until the old one is gone.
+async fn restart(
+    agent: &AgentProcess,
+    client: &mut Client,
+    i: u32,
+) -> anyhow::Result<(Duration, Duration)> {
+    let old = agent.worker()?;
+    let asked = Instant::now();
+    let reply = rpc(client.restart_agent(RestartAgentRequest {
+        reason: format!("nine9s-bench self-upgrade {i}"),
+    }))
+    .await
+    .context("RestartAgent")?;
+    if reply.worker_pid != old.pid || reply.supervisor_pid != agent.supervisor_pid() {
+        bail!(
+            "RestartAgent answered worker {} of supervisor {}; the bench sees worker {} of {}",
+            reply.worker_pid,
+            reply.supervisor_pid,
+            old.pid,
+            agent.supervisor_pid()
+        );
+    }
+    let process = loop {
+        if asked.elapsed() > RESTART_LIMIT {
+            bail!("no new worker answered AgentInfo within {RESTART_LIMIT:?}");
+        }
+        match tokio::time::timeout(CALL_LIMIT, client.agent_info(AgentInfoRequest {})).await {
+            Ok(Ok(reply)) => {
+                let process = reply.into_inner().process.unwrap_or_default();
+                if process.worker_pid != 0 && process.worker_pid != old.pid {
+                    break process;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // The old worker closed its connection: a new one waits in the
+            // backlog for the new worker.
+            Ok(Err(_)) | Err(_) => {
+                if let Ok(Ok(fresh)) = tokio::time::timeout(CALL_LIMIT, agent.client()).await {
+                    *client = fresh;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    };
+    let restarted = asked.elapsed();
+    if !process.previous_exit.is_empty() {
+        bail!(
+            "the new worker {} was told its predecessor {:?}: a self-upgrade is no crash",
+            process.worker_pid,
+            process.previous_exit
+        );
+    }
+    if ProcId::of(process.worker_pid).is_none() {
+        return Err(anyhow!(
+            "AgentInfo names worker {}, which the bench cannot see",
+            process.worker_pid
+        ));
+    }
+    old.wait_gone(RESTART_LIMIT.saturating_sub(asked.elapsed()))
+        .await
+        .context("the old worker")?;
+    Ok((restarted, asked.elapsed()))
+}
