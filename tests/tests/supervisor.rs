@@ -336,6 +336,9 @@ fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
     // The same worker serves, now supervised by the new image: its death
     // is seen and mended.
     assert_eq!(agent.worker_pid(), worker);
+    // (Checkpoints wait for a moment with no request in flight: the load
+    // kept them from coming.)
+    checkpointed(&agent);
     kill("KILL", worker);
     new_worker(&agent, worker);
     assert_eq!(agent.get("/count").body, "2");
