@@ -322,6 +322,7 @@ fn worker(args: Args) -> ! {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let shutdown = shutdown_signal()?;
     let (http, grpc) = match inherited_listeners()? {
         Some(listeners) => listeners,
         None => bind(&args)?,
@@ -386,7 +387,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     // The listeners already queue connections: serving starts below.
     nine9s_agent::supervisor::notify_ready();
-    agent.run(http, grpc, shutdown_signal()).await?;
+    agent.run(http, grpc, shutdown).await?;
     Ok(())
 }
 
@@ -424,11 +425,18 @@ fn connection_cap(wanted: usize, reserved: u64) -> usize {
     wanted.min(room)
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
+/// called, not when it is first awaited: a SIGTERM that comes while the
+/// agent boots (a supervisor retiring a worker it just started) is kept,
+/// not the default death.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
