@@ -462,6 +462,27 @@ fn parse_ready(line: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     Ok((address("http=")?, address("grpc=")?))
 }
 
+/// Starts the agent on a data dir in a new temporary directory (named
+/// after `what`), and says so on stderr.
+pub async fn start_in_temp(
+    layout: &Layout,
+    what: &str,
+) -> anyhow::Result<(tempfile::TempDir, AgentProcess)> {
+    let temp = tempfile::Builder::new()
+        .prefix(&format!("nine9s-{what}-"))
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    crate::run::progress(format_args!("starting {}", layout.agent.display()));
+    let agent = AgentProcess::start(&layout.agent, temp.path(), READY_TIMEOUT).await?;
+    crate::run::progress(format_args!(
+        "agent ready: http={} grpc={}, supervisor {}",
+        agent.http,
+        agent.grpc,
+        agent.supervisor_pid()
+    ));
+    Ok((temp, agent))
+}
+
 pub fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

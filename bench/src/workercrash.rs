@@ -75,18 +75,8 @@ pub async fn worker_crashes(options: Options) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let layout = Layout::find()?;
     let segfault = layout.segfault_release()?;
-    let temp = tempfile::Builder::new()
-        .prefix("nine9s-worker-crashes-")
-        .tempdir()
-        .context("cannot create a temporary directory")?;
-    progress(format_args!("starting {}", layout.agent.display()));
-    let agent = AgentProcess::start(&layout.agent, temp.path(), procs::READY_TIMEOUT).await?;
-    progress(format_args!(
-        "agent ready: http={} grpc={}, supervisor {}",
-        agent.http,
-        agent.grpc,
-        agent.supervisor_pid()
-    ));
+    // The directory lives until the agent has stopped.
+    let (_temp, agent) = procs::start_in_temp(&layout, "worker-crashes").await?;
     let measured = measure(&layout, &agent, &segfault, &options).await;
     if measured.is_err() {
         eprintln!("{}", agent.log_tail());
