@@ -57,6 +57,9 @@ pub fn service(
     .max_decoding_message_size(8 * 1024 * 1024)
 }
 
+/// The gRPC server of the control service, as the health service names it.
+pub type Server = ControlServer<ControlService>;
+
 pub struct ControlService {
     engine: Engine,
     access: Arc<Access>,

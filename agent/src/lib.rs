@@ -177,6 +177,19 @@ impl Agent {
             .into_std()
             .map_err(Error::io("cannot move the gRPC listener"))?;
         let service = control::service(engine.clone(), access, keys, stopped.clone());
+        // The standard services answer anyone: a Kubernetes gRPC probe
+        // sends no token, and the API's description is no secret.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<control::Server>().await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(nine9s_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let unbuildable =
+            |e| Error::io("cannot build the reflection service")(std::io::Error::other(e));
+        let reflection_v1 = reflection().build_v1().map_err(unbuildable)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(unbuildable)?;
         let grpc_stopped = until_stopped(stopped.clone());
         let max_control_connections = engine.config().limits.max_control_connections;
         let grpc = control.spawn(async move {
@@ -192,6 +205,9 @@ impl Agent {
             }
             server
                 .add_service(service)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(
                     incoming::capped(listener, max_control_connections),
                     grpc_stopped,
@@ -208,6 +224,11 @@ impl Agent {
         shutdown.await;
         let deadline = Instant::now() + grace + STOP_MARGIN;
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+        // Probes and load balancers hear it first.
+        health.set_not_serving::<control::Server>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         let _ = stop.send(true);
         let _ = http.await;
         let left = || deadline.saturating_duration_since(Instant::now());

@@ -5,3 +5,7 @@
 #![allow(clippy::all, missing_docs)]
 
 tonic::include_proto!("nine9s.control.v1");
+
+/// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));

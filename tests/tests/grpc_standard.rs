@@ -1,0 +1,114 @@
+//! The standard gRPC services generic tools expect on the control port
+//! (issue 10): `grpc.health.v1.Health` — what a Kubernetes gRPC probe
+//! calls, with no token — and server reflection, so grpcurl-style tools
+//! find the API without the .proto at hand.
+
+use nine9s_tests::{on_0_2_0, Agent};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+async fn channel(agent: &Agent) -> Channel {
+    Channel::from_shared(agent.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn check(service: &str) -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: service.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_answers_without_a_token_and_says_when_the_agent_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 1);
+    // No authorization metadata at all: as a Kubernetes probe calls it.
+    let mut health = HealthClient::new(channel(&agent).await);
+    for service in ["", "nine9s.control.v1.Control"] {
+        let reply = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = health.check(check("no.such.Service")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // The rest of the API still wants a token.
+    let status = agent
+        .api_with(None)
+        .await
+        .status(nine9s_proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    // Watch: SERVING now, NOT_SERVING once the agent begins to stop.
+    let mut watch = health
+        .watch(check("nine9s.control.v1.Control"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let pid = agent.pid();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Some(Ok(update)) = watch.next().await {
+        seen.push(update.status());
+        if update.status() == ServingStatus::NotServing {
+            break;
+        }
+    }
+    assert_eq!(seen.last(), Some(&ServingStatus::NotServing), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_describes_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let mut reflection = ServerReflectionClient::new(channel(&agent).await);
+    let ask = |message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter([
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "nine9s.control.v1.Control".into(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        replies.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["nine9s.control.v1.Control", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        replies.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no file descriptor");
+    };
+    // A serialized FileDescriptorProto: the package, the service and its
+    // methods appear in it by name.
+    let file = String::from_utf8_lossy(&files.file_descriptor_proto[0]).into_owned();
+    for name in ["nine9s.control.v1", "Control", "Upgrade", "RestartAgent"] {
+        assert!(file.contains(name), "{name} not described");
+    }
+}
