@@ -106,6 +106,10 @@ struct Args {
     /// Open HTTP connections at most; more wait in the listen backlog.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
+    /// Logs on stderr as `text`, or `json`: one object per line, with the
+    /// transition a line belongs to.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Largest HTTP request body handed to a release, in bytes (up to 1 GiB).
     #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1024 * 1024 * 1024))]
     max_body: u64,
@@ -194,14 +198,24 @@ fn main() {
     }
 }
 
-fn init_logging() {
-    tracing_subscriber::fmt()
+/// Logs on stderr, as text or as one JSON object per line (with the
+/// fields of the spans a line is in: a transition's id and kind).
+fn init_logging(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Refuses (exit 2) a control plane beyond loopback without TLS.
@@ -218,7 +232,7 @@ fn check_plaintext(args: &Args, grpc: SocketAddr) {
 
 /// The supervisor: the listeners, then workers until SIGTERM.
 fn supervise(args: Args) -> ! {
-    init_logging();
+    init_logging(args.log_format);
     let listeners = match inherited_listeners() {
         Ok(Some(listeners)) => Ok(listeners),
         Ok(None) => bind(&args),
@@ -299,7 +313,7 @@ fn worker(args: Args) -> ! {
         }
     }
     nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
-    init_logging();
+    init_logging(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

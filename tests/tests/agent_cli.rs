@@ -101,3 +101,31 @@ fn a_bad_bootstrap_release_is_a_clear_error() {
         "{line}"
     );
 }
+
+#[test]
+fn json_logs_carry_the_transition_on_its_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--log-format", "json"]);
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let upgrade = agent
+        .history()
+        .into_iter()
+        .find(|t| t["kind"] == "upgrade")
+        .expect("the upgrade in the history");
+    let log = agent.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let switched = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "switched")
+        .unwrap_or_else(|| panic!("no 'switched' line in\n{log}"));
+    let transition = switched["spans"]
+        .as_array()
+        .and_then(|spans| spans.iter().find(|s| s["name"] == "transition"))
+        .unwrap_or_else(|| panic!("no transition span on {switched}"));
+    assert_eq!(transition["id"], upgrade["id"], "{switched}");
+    assert_eq!(transition["kind"], "upgrade");
+}

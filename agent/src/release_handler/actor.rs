@@ -373,7 +373,7 @@ impl Actor {
             .journal
             .begin(kind, Some(&from), Some(version), origin)?;
         crash_point("switch:begun");
-        let span = tracing::info_span!("switch", id = guard.id(), %kind, %from, to = %version);
+        let span = tracing::info_span!("switch", %from, to = %version);
         let _entered = span.enter();
         let mut report = match self.prepare_report(&from_release, &target) {
             Ok(report) => report,

@@ -129,10 +129,13 @@ impl Journal {
         let mut started = Event::new(EventKind::TransitionStarted);
         started.transition = Some(transition.clone());
         self.emit(started);
+        let span = tracing::info_span!("transition", id = transition.id, kind = %transition.kind)
+            .entered();
         Ok(Guard {
             journal: self,
             transition: Some(transition),
             started: Instant::now(),
+            _span: span,
         })
     }
 
@@ -152,13 +155,11 @@ pub struct Guard<'a> {
     journal: &'a Journal,
     transition: Option<Transition>,
     started: Instant,
+    /// Every log line while the transition runs carries its id and kind.
+    _span: tracing::span::EnteredSpan,
 }
 
 impl Guard<'_> {
-    pub fn id(&self) -> u64 {
-        self.transition.as_ref().map_or(0, |t| t.id)
-    }
-
     /// Adds to the transition's reason (what the engine did on its own).
     pub fn note(&mut self, note: impl Into<String>) {
         if let Some(t) = self.transition.as_mut() {
