@@ -138,6 +138,13 @@ enum Local {
         #[arg(long)]
         library: Option<PathBuf>,
     },
+    /// Print a shell completion script (needs no agent).
+    ///
+    /// For example: `ctl completions bash > /etc/bash_completion.d/ctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The commands that talk to the agent.
@@ -414,6 +421,10 @@ async fn main() {
         Top::Local(Local::Keygen { out }) => commands::keygen(&out, cli.output),
         Top::Local(Local::Sign { dir, key, library }) => {
             commands::sign(&dir, &key, library, cli.output)
+        }
+        Top::Local(Local::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "ctl", &mut std::io::stdout());
+            Ok(())
         }
         Top::Agent(command) => match cli.access.connect(&cli.agent) {
             Ok(connection) => {

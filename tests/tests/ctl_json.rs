@@ -1,5 +1,6 @@
-//! `ctl --output json` for scripts: one JSON document per command on
-//! stdout, errors still one line on stderr with the documented exit codes.
+//! ctl for scripts: `--output json` prints one JSON document per command
+//! on stdout, errors still one line on stderr with the documented exit
+//! codes; and the shell completion scripts it prints.
 
 use nine9s_tests::{library, release_dir, Agent};
 use serde_json::Value;
@@ -57,4 +58,17 @@ fn a_script_can_drive_an_upgrade_with_json() {
     assert_eq!(refused.code, 1);
     assert!(refused.stdout.is_empty(), "{refused:?}");
     assert_eq!(refused.stderr.lines().count(), 1);
+}
+
+#[test]
+fn completions_for_every_shell_need_no_agent() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = nine9s_tests::ctl("http://127.0.0.1:1", &["completions", shell]);
+        assert_eq!(out.code, 0, "{shell}: {out:?}");
+        for command in ["upgrade", "rollback", "restart", "completions"] {
+            assert!(out.stdout.contains(command), "{shell}: no {command}");
+        }
+    }
+    let out = nine9s_tests::ctl("http://127.0.0.1:1", &["completions", "tcsh"]);
+    assert_eq!(out.code, 2, "{out:?}");
 }
