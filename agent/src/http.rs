@@ -245,14 +245,18 @@ impl Watchdog {
         if self.busy.load(Ordering::Relaxed) > 0 || self.pending.load(Ordering::Relaxed) > 0 {
             return Duration::ZERO;
         }
+        self.in_phase()
+    }
+
+    /// Time since the last phase change.
+    fn in_phase(&self) -> Duration {
         let since = self.since_ms.load(Ordering::Relaxed);
         Duration::from_millis(self.now_ms().saturating_sub(since))
     }
 
     fn expired(&self, limits: &Limits) -> Option<&'static str> {
         let (limit, why) = self.limit(limits)?;
-        let elapsed = self.now_ms() - self.since_ms.load(Ordering::Relaxed).min(self.now_ms());
-        (elapsed >= limit.as_millis() as u64).then_some(why)
+        (self.in_phase() >= limit).then_some(why)
     }
 
     fn next_check(&self, limits: &Limits) -> Duration {
@@ -260,13 +264,9 @@ impl Watchdog {
         // least every second keeps a new phase's deadline within a second.
         let second = Duration::from_secs(1);
         match self.limit(limits) {
-            Some((limit, _)) => {
-                let elapsed =
-                    self.now_ms() - self.since_ms.load(Ordering::Relaxed).min(self.now_ms());
-                limit
-                    .saturating_sub(Duration::from_millis(elapsed))
-                    .clamp(Duration::from_millis(10), second)
-            }
+            Some((limit, _)) => limit
+                .saturating_sub(self.in_phase())
+                .clamp(Duration::from_millis(10), second),
             None => second,
         }
     }
