@@ -3,16 +3,18 @@
 //! the reply through `render` or `json`; and the two commands that need no
 //! agent, `keygen` and `sign`.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IsTerminal, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
+use indicatif::{ProgressBar, ProgressStyle};
 use nine9s_manifest::signature::{self, SecretKey, SIGNATURE_FILE};
 use nine9s_manifest::Manifest;
 use nine9s_proto as pb;
 use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
 
 use crate::rpc::{new_request_id, Agent};
 use crate::{
@@ -27,19 +29,19 @@ const CHUNK: usize = 1024 * 1024;
 const SECRET_KEY_FILE: &str = "nine9s.key";
 const PUBLIC_KEY_FILE: &str = "nine9s.pub";
 
-/// A release directory as `stage` and `sign` see it.
-struct Release {
-    manifest: Manifest,
+/// A release directory as `stage`, `sign` and `rollout` see it.
+pub struct Release {
+    pub manifest: Manifest,
     /// release.toml verbatim: what the agent records and a signature covers.
-    manifest_toml: String,
-    library: PathBuf,
-    bytes: Vec<u8>,
-    sha256: String,
+    pub manifest_toml: String,
+    pub library: PathBuf,
+    pub bytes: Vec<u8>,
+    pub sha256: String,
 }
 
 /// Reads `DIR/release.toml` and its library: `library` if given, else the
 /// one `locate_library` finds beside it or in a cargo target directory.
-fn read_release(dir: &Path, library: Option<PathBuf>) -> Result<Release, Failure> {
+pub fn read_release(dir: &Path, library: Option<PathBuf>) -> Result<Release, Failure> {
     let path = dir.join("release.toml");
     // Read once: the text parsed is the text sent and signed.
     let manifest_toml = std::fs::read_to_string(&path)
@@ -77,7 +79,7 @@ fn read_short(path: &Path) -> std::io::Result<String> {
 
 /// `DIR/release.sig` and the id of the key it names, if the release is
 /// signed; a malformed one is refused here rather than by the agent.
-fn read_signature(dir: &Path) -> Result<Option<(String, String)>, Failure> {
+pub fn read_signature(dir: &Path) -> Result<Option<(String, String)>, Failure> {
     let path = dir.join(SIGNATURE_FILE);
     let text = match read_short(&path) {
         Ok(text) => text,
@@ -192,37 +194,25 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
             library,
             request,
         } => {
-            let Release {
-                manifest,
-                manifest_toml,
-                library,
-                bytes,
-                sha256,
-            } = read_release(&dir, library)?;
+            let release = read_release(&dir, library)?;
             let (signature, signer) = read_signature(&dir)?.unzip();
-            let mut chunks = vec![pb::StageChunk {
-                part: Some(pb::stage_chunk::Part::Header(pb::StageHeader {
-                    manifest_toml,
-                    sha256,
-                    size: bytes.len() as u64,
-                    request_id: id(&request),
-                    reason: request.reason.unwrap_or_default(),
-                    signature: signature.unwrap_or_default(),
-                })),
-            }];
-            chunks.extend(bytes.chunks(CHUNK).map(|c| pb::StageChunk {
-                part: Some(pb::stage_chunk::Part::Data(c.to_vec())),
-            }));
-            let what = format!("staging {} {}", manifest.name, manifest.version);
-            let reply = agent
-                .call(&what, chunks, |mut c, chunks| async move {
-                    c.stage(tokio_stream::iter(chunks)).await
-                })
-                .await?;
+            let chunks = stage_chunks(
+                &release,
+                signature,
+                id(&request),
+                request.reason.unwrap_or_default(),
+            );
+            // A bar only for people: a script reads the reply.
+            let bar = (!json && std::io::stderr().is_terminal()).then(|| upload_bar(&release));
+            let reply = stage(agent, &release, chunks, bar.as_ref()).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let reply = reply?;
             if json {
                 json::print(&json::staged(&reply));
             } else {
-                render::staged(&reply, &library, signer.as_deref());
+                render::staged(&reply, &release.library, signer.as_deref());
             }
         }
         Command::Releases => {
@@ -365,6 +355,81 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
     Ok(())
 }
 
+/// The Stage request for `release`: its header, then the library in
+/// chunks.
+pub fn stage_chunks(
+    release: &Release,
+    signature: Option<String>,
+    request_id: String,
+    reason: String,
+) -> Vec<pb::StageChunk> {
+    let mut chunks = vec![pb::StageChunk {
+        part: Some(pb::stage_chunk::Part::Header(pb::StageHeader {
+            manifest_toml: release.manifest_toml.clone(),
+            sha256: release.sha256.clone(),
+            size: release.bytes.len() as u64,
+            request_id,
+            reason,
+            signature: signature.unwrap_or_default(),
+        })),
+    }];
+    chunks.extend(release.bytes.chunks(CHUNK).map(|c| pb::StageChunk {
+        part: Some(pb::stage_chunk::Part::Data(c.to_vec())),
+    }));
+    chunks
+}
+
+/// Uploads `chunks` (retried whole after a transport failure, with the
+/// same request id); `bar` follows the library's bytes as the call takes
+/// them.
+pub async fn stage(
+    agent: &Agent,
+    release: &Release,
+    chunks: Vec<pb::StageChunk>,
+    bar: Option<&ProgressBar>,
+) -> Result<pb::StageReply, Failure> {
+    let what = format!(
+        "staging {} {}",
+        release.manifest.name, release.manifest.version
+    );
+    agent
+        .call(&what, chunks, |mut c, chunks| {
+            let bar = bar.cloned();
+            async move {
+                if let Some(bar) = &bar {
+                    bar.reset();
+                }
+                let counted = tokio_stream::iter(chunks).map(move |chunk| {
+                    if let (Some(bar), Some(pb::stage_chunk::Part::Data(data))) =
+                        (&bar, &chunk.part)
+                    {
+                        bar.inc(data.len() as u64);
+                        if bar.position() == bar.length().unwrap_or(0) {
+                            bar.set_message("uploaded; the agent checks it");
+                        }
+                    }
+                    chunk
+                });
+                c.stage(counted).await
+            }
+        })
+        .await
+}
+
+fn upload_bar(release: &Release) -> ProgressBar {
+    let bar = ProgressBar::new(release.bytes.len() as u64);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(format!(
+        "staging {} {}",
+        release.manifest.name, release.manifest.version
+    ));
+    bar
+}
+
 /// `ctl agent restart`, then with `--wait` ask the agent until a new
 /// worker serves.
 async fn restart_agent(agent: &Agent, output: Output, restart: Restart) -> Result<(), Failure> {
@@ -455,7 +520,7 @@ async fn switch_to(
     Ok(())
 }
 
-async fn status(agent: &Agent) -> Result<pb::StatusReply, Failure> {
+pub async fn status(agent: &Agent) -> Result<pb::StatusReply, Failure> {
     agent
         .call("status", pb::StatusRequest {}, |mut c, r| async move {
             c.status(r).await

@@ -22,7 +22,7 @@ pub const DEFAULT_TOKEN_FILE: &str = "nine9s-data/admin.token";
 const MAX_FILE: u64 = 1024 * 1024;
 
 /// The flags that say who `ctl` is and how to reach the agent.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct AccessFlags {
     /// The bearer token to send [default: the content of
     /// ./nine9s-data/admin.token, if it exists].
@@ -92,6 +92,26 @@ pub struct Connection {
 }
 
 impl AccessFlags {
+    /// These flags with a fleet file's files in their place, where it names
+    /// them (its token file replaces `--token` too).
+    pub fn with_files(&self, files: &crate::rollout::fleet::Files) -> AccessFlags {
+        let mut flags = self.clone();
+        if let Some(token_file) = &files.token_file {
+            flags.token = None;
+            flags.token_file = Some(token_file.clone());
+        }
+        for (flag, file) in [
+            (&mut flags.ca, &files.ca),
+            (&mut flags.cert, &files.cert),
+            (&mut flags.key, &files.key),
+        ] {
+            if file.is_some() {
+                flag.clone_from(file);
+            }
+        }
+        flags
+    }
+
     /// Reads the token and TLS files and checks they go with `url` (which
     /// the command line already checked is an http:// or https:// URL).
     /// `Err` is a usage error.

@@ -69,12 +69,14 @@ mod credentials;
 mod follow;
 mod json;
 mod render;
+mod rollout;
 mod rpc;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use credentials::AccessFlags;
 
@@ -83,16 +85,18 @@ use credentials::AccessFlags;
 #[derive(Parser)]
 #[command(name = "ctl", version)]
 struct Cli {
-    /// The agent's gRPC address (http:// or https://).
+    /// The agent's gRPC address (http:// or https://); `rollout` takes it
+    /// once per agent.
     #[arg(
         long,
         global = true,
         env = "NINE9S_AGENT",
-        default_value = "http://127.0.0.1:50051",
+        default_value = DEFAULT_AGENT,
         value_name = "URL",
-        value_parser = agent_url
+        value_parser = agent_url,
+        action = ArgAction::Append
     )]
-    agent: String,
+    agent: Vec<String>,
     /// `table` for people, `json` (one document on stdout; one per line for
     /// `watch`) for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -107,8 +111,68 @@ struct Cli {
 enum Top {
     #[command(flatten)]
     Agent(Command),
+    /// Roll a release out to several agents: stage it everywhere, upgrade a
+    /// canary, then the rest in waves; halt and roll back on the first
+    /// failure.
+    ///
+    /// The agents are `--agent URL` given once per agent (with the global
+    /// credentials), or `--fleet FILE`: TOML `[[agent]]` tables with
+    /// `address`, and optionally `name`, `token_file`, `ca`, `cert`, `key`
+    /// (top-level keys of the same names apply to every agent; relative
+    /// paths are relative to the file). The first agent that needs the
+    /// release is the canary.
+    ///
+    /// Every upgrade is conditional on the release the rollout found
+    /// active, and every command carries a request id derived from the
+    /// rollout id, so running the same command again after an interruption
+    /// resumes the rollout without acting twice. The rollout id is derived
+    /// from the release, the version and the agents; `--rollout-id` starts
+    /// a new rollout of the same release (after a halt, say).
+    ///
+    /// Exit codes: 0 converged; 4 halted and rolled back; 3 some agent
+    /// could not be reached; 1 otherwise (a stage refused, a rollback that
+    /// failed); 2 bad usage.
+    Rollout(RolloutArgs),
     #[command(flatten)]
     Local(Local),
+}
+
+#[derive(clap::Args)]
+struct RolloutArgs {
+    /// The version to roll out.
+    #[arg(long, value_name = "VERSION", value_parser = version)]
+    to: semver::Version,
+    /// The release directory (release.toml, and release.sig if signed).
+    #[arg(long, value_name = "DIR")]
+    release_dir: PathBuf,
+    /// The library to upload, instead of looking it up.
+    #[arg(long, value_name = "PATH")]
+    library: Option<PathBuf>,
+    /// The agents, from a TOML file (instead of --agent).
+    #[arg(long, value_name = "FILE")]
+    fleet: Option<PathBuf>,
+    /// Agents upgraded at once after the canary (and rolled back at once
+    /// after a halt).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    max_parallel: u16,
+    /// The soak of every upgrade (default: each agent's own).
+    #[arg(long, value_name = "DURATION", value_parser = soak)]
+    soak: Option<Duration>,
+    /// How long one agent's verdict may take before the rollout halts.
+    #[arg(long, value_name = "DURATION", value_parser = timeout, default_value = "10m")]
+    timeout: Duration,
+    /// Names this rollout: its request ids derive from it (at most 64
+    /// printable ASCII characters, no spaces; default: derived from the
+    /// release, the version and the agents).
+    #[arg(long, value_name = "ID", value_parser = rollout_id)]
+    rollout_id: Option<String>,
+    /// Why: recorded in every agent's history (at most 1024 characters).
+    #[arg(long, value_name = "TEXT", value_parser = reason)]
+    reason: Option<String>,
+    /// Read every agent's status and print the canary and the waves;
+    /// change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// The commands that need no agent.
@@ -322,6 +386,9 @@ enum StateFrom {
     Snapshot,
 }
 
+/// The agent `ctl` talks to when none is named.
+const DEFAULT_AGENT: &str = "http://127.0.0.1:50051";
+
 /// The longest soak the agent accepts, and the longest `--timeout`.
 const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -380,6 +447,19 @@ fn reason(text: &str) -> Result<String, String> {
     }
 }
 
+fn rollout_id(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > rollout::MAX_ROLLOUT_ID {
+        Err(format!(
+            "must be 1 to {} characters",
+            rollout::MAX_ROLLOUT_ID
+        ))
+    } else if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        Err("must be printable ASCII without spaces".into())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
 fn request_id(text: &str) -> Result<String, String> {
     if text.is_empty() || text.len() > 128 {
         Err("must be 1 to 128 characters".into())
@@ -388,6 +468,63 @@ fn request_id(text: &str) -> Result<String, String> {
     } else {
         Ok(text.to_owned())
     }
+}
+
+/// Credentials or TLS files that do not go together, agents that cannot
+/// be listed: the same exit (2) and format as the usage errors clap finds
+/// itself.
+fn usage_error(usage: String) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, usage)
+        .exit()
+}
+
+/// The agents of `ctl rollout`: the fleet file's, or one per `--agent`,
+/// each with its credentials read and checked. `Err` is a usage error.
+fn fleet(
+    agents: &[String],
+    agent_typed: bool,
+    fleet: Option<&std::path::Path>,
+    access: &AccessFlags,
+) -> Result<Vec<rollout::Node>, String> {
+    let members = match fleet {
+        Some(_) if agent_typed => {
+            return Err(
+                "--fleet and --agent do not go together: list the agents in one place".into(),
+            )
+        }
+        Some(path) => rollout::fleet::read(path)?,
+        None => {
+            let mut seen = std::collections::HashSet::new();
+            agents
+                .iter()
+                .map(|address| {
+                    if !seen.insert(address) {
+                        return Err(format!("--agent {address} is given twice"));
+                    }
+                    Ok(rollout::fleet::Member {
+                        name: address.clone(),
+                        address: address.clone(),
+                        files: rollout::fleet::Files::default(),
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    members
+        .into_iter()
+        .map(|member| {
+            let connection = access
+                .with_files(&member.files)
+                .connect(&member.address)
+                .map_err(|e| format!("{}: {e}", member.name))?;
+            Ok(rollout::Node {
+                name: member.name,
+                address: member.address,
+                agent: rpc::Agent::new(connection),
+            })
+        })
+        .collect()
 }
 
 /// Why `ctl` failed, which decides the exit code.
@@ -416,7 +553,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // Only a URL typed on the command line conflicts with --fleet; one
+    // from the environment gives way to it.
+    let agent_typed = matches.value_source("agent") == Some(ValueSource::CommandLine);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Top::Local(Local::Keygen { out }) => commands::keygen(&out, cli.output),
         Top::Local(Local::Sign { dir, key, library }) => {
@@ -426,17 +567,37 @@ async fn main() {
             clap_complete::generate(shell, &mut Cli::command(), "ctl", &mut std::io::stdout());
             Ok(())
         }
-        Top::Agent(command) => match cli.access.connect(&cli.agent) {
-            Ok(connection) => {
-                let agent = rpc::Agent::new(connection);
-                commands::run(&agent, cli.output, command).await
+        Top::Rollout(args) => {
+            let nodes = fleet(&cli.agent, agent_typed, args.fleet.as_deref(), &cli.access)
+                .unwrap_or_else(|usage| usage_error(usage));
+            let settings = rollout::Settings {
+                to: args.to,
+                release_dir: args.release_dir,
+                library: args.library,
+                max_parallel: usize::from(args.max_parallel),
+                soak: args.soak,
+                timeout: args.timeout,
+                rollout_id: args.rollout_id,
+                reason: args.reason,
+                dry_run: args.dry_run,
+            };
+            rollout::run(nodes, settings, cli.output).await
+        }
+        Top::Agent(command) => {
+            let [url] = cli.agent.as_slice() else {
+                usage_error(format!(
+                    "--agent is given {} times; only `ctl rollout` drives several agents",
+                    cli.agent.len()
+                ))
+            };
+            match cli.access.connect(url) {
+                Ok(connection) => {
+                    let agent = rpc::Agent::new(connection);
+                    commands::run(&agent, cli.output, command).await
+                }
+                Err(usage) => usage_error(usage),
             }
-            // Credentials or TLS files that do not go together: the same
-            // exit (2) and format as the usage errors clap finds itself.
-            Err(usage) => Cli::command()
-                .error(clap::error::ErrorKind::ValueValidation, usage)
-                .exit(),
-        },
+        }
     };
     let code = match result {
         Ok(()) => 0,
@@ -575,7 +736,7 @@ mod tests {
         assert!(restart(&["--reason", &"x".repeat(1025)]).is_err());
         // The global --agent flag still goes anywhere.
         let cli = Cli::try_parse_from(["ctl", "agent", "restart", "--agent", "http://h:1"]);
-        assert_eq!(cli.unwrap().agent, "http://h:1");
+        assert_eq!(cli.unwrap().agent, ["http://h:1"]);
         assert!(Cli::try_parse_from(["ctl", "agent"]).is_err());
     }
 }

@@ -1,0 +1,331 @@
+//! `ctl rollout` over several real agents on 127.0.0.1: a rollout that
+//! converges (and does nothing when run again), one halted by a release
+//! that fails its soak on one agent (everyone back, the history says why),
+//! one interrupted by killing ctl and resumed without acting twice, and
+//! the ways a fleet can be given wrong.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nine9s_tests::{bin_dir, eventually, fixture_dir, library, release_dir, Agent, Ctl, Load};
+use serde_json::Value;
+
+/// `n` agents on the embedded 0.1.0, and a fleet file naming them
+/// `edge-1`.. with each one's admin token.
+struct Fleet {
+    agents: Vec<Agent>,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn fleet(n: usize) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..n)
+        .map(|i| Agent::start(&dir.path().join(format!("agent-{i}")), &[]))
+        .collect();
+    let mut toml = String::from("# written by the rollout tests\n");
+    for (i, agent) in agents.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[agent]]\nname = \"edge-{}\"\naddress = \"{}\"\ntoken_file = \"{}\"\n\n",
+            i + 1,
+            agent.url(),
+            agent.token_file().display()
+        ));
+    }
+    let file = dir.path().join("fleet.toml");
+    std::fs::write(&file, toml).unwrap();
+    Fleet {
+        agents,
+        file,
+        _dir: dir,
+    }
+}
+
+/// The ctl command line of a rollout of the sample release `version`.
+fn rollout_args(fleet: &Path, version: &str, extra: &[&str]) -> Vec<String> {
+    let (dir, lib) = if version == "0.6.0" {
+        (fixture_dir("unhealthy"), library("fixture_unhealthy"))
+    } else {
+        (
+            release_dir(&format!("nine9s-{version}")),
+            library(&format!("nine9s_{}", version.replace('.', "_"))),
+        )
+    };
+    let mut args: Vec<String> = [
+        "--output",
+        "json",
+        "rollout",
+        "--to",
+        version,
+        "--release-dir",
+        dir.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+        "--fleet",
+        fleet.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn ctl_command(args: &[String]) -> Command {
+    let mut command = Command::new(bin_dir().join("ctl"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("NINE9S_") {
+            command.env_remove(name);
+        }
+    }
+    command.args(args);
+    command
+}
+
+fn run(args: &[String]) -> (Ctl, Value) {
+    let output = ctl_command(args).output().expect("run ctl");
+    let ctl = Ctl {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    let report = serde_json::from_str(&ctl.stdout)
+        .unwrap_or_else(|e| panic!("rollout printed no JSON ({e}): {ctl:#?}"));
+    (ctl, report)
+}
+
+fn outcomes(report: &Value) -> Vec<String> {
+    report["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The transitions of `kind` to `version` in the agent's history.
+fn transitions<'a>(history: &'a [Value], kind: &str, version: &str) -> Vec<&'a Value> {
+    history
+        .iter()
+        .filter(|t| t["kind"] == kind && t["to"] == version)
+        .collect()
+}
+
+#[test]
+fn a_rollout_converges_and_running_it_again_changes_nothing() {
+    let fleet = fleet(4);
+    let load = Load::start(fleet.agents[3].http, "/", 2);
+    let args = rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &["--max-parallel", "2", "--soak", "300ms"],
+    );
+    let (ctl, report) = run(&args);
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(report["outcome"], "converged");
+    assert_eq!(report["canary"], 0);
+    assert_eq!(report["waves"], serde_json::json!([[1, 2], [3]]));
+    assert_eq!(outcomes(&report), ["upgraded"; 4]);
+    let rollout_id = report["rollout_id"].as_str().unwrap().to_owned();
+    for (agent, reported) in fleet
+        .agents
+        .iter()
+        .zip(report["agents"].as_array().unwrap())
+    {
+        let status = agent.status();
+        assert_eq!(status["active"], "0.2.0");
+        assert_eq!(status["permanent"], "0.2.0");
+        assert_eq!(reported["before"], "0.1.0");
+        assert_eq!(reported["after"], "0.2.0");
+        let history = agent.history();
+        let upgrades = transitions(&history, "upgrade", "0.2.0");
+        assert_eq!(upgrades.len(), 1, "{history:#?}");
+        assert_eq!(upgrades[0]["request_id"], reported["request_id"]);
+        let id = upgrades[0]["request_id"].as_str().unwrap();
+        assert!(
+            id.starts_with(&format!("rollout-{rollout_id}-upgrade-")),
+            "{id}"
+        );
+        assert_eq!(upgrades[0]["reason"], format!("rollout {rollout_id}"));
+    }
+    // The human output says the same in a table.
+    let mut table = args.clone();
+    table.drain(..2);
+    let again = ctl_command(&table).output().unwrap();
+    assert_eq!(again.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        text.contains("converged: 4 of 4 agents run 0.2.0"),
+        "{text}"
+    );
+    // Run again: the same rollout, already done everywhere.
+    let before: Vec<usize> = fleet.agents.iter().map(|a| a.history().len()).collect();
+    let (ctl, report) = run(&args);
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(report["rollout_id"], rollout_id.as_str());
+    assert_eq!(outcomes(&report), ["already_there"; 4]);
+    let after: Vec<usize> = fleet.agents.iter().map(|a| a.history().len()).collect();
+    assert_eq!(before, after, "running the rollout again acted");
+    let served = load.stop();
+    assert_eq!((served.failed, served.refused), (0, 0), "{served:?}");
+    assert!(served.ok > 0);
+}
+
+#[test]
+fn a_failed_soak_halts_the_rollout_and_everyone_goes_back() {
+    let fleet = fleet(4);
+    // Only edge-3 serves traffic: 0.6.0 is healthy until it serves a
+    // request, so it fails its soak there and nowhere else.
+    let load = Load::start(fleet.agents[2].http, "/", 1);
+    let (ctl, report) = run(&rollout_args(
+        &fleet.file,
+        "0.6.0",
+        &["--max-parallel", "1", "--soak", "1s"],
+    ));
+    load.stop();
+    assert_eq!(ctl.code, 4, "{ctl:#?}");
+    assert_eq!(report["outcome"], "halted");
+    assert!(
+        report["halted_by"].as_str().unwrap().contains("edge-3"),
+        "{report:#}"
+    );
+    assert_eq!(
+        outcomes(&report),
+        ["rolled_back", "rolled_back", "failed_soak", "not_reached"]
+    );
+    assert!(ctl.stderr.contains("halted and rolled back"), "{ctl:#?}");
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert_eq!(status["active"], "0.1.0", "{status:#}");
+        assert_eq!(status["permanent"], "0.1.0", "{status:#}");
+    }
+    // The history says why, on the agents the rollout rolled back ...
+    for agent in &fleet.agents[..2] {
+        let history = agent.history();
+        assert_eq!(transitions(&history, "upgrade", "0.6.0").len(), 1);
+        let back = transitions(&history, "rollback", "0.1.0");
+        assert_eq!(back.len(), 1, "{history:#?}");
+        let reason = back[0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("halted") && reason.contains("edge-3"),
+            "{reason}"
+        );
+        assert_eq!(back[0]["automatic"], false);
+    }
+    // ... and on the one whose health gate rolled it back.
+    let history = fleet.agents[2].history();
+    let gate = transitions(&history, "rollback", "0.1.0");
+    assert_eq!(gate.len(), 1, "{history:#?}");
+    assert_eq!(gate[0]["automatic"], true);
+    // The last agent was never switched.
+    assert!(transitions(&fleet.agents[3].history(), "upgrade", "0.6.0").is_empty());
+}
+
+#[test]
+fn an_interrupted_rollout_resumes_without_acting_twice() {
+    let fleet = fleet(4);
+    let args = rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &["--max-parallel", "1", "--soak", "1s"],
+    );
+    let mut first = ctl_command(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed while the second agent soaks.
+    let second = &fleet.agents[1];
+    assert!(eventually(Duration::from_secs(60), || {
+        second.status()["active"] == "0.2.0"
+    }));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(fleet.agents[3].status()["active"], "0.1.0");
+
+    let (ctl, report) = run(&args);
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(report["outcome"], "converged");
+    let outcomes = outcomes(&report);
+    assert_eq!(outcomes[0], "already_there");
+    assert!(
+        ["already_there", "upgraded"].contains(&outcomes[1].as_str()),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[2..], ["upgraded", "upgraded"]);
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent"], "0.2.0");
+        let history = agent.history();
+        // Staged and upgraded once each, over both runs.
+        assert_eq!(
+            transitions(&history, "stage", "0.2.0").len(),
+            1,
+            "{history:#?}"
+        );
+        assert_eq!(
+            transitions(&history, "upgrade", "0.2.0").len(),
+            1,
+            "{history:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
+    let fleet = fleet(2);
+    let dir = fleet.file.parent().unwrap();
+    // A misspelt key would send no token: refused before any call.
+    let typo = dir.join("typo.toml");
+    std::fs::write(
+        &typo,
+        format!(
+            "[[agent]]\naddress = \"{}\"\ntoken-file = \"x\"\n",
+            fleet.agents[0].url()
+        ),
+    )
+    .unwrap();
+    let out = ctl_command(&rollout_args(&typo, "0.2.0", &[]))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"token-file\""));
+    // --fleet and --agent together.
+    let mut both = rollout_args(&fleet.file, "0.2.0", &[]);
+    both.extend(["--agent".into(), fleet.agents[0].url()]);
+    assert_eq!(ctl_command(&both).output().unwrap().status.code(), Some(2));
+    // Several --agent for a command that takes one.
+    let status = ctl_command(&[
+        "status".into(),
+        "--agent".into(),
+        fleet.agents[0].url(),
+        "--agent".into(),
+        fleet.agents[1].url(),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(status.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("only `ctl rollout`"));
+
+    // A third agent that is not there: nothing is staged or switched.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_url = format!("http://{}", gone.local_addr().unwrap());
+    drop(gone);
+    let mut text = std::fs::read_to_string(&fleet.file).unwrap();
+    text.push_str(&format!(
+        "[[agent]]\nname = \"gone\"\naddress = \"{gone_url}\"\n"
+    ));
+    let with_gone = dir.join("with-gone.toml");
+    std::fs::write(&with_gone, text).unwrap();
+    let (ctl, report) = run(&rollout_args(&with_gone, "0.2.0", &[]));
+    assert_eq!(ctl.code, 3, "{ctl:#?}");
+    assert_eq!(report["outcome"], "unreachable");
+    assert_eq!(
+        outcomes(&report),
+        ["not_reached", "not_reached", "unreachable"]
+    );
+    for agent in &fleet.agents {
+        assert!(agent.release("0.2.0").is_none(), "staged despite the halt");
+        assert_eq!(agent.status()["active"], "0.1.0");
+    }
+}
