@@ -10,12 +10,14 @@
 //! crashes (`--worker-crashes N`: a worker segfaults under load and the
 //! supervisor replaces it), the self-upgrades (`--self-upgrades N`: `ctl
 //! agent restart` under load), the stalled-upload measure
-//! (`--stalled-uploads N`) and the hidden `--bare-server` mode, and the
+//! (`--stalled-uploads N`), the fleet rollout (`--rollout N`: `ctl rollout`
+//! over N agents) and the hidden `--bare-server` mode, and the
 //! exit codes: 0 when the run completed, 1 when a correctness target
 //! failed (in the crash loop: an iteration ended inconsistent; with worker
 //! crashes: a connection refused or a crash not recovered from; with
 //! self-upgrades: a request failed or refused, counts not exact, or a
-//! restart not done), 2 on bad flags or when the run could not be set up
+//! restart not done; with a rollout: it did not converge, or a request
+//! failed or was refused), 2 on bad flags or when the run could not be set up
 //! or finished.
 // serde_json::json! of the report nests deeper than the default allows.
 #![recursion_limit = "256"]
@@ -27,6 +29,7 @@ mod crashloop;
 mod load;
 mod procs;
 mod report;
+mod rollout;
 mod run;
 mod selfupgrade;
 mod uploads;
@@ -40,6 +43,7 @@ const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds 
        nine9s-bench --worker-crashes N [--connections C]
        nine9s-bench --self-upgrades N [--connections C]
        nine9s-bench --stalled-uploads N [--upload-mib M]
+       nine9s-bench --rollout N
 
 Build first: cargo build --release --workspace
   --short          CI smoke run: 16 connections, 3 s phases, 50 cycles
@@ -65,7 +69,12 @@ Build first: cargo build --release --workspace
   --stalled-uploads N
                    instead of the bench: N uploads of --upload-mib MiB
                    (default 100) that stall before their last MiB; prints
-                   the agent's resident memory before and with all stalled";
+                   the agent's resident memory before and with all stalled
+  --rollout N      instead of the bench: N agents (50 is the target's), one
+                   keep-alive connection on every fifth, and `ctl rollout`
+                   of 0.2.0 with --soak 1s --max-parallel 10; wall time
+                   (target: 10 s for 50), phases, failed and refused
+                   requests (must be 0)";
 
 /// What one run measures.
 #[derive(Debug, Clone)]
@@ -82,6 +91,7 @@ enum Mode {
     WorkerCrashes(workercrash::Options),
     SelfUpgrades(selfupgrade::Options),
     StalledUploads(uploads::Options),
+    Rollout(rollout::Options),
     /// The baseline server, run as a child of the bench so that the bare
     /// server and the agent both sit in a process of their own.
     BareServer,
@@ -146,6 +156,11 @@ fn main() -> ExitCode {
             let outcome = runtime.block_on(interruptible(selfupgrade::self_upgrades(options)));
             drop(runtime);
             finish("--self-upgrades", outcome)
+        }
+        Mode::Rollout(options) => {
+            let outcome = runtime.block_on(interruptible(rollout::rollout(options)));
+            drop(runtime);
+            finish("--rollout", outcome)
         }
         Mode::StalledUploads(options) => {
             let outcome = runtime.block_on(interruptible(uploads::stalled_uploads(options)));
@@ -228,6 +243,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut seed = None;
     let mut stalled = None;
     let mut upload_mib = None;
+    let mut rollout = None;
     let mut args = args.peekable();
     if args.peek().is_some_and(|a| a == "--bare-server") {
         args.next();
@@ -258,9 +274,32 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--self-upgrades" => self_upgrades = Some(number::<u32>(&flag, &value()?)?),
             "--stalled-uploads" => stalled = Some(number::<usize>(&flag, &value()?)?),
             "--upload-mib" => upload_mib = Some(number::<usize>(&flag, &value()?)?),
+            "--rollout" => rollout = Some(number::<usize>(&flag, &value()?)?),
             "-h" | "--help" => return Ok(Mode::Help),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if let Some(agents) = rollout {
+        let others = [
+            crash_loop.is_some(),
+            worker_crashes.is_some(),
+            self_upgrades.is_some(),
+        ];
+        if short
+            || connections.is_some()
+            || seconds.is_some()
+            || cycles.is_some()
+            || seed.is_some()
+            || stalled.is_some()
+            || upload_mib.is_some()
+            || others.contains(&true)
+        {
+            return Err("--rollout takes no other flag".into());
+        }
+        if !(1..=500).contains(&agents) {
+            return Err("--rollout takes 1 to 500 agents".into());
+        }
+        return Ok(Mode::Rollout(rollout::Options { agents }));
     }
     if let Some(uploads) = stalled {
         if short

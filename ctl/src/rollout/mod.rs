@@ -139,7 +139,26 @@ struct Report {
     canary: Option<usize>,
     waves: Vec<Vec<usize>>,
     elapsed_ms: u64,
+    /// Where the time went.
+    phases: Phases,
     agents: Vec<Track>,
+}
+
+/// Milliseconds spent in each phase (0: not reached).
+#[derive(Debug, Default, Serialize)]
+struct Phases {
+    survey_ms: u64,
+    stage_ms: u64,
+    canary_ms: u64,
+    waves_ms: u64,
+    rollback_ms: u64,
+}
+
+/// The milliseconds since `*since`, which becomes now.
+fn lap(since: &mut Instant) -> u64 {
+    let ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+    *since = Instant::now();
+    ms
 }
 
 /// A failure of one agent's step.
@@ -229,7 +248,8 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
             last_event: 0,
         })
         .collect();
-    let ended = rollout.drive(&mut tracks).await;
+    let mut phases = Phases::default();
+    let ended = rollout.drive(&mut tracks, &mut phases).await;
     if !settings.dry_run {
         rollout.read_after(&mut tracks).await;
     }
@@ -250,6 +270,7 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
         canary: plan.canary,
         waves: plan.waves,
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        phases,
         agents: tracks,
     };
     match output {
@@ -347,7 +368,8 @@ struct Rollout<'a> {
 }
 
 impl Rollout<'_> {
-    async fn drive(&self, tracks: &mut [Track]) -> Ended {
+    async fn drive(&self, tracks: &mut [Track], phases: &mut Phases) -> Ended {
+        let mut clock = Instant::now();
         // 1. Survey.
         let surveys = join_all((0..self.nodes.len()).map(|i| self.survey(i))).await;
         let mut lost = Vec::new();
@@ -386,6 +408,7 @@ impl Rollout<'_> {
                 unreachable,
             };
         }
+        phases.survey_ms = lap(&mut clock);
         let found: Vec<Found> = tracks.iter().filter_map(|t| t.found).collect();
         let plan = plan::plan(&found, self.settings.max_parallel);
         if self.settings.dry_run {
@@ -407,6 +430,7 @@ impl Rollout<'_> {
             .buffer_unordered(STAGE_PARALLEL)
             .collect()
             .await;
+        phases.stage_ms = lap(&mut clock);
         let mut stopped = None;
         for (i, result) in staged {
             if let Err(e) = result {
@@ -425,8 +449,8 @@ impl Rollout<'_> {
         // 3 and 4. The canary, then the waves, while nothing failed.
         let (halt, _) = watch::channel(false);
         let mut failure: Option<(String, bool)> = None;
-        let phases = plan.canary.map(|c| vec![c]).into_iter().chain(plan.waves);
-        for (n, wave) in phases.enumerate() {
+        let order = plan.canary.map(|c| vec![c]).into_iter().chain(plan.waves);
+        for (n, wave) in order.enumerate() {
             if n == 0 && plan.canary.is_some() {
                 self.progress
                     .note(&format!("canary: {}", tracks[wave[0]].name));
@@ -476,10 +500,14 @@ impl Rollout<'_> {
                     }
                 }
             }
+            if n == 0 && plan.canary.is_some() {
+                phases.canary_ms = lap(&mut clock);
+            }
             if failure.is_some() {
                 break;
             }
         }
+        phases.waves_ms = lap(&mut clock);
         let Some((why, unreachable)) = failure else {
             return Ended::Converged;
         };
@@ -519,6 +547,7 @@ impl Rollout<'_> {
                 }
             }
         }
+        phases.rollback_ms = lap(&mut clock);
         Ended::Halted {
             why,
             unreachable,
