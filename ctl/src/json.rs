@@ -17,6 +17,19 @@ pub fn print(value: &Value) {
     outln!("{value}");
 }
 
+/// A failure: `kind` is `failed`, `unreachable` or `rolled_back`;
+/// `reason` the agent's stable code, when it sent one.
+pub fn error(kind: &str, message: &str, reason: Option<&str>, exit_code: i32) -> Value {
+    json!({
+        "error": {
+            "kind": kind,
+            "message": message,
+            "reason": reason,
+            "exit_code": exit_code,
+        }
+    })
+}
+
 pub fn release(r: &pb::Release) -> Value {
     json!({
         "name": r.name,

@@ -19,7 +19,12 @@
 //! - 3: the agent could not be reached (connect errors, a failed TLS
 //!   handshake, or UNAVAILABLE without the agent's error details), after a
 //!   few retries.
-//! - 4: `--wait` saw the release fail its soak and the agent roll it back.
+//! - 4: `--wait` saw the release fail its soak and the agent roll it back;
+//!   `rollout` halted and rolled back.
+//!
+//! With `--output json`, a failure (exit 1, 3 or 4) that printed nothing
+//! else prints `{"error": {"kind", "message", "reason", "exit_code"}}` on
+//! stdout besides its line on stderr; usage errors (exit 2) are text.
 //!
 //! Reaching the agent (global flags; each has an environment variable):
 //! - `--agent URL` (`NINE9S_AGENT`, default `http://127.0.0.1:50051`).
@@ -558,6 +563,7 @@ async fn main() {
     // from the environment gives way to it.
     let agent_typed = matches.value_source("agent") == Some(ValueSource::CommandLine);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let output = cli.output;
     let result = match cli.command {
         Top::Local(Local::Keygen { out }) => commands::keygen(&out, cli.output),
         Top::Local(Local::Sign { dir, key, library }) => {
@@ -601,27 +607,26 @@ async fn main() {
     };
     let code = match result {
         Ok(()) => 0,
-        Err(Failure::Failed {
-            error,
-            reason: Some(reason),
-        }) => {
-            eprintln!("ctl: error: {error:#} [{reason}]");
-            1
-        }
-        Err(Failure::Failed {
-            error,
-            reason: None,
-        }) => {
-            eprintln!("ctl: error: {error:#}");
-            1
-        }
-        Err(Failure::Unreachable(e)) => {
-            eprintln!("ctl: error: {e:#}");
-            3
-        }
-        Err(Failure::RolledBack(e)) => {
-            eprintln!("ctl: error: {e:#}");
-            4
+        Err(failure) => {
+            let (code, kind, error, reason) = match failure {
+                Failure::Failed { error, reason } => (1, "failed", error, reason),
+                Failure::Unreachable(error) => (3, "unreachable", error, None),
+                Failure::RolledBack(error) => (4, "rolled_back", error, None),
+            };
+            match &reason {
+                Some(reason) => eprintln!("ctl: error: {error:#} [{reason}]"),
+                None => eprintln!("ctl: error: {error:#}"),
+            }
+            // A script asking for JSON gets one document either way.
+            if output == Output::Json && !out::printed() {
+                json::print(&json::error(
+                    kind,
+                    &format!("{error:#}"),
+                    reason.as_deref(),
+                    code,
+                ));
+            }
+            code
         }
     };
     std::process::exit(code);

@@ -124,26 +124,15 @@ fn ms(us: u64) -> String {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SS` UTC from milliseconds since the epoch.
+/// RFC 3339 UTC (`2026-11-26T03:20:00Z`) from milliseconds since the epoch.
 fn time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    match u64::try_from(ms) {
+        Ok(ms) => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string(),
+        Err(_) => "-".into(),
+    }
 }
 
 /// `signer`: the key id of the release.sig sent along, if one was.
@@ -684,7 +673,8 @@ mod tests {
 
     #[test]
     fn utc_time() {
-        assert_eq!(time(0), "1970-01-01 00:00:00");
-        assert_eq!(time(1_795_000_000_000), "2026-11-18 11:06:40");
+        assert_eq!(time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(time(1_795_000_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(time(-1), "-");
     }
 }

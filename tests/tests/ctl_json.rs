@@ -1,6 +1,6 @@
 //! ctl for scripts: `--output json` prints one JSON document per command
-//! on stdout, errors still one line on stderr with the documented exit
-//! codes; and the shell completion scripts it prints.
+//! on stdout, errors included (with one line on stderr and the documented
+//! exit codes); and the shell completion scripts it prints.
 
 use nine9s_tests::{library, release_dir, Agent};
 use serde_json::Value;
@@ -56,7 +56,7 @@ fn a_script_can_drive_an_upgrade_with_json() {
 
     let refused = agent.ctl(&["--output", "json", "upgrade", "--to", "9.9.9"]);
     assert_eq!(refused.code, 1);
-    assert!(refused.stdout.is_empty(), "{refused:?}");
+    assert_eq!(refused.stdout.lines().count(), 1, "{refused:?}");
     assert_eq!(refused.stderr.lines().count(), 1);
 }
 
@@ -71,4 +71,33 @@ fn completions_for_every_shell_need_no_agent() {
     }
     let out = nine9s_tests::ctl("http://127.0.0.1:1", &["completions", "tcsh"]);
     assert_eq!(out.code, 2, "{out:?}");
+}
+
+#[test]
+fn errors_are_one_json_document_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let parse = |out: &nine9s_tests::Ctl| -> Value {
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+    };
+    // Refused by the agent: exit 1, its reason code in the document.
+    let out = agent.ctl(&["--output", "json", "upgrade", "--to", "9.9.9"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let error = &parse(&out)["error"];
+    assert_eq!(error["kind"], "failed");
+    assert_eq!(error["reason"], "UNKNOWN_RELEASE");
+    assert_eq!(error["exit_code"], 1);
+    assert!(error["message"].as_str().unwrap().contains("9.9.9"));
+    // The line on stderr is still there for people.
+    assert!(out.stderr.contains("[UNKNOWN_RELEASE]"), "{out:?}");
+    // No agent there: exit 3.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", gone.local_addr().unwrap());
+    drop(gone);
+    let out = nine9s_tests::ctl(&url, &["--output", "json", "status"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let error = &parse(&out)["error"];
+    assert_eq!(error["kind"], "unreachable");
+    assert_eq!(error["exit_code"], 3);
+    assert!(error["reason"].is_null());
 }
