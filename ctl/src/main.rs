@@ -88,7 +88,11 @@ use credentials::AccessFlags;
 /// Stage, upgrade, downgrade and roll back the releases of a nine9s agent;
 /// restart the agent itself on a new binary.
 #[derive(Parser)]
-#[command(name = "ctl", version)]
+#[command(
+    name = "ctl",
+    version,
+    after_help = "Examples:\n  ctl stage plugins/nine9s-0.2.0\n  ctl upgrade --to 0.2.0 --wait\n  ctl status\n  ctl rollback\n  ctl --agent https://edge-1:50051 --ca ca.pem --token-file deploy.token history --limit 5"
+)]
 struct Cli {
     /// The agent's gRPC address (http:// or https://); `rollout` takes it
     /// once per agent.
@@ -137,6 +141,9 @@ enum Top {
     /// Exit codes: 0 converged; 4 halted and rolled back; 3 some agent
     /// could not be reached; 1 otherwise (a stage refused, a rollback that
     /// failed); 2 bad usage.
+    #[command(
+        after_help = "Examples:\n  ctl rollout --to 0.2.0 --release-dir plugins/nine9s-0.2.0 --fleet fleet.toml --max-parallel 5 --soak 30s\n  ctl rollout --to 0.2.0 --release-dir plugins/nine9s-0.2.0 --agent http://10.0.0.1:50051 --agent http://10.0.0.2:50051 --token-file deploy.token --dry-run\n  ctl --output json rollout --to 0.2.0 --release-dir rel --fleet fleet.toml   # a report for scripts"
+    )]
     Rollout(RolloutArgs),
     #[command(flatten)]
     Local(Local),
@@ -187,6 +194,7 @@ enum Local {
     ///
     /// Writes DIR/nine9s.key (secret, owner-only; never overwritten) and
     /// DIR/nine9s.pub (for the agent's --trusted-keys directory).
+    #[command(after_help = "Examples:\n  ctl keygen --out ~/.nine9s")]
     Keygen {
         /// Where to write the keys (created if needed).
         #[arg(long, value_name = "DIR")]
@@ -196,6 +204,9 @@ enum Local {
     ///
     /// Writes DIR/release.sig over release.toml and the library's sha256;
     /// `stage` sends it along.
+    #[command(
+        after_help = "Examples:\n  ctl sign plugins/nine9s-0.2.0 --key ~/.nine9s/nine9s.key && ctl stage plugins/nine9s-0.2.0"
+    )]
     Sign {
         /// Directory holding release.toml.
         dir: PathBuf,
@@ -210,6 +221,9 @@ enum Local {
     /// Print a shell completion script (needs no agent).
     ///
     /// For example: `ctl completions bash > /etc/bash_completion.d/ctl`.
+    #[command(
+        after_help = "Examples:\n  ctl completions bash > /etc/bash_completion.d/ctl\n  ctl completions zsh > \"${fpath[1]}/_ctl\""
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -220,6 +234,9 @@ enum Local {
 #[derive(Subcommand)]
 enum Command {
     /// Upload a release directory (release.toml + its library).
+    #[command(
+        after_help = "Examples:\n  ctl stage plugins/nine9s-0.2.0\n  ctl stage my-release --library target/release/libmy_service.so --reason 'fix #42'"
+    )]
     Stage {
         /// Directory holding release.toml (and release.sig, if signed).
         dir: PathBuf,
@@ -230,12 +247,24 @@ enum Command {
         request: Request,
     },
     /// List the releases the agent knows.
+    #[command(
+        after_help = "Examples:\n  ctl releases\n  ctl --output json releases | jq -r '.[] | select(.state == \"old\") | .version'"
+    )]
     Releases,
     /// Switch to a higher version.
+    #[command(
+        after_help = "Examples:\n  ctl upgrade --to 0.2.0 --dry-run\n  ctl upgrade --to 0.2.0 --wait --timeout 5m\n  ctl upgrade --to 0.2.0 --expect-active 0.1.0 --request-id deploy-42 --soak 30s"
+    )]
     Upgrade(Switch),
     /// Switch to a lower version.
+    #[command(
+        after_help = "Examples:\n  ctl downgrade --to 0.1.0 --permanent\n  ctl downgrade --to 0.2.0 --dry-run"
+    )]
     Downgrade(Switch),
     /// Return to the previous permanent release (it is permanent at once).
+    #[command(
+        after_help = "Examples:\n  ctl rollback\n  ctl rollback --state snapshot --reason 'bad counts'\n  ctl rollback --expect-active 0.3.0 --dry-run"
+    )]
     Rollback {
         /// Migrate the running state down, or restore the snapshot taken
         /// when the release was left.
@@ -251,6 +280,9 @@ enum Command {
         wait: bool,
     },
     /// Make the current release permanent now.
+    #[command(
+        after_help = "Examples:\n  ctl make-permanent 0.2.0\n  ctl make-permanent 0.2.0 --expect-active 0.2.0"
+    )]
     MakePermanent {
         #[arg(value_parser = version)]
         version: semver::Version,
@@ -258,6 +290,7 @@ enum Command {
         request: Checked,
     },
     /// Forget a release that is neither permanent nor current.
+    #[command(after_help = "Examples:\n  ctl remove 0.1.0")]
     Remove {
         #[arg(value_parser = version)]
         version: semver::Version,
@@ -266,8 +299,12 @@ enum Command {
     },
     /// The active release, the soak, the lifecycle states and the loaded
     /// libraries.
+    #[command(after_help = "Examples:\n  ctl status\n  ctl --output json status | jq -r .active")]
     Status,
     /// The transitions, oldest first.
+    #[command(
+        after_help = "Examples:\n  ctl history --limit 10\n  ctl --output json history --after 120 --limit 50"
+    )]
     History {
         /// Only the last N (with --after: the next N, 100 if 0).
         #[arg(long, default_value_t = 0)]
@@ -278,6 +315,9 @@ enum Command {
         after: Option<u64>,
     },
     /// Print every lifecycle event as it happens, until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  ctl watch\n  ctl --output json watch --after 0   # every event the agent keeps, one per line"
+    )]
     Watch {
         /// Start after this event id (0: every event the agent still keeps).
         /// Without it: only what happens from now on.
@@ -285,8 +325,12 @@ enum Command {
         after: Option<u64>,
     },
     /// What the agent is: its version, service, defaults and processes.
+    #[command(
+        after_help = "Examples:\n  ctl info\n  ctl --agent https://edge-1:50051 --ca ca.pem --token-file ops.token info"
+    )]
     Info,
     /// The agent itself: its processes.
+    #[command(after_help = "Examples:\n  ctl agent restart --wait --reason 'agent 0.2 binary'")]
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
@@ -302,6 +346,9 @@ enum AgentCommand {
     /// The supervisor keeps the sockets: connections wait while the workers
     /// hand over, none is refused. The agent answers before the handover;
     /// --wait follows it.
+    #[command(
+        after_help = "Examples:\n  ctl agent restart\n  ctl agent restart --wait --timeout 2m --reason 'new agent binary'"
+    )]
     Restart(Restart),
 }
 
@@ -664,6 +711,67 @@ mod tests {
         assert!(request_id(&"x".repeat(129)).is_err());
         assert!(reason(&"é".repeat(1024)).is_ok());
         assert!(reason(&"x".repeat(1025)).is_err());
+    }
+
+    /// The example command lines of `--help`, each cut at its first shell
+    /// operator or comment, as words (single quotes group words).
+    fn examples(command: &clap::Command) -> Vec<Vec<String>> {
+        let mut found = Vec::new();
+        let help = command
+            .get_after_help()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        for line in help.lines().filter_map(|l| l.trim().strip_prefix("ctl ")) {
+            let mut words = vec!["ctl".to_owned()];
+            for (i, part) in line.split('\'').enumerate() {
+                if i % 2 == 1 {
+                    words.push(part.to_owned());
+                    continue;
+                }
+                let mut ended = false;
+                for word in part.split_whitespace() {
+                    if ["|", ">", "&&", "#"].contains(&word) {
+                        ended = true;
+                        break;
+                    }
+                    words.push(word.to_owned());
+                }
+                if ended {
+                    break;
+                }
+            }
+            found.push(words);
+        }
+        for sub in command.get_subcommands() {
+            found.extend(examples(sub));
+        }
+        found
+    }
+
+    #[test]
+    fn every_command_has_examples_that_parse() {
+        fn check(command: &clap::Command, path: &str) {
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_subcommands().next().is_none() {
+                    let help = sub
+                        .get_after_help()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    assert!(help.starts_with("Examples:"), "{name} has no examples");
+                }
+                check(sub, &name);
+            }
+        }
+        let cli = Cli::command();
+        check(&cli, "ctl");
+        let all = examples(&cli);
+        assert!(all.len() > 20);
+        for words in all {
+            if let Err(e) = Cli::try_parse_from(&words) {
+                panic!("{words:?} does not parse: {e}");
+            }
+        }
     }
 
     #[test]
