@@ -58,6 +58,9 @@ pub struct Config {
     pub previous_exit: Option<String>,
     /// The supervisor's pid, when a supervisor runs this agent.
     pub supervisor_pid: Option<u32>,
+    /// Workers the supervisor started after one died unexpectedly, before
+    /// this one (`nine9s_worker_restarts_total`).
+    pub worker_restarts: u64,
     /// How long to wait for the store's lock (another worker handing over).
     pub store_wait: Duration,
 }
@@ -119,6 +122,7 @@ impl Config {
             limits: Limits::default(),
             previous_exit: None,
             supervisor_pid: None,
+            worker_restarts: 0,
             store_wait: Duration::ZERO,
         }
     }

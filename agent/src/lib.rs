@@ -7,8 +7,8 @@
 //! the shutdown future resolves. `main.rs` is a thin shell over these two.
 //!
 //! The data plane runs on the caller's tokio runtime; the control plane
-//! (gRPC, soak watching) on a runtime of its own, and transitions on the
-//! engine's own thread.
+//! (gRPC, soak watching, the metrics listener) on a runtime of its own, and
+//! transitions on the engine's own thread.
 //! Plugin code runs synchronously on the data plane's threads, so a release
 //! stuck in slow calls can hold them all — and that is exactly when an
 //! operator needs `ctl rollback` to work and a switch's quiesce timeout to
@@ -23,6 +23,7 @@ mod error;
 mod failpoint;
 mod http;
 mod incoming;
+mod metrics;
 mod model;
 pub mod probe;
 mod process;
@@ -132,7 +133,8 @@ impl Agent {
         self.engine.runtime().active().await.version.to_string()
     }
 
-    /// Serves HTTP and gRPC until `shutdown` resolves; then stops accepting,
+    /// Serves HTTP and gRPC (and Prometheus metrics on `metrics`, if given)
+    /// until `shutdown` resolves; then stops accepting,
     /// lets in-flight requests finish (within the grace period), takes a
     /// last checkpoint (the previous one stands if requests are still in
     /// flight) and records the clean stop — all within the grace period
@@ -141,6 +143,7 @@ impl Agent {
         self,
         http: TcpListener,
         grpc: TcpListener,
+        metrics: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         let mut agent = self;
@@ -219,6 +222,25 @@ impl Agent {
             engine.clone(),
             until_stopped(stopped.clone()),
         ));
+        let metrics = match metrics {
+            Some(listener) => {
+                // Like gRPC: on the control runtime's own I/O driver.
+                let listener = listener
+                    .into_std()
+                    .map_err(Error::io("cannot move the metrics listener"))?;
+                let registry = metrics::registry(
+                    engine.transitions(),
+                    Arc::clone(engine.runtime()),
+                    engine.config().worker_restarts,
+                );
+                Some(control.spawn(metrics::serve(
+                    listener,
+                    registry,
+                    until_stopped(stopped.clone()),
+                )))
+            }
+            None => None,
+        };
         let checkpoints = control.spawn(checkpoints(engine.clone(), until_stopped(stopped)));
 
         shutdown.await;
@@ -237,6 +259,16 @@ impl Agent {
             Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
             Err(_) => tracing::warn!("gRPC calls still open at the end of the grace period"),
             Ok(Ok(Ok(()))) => {}
+        }
+        if let Some(metrics) = metrics {
+            match tokio::time::timeout(left(), metrics).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server ended with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "metrics server task failed"),
+                Err(_) => {
+                    tracing::warn!("metrics connections still open at the end of the grace period")
+                }
+                Ok(Ok(Ok(()))) => {}
+            }
         }
         let _ = soaks.await;
         let _ = checkpoints.await;

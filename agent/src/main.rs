@@ -36,6 +36,11 @@ struct Args {
     /// Address of the gRPC control plane.
     #[arg(long, default_value = "127.0.0.1:50051")]
     grpc: SocketAddr,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), such as
+    /// 127.0.0.1:9464. Off by default; unauthenticated, so keep it on
+    /// loopback or a network only the scraper reaches.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Release directory installed on an empty data dir (default: the
     /// embedded sample nine9s 0.1.0).
     #[arg(long)]
@@ -121,8 +126,8 @@ enum Mode {
     /// one JSON line (used by the agent itself).
     #[command(hide = true)]
     Probe { library: PathBuf },
-    /// Serves, on the listeners passed in as fds 3 and 4 (`LISTEN_FDS`);
-    /// the supervisor runs the agent this way.
+    /// Serves, on the listeners passed in as fds 3 and 4, and 5 for
+    /// `--metrics` (`LISTEN_FDS`); the supervisor runs the agent this way.
     #[command(hide = true)]
     Worker,
 }
@@ -233,16 +238,11 @@ fn check_plaintext(args: &Args, grpc: SocketAddr) {
 /// The supervisor: the listeners, then workers until SIGTERM.
 fn supervise(args: Args) -> ! {
     init_logging(args.log_format);
-    let listeners = match inherited_listeners() {
-        Ok(Some(listeners)) => Ok(listeners),
-        Ok(None) => bind(&args),
-        Err(e) => Err(e),
-    };
-    let (http, grpc) = listeners.unwrap_or_else(|e| {
+    let listeners = listeners(&args).unwrap_or_else(|e| {
         eprintln!("agent: error: {e}");
         std::process::exit(1);
     });
-    if let Ok(address) = grpc.local_addr() {
+    if let Ok(address) = listeners.grpc.local_addr() {
         check_plaintext(&args, address);
     }
     let exe = std::env::current_exe().unwrap_or_else(|e| {
@@ -252,21 +252,37 @@ fn supervise(args: Args) -> ! {
     let supervisor = nine9s_agent::supervisor::Supervisor {
         exe,
         args: std::env::args_os().skip(1).collect(),
-        http,
-        grpc,
+        http: listeners.http,
+        grpc: listeners.grpc,
+        metrics: listeners.metrics,
     };
     std::process::exit(supervisor.run());
 }
 
-/// Listeners passed in by systemd (or by the supervisor): HTTP as the
-/// first, gRPC as the second; made close-on-exec, so no probe inherits them.
-fn inherited_listeners() -> Result<Option<(StdListener, StdListener)>, String> {
+/// The agent's listening sockets.
+struct Listeners {
+    http: StdListener,
+    grpc: StdListener,
+    /// With `--metrics` only.
+    metrics: Option<StdListener>,
+}
+
+/// The listeners passed in by systemd (or by the supervisor) — HTTP as the
+/// first, gRPC as the second, metrics as the third — made close-on-exec,
+/// so no probe inherits them; those not passed in are bound. The metrics
+/// listener exists only with `--metrics`.
+fn listeners(args: &Args) -> Result<Listeners, String> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
-        return Ok(None);
+        return Ok(Listeners {
+            http: bind(args.http, "HTTP")?,
+            grpc: bind(args.grpc, "gRPC")?,
+            metrics: args.metrics.map(|a| bind(a, "metrics")).transpose()?,
+        });
     }
     let take = |fds: &mut listenfd::ListenFd, index: usize, what: &str| {
-        fds.take_tcp_listener(index)
+        let listener = fds
+            .take_tcp_listener(index)
             .map_err(|e| {
                 format!(
                     "LISTEN_FDS: fd {} is not a TCP listener for {what}: {e}",
@@ -275,26 +291,30 @@ fn inherited_listeners() -> Result<Option<(StdListener, StdListener)>, String> {
             })?
             .ok_or_else(|| {
                 format!(
-                    "LISTEN_FDS names {} sockets; the agent needs two: HTTP, then gRPC",
+                    "LISTEN_FDS names {} sockets; the agent needs two: HTTP, then gRPC (and metrics third, or it binds --metrics itself)",
                     fds.len()
                 )
-            })
+            })?;
+        rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| format!("LISTEN_FDS: {e}"))?;
+        Ok::<_, String>(listener)
     };
     let http = take(&mut fds, 0, "HTTP")?;
     let grpc = take(&mut fds, 1, "gRPC")?;
-    for listener in [&http, &grpc] {
-        rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::CLOEXEC)
-            .map_err(|e| format!("LISTEN_FDS: {e}"))?;
-    }
-    Ok(Some((http, grpc)))
+    let metrics = match args.metrics {
+        Some(_) if fds.len() > 2 => Some(take(&mut fds, 2, "metrics")?),
+        Some(address) => Some(bind(address, "metrics")?),
+        None => None,
+    };
+    Ok(Listeners {
+        http,
+        grpc,
+        metrics,
+    })
 }
 
-fn bind(args: &Args) -> Result<(StdListener, StdListener), String> {
-    let http = StdListener::bind(args.http)
-        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", args.http))?;
-    let grpc = StdListener::bind(args.grpc)
-        .map_err(|e| format!("cannot listen for gRPC on {}: {e}", args.grpc))?;
-    Ok((http, grpc))
+fn bind(address: SocketAddr, what: &str) -> Result<StdListener, String> {
+    StdListener::bind(address).map_err(|e| format!("cannot listen for {what} on {address}: {e}"))
 }
 
 /// The worker: dies with its supervisor, serves on the inherited
@@ -337,16 +357,18 @@ fn worker(args: Args) -> ! {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = shutdown_signal()?;
-    let (http, grpc) = match inherited_listeners()? {
-        Some(listeners) => listeners,
-        None => bind(&args)?,
-    };
+    let Listeners {
+        http,
+        grpc,
+        metrics,
+    } = listeners(&args)?;
     check_plaintext(&args, grpc.local_addr()?);
     let listener = |l: StdListener| {
         l.set_nonblocking(true)?;
         TcpListener::from_std(l)
     };
     let (http, grpc) = (listener(http)?, listener(grpc)?);
+    let metrics = metrics.map(listener).transpose()?;
     let mut config = Config::new(args.data_dir);
     config.bootstrap = args.bootstrap.map_or(Bootstrap::Embedded, Bootstrap::Dir);
     config.soak = args.soak;
@@ -384,6 +406,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.supervisor_pid = std::env::var("NINE9S_SUPERVISOR_PID")
         .ok()
         .and_then(|p| p.parse().ok());
+    config.worker_restarts = std::env::var("NINE9S_WORKER_RESTARTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     if std::env::var_os("NINE9S_HANDOVER").is_some() {
         // The worker before this one still holds the store: it lets go
         // once its requests are done, within its shutdown grace.
@@ -392,16 +418,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let agent = Agent::boot(config).await?;
     // One line on stdout, for people and for scripts that started the agent
     // on port 0 (every worker says it; a reader that went away is no error).
+    let metrics_address = match &metrics {
+        Some(listener) => format!(" metrics={}", listener.local_addr()?),
+        None => String::new(),
+    };
     let _ = writeln!(
         std::io::stdout(),
-        "nine9s agent ready: release {} http={} grpc={}",
+        "nine9s agent ready: release {} http={} grpc={}{metrics_address}",
         agent.active_version().await,
         http.local_addr()?,
         grpc.local_addr()?
     );
     // The listeners already queue connections: serving starts below.
     nine9s_agent::supervisor::notify_ready();
-    agent.run(http, grpc, shutdown).await?;
+    agent.run(http, grpc, metrics, shutdown).await?;
     Ok(())
 }
 

@@ -65,7 +65,7 @@ pub struct Release {
 }
 
 /// What a transition did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TransitionKind {
     /// The first release of an empty data directory.
@@ -96,7 +96,7 @@ impl fmt::Display for TransitionKind {
 }
 
 /// How a transition ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Journalled before it started; still under way.

@@ -9,6 +9,11 @@
 //! is swapped; releasing the lock lets the held requests through, onto the
 //! new code. Since no call into the old instance can run after the
 //! snapshot, no state change is lost or counted twice.
+//!
+//! Counting is lock-free on the request path: each instance's counters
+//! (what the soak watcher and `status` read) and each version's
+//! [`Totals`] by status code (what `/metrics` reads) are atomics sharded
+//! by thread.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -24,6 +29,8 @@ pub struct Loaded {
     pub version: Version,
     /// The version as text: every response carries it.
     pub label: &'static str,
+    /// The version's responses by status code, across all its instances.
+    totals: &'static Totals,
     pub instance: Instance,
     /// The handler may block: calls hand the thread's other work elsewhere.
     blocking: bool,
@@ -53,19 +60,83 @@ fn my_shard() -> usize {
     MINE.with(|mine| *mine)
 }
 
-/// The version's text for the whole life of the process: one small string
-/// per version ever loaded, so responses carry it without touching shared
-/// reference counts.
-fn label(version: &Version) -> &'static str {
-    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+/// Status codes counted one by one: the range RFC 9110 defines.
+const FIRST_CODE: u16 = 100;
+const LAST_CODE: u16 = 599;
+/// One slot per code of the range, and a last one for anything else.
+const CODES: usize = (LAST_CODE - FIRST_CODE) as usize + 2;
+
+/// A version's responses by status code, for the whole life of the
+/// process: kept after its instances are unloaded, since a counter that
+/// went down would read as a restart to Prometheus. One per version ever
+/// loaded (32 KiB each), like its label.
+pub struct Totals {
+    /// The version as text.
+    pub label: &'static str,
+    shards: [CodeShard; SHARDS],
+}
+
+impl std::fmt::Debug for Totals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Totals")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One thread's share of a version's counts, on cache lines of its own.
+#[repr(align(64))]
+struct CodeShard([AtomicU64; CODES]);
+
+impl Totals {
+    fn count(&self, shard: usize, status: u16) {
+        let slot = if (FIRST_CODE..=LAST_CODE).contains(&status) {
+            usize::from(status - FIRST_CODE)
+        } else {
+            CODES - 1
+        };
+        self.shards[shard].0[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The status codes answered at least once and how often; `None`
+    /// stands for every status outside 100–599.
+    pub fn responses(&self) -> Vec<(Option<u16>, u64)> {
+        (0..CODES)
+            .filter_map(|slot| {
+                let n: u64 = self
+                    .shards
+                    .iter()
+                    .map(|s| s.0[slot].load(Ordering::Relaxed))
+                    .sum();
+                let code = (slot < CODES - 1).then(|| FIRST_CODE + slot as u16);
+                (n > 0).then_some((code, n))
+            })
+            .collect()
+    }
+}
+
+static TOTALS: Mutex<Vec<&'static Totals>> = Mutex::new(Vec::new());
+
+/// The version's label and totals for the whole life of the process, so
+/// responses carry the label without touching shared reference counts and
+/// the totals outlive every instance.
+fn totals(version: &Version) -> &'static Totals {
     let text = version.to_string();
-    let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(known) = labels.iter().find(|known| **known == text) {
+    let mut all = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = all.iter().find(|known| known.label == text) {
         return known;
     }
-    let leaked: &'static str = Box::leak(text.into_boxed_str());
-    labels.push(leaked);
+    let leaked: &'static Totals = Box::leak(Box::new(Totals {
+        label: Box::leak(text.into_boxed_str()),
+        shards: std::array::from_fn(|_| CodeShard(std::array::from_fn(|_| AtomicU64::new(0)))),
+    }));
+    all.push(leaked);
     leaked
+}
+
+/// The totals of every version loaded since the process started.
+pub fn all_totals() -> Vec<&'static Totals> {
+    TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Counters of one instance at a moment.
@@ -80,8 +151,10 @@ pub struct Counters {
 
 impl Loaded {
     pub fn new(version: Version, blocking: bool, instance: Instance) -> Loaded {
+        let totals = totals(&version);
         Loaded {
-            label: label(&version),
+            label: totals.label,
+            totals,
             version,
             instance,
             blocking,
@@ -146,7 +219,8 @@ impl Runtime {
     pub async fn handle(&self, request: &Request<'_>) -> Handled {
         let slot = self.slot.read().await;
         let loaded = &**slot;
-        let shard = &loaded.shards[my_shard()];
+        let mine = my_shard();
+        let shard = &loaded.shards[mine];
         shard.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = if loaded.blocking {
             // The read lock stays held, so a switch still waits for this call.
@@ -166,6 +240,13 @@ impl Runtime {
                 shard.panics.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // The status the client gets: `http` answers 500 for a failed call
+        // and for what hyper cannot send (outside 100–999).
+        let status = match &result {
+            Ok(response) if (100..=999).contains(&response.status) => response.status,
+            _ => 500,
+        };
+        loaded.totals.count(mine, status);
         Handled {
             version: loaded.label,
             result,
@@ -246,5 +327,26 @@ pub async fn drain(old: &Arc<Loaded>, grace: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_count_each_code_and_lump_the_rest_as_other() {
+        let version: Version = "0.0.1-totals-test".parse().unwrap();
+        let totals = totals(&version);
+        for (shard, status) in [(0, 200), (5, 200), (1, 404), (2, 599), (3, 600), (4, 999)] {
+            totals.count(shard, status);
+        }
+        assert_eq!(
+            totals.responses(),
+            [(Some(200), 2), (Some(404), 1), (Some(599), 1), (None, 2)]
+        );
+        // One block per version, found again.
+        assert!(std::ptr::eq(totals, super::totals(&version)));
+        assert!(all_totals().iter().any(|t| std::ptr::eq(*t, totals)));
     }
 }

@@ -1,17 +1,18 @@
 //! The supervisor: the `agent` process people and systemd start. It holds
 //! the listening sockets and nothing else — no plugin code, no store — and
 //! runs the agent proper in a **worker**, the same binary started as
-//! `agent worker`, which inherits the sockets as fds 3 (HTTP) and 4 (gRPC)
-//! by the systemd `LISTEN_FDS` convention and says it serves with
-//! `sd_notify` READY=1.
+//! `agent worker`, which inherits the sockets as fds 3 (HTTP), 4 (gRPC)
+//! and, with `--metrics`, 5 (metrics) by the systemd `LISTEN_FDS`
+//! convention and says it serves with `sd_notify` READY=1.
 //!
 //! - A worker that dies is replaced at once; connections that arrive
 //!   meanwhile wait in the kernel's backlog, since the sockets never close.
 //!   The next worker is told how the last one ended (`NINE9S_PREVIOUS_EXIT`)
-//!   so the release current at the time is failed with that cause. Workers
-//!   that die before they serve are restarted with back-off; the store
-//!   counts their boot attempts, and the worker falls back to the release
-//!   permanent before.
+//!   so the release current at the time is failed with that cause, and how
+//!   many workers were replaced so far (`NINE9S_WORKER_RESTARTS`, for
+//!   `nine9s_worker_restarts_total`). Workers that die before they serve
+//!   are restarted with back-off; the store counts their boot attempts, and
+//!   the worker falls back to the release permanent before.
 //! - SIGHUP (or `ctl agent restart`) starts a new worker from the binary on
 //!   disk now, and stops the old one as SIGTERM would: it finishes its
 //!   requests, checkpoints and closes the store, which the new one waits
@@ -54,6 +55,8 @@ pub struct Supervisor {
     pub args: Vec<OsString>,
     pub http: std::net::TcpListener,
     pub grpc: std::net::TcpListener,
+    /// With `--metrics` only.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// A running worker.
@@ -94,6 +97,9 @@ struct Start {
     previous_exit: Option<String>,
     /// Another worker still holds the store: wait for it.
     handover: bool,
+    /// Workers started so far because the one before died (this one
+    /// included, if it is one of them).
+    restarts: u64,
 }
 
 impl Supervisor {
@@ -126,16 +132,18 @@ impl Supervisor {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let mut reexec = signal(SignalKind::user_defined2())?;
-        let mut current = Some(match adopted() {
-            Some(worker) => {
+        // Restarts are counted across re-executions of the supervisor,
+        // which pass the count on.
+        let (mut current, mut restarts) = match adopted() {
+            Some((worker, restarts)) => {
                 tracing::info!(
                     pid = worker.pid,
                     "supervisor re-executed; the serving worker goes on"
                 );
-                worker
+                (Some(worker), restarts)
             }
-            None => self.spawn(&notify_name, Start::default())?,
-        });
+            None => (Some(self.spawn(&notify_name, Start::default())?), 0),
+        };
         let mut retiring: Option<Worker> = None;
         let mut stopping = false;
         let mut failures_before_ready = 0u32;
@@ -167,9 +175,11 @@ impl Supervisor {
                         "the worker {how}; starting another on the permanent release"
                     );
                     tokio::time::sleep(backoff).await;
+                    restarts += 1;
                     let start = || Start {
                         previous_exit: Some(how.clone()),
                         handover: retiring.is_some(),
+                        restarts,
                     };
                     // The binary may be mid-replacement ("text file busy"):
                     // try again rather than leave nothing serving.
@@ -206,7 +216,7 @@ impl Supervisor {
                 }
                 _ = reexec.recv(), if !stopping && retiring.is_none() => {
                     if let Some(worker) = &current {
-                        let error = self.reexec(worker);
+                        let error = self.reexec(worker, restarts);
                         tracing::error!(%error, "cannot re-execute the supervisor; it goes on as it is");
                     }
                 }
@@ -215,7 +225,7 @@ impl Supervisor {
                 _ = hangup.recv(), if !stopping && retiring.is_none() => {
                     let Some(old) = current.take() else { continue };
                     tracing::info!(pid = old.pid, "self-upgrade: starting a new worker from {}", self.exe.display());
-                    match self.spawn(&notify_name, Start { previous_exit: None, handover: true }) {
+                    match self.spawn(&notify_name, Start { previous_exit: None, handover: true, restarts }) {
                         Ok(new) => {
                             terminate(old.pid);
                             retiring = Some(old);
@@ -232,10 +242,10 @@ impl Supervisor {
     }
 
     /// Replaces this process's image with the agent binary on disk,
-    /// keeping its pid, the listeners (passed as `LISTEN_FDS`) and the
-    /// serving worker, which stays its child (`NINE9S_ADOPT_WORKER`). Only
-    /// returns if that failed.
-    fn reexec(&self, worker: &Worker) -> std::io::Error {
+    /// keeping its pid, the listeners (passed as `LISTEN_FDS`), the count
+    /// of restarts and the serving worker, which stays its child
+    /// (`NINE9S_ADOPT_WORKER`). Only returns if that failed.
+    fn reexec(&self, worker: &Worker, restarts: u64) -> std::io::Error {
         use std::os::unix::process::CommandExt as _;
         tracing::info!(
             pid = worker.pid,
@@ -245,29 +255,11 @@ impl Supervisor {
         let mut command = std::process::Command::new(&self.exe);
         command
             .args(&self.args)
-            .env("LISTEN_FDS", "2")
-            .env("LISTEN_FDNAMES", "http:grpc")
             .env_remove("LISTEN_PID")
-            .env("NINE9S_ADOPT_WORKER", worker.pid.to_string());
-        let fds = self
-            .http
-            .try_clone()
-            .and_then(|http| Ok((http, self.grpc.try_clone()?)));
-        let (http, grpc) = match fds {
-            Ok(fds) => fds,
-            Err(e) => return e,
-        };
-        if let Err(e) = command.fd_mappings(vec![
-            FdMapping {
-                parent_fd: OwnedFd::from(http),
-                child_fd: 3,
-            },
-            FdMapping {
-                parent_fd: OwnedFd::from(grpc),
-                child_fd: 4,
-            },
-        ]) {
-            return std::io::Error::other(format!("cannot pass the listeners on: {e}"));
+            .env("NINE9S_ADOPT_WORKER", worker.pid.to_string())
+            .env("NINE9S_WORKER_RESTARTS", restarts.to_string());
+        if let Err(e) = self.pass_listeners(&mut command) {
+            return e;
         }
         command.exec()
     }
@@ -279,12 +271,11 @@ impl Supervisor {
         command
             .args(&self.args)
             .arg("worker")
-            .env("LISTEN_FDS", "2")
-            .env("LISTEN_FDNAMES", "http:grpc")
             .env_remove("LISTEN_PID")
             .env_remove("NINE9S_ADOPT_WORKER")
             .env("NOTIFY_SOCKET", notify)
             .env("NINE9S_SUPERVISOR_PID", std::process::id().to_string())
+            .env("NINE9S_WORKER_RESTARTS", start.restarts.to_string())
             .kill_on_drop(true);
         if let Some(how) = &start.previous_exit {
             command.env("NINE9S_PREVIOUS_EXIT", how);
@@ -292,20 +283,7 @@ impl Supervisor {
         if start.handover {
             command.env("NINE9S_HANDOVER", "1");
         }
-        let http: OwnedFd = self.http.try_clone()?.into();
-        let grpc: OwnedFd = self.grpc.try_clone()?.into();
-        command
-            .fd_mappings(vec![
-                FdMapping {
-                    parent_fd: http,
-                    child_fd: 3,
-                },
-                FdMapping {
-                    parent_fd: grpc,
-                    child_fd: 4,
-                },
-            ])
-            .map_err(|e| std::io::Error::other(format!("cannot pass the listeners on: {e}")))?;
+        self.pass_listeners(command.as_std_mut())?;
         let child = command.spawn()?;
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, "worker started");
@@ -315,6 +293,27 @@ impl Supervisor {
             started: Instant::now(),
             ready: false,
         })
+    }
+
+    /// Hands the listeners to `command` as fds 3, 4 (and 5), named in
+    /// `LISTEN_FDS` and `LISTEN_FDNAMES`.
+    fn pass_listeners(&self, command: &mut std::process::Command) -> std::io::Result<()> {
+        let mut listeners = vec![("http", &self.http), ("grpc", &self.grpc)];
+        listeners.extend(self.metrics.iter().map(|m| ("metrics", m)));
+        let names: Vec<&str> = listeners.iter().map(|(name, _)| *name).collect();
+        let mut mappings = Vec::with_capacity(listeners.len());
+        for (child_fd, (_, listener)) in (3..).zip(&listeners) {
+            mappings.push(FdMapping {
+                parent_fd: OwnedFd::from(listener.try_clone()?),
+                child_fd,
+            });
+        }
+        command
+            .env("LISTEN_FDS", listeners.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .fd_mappings(mappings)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(format!("cannot pass the listeners on: {e}")))
     }
 }
 
@@ -363,16 +362,21 @@ async fn exited(worker: &mut Option<Worker>) -> ExitStatus {
     }
 }
 
-/// The worker a previous image of this supervisor was running, if this
-/// one was re-executed (SIGUSR2).
-fn adopted() -> Option<Worker> {
+/// The worker a previous image of this supervisor was running, and the
+/// restarts it counted, if this one was re-executed (SIGUSR2).
+fn adopted() -> Option<(Worker, u64)> {
     let pid: u32 = std::env::var("NINE9S_ADOPT_WORKER").ok()?.parse().ok()?;
-    Some(Worker {
+    let restarts = std::env::var("NINE9S_WORKER_RESTARTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let worker = Worker {
         child: None,
         pid,
         started: Instant::now(),
         ready: true,
-    })
+    };
+    Some((worker, restarts))
 }
 
 /// Asks the workers to stop; returns true.

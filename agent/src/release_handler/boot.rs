@@ -53,10 +53,11 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
     let artifacts = Artifacts::open(config.data_dir.join("artifacts"))
         .map_err(Error::io("cannot open the artifact store"))?;
     let clean = store.mark_running()?;
+    let journal = Journal::new(Arc::clone(&store));
     for t in store.abort_running()? {
         tracing::warn!(id = t.id, kind = %t.kind, from = ?t.from, to = ?t.to, "transition interrupted by the previous stop, recorded as aborted");
+        journal.transitions().aborted(&t);
     }
-    let journal = Journal::new(Arc::clone(&store));
     let releases = store.releases()?;
     let (lifecycle, loaded, service, message) = if releases.is_empty() {
         install(&journal, &artifacts, &config.bootstrap)?

@@ -7,6 +7,10 @@
 //! the guard (`succeed` or `fail`), so no code path can forget to commit.
 //! A guard dropped without either (an early `?`) commits the transition as
 //! failed with the running view cleared.
+//!
+//! Committed transitions are counted here too (`nine9s_transitions_total`
+//! and the duration and switch-wait histograms, see `metrics`), so the
+//! metrics say what the history says.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,6 +19,7 @@ use nine9s_manifest::Version;
 use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
+use crate::metrics::Transitions;
 use crate::model::{Event, EventKind, Outcome, Release, Transition, TransitionKind};
 use crate::store::Store;
 
@@ -57,6 +62,7 @@ pub struct Journal {
     pub store: Arc<Store>,
     events: broadcast::Sender<Event>,
     running: Mutex<Option<Transition>>,
+    transitions: Transitions,
 }
 
 impl Journal {
@@ -65,7 +71,13 @@ impl Journal {
             store,
             events: broadcast::channel(1024).0,
             running: Mutex::new(None),
+            transitions: Transitions::default(),
         }
+    }
+
+    /// The transitions' metrics.
+    pub fn transitions(&self) -> &Transitions {
+        &self.transitions
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -135,6 +147,7 @@ impl Journal {
             journal: self,
             transition: Some(transition),
             started: Instant::now(),
+            switched: false,
             _span: span,
         })
     }
@@ -155,6 +168,8 @@ pub struct Guard<'a> {
     journal: &'a Journal,
     transition: Option<Transition>,
     started: Instant,
+    /// The runtime switched: requests were held (`switch_wait_us`).
+    switched: bool,
     /// Every log line while the transition runs carries its id and kind.
     _span: tracing::span::EnteredSpan,
 }
@@ -174,6 +189,7 @@ impl Guard<'_> {
     pub fn set_switch_wait(&mut self, wait: std::time::Duration) {
         if let Some(t) = self.transition.as_mut() {
             t.switch_wait_us = wait.as_micros() as u64;
+            self.switched = true;
         }
     }
 
@@ -211,6 +227,7 @@ impl Guard<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
         self.journal.store.commit(&t, &changed.records)?;
+        self.journal.transitions.finished(&t, self.switched);
         let mut finished = Event::new(EventKind::TransitionFinished);
         finished.transition = Some(t.clone());
         self.journal.emit(finished);

@@ -274,6 +274,11 @@ impl Engine {
         &self.shared.config
     }
 
+    /// The transitions' metrics, counted as they are committed.
+    pub fn transitions(&self) -> &crate::metrics::Transitions {
+        self.shared.journal.transitions()
+    }
+
     pub fn service(&self) -> &str {
         &self.shared.service
     }
