@@ -210,7 +210,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
             }
             let reply = reply?;
             if json {
-                json::print(&json::staged(&reply));
+                json::print(&reply);
             } else {
                 render::staged(&reply, &release.library, signer.as_deref());
             }
@@ -224,7 +224,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 )
                 .await?;
             if json {
-                json::print(&json::releases(&reply.releases));
+                json::print(&reply.releases);
             } else {
                 render::releases(&reply.releases);
             }
@@ -255,7 +255,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 })
                 .await?;
             if json {
-                json::print(&json::switched(&reply));
+                json::print(&reply);
             } else {
                 render::rolled_back(dry_run, &reply);
             }
@@ -275,7 +275,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 })
                 .await?;
             if json {
-                json::print(&json::switched(&reply));
+                json::print(&reply);
             } else {
                 render::made_permanent(&version, &reply);
             }
@@ -293,7 +293,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 .call(&what, request, |mut c, r| async move { c.remove(r).await })
                 .await?;
             if json {
-                json::print(&json::removed(&reply));
+                json::print(&reply);
             } else {
                 outln!("removed {version}");
                 for sha in reply.collected {
@@ -304,7 +304,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
         Command::Status => {
             let reply = status(agent).await?;
             if json {
-                json::print(&json::status(&reply));
+                json::print(&reply);
             } else {
                 render::status(&reply);
             }
@@ -322,7 +322,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 )
                 .await?;
             if json {
-                json::print(&json::history(&reply, after.is_some()));
+                json::print(&reply);
             } else {
                 render::history(&reply);
             }
@@ -343,7 +343,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 )
                 .await?;
             if json {
-                json::print(&json::info(&reply));
+                json::print(&reply);
             } else {
                 render::info(&reply);
             }
@@ -450,14 +450,22 @@ async fn restart_agent(agent: &Agent, output: Output, restart: Restart) -> Resul
     }
     if !restart.wait {
         if json {
-            json::print(&json::agent_restart(&reply, None));
+            json::print(&json::AgentRestart {
+                reply: &reply,
+                new_worker: None,
+                waited_ms: None,
+            });
         }
         return Ok(());
     }
     let new = follow::until_new_worker(agent, reply.worker_pid, restart.timeout).await?;
     let ms = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
     if json {
-        json::print(&json::agent_restart(&reply, Some((&new, ms))));
+        json::print(&json::AgentRestart {
+            reply: &reply,
+            new_worker: Some(&new),
+            waited_ms: Some(ms),
+        });
     } else {
         outln!("{}", render::agent_restarted(reply.worker_pid, &new, ms));
     }
@@ -495,7 +503,7 @@ async fn switch_to(
             .await?
     };
     if output == Output::Json {
-        json::print(&json::switched(&reply));
+        json::print(&reply);
     } else {
         render::switched(word, &switch, &reply);
     }

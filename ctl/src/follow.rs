@@ -103,7 +103,7 @@ pub async fn watch(agent: &Agent, after: u64, output: Output) -> Result<(), Fail
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         match output {
-            Output::Json => outln!("{}", json::event(&event)),
+            Output::Json => json::print(&event),
             Output::Table => render::event(&event),
         }
     }

@@ -309,8 +309,8 @@ enum Command {
         /// Only the last N (with --after: the next N, 100 if 0).
         #[arg(long, default_value_t = 0)]
         limit: u32,
-        /// Page on: the transitions after this id (JSON output becomes
-        /// {"transitions": [...], "more": bool}).
+        /// Page on: the transitions after this id (JSON: `more` says
+        /// whether there are others after the page).
         #[arg(long, value_name = "ID")]
         after: Option<u64>,
     },

@@ -67,16 +67,6 @@ pub fn step_name(step: &pb::PlanStep) -> String {
     }
 }
 
-pub fn soak_mode_name(mode: SoakMode) -> &'static str {
-    match mode {
-        SoakMode::Idle => "idle",
-        SoakMode::Soaking => "soaking",
-        SoakMode::RollingBack => "rolling_back",
-        SoakMode::Held => "held",
-        SoakMode::Unspecified => "unknown",
-    }
-}
-
 pub fn event_kind_name(kind: EventKind) -> &'static str {
     match kind {
         EventKind::TransitionStarted => "transition_started",

@@ -259,7 +259,7 @@ impl Agent {
 
     /// The history as JSON, oldest first.
     pub fn history(&self) -> Vec<serde_json::Value> {
-        self.json(&["history"])
+        self.json(&["history"])["transitions"]
             .as_array()
             .expect("an array of transitions")
             .clone()

@@ -92,9 +92,9 @@ fn crash_and_check(
     let status = agent.status();
     let permanent = expect.permanent;
     assert!(
-        status["active"] == permanent
-            && status["permanent"] == permanent
-            && status["current"] == "",
+        status["active_version"] == permanent
+            && status["permanent_version"] == permanent
+            && status["current_version"] == "",
         "{point}: not back on the permanent release {permanent}:\n{status}"
     );
     let reply = agent.get("/count");

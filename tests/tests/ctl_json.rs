@@ -37,16 +37,16 @@ fn a_script_can_drive_an_upgrade_with_json() {
 
     let upgraded = json(&agent, &["upgrade", "--to", "0.2.0", "--permanent"]);
     assert_eq!(upgraded["transition"]["result"], "ok");
-    assert_eq!(upgraded["transition"]["from"], "0.1.0");
+    assert_eq!(upgraded["transition"]["from_version"], "0.1.0");
 
     agent.get("/");
     let status = json(&agent, &["status"]);
-    assert_eq!(status["active"], "0.2.0");
-    assert_eq!(status["permanent"], "0.2.0");
+    assert_eq!(status["active_version"], "0.2.0");
+    assert_eq!(status["permanent_version"], "0.2.0");
     assert_eq!(status["libraries"][0]["served"], 1);
 
     let history = json(&agent, &["history"]);
-    let kinds: Vec<&str> = history
+    let kinds: Vec<&str> = history["transitions"]
         .as_array()
         .unwrap()
         .iter()

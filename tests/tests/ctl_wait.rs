@@ -17,7 +17,7 @@ fn wait_returns_once_the_release_is_permanent() {
     let out = agent.ctl(&["upgrade", "--to", "0.2.0", "--soak", "1s", "--wait"]);
     assert_eq!(out.code, 0, "{out:?}");
     // No polling needed: when --wait returns, the verdict is in.
-    assert_eq!(agent.status()["permanent"], "0.2.0");
+    assert_eq!(agent.status()["permanent_version"], "0.2.0");
     assert_eq!(agent.status()["soak"]["mode"], "idle");
 }
 
@@ -48,12 +48,12 @@ fn wait_exits_4_when_the_health_gate_rolls_the_release_back() {
     let out = waiting.join().unwrap();
     assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("rolled back"), "{}", out.stderr);
-    assert_eq!(agent.status()["active"], "0.2.0");
+    assert_eq!(agent.status()["active_version"], "0.2.0");
     assert_eq!(agent.release_state("0.6.0"), "failed");
     let upgrade = agent
         .history()
         .into_iter()
-        .find(|t| t["kind"] == "upgrade" && t["to"] == "0.6.0")
+        .find(|t| t["kind"] == "upgrade" && t["to_version"] == "0.6.0")
         .unwrap();
     assert_eq!(upgrade["reason"], "canary");
 }

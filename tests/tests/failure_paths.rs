@@ -69,9 +69,9 @@ fn a_rollback_whose_down_migration_panics_restores_the_snapshot_and_keeps_the_pe
         "the rollback falls back to the snapshot: {out:?}"
     );
     let status = agent.status();
-    assert_eq!(status["active"], "0.2.0");
-    assert_eq!(status["permanent"], "0.2.0");
-    assert_eq!(status["current"], "");
+    assert_eq!(status["active_version"], "0.2.0");
+    assert_eq!(status["permanent_version"], "0.2.0");
+    assert_eq!(status["current_version"], "");
     assert_eq!(agent.release_state("0.2.0"), "permanent");
     assert_eq!(
         agent.release_state("0.3.5"),
@@ -95,7 +95,7 @@ fn a_rollback_whose_down_migration_panics_restores_the_snapshot_and_keeps_the_pe
     // And a restart comes back on it, with its state.
     assert_eq!(agent.terminate(), 0);
     let agent = Agent::start(&data, &[]);
-    assert_eq!(agent.status()["permanent"], "0.2.0");
+    assert_eq!(agent.status()["permanent_version"], "0.2.0");
     assert_eq!(agent.get("/").body, "Hello world 2 !");
     assert_eq!(agent.get("/count").body, "4");
 }
@@ -129,13 +129,13 @@ fn a_failed_automatic_rollback_is_retried_in_plain_sight_until_it_succeeds() {
         "{seen}"
     );
     assert_eq!(
-        agent.status()["current"],
+        agent.status()["current_version"],
         "0.6.0",
         "still watched, still current"
     );
     assert_eq!(slow.join().unwrap().status, 200);
     assert!(
-        eventually(Duration::from_secs(15), || agent.status()["active"]
+        eventually(Duration::from_secs(15), || agent.status()["active_version"]
             == "0.2.0"),
         "the rollback was not retried:\n{}",
         agent.log()
@@ -165,15 +165,15 @@ fn a_retried_rollback_never_flips_back() {
     let first = agent.json(&["rollback", "--request-id", "rb-1"]);
     let again = agent.json(&["rollback", "--request-id", "rb-1"]);
     assert_eq!(first["transition"]["id"], again["transition"]["id"]);
-    assert_eq!(agent.status()["active"], "0.2.0");
+    assert_eq!(agent.status()["active_version"], "0.2.0");
 
     // A new rollback goes further back, never forth to 0.3.0.
     let further = agent.json(&["rollback"]);
-    assert_eq!(further["transition"]["to"], "0.1.0");
+    assert_eq!(further["transition"]["to_version"], "0.1.0");
     let out = agent.ctl(&["rollback"]);
     assert_eq!(out.code, 1, "nothing older than 0.1.0: {out:?}");
     assert!(out.stderr.contains("NO_ROLLBACK_TARGET"), "{}", out.stderr);
-    assert_eq!(agent.status()["active"], "0.1.0");
+    assert_eq!(agent.status()["active_version"], "0.1.0");
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn a_hung_health_check_does_not_hold_up_a_rollback() {
             &serde_json::json!("health check hangs")
         )
     );
-    assert_eq!(agent.status()["active"], "0.2.0");
+    assert_eq!(agent.status()["active_version"], "0.2.0");
 }
 
 #[test]
@@ -295,7 +295,7 @@ fn an_agent_killed_while_a_release_is_current_counts_it_as_failed() {
             .contains("the agent died while 0.3.0 was current"),
         "{release}"
     );
-    assert_eq!(agent.status()["active"], "0.2.0");
+    assert_eq!(agent.status()["active_version"], "0.2.0");
     let restart = last(&agent);
     assert_eq!(
         (&restart["kind"], &restart["result"]),
@@ -331,8 +331,8 @@ fn a_permanent_release_that_no_longer_loads_falls_back_to_the_one_before() {
 
     let agent = Agent::start(&data, &[]);
     let status = agent.status();
-    assert_eq!(status["active"], "0.2.0", "{status}");
-    assert_eq!(status["permanent"], "0.2.0");
+    assert_eq!(status["active_version"], "0.2.0", "{status}");
+    assert_eq!(status["permanent_version"], "0.2.0");
     assert_eq!(agent.release_state("0.3.0"), "failed");
     assert!(
         agent.log().contains("FELL BACK to 0.2.0"),
@@ -476,7 +476,7 @@ fn a_full_disk_loses_nothing_and_the_agent_recovers_by_itself() {
     // And the state served meanwhile survives a restart.
     assert_eq!(agent.terminate(), 0);
     let agent = Agent::start(&data, &[]);
-    assert_eq!(agent.status()["permanent"], "0.2.0");
+    assert_eq!(agent.status()["permanent_version"], "0.2.0");
     assert_eq!(agent.get("/count").body, "6");
     assert_eq!(agent.release_state("0.3.0"), "staged");
     drop(agent);
@@ -520,13 +520,13 @@ fn a_retry_after_a_crash_finds_the_command_it_retries() {
     let retry = agent.json(&["rollback", "--request-id", "rb-crash"]);
     assert_eq!(
         (
-            &retry["transition"]["to"],
+            &retry["transition"]["to_version"],
             &retry["transition"]["request_id"]
         ),
         (&"0.2.0".into(), &"rb-crash".into()),
         "{retry}"
     );
-    assert_eq!(agent.status()["active"], "0.2.0");
+    assert_eq!(agent.status()["active_version"], "0.2.0");
     let rollbacks = agent
         .history()
         .iter()

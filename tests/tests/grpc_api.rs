@@ -327,7 +327,7 @@ async fn a_command_whose_client_gave_up_while_it_was_queued_never_runs() {
     slow.join().unwrap();
     // Anything queued before this dry run has been handled when it answers.
     agent.ctl(&["downgrade", "--to", "0.2.6", "--dry-run"]).ok();
-    assert_eq!(agent.status()["active"], "0.3.0");
+    assert_eq!(agent.status()["active_version"], "0.3.0");
     assert!(
         agent.history().iter().all(|t| t["request_id"] != "ghost-1"),
         "the ghost ran: {:?}",

@@ -107,7 +107,7 @@ impl Target {
                 (200, HELLOS.to_string().as_str(), "0.2.0"),
                 "{when}"
             );
-            assert_eq!(agent.status()["permanent"], "0.2.0", "{when}");
+            assert_eq!(agent.status()["permanent_version"], "0.2.0", "{when}");
         };
         check(&agent, "after the case");
         assert!(
@@ -713,7 +713,10 @@ fn concurrent_transitions_with_the_same_expectation_run_one_at_a_time() {
         loser.stderr.contains("EXPECTED_ACTIVE_MISMATCH"),
         "{loser:?}"
     );
-    let active = agent.status()["active"].as_str().unwrap().to_owned();
+    let active = agent.status()["active_version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(active, if up.code == 0 { "0.3.0" } else { "0.1.0" });
 }
 
@@ -826,7 +829,7 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
     assert_eq!(history.code, 1, "{history:?}");
     let history = as_("read-token-0123456789", &["--output", "json", "history"]).ok();
     let history: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
-    let who: Vec<(String, String, String)> = history
+    let who: Vec<(String, String, String)> = history["transitions"]
         .as_array()
         .unwrap()
         .iter()
@@ -1004,7 +1007,7 @@ fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
     let history = with("edge-1", &["--output", "json", "history"]);
     let history: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
     assert_eq!(
-        history.as_array().unwrap().last().unwrap()["identity"],
+        history["transitions"].as_array().unwrap().last().unwrap()["identity"],
         "edge-1"
     );
     // Same subject, another CA: the handshake fails, nothing is done.
@@ -1146,7 +1149,7 @@ fn connections_beyond_the_cap_wait_and_never_take_the_control_plane_down() {
         "served beyond the cap: {early:?}"
     );
     // The control plane answers while the data plane is full.
-    assert_eq!(t.agent.status()["active"], "0.2.0");
+    assert_eq!(t.agent.status()["active_version"], "0.2.0");
     // A slot frees: the waiting one is served.
     held.pop();
     waiting
@@ -1272,7 +1275,7 @@ fn a_permanent_artifact_changed_on_disk_is_not_loaded_at_boot() {
     // It falls back on the release before, and says why.
     assert_eq!(agent.get("/").release, "0.1.0");
     let status = agent.status();
-    assert_eq!(status["permanent"], "0.1.0", "{status}");
+    assert_eq!(status["permanent_version"], "0.1.0", "{status}");
     assert!(agent.log().contains("changed on disk"), "{}", agent.log());
     assert!(!agent.mapped_artifacts().iter().any(|p| p.contains(&sha)));
 }

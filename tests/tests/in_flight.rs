@@ -49,7 +49,8 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
         })
     };
     assert!(
-        eventually(Duration::from_secs(10), || agent.status()["running"]["to"]
+        eventually(Duration::from_secs(10), || agent.status()["running"]
+            ["to_version"]
             == "0.3.0"),
         "the upgrade never started: {}",
         agent.status()
@@ -110,10 +111,10 @@ fn a_switch_that_cannot_quiesce_in_time_is_abandoned() {
     );
     assert_eq!(slow.join().unwrap().status, 200);
     assert_eq!(agent.get("/").release, "0.2.6");
-    assert_eq!(agent.status()["active"], "0.2.6");
+    assert_eq!(agent.status()["active_version"], "0.2.6");
     let last = agent.history().pop().expect("a history");
     assert_eq!(
-        (&last["kind"], &last["to"], &last["result"]),
+        (&last["kind"], &last["to_version"], &last["result"]),
         (&"upgrade".into(), &"0.3.0".into(), &"failed".into()),
         "{last}"
     );

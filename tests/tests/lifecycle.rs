@@ -25,8 +25,8 @@ fn automatic_rollback(agent: &Agent, from: &str, to: &str) -> serde_json::Value 
     let rollback = last_of_kind(agent, "rollback");
     assert_eq!(
         (
-            &rollback["from"],
-            &rollback["to"],
+            &rollback["from_version"],
+            &rollback["to_version"],
             &rollback["result"],
             &rollback["automatic"]
         ),
@@ -55,7 +55,11 @@ fn a_healthy_release_becomes_permanent_after_its_soak() {
     );
     let s = agent.status();
     assert_eq!(
-        (&s["active"], &s["permanent"], &s["current"]),
+        (
+            &s["active_version"],
+            &s["permanent_version"],
+            &s["current_version"]
+        ),
         (&"0.2.0".into(), &"0.1.0".into(), &"0.2.0".into()),
         "{s}"
     );
@@ -75,12 +79,12 @@ fn a_healthy_release_becomes_permanent_after_its_soak() {
     assert_eq!(
         (
             &last["kind"],
-            &last["to"],
+            &last["to_version"],
             &last["result"],
             &last["automatic"]
         ),
         (
-            &"make-permanent".into(),
+            &"make_permanent".into(),
             &"0.2.0".into(),
             &"ok".into(),
             &true.into()
@@ -192,7 +196,11 @@ fn a_restart_while_a_release_is_only_current_comes_back_on_the_permanent_one() {
     );
     let s = agent.status();
     assert_eq!(
-        (&s["active"], &s["permanent"], &s["current"]),
+        (
+            &s["active_version"],
+            &s["permanent_version"],
+            &s["current_version"]
+        ),
         (&"0.2.0".into(), &"0.2.0".into(), &"".into()),
         "{s}"
     );

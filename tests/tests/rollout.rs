@@ -108,7 +108,7 @@ fn outcomes(report: &Value) -> Vec<String> {
 fn transitions<'a>(history: &'a [Value], kind: &str, version: &str) -> Vec<&'a Value> {
     history
         .iter()
-        .filter(|t| t["kind"] == kind && t["to"] == version)
+        .filter(|t| t["kind"] == kind && t["to_version"] == version)
         .collect()
 }
 
@@ -134,8 +134,8 @@ fn a_rollout_converges_and_running_it_again_changes_nothing() {
         .zip(report["agents"].as_array().unwrap())
     {
         let status = agent.status();
-        assert_eq!(status["active"], "0.2.0");
-        assert_eq!(status["permanent"], "0.2.0");
+        assert_eq!(status["active_version"], "0.2.0");
+        assert_eq!(status["permanent_version"], "0.2.0");
         assert_eq!(reported["before"], "0.1.0");
         assert_eq!(reported["after"], "0.2.0");
         let history = agent.history();
@@ -197,8 +197,8 @@ fn a_failed_soak_halts_the_rollout_and_everyone_goes_back() {
     assert!(ctl.stderr.contains("halted and rolled back"), "{ctl:#?}");
     for agent in &fleet.agents {
         let status = agent.status();
-        assert_eq!(status["active"], "0.1.0", "{status:#}");
-        assert_eq!(status["permanent"], "0.1.0", "{status:#}");
+        assert_eq!(status["active_version"], "0.1.0", "{status:#}");
+        assert_eq!(status["permanent_version"], "0.1.0", "{status:#}");
     }
     // The history says why, on the agents the rollout rolled back ...
     for agent in &fleet.agents[..2] {
@@ -238,11 +238,11 @@ fn an_interrupted_rollout_resumes_without_acting_twice() {
     // Killed while the second agent soaks.
     let second = &fleet.agents[1];
     assert!(eventually(Duration::from_secs(60), || {
-        second.status()["active"] == "0.2.0"
+        second.status()["active_version"] == "0.2.0"
     }));
     first.kill().unwrap();
     first.wait().unwrap();
-    assert_eq!(fleet.agents[3].status()["active"], "0.1.0");
+    assert_eq!(fleet.agents[3].status()["active_version"], "0.1.0");
 
     let (ctl, report) = run(&args);
     assert_eq!(ctl.code, 0, "{ctl:#?}");
@@ -255,7 +255,7 @@ fn an_interrupted_rollout_resumes_without_acting_twice() {
     );
     assert_eq!(outcomes[2..], ["upgraded", "upgraded"]);
     for agent in &fleet.agents {
-        assert_eq!(agent.status()["permanent"], "0.2.0");
+        assert_eq!(agent.status()["permanent_version"], "0.2.0");
         let history = agent.history();
         // Staged and upgraded once each, over both runs.
         assert_eq!(
@@ -326,6 +326,6 @@ fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
     );
     for agent in &fleet.agents {
         assert!(agent.release("0.2.0").is_none(), "staged despite the halt");
-        assert_eq!(agent.status()["active"], "0.1.0");
+        assert_eq!(agent.status()["active_version"], "0.1.0");
     }
 }

@@ -40,7 +40,7 @@ fn upgrade_count_downgrade_and_restart() {
 
     let status = agent.status();
     assert_eq!(
-        (&status["active"], &status["permanent"]),
+        (&status["active_version"], &status["permanent_version"]),
         (&"0.2.0".into(), &"0.2.0".into()),
         "{status}"
     );
@@ -58,7 +58,10 @@ fn upgrade_count_downgrade_and_restart() {
     let history = agent.history();
     let kinds: Vec<[&str; 4]> = history
         .iter()
-        .map(|t| ["kind", "from", "to", "result"].map(|field| t[field].as_str().unwrap_or("?")))
+        .map(|t| {
+            ["kind", "from_version", "to_version", "result"]
+                .map(|field| t[field].as_str().unwrap_or("?"))
+        })
         .collect();
     assert_eq!(
         kinds,
@@ -97,7 +100,7 @@ fn a_fresh_data_dir_starts_on_the_embedded_sample_release() {
     let agent = Agent::start(&dir.path().join("data"), &[]);
     let status = agent.status();
     assert_eq!(
-        (&status["active"], &status["permanent"]),
+        (&status["active_version"], &status["permanent_version"]),
         (&"0.1.0".into(), &"0.1.0".into()),
         "{status}"
     );

@@ -161,7 +161,12 @@ fn a_panic_in_a_migration_aborts_the_upgrade_with_state_intact() {
     assert_eq!(agent.release_state("0.4.0"), "failed");
     let last = agent.history().pop().expect("a history");
     assert_eq!(
-        (&last["kind"], &last["from"], &last["to"], &last["result"]),
+        (
+            &last["kind"],
+            &last["from_version"],
+            &last["to_version"],
+            &last["result"]
+        ),
         (
             &"upgrade".into(),
             &"0.2.0".into(),
@@ -170,7 +175,7 @@ fn a_panic_in_a_migration_aborts_the_upgrade_with_state_intact() {
         ),
         "{last}"
     );
-    assert_eq!(agent.status()["active"], "0.2.0");
+    assert_eq!(agent.status()["active_version"], "0.2.0");
 }
 
 #[test]

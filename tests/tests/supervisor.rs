@@ -84,7 +84,7 @@ fn a_killed_worker_is_replaced_and_no_connection_is_refused() {
     assert!(report.ok > 0, "{report:?}");
     assert_ne!(new, old);
     let status = agent.status();
-    assert_eq!(status["permanent"], "0.2.0", "{status}");
+    assert_eq!(status["permanent_version"], "0.2.0", "{status}");
     assert_eq!(agent.get("/count").body, "5", "the last checkpoint");
     assert!(
         status["agent"]["previous_exit"]
@@ -185,7 +185,7 @@ fn a_worker_that_keeps_dying_at_start_falls_back_to_the_release_before() {
     );
     assert_eq!(serving, "0.2.0");
     let status = agent.status();
-    assert_eq!(status["permanent"], "0.2.0", "{status}");
+    assert_eq!(status["permanent_version"], "0.2.0", "{status}");
     let release = agent.release("0.2.8").unwrap();
     assert_eq!(release["state"], "failed", "{release}");
     assert!(

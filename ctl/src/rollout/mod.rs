@@ -274,7 +274,7 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
         agents: tracks,
     };
     match output {
-        Output::Json => json::print(&serde_json::to_value(&report).map_err(|e| anyhow!(e))?),
+        Output::Json => json::print(&report),
         Output::Table => summary(&report),
     }
     ended.into_result(&report)
