@@ -56,6 +56,12 @@ const CONTROL_BLOCKING_THREADS: usize = 8;
 /// Concurrent calls (`Watch` streams included) on one gRPC connection.
 const GRPC_STREAMS_PER_CONNECTION: u32 = 128;
 
+/// Connections to the plaintext health listener, and calls (`Watch`
+/// streams included) on each: enough for a kubelet and a load balancer,
+/// and nothing a stranger could use to hold the agent's memory.
+const HEALTH_CONNECTIONS: usize = 16;
+const HEALTH_STREAMS_PER_CONNECTION: u32 = 8;
+
 /// What SIGTERM may take beyond `--shutdown-grace`: the final checkpoint
 /// and closing the store.
 const STOP_MARGIN: Duration = Duration::from_secs(1);
@@ -133,19 +139,24 @@ impl Agent {
         self.engine.runtime().active().await.version.to_string()
     }
 
-    /// Serves HTTP and gRPC (and Prometheus metrics on `metrics`, if given)
-    /// until `shutdown` resolves; then stops accepting,
+    /// Serves HTTP and gRPC (and Prometheus metrics, and the plaintext
+    /// health service, where given) until `shutdown` resolves; then stops
+    /// accepting,
     /// lets in-flight requests finish (within the grace period), takes a
     /// last checkpoint (the previous one stands if requests are still in
     /// flight) and records the clean stop — all within the grace period
     /// plus a small margin, whatever the release is doing.
     pub async fn run(
         self,
-        http: TcpListener,
-        grpc: TcpListener,
-        metrics: Option<TcpListener>,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        let Listeners {
+            http,
+            grpc,
+            metrics,
+            health: health_only,
+        } = listeners;
         let mut agent = self;
         let control = agent.control.take().expect("present until run");
         let engine = agent.engine.clone();
@@ -193,6 +204,33 @@ impl Agent {
             |e| Error::io("cannot build the reflection service")(std::io::Error::other(e));
         let reflection_v1 = reflection().build_v1().map_err(unbuildable)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(unbuildable)?;
+        // The health service alone, in plaintext, for probes that cannot
+        // speak TLS or send a token (Kubernetes' gRPC probes): it says
+        // SERVING or NOT_SERVING and nothing else.
+        let health_only = match health_only {
+            Some(listener) => {
+                let listener = listener
+                    .into_std()
+                    .map_err(Error::io("cannot move the health listener"))?;
+                let health_service = health_service.clone();
+                let stopped = until_stopped(stopped.clone());
+                Some(control.spawn(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    tonic::transport::Server::builder()
+                        .max_concurrent_streams(Some(HEALTH_STREAMS_PER_CONNECTION))
+                        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                        .add_service(health_service)
+                        .serve_with_incoming_shutdown(
+                            incoming::capped(listener, HEALTH_CONNECTIONS),
+                            stopped,
+                        )
+                        .await
+                        .map_err(std::io::Error::other)
+                }))
+            }
+            None => None,
+        };
         let grpc_stopped = until_stopped(stopped.clone());
         let max_control_connections = engine.config().limits.max_control_connections;
         let grpc = control.spawn(async move {
@@ -254,21 +292,12 @@ impl Agent {
         let _ = stop.send(true);
         let _ = http.await;
         let left = || deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left(), grpc).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
-            Err(_) => tracing::warn!("gRPC calls still open at the end of the grace period"),
-            Ok(Ok(Ok(()))) => {}
-        }
+        finish("gRPC", grpc, left()).await;
         if let Some(metrics) = metrics {
-            match tokio::time::timeout(left(), metrics).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server ended with an error"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "metrics server task failed"),
-                Err(_) => {
-                    tracing::warn!("metrics connections still open at the end of the grace period")
-                }
-                Ok(Ok(Ok(()))) => {}
-            }
+            finish("metrics", metrics, left()).await;
+        }
+        if let Some(health_only) = health_only {
+            finish("health", health_only, left()).await;
         }
         let _ = soaks.await;
         let _ = checkpoints.await;
@@ -279,6 +308,27 @@ impl Agent {
         }
         control.shutdown_background();
         Ok(())
+    }
+}
+
+/// Where the worker serves: the data plane, the control plane, and the
+/// optional metrics (`--metrics`) and plaintext health (`--health`)
+/// listeners.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+    pub health: Option<TcpListener>,
+}
+
+/// Waits, up to `within`, for the server task `what` to end after the stop
+/// was signalled; says so if it did not, or ended with an error.
+async fn finish(what: &str, task: tokio::task::JoinHandle<std::io::Result<()>>, within: Duration) {
+    match tokio::time::timeout(within, task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "{what} server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "{what} server task failed"),
+        Err(_) => tracing::warn!("{what} connections still open at the end of the grace period"),
+        Ok(Ok(Ok(()))) => {}
     }
 }
 

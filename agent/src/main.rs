@@ -41,6 +41,12 @@ struct Args {
     /// loopback or a network only the scraper reaches.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Serve only the gRPC health service (`grpc.health.v1.Health`), in
+    /// plaintext and without a token, on this address: for probes that
+    /// cannot speak TLS, such as Kubernetes' gRPC probes. It says SERVING
+    /// or NOT_SERVING and nothing else, so it may listen beyond loopback.
+    #[arg(long, value_name = "ADDR")]
+    health: Option<SocketAddr>,
     /// Release directory installed on an empty data dir (default: the
     /// embedded sample nine9s 0.1.0).
     #[arg(long)]
@@ -127,7 +133,8 @@ enum Mode {
     #[command(hide = true)]
     Probe { library: PathBuf },
     /// Serves, on the listeners passed in as fds 3 and 4, and 5 for
-    /// `--metrics` (`LISTEN_FDS`); the supervisor runs the agent this way.
+    /// `--metrics`, then `--health` (`LISTEN_FDS`); the supervisor runs the
+    /// agent this way.
     #[command(hide = true)]
     Worker,
 }
@@ -255,6 +262,7 @@ fn supervise(args: Args) -> ! {
         http: listeners.http,
         grpc: listeners.grpc,
         metrics: listeners.metrics,
+        health: listeners.health,
     };
     std::process::exit(supervisor.run());
 }
@@ -265,22 +273,18 @@ struct Listeners {
     grpc: StdListener,
     /// With `--metrics` only.
     metrics: Option<StdListener>,
+    /// With `--health` only.
+    health: Option<StdListener>,
 }
 
 /// The listeners passed in by systemd (or by the supervisor) — HTTP as the
-/// first, gRPC as the second, metrics as the third — made close-on-exec,
-/// so no probe inherits them; those not passed in are bound. The metrics
-/// listener exists only with `--metrics`.
+/// first, gRPC as the second, then metrics and health in that order, each
+/// only if its flag is given — made close-on-exec, so no probe inherits
+/// them; those not passed in are bound.
 fn listeners(args: &Args) -> Result<Listeners, String> {
     let mut fds = listenfd::ListenFd::from_env();
-    if fds.len() == 0 {
-        return Ok(Listeners {
-            http: bind(args.http, "HTTP")?,
-            grpc: bind(args.grpc, "gRPC")?,
-            metrics: args.metrics.map(|a| bind(a, "metrics")).transpose()?,
-        });
-    }
-    let take = |fds: &mut listenfd::ListenFd, index: usize, what: &str| {
+    let passed = fds.len();
+    let mut take = |index: usize, what: &str| {
         let listener = fds
             .take_tcp_listener(index)
             .map_err(|e| {
@@ -291,25 +295,40 @@ fn listeners(args: &Args) -> Result<Listeners, String> {
             })?
             .ok_or_else(|| {
                 format!(
-                    "LISTEN_FDS names {} sockets; the agent needs two: HTTP, then gRPC (and metrics third, or it binds --metrics itself)",
-                    fds.len()
+                    "LISTEN_FDS names {passed} sockets; the agent needs two: HTTP, then gRPC (then metrics and health, or it binds --metrics and --health itself)"
                 )
             })?;
         rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC)
             .map_err(|e| format!("LISTEN_FDS: {e}"))?;
         Ok::<_, String>(listener)
     };
-    let http = take(&mut fds, 0, "HTTP")?;
-    let grpc = take(&mut fds, 1, "gRPC")?;
-    let metrics = match args.metrics {
-        Some(_) if fds.len() > 2 => Some(take(&mut fds, 2, "metrics")?),
-        Some(address) => Some(bind(address, "metrics")?),
-        None => None,
+    if passed == 0 {
+        return Ok(Listeners {
+            http: bind(args.http, "HTTP")?,
+            grpc: bind(args.grpc, "gRPC")?,
+            metrics: args.metrics.map(|a| bind(a, "metrics")).transpose()?,
+            health: args.health.map(|a| bind(a, "health")).transpose()?,
+        });
+    }
+    let http = take(0, "HTTP")?;
+    let grpc = take(1, "gRPC")?;
+    // The optional ones follow, each in the next fd if there is one.
+    let mut next = 2;
+    let mut optional = |address: Option<SocketAddr>, what: &str| match address {
+        Some(_) if passed > next => {
+            next += 1;
+            take(next - 1, what).map(Some)
+        }
+        Some(address) => bind(address, what).map(Some),
+        None => Ok(None),
     };
+    let metrics = optional(args.metrics, "metrics")?;
+    let health = optional(args.health, "health")?;
     Ok(Listeners {
         http,
         grpc,
         metrics,
+        health,
     })
 }
 
@@ -361,6 +380,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         http,
         grpc,
         metrics,
+        health,
     } = listeners(&args)?;
     check_plaintext(&args, grpc.local_addr()?);
     let listener = |l: StdListener| {
@@ -369,6 +389,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let (http, grpc) = (listener(http)?, listener(grpc)?);
     let metrics = metrics.map(listener).transpose()?;
+    let health = health.map(listener).transpose()?;
     let mut config = Config::new(args.data_dir);
     config.bootstrap = args.bootstrap.map_or(Bootstrap::Embedded, Bootstrap::Dir);
     config.soak = args.soak;
@@ -418,20 +439,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let agent = Agent::boot(config).await?;
     // One line on stdout, for people and for scripts that started the agent
     // on port 0 (every worker says it; a reader that went away is no error).
-    let metrics_address = match &metrics {
-        Some(listener) => format!(" metrics={}", listener.local_addr()?),
-        None => String::new(),
-    };
+    let mut optional = String::new();
+    for (name, listener) in [("metrics", &metrics), ("health", &health)] {
+        if let Some(listener) = listener {
+            optional.push_str(&format!(" {name}={}", listener.local_addr()?));
+        }
+    }
     let _ = writeln!(
         std::io::stdout(),
-        "nine9s agent ready: release {} http={} grpc={}{metrics_address}",
+        "nine9s agent ready: release {} http={} grpc={}{optional}",
         agent.active_version().await,
         http.local_addr()?,
         grpc.local_addr()?
     );
     // The listeners already queue connections: serving starts below.
     nine9s_agent::supervisor::notify_ready();
-    agent.run(http, grpc, metrics, shutdown).await?;
+    let listeners = nine9s_agent::Listeners {
+        http,
+        grpc,
+        metrics,
+        health,
+    };
+    agent.run(listeners, shutdown).await?;
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! the listening sockets and nothing else — no plugin code, no store — and
 //! runs the agent proper in a **worker**, the same binary started as
 //! `agent worker`, which inherits the sockets as fds 3 (HTTP), 4 (gRPC)
-//! and, with `--metrics`, 5 (metrics) by the systemd `LISTEN_FDS`
-//! convention and says it serves with `sd_notify` READY=1.
+//! and, with `--metrics` and `--health`, the next ones (metrics, then
+//! health) by the systemd `LISTEN_FDS` convention and says it serves with `sd_notify` READY=1.
 //!
 //! - A worker that dies is replaced at once; connections that arrive
 //!   meanwhile wait in the kernel's backlog, since the sockets never close.
@@ -57,6 +57,8 @@ pub struct Supervisor {
     pub grpc: std::net::TcpListener,
     /// With `--metrics` only.
     pub metrics: Option<std::net::TcpListener>,
+    /// With `--health` only.
+    pub health: Option<std::net::TcpListener>,
 }
 
 /// A running worker.
@@ -300,6 +302,7 @@ impl Supervisor {
     fn pass_listeners(&self, command: &mut std::process::Command) -> std::io::Result<()> {
         let mut listeners = vec![("http", &self.http), ("grpc", &self.grpc)];
         listeners.extend(self.metrics.iter().map(|m| ("metrics", m)));
+        listeners.extend(self.health.iter().map(|h| ("health", h)));
         let names: Vec<&str> = listeners.iter().map(|(name, _)| *name).collect();
         let mut mappings = Vec::with_capacity(listeners.len());
         for (child_fd, (_, listener)) in (3..).zip(&listeners) {

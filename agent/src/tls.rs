@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::Request;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 
 /// How long a client gets to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -34,6 +34,23 @@ impl TlsFiles {
         if let Some(ca) = &self.client_ca {
             config = config.client_ca_root(Certificate::from_pem(read(ca)?));
         }
+        // The PEM files are only parsed when a server takes the
+        // configuration: do it now, so that unusable files stop the agent
+        // at start instead of leaving it serving HTTP with no control plane.
+        tonic::transport::Server::builder()
+            .tls_config(config.clone())
+            .map_err(|e| {
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                Error::refused(
+                    Reason::InvalidArgument,
+                    format!("--tls-cert, --tls-key, --client-ca: {why}"),
+                )
+            })?;
         Ok(config)
     }
 }

@@ -86,6 +86,8 @@ pub struct Agent {
     pub grpc: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// The ready line the agent printed (`... http=ADDR grpc=ADDR ...`).
+    pub ready: String,
 }
 
 impl Agent {
@@ -167,7 +169,16 @@ impl Agent {
             child,
             data_dir: data_dir.to_owned(),
             log,
+            ready: line.trim_end().to_owned(),
         }
+    }
+
+    /// An address of the ready line (`health=`, `metrics=`), if there.
+    pub fn ready_address(&self, key: &str) -> Option<SocketAddr> {
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|a| a.parse().ok())
     }
 
     /// The supervisor's pid: the process the test started.

@@ -112,3 +112,119 @@ async fn reflection_describes_the_api() {
         assert!(file.contains(name), "{name} not described");
     }
 }
+
+/// `--health ADDR`: the health service alone, in plaintext and without a
+/// token, beside a control plane that requires TLS and client
+/// certificates: what a Kubernetes gRPC probe (plaintext only) can reach.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plaintext_health_port_beside_a_mutual_tls_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian: openssl)");
+    assert!(made.status.success(), "{made:?}");
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &[
+            "--health",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--client-ca",
+            cert.to_str().unwrap(),
+        ],
+    );
+    let health_address = agent
+        .ready_address("health")
+        .unwrap_or_else(|| panic!("no health= in {:?}", agent.ready));
+    let plaintext = |address: std::net::SocketAddr| async move {
+        Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+    };
+    // The control port speaks only TLS: a plaintext call fails.
+    if let Ok(channel) = plaintext(agent.grpc).await {
+        let refused = HealthClient::new(channel).check(check("")).await;
+        assert!(refused.is_err(), "plaintext answered on the TLS port");
+    }
+    // The health port answers in plaintext, with no token or certificate.
+    let mut health = HealthClient::new(plaintext(health_address).await.unwrap());
+    for service in ["", "nine9s.control.v1.Control"] {
+        let reply = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
+    }
+    // And nothing else is there.
+    let mut control =
+        nine9s_proto::control_client::ControlClient::new(plaintext(health_address).await.unwrap());
+    let status = control
+        .status(nine9s_proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    // It says when the agent begins to stop.
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+    let pid = agent.pid();
+    let stopper = std::thread::spawn(move || agent.terminate());
+    let next = watch.next().await.unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert_eq!(
+        stopper.join().unwrap(),
+        0,
+        "agent {pid} did not stop cleanly"
+    );
+}
+
+#[test]
+fn unusable_tls_files_stop_the_agent_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let mut agent = std::process::Command::new(nine9s_tests::bin_dir().join("agent"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&empty)
+        .arg("--tls-key")
+        .arg(&empty)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Before the fix it printed "ready" and served HTTP without a control
+    // plane, forever: it must end by itself.
+    let ended = nine9s_tests::eventually(std::time::Duration::from_secs(30), || {
+        agent.try_wait().unwrap().is_some()
+    });
+    if !ended {
+        agent.kill().unwrap();
+    }
+    let out = agent.wait_with_output().unwrap();
+    assert!(ended, "the agent kept running: {out:?}");
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+}
