@@ -32,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use nine9s_host::CallError;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
 use crate::runtime::Runtime;
@@ -45,6 +45,35 @@ const DRAIN_CHECK: Duration = Duration::from_millis(25);
 
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
+
+/// The next connection of a capped listener, with its slot: a slot first
+/// (at the cap, connections wait in the kernel's backlog), then the
+/// connection; `None` once `shutdown` resolves. An accept that fails (out
+/// of file descriptors, say) is logged and retried after a pause: the
+/// listener keeps serving. `what` names the listener in the log.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    what: &str,
+) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(slots).acquire_owned() => permit.expect("never closed"),
+            () = shutdown.as_mut() => return None,
+        };
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some((stream, permit)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            () = shutdown.as_mut() => return None,
+        }
+    }
+}
 
 /// Accepts connections until `shutdown` resolves, then waits up to `grace`
 /// for open connections to finish their requests (each is closed at a
@@ -59,24 +88,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
-    loop {
-        // A slot first: at the cap, connections wait in the backlog.
-        let permit = tokio::select! {
-            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
-            () = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    while let Some((stream, permit)) = accept(&listener, &slots, shutdown.as_mut(), "HTTP").await {
         let runtime = Arc::clone(&runtime);
         let limits = limits.clone();
         let stopping = stopping.clone();

@@ -289,24 +289,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
-    loop {
-        // A slot first: at the cap, connections wait in the backlog.
-        let permit = tokio::select! {
-            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
-            () = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    while let Some((stream, permit)) =
+        crate::http::accept(&listener, &slots, shutdown.as_mut(), "metrics").await
+    {
         let registry = Arc::clone(&registry);
         let stopping = stopping.clone();
         tokio::spawn(async move {

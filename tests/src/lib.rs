@@ -181,6 +181,20 @@ impl Agent {
             .and_then(|a| a.parse().ok())
     }
 
+    /// Waits for a worker other than `old` to serve, and returns it.
+    pub fn new_worker(&self, old: u32) -> u32 {
+        let mut new = old;
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                new = self.worker_pid();
+                new != old
+            }),
+            "no new worker after {old}; log:\n{}",
+            self.log()
+        );
+        new
+    }
+
     /// The supervisor's pid: the process the test started.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -365,6 +379,15 @@ impl Interceptor for Bearer {
         }
         Ok(request)
     }
+}
+
+/// Sends `signal` (`TERM`, `KILL`, `HUP`...) to `pid`.
+pub fn kill(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Runs the real `ctl` against `agent`, with no credentials but what it

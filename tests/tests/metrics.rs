@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nine9s_tests::{bin_dir, eventually, hello, stage_sample, Agent};
+use nine9s_tests::{bin_dir, eventually, hello, kill, stage_sample, Agent};
 
 /// One sample of an OpenMetrics exposition.
 #[derive(Debug)]
@@ -134,29 +134,6 @@ fn metrics_address(agent: &Agent) -> SocketAddr {
     address.unwrap()
 }
 
-/// Sends `signal` to `pid`.
-fn kill(signal: &str, pid: u32) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// Waits for a worker other than `old` to serve, and returns it.
-fn new_worker(agent: &Agent, old: u32) -> u32 {
-    let mut new = old;
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            new = agent.worker_pid();
-            new != old
-        }),
-        "no new worker after {old}; log:\n{}",
-        agent.log()
-    );
-    new
-}
-
 /// A scrape that satisfies `check`, waiting for it (a new worker that
 /// does not serve yet, a library still draining).
 fn scrape_until(addr: SocketAddr, mut check: impl FnMut(&Scrape) -> bool) -> Scrape {
@@ -238,14 +215,14 @@ fn a_scrape_counts_requests_transitions_and_worker_restarts() {
     // A self-upgrade is no restart; the new worker serves the same port.
     let first = agent.worker_pid();
     agent.ctl(&["agent", "restart", "--wait"]).ok();
-    let second = new_worker(&agent, first);
+    let second = agent.new_worker(first);
     // (A new worker counts requests from zero.)
     let after_self_upgrade = scrape_until(addr, |s| s.series(REQUESTS, &[]).is_empty());
     assert_eq!(after_self_upgrade.value(RESTARTS, &[]), 0.0);
 
     // A worker killed is: its replacement says so, on the same port.
     kill("KILL", second);
-    let third = new_worker(&agent, second);
+    let third = agent.new_worker(second);
     let after_crash = scrape_until(addr, |s| s.value(RESTARTS, &[]) == 1.0);
     let active = after_crash.series("nine9s_active_release_info", &[]);
     assert_eq!(active.len(), 1, "{active:?}");
@@ -267,7 +244,7 @@ fn a_scrape_counts_requests_transitions_and_worker_restarts() {
         agent.log()
     );
     kill("KILL", third);
-    new_worker(&agent, third);
+    agent.new_worker(third);
     scrape_until(addr, |s| s.value(RESTARTS, &[]) == 2.0);
 }
 

@@ -11,30 +11,9 @@ use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nine9s_tests::{bin_dir, eventually, hello, on_0_2_0, stage_fixture, Agent, Load, LoadReport};
-
-/// Sends `signal` to `pid`.
-fn kill(signal: &str, pid: u32) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// Waits for a worker other than `old` to serve, and returns it.
-fn new_worker(agent: &Agent, old: u32) -> u32 {
-    let mut new = old;
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            new = agent.worker_pid();
-            new != old
-        }),
-        "no new worker after {old}; log:\n{}",
-        agent.log()
-    );
-    new
-}
+use nine9s_tests::{
+    bin_dir, eventually, hello, kill, on_0_2_0, stage_fixture, Agent, Load, LoadReport,
+};
 
 /// `ctl status`'s `agent`, once the worker has hashed its binary.
 fn agent_process(agent: &Agent) -> serde_json::Value {
@@ -75,7 +54,7 @@ fn a_killed_worker_is_replaced_and_no_connection_is_refused() {
     let load = Load::start(agent.http, "/count", 8);
     std::thread::sleep(Duration::from_millis(300));
     kill("KILL", old);
-    let new = new_worker(&agent, old);
+    let new = agent.new_worker(old);
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
     assert_eq!(report.refused, 0, "{report:?}");
@@ -116,7 +95,7 @@ fn a_release_that_kills_its_worker_is_failed_with_the_signal() {
         .unwrap()
         .get("/crash");
     assert!(crashed.is_err(), "the worker answered /crash: {crashed:?}");
-    new_worker(&agent, old);
+    agent.new_worker(old);
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
     assert_eq!(report.refused, 0, "{report:?}");
@@ -347,7 +326,7 @@ fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
     // kept them from coming.)
     checkpointed(&agent);
     kill("KILL", worker);
-    new_worker(&agent, worker);
+    agent.new_worker(worker);
     assert_eq!(agent.get("/count").body, "2");
     assert_eq!(agent.status()["agent"]["supervisor_pid"], agent.pid());
 }
