@@ -720,7 +720,7 @@ impl Control for ControlService {
         let config = self.engine.config();
         Ok(Response::new(pb::AgentInfoReply {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            abi_versions: vec![nine9s_host::ABI_VERSION],
+            abi_versions: nine9s_host::ABI_VERSIONS.to_vec(),
             service: self.engine.service().to_owned(),
             default_soak_ms: config.soak.as_millis() as u64,
             shutdown_grace_ms: config.shutdown_grace.as_millis() as u64,

@@ -46,6 +46,18 @@ const DRAIN_CHECK: Duration = Duration::from_millis(25);
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
 
+/// Headers a release's response may not set: the agent frames the
+/// response and manages the connection (RFC 9110 §7.6.1, RFC 9112 §6).
+const CONNECTION_HEADERS: [hyper::header::HeaderName; 7] = [
+    hyper::header::CONNECTION,
+    hyper::header::CONTENT_LENGTH,
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::UPGRADE,
+    hyper::header::HeaderName::from_static("keep-alive"),
+];
+
 /// The next connection of a capped listener, with its slot: a slot first
 /// (at the cap, connections wait in the kernel's backlog), then the
 /// connection; `None` once `shutdown` resolves. An accept that fails (out
@@ -387,20 +399,11 @@ async fn answer(
             }
         }
     };
-    let mut headers = String::with_capacity(parts.headers.len() * 32);
-    for (name, value) in &parts.headers {
-        if let Ok(value) = value.to_str() {
-            headers.push_str(name.as_str());
-            headers.push_str(": ");
-            headers.push_str(value);
-            headers.push('\n');
-        }
-    }
     let plugin_request = nine9s_host::Request {
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query().unwrap_or(""),
-        headers: &headers,
+        headers: &parts.headers,
         body: &body,
     };
     let handled = runtime.handle(&plugin_request).await;
@@ -409,11 +412,15 @@ async fn answer(
         Ok(reply) => {
             let status =
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = Response::new(Full::new(Bytes::from(reply.body)));
-            *response.status_mut() = status;
-            if let Ok(value) = HeaderValue::try_from(reply.content_type) {
-                response.headers_mut().insert(CONTENT_TYPE, value);
+            let mut headers = reply.headers;
+            // The framing and the connection are the agent's: a release
+            // that set them could desynchronise the client's connection.
+            for name in CONNECTION_HEADERS {
+                headers.remove(name);
             }
+            let mut response = Response::new(Full::new(reply.body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
             response
         }
         Err(e) => {

@@ -268,7 +268,7 @@ pub fn child(library: &Path) -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let answer = match nine9s_host::Library::open(library) {
         Ok(opened) => Answer::Plugin(Report {
-            abi: nine9s_host::ABI_VERSION,
+            abi: opened.abi_version(),
             name: opened.name().to_owned(),
             version: opened.version().to_owned(),
             state_version: opened.state_version(),

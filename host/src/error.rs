@@ -13,12 +13,13 @@ pub enum LoadError {
     )]
     MissingSymbol { path: PathBuf, symbol: &'static str },
     #[error(
-        "{path}: plugin ABI version {found}, but this agent speaks ABI version {expected}; rebuild the plugin against a matching nine9s-sdk"
+        "{path}: plugin ABI version {found}, but this agent loads {}; rebuild the plugin against a matching nine9s-sdk",
+        versions(.expected)
     )]
     AbiMismatch {
         path: PathBuf,
         found: u32,
-        expected: u32,
+        expected: Vec<u32>,
     },
     #[error("{path}: invalid plugin table: {reason}")]
     BadTable { path: PathBuf, reason: String },
@@ -33,4 +34,10 @@ pub enum CallError {
     Failed(String),
     #[error("plugin returned an unknown status code {0}")]
     BadStatus(i32),
+}
+
+/// `ABI version 1 or 2`.
+fn versions(expected: &[u32]) -> String {
+    let list: Vec<String> = expected.iter().map(u32::to_string).collect();
+    format!("ABI version {}", list.join(" or "))
 }

@@ -5,10 +5,14 @@
 //!
 //! Invariants:
 //! - the ABI version is read (a data symbol, no code runs) before anything
-//!   else in the library is touched;
+//!   else in the library is touched; versions 2 and 1 (frozen) are loaded,
+//!   and only this crate knows the difference;
 //! - a [`Library`] outlives every [`Instance`] made from it (each instance
 //!   holds an `Arc` of its library), and every buffer a plugin hands over is
-//!   copied and given back to that plugin's `free`;
+//!   given back to that plugin's `free` (a response body once it is sent,
+//!   the rest once copied);
+//! - an instance's `stop` (v2) runs before it is destroyed, with no call
+//!   in flight;
 //! - when the last handle on a library is dropped it is `dlclose`d, and the
 //!   host checks `/proc/self/maps` to tell whether it is really gone.
 // The workspace denies unsafe code; this crate is one of the two allowed
@@ -17,12 +21,11 @@
 
 mod allocator;
 mod error;
+mod host_table;
 mod library;
 mod maps;
 
 pub use allocator::limit_malloc_arenas;
 pub use error::{CallError, LoadError};
-pub use library::{Instance, Library};
+pub use library::{Instance, Library, Request, Response, ABI_VERSIONS};
 pub use maps::{is_mapped, lingering};
-pub use nine9s_sdk::abi::ABI_VERSION;
-pub use nine9s_sdk::{Request, Response};

@@ -1,20 +1,61 @@
 //! [`Library`]: one opened plugin library; [`Instance`]: one running
-//! instance of its plugin.
+//! instance of its plugin. A library speaks ABI version 2 or 1 (frozen,
+//! `nine9s_sdk::abi::v1`): both are loaded, and the difference stays in
+//! this file.
 
 use std::ffi::c_void;
+use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
 use libloading::os::unix::{Library as DlLibrary, RTLD_LOCAL, RTLD_NOW};
 use nine9s_sdk::abi::{
-    Buffer, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION, ABI_VERSION_SYMBOL, API_SYMBOL,
-    STATUS_ERROR, STATUS_OK, STATUS_PANIC,
+    decode_headers, v1, Buffer, Header, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION,
+    ABI_VERSION_SYMBOL, API_SYMBOL, FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
 };
-use nine9s_sdk::{Request, Response};
 
+use crate::host_table::host_table;
 use crate::maps::{forget_released, is_mapped, note_released_but_mapped};
 use crate::{CallError, LoadError};
+
+/// The ABI versions this host loads.
+pub const ABI_VERSIONS: [u32; 2] = [v1::ABI_VERSION, ABI_VERSION];
+
+/// Request headers passed on the stack; a request with more takes one
+/// allocation.
+const STACK_HEADERS: usize = 32;
+
+/// A request for a plugin, borrowed for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The path, without the query string.
+    pub path: &'a str,
+    /// The query string, without the `?`.
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// A plugin's response. The body is the plugin's own buffer, handed on
+/// without a copy (it keeps the library loaded until it is dropped).
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A library's table, of the ABI version it speaks.
+#[derive(Clone, Copy)]
+enum Table {
+    V1(NonNull<v1::PluginApi>),
+    V2(NonNull<PluginApi>),
+}
 
 /// How many `Library` values have each path open. `dlopen` of a path that
 /// is already open returns the same handle, so a path is expected to stay
@@ -27,12 +68,14 @@ pub struct Library {
     name: String,
     version: String,
     state_version: u32,
+    abi_version: u32,
     /// Points into the library's static data; valid while `dl` is open.
-    api: NonNull<PluginApi>,
+    /// `None` only before `check_abi` succeeded.
+    table: Option<Table>,
     dl: Option<DlLibrary>,
 }
 
-// SAFETY: `api` points to an immutable `'static` table inside the library
+// SAFETY: `table` points to an immutable `'static` table inside the library
 // (the SDK builds it in a `static`), and every function in it may be called
 // from any thread: the SDK requires `Plugin: Send + Sync`.
 unsafe impl Send for Library {}
@@ -74,7 +117,8 @@ impl Library {
             name: String::new(),
             version: String::new(),
             state_version: 0,
-            api: NonNull::dangling(),
+            abi_version: 0,
+            table: None,
             dl: Some(dl),
         };
         library.check_abi()?;
@@ -99,19 +143,19 @@ impl Library {
             }
             address.read_unaligned()
         };
-        if found != ABI_VERSION {
+        if !ABI_VERSIONS.contains(&found) {
             return Err(LoadError::AbiMismatch {
                 path: self.path.clone(),
                 found,
-                expected: ABI_VERSION,
+                expected: ABI_VERSIONS.to_vec(),
             });
         }
-        // SAFETY: a library of ABI version 1 exports this symbol as
-        // `extern "C" fn() -> *const PluginApi` (the SDK's macro), which
+        // SAFETY: a library of ABI version 1 or 2 exports this symbol as
+        // `extern "C" fn() -> *const` its table (the SDK's macro), which
         // only returns the address of a static and cannot unwind.
         let table = unsafe {
             let entry = dl
-                .get::<extern "C" fn() -> *const PluginApi>(API_SYMBOL)
+                .get::<extern "C" fn() -> *const c_void>(API_SYMBOL)
                 .map_err(|_| missing(API_SYMBOL))?;
             entry()
         };
@@ -119,31 +163,73 @@ impl Library {
             path: self.path.clone(),
             reason,
         };
-        let api = NonNull::new(table.cast_mut()).ok_or_else(|| bad("null table".into()))?;
-        // SAFETY: non-null and pointing at the SDK's `'static` table, valid while `dl` is open.
-        let table = unsafe { api.as_ref() };
-        if table.abi_version != ABI_VERSION {
-            return Err(LoadError::AbiMismatch {
-                path: self.path.clone(),
-                found: table.abi_version,
-                expected: ABI_VERSION,
-            });
+        let table = NonNull::new(table.cast_mut()).ok_or_else(|| bad("null table".into()))?;
+        // Both tables begin with `abi_version: u32`, then differ.
+        // SAFETY: non-null and pointing at the SDK's `'static` table, valid
+        // while `dl` is open; its first field is a u32 in either version.
+        let in_table = unsafe { table.cast::<u32>().read() };
+        if in_table != found {
+            return Err(bad(format!(
+                "the table says ABI version {in_table}, the symbol {found}"
+            )));
         }
-        // SAFETY: the SDK fills name and version from `'static` string literals.
-        let (name, version) = unsafe { (table.name.as_bytes(), table.version.as_bytes()) };
+        let (table, name, version, state_version) = if found == v1::ABI_VERSION {
+            let table = table.cast::<v1::PluginApi>();
+            // SAFETY: a v1 table (checked above), valid while `dl` is open;
+            // the SDK fills name and version from `'static` literals.
+            let (t, name, version) = unsafe {
+                let t = table.as_ref();
+                (t, t.name.as_bytes(), t.version.as_bytes())
+            };
+            (Table::V1(table), name, version, t.state_version)
+        } else {
+            let table = table.cast::<PluginApi>();
+            // SAFETY: a v2 table begins with its size: read it before
+            // trusting the rest to be there.
+            let size = unsafe { table.cast::<u32>().add(1).read() } as usize;
+            if size < offset_of!(PluginApi, stop) {
+                return Err(bad(format!(
+                    "a version 2 table of {size} bytes is shorter than its required entries"
+                )));
+            }
+            // SAFETY: a v2 table at least as long as its required entries,
+            // valid while `dl` is open; name and version are `'static`.
+            let (t, name, version) = unsafe {
+                let t = table.as_ref();
+                (t, t.name.as_bytes(), t.version.as_bytes())
+            };
+            (Table::V2(table), name, version, t.state_version)
+        };
         self.name =
             String::from_utf8(name.to_vec()).map_err(|_| bad("name is not UTF-8".into()))?;
         self.version =
             String::from_utf8(version.to_vec()).map_err(|_| bad("version is not UTF-8".into()))?;
-        self.state_version = table.state_version;
-        self.api = api;
+        self.state_version = state_version;
+        self.abi_version = found;
+        self.table = Some(table);
         Ok(())
     }
 
-    fn api(&self) -> &PluginApi {
-        // SAFETY: checked non-null in `check_abi`; the table is static data
-        // of the library, which stays open as long as `self` lives.
-        unsafe { self.api.as_ref() }
+    fn table(&self) -> Table {
+        self.table.expect("checked in open")
+    }
+
+    /// The v2 table, or `None` for a v1 library.
+    fn v2(&self) -> Option<&PluginApi> {
+        match self.table() {
+            // SAFETY: checked in `check_abi`; static data of the library,
+            // which stays open as long as `self` lives.
+            Table::V2(t) => Some(unsafe { t.as_ref() }),
+            Table::V1(_) => None,
+        }
+    }
+
+    fn v1(&self) -> Option<&v1::PluginApi> {
+        match self.table() {
+            // SAFETY: as in `v2`.
+            Table::V1(t) => Some(unsafe { t.as_ref() }),
+            Table::V2(_) => None,
+        }
     }
 
     /// Where the library is mapped from.
@@ -161,6 +247,11 @@ impl Library {
         &self.version
     }
 
+    /// The plugin ABI version the library speaks.
+    pub fn abi_version(&self) -> u32 {
+        self.abi_version
+    }
+
     /// The state version this code snapshots and restores; 0 for none.
     pub fn state_version(&self) -> u32 {
         self.state_version
@@ -168,17 +259,26 @@ impl Library {
 
     /// Whether this library knows a chain of migrations between two state versions.
     pub fn can_migrate(&self, from: u32, to: u32) -> bool {
+        let can_migrate = match (self.v1(), self.v2()) {
+            (Some(t), _) => t.can_migrate,
+            (_, Some(t)) => t.can_migrate,
+            _ => unreachable!("a library has one table"),
+        };
         // SAFETY: an SDK export; it catches panics and touches no caller memory.
-        unsafe { (self.api().can_migrate)(from, to) }
+        unsafe { can_migrate(from, to) }
     }
 
     /// Migrates a state snapshot from one state version to another.
     pub fn migrate(&self, from: u32, to: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
+        let migrate = match (self.v1(), self.v2()) {
+            (Some(t), _) => t.migrate,
+            (_, Some(t)) => t.migrate,
+            _ => unreachable!("a library has one table"),
+        };
         let mut out = Buffer::EMPTY;
         let mut err = Buffer::EMPTY;
         // SAFETY: `state` is borrowed for the call; `out` and `err` are writable.
-        let status =
-            unsafe { (self.api().migrate)(from, to, Slice::new(state), &mut out, &mut err) };
+        let status = unsafe { migrate(from, to, Slice::new(state), &mut out, &mut err) };
         self.finish(status, err)?;
         Ok(self.take(out))
     }
@@ -192,8 +292,17 @@ impl Library {
         let mut out: *mut c_void = std::ptr::null_mut();
         let mut err = Buffer::EMPTY;
         // SAFETY: `state_ptr` is null or points to a slice borrowed for the
-        // call; `out` and `err` are writable.
-        let status = unsafe { (self.api().create)(state_ptr, &mut out, &mut err) };
+        // call; `out` and `err` are writable; the host table lives for the
+        // whole process.
+        let status = unsafe {
+            match (self.v1(), self.v2()) {
+                (Some(t), _) => (t.create)(state_ptr, &mut out, &mut err),
+                (_, Some(t)) => {
+                    (t.create)(host_table(&self.version), state_ptr, &mut out, &mut err)
+                }
+                _ => unreachable!("a library has one table"),
+            }
+        };
         self.finish(status, err)?;
         let ptr = NonNull::new(out)
             .ok_or_else(|| CallError::Failed("plugin created a null instance".into()))?;
@@ -213,19 +322,55 @@ impl Library {
         }
     }
 
+    /// Gives a buffer back to the plugin that allocated it.
+    fn free(&self, buffer: Buffer) {
+        if buffer.ptr.is_null() {
+            return;
+        }
+        let free = match (self.v1(), self.v2()) {
+            (Some(t), _) => t.free,
+            (_, Some(t)) => t.free,
+            _ => unreachable!("a library has one table"),
+        };
+        // SAFETY: the buffer came from this library's allocator; freed once, here.
+        unsafe { free(buffer) };
+    }
+
     /// Copies a plugin buffer and gives it back to the plugin.
     fn take(&self, buffer: Buffer) -> Vec<u8> {
         // SAFETY: the buffer was filled by this library and is not freed yet.
         let bytes = unsafe { buffer.as_bytes() }.to_vec();
-        if !buffer.ptr.is_null() {
-            // SAFETY: the buffer came from this library's allocator; freed once, here.
-            unsafe { (self.api().free)(buffer) };
-        }
+        self.free(buffer);
         bytes
     }
 
     fn take_string(&self, buffer: Buffer) -> String {
         String::from_utf8_lossy(&self.take(buffer)).into_owned()
+    }
+}
+
+/// A buffer of a plugin's, owned by a `Bytes` until it is dropped: then
+/// it goes back to the plugin, whose library it keeps loaded meanwhile.
+struct PluginBytes {
+    library: Arc<Library>,
+    buffer: Buffer,
+}
+
+// SAFETY: the buffer is owned by this value alone, and the plugin's
+// `free` may be called from any thread (it is Rust's global allocator).
+unsafe impl Send for PluginBytes {}
+
+impl AsRef<[u8]> for PluginBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: filled by the plugin and freed only in `drop`.
+        unsafe { self.buffer.as_bytes() }
+    }
+}
+
+impl Drop for PluginBytes {
+    fn drop(&mut self) {
+        let buffer = std::mem::replace(&mut self.buffer, Buffer::EMPTY);
+        self.library.free(buffer);
     }
 }
 
@@ -301,14 +446,112 @@ impl Instance {
 
     /// Answers one request.
     pub fn handle(&self, request: &Request<'_>) -> Result<Response, CallError> {
+        match (self.library.v1(), self.library.v2()) {
+            (Some(t), _) => self.handle_v1(t, request),
+            (_, Some(t)) => self.handle_v2(t, request),
+            _ => unreachable!("a library has one table"),
+        }
+    }
+
+    fn handle_v2(&self, table: &PluginApi, request: &Request<'_>) -> Result<Response, CallError> {
+        // The headers as the plugin reads them, on the stack unless there
+        // are many.
+        let mut on_stack = [Header::EMPTY; STACK_HEADERS];
+        let mut on_heap = Vec::new();
+        let count = request.headers.len();
+        let headers: &mut [Header] = if count <= STACK_HEADERS {
+            &mut on_stack[..count]
+        } else {
+            on_heap.resize(count, Header::EMPTY);
+            &mut on_heap
+        };
+        for (slot, (name, value)) in headers.iter_mut().zip(request.headers) {
+            *slot = Header {
+                name: Slice::new(name.as_str().as_bytes()),
+                value: Slice::new(value.as_bytes()),
+            };
+        }
         let raw = RawRequest {
             method: Slice::new(request.method.as_bytes()),
             path: Slice::new(request.path.as_bytes()),
             query: Slice::new(request.query.as_bytes()),
-            headers: Slice::new(request.headers.as_bytes()),
+            headers: headers.as_ptr(),
+            header_count: headers.len(),
             body: Slice::new(request.body),
         };
         let mut response = RawResponse {
+            status: 0,
+            headers: Buffer::EMPTY,
+            body: Buffer::EMPTY,
+        };
+        let mut err = Buffer::EMPTY;
+        let lib = &self.library;
+        // SAFETY: `ptr` is a live instance of this library; `raw` and the
+        // header array borrow `request` for the call; `response` and `err`
+        // are writable.
+        let status = unsafe { (table.handle)(self.ptr.as_ptr(), &raw, &mut response, &mut err) };
+        let body = Bytes::from_owner(PluginBytes {
+            library: Arc::clone(lib),
+            buffer: response.body,
+        });
+        let block = PluginBytes {
+            library: Arc::clone(lib),
+            buffer: response.headers,
+        };
+        lib.finish(status, err)?;
+        let mut headers = HeaderMap::new();
+        let mut invalid = None;
+        let whole = decode_headers(block.as_ref(), |name, value| {
+            match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                (Ok(name), Ok(value)) => {
+                    headers.append(name, value);
+                }
+                _ => {
+                    invalid.get_or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+                }
+            }
+        });
+        if !whole {
+            return Err(CallError::Failed(
+                "the response's header block is malformed".into(),
+            ));
+        }
+        if let Some(name) = invalid {
+            return Err(CallError::Failed(format!(
+                "the response has an invalid header {name:?} (a name must be a token, a value visible ASCII or obs-text)"
+            )));
+        }
+        Ok(Response {
+            status: response.status,
+            headers,
+            body,
+        })
+    }
+
+    /// A v1 library reads its headers as `name: value` lines (UTF-8 values
+    /// only, as v1 always did) and answers with a content type.
+    fn handle_v1(
+        &self,
+        table: &v1::PluginApi,
+        request: &Request<'_>,
+    ) -> Result<Response, CallError> {
+        let mut lines = String::with_capacity(request.headers.len() * 32);
+        for (name, value) in request.headers {
+            if let Ok(value) = value.to_str() {
+                lines.push_str(name.as_str());
+                lines.push_str(": ");
+                lines.push_str(value);
+                lines.push('\n');
+            }
+        }
+        let raw = v1::RawRequest {
+            method: Slice::new(request.method.as_bytes()),
+            path: Slice::new(request.path.as_bytes()),
+            query: Slice::new(request.query.as_bytes()),
+            headers: Slice::new(lines.as_bytes()),
+            body: Slice::new(request.body),
+        };
+        let mut response = v1::RawResponse {
             status: 0,
             content_type: Buffer::EMPTY,
             body: Buffer::EMPTY,
@@ -317,52 +560,96 @@ impl Instance {
         let lib = &self.library;
         // SAFETY: `ptr` is a live instance of this library; `raw` borrows
         // `request` for the call; `response` and `err` are writable.
-        let status =
-            unsafe { (lib.api().handle)(self.ptr.as_ptr(), &raw, &mut response, &mut err) };
+        let status = unsafe { (table.handle)(self.ptr.as_ptr(), &raw, &mut response, &mut err) };
+        let content_type = lib.take(response.content_type);
+        let body = lib.take(response.body);
         lib.finish(status, err)?;
-        let content_type = String::from_utf8_lossy(&lib.take(response.content_type)).into_owned();
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_bytes(&content_type) {
+            headers.insert(http::header::CONTENT_TYPE, value);
+        }
         Ok(Response {
             status: response.status,
-            content_type,
-            body: lib.take(response.body),
+            headers,
+            body: Bytes::from(body),
         })
     }
 
     /// The state to hand over, encoded as the library's state version.
     pub fn snapshot(&self) -> Result<Vec<u8>, CallError> {
+        let lib = &self.library;
+        let snapshot = match (lib.v1(), lib.v2()) {
+            (Some(t), _) => t.snapshot,
+            (_, Some(t)) => t.snapshot,
+            _ => unreachable!("a library has one table"),
+        };
         let mut out = Buffer::EMPTY;
         let mut err = Buffer::EMPTY;
-        let lib = &self.library;
         // SAFETY: live instance; `out` and `err` are writable.
-        let status = unsafe { (lib.api().snapshot)(self.ptr.as_ptr(), &mut out, &mut err) };
+        let status = unsafe { snapshot(self.ptr.as_ptr(), &mut out, &mut err) };
         lib.finish(status, err)?;
         Ok(lib.take(out))
     }
 
     /// The plugin's own health check.
     pub fn health(&self) -> Result<(), CallError> {
-        let mut err = Buffer::EMPTY;
         let lib = &self.library;
+        let health = match (lib.v1(), lib.v2()) {
+            (Some(t), _) => t.health,
+            (_, Some(t)) => t.health,
+            _ => unreachable!("a library has one table"),
+        };
+        let mut err = Buffer::EMPTY;
         // SAFETY: live instance; `err` is writable.
-        let status = unsafe { (lib.api().health)(self.ptr.as_ptr(), &mut err) };
+        let status = unsafe { health(self.ptr.as_ptr(), &mut err) };
         lib.finish(status, err)
     }
 
     /// Runs a named hook of the plugin (a step of an upgrade plan).
     pub fn hook(&self, name: &str) -> Result<(), CallError> {
-        let mut err = Buffer::EMPTY;
         let lib = &self.library;
+        let hook = match (lib.v1(), lib.v2()) {
+            (Some(t), _) => t.hook,
+            (_, Some(t)) => t.hook,
+            _ => unreachable!("a library has one table"),
+        };
+        let mut err = Buffer::EMPTY;
         // SAFETY: live instance; `name` borrowed for the call; `err` is writable.
-        let status =
-            unsafe { (lib.api().hook)(self.ptr.as_ptr(), Slice::new(name.as_bytes()), &mut err) };
+        let status = unsafe { hook(self.ptr.as_ptr(), Slice::new(name.as_bytes()), &mut err) };
+        lib.finish(status, err)
+    }
+
+    /// Asks the plugin to join the threads this instance started, if its
+    /// table has the entry (v2 with `FEATURE_STOP`).
+    fn stop(&self) -> Result<(), CallError> {
+        let lib = &self.library;
+        let Some(table) = lib.v2() else {
+            return Ok(());
+        };
+        let stop_end = offset_of!(PluginApi, stop) + size_of::<usize>();
+        if table.features & FEATURE_STOP == 0 || !table.has(stop_end) {
+            return Ok(());
+        }
+        let mut err = Buffer::EMPTY;
+        // SAFETY: live instance with no call in flight (it is being
+        // dropped); `err` is writable; the entry is within the table.
+        let status = unsafe { (table.stop)(self.ptr.as_ptr(), &mut err) };
         lib.finish(status, err)
     }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!(version = %self.library.version, error = %e, "the release's stop failed");
+        }
+        let destroy = match (self.library.v1(), self.library.v2()) {
+            (Some(t), _) => t.destroy,
+            (_, Some(t)) => t.destroy,
+            _ => unreachable!("a library has one table"),
+        };
         // SAFETY: `ptr` came from this library's `create` and is destroyed
         // exactly once, here; the library is still open (we hold an Arc).
-        unsafe { (self.library.api().destroy)(self.ptr.as_ptr()) };
+        unsafe { destroy(self.ptr.as_ptr()) };
     }
 }

@@ -385,7 +385,7 @@ fn describe(loaded: &Prepared, checks: &mut Vec<String>) {
         "library: {} {} loads, ABI v{}",
         loaded.library.name(),
         loaded.library.version(),
-        nine9s_host::ABI_VERSION
+        loaded.library.abi_version()
     ));
     checks.push(match &loaded.snapshot {
         Some(s) => format!(

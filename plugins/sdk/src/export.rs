@@ -8,20 +8,28 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::abi::{
-    Buffer, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION, STATUS_ERROR, STATUS_OK,
-    STATUS_PANIC,
+    encode_header, Buffer, Header, HostApi, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION,
+    FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
 };
-use crate::{find_path, Plugin, Request};
+use crate::{find_path, Headers, Plugin, Request};
 
 /// Exports a [`Plugin`] implementation as a nine9s release library.
 ///
 /// ```ignore
 /// nine9s_sdk::export_plugin!(App, name = "nine9s");
 /// ```
-/// The release's version is the crate's `CARGO_PKG_VERSION`.
+/// The release's version is the crate's `CARGO_PKG_VERSION`. A plugin
+/// built with `panic = "abort"` does not compile: its first panic would
+/// take the whole agent down instead of one request.
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty, name = $name:expr) => {
+        #[cfg(panic = "abort")]
+        compile_error!(
+            "nine9s plugins must unwind on panic: remove `panic = \"abort\"` from this \
+             crate's profile (a panic would abort the agent and every release in it)"
+        );
+
         #[no_mangle]
         pub static NINE9S_ABI_VERSION: u32 = $crate::abi::ABI_VERSION;
 
@@ -38,6 +46,8 @@ macro_rules! export_plugin {
 pub const fn api<P: Plugin>(name: &'static str, version: &'static str) -> PluginApi {
     PluginApi {
         abi_version: ABI_VERSION,
+        size: std::mem::size_of::<PluginApi>() as u32,
+        features: FEATURE_STOP,
         name: Slice::from_static(name),
         version: Slice::from_static(version),
         state_version: P::STATE_VERSION,
@@ -50,6 +60,7 @@ pub const fn api<P: Plugin>(name: &'static str, version: &'static str) -> Plugin
         health: health::<P>,
         hook: hook::<P>,
         free,
+        stop: stop::<P>,
     }
 }
 
@@ -63,8 +74,10 @@ static HOOK_INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Replaces this library's panic hook (each cdylib has its own copy of std)
 /// with one that only remembers where the panic happened; the host logs it.
+/// A load, not a swap, on the way: it runs before every call, and a swap
+/// would take the cache line from every other thread each time.
 fn install_panic_hook() {
-    if HOOK_INSTALLED.swap(true, Ordering::AcqRel) {
+    if HOOK_INSTALLED.load(Ordering::Acquire) || HOOK_INSTALLED.swap(true, Ordering::AcqRel) {
         return;
     }
     std::panic::set_hook(Box::new(|info| {
@@ -104,12 +117,15 @@ fn guarded(err: *mut Buffer, f: impl FnOnce() -> Result<(), String>) -> i32 {
 }
 
 /// # Safety
-/// `state` is null or a valid `Slice`; `out` and `err` are writable.
+/// `host` is null or the agent's table, alive while the library is
+/// loaded; `state` is null or a valid `Slice`; `out` and `err` are writable.
 unsafe extern "C" fn create<P: Plugin>(
+    host: *const HostApi,
     state: *const Slice,
     out: *mut *mut c_void,
     err: *mut Buffer,
 ) -> i32 {
+    crate::host::install(host);
     guarded(err, || {
         // SAFETY: the host passes null or a valid `Slice` borrowed for this call.
         let state = unsafe { state.as_ref().map(|s| s.as_bytes()) };
@@ -142,13 +158,19 @@ unsafe extern "C" fn handle<P: Plugin>(
     guarded(err, || {
         // SAFETY: host contract: a live instance of P and a request valid for this call.
         let (plugin, raw) = unsafe { (&*instance.cast::<P>(), &*request) };
-        // SAFETY: the host borrows these slices to us for the duration of the call.
+        // SAFETY: the host borrows these slices, and the header array, to
+        // us for the duration of the call.
         let (method, path, query, headers, body) = unsafe {
+            let headers: &[Header] = if raw.header_count == 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(raw.headers, raw.header_count)
+            };
             (
                 raw.method.as_bytes(),
                 raw.path.as_bytes(),
                 raw.query.as_bytes(),
-                raw.headers.as_bytes(),
+                Headers::new(headers),
                 raw.body.as_bytes(),
             )
         };
@@ -158,13 +180,25 @@ unsafe extern "C" fn handle<P: Plugin>(
             method: text(method)?,
             path: text(path)?,
             query: text(query)?,
-            headers: text(headers)?,
+            headers,
             body,
         };
         let reply = plugin.handle(&request);
+        let size = reply
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 8)
+            .sum::<usize>()
+            + reply.content_type.len()
+            + 20;
+        let mut block = Vec::with_capacity(size);
+        encode_header(&mut block, b"content-type", reply.content_type.as_bytes());
+        for (name, value) in &reply.headers {
+            encode_header(&mut block, name.as_bytes(), value.as_bytes());
+        }
         let raw = RawResponse {
             status: reply.status,
-            content_type: Buffer::from_vec(reply.content_type.into_bytes()),
+            headers: Buffer::from_vec(block),
             body: Buffer::from_vec(reply.body),
         };
         // SAFETY: `response` is writable (host contract).
@@ -237,6 +271,13 @@ unsafe extern "C" fn hook<P: Plugin>(
         let (plugin, name) = unsafe { (&*instance.cast::<P>(), name.as_bytes()) };
         plugin.hook(&String::from_utf8_lossy(name))
     })
+}
+
+/// # Safety
+/// `instance` is live, with no call in flight; `err` is writable.
+unsafe extern "C" fn stop<P: Plugin>(instance: *const c_void, err: *mut Buffer) -> i32 {
+    // SAFETY: host contract: a live instance of P.
+    guarded(err, || unsafe { &*instance.cast::<P>() }.stop())
 }
 
 /// # Safety

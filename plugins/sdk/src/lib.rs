@@ -17,14 +17,24 @@
 //!   the agent reports a library that stays mapped after it was released.
 //! - all state lives in the plugin instance, never in statics, so two
 //!   instances of the same code (an upgrade back to a loaded version) never
-//!   share it.
+//!   share it;
+//! - a thread an instance starts is joined in [`Plugin::stop`], which the
+//!   agent calls before it unloads the library;
+//! - a plugin built with `panic = "abort"` does not compile: its first
+//!   panic would abort the agent.
+//!
+//! [`host`] is what the agent offers a plugin: logging through the agent's
+//! own logs (with the release's version) and a monotonic clock.
 // The workspace denies unsafe code; this crate is one of the two allowed
 // to have it (ARCHITECTURE.md), each block with its SAFETY comment.
 #![allow(unsafe_code)]
 
 pub mod abi;
 mod export;
+pub mod host;
 mod migrate;
+
+use std::borrow::Cow;
 
 pub use migrate::{find_path, Migration};
 
@@ -37,26 +47,87 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// The query string, without the `?`; empty when there is none.
     pub query: &'a str,
-    /// The headers, one `name: value` per line.
-    pub headers: &'a str,
+    /// The headers as they came: bytes preserved, names repeated.
+    pub headers: Headers<'a>,
     pub body: &'a [u8],
 }
 
-impl Request<'_> {
-    /// The value of the first header named `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+impl<'a> Request<'a> {
+    /// The value of the first header named `name` (case-insensitive), if
+    /// it is UTF-8.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers.get(name)
     }
 }
 
-/// A response built by the plugin.
+/// A request's headers, in the order they came.
+#[derive(Clone, Copy, Default)]
+pub struct Headers<'a>(&'a [abi::Header]);
+
+impl<'a> Headers<'a> {
+    /// # Safety
+    /// Every slice of every header must stay valid and unmodified for `'a`.
+    pub(crate) unsafe fn new(headers: &'a [abi::Header]) -> Headers<'a> {
+        Headers(headers)
+    }
+
+    /// Every `(name, value)`, repeated names included.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        // SAFETY: `new`'s contract: the slices are valid for 'a.
+        self.0
+            .iter()
+            .map(|h| unsafe { (h.name.as_bytes(), h.value.as_bytes()) })
+    }
+
+    /// The value of the first header named `name` (case-insensitive), as
+    /// bytes.
+    pub fn get_bytes(&self, name: &str) -> Option<&'a [u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The value of the first header named `name` (case-insensitive), if
+    /// it is UTF-8.
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        std::str::from_utf8(self.get_bytes(name)?).ok()
+    }
+
+    /// Every value of the headers named `name` (case-insensitive).
+    pub fn get_all(&self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Headers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.iter()
+                    .map(|(n, v)| (String::from_utf8_lossy(n), String::from_utf8_lossy(v))),
+            )
+            .finish()
+    }
+}
+
+/// A response built by the plugin: a status, headers and a body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    pub content_type: String,
+    /// The `content-type` header (`text/plain` unless set).
+    pub content_type: Cow<'static, str>,
+    /// Other headers, in order; a name may repeat (`set-cookie`).
+    pub headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
     pub body: Vec<u8>,
 }
 
@@ -70,13 +141,35 @@ impl Response {
     pub fn with_status(status: u16, body: impl Into<String>) -> Self {
         Response {
             status,
-            content_type: "text/plain".to_owned(),
+            content_type: Cow::Borrowed("text/plain"),
+            headers: Vec::new(),
             body: body.into().into_bytes(),
         }
     }
 
     pub fn not_found() -> Self {
         Self::with_status(404, "not found\n")
+    }
+
+    /// A redirect (`301`, `302`, `303`, `307`, `308`) to `location`.
+    pub fn redirect(status: u16, location: impl Into<Cow<'static, str>>) -> Self {
+        Self::with_status(status, "").header("location", location)
+    }
+
+    /// Adds a header (another of the same name is kept: `set-cookie`).
+    pub fn header(
+        mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the `content-type`.
+    pub fn content_type(mut self, content_type: impl Into<Cow<'static, str>>) -> Self {
+        self.content_type = content_type.into();
+        self
     }
 }
 
@@ -115,6 +208,14 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// A named step of an upgrade plan (`hook = "name"` in release.toml).
     fn hook(&self, name: &str) -> Result<(), String> {
         Err(format!("this release has no hook named {name:?}"))
+    }
+
+    /// Called once before the instance is dropped and its library
+    /// unloaded, with no request in flight: join every thread the
+    /// instance started here. A thread of the plugin still running after
+    /// the unload would crash the agent.
+    fn stop(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 

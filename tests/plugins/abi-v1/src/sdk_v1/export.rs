@@ -1,0 +1,247 @@
+//! The generic `extern "C"` functions behind [`crate::export_plugin!`].
+//! Each one runs plugin code inside `catch_unwind`, so no panic unwinds
+//! into the host.
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sdk_v1::abi::{
+    Buffer, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION, STATUS_ERROR, STATUS_OK,
+    STATUS_PANIC,
+};
+use crate::sdk_v1::{find_path, Plugin, Request};
+
+/// Exports a [`Plugin`] implementation as a nine9s release library.
+///
+/// ```ignore
+/// nine9s_sdk::export_plugin!(App, name = "nine9s");
+/// ```
+/// The release's version is the crate's `CARGO_PKG_VERSION`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty, name = $name:expr) => {
+        #[no_mangle]
+        pub static NINE9S_ABI_VERSION: u32 = $crate::sdk_v1::abi::ABI_VERSION;
+
+        #[no_mangle]
+        pub extern "C" fn nine9s_plugin_api() -> *const $crate::sdk_v1::abi::PluginApi {
+            static API: $crate::sdk_v1::abi::PluginApi =
+                $crate::sdk_v1::__private::api::<$plugin>($name, env!("CARGO_PKG_VERSION"));
+            &API
+        }
+    };
+}
+
+/// Builds the table for `P`. Used by the macro only.
+pub const fn api<P: Plugin>(name: &'static str, version: &'static str) -> PluginApi {
+    PluginApi {
+        abi_version: ABI_VERSION,
+        name: Slice::from_static(name),
+        version: Slice::from_static(version),
+        state_version: P::STATE_VERSION,
+        create: create::<P>,
+        destroy: destroy::<P>,
+        handle: handle::<P>,
+        snapshot: snapshot::<P>,
+        can_migrate: can_migrate::<P>,
+        migrate: migrate::<P>,
+        health: health::<P>,
+        hook: hook::<P>,
+        free,
+    }
+}
+
+thread_local! {
+    // Where the last panic on this thread happened. `Cell` of plain bytes:
+    // no destructor, so this thread-local never pins the library in memory.
+    static PANIC_AT: Cell<([u8; 96], usize)> = const { Cell::new(([0; 96], 0)) };
+}
+
+static HOOK_INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// Replaces this library's panic hook (each cdylib has its own copy of std)
+/// with one that only remembers where the panic happened; the host logs it.
+fn install_panic_hook() {
+    if HOOK_INSTALLED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let mut at = [0u8; 96];
+        let mut len = 0;
+        if let Some(location) = info.location() {
+            let text = format!("{}:{}", location.file(), location.line());
+            len = text.len().min(at.len());
+            at[..len].copy_from_slice(&text.as_bytes()[..len]);
+        }
+        PANIC_AT.with(|cell| cell.set((at, len)));
+    }));
+}
+
+/// Runs `f`; a panic or an error is written to `err` and turned into a status.
+fn guarded(err: *mut Buffer, f: impl FnOnce() -> Result<(), String>) -> i32 {
+    install_panic_hook();
+    let (status, message) = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => return STATUS_OK,
+        Ok(Err(message)) => (STATUS_ERROR, message),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".to_owned());
+            let (at, len) = PANIC_AT.with(Cell::get);
+            let at = String::from_utf8_lossy(&at[..len]).into_owned();
+            (STATUS_PANIC, format!("panicked at {at}: {what}"))
+        }
+    };
+    if !err.is_null() {
+        // SAFETY: the host passes a valid, writable `Buffer` for the error.
+        unsafe { err.write(Buffer::from_vec(message.into_bytes())) };
+    }
+    status
+}
+
+/// # Safety
+/// `state` is null or a valid `Slice`; `out` and `err` are writable.
+unsafe extern "C" fn create<P: Plugin>(
+    state: *const Slice,
+    out: *mut *mut c_void,
+    err: *mut Buffer,
+) -> i32 {
+    guarded(err, || {
+        // SAFETY: the host passes null or a valid `Slice` borrowed for this call.
+        let state = unsafe { state.as_ref().map(|s| s.as_bytes()) };
+        let instance = P::init(state)?;
+        // SAFETY: `out` is a valid place for the instance pointer (host contract).
+        unsafe { out.write(Box::into_raw(Box::new(instance)).cast()) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `instance` comes from `create` of this library and is destroyed once.
+unsafe extern "C" fn destroy<P: Plugin>(instance: *mut c_void) {
+    // A panicking Drop must not unwind into the host; the instance is gone either way.
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `instance` is the Box<P> made by `create`, freed exactly once.
+        drop(unsafe { Box::from_raw(instance.cast::<P>()) });
+    }));
+}
+
+/// # Safety
+/// `instance` is live; `request` points to slices valid for this call;
+/// `response` and `err` are writable.
+unsafe extern "C" fn handle<P: Plugin>(
+    instance: *const c_void,
+    request: *const RawRequest,
+    response: *mut RawResponse,
+    err: *mut Buffer,
+) -> i32 {
+    guarded(err, || {
+        // SAFETY: host contract: a live instance of P and a request valid for this call.
+        let (plugin, raw) = unsafe { (&*instance.cast::<P>(), &*request) };
+        // SAFETY: the host borrows these slices to us for the duration of the call.
+        let (method, path, query, headers, body) = unsafe {
+            (
+                raw.method.as_bytes(),
+                raw.path.as_bytes(),
+                raw.query.as_bytes(),
+                raw.headers.as_bytes(),
+                raw.body.as_bytes(),
+            )
+        };
+        let text =
+            |bytes| std::str::from_utf8(bytes).map_err(|e| format!("request is not UTF-8: {e}"));
+        let request = Request {
+            method: text(method)?,
+            path: text(path)?,
+            query: text(query)?,
+            headers: text(headers)?,
+            body,
+        };
+        let reply = plugin.handle(&request);
+        let raw = RawResponse {
+            status: reply.status,
+            content_type: Buffer::from_vec(reply.content_type.into_bytes()),
+            body: Buffer::from_vec(reply.body),
+        };
+        // SAFETY: `response` is writable (host contract).
+        unsafe { response.write(raw) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `instance` is live; `out` and `err` are writable.
+unsafe extern "C" fn snapshot<P: Plugin>(
+    instance: *const c_void,
+    out: *mut Buffer,
+    err: *mut Buffer,
+) -> i32 {
+    guarded(err, || {
+        // SAFETY: host contract: a live instance of P.
+        let plugin = unsafe { &*instance.cast::<P>() };
+        let state = plugin.snapshot();
+        // SAFETY: `out` is writable (host contract).
+        unsafe { out.write(Buffer::from_vec(state)) };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn can_migrate<P: Plugin>(from: u32, to: u32) -> bool {
+    catch_unwind(|| find_path(P::migrations(), from, to).is_some()).unwrap_or(false)
+}
+
+/// # Safety
+/// `state` is valid for this call; `out` and `err` are writable.
+unsafe extern "C" fn migrate<P: Plugin>(
+    from: u32,
+    to: u32,
+    state: Slice,
+    out: *mut Buffer,
+    err: *mut Buffer,
+) -> i32 {
+    guarded(err, || {
+        let path = find_path(P::migrations(), from, to)
+            .ok_or_else(|| format!("no migration from state version {from} to {to}"))?;
+        // SAFETY: the host borrows the state bytes to us for this call.
+        let mut current = unsafe { state.as_bytes() }.to_vec();
+        for step in path {
+            current = (step.run)(&current)
+                .map_err(|e| format!("migration {} -> {} failed: {e}", step.from, step.to))?;
+        }
+        // SAFETY: `out` is writable (host contract).
+        unsafe { out.write(Buffer::from_vec(current)) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `instance` is live; `err` is writable.
+unsafe extern "C" fn health<P: Plugin>(instance: *const c_void, err: *mut Buffer) -> i32 {
+    // SAFETY: host contract: a live instance of P.
+    guarded(err, || unsafe { &*instance.cast::<P>() }.health())
+}
+
+/// # Safety
+/// `instance` is live; `name` is valid for this call; `err` is writable.
+unsafe extern "C" fn hook<P: Plugin>(
+    instance: *const c_void,
+    name: Slice,
+    err: *mut Buffer,
+) -> i32 {
+    guarded(err, || {
+        // SAFETY: host contract: a live instance and a name borrowed for this call.
+        let (plugin, name) = unsafe { (&*instance.cast::<P>(), name.as_bytes()) };
+        plugin.hook(&String::from_utf8_lossy(name))
+    })
+}
+
+/// # Safety
+/// `buffer` was made by this library and is freed once.
+unsafe extern "C" fn free(buffer: Buffer) {
+    // SAFETY: the host returns each buffer we allocated exactly once.
+    drop(unsafe { buffer.into_vec() });
+}
