@@ -415,8 +415,10 @@ async fn answer(
             let mut headers = reply.headers;
             // The framing and the connection are the agent's: a release
             // that set them could desynchronise the client's connection.
-            for name in CONNECTION_HEADERS {
-                headers.remove(name);
+            if headers.keys().any(|name| CONNECTION_HEADERS.contains(name)) {
+                for name in CONNECTION_HEADERS {
+                    headers.remove(name);
+                }
             }
             let mut response = Response::new(Full::new(reply.body));
             *response.status_mut() = status;

@@ -1,31 +1,45 @@
 //! The running release: the one instance that serves new requests, the
 //! instances still finishing requests, and the switch between them.
 //!
-//! Every request calls the plugin while holding a read lock on the slot;
-//! a switch takes the write lock. Taking it *is* the quiesce: it waits for
-//! the calls in flight on the old code and holds new requests back (they
-//! wait, none is refused). Under the write lock the old state is
-//! snapshotted, migrated and restored into the new instance, and the slot
-//! is swapped; releasing the lock lets the held requests through, onto the
-//! new code. Since no call into the old instance can run after the
-//! snapshot, no state change is lost or counted twice.
+//! The request path takes no lock and touches no shared cache line: it
+//! reads the active instance from an `ArcSwap`, counts itself in flight on
+//! that instance (a per-thread shard), and checks that the gate is open and
+//! the instance is still the active one; otherwise it steps back and tries
+//! again (waiting while the gate is closed).
+//!
+//! A switch that carries state closes the gate — new requests wait, none is
+//! refused — and waits for the calls in flight on the old code: that *is*
+//! the quiesce. Behind the closed gate the old state is snapshotted,
+//! migrated and restored into the new instance, and the active instance is
+//! swapped; opening the gate lets the held requests through, onto the new
+//! code. All of it in sequentially consistent order (a request counts
+//! itself, then reads the gate and the active id; a switch closes the gate,
+//! then reads the counts; it changes the active id before it opens the
+//! gate), so no call into the old instance can run after the snapshot, and
+//! no state change is lost or counted twice.
+//!
+//! A switch that carries no state holds nothing: the new instance is
+//! active at once, and the old one finishes the calls it has.
 //!
 //! Counting is lock-free on the request path: each instance's counters
 //! (what the soak watcher and `status` read) and each version's
 //! [`Totals`] by status code (what `/metrics` reads) are atomics sharded
 //! by thread.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use nine9s_host::{CallError, Instance, Request, Response};
 use nine9s_manifest::Version;
-use tokio::sync::RwLock;
+use tokio::sync::Notify;
 
 /// One instance of a release, with its request counters.
 #[derive(Debug)]
 pub struct Loaded {
+    /// Unique in the process: which instance is active, in one atomic.
+    id: u64,
     pub version: Version,
     /// The version as text: every response carries it.
     pub label: &'static str,
@@ -151,8 +165,10 @@ pub struct Counters {
 
 impl Loaded {
     pub fn new(version: Version, blocking: bool, instance: Instance) -> Loaded {
+        static IDS: AtomicU64 = AtomicU64::new(1);
         let totals = totals(&version);
         Loaded {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             label: totals.label,
             totals,
             version,
@@ -175,6 +191,14 @@ impl Loaded {
             errors: sum(|s| &s.errors),
             panics: sum(|s| &s.panics),
         }
+    }
+
+    /// Calls on this instance now.
+    fn in_flight(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::SeqCst))
+            .sum()
     }
 }
 
@@ -201,9 +225,67 @@ pub enum SwitchError<E> {
 }
 
 pub struct Runtime {
-    slot: RwLock<Arc<Loaded>>,
+    /// The instance serving new requests.
+    active: ArcSwap<Loaded>,
+    /// Its `id`: what a request checks after counting itself in flight.
+    active_id: AtomicU64,
+    gate: Gate,
     /// Every instance still alive, serving or draining (for `status`).
     resident: Mutex<Vec<Weak<Loaded>>>,
+}
+
+/// What holds new requests back while a switch carries state.
+#[derive(Default)]
+struct Gate {
+    closed: AtomicBool,
+    /// Wakes the requests held at the gate.
+    opened: Notify,
+    /// Wakes a switch waiting for calls in flight to end.
+    left: Notify,
+}
+
+impl Gate {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Returns once the gate is open.
+    async fn wait_open(&self) {
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            // Registered before the check: an `open` after it wakes us.
+            opened.as_mut().enable();
+            if !self.is_closed() {
+                return;
+            }
+            opened.await;
+        }
+    }
+}
+
+/// A call counted in flight on an instance; counted out when dropped.
+struct InFlight<'a> {
+    shard: &'a Shard,
+    gate: &'a Gate,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shard.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.gate.is_closed() {
+            self.gate.left.notify_one();
+        }
+    }
 }
 
 impl Runtime {
@@ -211,24 +293,42 @@ impl Runtime {
         let first = Arc::new(first);
         Runtime {
             resident: Mutex::new(vec![Arc::downgrade(&first)]),
-            slot: RwLock::new(first),
+            active_id: AtomicU64::new(first.id),
+            active: ArcSwap::new(first),
+            gate: Gate::default(),
         }
     }
 
     /// Serves one request on the active release.
     pub async fn handle(&self, request: &Request<'_>) -> Handled {
-        let slot = self.slot.read().await;
-        let loaded = &**slot;
         let mine = my_shard();
+        let loaded = loop {
+            let loaded = self.active.load();
+            loaded.shards[mine].in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
+                break loaded;
+            }
+            // A switch is under way or just happened: step back, wait for
+            // it, and go to whatever is active then.
+            drop(InFlight {
+                shard: &loaded.shards[mine],
+                gate: &self.gate,
+            });
+            drop(loaded);
+            self.gate.wait_open().await;
+        };
         let shard = &loaded.shards[mine];
-        shard.in_flight.fetch_add(1, Ordering::Relaxed);
+        let counted = InFlight {
+            shard,
+            gate: &self.gate,
+        };
         let result = if loaded.blocking {
-            // The read lock stays held, so a switch still waits for this call.
+            // Still counted in flight, so a switch still waits for this call.
             tokio::task::block_in_place(|| loaded.instance.handle(request))
         } else {
             loaded.instance.handle(request)
         };
-        shard.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(counted);
         shard.served.fetch_add(1, Ordering::Relaxed);
         match &result {
             Ok(response) if response.status < 500 => {}
@@ -255,13 +355,36 @@ impl Runtime {
 
     /// The instance serving new requests.
     pub async fn active(&self) -> Arc<Loaded> {
-        Arc::clone(&*self.slot.read().await)
+        self.active.load_full()
+    }
+
+    /// Closes the gate and waits, up to `deadline`, until no call is in
+    /// flight on `loaded`; false (the gate open again) if that moment did
+    /// not come.
+    async fn quiesce(&self, loaded: &Loaded, deadline: Instant) -> bool {
+        self.gate.close();
+        loop {
+            let left = self.gate.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if loaded.in_flight() == 0 {
+                return true;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() || tokio::time::timeout(remaining, left).await.is_err() {
+                if loaded.in_flight() == 0 {
+                    return true;
+                }
+                self.gate.open();
+                return false;
+            }
+        }
     }
 
     /// Runs `f` on the active instance at a moment with no request in
     /// flight on it (a consistent snapshot), looking for one for at most
-    /// `within`. It never queues as a writer, so new requests are never
-    /// held back; `None` if no such moment came.
+    /// `within`. It holds new requests back only while `f` runs, never
+    /// while waiting for that moment; `None` if no such moment came.
     pub async fn try_quiesced<T>(
         &self,
         within: Duration,
@@ -269,9 +392,14 @@ impl Runtime {
     ) -> Option<T> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(slot) = self.slot.try_write() {
-                return Some(f(&slot));
+            let loaded = self.active.load_full();
+            self.gate.close();
+            if loaded.in_flight() == 0 {
+                let result = f(&loaded);
+                self.gate.open();
+                return Some(result);
             }
+            self.gate.open();
             if Instant::now() >= deadline {
                 return None;
             }
@@ -288,17 +416,47 @@ impl Runtime {
         prepare: impl FnOnce(&Loaded) -> Result<Loaded, E>,
     ) -> Result<Switched, SwitchError<E>> {
         let asked = Instant::now();
-        let mut slot = tokio::time::timeout(timeout, self.slot.write())
-            .await
-            .map_err(|_| SwitchError::Quiesce)?;
-        let next = Arc::new(prepare(&slot).map_err(SwitchError::Prepare)?);
-        self.remember(&next);
-        let old = std::mem::replace(&mut *slot, next);
-        drop(slot);
+        let old = self.active.load_full();
+        if !self.quiesce(&old, asked + timeout).await {
+            return Err(SwitchError::Quiesce);
+        }
+        let next = match prepare(&old) {
+            Ok(next) => Arc::new(next),
+            Err(e) => {
+                self.gate.open();
+                return Err(SwitchError::Prepare(e));
+            }
+        };
+        self.install(next);
+        self.gate.open();
         Ok(Switched {
             old,
             wait: asked.elapsed(),
         })
+    }
+
+    /// Makes `next` active at once, holding no request: for a switch that
+    /// carries no state. The old instance finishes its calls in flight; it
+    /// is returned once they are done (or `timeout` passed), so that what
+    /// it snapshots then is all it served.
+    pub async fn replace(&self, next: Loaded, timeout: Duration) -> Switched {
+        let asked = Instant::now();
+        let old = self.active.load_full();
+        self.install(Arc::new(next));
+        let wait = asked.elapsed();
+        let deadline = asked + timeout;
+        while old.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Switched { old, wait }
+    }
+
+    /// Makes `next` the active instance (new requests go to it).
+    fn install(&self, next: Arc<Loaded>) {
+        self.remember(&next);
+        let id = next.id;
+        self.active.store(next);
+        self.active_id.store(id, Ordering::SeqCst);
     }
 
     /// Every instance still alive: the active one first, then the draining ones.
@@ -317,8 +475,9 @@ impl Runtime {
 
 /// Waits, up to `grace`, until nobody but the caller holds `old`; the
 /// caller then drops it, which releases its library. Requests never hold it
-/// past their call (responses are copied out of the plugin under the read
-/// lock), so what this waits for is a `status` call looking at it.
+/// past their call (a response body still being sent holds the library,
+/// not the instance), so what this waits for is a `status` call looking
+/// at it.
 pub async fn drain(old: &Arc<Loaded>, grace: Duration) {
     let deadline = Instant::now() + grace;
     while Arc::strong_count(old) > 1 {

@@ -97,62 +97,95 @@ impl Actor {
         let mut taken = Vec::new();
         let library = Arc::clone(&loaded.library);
         let snapshot_source = loaded.snapshot;
-        let switched = self.tokio.block_on(self.shared.runtime.switch(
-            self.shared.config.quiesce_timeout,
-            |old| {
-                let left = old
-                    .instance
-                    .snapshot()
-                    .map_err(|e| plugin_error(&old.version, "snapshot", e));
-                // Restoring the stored snapshot needs nothing of the release
-                // being left: a failing snapshot of it is only not kept.
-                let left = match (&snapshot_source, left) {
-                    (_, Ok(left)) => Some(left),
-                    (Some(_), Err(e)) => {
-                        tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
-                        None
-                    }
-                    (None, Err(e)) => return Err(e),
-                };
-                let state = match &snapshot_source {
-                    Some(stored) => stored.bytes.as_slice(),
-                    None => left.as_deref().unwrap_or_default(),
-                };
-                let migrated = carry.apply(state).map_err(|e| {
-                    plugin_error(&carry.migrator(&target.version), "state migration", e)
-                })?;
-                if let Some(left) = left {
-                    taken.push(Snapshot {
+        // A switch that carries no state holds no request: the new
+        // instance is made first and takes new requests at once, and the
+        // old one is snapshotted (for a later rollback to restore) once
+        // its own calls are done.
+        let stateless = matches!(carry, Carry::Fresh) && snapshot_source.is_none();
+        let switched = if stateless {
+            crash_point("switch:quiesced");
+            let instance = library
+                .instantiate(None)
+                .map_err(|e| plugin_error(&target.version, "init", e))?;
+            let next = Loaded::new(target.version.clone(), target.blocking, instance);
+            let switched = self.tokio.block_on(
+                self.shared
+                    .runtime
+                    .replace(next, self.shared.config.quiesce_timeout),
+            );
+            let old = &switched.old;
+            if old.instance.library().state_version() != 0 {
+                match old.instance.snapshot() {
+                    Ok(bytes) => taken.push(Snapshot {
                         version: old.version.clone(),
                         state_version: old.instance.library().state_version(),
                         taken_at_ms: now_ms(),
-                        bytes: left,
-                    });
-                }
-                crash_point("switch:quiesced");
-                let instance = library
-                    .instantiate(migrated.as_deref())
-                    .map_err(|e| plugin_error(&target.version, "init", e))?;
-                // The new release's starting state is durable with the
-                // transition too: should it be permanent when the agent
-                // dies, a restart restores this, not nothing.
-                if library.state_version() != 0 {
-                    if let Some(start) = migrated {
-                        taken.push(Snapshot {
-                            version: target.version.clone(),
-                            state_version: library.state_version(),
-                            taken_at_ms: now_ms(),
-                            bytes: start,
-                        });
+                        bytes,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(version = %old.version, error = %e, "the release left cannot be snapshotted; a rollback to it will migrate the running state instead")
                     }
                 }
-                Ok(Loaded::new(
-                    target.version.clone(),
-                    target.blocking,
-                    instance,
-                ))
-            },
-        ));
+            }
+            Ok(switched)
+        } else {
+            self.tokio.block_on(self.shared.runtime.switch(
+                self.shared.config.quiesce_timeout,
+                |old| {
+                    let left = old
+                        .instance
+                        .snapshot()
+                        .map_err(|e| plugin_error(&old.version, "snapshot", e));
+                    // Restoring the stored snapshot needs nothing of the release
+                    // being left: a failing snapshot of it is only not kept.
+                    let left = match (&snapshot_source, left) {
+                        (_, Ok(left)) => Some(left),
+                        (Some(_), Err(e)) => {
+                            tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
+                            None
+                        }
+                        (None, Err(e)) => return Err(e),
+                    };
+                    let state = match &snapshot_source {
+                        Some(stored) => stored.bytes.as_slice(),
+                        None => left.as_deref().unwrap_or_default(),
+                    };
+                    let migrated = carry.apply(state).map_err(|e| {
+                        plugin_error(&carry.migrator(&target.version), "state migration", e)
+                    })?;
+                    if let Some(left) = left {
+                        taken.push(Snapshot {
+                            version: old.version.clone(),
+                            state_version: old.instance.library().state_version(),
+                            taken_at_ms: now_ms(),
+                            bytes: left,
+                        });
+                    }
+                    crash_point("switch:quiesced");
+                    let instance = library
+                        .instantiate(migrated.as_deref())
+                        .map_err(|e| plugin_error(&target.version, "init", e))?;
+                    // The new release's starting state is durable with the
+                    // transition too: should it be permanent when the agent
+                    // dies, a restart restores this, not nothing.
+                    if library.state_version() != 0 {
+                        if let Some(start) = migrated {
+                            taken.push(Snapshot {
+                                version: target.version.clone(),
+                                state_version: library.state_version(),
+                                taken_at_ms: now_ms(),
+                                bytes: start,
+                            });
+                        }
+                    }
+                    Ok(Loaded::new(
+                        target.version.clone(),
+                        target.blocking,
+                        instance,
+                    ))
+                },
+            ))
+        };
         let switched = switched.map_err(|e| match e {
             SwitchError::Quiesce => Error::QuiesceTimeout {
                 version: active.version.clone(),
