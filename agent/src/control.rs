@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hyper::header::{HeaderName, HeaderValue};
 use nine9s_manifest::signature::TrustedKeys;
 use nine9s_manifest::{Manifest, Step, Version, MAX_MANIFEST};
 use nine9s_proto as pb;
@@ -27,6 +28,7 @@ use crate::release_handler::{
     check_service, inspect, Command, Direction, Engine, Meta, Permanence, PlanReport, Reply, Soak,
     Staging, StateSource, FREE_SPACE_MARGIN,
 };
+use crate::runtime::Split;
 
 /// Largest library `Stage` accepts.
 const MAX_ARTIFACT: u64 = 512 * 1024 * 1024;
@@ -124,9 +126,11 @@ fn code(reason: Reason) -> Code {
         Reason::DiskFull | Reason::TooLarge | Reason::TooManyUploads => Code::ResourceExhausted,
         Reason::Unauthenticated => Code::Unauthenticated,
         Reason::PermissionDenied => Code::PermissionDenied,
-        Reason::BadSignature | Reason::SignatureRequired | Reason::NoSupervisor => {
-            Code::FailedPrecondition
-        }
+        Reason::BadSignature
+        | Reason::SignatureRequired
+        | Reason::NoSupervisor
+        | Reason::CanaryWithState
+        | Reason::CanaryWhileCurrent => Code::FailedPrecondition,
         Reason::ChecksumMismatch => Code::DataLoss,
         Reason::UploadStalled => Code::DeadlineExceeded,
         Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {
@@ -380,19 +384,67 @@ impl ControlService {
         let meta_in = meta_of(&request, identity)?;
         let request = request.into_inner();
         let version = parse_version("version", &request.version)?;
-        let permanence = permanence(&request)?;
-        let reply = self
-            .command(
-                Command::Switch {
-                    direction,
+        let command = match &request.canary {
+            Some(split) => {
+                if request.dry_run {
+                    return Err(invalid("dry_run: a canary has no dry run; it changes no lifecycle state, and a rollback drops it"));
+                }
+                Command::Canary {
                     version,
-                    permanence,
-                    dry_run: request.dry_run,
-                },
-                meta_in,
-            )
-            .await?;
+                    split: canary_split(split)?,
+                }
+            }
+            None => Command::Switch {
+                direction,
+                version,
+                permanence: permanence(&request)?,
+                dry_run: request.dry_run,
+            },
+        };
+        let reply = self.command(command, meta_in).await?;
         Ok(Response::new(transition_reply(reply)))
+    }
+}
+
+/// A canary's split, checked: a weight of 1 to 1000 per mille, or a
+/// header name (and value) that can appear in a request; not both.
+fn canary_split(split: &pb::CanarySplit) -> Result<Split, Status> {
+    match (split.permille, split.header.as_str()) {
+        (0, "") => Err(invalid(
+            "canary: give a weight (permille 1 to 1000) or a header",
+        )),
+        (permille @ 1..=1000, "") => Ok(Split::Weight(permille as u16)),
+        (0, header) => {
+            let name = HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| invalid("canary.header: not a header name"))?;
+            let value = match split.header_value.as_str() {
+                "" => None,
+                value => Some(
+                    HeaderValue::from_str(value)
+                        .map_err(|_| invalid("canary.header_value: not a header value"))?,
+                ),
+            };
+            Ok(Split::Header { name, value })
+        }
+        (1..=1000, _) => Err(invalid("canary: a weight or a header, not both")),
+        _ => Err(invalid("canary.permille: 1 to 1000 (per mille)")),
+    }
+}
+
+fn split_pb(split: &Split) -> pb::CanarySplit {
+    match split {
+        Split::Weight(permille) => pb::CanarySplit {
+            permille: u32::from(*permille),
+            ..Default::default()
+        },
+        Split::Header { name, value } => pb::CanarySplit {
+            header: name.to_string(),
+            header_value: value
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default(),
+            ..Default::default()
+        },
     }
 }
 
@@ -669,6 +721,16 @@ impl Control for ControlService {
             store_error: status.store_error.unwrap_or_default(),
             last_checkpoint_ms: status.last_checkpoint_ms.unwrap_or(0),
             agent: Some(self.process()),
+            canary: self.engine.runtime().canary().map(|canary| {
+                let counters = canary.loaded.counters();
+                pb::Canary {
+                    version: canary.loaded.version.to_string(),
+                    split: Some(split_pb(&canary.split)),
+                    served: counters.served,
+                    errors: counters.errors,
+                    in_flight: counters.in_flight,
+                }
+            }),
         }))
     }
 
@@ -881,6 +943,7 @@ fn transition_pb(t: &Transition) -> pb::Transition {
         TransitionKind::MakePermanent => pb::TransitionKind::MakePermanent,
         TransitionKind::Remove => pb::TransitionKind::Remove,
         TransitionKind::Restart => pb::TransitionKind::Restart,
+        TransitionKind::Canary => pb::TransitionKind::Canary,
     };
     let result = match t.outcome {
         Outcome::Running => pb::TransitionResult::Running,

@@ -174,6 +174,10 @@ pub enum Reason {
     UploadStalled,
     /// The agent runs without its supervisor: it cannot replace itself.
     NoSupervisor,
+    /// A canary was asked for a release that keeps state (or beside one).
+    CanaryWithState,
+    /// A canary was asked while a release is current (soaking or held).
+    CanaryWhileCurrent,
     Internal,
 }
 
@@ -210,6 +214,8 @@ impl Reason {
             Reason::TooManyUploads => "TOO_MANY_UPLOADS",
             Reason::UploadStalled => "UPLOAD_STALLED",
             Reason::NoSupervisor => "NO_SUPERVISOR",
+            Reason::CanaryWithState => "CANARY_WITH_STATE",
+            Reason::CanaryWhileCurrent => "CANARY_WHILE_CURRENT",
             Reason::Internal => "INTERNAL",
         }
     }

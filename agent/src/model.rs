@@ -78,6 +78,8 @@ pub enum TransitionKind {
     Remove,
     /// The agent started and came back on the permanent release.
     Restart,
+    /// A canary started beside the active release.
+    Canary,
 }
 
 impl fmt::Display for TransitionKind {
@@ -91,6 +93,7 @@ impl fmt::Display for TransitionKind {
             TransitionKind::MakePermanent => "make-permanent",
             TransitionKind::Remove => "remove",
             TransitionKind::Restart => "restart",
+            TransitionKind::Canary => "canary",
         })
     }
 }

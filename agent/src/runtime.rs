@@ -21,6 +21,11 @@
 //! A switch that carries no state holds nothing: the new instance is
 //! active at once, and the old one finishes the calls it has.
 //!
+//! A canary is a second instance beside the active one that serves a
+//! [`Split`] of the requests (a share by weight, or those with a header).
+//! Only releases that keep no state have one, so its requests never wait
+//! at the gate.
+//!
 //! Counting is lock-free on the request path: each instance's counters
 //! (what the soak watcher and `status` read) and each version's
 //! [`Totals`] by status code (what `/metrics` reads) are atomics sharded
@@ -30,7 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hyper::header::{HeaderName, HeaderValue};
 use nine9s_host::{CallError, Instance, Request, Response};
 use nine9s_manifest::Version;
 use tokio::sync::Notify;
@@ -230,8 +236,86 @@ pub struct Runtime {
     /// Its `id`: what a request checks after counting itself in flight.
     active_id: AtomicU64,
     gate: Gate,
+    /// The canary beside the active instance, if any.
+    canary: ArcSwapOption<Canary>,
     /// Every instance still alive, serving or draining (for `status`).
     resident: Mutex<Vec<Weak<Loaded>>>,
+}
+
+/// Which requests a canary serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Split {
+    /// This many of every 1000 requests, at random.
+    Weight(u16),
+    /// The requests with this header (and this value, if given).
+    Header {
+        name: HeaderName,
+        value: Option<HeaderValue>,
+    },
+}
+
+impl Split {
+    fn picks(&self, request: &Request<'_>) -> bool {
+        match self {
+            Split::Weight(permille) => random_permille() < *permille,
+            Split::Header { name, value } => request
+                .headers
+                .get_all(name)
+                .iter()
+                .any(|v| value.as_ref().is_none_or(|want| want == v)),
+        }
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Split::Weight(permille) if permille % 10 == 0 => {
+                write!(f, "{}% of requests", permille / 10)
+            }
+            Split::Weight(permille) => {
+                write!(f, "{}.{}% of requests", permille / 10, permille % 10)
+            }
+            Split::Header { name, value: None } => write!(f, "requests with header {name}"),
+            Split::Header {
+                name,
+                value: Some(value),
+            } => write!(
+                f,
+                "requests with header {name}: {}",
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+        }
+    }
+}
+
+/// 0 to 999, from a per-thread xorshift: a canary's weight needs an even
+/// spread, not secrecy, and no shared state on the request path.
+fn random_permille() -> u16 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            (seed ^ (my_shard() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x % 1000) as u16
+    })
+}
+
+/// A canary: its instance and which requests it serves.
+#[derive(Debug)]
+pub struct Canary {
+    pub loaded: Arc<Loaded>,
+    pub split: Split,
 }
 
 /// What holds new requests back while a switch carries state.
@@ -296,12 +380,24 @@ impl Runtime {
             active_id: AtomicU64::new(first.id),
             active: ArcSwap::new(first),
             gate: Gate::default(),
+            canary: ArcSwapOption::empty(),
         }
     }
 
-    /// Serves one request on the active release.
+    /// Serves one request on the active release, or on the canary if it
+    /// picks the request.
     pub async fn handle(&self, request: &Request<'_>) -> Handled {
         let mine = my_shard();
+        {
+            let canary = self.canary.load();
+            if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(request)) {
+                // A canary keeps no state: no switch waits for its calls.
+                canary.loaded.shards[mine]
+                    .in_flight
+                    .fetch_add(1, Ordering::SeqCst);
+                return self.call(&canary.loaded, mine, request);
+            }
+        }
         let loaded = loop {
             let loaded = self.active.load();
             loaded.shards[mine].in_flight.fetch_add(1, Ordering::SeqCst);
@@ -317,6 +413,12 @@ impl Runtime {
             drop(loaded);
             self.gate.wait_open().await;
         };
+        self.call(&loaded, mine, request)
+    }
+
+    /// Calls `loaded` with a request already counted in flight on its
+    /// shard `mine`, then counts it out and counts its outcome.
+    fn call(&self, loaded: &Loaded, mine: usize, request: &Request<'_>) -> Handled {
         let shard = &loaded.shards[mine];
         let counted = InFlight {
             shard,
@@ -351,6 +453,24 @@ impl Runtime {
             version: loaded.label,
             result,
         }
+    }
+
+    /// Starts serving `split` of the requests with `loaded`; the canary
+    /// before it, if any, is returned (it finishes its calls in flight).
+    pub fn set_canary(&self, loaded: Loaded, split: Split) -> Option<Arc<Canary>> {
+        let loaded = Arc::new(loaded);
+        self.remember(&loaded);
+        self.canary.swap(Some(Arc::new(Canary { loaded, split })))
+    }
+
+    /// Stops the canary: every request goes to the active instance again.
+    pub fn clear_canary(&self) -> Option<Arc<Canary>> {
+        self.canary.swap(None)
+    }
+
+    /// The canary, if there is one.
+    pub fn canary(&self) -> Option<Arc<Canary>> {
+        self.canary.load_full()
     }
 
     /// The instance serving new requests.
@@ -463,7 +583,12 @@ impl Runtime {
     pub fn resident(&self) -> Vec<Arc<Loaded>> {
         let mut list = self.resident.lock().unwrap_or_else(|e| e.into_inner());
         list.retain(|w| w.strong_count() > 0);
-        list.iter().rev().filter_map(Weak::upgrade).collect()
+        let mut alive: Vec<Arc<Loaded>> = list.iter().rev().filter_map(Weak::upgrade).collect();
+        drop(list);
+        // The active one first: a canary remembered since is not it.
+        let active = self.active_id.load(Ordering::SeqCst);
+        alive.sort_by_key(|l| l.id != active);
+        alive
     }
 
     fn remember(&self, loaded: &Arc<Loaded>) {

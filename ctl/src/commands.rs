@@ -230,6 +230,7 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
             }
         }
         Command::Upgrade(switch) => switch_to(agent, output, "upgrade", switch).await?,
+        Command::Promote { wait, request } => promote(agent, output, wait, request).await?,
         Command::Downgrade(switch) => switch_to(agent, output, "downgrade", switch).await?,
         Command::Rollback {
             state,
@@ -528,6 +529,47 @@ async fn switch_to(
     Ok(())
 }
 
+/// `ctl promote`: the switch to the canary's release, conditional on the
+/// release active now.
+async fn promote(
+    agent: &Agent,
+    output: Output,
+    wait: bool,
+    request: Request,
+) -> Result<(), Failure> {
+    let now = status(agent).await?;
+    let Some(canary) = now.canary else {
+        return Err(
+            anyhow!("there is no canary to promote (`ctl status` shows it when there is)").into(),
+        );
+    };
+    let to: semver::Version = canary
+        .version
+        .parse()
+        .with_context(|| format!("the agent's canary version {:?}", canary.version))?;
+    let active: semver::Version = now
+        .active_version
+        .parse()
+        .with_context(|| format!("the agent's active version {:?}", now.active_version))?;
+    let word = if to > active { "upgrade" } else { "downgrade" };
+    let switch = Switch {
+        to,
+        soak: None,
+        permanent: false,
+        no_permanent: false,
+        dry_run: false,
+        wait,
+        timeout: None,
+        canary: None,
+        canary_header: None,
+        request: Checked {
+            request,
+            expect_active: Some(active),
+        },
+    };
+    switch_to(agent, output, word, switch).await
+}
+
 pub async fn status(agent: &Agent) -> Result<pb::StatusReply, Failure> {
     agent
         .call("status", pb::StatusRequest {}, |mut c, r| async move {
@@ -564,5 +606,17 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
         request_id: id(&switch.request.request),
         expected_active: expected(&switch.request),
         reason: switch.request.request.reason.clone().unwrap_or_default(),
+        canary: match (&switch.canary, &switch.canary_header) {
+            (Some(permille), _) => Some(pb::CanarySplit {
+                permille: u32::from(*permille),
+                ..Default::default()
+            }),
+            (None, Some((header, value))) => Some(pb::CanarySplit {
+                header: header.clone(),
+                header_value: value.clone(),
+                ..Default::default()
+            }),
+            (None, None) => None,
+        },
     }
 }

@@ -253,7 +253,7 @@ enum Command {
     Releases,
     /// Switch to a higher version.
     #[command(
-        after_help = "Examples:\n  ctl upgrade --to 0.2.0 --dry-run\n  ctl upgrade --to 0.2.0 --wait --timeout 5m\n  ctl upgrade --to 0.2.0 --expect-active 0.1.0 --request-id deploy-42 --soak 30s"
+        after_help = "Examples:\n  ctl upgrade --to 0.2.0 --dry-run\n  ctl upgrade --to 0.2.0 --wait --timeout 5m\n  ctl upgrade --to 0.2.0 --expect-active 0.1.0 --request-id deploy-42 --soak 30s\n  ctl upgrade --to 0.2.0 --canary 10%\n  ctl upgrade --to 0.2.0 --canary-header x-canary=1"
     )]
     Upgrade(Switch),
     /// Switch to a lower version.
@@ -278,6 +278,17 @@ enum Command {
         /// Accepted for symmetry with upgrade: the target is permanent at once.
         #[arg(long, conflicts_with = "dry_run")]
         wait: bool,
+    },
+    /// Finish the canary's switch: upgrade (or downgrade) to the canary's
+    /// release, which then soaks as any switch does.
+    #[command(after_help = "Examples:\n  ctl promote\n  ctl promote --wait")]
+    Promote {
+        /// Wait until the release is permanent after its soak (as
+        /// `upgrade --wait`).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        request: Request,
     },
     /// Make the current release permanent now.
     #[command(
@@ -422,6 +433,26 @@ struct Switch {
     /// Give up waiting after this long (exit 1).
     #[arg(long, value_name = "DURATION", value_parser = timeout, requires = "wait")]
     timeout: Option<Duration>,
+    /// Instead of switching, serve this share of requests with the release
+    /// (`10%`, `0.5%`) beside the active one, until `ctl promote` finishes
+    /// the switch or `ctl rollback` drops it. Only for releases that keep
+    /// no state.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_parser = canary_weight,
+        conflicts_with_all = ["canary_header", "soak", "permanent", "no_permanent", "dry_run", "wait"]
+    )]
+    canary: Option<u16>,
+    /// As --canary, for the requests with this header (NAME, or NAME=VALUE
+    /// for that value only).
+    #[arg(
+        long,
+        value_name = "NAME[=VALUE]",
+        value_parser = canary_header,
+        conflicts_with_all = ["soak", "permanent", "no_permanent", "dry_run", "wait"]
+    )]
+    canary_header: Option<(String, String)>,
     #[command(flatten)]
     request: Checked,
 }
@@ -497,6 +528,35 @@ fn reason(text: &str) -> Result<String, String> {
         0..=1024 => Ok(text.to_owned()),
         n => Err(format!("{n} characters; at most 1024")),
     }
+}
+
+/// `10%`, `0.5%` or `10`: per mille, 1 to 1000.
+fn canary_weight(text: &str) -> Result<u16, String> {
+    let number = text.trim().trim_end_matches('%');
+    let percent: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a percentage (e.g. 10%)"))?;
+    let permille = (percent * 10.0).round();
+    if !(1.0..=1000.0).contains(&permille) || (percent * 10.0 - permille).abs() > 1e-6 {
+        return Err(format!("{text:?}: from 0.1% to 100%, in steps of 0.1%"));
+    }
+    Ok(permille as u16)
+}
+
+/// `NAME` or `NAME=VALUE`.
+fn canary_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text.split_once('=').unwrap_or((text, ""));
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    if !value
+        .chars()
+        .all(|c| c == ' ' || c == '\t' || c.is_ascii_graphic())
+    {
+        return Err("the value must be visible ASCII".into());
+    }
+    Ok((name.to_ascii_lowercase(), value.to_owned()))
 }
 
 fn rollout_id(text: &str) -> Result<String, String> {
@@ -706,6 +766,23 @@ mod tests {
         assert!(agent_url("ftp://x").is_err());
         assert!(agent_url("not a url").is_err());
         assert!(request_id("deploy-42").is_ok());
+        assert_eq!(canary_weight("10%"), Ok(100));
+        assert_eq!(canary_weight("0.5%"), Ok(5));
+        assert_eq!(canary_weight("100"), Ok(1000));
+        assert!(canary_weight("0%").is_err());
+        assert!(canary_weight("0.05%").is_err());
+        assert!(canary_weight("101%").is_err());
+        assert!(canary_weight("ten").is_err());
+        assert_eq!(
+            canary_header("X-Canary=1"),
+            Ok(("x-canary".into(), "1".into()))
+        );
+        assert_eq!(
+            canary_header("x-beta"),
+            Ok(("x-beta".into(), String::new()))
+        );
+        assert!(canary_header("bad name=1").is_err());
+        assert!(canary_header("=1").is_err());
         assert!(request_id("").is_err());
         assert!(request_id("é").is_err());
         assert!(request_id(&"x".repeat(129)).is_err());

@@ -32,6 +32,7 @@ pub fn kind_name(kind: TransitionKind) -> &'static str {
         TransitionKind::MakePermanent => "make-permanent",
         TransitionKind::Remove => "remove",
         TransitionKind::Restart => "restart",
+        TransitionKind::Canary => "canary",
         TransitionKind::Unspecified => "unknown",
     }
 }
@@ -205,6 +206,15 @@ pub fn switched(word: &str, switch: &Switch, reply: &pb::TransitionReply) {
         outln!("dry run: nothing changed");
         return;
     };
+    if t.kind() == TransitionKind::Canary {
+        outln!(
+            "canary {} serves beside {} ({}); `ctl promote` finishes the switch, `ctl rollback` drops it",
+            t.to_version,
+            t.from_version,
+            t.reason.rsplit("canary: ").next().unwrap_or(&t.reason)
+        );
+        return;
+    }
     let then = if switch.permanent {
         format!("{} is permanent", t.to_version)
     } else if switch.no_permanent {
@@ -233,6 +243,16 @@ pub fn rolled_back(dry_run: bool, reply: &pb::TransitionReply) {
             plan(p);
         }
         outln!("dry run: nothing changed");
+    } else if let Some(t) = reply
+        .transition
+        .as_ref()
+        .filter(|t| t.reason.contains("was dropped"))
+    {
+        outln!(
+            "dropped the canary of {}; every request goes to {} again",
+            t.from_version,
+            t.to_version
+        );
     } else if let Some(t) = &reply.transition {
         outln!(
             "rolled back {} -> {} in {} (requests held {}); {} is permanent",
@@ -325,6 +345,22 @@ pub fn status(s: &pb::StatusReply) {
         outln!(
             "store:     cannot be written: {} (transitions are refused; serving goes on)",
             s.store_error
+        );
+    }
+    if let Some(c) = &s.canary {
+        let split = c.split.clone().unwrap_or_default();
+        let which = if split.permille > 0 {
+            format!("{}% of requests", f64::from(split.permille) / 10.0)
+        } else if split.header_value.is_empty() {
+            format!("requests with header {}", split.header)
+        } else {
+            format!("requests with {}: {}", split.header, split.header_value)
+        };
+        outln!(
+            "canary:    {} ({which}): {} served, {} errors",
+            c.version,
+            c.served,
+            c.errors
         );
     }
     outln!("uptime:    {}", seconds(s.uptime_ms));

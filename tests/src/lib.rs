@@ -455,7 +455,16 @@ impl Client {
     }
 
     pub fn get(&mut self, path: &str) -> std::io::Result<Reply> {
-        let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr);
+        self.get_with(path, &[])
+    }
+
+    /// `GET path` with extra headers.
+    pub fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+        let mut request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
         self.reader.get_mut().write_all(request.as_bytes())?;
         let mut status_line = String::new();
         if self.reader.read_line(&mut status_line)? == 0 {

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::journal::{Changes, Origin};
 use super::machine::{self, Decision, Lifecycle, Settle, Soak};
-use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, StateSource, View};
+use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, Split, StateSource, View};
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
@@ -70,6 +70,7 @@ impl Actor {
                     let _ = reply.send(outcome);
                 }
                 Job::Soak(verdict) => self.soak(verdict),
+                Job::CanaryFailed(failure) => self.canary_failed(failure),
                 Job::Checkpoint => {
                     self.checkpoint();
                     self.maintain();
@@ -153,6 +154,12 @@ impl Actor {
                 permanence,
                 dry_run,
             } => self.switch_to(direction, &version, permanence, dry_run, &origin),
+            // With a canary, a rollback drops it: the active release was
+            // never left.
+            Command::Rollback { dry_run, .. } if self.shared.runtime.canary().is_some() => {
+                self.drop_canary(dry_run, None, &origin)
+            }
+            Command::Canary { version, split } => self.start_canary(&version, split, &origin),
             Command::Rollback { source, dry_run } => {
                 self.lifecycle.rollback_target().and_then(|target| {
                     self.switch_kind(
@@ -372,6 +379,11 @@ impl Actor {
         let mut guard = shared
             .journal
             .begin(kind, Some(&from), Some(version), origin)?;
+        // A switch finishes a canary (to its release) or ends it (to any
+        // other): the canary served beside the release being left.
+        if let Some(canary) = self.shared.runtime.clear_canary() {
+            guard.note(format!("the canary of {} ended", canary.loaded.version));
+        }
         crash_point("switch:begun");
         let span = tracing::info_span!("switch", %from, to = %version);
         let _entered = span.enter();
@@ -472,6 +484,149 @@ impl Actor {
                 tracing::error!(error = %e, "switch failed; the previous release keeps serving");
                 Err(guard.fail(e, &changes))
             }
+        }
+    }
+
+    /// Starts serving `split` of the requests with `version` beside the
+    /// active release, replacing a canary there may be. Refused for a
+    /// release that keeps state, or beside one: each instance would hold
+    /// its own copy of the state, and one copy would be lost.
+    fn start_canary(&mut self, version: &Version, split: Split, origin: &Origin) -> Result<Reply> {
+        let store = self.shared.store();
+        let target = store
+            .release(version)?
+            .ok_or_else(|| Error::UnknownVersion(version.clone()))?;
+        let active = self.lifecycle.active().clone();
+        if *version == active {
+            return Err(Error::refused(
+                Reason::InvalidArgument,
+                format!(
+                    "{version} is the active release: a canary serves another release beside it"
+                ),
+            ));
+        }
+        if !matches!(self.lifecycle.soak(), Soak::Idle) {
+            return Err(Error::refused(
+                Reason::CanaryWhileCurrent,
+                format!("{active} is current, not permanent: let its soak finish, or make it permanent or roll it back, before a canary"),
+            ));
+        }
+        let active_release = store
+            .release(&active)?
+            .ok_or_else(|| Error::UnknownVersion(active.clone()))?;
+        for release in [&target, &active_release] {
+            if release.state_version != 0 {
+                return Err(Error::refused(
+                    Reason::CanaryWithState,
+                    format!(
+                        "{} keeps state (state version {}): a canary would serve with a copy of the state of its own, and one of the two copies would be lost; upgrade to {version} without --canary",
+                        release.version, release.state_version
+                    ),
+                ));
+            }
+        }
+        let shared = Arc::clone(&self.shared);
+        let mut guard =
+            shared
+                .journal
+                .begin(TransitionKind::Canary, Some(&active), Some(version), origin)?;
+        guard.note(format!("canary: {split}"));
+        let started = super::catalog::open(&self.artifacts, &target).and_then(|library| {
+            library.instantiate(None).map_err(|source| Error::Plugin {
+                version: version.clone(),
+                during: "init",
+                source,
+            })
+        });
+        let instance = match started {
+            Ok(instance) => instance,
+            Err(e) => return Err(guard.fail(e, &Changes::default())),
+        };
+        let loaded = crate::runtime::Loaded::new(version.clone(), target.blocking, instance);
+        if let Some(before) = self.shared.runtime.set_canary(loaded, split) {
+            guard.note(format!("replacing the canary of {}", before.loaded.version));
+        }
+        let transition = guard.succeed(&Changes::default())?;
+        tracing::info!(%version, "canary started");
+        Ok(Reply::Switched {
+            transition: Some(transition),
+            plan: None,
+            unchanged: false,
+        })
+    }
+
+    /// Drops the canary (a rollback while there is one): every request
+    /// goes to the active release again. With a `fault`, its release is
+    /// failed for it, in the same commit.
+    fn drop_canary(
+        &mut self,
+        dry_run: bool,
+        fault: Option<String>,
+        origin: &Origin,
+    ) -> Result<Reply> {
+        let Some(canary) = self.shared.runtime.canary() else {
+            return Err(Error::refused(
+                Reason::InvalidArgument,
+                "there is no canary",
+            ));
+        };
+        if dry_run {
+            return Ok(Reply::Switched {
+                transition: None,
+                plan: None,
+                unchanged: false,
+            });
+        }
+        let active = self.lifecycle.active().clone();
+        let shared = Arc::clone(&self.shared);
+        let mut guard = shared.journal.begin(
+            TransitionKind::Rollback,
+            Some(&canary.loaded.version),
+            Some(&active),
+            origin,
+        )?;
+        guard.note(format!(
+            "the canary of {} ({}) was dropped",
+            canary.loaded.version, canary.split
+        ));
+        self.shared.runtime.clear_canary();
+        let transition = match fault {
+            Some(fault) => self.commit_event(
+                guard,
+                machine::Event::SwitchFailed {
+                    to: canary.loaded.version.clone(),
+                    fault: Some(fault),
+                },
+                &[],
+            )?,
+            None => guard.succeed(&Changes::default())?,
+        };
+        tracing::info!(version = %canary.loaded.version, "canary dropped");
+        Ok(Reply::Switched {
+            transition: Some(transition),
+            plan: None,
+            unchanged: false,
+        })
+    }
+
+    /// The canary failed its health check or its error rate: dropped, and
+    /// its release failed.
+    fn canary_failed(&mut self, failure: super::soak::CanaryFailure) {
+        let Some(canary) = self.shared.runtime.canary() else {
+            return;
+        };
+        if canary.loaded.version != failure.version {
+            return;
+        }
+        let version = canary.loaded.version.clone();
+        drop(canary);
+        let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)
+            .version(&version)
+            .message(failure.reason.clone());
+        self.shared.journal.emit(event);
+        let origin = Origin::automatic(format!("the canary {version} failed: {}", failure.reason));
+        if let Err(e) = self.drop_canary(false, Some(failure.reason), &origin) {
+            tracing::error!(error = %e, "cannot record the dropped canary");
         }
     }
 

@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::config::Config;
 use crate::error::{Error, Reason, Result};
 use crate::model::{Event, Release, Transition};
-use crate::runtime::{Counters, Runtime};
+use crate::runtime::{Counters, Runtime, Split};
 use crate::store::Store;
 
 mod actor;
@@ -77,6 +77,12 @@ pub enum Command {
     Remove {
         version: Version,
     },
+    /// Serve `split` of the requests with `version` beside the active
+    /// release.
+    Canary {
+        version: Version,
+        split: Split,
+    },
 }
 
 impl Command {
@@ -103,6 +109,7 @@ impl Command {
             Command::Rollback { source, .. } => format!("rollback {source:?} {expected:?}"),
             Command::MakePermanent { version } => format!("make-permanent {version} {expected:?}"),
             Command::Remove { version } => format!("remove {version} {expected:?}"),
+            Command::Canary { version, split } => format!("canary {version} {split} {expected:?}"),
         };
         // A request id belongs to its caller: another identity reusing it
         // is refused, never handed the first caller's outcome.
@@ -221,6 +228,8 @@ enum Job {
     },
     /// The soak watcher's look at the soaking release.
     Soak(soak::Verdict),
+    /// The soak watcher found the canary unhealthy.
+    CanaryFailed(soak::CanaryFailure),
     Checkpoint,
     /// Final checkpoint, clean-stop mark, and the actor ends.
     Stop(oneshot::Sender<()>),

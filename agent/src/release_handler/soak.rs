@@ -35,7 +35,14 @@ pub struct Verdict {
     pub health: Result<(), String>,
 }
 
-/// Watches soaks until `stopped` resolves.
+/// The canary is unhealthy.
+#[derive(Debug)]
+pub struct CanaryFailure {
+    pub version: Version,
+    pub reason: String,
+}
+
+/// Watches soaks (and the canary) until `stopped` resolves.
 pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     tokio::pin!(stopped);
     let mut tick = tokio::time::interval(TICK);
@@ -69,6 +76,11 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
                 return;
             }
         }
+        if let Some(failure) = look_at_canary(&engine, &checking).await {
+            if engine.send(Job::CanaryFailed(failure)).is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -88,9 +100,49 @@ async fn look(
     let done = Arc::clone(checking);
     let instance = Arc::clone(&active);
     drop(active);
+    let health = judge(config, instance, counters, done).await;
+    Some(Verdict {
+        version,
+        until_ms,
+        health,
+    })
+}
+
+/// One look at the canary, if there is one and it is not being checked
+/// already: `Some` if it is unhealthy.
+async fn look_at_canary(
+    engine: &Engine,
+    checking: &Arc<Mutex<Option<Version>>>,
+) -> Option<CanaryFailure> {
+    let canary = engine.runtime().canary()?;
+    let version = canary.loaded.version.clone();
+    {
+        let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
+        if checking.as_ref() == Some(&version) {
+            return None;
+        }
+        *checking = Some(version.clone());
+    }
+    let config = engine.config();
+    let counters = canary.loaded.counters();
+    let instance = Arc::clone(&canary.loaded);
+    drop(canary);
+    let health = judge(config, instance, counters, Arc::clone(checking)).await;
+    health.err().map(|reason| CanaryFailure { version, reason })
+}
+
+/// Calls `instance`'s health check on a blocking thread with the time
+/// limit, then its share of failed requests: `Err(why)` if unhealthy.
+/// `checking` names the release while its check runs.
+async fn judge(
+    config: &crate::config::Config,
+    instance: Arc<crate::runtime::Loaded>,
+    counters: crate::runtime::Counters,
+    checking: Arc<Mutex<Option<Version>>>,
+) -> Result<(), String> {
     let check = tokio::task::spawn_blocking(move || {
         let result = instance.instance.health();
-        let mut checking = done.lock().unwrap_or_else(|e| e.into_inner());
+        let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
         if checking.as_ref() == Some(&instance.version) {
             *checking = None;
         }
@@ -105,7 +157,7 @@ async fn look(
             config.health_timeout.as_millis()
         )),
     };
-    let health = health.and_then(|()| {
+    health.and_then(|()| {
         if counters.served < MIN_REQUESTS_FOR_RATE {
             return Ok(());
         }
@@ -122,10 +174,5 @@ async fn look(
         } else {
             Ok(())
         }
-    });
-    Some(Verdict {
-        version,
-        until_ms,
-        health,
     })
 }

@@ -1,0 +1,199 @@
+//! Canary traffic (issue 11): a release that keeps no state serves a share
+//! of requests by weight, or those with a header, beside the active
+//! release; `ctl promote` finishes the switch, `ctl rollback` drops the
+//! canary, the health gate drops a failing one by itself, and a release
+//! that keeps state is refused a canary.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent, Client};
+
+/// An agent on the embedded 0.1.0 with the canary fixture 0.1.5 staged
+/// (both keep no state).
+fn agent(dir: &std::path::Path) -> Agent {
+    let agent = Agent::start(&dir.join("data"), &[]);
+    let staged = stage_fixture(&agent, "canary");
+    assert_eq!(staged.code, 0, "{staged:?}");
+    agent
+}
+
+/// `GET path` `times` times on one connection, with `headers`: how many
+/// each release answered.
+fn answered(
+    agent: &Agent,
+    path: &str,
+    headers: &[(&str, &str)],
+    times: usize,
+) -> HashMap<String, usize> {
+    let mut client = Client::connect(agent.http).unwrap();
+    let mut by_release = HashMap::new();
+    for _ in 0..times {
+        let reply = client.get_with(path, headers).unwrap();
+        *by_release.entry(reply.release).or_insert(0) += 1;
+    }
+    by_release
+}
+
+fn canary_transition(agent: &Agent) -> serde_json::Value {
+    agent
+        .history()
+        .into_iter()
+        .rfind(|t| t["kind"] == "canary")
+        .expect("a canary transition in the history")
+}
+
+#[test]
+fn a_canary_by_weight_serves_its_share_then_promote_finishes_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary", "30%"])
+        .ok();
+    let status = agent.status();
+    assert_eq!(status["canary"]["version"], "0.1.5");
+    assert_eq!(status["canary"]["split"]["permille"], 300);
+    // The lifecycle is untouched: 0.1.0 is still active and permanent.
+    assert_eq!(status["active_version"], "0.1.0");
+    assert_eq!(status["permanent_version"], "0.1.0");
+    assert_eq!(agent.release_state("0.1.5"), "staged");
+
+    let by_release = answered(&agent, "/", &[], 1000);
+    let canary = by_release.get("0.1.5").copied().unwrap_or(0);
+    let main = by_release.get("0.1.0").copied().unwrap_or(0);
+    assert_eq!(canary + main, 1000, "{by_release:?}");
+    // 30% of 1000: the standard deviation is 14.5, so 200..400 never fails
+    // by chance.
+    assert!((200..400).contains(&canary), "{by_release:?}");
+    assert_eq!(agent.status()["canary"]["served"], canary as u64);
+    let t = canary_transition(&agent);
+    assert_eq!(
+        (&t["from_version"], &t["to_version"]),
+        (&"0.1.0".into(), &"0.1.5".into())
+    );
+    assert!(
+        t["reason"].as_str().unwrap().contains("30% of requests"),
+        "{t}"
+    );
+
+    let promoted = agent.ctl(&["promote", "--wait"]).ok();
+    assert!(
+        promoted.stdout.contains("0.1.5 is permanent"),
+        "{promoted:?}"
+    );
+    let status = agent.status();
+    assert!(status["canary"].is_null(), "{status}");
+    assert_eq!(status["permanent_version"], "0.1.5");
+    assert_eq!(
+        answered(&agent, "/", &[], 50),
+        HashMap::from([("0.1.5".to_owned(), 50)])
+    );
+    // Nothing left to promote.
+    let again = agent.ctl(&["promote"]);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("no canary"), "{again:?}");
+}
+
+#[test]
+fn a_canary_by_header_serves_only_those_requests_and_rollback_drops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary-header", "x-canary=1"])
+        .ok();
+    assert_eq!(
+        answered(&agent, "/", &[("x-canary", "1")], 20),
+        HashMap::from([("0.1.5".to_owned(), 20)])
+    );
+    assert_eq!(
+        answered(&agent, "/", &[("x-canary", "2")], 20),
+        HashMap::from([("0.1.0".to_owned(), 20)])
+    );
+    assert_eq!(
+        answered(&agent, "/", &[], 20),
+        HashMap::from([("0.1.0".to_owned(), 20)])
+    );
+    let split = &agent.status()["canary"]["split"];
+    assert_eq!(
+        (&split["header"], &split["header_value"]),
+        (&"x-canary".into(), &"1".into())
+    );
+
+    agent.ctl(&["rollback"]).ok();
+    let status = agent.status();
+    assert!(status["canary"].is_null(), "{status}");
+    assert_eq!(status["permanent_version"], "0.1.0");
+    assert_eq!(
+        answered(&agent, "/", &[("x-canary", "1")], 20),
+        HashMap::from([("0.1.0".to_owned(), 20)])
+    );
+    let dropped = agent.history().pop().unwrap();
+    assert_eq!(dropped["kind"], "rollback");
+    assert_eq!(
+        (&dropped["from_version"], &dropped["to_version"]),
+        (&"0.1.5".into(), &"0.1.0".into())
+    );
+    assert!(
+        dropped["reason"].as_str().unwrap().contains("was dropped"),
+        "{dropped}"
+    );
+    // The release is as it was: staged, and can be a canary again.
+    assert_eq!(agent.release_state("0.1.5"), "staged");
+}
+
+#[test]
+fn a_failing_canary_is_dropped_by_the_health_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary-header", "x-canary"])
+        .ok();
+    let failing = answered(&agent, "/fail", &[("x-canary", "yes")], 20);
+    assert_eq!(failing, HashMap::from([("0.1.5".to_owned(), 20)]));
+    assert!(eventually(Duration::from_secs(10), || agent.status()
+        ["canary"]
+        .is_null()));
+    assert_eq!(agent.release_state("0.1.5"), "failed");
+    assert_eq!(
+        answered(&agent, "/", &[("x-canary", "yes")], 10),
+        HashMap::from([("0.1.0".to_owned(), 10)])
+    );
+    let dropped = agent.history().pop().unwrap();
+    assert_eq!(dropped["kind"], "rollback");
+    assert_eq!(dropped["automatic"], true);
+    let reason = dropped["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the canary 0.1.5 failed") && reason.contains("20 of 20 requests failed"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_release_that_keeps_state_is_refused_a_canary() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    stage_sample(&agent, "0.2.0");
+    let refused = agent.ctl(&["upgrade", "--to", "0.2.0", "--canary", "10%"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("[CANARY_WITH_STATE]"),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .stderr
+            .contains("one of the two copies would be lost"),
+        "{refused:?}"
+    );
+    let status = agent.status();
+    assert!(status["canary"].is_null());
+    assert_eq!(status["active_version"], "0.1.0");
+    // Usage errors are caught before the agent is asked.
+    for bad in [
+        &["upgrade", "--to", "0.1.5", "--canary", "0%"][..],
+        &["upgrade", "--to", "0.1.5", "--canary", "10%", "--permanent"],
+        &["upgrade", "--to", "0.1.5", "--canary-header", "bad name"],
+    ] {
+        assert_eq!(agent.ctl(bad).code, 2, "{bad:?}");
+    }
+}
