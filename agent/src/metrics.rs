@@ -256,6 +256,16 @@ impl Collector for Live {
             )?;
             info.encode_info(&[("version", active.label)])?;
         }
+        if let Some(canary) = self.runtime.canary() {
+            let mut info = encoder.encode_descriptor(
+                "canary",
+                "The canary serving a share of requests beside the active release, and which.",
+                None,
+                MetricType::Info,
+            )?;
+            let split = canary.split.to_string();
+            info.encode_info(&[("version", canary.loaded.label), ("split", split.as_str())])?;
+        }
         let in_flight: u64 = resident.iter().map(|l| l.counters().in_flight).sum();
         ConstGauge::new(in_flight).encode(encoder.encode_descriptor(
             "in_flight_requests",

@@ -12,7 +12,7 @@ use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent, Client};
 /// An agent on the embedded 0.1.0 with the canary fixture 0.1.5 staged
 /// (both keep no state).
 fn agent(dir: &std::path::Path) -> Agent {
-    let agent = Agent::start(&dir.join("data"), &[]);
+    let agent = Agent::start(&dir.join("data"), &["--metrics", "127.0.0.1:0"]);
     let staged = stage_fixture(&agent, "canary");
     assert_eq!(staged.code, 0, "{staged:?}");
     agent
@@ -66,6 +66,14 @@ fn a_canary_by_weight_serves_its_share_then_promote_finishes_the_switch() {
     // by chance.
     assert!((200..400).contains(&canary), "{by_release:?}");
     assert_eq!(agent.status()["canary"]["served"], canary as u64);
+    // The metrics show the split too.
+    let metrics = nine9s_tests::get(agent.ready_address("metrics").unwrap(), "/metrics").body;
+    assert!(
+        metrics.contains(r#"nine9s_canary_info{version="0.1.5",split="30% of requests"} 1"#),
+        "{metrics}"
+    );
+    let counted = format!(r#"nine9s_http_requests_total{{release="0.1.5",code="200"}} {canary}"#);
+    assert!(metrics.contains(&counted), "{counted} not in {metrics}");
     let t = canary_transition(&agent);
     assert_eq!(
         (&t["from_version"], &t["to_version"]),
