@@ -377,8 +377,11 @@ pub fn status(s: &pb::StatusReply) {
         .libraries
         .iter()
         .map(|l| {
+            let canary = s.canary.as_ref().is_some_and(|c| c.version == l.version);
             let role = if l.active {
                 "active"
+            } else if canary && !l.lingering {
+                "canary"
             } else if l.lingering {
                 "lingering (released, still mapped)"
             } else {
