@@ -160,6 +160,9 @@ async fn connection(
     };
     let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    // Tells whether the agent began to stop without registering a waker:
+    // `stopping` is the one that does.
+    let stop_seen = stopping.clone();
     let mut draining = false;
     let mut closing = false;
     loop {
@@ -168,21 +171,50 @@ async fn connection(
         } else {
             watchdog.next_check(limits)
         };
-        tokio::select! {
-            ended = conn.as_mut() => {
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        let changed = stopping.changed();
+        tokio::pin!(changed);
+        let mut registered = false;
+        // The connection is polled on every wake-up; the timer and the stop
+        // signal only once, to register this task's waker, and then only
+        // looked at (two atomic loads). Polling them on every wake-up, as
+        // `select!` does, costs a lock per poll of the stop signal.
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Ended(ended));
+            }
+            if !registered {
+                registered = true;
+                let _ = sleep.as_mut().poll(cx);
+                if !draining {
+                    let _ = changed.as_mut().poll(cx);
+                }
+            }
+            if !draining && stop_seen.has_changed().unwrap_or(true) {
+                return Poll::Ready(Wake::Stopping);
+            }
+            if sleep.is_elapsed() {
+                return Poll::Ready(Wake::Tick);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Wake::Ended(ended) => {
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = stopping.changed(), if !draining => {
+            Wake::Stopping => {
                 // Not closed under a client that may be sending on it right
                 // now: a request in flight or arriving soon is answered with
                 // `Connection: close`; one that stays idle is closed below.
                 draining = true;
                 watchdog.draining.store(true, Ordering::Relaxed);
             }
-            () = tokio::time::sleep(wait) => {
+            Wake::Tick => {
                 if draining && !closing && watchdog.idle_for() >= DRAIN_LINGER {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
@@ -193,6 +225,13 @@ async fn connection(
             }
         }
     }
+}
+
+/// What woke a connection's task.
+enum Wake {
+    Ended(hyper::Result<()>),
+    Stopping,
+    Tick,
 }
 
 /// What a connection is doing, for its timeouts: when it last changed
