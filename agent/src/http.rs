@@ -485,7 +485,7 @@ async fn answer(
     response
 }
 
-fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response

@@ -38,6 +38,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::http::plain;
 use crate::model::{Outcome, Transition, TransitionKind};
 use crate::runtime::{self, Runtime};
 
@@ -369,14 +370,5 @@ fn answer(registry: &Registry, request: &Request<Incoming>) -> Response<Full<Byt
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS_TEXT));
-    response
-}
-
-fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
