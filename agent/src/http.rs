@@ -139,14 +139,16 @@ async fn connection(
         watchdog: Arc::clone(&watchdog),
     };
     let service = {
-        let watchdog = Arc::clone(&watchdog);
+        // One reference per connection, cloned per request: the runtime's
+        // own count is shared by every thread, this one by this connection.
+        let served = Arc::new((runtime, Arc::clone(&watchdog)));
         let body_limits = (limits.max_body, limits.http_body_timeout);
         service_fn(move |request| {
-            let runtime = Arc::clone(&runtime);
-            let watchdog = Arc::clone(&watchdog);
+            let served = Arc::clone(&served);
             async move {
+                let (runtime, watchdog) = &*served;
                 let _busy = watchdog.request();
-                let mut response = answer(&runtime, request, body_limits).await;
+                let mut response = answer(runtime, request, body_limits).await;
                 if watchdog.draining.load(Ordering::Relaxed) {
                     // The client learns at a request boundary that this
                     // connection ends, and opens another for its next one.

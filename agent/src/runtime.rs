@@ -238,6 +238,8 @@ pub struct Runtime {
     gate: Gate,
     /// The canary beside the active instance, if any.
     canary: ArcSwapOption<Canary>,
+    /// Whether there is one: a load that spares requests reading `canary`.
+    has_canary: AtomicBool,
     /// Every instance still alive, serving or draining (for `status`).
     resident: Mutex<Vec<Weak<Loaded>>>,
 }
@@ -381,6 +383,7 @@ impl Runtime {
             active: ArcSwap::new(first),
             gate: Gate::default(),
             canary: ArcSwapOption::empty(),
+            has_canary: AtomicBool::new(false),
         }
     }
 
@@ -388,7 +391,7 @@ impl Runtime {
     /// picks the request.
     pub async fn handle(&self, request: &Request<'_>) -> Handled {
         let mine = my_shard();
-        {
+        if self.has_canary.load(Ordering::Relaxed) {
             let canary = self.canary.load();
             if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(request)) {
                 // A canary keeps no state: no switch waits for its calls.
@@ -460,11 +463,14 @@ impl Runtime {
     pub fn set_canary(&self, loaded: Loaded, split: Split) -> Option<Arc<Canary>> {
         let loaded = Arc::new(loaded);
         self.remember(&loaded);
-        self.canary.swap(Some(Arc::new(Canary { loaded, split })))
+        let before = self.canary.swap(Some(Arc::new(Canary { loaded, split })));
+        self.has_canary.store(true, Ordering::Relaxed);
+        before
     }
 
     /// Stops the canary: every request goes to the active instance again.
     pub fn clear_canary(&self) -> Option<Arc<Canary>> {
+        self.has_canary.store(false, Ordering::Relaxed);
         self.canary.swap(None)
     }
 

@@ -16,6 +16,7 @@ use libloading::os::unix::{Library as DlLibrary, RTLD_LOCAL, RTLD_NOW};
 use nine9s_sdk::abi::{
     decode_headers, v1, Buffer, Header, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION,
     ABI_VERSION_SYMBOL, API_SYMBOL, FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
+    TEXT_PLAIN_BLOCK,
 };
 
 use crate::host_table::host_table;
@@ -349,6 +350,45 @@ impl Library {
     }
 }
 
+/// Bodies up to this size are copied out of the plugin; larger ones are
+/// sent from its buffer.
+const COPIED_BODY: usize = 16 * 1024;
+
+/// The headers of a v2 response block. `content-type: text/plain` alone
+/// (the SDK's constant block) needs no parsing.
+fn response_headers(block: &[u8]) -> Result<HeaderMap, CallError> {
+    let mut headers = HeaderMap::new();
+    if block == TEXT_PLAIN_BLOCK {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        return Ok(headers);
+    }
+    let mut invalid = None;
+    let whole = decode_headers(block, |name, value| {
+        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => {
+                invalid.get_or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+            }
+        }
+    });
+    if !whole {
+        return Err(CallError::Failed(
+            "the response's header block is malformed".into(),
+        ));
+    }
+    if let Some(name) = invalid {
+        return Err(CallError::Failed(format!(
+            "the response has an invalid header {name:?} (a name must be a token, a value visible ASCII or obs-text)"
+        )));
+    }
+    Ok(headers)
+}
+
 /// A buffer of a plugin's, owned by a `Bytes` until it is dropped: then
 /// it goes back to the plugin, whose library it keeps loaded meanwhile.
 struct PluginBytes {
@@ -490,40 +530,26 @@ impl Instance {
         // header array borrow `request` for the call; `response` and `err`
         // are writable.
         let status = unsafe { (table.handle)(self.ptr.as_ptr(), &raw, &mut response, &mut err) };
-        let body = Bytes::from_owner(PluginBytes {
-            library: Arc::clone(lib),
-            buffer: response.body,
-        });
-        let block = PluginBytes {
-            library: Arc::clone(lib),
-            buffer: response.headers,
+        // A small body is copied (an allocation either way, and no shared
+        // reference count to touch); a large one goes out as it is, holding
+        // the library loaded until it is sent.
+        let body = if response.body.len <= COPIED_BODY {
+            Bytes::from(lib.take(response.body))
+        } else {
+            Bytes::from_owner(PluginBytes {
+                library: Arc::clone(lib),
+                buffer: response.body,
+            })
         };
-        lib.finish(status, err)?;
-        let mut headers = HeaderMap::new();
-        let mut invalid = None;
-        let whole = decode_headers(block.as_ref(), |name, value| {
-            match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-                (Ok(name), Ok(value)) => {
-                    headers.append(name, value);
-                }
-                _ => {
-                    invalid.get_or_insert_with(|| String::from_utf8_lossy(name).into_owned());
-                }
-            }
+        let block = response.headers;
+        let headers = lib.finish(status, err).and_then(|()| {
+            // SAFETY: filled by the plugin, not freed yet.
+            response_headers(unsafe { block.as_bytes() })
         });
-        if !whole {
-            return Err(CallError::Failed(
-                "the response's header block is malformed".into(),
-            ));
-        }
-        if let Some(name) = invalid {
-            return Err(CallError::Failed(format!(
-                "the response has an invalid header {name:?} (a name must be a token, a value visible ASCII or obs-text)"
-            )));
-        }
+        lib.free(block);
         Ok(Response {
             status: response.status,
-            headers,
+            headers: headers?,
             body,
         })
     }

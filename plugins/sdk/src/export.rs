@@ -2,6 +2,7 @@
 //! Each one runs plugin code inside `catch_unwind`, so no panic unwinds
 //! into the host.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::abi::{
     encode_header, Buffer, Header, HostApi, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION,
-    FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
+    FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC, TEXT_PLAIN_BLOCK,
 };
 use crate::{find_path, Headers, Plugin, Request};
 
@@ -184,22 +185,30 @@ unsafe extern "C" fn handle<P: Plugin>(
             body,
         };
         let reply = plugin.handle(&request);
-        let size = reply
-            .headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 8)
-            .sum::<usize>()
-            + reply.content_type.len()
-            + 20;
-        let mut block = Vec::with_capacity(size);
-        encode_header(&mut block, b"content-type", reply.content_type.as_bytes());
-        for (name, value) in &reply.headers {
-            encode_header(&mut block, name.as_bytes(), value.as_bytes());
-        }
+        let headers = if reply.headers.is_empty() && reply.content_type == "text/plain" {
+            Buffer::from_static(TEXT_PLAIN_BLOCK)
+        } else {
+            let size = reply
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 8)
+                .sum::<usize>()
+                + reply.content_type.len()
+                + 20;
+            let mut block = Vec::with_capacity(size);
+            encode_header(&mut block, b"content-type", reply.content_type.as_bytes());
+            for (name, value) in &reply.headers {
+                encode_header(&mut block, name.as_bytes(), value.as_bytes());
+            }
+            Buffer::from_vec(block)
+        };
         let raw = RawResponse {
             status: reply.status,
-            headers: Buffer::from_vec(block),
-            body: Buffer::from_vec(reply.body),
+            headers,
+            body: match reply.body {
+                Cow::Borrowed(bytes) => Buffer::from_static(bytes),
+                Cow::Owned(bytes) => Buffer::from_vec(bytes),
+            },
         };
         // SAFETY: `response` is writable (host contract).
         unsafe { response.write(raw) };

@@ -128,22 +128,27 @@ pub struct Response {
     pub content_type: Cow<'static, str>,
     /// Other headers, in order; a name may repeat (`set-cookie`).
     pub headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
-    pub body: Vec<u8>,
+    /// The body: a `&'static` one goes out without being copied.
+    pub body: Cow<'static, [u8]>,
 }
 
 impl Response {
     /// `200` with a `text/plain` body.
-    pub fn text(body: impl Into<String>) -> Self {
+    pub fn text(body: impl Into<Cow<'static, str>>) -> Self {
         Self::with_status(200, body)
     }
 
     /// A `text/plain` response with the given status.
-    pub fn with_status(status: u16, body: impl Into<String>) -> Self {
+    pub fn with_status(status: u16, body: impl Into<Cow<'static, str>>) -> Self {
+        let body = match body.into() {
+            Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+            Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+        };
         Response {
             status,
             content_type: Cow::Borrowed("text/plain"),
             headers: Vec::new(),
-            body: body.into().into_bytes(),
+            body,
         }
     }
 

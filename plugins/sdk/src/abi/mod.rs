@@ -101,13 +101,25 @@ impl Buffer {
         }
     }
 
-    /// Plugin side: takes back a buffer made by [`Buffer::from_vec`].
+    /// Plugin side (ABI v2): lends bytes of the library's own that live as
+    /// long as it is loaded (a string literal): no allocation, and `free`
+    /// leaves them be. A capacity of 0 marks them.
+    pub fn from_static(bytes: &'static [u8]) -> Buffer {
+        Buffer {
+            ptr: bytes.as_ptr().cast_mut(),
+            len: bytes.len(),
+            cap: 0,
+        }
+    }
+
+    /// Plugin side: takes back a buffer made by [`Buffer::from_vec`] (a
+    /// lent one, from [`Buffer::from_static`], gives an empty vector).
     ///
     /// # Safety
-    /// `self` must come from `Buffer::from_vec` in this same library and not
-    /// have been freed, or be [`Buffer::EMPTY`].
+    /// `self` must come from `Buffer::from_vec` or `Buffer::from_static` in
+    /// this same library and not have been freed, or be [`Buffer::EMPTY`].
     pub unsafe fn into_vec(self) -> Vec<u8> {
-        if self.ptr.is_null() {
+        if self.ptr.is_null() || self.cap == 0 {
             Vec::new()
         } else {
             // SAFETY: ptr/len/cap are the parts of a Vec<u8> allocated by this
@@ -169,6 +181,11 @@ pub struct RawResponse {
     pub body: Buffer,
 }
 
+/// The header block of a response whose only header is `content-type:
+/// text/plain` (most of them): a constant, so that neither side allocates
+/// or parses it.
+pub const TEXT_PLAIN_BLOCK: &[u8] = b"\x0c\x00\x00\x00content-type\x0a\x00\x00\x00text/plain";
+
 /// Appends one header to a [`RawResponse::headers`] block.
 pub fn encode_header(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     for part in [name, value] {
@@ -201,6 +218,13 @@ pub fn decode_headers(mut block: &[u8], mut each: impl FnMut(&[u8], &[u8])) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_plain_block_is_what_encoding_makes() {
+        let mut block = Vec::new();
+        encode_header(&mut block, b"content-type", b"text/plain");
+        assert_eq!(block, TEXT_PLAIN_BLOCK);
+    }
 
     #[test]
     fn header_blocks_round_trip_and_faults_are_caught() {
