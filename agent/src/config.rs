@@ -61,7 +61,9 @@ pub struct Config {
     /// Workers the supervisor started after one died unexpectedly, before
     /// this one (`nine9s_worker_restarts_total`).
     pub worker_restarts: u64,
-    /// How long to wait for the store's lock (another worker handing over).
+    /// How long to wait for the store's lock: another worker handing over,
+    /// or the worker of an agent just killed (it dies with its supervisor,
+    /// but a moment later, and its lock with it).
     pub store_wait: Duration,
 }
 
@@ -123,7 +125,7 @@ impl Config {
             previous_exit: None,
             supervisor_pid: None,
             worker_restarts: 0,
-            store_wait: Duration::ZERO,
+            store_wait: Duration::from_secs(3),
         }
     }
 }
