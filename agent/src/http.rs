@@ -46,6 +46,10 @@ const DRAIN_CHECK: Duration = Duration::from_millis(25);
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
 
+/// [`RELEASE_HEADER`] parsed once: a name given as text is checked again
+/// on every insert.
+const RELEASE: hyper::header::HeaderName = hyper::header::HeaderName::from_static(RELEASE_HEADER);
+
 /// Headers a release's response may not set: the agent frames the
 /// response and manages the connection (RFC 9110 §7.6.1, RFC 9112 §6).
 const CONNECTION_HEADERS: [hyper::header::HeaderName; 7] = [
@@ -483,7 +487,7 @@ async fn answer(
     };
     response
         .headers_mut()
-        .insert(RELEASE_HEADER, HeaderValue::from_static(version));
+        .insert(RELEASE, HeaderValue::from_static(version));
     response
 }
 

@@ -71,6 +71,12 @@ impl Tally {
         }
     }
 
+    /// Adds another phase's tally to this one (their times too).
+    pub fn absorb(&mut self, other: Tally) {
+        self.elapsed += other.elapsed;
+        self.merge(other);
+    }
+
     fn merge(&mut self, other: Tally) {
         self.ok += other.ok;
         self.failed += other.failed;

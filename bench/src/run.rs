@@ -1,9 +1,10 @@
 //! The run, step by step: start the agent, stage 0.2.0 and 0.3.0 with
-//! `ctl`, upgrade to 0.2.0, then the three load phases (bare server, agent
-//! steady, agent while cycling), the `ctl` cycles and the final `/count`.
+//! `ctl`, upgrade to 0.2.0, then the three load phases (bare server and
+//! agent steady, in turns; agent while cycling), the `ctl` cycles and the final `/count`.
 //! The agent is stopped on every path out of here.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -12,6 +13,9 @@ use crate::load::{self, Load};
 use crate::procs::{self, AgentProcess, BareServer, Layout};
 use crate::report::{Figures, Report};
 use crate::Options;
+
+/// Turns each of the bare server and the agent gets in phases a and b.
+const SLICES: u32 = 6;
 
 /// Cycles done with the real `ctl`, one process per switch, without load.
 const CTL_CYCLES: usize = 10;
@@ -59,21 +63,28 @@ async fn measure(
     control.switch(Direction::Upgrade, "0.2.0").await?;
     progress(format_args!("upgraded to 0.2.0"));
 
+    // The bare server and the agent take turns, in slices: the machine's
+    // speed drifts over seconds (other tenants, frequency), and a ratio of
+    // two phases run one after the other measures the drift too.
     let bare = BareServer::start(&layout.bench).await?;
+    let slice = options.phase / SLICES;
     progress(format_args!(
-        "phase a: bare server {}, {} connections, {:?}",
+        "phases a and b: bare server {} and agent on 0.2.0 in turns of {slice:?}, {} connections, {:?} each",
         bare.addr, options.connections, options.phase
     ));
-    let bare_cpu = bare.cpu()?;
-    let bare_load = steady("a", bare.addr, options).await;
-    let bare_cpu = bare.cpu()? - bare_cpu;
+    let (mut bare_load, mut steady_load) = (load::Tally::default(), load::Tally::default());
+    let (mut bare_cpu, mut agent_cpu) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..SLICES {
+        let before = bare.cpu()?;
+        bare_load.absorb(steady(bare.addr, options.connections, slice).await);
+        bare_cpu += bare.cpu()? - before;
+        let before = agent.cpu()?;
+        steady_load.absorb(steady(agent.http, options.connections, slice).await);
+        agent_cpu += agent.cpu()? - before;
+    }
     bare.stop().await?;
-
-    progress(format_args!("phase b: agent on 0.2.0, steady"));
-    let agent_cpu = agent.cpu()?;
-    let steady_load = steady("b", agent.http, options).await;
-    let agent_cpu = agent.cpu()? - agent_cpu;
-
+    log_phase("a", &bare_load);
+    log_phase("b", &steady_load);
     let rss_before = agent.rss_kib()?;
     let mapped_before = agent.mapped_artifacts()?;
     let store_before = agent.store_kib()?;
@@ -126,13 +137,11 @@ async fn measure(
     })
 }
 
-/// Load for one phase length.
-async fn steady(phase: &str, addr: SocketAddr, options: &Options) -> load::Tally {
-    let load = Load::start(addr, options.connections);
-    tokio::time::sleep(options.phase).await;
-    let tally = load.stop().await;
-    log_phase(phase, &tally);
-    tally
+/// Load on `addr` for `length`.
+async fn steady(addr: SocketAddr, connections: usize, length: Duration) -> load::Tally {
+    let load = Load::start(addr, connections);
+    tokio::time::sleep(length).await;
+    load.stop().await
 }
 
 fn log_phase(name: &str, tally: &load::Tally) {
