@@ -211,7 +211,10 @@ pub fn switched(word: &str, switch: &Switch, reply: &pb::TransitionReply) {
             "canary {} serves beside {} ({}); `ctl promote` finishes the switch, `ctl rollback` drops it",
             t.to_version,
             t.from_version,
-            t.reason.rsplit("canary: ").next().unwrap_or(&t.reason)
+            t.reason
+                .split_once("canary: ")
+                .and_then(|(_, split)| split.split("; ").next())
+                .unwrap_or(&t.reason)
         );
         return;
     }
