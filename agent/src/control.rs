@@ -386,6 +386,9 @@ impl ControlService {
         let version = parse_version("version", &request.version)?;
         let command = match &request.canary {
             Some(split) => {
+                if request.permanence() != pb::Permanence::Unspecified || request.soak_ms != 0 {
+                    return Err(invalid("permanence, soak_ms: a canary does not switch, so it has no soak; `ctl promote` switches, and soaks"));
+                }
                 if request.dry_run {
                     return Err(invalid("dry_run: a canary has no dry run; it changes no lifecycle state, and a rollback drops it"));
                 }
@@ -412,6 +415,9 @@ fn canary_split(split: &pb::CanarySplit) -> Result<Split, Status> {
     match (split.permille, split.header.as_str()) {
         (0, "") => Err(invalid(
             "canary: give a weight (permille 1 to 1000) or a header",
+        )),
+        (1..=1000, "") if !split.header_value.is_empty() => Err(invalid(
+            "canary.header_value: only with a header, not with a weight",
         )),
         (permille @ 1..=1000, "") => Ok(Split::Weight(permille as u16)),
         (0, header) => {

@@ -192,9 +192,12 @@ async fn connection(
             }
             if !registered {
                 registered = true;
-                let _ = sleep.as_mut().poll(cx);
+                // Outside tokio's cooperative budget: a poll the budget
+                // refused would register nothing, and this task would then
+                // hear neither its timer nor the stop again.
+                let _ = std::pin::pin!(tokio::task::unconstrained(sleep.as_mut())).poll(cx);
                 if !draining {
-                    let _ = changed.as_mut().poll(cx);
+                    let _ = std::pin::pin!(tokio::task::unconstrained(changed.as_mut())).poll(cx);
                 }
             }
             if !draining && stop_seen.has_changed().unwrap_or(true) {

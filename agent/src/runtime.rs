@@ -199,6 +199,11 @@ impl Loaded {
         }
     }
 
+    /// Unique in the process: tells two instances of one version apart.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Calls on this instance now.
     fn in_flight(&self) -> u64 {
         self.shards
@@ -331,8 +336,11 @@ struct Gate {
 }
 
 impl Gate {
-    fn close(&self) {
+    /// Closes the gate until the returned guard is dropped: on every path
+    /// out, a panic in the code behind it included, the gate opens again.
+    fn close(&self) -> Closed<'_> {
         self.closed.store(true, Ordering::SeqCst);
+        Closed(self)
     }
 
     fn open(&self) {
@@ -356,6 +364,15 @@ impl Gate {
             }
             opened.await;
         }
+    }
+}
+
+/// The gate, closed while this lives.
+struct Closed<'a>(&'a Gate);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.open();
     }
 }
 
@@ -485,24 +502,20 @@ impl Runtime {
     }
 
     /// Closes the gate and waits, up to `deadline`, until no call is in
-    /// flight on `loaded`; false (the gate open again) if that moment did
+    /// flight on `loaded`; `None` (the gate open again) if that moment did
     /// not come.
-    async fn quiesce(&self, loaded: &Loaded, deadline: Instant) -> bool {
-        self.gate.close();
+    async fn quiesce(&self, loaded: &Loaded, deadline: Instant) -> Option<Closed<'_>> {
+        let closed = self.gate.close();
         loop {
             let left = self.gate.left.notified();
             tokio::pin!(left);
             left.as_mut().enable();
             if loaded.in_flight() == 0 {
-                return true;
+                return Some(closed);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() || tokio::time::timeout(remaining, left).await.is_err() {
-                if loaded.in_flight() == 0 {
-                    return true;
-                }
-                self.gate.open();
-                return false;
+                return (loaded.in_flight() == 0).then_some(closed);
             }
         }
     }
@@ -519,13 +532,12 @@ impl Runtime {
         let deadline = Instant::now() + within;
         loop {
             let loaded = self.active.load_full();
-            self.gate.close();
-            if loaded.in_flight() == 0 {
-                let result = f(&loaded);
-                self.gate.open();
-                return Some(result);
+            {
+                let _closed = self.gate.close();
+                if loaded.in_flight() == 0 {
+                    return Some(f(&loaded));
+                }
             }
-            self.gate.open();
             if Instant::now() >= deadline {
                 return None;
             }
@@ -543,28 +555,22 @@ impl Runtime {
     ) -> Result<Switched, SwitchError<E>> {
         let asked = Instant::now();
         let old = self.active.load_full();
-        if !self.quiesce(&old, asked + timeout).await {
+        let Some(closed) = self.quiesce(&old, asked + timeout).await else {
             return Err(SwitchError::Quiesce);
-        }
-        let next = match prepare(&old) {
-            Ok(next) => Arc::new(next),
-            Err(e) => {
-                self.gate.open();
-                return Err(SwitchError::Prepare(e));
-            }
         };
+        let next = Arc::new(prepare(&old).map_err(SwitchError::Prepare)?);
         self.install(next);
-        self.gate.open();
+        drop(closed);
         Ok(Switched {
             old,
             wait: asked.elapsed(),
         })
     }
 
-    /// Makes `next` active at once, holding no request: for a switch that
-    /// carries no state. The old instance finishes its calls in flight; it
-    /// is returned once they are done (or `timeout` passed), so that what
-    /// it snapshots then is all it served.
+    /// Makes `next` active at once, holding no request: for a switch from
+    /// an instance that keeps no state. The old instance finishes its calls
+    /// in flight; it is returned once they are done (or `timeout` passed),
+    /// for the plan's drain and unload.
     pub async fn replace(&self, next: Loaded, timeout: Duration) -> Switched {
         let asked = Instant::now();
         let old = self.active.load_full();

@@ -591,7 +591,11 @@ fn expected(request: &Checked) -> String {
 }
 
 fn transition(switch: &Switch) -> pb::TransitionRequest {
-    let permanence = if switch.permanent {
+    let canary = switch.canary.is_some() || switch.canary_header.is_some();
+    // A canary does not switch: it has no permanence to ask for.
+    let permanence = if canary {
+        pb::Permanence::Unspecified
+    } else if switch.permanent {
         pb::Permanence::Immediate
     } else if switch.no_permanent {
         pb::Permanence::Never

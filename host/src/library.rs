@@ -4,7 +4,7 @@
 //! this file.
 
 use std::ffi::c_void;
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -188,13 +188,18 @@ impl Library {
             // SAFETY: a v2 table begins with its size: read it before
             // trusting the rest to be there.
             let size = unsafe { table.cast::<u32>().add(1).read() } as usize;
-            if size < offset_of!(PluginApi, stop) {
+            // Every entry this host knows must be there: a reference to the
+            // whole struct over a shorter table would read past its end.
+            // (Entries added after these will be read through the raw
+            // pointer, each after its own size check.)
+            if size < size_of::<PluginApi>() {
                 return Err(bad(format!(
-                    "a version 2 table of {size} bytes is shorter than its required entries"
+                    "a version 2 table of {size} bytes is shorter than the {} this agent reads",
+                    size_of::<PluginApi>()
                 )));
             }
-            // SAFETY: a v2 table at least as long as its required entries,
-            // valid while `dl` is open; name and version are `'static`.
+            // SAFETY: a v2 table as long as `PluginApi` at least, valid
+            // while `dl` is open; name and version are `'static`.
             let (t, name, version) = unsafe {
                 let t = table.as_ref();
                 (t, t.name.as_bytes(), t.version.as_bytes())
@@ -323,9 +328,10 @@ impl Library {
         }
     }
 
-    /// Gives a buffer back to the plugin that allocated it.
+    /// Gives a buffer back to the plugin that allocated it (a lent one,
+    /// of capacity 0, was never allocated: nothing to give back).
     fn free(&self, buffer: Buffer) {
-        if buffer.ptr.is_null() {
+        if buffer.ptr.is_null() || buffer.cap == 0 {
             return;
         }
         let free = match (self.v1(), self.v2()) {
@@ -652,8 +658,7 @@ impl Instance {
         let Some(table) = lib.v2() else {
             return Ok(());
         };
-        let stop_end = offset_of!(PluginApi, stop) + size_of::<usize>();
-        if table.features & FEATURE_STOP == 0 || !table.has(stop_end) {
+        if table.features & FEATURE_STOP == 0 {
             return Ok(());
         }
         let mut err = Buffer::EMPTY;

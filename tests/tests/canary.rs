@@ -121,6 +121,10 @@ fn a_canary_by_header_serves_only_those_requests_and_rollback_drops_it() {
         answered(&agent, "/", &[], 20),
         HashMap::from([("0.1.0".to_owned(), 20)])
     );
+    // The canary's release cannot be removed from under it.
+    let removed = agent.ctl(&["remove", "0.1.5"]);
+    assert_eq!(removed.code, 1, "{removed:?}");
+    assert!(removed.stderr.contains("[RELEASE_IN_USE]"), "{removed:?}");
     let split = &agent.status()["canary"]["split"];
     assert_eq!(
         (&split["header"], &split["header_value"]),

@@ -615,7 +615,7 @@ impl Actor {
         let Some(canary) = self.shared.runtime.canary() else {
             return;
         };
-        if canary.loaded.version != failure.version {
+        if canary.loaded.id() != failure.instance {
             return;
         }
         let version = canary.loaded.version.clone();

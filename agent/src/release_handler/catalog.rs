@@ -85,6 +85,14 @@ impl Actor {
     /// deletes artifacts no release references.
     pub(super) fn remove(&mut self, version: &Version, origin: &Origin) -> Result<Reply> {
         self.lifecycle.check_remove(version)?;
+        if self.is_canary(version) {
+            return Err(Error::refused(
+                Reason::ReleaseInUse,
+                format!(
+                    "{version} serves as the canary: drop it (`ctl rollback`) or promote it first"
+                ),
+            ));
+        }
         let release = self
             .shared
             .store()
@@ -129,6 +137,14 @@ impl Actor {
     }
 
     /// Removes the oldest `old` releases beyond the configured number.
+    /// Whether `version` serves as the canary: its record and artifact stay.
+    fn is_canary(&self, version: &Version) -> bool {
+        self.shared
+            .runtime
+            .canary()
+            .is_some_and(|canary| canary.loaded.version == *version)
+    }
+
     pub(super) fn prune_old(&mut self) -> Result<()> {
         let mut old: Vec<(Option<i64>, Version)> = self
             .lifecycle
@@ -147,7 +163,7 @@ impl Actor {
         let doomed: Vec<Version> = old
             .into_iter()
             .map(|(_, v)| v)
-            .filter(|v| Some(v) != target.as_ref())
+            .filter(|v| Some(v) != target.as_ref() && !self.is_canary(v))
             .take(excess)
             .collect();
         for version in &doomed {

@@ -38,7 +38,9 @@ pub struct Verdict {
 /// The canary is unhealthy.
 #[derive(Debug)]
 pub struct CanaryFailure {
-    pub version: Version,
+    /// The instance judged (`Loaded::id`): a canary started since, of the
+    /// same version or not, is not the one that failed.
+    pub instance: u64,
     pub reason: String,
 }
 
@@ -51,6 +53,9 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     // of that release waits for it; a hung check of a release rolled back
     // since does not hold up the soak of the next one.
     let checking: Arc<Mutex<Option<Version>>> = Arc::default();
+    // The canary's, apart: a hung check of a canary must not hold up the
+    // soak of its release once promoted.
+    let checking_canary: Arc<Mutex<Option<Version>>> = Arc::default();
     loop {
         tokio::select! {
             () = &mut stopped => return,
@@ -76,7 +81,7 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
                 return;
             }
         }
-        if let Some(failure) = look_at_canary(&engine, &checking).await {
+        if let Some(failure) = look_at_canary(&engine, &checking_canary).await {
             if engine.send(Job::CanaryFailed(failure)).is_err() {
                 return;
             }
@@ -116,6 +121,7 @@ async fn look_at_canary(
 ) -> Option<CanaryFailure> {
     let canary = engine.runtime().canary()?;
     let version = canary.loaded.version.clone();
+    let id = canary.loaded.id();
     {
         let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
         if checking.as_ref() == Some(&version) {
@@ -128,7 +134,10 @@ async fn look_at_canary(
     let instance = Arc::clone(&canary.loaded);
     drop(canary);
     let health = judge(config, instance, counters, Arc::clone(checking)).await;
-    health.err().map(|reason| CanaryFailure { version, reason })
+    health.err().map(|reason| CanaryFailure {
+        instance: id,
+        reason,
+    })
 }
 
 /// Calls `instance`'s health check on a blocking thread with the time

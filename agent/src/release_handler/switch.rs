@@ -97,37 +97,25 @@ impl Actor {
         let mut taken = Vec::new();
         let library = Arc::clone(&loaded.library);
         let snapshot_source = loaded.snapshot;
-        // A switch that carries no state holds no request: the new
-        // instance is made first and takes new requests at once, and the
-        // old one is snapshotted (for a later rollback to restore) once
-        // its own calls are done.
-        let stateless = matches!(carry, Carry::Fresh) && snapshot_source.is_none();
+        // A switch from a release that keeps no state, carrying none,
+        // holds no request: the new instance is made first and takes new
+        // requests at once, and the old one finishes its own calls. (From
+        // a release that keeps state, its snapshot must see every call, so
+        // that switch closes the gate.)
+        let stateless = matches!(carry, Carry::Fresh)
+            && snapshot_source.is_none()
+            && active.instance.library().state_version() == 0;
         let switched = if stateless {
             crash_point("switch:quiesced");
             let instance = library
                 .instantiate(None)
                 .map_err(|e| plugin_error(&target.version, "init", e))?;
             let next = Loaded::new(target.version.clone(), target.blocking, instance);
-            let switched = self.tokio.block_on(
+            Ok(self.tokio.block_on(
                 self.shared
                     .runtime
                     .replace(next, self.shared.config.quiesce_timeout),
-            );
-            let old = &switched.old;
-            if old.instance.library().state_version() != 0 {
-                match old.instance.snapshot() {
-                    Ok(bytes) => taken.push(Snapshot {
-                        version: old.version.clone(),
-                        state_version: old.instance.library().state_version(),
-                        taken_at_ms: now_ms(),
-                        bytes,
-                    }),
-                    Err(e) => {
-                        tracing::warn!(version = %old.version, error = %e, "the release left cannot be snapshotted; a rollback to it will migrate the running state instead")
-                    }
-                }
-            }
-            Ok(switched)
+            ))
         } else {
             self.tokio.block_on(self.shared.runtime.switch(
                 self.shared.config.quiesce_timeout,

@@ -259,6 +259,7 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
             .iter()
             .map(|t| t.found.unwrap_or(Found::Elsewhere))
             .collect::<Vec<_>>(),
+        &tracks.iter().map(|t| t.ours).collect::<Vec<_>>(),
         settings.max_parallel,
     );
     let report = Report {
@@ -410,7 +411,8 @@ impl Rollout<'_> {
         }
         phases.survey_ms = lap(&mut clock);
         let found: Vec<Found> = tracks.iter().filter_map(|t| t.found).collect();
-        let plan = plan::plan(&found, self.settings.max_parallel);
+        let ours: Vec<bool> = tracks.iter().map(|t| t.ours).collect();
+        let plan = plan::plan(&found, &ours, self.settings.max_parallel);
         if self.settings.dry_run {
             for (i, track) in tracks.iter().enumerate() {
                 self.progress.done(
@@ -457,11 +459,15 @@ impl Rollout<'_> {
             }
             let results = join_all(wave.iter().map(|&i| {
                 let track = &tracks[i];
-                let (found, last_event, before) =
-                    (track.found, track.last_event, track.before.clone());
+                let (found, last_event, before, ours) = (
+                    track.found,
+                    track.last_event,
+                    track.before.clone(),
+                    track.ours,
+                );
                 let halt = &halt;
                 async move {
-                    let result = self.switch(i, found, last_event, before, halt).await;
+                    let result = self.switch(i, found, ours, last_event, before, halt).await;
                     if let Err(e) = &result {
                         if !e.1.halted {
                             halt.send_replace(true);
@@ -630,11 +636,16 @@ impl Rollout<'_> {
         &self,
         i: usize,
         found: Option<Found>,
+        ours_before: bool,
         mut after: u64,
         before: Option<String>,
         halt: &watch::Sender<bool>,
     ) -> Result<(), (bool, SwitchError)> {
         let node = &self.nodes[i];
+        let mut halted = halt.subscribe();
+        // An agent found soaking was switched by whoever switched it: this
+        // rollout if the survey says so.
+        let soaking = found == Some(Found::Soaking);
         let error = |ours, e: StepError| {
             (
                 ours,
@@ -644,7 +655,7 @@ impl Rollout<'_> {
                 },
             )
         };
-        if found != Some(Found::Soaking) {
+        if !soaking {
             let status = status(&node.agent)
                 .await
                 .map_err(|f| error(false, StepError::from_failure(f)))?;
@@ -653,6 +664,17 @@ impl Rollout<'_> {
                 .last_transition(node)
                 .await
                 .map_err(|e| error(false, e))?;
+            // A sibling of this wave may have failed meanwhile: then this
+            // agent is not switched at all.
+            if *halted.borrow() {
+                return Err((
+                    false,
+                    SwitchError {
+                        error: StepError::local("the rollout halted".into()),
+                        halted: true,
+                    },
+                ));
+            }
             self.progress
                 .say(i, format!("upgrading to {}", self.target));
             let request = pb::TransitionRequest {
@@ -691,7 +713,8 @@ impl Rollout<'_> {
             }
         }
         self.progress.say(i, format!("{} soaking", self.target));
-        let mut halted = halt.subscribe();
+        // Switched here now, or found soaking: then ours if the survey says.
+        let ours = !soaking || ours_before;
         let verdict = follow::until_permanent(
             &node.agent,
             &self.target,
@@ -704,11 +727,10 @@ impl Rollout<'_> {
                 Err(f) => {
                     let e = StepError::from_failure(f);
                     // Rolled back by the health gate: not active any more.
-                    let ours = !e.soak;
-                    Err(error(ours, e))
+                    Err(error(ours && !e.soak, e))
                 }
             },
-            _ = halted.wait_for(|h| *h) => Err((true, SwitchError {
+            _ = halted.wait_for(|h| *h) => Err((ours, SwitchError {
                 error: StepError::local("the rollout halted".into()),
                 halted: true,
             })),

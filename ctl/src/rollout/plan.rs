@@ -23,8 +23,8 @@ pub enum Found {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
     /// Upgraded (or awaited) alone, first; its verdict decides whether the
-    /// waves start. `None` when an agent already has the target permanent:
-    /// that agent was the canary, in an earlier run of this rollout.
+    /// waves start. `None` when an agent this rollout switched (in an
+    /// earlier run) already has the target permanent: that was the canary.
     pub canary: Option<usize>,
     /// Then these, each wave at once, one wave after the other.
     pub waves: Vec<Vec<usize>>,
@@ -33,13 +33,17 @@ pub struct Plan {
 /// The canary and the waves of at most `max_parallel` (at least 1) agents,
 /// in fleet order. A soaking agent is awaited where it stands; the canary
 /// is the first soaking agent if there is one (an interrupted rollout's
-/// canary), else the first agent elsewhere.
-pub fn plan(found: &[Found], max_parallel: usize) -> Plan {
+/// canary), else the first agent elsewhere. `ours[i]`: this rollout
+/// switched agent `i` in an earlier run (an agent someone else upgraded
+/// proves nothing about the release here).
+pub fn plan(found: &[Found], ours: &[bool], max_parallel: usize) -> Plan {
     let max_parallel = max_parallel.max(1);
     let pending: Vec<usize> = (0..found.len())
         .filter(|&i| found[i] != Found::Permanent)
         .collect();
-    let canary = if found.contains(&Found::Permanent) {
+    let canary_done =
+        (0..found.len()).any(|i| found[i] == Found::Permanent && ours.get(i) == Some(&true));
+    let canary = if canary_done {
         None
     } else {
         pending
@@ -112,7 +116,7 @@ mod tests {
 
     #[test]
     fn a_fresh_rollout_starts_with_the_first_agent() {
-        let plan = plan(&[Elsewhere; 5], 2);
+        let plan = plan(&[Elsewhere; 5], &[false; 5], 2);
         assert_eq!(plan.canary, Some(0));
         assert_eq!(plan.waves, vec![vec![1, 2], vec![3, 4]]);
     }
@@ -120,14 +124,22 @@ mod tests {
     #[test]
     fn a_resumed_rollout_awaits_its_canary_then_goes_on() {
         // Interrupted during the canary's soak.
-        let plan1 = plan(&[Elsewhere, Soaking, Elsewhere], 1);
+        let plan1 = plan(&[Elsewhere, Soaking, Elsewhere], &[false, true, false], 1);
         assert_eq!(plan1.canary, Some(1));
         assert_eq!(plan1.waves, vec![vec![0], vec![2]]);
         // Interrupted in the second wave: the canary is done.
-        let plan2 = plan(&[Permanent, Permanent, Soaking, Elsewhere], 2);
+        let plan2 = plan(
+            &[Permanent, Permanent, Soaking, Elsewhere],
+            &[true, true, true, false],
+            2,
+        );
         assert_eq!(plan2.canary, None);
         assert_eq!(plan2.waves, vec![vec![2, 3]]);
-        assert_eq!(plan(&[Permanent; 3], 4), Plan::default());
+        assert_eq!(plan(&[Permanent; 3], &[true; 3], 4), Plan::default());
+        // Upgraded by hand, not by this rollout: the canary still comes first.
+        let by_hand = plan(&[Permanent, Elsewhere, Elsewhere], &[false; 3], 1);
+        assert_eq!(by_hand.canary, Some(1));
+        assert_eq!(by_hand.waves, vec![vec![2]]);
     }
 
     #[test]
@@ -164,8 +176,12 @@ mod tests {
         /// canary alone and first, waves in fleet order and never wider
         /// than asked.
         #[test]
-        fn every_pending_agent_once_in_order(found in prop::collection::vec(found(), 0..40), max in 0usize..8) {
-            let plan = plan(&found, max);
+        fn every_pending_agent_once_in_order(
+            found_ours in prop::collection::vec((found(), any::<bool>()), 0..40),
+            max in 0usize..8,
+        ) {
+            let (found, ours): (Vec<Found>, Vec<bool>) = found_ours.into_iter().unzip();
+            let plan = plan(&found, &ours, max);
             let mut seen: Vec<usize> = plan.canary.into_iter().collect();
             for wave in &plan.waves {
                 prop_assert!(!wave.is_empty() && wave.len() <= max.max(1));
@@ -177,7 +193,8 @@ mod tests {
             prop_assert_eq!(&sorted, &pending);
             let after_canary: Vec<usize> = plan.waves.concat();
             prop_assert!(after_canary.windows(2).all(|w| w[0] < w[1]));
-            prop_assert_eq!(plan.canary.is_some(), !pending.is_empty() && !found.contains(&Permanent));
+            let done_by_us = (0..found.len()).any(|i| found[i] == Permanent && ours[i]);
+            prop_assert_eq!(plan.canary.is_some(), !pending.is_empty() && !done_by_us);
         }
     }
 }

@@ -94,7 +94,10 @@ impl<'a> Headers<'a> {
     }
 
     /// Every value of the headers named `name` (case-insensitive).
-    pub fn get_all(&self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    pub fn get_all<'n>(&self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + 'n
+    where
+        'a: 'n,
+    {
         self.iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| v)
