@@ -531,12 +531,40 @@ impl Actor {
                 .journal
                 .begin(TransitionKind::Canary, Some(&active), Some(version), origin)?;
         guard.note(format!("canary: {split}"));
+        // On the plugin thread, with the rehearsal's time limit: an `init`
+        // or a health check that hangs must not hold the engine.
         let started = super::catalog::open(&self.artifacts, &target).and_then(|library| {
-            library.instantiate(None).map_err(|source| Error::Plugin {
-                version: version.clone(),
-                during: "init",
-                source,
-            })
+            let (tx, rx) = mpsc::channel();
+            let of = version.clone();
+            self.plugin_thread.run(Box::new(move || {
+                let plugin = |during| {
+                    let version = of.clone();
+                    move |source| Error::Plugin {
+                        version,
+                        during,
+                        source,
+                    }
+                };
+                let made = library
+                    .instantiate(None)
+                    .map_err(plugin("init"))
+                    .and_then(|instance| {
+                        instance.health().map_err(plugin("health check"))?;
+                        Ok(instance)
+                    });
+                let _ = tx.send(made);
+            }))?;
+            rx.recv_timeout(super::switch::REHEARSAL_TIMEOUT)
+                .unwrap_or_else(|_| {
+                    self.plugin_thread.abandon();
+                    Err(Error::refused(
+                        Reason::Internal,
+                        format!(
+                            "starting the canary did not finish within {} s",
+                            super::switch::REHEARSAL_TIMEOUT.as_secs()
+                        ),
+                    ))
+                })
         });
         let instance = match started {
             Ok(instance) => instance,

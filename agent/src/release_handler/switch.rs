@@ -369,7 +369,7 @@ pub(super) struct PluginThread {
 type Job = Box<dyn FnOnce() + Send>;
 
 impl PluginThread {
-    fn run(&self, job: Job) -> Result<()> {
+    pub(super) fn run(&self, job: Job) -> Result<()> {
         let mut worker = self.worker.borrow_mut();
         if worker.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -395,7 +395,7 @@ impl PluginThread {
         Ok(())
     }
 
-    fn abandon(&self) {
+    pub(super) fn abandon(&self) {
         self.worker.borrow_mut().take();
     }
 }
