@@ -122,7 +122,7 @@ fn code(reason: Reason) -> Code {
         | Reason::NoMigrationPath
         | Reason::NoSnapshot
         | Reason::RollbackPending => Code::FailedPrecondition,
-        Reason::ExpectedActiveMismatch => Code::Aborted,
+        Reason::ExpectedActiveMismatch | Reason::ExpectedCanaryMismatch => Code::Aborted,
         Reason::DiskFull | Reason::TooLarge | Reason::TooManyUploads => Code::ResourceExhausted,
         Reason::Unauthenticated => Code::Unauthenticated,
         Reason::PermissionDenied => Code::PermissionDenied,
@@ -402,6 +402,10 @@ impl ControlService {
                 version,
                 permanence: permanence(&request)?,
                 dry_run: request.dry_run,
+                expected_canary: match request.expected_canary.as_str() {
+                    "" => None,
+                    text => Some(parse_version("expected_canary", text)?),
+                },
             },
         };
         let reply = self.command(command, meta_in).await?;

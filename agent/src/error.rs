@@ -150,6 +150,8 @@ pub enum Reason {
     NoSnapshot,
     QuiesceTimeout,
     ExpectedActiveMismatch,
+    /// `expected_canary` is not the canary (any more).
+    ExpectedCanaryMismatch,
     /// A release failed its soak and its rollback is pending.
     RollbackPending,
     StoreUnavailable,
@@ -200,6 +202,7 @@ impl Reason {
             Reason::NoSnapshot => "NO_SNAPSHOT",
             Reason::QuiesceTimeout => "QUIESCE_TIMEOUT",
             Reason::ExpectedActiveMismatch => "EXPECTED_ACTIVE_MISMATCH",
+            Reason::ExpectedCanaryMismatch => "EXPECTED_CANARY_MISMATCH",
             Reason::RollbackPending => "ROLLBACK_PENDING",
             Reason::StoreUnavailable => "STORE_UNAVAILABLE",
             Reason::DiskFull => "DISK_FULL",

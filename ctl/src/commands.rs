@@ -553,6 +553,7 @@ async fn promote(
         .with_context(|| format!("the agent's active version {:?}", now.active_version))?;
     let word = if to > active { "upgrade" } else { "downgrade" };
     let switch = Switch {
+        expected_canary: Some(to.clone()),
         to,
         soak: None,
         permanent: false,
@@ -610,6 +611,10 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
         request_id: id(&switch.request.request),
         expected_active: expected(&switch.request),
         reason: switch.request.request.reason.clone().unwrap_or_default(),
+        expected_canary: switch
+            .expected_canary
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string),
         canary: match (&switch.canary, &switch.canary_header) {
             (Some(permille), _) => Some(pb::CanarySplit {
                 permille: u32::from(*permille),

@@ -453,6 +453,10 @@ struct Switch {
         conflicts_with_all = ["soak", "permanent", "no_permanent", "dry_run", "wait"]
     )]
     canary_header: Option<(String, String)>,
+    /// Set by `ctl promote`: the switch is refused unless this is the
+    /// canary still.
+    #[arg(skip)]
+    expected_canary: Option<semver::Version>,
     #[command(flatten)]
     request: Checked,
 }

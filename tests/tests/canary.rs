@@ -209,3 +209,39 @@ fn a_release_that_keeps_state_is_refused_a_canary() {
         assert_eq!(agent.ctl(bad).code, 2, "{bad:?}");
     }
 }
+
+/// What `ctl promote` sends: the switch is refused, changing nothing,
+/// unless the release is still the canary (the health gate may have
+/// dropped it since `ctl` looked).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_of_a_canary_that_is_gone_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    let promote = nine9s_proto::TransitionRequest {
+        version: "0.1.5".into(),
+        expected_canary: "0.1.5".into(),
+        ..Default::default()
+    };
+    let refused = agent
+        .api()
+        .await
+        .upgrade(promote.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Aborted);
+    assert_eq!(nine9s_tests::reason(&refused), "EXPECTED_CANARY_MISMATCH");
+    assert_eq!(agent.status()["active_version"], "0.1.0");
+    // With the canary there, the same request promotes it.
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary", "50%"])
+        .ok();
+    let promoted = agent
+        .api()
+        .await
+        .upgrade(promote)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(promoted.transition.unwrap().to_version, "0.1.5");
+    assert!(agent.status()["canary"].is_null());
+}

@@ -153,7 +153,18 @@ impl Actor {
                 version,
                 permanence,
                 dry_run,
-            } => self.switch_to(direction, &version, permanence, dry_run, &origin),
+                expected_canary,
+            } => match expected_canary {
+                // Checked here, in the actor: the health gate drops a
+                // canary here too, so nothing comes between.
+                Some(expected) if self.shared.runtime.canary().is_none_or(|c| c.loaded.version != expected) => {
+                    Err(Error::refused(
+                        Reason::ExpectedCanaryMismatch,
+                        format!("{expected} is not the canary (any more): it may have been dropped, by `ctl rollback` or by the health gate; nothing was switched"),
+                    ))
+                }
+                _ => self.switch_to(direction, &version, permanence, dry_run, &origin),
+            },
             // With a canary, a rollback drops it: the active release was
             // never left.
             Command::Rollback { dry_run, .. } if self.shared.runtime.canary().is_some() => {

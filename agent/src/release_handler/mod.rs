@@ -66,6 +66,8 @@ pub enum Command {
         version: Version,
         permanence: Permanence,
         dry_run: bool,
+        /// Refused unless this version is the canary (a promotion).
+        expected_canary: Option<Version>,
     },
     Rollback {
         source: StateSource,
@@ -104,8 +106,9 @@ impl Command {
                 direction,
                 version,
                 permanence,
+                expected_canary,
                 ..
-            } => format!("{direction} {version} {permanence:?} {expected:?}"),
+            } => format!("{direction} {version} {permanence:?} {expected:?} {expected_canary:?}"),
             Command::Rollback { source, .. } => format!("rollback {source:?} {expected:?}"),
             Command::MakePermanent { version } => format!("make-permanent {version} {expected:?}"),
             Command::Remove { version } => format!("remove {version} {expected:?}"),

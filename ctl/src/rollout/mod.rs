@@ -686,6 +686,7 @@ impl Rollout<'_> {
                 expected_active: before.unwrap_or_default(),
                 reason: self.reason(),
                 canary: None,
+                expected_canary: String::new(),
             };
             let what = format!("upgrade to {}", self.target);
             let reply = node
