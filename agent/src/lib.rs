@@ -135,8 +135,8 @@ impl Agent {
     }
 
     /// The version being served.
-    pub async fn active_version(&self) -> String {
-        self.engine.runtime().active().await.version.to_string()
+    pub fn active_version(&self) -> String {
+        self.engine.runtime().active().version.to_string()
     }
 
     /// Serves HTTP and gRPC (and Prometheus metrics, and the plaintext

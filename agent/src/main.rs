@@ -448,7 +448,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let _ = writeln!(
         std::io::stdout(),
         "nine9s agent ready: release {} http={} grpc={}{optional}",
-        agent.active_version().await,
+        agent.active_version(),
         http.local_addr()?,
         grpc.local_addr()?
     );

@@ -497,7 +497,7 @@ impl Runtime {
     }
 
     /// The instance serving new requests.
-    pub async fn active(&self) -> Arc<Loaded> {
+    pub fn active(&self) -> Arc<Loaded> {
         self.active.load_full()
     }
 

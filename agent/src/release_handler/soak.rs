@@ -95,7 +95,7 @@ async fn look(
     until_ms: i64,
     checking: &Arc<Mutex<Option<Version>>>,
 ) -> Option<Verdict> {
-    let active = engine.runtime().active().await;
+    let active = engine.runtime().active();
     if active.version != version {
         return None;
     }

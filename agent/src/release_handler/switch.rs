@@ -57,7 +57,7 @@ impl Actor {
         source: StateSource,
         mut report: PlanReport,
     ) -> Result<PlanReport> {
-        let active = self.tokio.block_on(self.shared.runtime.active());
+        let active = self.shared.runtime.active();
         let loaded = self.load(&active, target, source, &report)?;
         describe(&loaded, &mut report.checks);
         let hooks = hooks(&report.plan.steps, ..);
@@ -73,7 +73,7 @@ impl Actor {
         source: StateSource,
         report: &mut PlanReport,
     ) -> Result<Executed> {
-        let active = self.tokio.block_on(self.shared.runtime.active());
+        let active = self.shared.runtime.active();
         let steps = report.plan.steps.clone();
         let switch_at = steps
             .iter()
@@ -233,7 +233,7 @@ impl Actor {
     /// rehearsal's time limit: the switch is done, a hook that hangs must
     /// not hold the engine.
     fn hook_after_switch(&self, name: &str) -> Result<()> {
-        let serving = self.tokio.block_on(self.shared.runtime.active());
+        let serving = self.shared.runtime.active();
         let (tx, rx) = std::sync::mpsc::channel();
         let hook = name.to_owned();
         self.plugin_thread.run(Box::new(move || {
