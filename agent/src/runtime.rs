@@ -616,14 +616,24 @@ impl Runtime {
 /// not the instance), so what this waits for is a `status` call looking
 /// at it.
 pub async fn drain(old: &Arc<Loaded>, grace: Duration) {
+    if !released(old, grace).await {
+        tracing::warn!(version = %old.version, "drain grace over with the old instance still held");
+    }
+}
+
+/// Waits, up to `grace`, until nobody but the caller holds `shared`
+/// (requests still in it let go of it when their call ends); whether that
+/// came. Then the caller's drop is the last, on the caller's thread: an
+/// instance's `stop` and its library's unload never run on a request's.
+pub async fn released<T>(shared: &Arc<T>, grace: Duration) -> bool {
     let deadline = Instant::now() + grace;
-    while Arc::strong_count(old) > 1 {
+    while Arc::strong_count(shared) > 1 {
         if Instant::now() >= deadline {
-            tracing::warn!(version = %old.version, "drain grace over with the old instance still held");
-            return;
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    true
 }
 
 #[cfg(test)]

@@ -394,6 +394,7 @@ impl Actor {
         // other): the canary served beside the release being left.
         if let Some(canary) = self.shared.runtime.clear_canary() {
             guard.note(format!("the canary of {} ended", canary.loaded.version));
+            self.let_go_of(Some(canary));
         }
         crash_point("switch:begun");
         let span = tracing::info_span!("switch", %from, to = %version);
@@ -582,16 +583,34 @@ impl Actor {
             Err(e) => return Err(guard.fail(e, &Changes::default())),
         };
         let loaded = crate::runtime::Loaded::new(version.clone(), target.blocking, instance);
-        if let Some(before) = self.shared.runtime.set_canary(loaded, split) {
+        let before = self.shared.runtime.set_canary(loaded, split);
+        if let Some(before) = &before {
             guard.note(format!("replacing the canary of {}", before.loaded.version));
         }
-        let transition = guard.succeed(&Changes::default())?;
+        let transition = guard.succeed(&Changes::default());
+        self.let_go_of(before);
+        let transition = transition?;
         tracing::info!(%version, "canary started");
         Ok(Reply::Switched {
             transition: Some(transition),
             plan: None,
             unchanged: false,
         })
+    }
+
+    /// Drops a canary taken out of the runtime here, once its calls in
+    /// flight are done (within the drain grace): its instance's `stop` and
+    /// its library's unload run on this thread, not on a request's.
+    fn let_go_of(&self, canary: Option<Arc<crate::runtime::Canary>>) {
+        if let Some(canary) = canary {
+            let grace = self.shared.config.drain_grace;
+            if !self
+                .tokio
+                .block_on(crate::runtime::released(&canary, grace))
+            {
+                tracing::warn!(version = %canary.loaded.version, "drain grace over with the canary still serving a call");
+            }
+        }
     }
 
     /// Drops the canary (a rollback while there is one): every request
@@ -628,19 +647,22 @@ impl Actor {
             "the canary of {} ({}) was dropped",
             canary.loaded.version, canary.split
         ));
-        self.shared.runtime.clear_canary();
+        let version = canary.loaded.version.clone();
+        drop(canary);
+        let cleared = self.shared.runtime.clear_canary();
         let transition = match fault {
             Some(fault) => self.commit_event(
                 guard,
                 machine::Event::SwitchFailed {
-                    to: canary.loaded.version.clone(),
+                    to: version.clone(),
                     fault: Some(fault),
                 },
                 &[],
             )?,
             None => guard.succeed(&Changes::default())?,
         };
-        tracing::info!(version = %canary.loaded.version, "canary dropped");
+        self.let_go_of(cleared);
+        tracing::info!(%version, "canary dropped");
         Ok(Reply::Switched {
             transition: Some(transition),
             plan: None,
