@@ -58,6 +58,34 @@ enum Table {
     V2(NonNull<PluginApi>),
 }
 
+/// The entries versions 1 and 2 have alike, read once from either table:
+/// only `create`, `handle` and `stop` need to know the version.
+#[derive(Clone, Copy)]
+struct Shared {
+    destroy: unsafe extern "C" fn(instance: *mut c_void),
+    snapshot: unsafe extern "C" fn(*const c_void, *mut Buffer, *mut Buffer) -> i32,
+    can_migrate: unsafe extern "C" fn(from: u32, to: u32) -> bool,
+    migrate: unsafe extern "C" fn(u32, u32, Slice, *mut Buffer, *mut Buffer) -> i32,
+    health: unsafe extern "C" fn(*const c_void, *mut Buffer) -> i32,
+    hook: unsafe extern "C" fn(*const c_void, Slice, *mut Buffer) -> i32,
+    free: unsafe extern "C" fn(buffer: Buffer),
+}
+
+/// [`Shared`] out of a table of either version (same field names).
+macro_rules! shared {
+    ($table:expr) => {
+        Shared {
+            destroy: $table.destroy,
+            snapshot: $table.snapshot,
+            can_migrate: $table.can_migrate,
+            migrate: $table.migrate,
+            health: $table.health,
+            hook: $table.hook,
+            free: $table.free,
+        }
+    };
+}
+
 /// How many `Library` values have each path open. `dlopen` of a path that
 /// is already open returns the same handle, so a path is expected to stay
 /// mapped until the last of them is closed.
@@ -73,6 +101,8 @@ pub struct Library {
     /// Points into the library's static data; valid while `dl` is open.
     /// `None` only before `check_abi` succeeded.
     table: Option<Table>,
+    /// The entries both versions have; with `table`.
+    shared: Option<Shared>,
     dl: Option<DlLibrary>,
 }
 
@@ -120,6 +150,7 @@ impl Library {
             state_version: 0,
             abi_version: 0,
             table: None,
+            shared: None,
             dl: Some(dl),
         };
         library.check_abi()?;
@@ -174,7 +205,7 @@ impl Library {
                 "the table says ABI version {in_table}, the symbol {found}"
             )));
         }
-        let (table, name, version, state_version) = if found == v1::ABI_VERSION {
+        let (table, shared, name, version, state_version) = if found == v1::ABI_VERSION {
             let table = table.cast::<v1::PluginApi>();
             // SAFETY: a v1 table (checked above), valid while `dl` is open;
             // the SDK fills name and version from `'static` literals.
@@ -182,7 +213,7 @@ impl Library {
                 let t = table.as_ref();
                 (t, t.name.as_bytes(), t.version.as_bytes())
             };
-            (Table::V1(table), name, version, t.state_version)
+            (Table::V1(table), shared!(t), name, version, t.state_version)
         } else {
             let table = table.cast::<PluginApi>();
             // SAFETY: a v2 table begins with its size: read it before
@@ -204,7 +235,7 @@ impl Library {
                 let t = table.as_ref();
                 (t, t.name.as_bytes(), t.version.as_bytes())
             };
-            (Table::V2(table), name, version, t.state_version)
+            (Table::V2(table), shared!(t), name, version, t.state_version)
         };
         self.name =
             String::from_utf8(name.to_vec()).map_err(|_| bad("name is not UTF-8".into()))?;
@@ -213,7 +244,12 @@ impl Library {
         self.state_version = state_version;
         self.abi_version = found;
         self.table = Some(table);
+        self.shared = Some(shared);
         Ok(())
+    }
+
+    fn shared(&self) -> &Shared {
+        self.shared.as_ref().expect("checked in open")
     }
 
     fn table(&self) -> Table {
@@ -265,22 +301,14 @@ impl Library {
 
     /// Whether this library knows a chain of migrations between two state versions.
     pub fn can_migrate(&self, from: u32, to: u32) -> bool {
-        let can_migrate = match (self.v1(), self.v2()) {
-            (Some(t), _) => t.can_migrate,
-            (_, Some(t)) => t.can_migrate,
-            _ => unreachable!("a library has one table"),
-        };
+        let can_migrate = self.shared().can_migrate;
         // SAFETY: an SDK export; it catches panics and touches no caller memory.
         unsafe { can_migrate(from, to) }
     }
 
     /// Migrates a state snapshot from one state version to another.
     pub fn migrate(&self, from: u32, to: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
-        let migrate = match (self.v1(), self.v2()) {
-            (Some(t), _) => t.migrate,
-            (_, Some(t)) => t.migrate,
-            _ => unreachable!("a library has one table"),
-        };
+        let migrate = self.shared().migrate;
         let mut out = Buffer::EMPTY;
         let mut err = Buffer::EMPTY;
         // SAFETY: `state` is borrowed for the call; `out` and `err` are writable.
@@ -334,11 +362,7 @@ impl Library {
         if buffer.ptr.is_null() || buffer.cap == 0 {
             return;
         }
-        let free = match (self.v1(), self.v2()) {
-            (Some(t), _) => t.free,
-            (_, Some(t)) => t.free,
-            _ => unreachable!("a library has one table"),
-        };
+        let free = self.shared().free;
         // SAFETY: the buffer came from this library's allocator; freed once, here.
         unsafe { free(buffer) };
     }
@@ -610,11 +634,7 @@ impl Instance {
     /// The state to hand over, encoded as the library's state version.
     pub fn snapshot(&self) -> Result<Vec<u8>, CallError> {
         let lib = &self.library;
-        let snapshot = match (lib.v1(), lib.v2()) {
-            (Some(t), _) => t.snapshot,
-            (_, Some(t)) => t.snapshot,
-            _ => unreachable!("a library has one table"),
-        };
+        let snapshot = lib.shared().snapshot;
         let mut out = Buffer::EMPTY;
         let mut err = Buffer::EMPTY;
         // SAFETY: live instance; `out` and `err` are writable.
@@ -626,11 +646,7 @@ impl Instance {
     /// The plugin's own health check.
     pub fn health(&self) -> Result<(), CallError> {
         let lib = &self.library;
-        let health = match (lib.v1(), lib.v2()) {
-            (Some(t), _) => t.health,
-            (_, Some(t)) => t.health,
-            _ => unreachable!("a library has one table"),
-        };
+        let health = lib.shared().health;
         let mut err = Buffer::EMPTY;
         // SAFETY: live instance; `err` is writable.
         let status = unsafe { health(self.ptr.as_ptr(), &mut err) };
@@ -640,11 +656,7 @@ impl Instance {
     /// Runs a named hook of the plugin (a step of an upgrade plan).
     pub fn hook(&self, name: &str) -> Result<(), CallError> {
         let lib = &self.library;
-        let hook = match (lib.v1(), lib.v2()) {
-            (Some(t), _) => t.hook,
-            (_, Some(t)) => t.hook,
-            _ => unreachable!("a library has one table"),
-        };
+        let hook = lib.shared().hook;
         let mut err = Buffer::EMPTY;
         // SAFETY: live instance; `name` borrowed for the call; `err` is writable.
         let status = unsafe { hook(self.ptr.as_ptr(), Slice::new(name.as_bytes()), &mut err) };
@@ -674,11 +686,7 @@ impl Drop for Instance {
         if let Err(e) = self.stop() {
             tracing::warn!(version = %self.library.version, error = %e, "the release's stop failed");
         }
-        let destroy = match (self.library.v1(), self.library.v2()) {
-            (Some(t), _) => t.destroy,
-            (_, Some(t)) => t.destroy,
-            _ => unreachable!("a library has one table"),
-        };
+        let destroy = self.library.shared().destroy;
         // SAFETY: `ptr` came from this library's `create` and is destroyed
         // exactly once, here; the library is still open (we hold an Arc).
         unsafe { destroy(self.ptr.as_ptr()) };

@@ -195,6 +195,19 @@ impl Agent {
         new
     }
 
+    /// Has the supervisor re-execute itself (SIGUSR2) and waits until it
+    /// says it did.
+    pub fn reexec_supervisor(&self) {
+        kill("USR2", self.pid());
+        assert!(
+            eventually(Duration::from_secs(10), || self
+                .log()
+                .contains("supervisor re-executed")),
+            "{}",
+            self.log()
+        );
+    }
+
     /// The supervisor's pid: the process the test started.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -235,14 +235,7 @@ fn a_scrape_counts_requests_transitions_and_worker_restarts() {
     );
 
     // The supervisor re-executed keeps the count and the listener.
-    kill("USR2", agent.pid());
-    assert!(
-        eventually(Duration::from_secs(10), || agent
-            .log()
-            .contains("supervisor re-executed")),
-        "{}",
-        agent.log()
-    );
+    agent.reexec_supervisor();
     kill("KILL", third);
     agent.new_worker(third);
     scrape_until(addr, |s| s.value(RESTARTS, &[]) == 2.0);

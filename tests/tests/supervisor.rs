@@ -309,14 +309,7 @@ fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
     );
     let worker = agent.worker_pid();
     let load = Load::start(agent.http, "/count", 4);
-    kill("USR2", agent.pid());
-    assert!(
-        eventually(Duration::from_secs(10), || agent
-            .log()
-            .contains("supervisor re-executed")),
-        "{}",
-        agent.log()
-    );
+    agent.reexec_supervisor();
     let report = load.stop();
     assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
     // The same worker serves, now supervised by the new image: its death

@@ -577,19 +577,10 @@ impl Rollout<'_> {
         // then a halt must roll it back too.
         let ours = found != Found::Elsewhere && {
             let id = plan::request_id(&self.rollout_id, Step::Upgrade, &node.address);
-            let history = node
-                .agent
-                .call(
-                    "reading the history",
-                    pb::HistoryRequest {
-                        limit: 100,
-                        after_id: None,
-                    },
-                    |mut c, r| async move { c.history(r).await },
-                )
-                .await
-                .map_err(StepError::from_failure)?;
-            history.transitions.iter().any(|t| t.request_id == id)
+            last_transitions(node, 100)
+                .await?
+                .iter()
+                .any(|t| t.request_id == id)
         };
         self.progress.say(
             i,
@@ -741,19 +732,7 @@ impl Rollout<'_> {
     /// The id of the newest transition, to tell a replayed upgrade (an
     /// outcome recorded in an earlier run) from one done now.
     async fn last_transition(&self, node: &Node) -> Result<u64, StepError> {
-        let history = node
-            .agent
-            .call(
-                "reading the history",
-                pb::HistoryRequest {
-                    limit: 1,
-                    after_id: None,
-                },
-                |mut c, r| async move { c.history(r).await },
-            )
-            .await
-            .map_err(StepError::from_failure)?;
-        Ok(history.transitions.last().map_or(0, |t| t.id))
+        Ok(last_transitions(node, 1).await?.last().map_or(0, |t| t.id))
     }
 
     /// Rolls agent `i` back from the target: `Some(version)` it went back
@@ -798,6 +777,23 @@ impl Rollout<'_> {
             .clone()
             .unwrap_or_else(|| format!("rollout {}", self.rollout_id))
     }
+}
+
+/// The agent's `limit` newest transitions, oldest first.
+async fn last_transitions(node: &Node, limit: u32) -> Result<Vec<pb::Transition>, StepError> {
+    let history = node
+        .agent
+        .call(
+            "reading the history",
+            pb::HistoryRequest {
+                limit,
+                after_id: None,
+            },
+            |mut c, r| async move { c.history(r).await },
+        )
+        .await
+        .map_err(StepError::from_failure)?;
+    Ok(history.transitions)
 }
 
 /// What the survey found on one agent.

@@ -5,15 +5,16 @@
 //!
 //! Version 2 can grow without a new version: the plugin's table starts
 //! with its own size and feature bits, and entries added later go at its
-//! end, where the host reads them only if the table is long enough
-//! ([`PluginApi::has`]); the host's table ([`HostApi`]) starts with its
+//! end, where the host reads them only if the table's `size` covers
+//! them; the host's table ([`HostApi`]) starts with its
 //! size the same way. Changing or removing anything is still a new
 //! version.
 //!
 //! Ownership: a [`Slice`] is borrowed for the duration of one call. A
 //! [`Buffer`] is allocated by the plugin and must be given back to the
 //! plugin's [`PluginApi::free`]; the host may keep it until then (a
-//! response body goes out without a copy).
+//! response body over 16 KiB goes out without a copy). A buffer of
+//! capacity 0 is lent ([`Buffer::from_static`]), never freed.
 
 pub mod v1;
 
@@ -333,14 +334,6 @@ pub struct PluginApi {
     /// instance started ([`FEATURE_STOP`]). Called once, with no request
     /// in flight.
     pub stop: unsafe extern "C" fn(instance: *const c_void, err: *mut Buffer) -> i32,
-}
-
-impl PluginApi {
-    /// Whether the table is long enough to hold the entry that ends at
-    /// `end` bytes from its start (`offset_of!` + `size_of`).
-    pub fn has(&self, end: usize) -> bool {
-        self.size as usize >= end
-    }
 }
 
 // SAFETY: the table is immutable after construction and its slices point
