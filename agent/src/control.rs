@@ -130,7 +130,9 @@ fn code(reason: Reason) -> Code {
         | Reason::SignatureRequired
         | Reason::NoSupervisor
         | Reason::CanaryWithState
-        | Reason::CanaryWhileCurrent => Code::FailedPrecondition,
+        | Reason::CanaryWhileCurrent
+        | Reason::OutcomeUnknown
+        | Reason::TransitionAborted => Code::FailedPrecondition,
         Reason::ChecksumMismatch => Code::DataLoss,
         Reason::UploadStalled => Code::DeadlineExceeded,
         Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {

@@ -180,6 +180,12 @@ pub enum Reason {
     CanaryWithState,
     /// A canary was asked while a release is current (soaking or held).
     CanaryWhileCurrent,
+    /// A retried request id whose transition has no recorded end (its
+    /// commit failed): it is not run again, and its effect is unknown.
+    OutcomeUnknown,
+    /// A retried request id whose transition was cut short by the
+    /// agent's stop: it took no effect, and it is not run again.
+    TransitionAborted,
     Internal,
 }
 
@@ -219,6 +225,8 @@ impl Reason {
             Reason::NoSupervisor => "NO_SUPERVISOR",
             Reason::CanaryWithState => "CANARY_WITH_STATE",
             Reason::CanaryWhileCurrent => "CANARY_WHILE_CURRENT",
+            Reason::OutcomeUnknown => "OUTCOME_UNKNOWN",
+            Reason::TransitionAborted => "TRANSITION_ABORTED",
             Reason::Internal => "INTERNAL",
         }
     }

@@ -225,9 +225,13 @@ pub struct Recorded {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordedOutcome {
-    /// A transition ran (its history entry has the rest).
+    /// A transition ran: recorded as it began, and again with its end
+    /// (`finished`, written with its commit), so the answer outlives the
+    /// history entry, which is trimmed by count.
     Transition {
         id: u64,
+        #[serde(default)]
+        finished: Option<Box<Transition>>,
     },
     /// The release asked for was already active.
     Unchanged,

@@ -8,8 +8,7 @@
 //! entry are written in one sled transaction.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -60,8 +59,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub struct Store {
     dir: std::path::PathBuf,
-    /// The lowest id the next event may take (see [`EVENT_ID_GAP`]).
-    event_floor: AtomicU64,
+    /// How the next event is numbered, and how many are kept.
+    events: Mutex<EventIds>,
     /// The open database; swapped for a fresh one by [`Store::reopen`]
     /// (`None` only while that runs).
     trees: RwLock<Option<Arc<Trees>>>,
@@ -120,7 +119,7 @@ impl Store {
         let trees = Trees::open(dir)?;
         Ok(Store {
             dir: dir.to_owned(),
-            event_floor: AtomicU64::new(event_floor(&trees)?),
+            events: Mutex::new(EventIds::read(&trees)?),
             trees: RwLock::new(Some(Arc::new(trees))),
             history_kept: history_kept.max(1) as u64,
         })
@@ -151,8 +150,14 @@ impl Store {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         };
-        self.event_floor
-            .store(event_floor(&trees)?, Ordering::SeqCst);
+        // This process numbered events the store may not have kept: go on
+        // from whichever is further.
+        let read = EventIds::read(&trees)?;
+        let mut ids = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        ids.next = ids.next.max(read.next);
+        ids.reserved = ids.next - 1;
+        ids.count = read.count;
+        drop(ids);
         *slot = Some(Arc::new(trees));
         Ok(())
     }
@@ -248,19 +253,31 @@ impl Store {
         transition.id = last_id(&t.history)? + 1;
         transition.started_at_ms = crate::model::now_ms();
         transition.outcome = Outcome::Running;
-        t.history.insert(
-            transition.id.to_be_bytes(),
-            serde_json::to_vec(&transition)?,
-        )?;
-        if let Some((id, fingerprint)) = request {
-            let recorded = Recorded {
-                at_ms: transition.started_at_ms,
-                fingerprint: fingerprint.to_owned(),
-                outcome: RecordedOutcome::Transition { id: transition.id },
-            };
-            t.requests
-                .insert(id.as_bytes(), serde_json::to_vec(&recorded)?)?;
-        }
+        let entry = serde_json::to_vec(&transition)?;
+        let recorded = request
+            .map(|(id, fingerprint)| {
+                let recorded = Recorded {
+                    at_ms: transition.started_at_ms,
+                    fingerprint: fingerprint.to_owned(),
+                    outcome: RecordedOutcome::Transition {
+                        id: transition.id,
+                        finished: None,
+                    },
+                };
+                Ok::<_, StoreError>((id.as_bytes(), serde_json::to_vec(&recorded)?))
+            })
+            .transpose()?;
+        // One transaction: a crash never leaves the entry without its
+        // request id, or the id without its entry.
+        (&t.history, &t.requests)
+            .transaction(|(history, requests)| {
+                history.insert(&transition.id.to_be_bytes(), entry.as_slice())?;
+                if let Some((id, recorded)) = &recorded {
+                    requests.insert(*id, recorded.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
         self.flush()?;
         Ok(transition)
     }
@@ -287,18 +304,36 @@ impl Store {
             .iter()
             .map(|r| Ok((r.version.to_string(), serde_json::to_vec(r)?)))
             .collect::<Result<Vec<_>>>()?;
-        (&t.releases, &t.history)
-            .transaction(|(rel, hist)| {
+        // The request id's record gets the end too: a retry is answered
+        // with it once the history entry is trimmed.
+        let request = match &transition.request_id {
+            Some(id) => self
+                .request(id)?
+                .filter(|r| {
+                    matches!(r.outcome, RecordedOutcome::Transition { id, .. } if id == transition.id)
+                })
+                .map(|mut recorded| {
+                    recorded.outcome = RecordedOutcome::Transition {
+                        id: transition.id,
+                        finished: Some(Box::new(transition.clone())),
+                    };
+                    Ok::<_, StoreError>((id.as_bytes(), serde_json::to_vec(&recorded)?))
+                })
+                .transpose()?,
+            None => None,
+        };
+        (&t.releases, &t.history, &t.requests)
+            .transaction(|(rel, hist, requests)| {
                 for (key, value) in &records {
                     rel.insert(key.as_bytes(), value.as_slice())?;
                 }
                 hist.insert(&transition.id.to_be_bytes(), entry.as_slice())?;
+                if let Some((id, recorded)) = &request {
+                    requests.insert(*id, recorded.as_slice())?;
+                }
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::from(e),
-                TransactionError::Abort(()) => StoreError::new("transaction aborted"),
-            })?;
+            .map_err(transaction_error)?;
         self.trim_history()?;
         self.flush()
     }
@@ -344,10 +379,20 @@ impl Store {
     }
 
     /// Records an event (numbering it) and drops the oldest beyond the
-    /// number kept. Durable with the next flush.
+    /// number kept. Durable with the next flush; its id never is given
+    /// to another event, even if the agent dies before that flush.
     pub fn record_event(&self, mut event: Event) -> Result<Event> {
         let t = self.trees()?;
-        event.id = (last_id(&t.events)? + 1).max(self.event_floor.load(Ordering::SeqCst));
+        let mut ids = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.next > ids.reserved {
+            // Reserve the next block of ids durably before handing any out.
+            let reserved = ids.next + EVENT_ID_BLOCK - 1;
+            t.meta
+                .insert(EVENT_IDS_RESERVED, &reserved.to_be_bytes()[..])?;
+            t.db.flush()?;
+            ids.reserved = reserved;
+        }
+        event.id = ids.next;
         // A transition is kept once, in the history; its events name it.
         let stored = StoredEvent {
             transition_id: event.transition.as_ref().map(|t| t.id),
@@ -358,15 +403,14 @@ impl Store {
         };
         t.events
             .insert(event.id.to_be_bytes(), serde_json::to_vec(&stored)?)?;
-        // Ids have gaps (see EVENT_ID_GAP): walk the keys, not the ids.
-        let cutoff = (event.id + 1).saturating_sub(self.history_kept);
-        let stale = t
-            .events
-            .range(..cutoff.to_be_bytes())
-            .keys()
-            .collect::<Result<Vec<_>, _>>()?;
-        for key in stale {
-            t.events.remove(key)?;
+        ids.next += 1;
+        ids.count += 1;
+        // Trimmed by count: ids have gaps (after a crash), counts do not.
+        while ids.count > self.history_kept {
+            if t.events.pop_min()?.is_none() {
+                break;
+            }
+            ids.count -= 1;
         }
         Ok(event)
     }
@@ -597,17 +641,53 @@ struct StoredEvent {
     transition_id: Option<u64>,
 }
 
-/// Event ids skipped each time the store is opened. Events are broadcast
-/// before sled's next flush makes them durable; if the agent dies in
-/// between, they are gone, and new events must not take their ids — a
-/// watcher resuming after an id it saw would skip them.
-const EVENT_ID_GAP: u64 = 1 << 20;
+/// Event ids reserved at a time. Events are broadcast before sled's next
+/// flush makes them durable; if the agent dies in between they are gone,
+/// and new events must not take their ids (a watcher resuming after an id
+/// it saw would skip them). So ids are handed out only from a block whose
+/// end is flushed first; after a crash, numbering resumes past it. A clean
+/// stop flushes every event, and numbering resumes right after the last.
+const EVENT_ID_BLOCK: u64 = 1024;
 
-fn event_floor(trees: &Trees) -> Result<u64> {
-    Ok(match last_id(&trees.events)? {
-        0 => 1,
-        last => last + EVENT_ID_GAP,
-    })
+/// `meta` key: the last event id reserved (big-endian u64).
+const EVENT_IDS_RESERVED: &[u8] = b"event-ids-reserved";
+
+/// How events are numbered and how many the store holds.
+struct EventIds {
+    /// The id of the next event.
+    next: u64,
+    /// Ids up to this one may be handed out without another flush.
+    reserved: u64,
+    /// Events in the store (counted once at open).
+    count: u64,
+}
+
+impl EventIds {
+    fn read(trees: &Trees) -> Result<EventIds> {
+        let last = last_id(&trees.events)?;
+        let reserved = trees
+            .meta
+            .get(EVENT_IDS_RESERVED)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        // Still marked running: the last agent died, and may have handed
+        // out ids up to its reservation that never became durable.
+        let crashed = trees.meta.get(RUNNING)?.is_some();
+        let next = if crashed { last.max(reserved) } else { last } + 1;
+        Ok(EventIds {
+            next,
+            // A block is reserved afresh before the next event.
+            reserved: next - 1,
+            count: trees.events.len() as u64,
+        })
+    }
+}
+
+fn transaction_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::from(e),
+        TransactionError::Abort(()) => StoreError::new("transaction aborted"),
+    }
 }
 
 fn key_id(key: &[u8]) -> Result<u64> {
@@ -724,6 +804,72 @@ mod tests {
         }
         let ids: Vec<u64> = store.history(0).unwrap().iter().map(|t| t.id).collect();
         assert_eq!(ids, [8, 9, 10, 11, 12]);
+    }
+
+    fn event_ids(store: &Store) -> Vec<u64> {
+        let events = store.events_after(0, usize::MAX).unwrap();
+        events.iter().map(|e| e.id).collect()
+    }
+
+    fn record(store: &Store, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                let event = Event::new(crate::model::EventKind::CheckpointSkipped);
+                store.record_event(event).unwrap().id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_survive_a_clean_stop_numbered_on_without_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 100).unwrap();
+            store.mark_running().unwrap();
+            assert_eq!(record(&store, 3), [1, 2, 3]);
+            store.mark_stopped().unwrap();
+        }
+        let store = reopen(dir.path());
+        store.mark_running().unwrap();
+        assert_eq!(record(&store, 1), [4]);
+        assert_eq!(event_ids(&store), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn after_a_crash_events_are_kept_and_no_id_is_given_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let store = Store::open(dir.path(), 100).unwrap();
+            store.mark_running().unwrap();
+            let ids = record(&store, 3);
+            store.flush().unwrap();
+            // Handed out (a watcher may have seen them), never flushed
+            // by the agent: no clean stop follows.
+            ids.into_iter().chain(record(&store, 2)).collect::<Vec<_>>()
+        };
+        let store = reopen(dir.path());
+        store.mark_running().unwrap();
+        let after = record(&store, 1)[0];
+        assert!(
+            before.iter().all(|&id| id < after),
+            "{after} after {before:?}"
+        );
+        // What was durable is all still there.
+        assert_eq!(event_ids(&store)[..3], [1, 2, 3]);
+        assert_eq!(*event_ids(&store).last().unwrap(), after);
+    }
+
+    #[test]
+    fn events_are_trimmed_by_count_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 5).unwrap();
+            record(&store, 4);
+            store.mark_stopped().unwrap();
+        }
+        let store = Store::open_waiting(dir.path(), 5, std::time::Duration::from_secs(2)).unwrap();
+        assert_eq!(record(&store, 3), [5, 6, 7]);
+        assert_eq!(event_ids(&store), [3, 4, 5, 6, 7]);
     }
 
     #[test]

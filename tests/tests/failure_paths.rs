@@ -534,3 +534,65 @@ fn a_retry_after_a_crash_finds_the_command_it_retries() {
         .count();
     assert_eq!(rollbacks, 1);
 }
+
+/// Issue 16, defect 3: a request id whose transition was trimmed from the
+/// history (`--keep-history`) ran its command again — a retried rollback
+/// went two releases back.
+#[test]
+fn a_retried_rollback_trimmed_from_the_history_is_answered_not_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &["--keep-history", "1"], 0);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    let first = agent.json(&["rollback", "--request-id", "rb-trim"]);
+    assert_eq!(first["transition"]["to_version"], "0.2.0", "{first}");
+    // Another transition pushes the rollback out of the history.
+    stage_fixture(&agent, "hooks").ok();
+    assert!(agent.history().iter().all(|t| t["request_id"] != "rb-trim"));
+
+    let again = agent.json(&["rollback", "--request-id", "rb-trim"]);
+    assert_eq!(
+        again["transition"]["id"], first["transition"]["id"],
+        "{again}"
+    );
+    assert_eq!(agent.status()["active_version"], "0.2.0");
+}
+
+/// Issue 16, defect 3: a retry of a transition the agent's stop cut short
+/// (recorded `aborted`) ran the command again; it is answered instead.
+#[test]
+fn a_retried_command_whose_transition_was_cut_short_is_not_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 0);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    assert_eq!(agent.terminate(), 0);
+
+    // The worker dies in the middle of the rollback, before it commits.
+    let agent = Agent::start_with_env(&data, &[], &[("NINE9S_CRASH_AT", "switch:quiesced")]);
+    agent.ctl(&["rollback", "--request-id", "rb-cut"]);
+    assert!(agent.wait_for_crash(Duration::from_secs(10)));
+    drop(agent);
+
+    let agent = Agent::start(&data, &[]);
+    let retry = agent.ctl(&["rollback", "--request-id", "rb-cut"]);
+    assert_eq!(retry.code, 1, "{retry:?}");
+    assert!(
+        retry.stderr.contains("TRANSITION_ABORTED"),
+        "{}",
+        retry.stderr
+    );
+    assert_eq!(agent.status()["active_version"], "0.3.0");
+    let rollbacks: Vec<_> = agent
+        .history()
+        .into_iter()
+        .filter(|t| t["kind"] == "rollback")
+        .map(|t| t["result"].clone())
+        .collect();
+    assert_eq!(rollbacks, ["aborted"]);
+
+    // A dry run never shares an outcome with the command it rehearses.
+    let dry = agent.ctl(&["rollback", "--dry-run", "--request-id", "rb-cut"]);
+    assert!(dry.stderr.contains("REQUEST_ID_REUSED"), "{dry:?}");
+}

@@ -334,3 +334,94 @@ async fn a_command_whose_client_gave_up_while_it_was_queued_never_runs() {
         agent.history()
     );
 }
+
+/// Every event after `after`, as Watch gives them, until it has been
+/// quiet for a moment.
+async fn events_after(agent: &Agent, after: u64) -> Vec<nine9s_proto::Event> {
+    let mut api = client(agent).await;
+    let mut events = api
+        .watch(nine9s_proto::WatchRequest { after_id: after })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) =
+        tokio::time::timeout(std::time::Duration::from_millis(1500), events.next()).await
+    {
+        seen.push(event.unwrap());
+    }
+    seen
+}
+
+/// Issue 16, defect 4: every store open used to push event ids up by 2^20
+/// and the next trim deleted every earlier event, so after any restart
+/// `watch --after 0` returned one event and a follower resuming after the
+/// last id it saw could miss the verdict it waited for.
+#[tokio::test]
+async fn events_survive_self_upgrades_crashes_and_restarts_without_gap_or_duplicate() {
+    use nine9s_proto::EventKind;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut agent = Agent::start(&data, &[]);
+    agent
+        .ctl(&["stage", release_dir("nine9s-0.2.0").to_str().unwrap()])
+        .ok();
+    let mut history = events_after(&agent, 0).await;
+    assert!(history.len() >= 3, "{history:?}");
+
+    // One of each way the worker or the agent comes back.
+    for way in ["self-upgrade", "kill -9", "clean stop"] {
+        let seen = history.last().unwrap().id;
+        agent = match way {
+            "self-upgrade" => {
+                agent.ctl(&["agent", "restart", "--wait"]).ok();
+                agent
+            }
+            "kill -9" => {
+                agent.kill9();
+                Agent::start(&data, &[])
+            }
+            _ => {
+                assert_eq!(agent.terminate(), 0);
+                Agent::start(&data, &[])
+            }
+        };
+        // Something happens after it comes back.
+        let mut api = client(&agent).await;
+        if way == "kill -9" {
+            api.downgrade(transition("0.1.0")).await.unwrap();
+        } else {
+            api.upgrade(transition("0.2.0")).await.unwrap();
+        }
+        let all = events_after(&agent, 0).await;
+        let ids: Vec<u64> = all.iter().map(|e| e.id).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "after a {way}: {ids:?}"
+        );
+        assert!(
+            all.len() > history.len(),
+            "after a {way}, {} events where {} were: {ids:?}",
+            all.len(),
+            history.len()
+        );
+        // Nothing seen before is gone or changed its id.
+        assert_eq!(
+            all[..history.len()]
+                .iter()
+                .map(|e| (e.id, e.kind))
+                .collect::<Vec<_>>(),
+            history.iter().map(|e| (e.id, e.kind)).collect::<Vec<_>>(),
+            "after a {way}"
+        );
+        // A follower resuming after the last event it saw gets exactly the
+        // ones since, the new start among them.
+        let resumed = events_after(&agent, seen).await;
+        assert_eq!(resumed.as_slice(), &all[history.len()..], "after a {way}");
+        assert!(
+            resumed.iter().any(|e| e.kind() == EventKind::AgentStarted),
+            "after a {way}: {resumed:?}"
+        );
+        history = all;
+    }
+}

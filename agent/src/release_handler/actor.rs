@@ -114,11 +114,8 @@ impl Actor {
                         format!("request id {id:?} was used for another command ({}); use a new id for a new command", recorded.fingerprint),
                     ));
                 }
-                if let Some(answer) = self.replay(recorded.outcome)? {
-                    tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
-                    return answer;
-                }
-                tracing::info!(request_id = %id, "a retried command whose transition was cut short by a stop: running it again");
+                tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
+                return self.replay(recorded.outcome);
             }
         }
         if let Some(error) = self.shared.view().store_error {
@@ -265,24 +262,41 @@ impl Actor {
         }
     }
 
-    /// The answer recorded for a request id; `None` when it must run
-    /// again (its transition was cut short by a stop and changed nothing).
-    fn replay(&self, outcome: RecordedOutcome) -> Result<Option<Result<Reply>>> {
+    /// The answer recorded for a request id. A command never runs twice:
+    /// a transition without a recorded end is answered as such.
+    fn replay(&self, outcome: RecordedOutcome) -> Result<Reply> {
         let store = self.shared.store();
-        Ok(Some(Ok(match outcome {
-            RecordedOutcome::Transition { id } => {
-                let Some(t) = store.transition(id)? else {
-                    return Ok(None);
+        Ok(match outcome {
+            RecordedOutcome::Transition { id, finished } => {
+                // Its end as recorded under the id, else the history's
+                // entry (records from before the end was kept there).
+                let t = match finished {
+                    Some(t) => Some(*t),
+                    None => store.transition(id)?,
+                };
+                let t = match t {
+                    Some(t) if t.outcome != Outcome::Running => t,
+                    _ => {
+                        return Err(Error::refused(
+                            Reason::OutcomeUnknown,
+                            format!("this request id started transition #{id}, whose end was never recorded (the store failed it); it is not run again: see `ctl status` and `ctl history`, and use a new request id to act"),
+                        ))
+                    }
                 };
                 match t.outcome {
-                    Outcome::Running | Outcome::Aborted => return Ok(None),
+                    Outcome::Aborted => {
+                        return Err(Error::refused(
+                            Reason::TransitionAborted,
+                            format!("this request id started transition #{id}, which the agent's stop cut short before it took effect; it is not run again: use a new request id to run it"),
+                        ))
+                    }
                     Outcome::Failed => {
-                        return Ok(Some(Err(Error::Recorded {
+                        return Err(Error::Recorded {
                             reason: t.error_reason.unwrap_or(Reason::Internal),
                             message: t.error.unwrap_or_default(),
-                        })))
+                        })
                     }
-                    Outcome::Ok => {}
+                    Outcome::Ok | Outcome::Running => {}
                 }
                 match (t.kind, &t.to, &t.from) {
                     (TransitionKind::Stage, Some(version), _) => Reply::Staged {
@@ -323,9 +337,9 @@ impl Actor {
                 collected,
             },
             RecordedOutcome::Refused { reason, message } => {
-                return Ok(Some(Err(Error::Recorded { reason, message })))
+                return Err(Error::Recorded { reason, message })
             }
-        })))
+        })
     }
 
     fn switch_to(

@@ -114,6 +114,13 @@ impl Command {
             Command::Remove { version } => format!("remove {version} {expected:?}"),
             Command::Canary { version, split } => format!("canary {version} {split} {expected:?}"),
         };
+        // A dry run is another command than the real one: they never share
+        // an outcome.
+        let what = if self.dry_run() {
+            format!("dry run of {what}")
+        } else {
+            what
+        };
         // A request id belongs to its caller: another identity reusing it
         // is refused, never handed the first caller's outcome.
         format!("{what} by {who}")
