@@ -511,15 +511,20 @@ impl Store {
     /// Counts, durably, one more attempt to start `version` at boot, and
     /// returns how many attempts before this one never finished: an
     /// attempt ends with [`Store::boot_started`], or not at all if starting
-    /// the release killed the process.
-    pub fn boot_attempt(&self, version: &Version) -> Result<u32> {
+    /// the release killed the process. `last_counts`: whether the last
+    /// unfinished attempt, if any, ended by the release's own doing; one
+    /// that was killed from outside is forgotten.
+    pub fn boot_attempt(&self, version: &Version, last_counts: bool) -> Result<u32> {
         let t = self.trees()?;
         let key = boot_attempts_key(version);
-        let before = t
+        let mut before = t
             .meta
             .get(&key)?
             .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
             .map_or(0, u32::from_le_bytes);
+        if !last_counts {
+            before = before.saturating_sub(1);
+        }
         t.meta.insert(key, &(before + 1).to_le_bytes()[..])?;
         self.flush()?;
         Ok(before)

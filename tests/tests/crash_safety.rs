@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use nine9s_tests::{library, release_dir, stage_sample, Agent};
+use nine9s_tests::{kill, library, release_dir, stage_sample, Agent};
 
 /// A data dir with 0.1.0 old, 0.2.0 permanent (3 hellos counted and saved
 /// by a clean stop) and 0.3.0 staged, unless `stage_0_3_0` is false.
@@ -303,4 +303,73 @@ fn kill_9_during_a_remove() {
             "{point}: {out:?}"
         );
     }
+}
+
+/// The pids of `pid`'s children (the supervisor's: its workers).
+fn children(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let list =
+            std::fs::read_to_string(task.unwrap().path().join("children")).unwrap_or_default();
+        all.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    all
+}
+
+/// Issue 16, defect 6: boot attempts were counted whatever ended them, so
+/// two SIGKILLs from outside during a slow start (systemd's stop timeout,
+/// the OOM killer, an operator) failed the healthy permanent release and
+/// the node fell back to an older release and state.
+#[test]
+fn kills_from_outside_during_a_slow_start_never_fail_the_permanent_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow-init");
+    let entered = dir.path().join("slow-init.entered");
+    let data = dir.path().join("data");
+    let agent = Agent::start_with_env(
+        &data,
+        &[],
+        &[("NINE9S_FIXTURE_SLOW_INIT_FILE", slow.to_str().unwrap())],
+    );
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    nine9s_tests::stage_fixture(&agent, "segfault").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.8", "--permanent"]).ok();
+
+    // From now on 0.2.8 starts slowly; each new worker is killed from
+    // outside while it starts, three times.
+    std::fs::write(&slow, "").unwrap();
+    kill("KILL", agent.worker_pid());
+    for _ in 0..3 {
+        assert!(
+            nine9s_tests::eventually(Duration::from_secs(30), || entered.exists()),
+            "no worker started 0.2.8; log:\n{}",
+            agent.log()
+        );
+        std::fs::remove_file(&entered).unwrap();
+        for worker in children(agent.pid()) {
+            kill("KILL", worker);
+        }
+    }
+    std::fs::remove_file(&slow).unwrap();
+
+    let mut serving = String::new();
+    assert!(
+        nine9s_tests::eventually(Duration::from_secs(30), || {
+            serving = nine9s_tests::Client::connect(agent.http)
+                .and_then(|mut c| c.get("/"))
+                .map(|r| r.release)
+                .unwrap_or_default();
+            !serving.is_empty()
+        }),
+        "nothing serves; log:\n{}",
+        agent.log()
+    );
+    assert_eq!(serving, "0.2.8", "{}", agent.log());
+    assert_eq!(agent.status()["permanent_version"], "0.2.8");
+    let release = agent.release("0.2.8").unwrap();
+    assert_eq!(release["state"], "permanent", "{release}");
 }

@@ -195,7 +195,7 @@ fn resume(
             .expect("a candidate is a stored release");
         // A release whose start killed the agent (not an error: a crash)
         // twice in a row is passed over, as one that does not load.
-        let crashed = store.boot_attempt(&candidate)?;
+        let crashed = store.boot_attempt(&candidate, release_caused(previous_exit))?;
         if crashed >= CRASHED_STARTS {
             let why = format!(
                 "starting it killed the agent {crashed} times in a row{}",
@@ -296,6 +296,24 @@ fn resume(
 /// passed over.
 const CRASHED_STARTS: u32 = 2;
 
+/// Fatal signals a process raises by its own doing: an illegal
+/// instruction, a trap, an abort, a bus error, an arithmetic fault, a
+/// segfault, a bad system call.
+const FAULT_SIGNALS: [i32; 7] = [4, 5, 6, 7, 8, 11, 31];
+
+/// Whether the last worker ended by its own code's doing (`previous_exit`,
+/// as `supervisor::describe` puts it: "was killed by SIGSEGV"). A SIGKILL or
+/// SIGTERM comes from outside — systemd's stop timeout, the OOM killer, an
+/// operator — and neither does an unknown end (the whole agent was
+/// stopped) count against the release that was starting.
+fn release_caused(previous_exit: Option<&str>) -> bool {
+    previous_exit.is_some_and(|how| {
+        FAULT_SIGNALS.iter().any(|&signal| {
+            how.strip_prefix("was killed by ") == Some(crate::probe::signal_name(signal).as_str())
+        })
+    })
+}
+
 /// Starts a release's instance with its last snapshot.
 fn start(store: &Store, artifacts: &Artifacts, release: &Release) -> Result<Loaded> {
     let library = open(artifacts, release)?;
@@ -350,4 +368,34 @@ fn changes(lifecycle: &Lifecycle, stored: &[Release]) -> Changes {
         }
     }
     changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release_caused;
+
+    #[test]
+    fn only_a_fatal_signal_of_its_own_counts_against_a_starting_release() {
+        for own in [
+            "SIGSEGV",
+            "SIGABRT",
+            "SIGBUS",
+            "SIGILL",
+            "SIGFPE",
+            "signal 31",
+        ] {
+            assert!(
+                release_caused(Some(&format!("was killed by {own}"))),
+                "{own}"
+            );
+        }
+        for outside in [
+            Some("was killed by SIGKILL"),
+            Some("was killed by signal 15"),
+            Some("exited with code 1"),
+            None,
+        ] {
+            assert!(!release_caused(outside), "{outside:?}");
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //! /crash` writes through a null pointer — a segfault no `catch_unwind`
 //! contains, which kills the worker serving it — and so does `init` while
 //! the file named by `NINE9S_FIXTURE_CRASH_FILE` exists (a release that
-//! cannot start any more).
+//! cannot start any more). While the file named by
+//! `NINE9S_FIXTURE_SLOW_INIT_FILE` exists, `init` waits (a slow start),
+//! after creating that path with `.entered` appended.
 // Stands for a release with a memory bug: the null write needs `unsafe`,
 // which the workspace's lint would refuse.
 #![allow(unsafe_code)]
@@ -27,6 +29,17 @@ impl Plugin for Segfault {
             .is_some_and(|path| std::path::Path::new(&path).exists())
         {
             segfault();
+        }
+        if let Some(path) = std::env::var_os("NINE9S_FIXTURE_SLOW_INIT_FILE") {
+            let path = std::path::PathBuf::from(path);
+            if path.exists() {
+                let mut entered = path.clone().into_os_string();
+                entered.push(".entered");
+                std::fs::write(entered, b"").map_err(|e| e.to_string())?;
+                while path.exists() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
         }
         Ok(Segfault {
             count: Counter::restore(state)?,
