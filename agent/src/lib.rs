@@ -301,12 +301,22 @@ impl Agent {
         }
         let _ = soaks.await;
         let _ = checkpoints.await;
-        if engine.stop(left()).await {
-            tracing::info!("final checkpoint taken; stopped");
-        } else {
-            tracing::warn!("the engine did not stop in time (a transition was running); the last checkpoint stands");
-        }
+        let stopped = engine.stop(left()).await;
         control.shutdown_background();
+        match stopped {
+            Some(Ok(())) => tracing::info!("final checkpoint taken; stopped"),
+            Some(Err(release_handler::FinalCheckpoint::Busy)) => tracing::warn!(
+                "requests were still in flight: no final checkpoint, the last one stands; stopped"
+            ),
+            Some(Err(release_handler::FinalCheckpoint::Failed(why))) => {
+                tracing::error!(%why, "the final checkpoint failed: what was served since the last checkpoint is lost; stopped");
+                return Err(Error::refused(
+                    error::Reason::Internal,
+                    format!("the final checkpoint failed ({why}): what was served since the last checkpoint is lost"),
+                ));
+            }
+            None => tracing::warn!("the engine did not stop in time (a transition was running); the last checkpoint stands"),
+        }
         Ok(())
     }
 }

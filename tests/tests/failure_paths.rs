@@ -596,3 +596,57 @@ fn a_retried_command_whose_transition_was_cut_short_is_not_run_again() {
     let dry = agent.ctl(&["rollback", "--dry-run", "--request-id", "rb-cut"]);
     assert!(dry.stderr.contains("REQUEST_ID_REUSED"), "{dry:?}");
 }
+
+/// Issue 16, defect 8: a release whose `snapshot()` fails was made
+/// permanent anyway, and its state was then never saved. Its soak fails
+/// instead (making it permanent needs its state saved), and it is rolled
+/// back.
+#[test]
+fn a_release_whose_snapshot_fails_during_its_soak_fails_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 3);
+    stage_fixture(&agent, "segfault").ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.2.8", "--soak", "2s"])
+        .ok();
+    assert_eq!(agent.get("/break-snapshot").status, 200);
+    hello(&agent, 2);
+    assert!(
+        eventually(Duration::from_secs(20), || agent.release_state("0.2.8")
+            == "failed"),
+        "{}",
+        agent.log()
+    );
+    let status = agent.status();
+    assert_eq!(
+        (&status["active_version"], &status["permanent_version"]),
+        (&"0.2.0".into(), &"0.2.0".into()),
+        "{status}"
+    );
+    let release = agent.release("0.2.8").unwrap();
+    assert!(
+        release["failure"].as_str().unwrap().contains("snapshot"),
+        "{release}"
+    );
+    // Back on 0.2.0 with the state it had when it was left.
+    assert_eq!(agent.get("/count").body, "3");
+}
+
+/// Issue 16, defect 8: SIGTERM logged "final checkpoint taken; stopped"
+/// and exited 0 while the snapshot failed and the state since the last
+/// checkpoint was lost.
+#[test]
+fn a_stop_whose_final_checkpoint_fails_says_so_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &["--checkpoint-every", "1h"], 0);
+    stage_fixture(&agent, "segfault").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.8", "--permanent"]).ok();
+    assert_eq!(agent.get("/break-snapshot").status, 200);
+    hello(&agent, 2);
+    let log = agent.log.clone();
+    let code = agent.terminate();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("the final checkpoint failed"), "{log}");
+    assert!(!log.contains("final checkpoint taken"), "{log}");
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use nine9s_manifest::Version;
 use tokio::sync::oneshot;
 
+use super::checkpoint::Skipped;
 use super::journal::{Changes, Origin};
 use super::machine::{self, Decision, Lifecycle, Settle, Soak};
 use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, Split, StateSource, View};
@@ -72,11 +73,13 @@ impl Actor {
                 Job::Soak(verdict) => self.soak(verdict),
                 Job::CanaryFailed(failure) => self.canary_failed(failure),
                 Job::Checkpoint => {
-                    self.checkpoint();
+                    if let Err(skipped) = self.checkpoint() {
+                        self.fail_soak_for(&skipped);
+                    }
                     self.maintain();
                 }
                 Job::Stop(done) => {
-                    self.checkpoint();
+                    let last = self.checkpoint();
                     if let Soak::RollingBack { version, .. } = self.lifecycle.soak() {
                         // Not a clean stop for it: the next start counts the
                         // release that failed its soak as failed, not old.
@@ -84,7 +87,10 @@ impl Actor {
                     } else if let Err(e) = self.shared.store().mark_stopped() {
                         tracing::error!(error = %e, "cannot record the clean stop");
                     }
-                    let _ = done.send(());
+                    let _ = done.send(last.map_err(|skipped| match skipped {
+                        Skipped::Busy(_) => super::FinalCheckpoint::Busy,
+                        lost => super::FinalCheckpoint::Failed(lost.to_string()),
+                    }));
                     return;
                 }
             }
@@ -727,8 +733,17 @@ impl Actor {
             origin,
         )?;
         crash_point("permanent:begun");
-        // What the release served while current belongs to it now.
-        self.checkpoint();
+        // What the release served while current belongs to it now; a
+        // release that cannot save its state cannot be the one a restart
+        // comes back on.
+        if let Err(skipped) = self.checkpoint() {
+            if skipped.blames() == Some(version) {
+                let Skipped::Snapshot(e) = skipped else {
+                    unreachable!("only a failed snapshot blames a release")
+                };
+                return Err(guard.fail(e, &Changes::default()));
+            }
+        }
         let event = match self.lifecycle.soak() {
             Soak::Soaking {
                 version: soaking, ..
@@ -894,25 +909,25 @@ impl Actor {
                 if verdict.version == version && verdict.until_ms == until_ms =>
             {
                 match verdict.health {
-                    Err(reason) => {
-                        let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)
-                            .version(&version)
-                            .message(reason.clone());
-                        self.shared.journal.emit(event);
-                        match self.advance(machine::Event::SoakFailed { reason }, &[]) {
-                            Ok(_) => self.roll_back_automatically(),
-                            Err(e) => tracing::error!(error = %e, "cannot fail the soak"),
-                        }
-                    }
+                    Err(reason) => self.fail_soak(&version, reason),
                     Ok(()) if now_ms() >= until_ms => {
-                        let event = crate::model::Event::new(crate::model::EventKind::SoakPassed)
-                            .version(&version);
-                        self.shared.journal.emit(event);
                         let origin = Origin::automatic("healthy through its soak period");
-                        if let Err(e) = self.promote(&version, &origin) {
-                            tracing::error!(error = %e, %version, "cannot make the soaked release permanent");
-                            if e.reason() == Reason::StoreUnavailable {
-                                self.store_failed(e.to_string());
+                        match self.promote(&version, &origin) {
+                            Ok(_) => {
+                                let event =
+                                    crate::model::Event::new(crate::model::EventKind::SoakPassed)
+                                        .version(&version);
+                                self.shared.journal.emit(event);
+                            }
+                            // Its state cannot be saved: that fails it.
+                            Err(e) if e.blames() == Some(&version) => {
+                                self.fail_soak(&version, e.to_string())
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, %version, "cannot make the soaked release permanent");
+                                if e.reason() == Reason::StoreUnavailable {
+                                    self.store_failed(e.to_string());
+                                }
                             }
                         }
                     }
@@ -932,6 +947,30 @@ impl Actor {
                 self.roll_back_automatically();
             }
             _ => {}
+        }
+    }
+
+    /// The soaking `version` failed its soak: announced, the lifecycle
+    /// told, and the automatic rollback started.
+    fn fail_soak(&mut self, version: &Version, reason: String) {
+        let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)
+            .version(version)
+            .message(reason.clone());
+        self.shared.journal.emit(event);
+        match self.advance(machine::Event::SoakFailed { reason }, &[]) {
+            Ok(_) => self.roll_back_automatically(),
+            Err(e) => tracing::error!(error = %e, "cannot fail the soak"),
+        }
+    }
+
+    /// A checkpoint failed because the soaking release's snapshot did: it
+    /// fails its soak (a release whose state cannot be saved must not
+    /// become permanent).
+    fn fail_soak_for(&mut self, skipped: &Skipped) {
+        if let Soak::Soaking { version, .. } = self.lifecycle.soak().clone() {
+            if skipped.blames() == Some(&version) {
+                self.fail_soak(&version, skipped.to_string());
+            }
         }
     }
 

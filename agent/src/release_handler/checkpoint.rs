@@ -6,18 +6,55 @@
 //! in flight without holding new requests back, and only for a bounded
 //! time; if none comes (a slow request), it is skipped with a warning and
 //! an event, and the previous checkpoint stands.
+//!
+//! A snapshot that fails is the release's fault, not a passing moment:
+//! the caller is told which (a soaking release fails its soak for it, a
+//! release cannot be made permanent with it, and a stop says so).
 
 use std::time::Duration;
 
+use nine9s_manifest::Version;
+
 use super::actor::Actor;
+use crate::error::Error;
 use crate::model::{now_ms, Event, EventKind, Snapshot};
+
+/// Why a checkpoint was not taken (the previous one stands).
+#[derive(Debug)]
+pub(super) enum Skipped {
+    /// Requests stayed in flight: no consistent moment came.
+    Busy(String),
+    /// The release's `snapshot` failed: its fault.
+    Snapshot(Error),
+    /// The store could not take it.
+    Store(String),
+}
+
+impl Skipped {
+    /// The release whose snapshot failed, if that was why.
+    pub(super) fn blames(&self) -> Option<&Version> {
+        match self {
+            Skipped::Snapshot(e) => e.blames(),
+            Skipped::Busy(_) | Skipped::Store(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skipped::Busy(why) | Skipped::Store(why) => f.write_str(why),
+            Skipped::Snapshot(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// How long a checkpoint looks for a moment with no request in flight.
 const CHECKPOINT_QUIESCE: Duration = Duration::from_millis(500);
 
 impl Actor {
     /// Takes a checkpoint; logs (and announces) why if it cannot.
-    pub(super) fn checkpoint(&self) {
+    pub(super) fn checkpoint(&self) -> Result<(), Skipped> {
         let runtime = &self.shared.runtime;
         let taken = self
             .tokio
@@ -28,21 +65,27 @@ impl Actor {
                     loaded.instance.snapshot(),
                 )
             }));
-        let skipped = |why: String| {
+        let skipped = |skipped: Skipped| {
+            let why = skipped.to_string();
             tracing::warn!(%why, "checkpoint skipped; the previous one stands");
             self.shared
                 .journal
                 .emit(Event::new(EventKind::CheckpointSkipped).message(why));
+            Err(skipped)
         };
         let (version, state_version, bytes) = match taken {
             None => {
-                return skipped(format!(
+                return skipped(Skipped::Busy(format!(
                     "requests were still in flight after {} ms",
                     CHECKPOINT_QUIESCE.as_millis()
-                ))
+                )))
             }
             Some((version, _, Err(e))) => {
-                return skipped(format!("the snapshot of {version} failed: {e}"))
+                return skipped(Skipped::Snapshot(Error::Plugin {
+                    version,
+                    during: "snapshot",
+                    source: e,
+                }))
             }
             Some((version, state_version, Ok(bytes))) => (version, state_version, bytes),
         };
@@ -64,10 +107,11 @@ impl Actor {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .last_checkpoint_ms = Some(taken_at_ms);
+                Ok(())
             }
             Err(e) => {
-                skipped(format!("the store cannot be written: {e}"));
                 self.store_failed(e.to_string());
+                skipped(Skipped::Store(format!("the store cannot be written: {e}")))
             }
         }
     }

@@ -242,7 +242,17 @@ enum Job {
     CanaryFailed(soak::CanaryFailure),
     Checkpoint,
     /// Final checkpoint, clean-stop mark, and the actor ends.
-    Stop(oneshot::Sender<()>),
+    Stop(oneshot::Sender<Result<(), FinalCheckpoint>>),
+}
+
+/// Why the final checkpoint of a stop was not taken.
+#[derive(Debug)]
+pub enum FinalCheckpoint {
+    /// Requests were still in flight: the last periodic checkpoint stands.
+    Busy,
+    /// The snapshot or the store failed: what was served since the last
+    /// checkpoint is lost.
+    Failed(String),
 }
 
 /// The handle on the engine: cheap to clone, usable from any thread.
@@ -331,13 +341,12 @@ impl Engine {
 
     /// Stops the engine: a final checkpoint (the last one stands if it
     /// cannot be taken), the store marked as stopped cleanly. Waits at most
-    /// `within` for the actor (it may be in a transition).
-    pub async fn stop(&self, within: Duration) -> bool {
+    /// `within` for the actor (it may be in a transition): `None` if it
+    /// did not stop in time, else how the final checkpoint went.
+    pub async fn stop(&self, within: Duration) -> Option<Result<(), FinalCheckpoint>> {
         let (done, finished) = oneshot::channel();
-        if self.send(Job::Stop(done)).is_err() {
-            return false;
-        }
-        tokio::time::timeout(within, finished).await.is_ok()
+        self.send(Job::Stop(done)).ok()?;
+        tokio::time::timeout(within, finished).await.ok()?.ok()
     }
 
     pub fn releases(&self) -> Result<Vec<Release>> {

@@ -336,7 +336,15 @@ impl Actor {
                 }
                 trial
                     .health()
-                    .map_err(|e| plugin(&version, "health check", e))
+                    .map_err(|e| plugin(&version, "health check", e))?;
+                // A release that cannot save its state could never be
+                // checkpointed, nor made permanent.
+                if library.state_version() != 0 {
+                    trial
+                        .snapshot()
+                        .map_err(|e| plugin(&version, "snapshot", e))?;
+                }
+                Ok(())
             };
             let _ = tx.send(run());
         }))?;

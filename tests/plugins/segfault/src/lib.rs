@@ -4,7 +4,9 @@
 //! the file named by `NINE9S_FIXTURE_CRASH_FILE` exists (a release that
 //! cannot start any more). While the file named by
 //! `NINE9S_FIXTURE_SLOW_INIT_FILE` exists, `init` waits (a slow start),
-//! after creating that path with `.entered` appended.
+//! after creating that path with `.entered` appended. After `GET
+//! /break-snapshot`, the instance's `snapshot` panics (its state can no
+//! longer be saved).
 // Stands for a release with a memory bug: the null write needs `unsafe`,
 // which the workspace's lint would refuse.
 #![allow(unsafe_code)]
@@ -19,6 +21,7 @@ fn segfault() {
 
 pub struct Segfault {
     count: Counter,
+    snapshot_broken: std::sync::atomic::AtomicBool,
 }
 
 impl Plugin for Segfault {
@@ -43,6 +46,7 @@ impl Plugin for Segfault {
         }
         Ok(Segfault {
             count: Counter::restore(state)?,
+            snapshot_broken: Default::default(),
         })
     }
 
@@ -53,6 +57,11 @@ impl Plugin for Segfault {
                 Response::text("Hello segfault !")
             }
             "/count" => self.count.response(),
+            "/break-snapshot" => {
+                self.snapshot_broken
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                Response::text("its snapshot fails from now on")
+            }
             "/crash" => {
                 segfault();
                 Response::text("unreachable")
@@ -62,6 +71,12 @@ impl Plugin for Segfault {
     }
 
     fn snapshot(&self) -> Vec<u8> {
+        if self
+            .snapshot_broken
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("deliberate panic in the snapshot of 0.2.8");
+        }
         self.count.snapshot()
     }
 }
