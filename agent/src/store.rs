@@ -114,6 +114,9 @@ fn boot_attempts_key(version: &Version) -> Vec<u8> {
 /// `meta` key: present while an agent runs on the store, removed by a clean stop.
 const RUNNING: &[u8] = b"running";
 
+/// `meta` key: the version of the canary serving, while one does.
+const CANARY: &[u8] = b"canary";
+
 impl Store {
     pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
         let trees = Trees::open(dir)?;
@@ -535,6 +538,32 @@ impl Store {
         let t = self.trees()?;
         t.meta.remove(boot_attempts_key(version))?;
         self.flush()
+    }
+
+    /// Records, durably, which release serves as the canary (`None`: none
+    /// does any more), so that a canary the process took with it when it
+    /// died still gets its end recorded.
+    pub fn set_canary(&self, version: Option<&Version>) -> Result<()> {
+        let t = self.trees()?;
+        match version {
+            Some(version) => t.meta.insert(CANARY, version.to_string().as_bytes())?,
+            None => t.meta.remove(CANARY)?,
+        };
+        self.flush()
+    }
+
+    /// The canary recorded by [`Store::set_canary`].
+    pub fn canary(&self) -> Result<Option<Version>> {
+        let t = self.trees()?;
+        t.meta
+            .get(CANARY)?
+            .map(|v| {
+                std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|v| Version::parse(v).ok())
+                    .ok_or_else(|| StoreError::new("corrupt canary record"))
+            })
+            .transpose()
     }
 
     /// Records a clean stop, durably.

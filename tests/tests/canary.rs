@@ -245,3 +245,54 @@ async fn a_promotion_of_a_canary_that_is_gone_is_refused() {
     assert_eq!(promoted.transition.unwrap().to_version, "0.1.5");
     assert!(agent.status()["canary"].is_null());
 }
+
+/// Issue 16, defect 11: a canary dropped by a worker crash left its
+/// `canary` history row without a row closing it.
+#[test]
+fn a_canary_dropped_by_a_worker_crash_gets_its_end_in_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary", "30%"])
+        .ok();
+    let canary = canary_transition(&agent);
+    let old = agent.worker_pid();
+    nine9s_tests::kill("KILL", old);
+    agent.new_worker(old);
+
+    let status = agent.status();
+    assert!(status["canary"].is_null(), "{status}");
+    let after: Vec<_> = agent
+        .history()
+        .into_iter()
+        .filter(|t| t["id"].as_u64() > canary["id"].as_u64())
+        .collect();
+    let closing = after
+        .iter()
+        .find(|t| t["kind"] == "rollback")
+        .unwrap_or_else(|| panic!("no row closes the canary: {after:#?}"));
+    assert_eq!(
+        (
+            &closing["from_version"],
+            &closing["to_version"],
+            &closing["result"]
+        ),
+        (&"0.1.5".into(), &"0.1.0".into(), &"ok".into()),
+        "{closing}"
+    );
+    let reason = closing["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("canary of 0.1.5 ended") && reason.contains("SIGKILL"),
+        "{reason}"
+    );
+    // Only once: another restart has no canary to close.
+    let old = agent.worker_pid();
+    nine9s_tests::kill("KILL", old);
+    agent.new_worker(old);
+    let rollbacks = agent
+        .history()
+        .into_iter()
+        .filter(|t| t["kind"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
+}

@@ -415,6 +415,7 @@ impl Actor {
         if let Some(canary) = self.shared.runtime.clear_canary() {
             guard.note(format!("the canary of {} ended", canary.loaded.version));
             self.let_go_of(Some(canary));
+            self.forget_canary(None);
         }
         crash_point("switch:begun");
         let span = tracing::info_span!("switch", %from, to = %version);
@@ -557,6 +558,9 @@ impl Actor {
                 ));
             }
         }
+        // Recorded before it can serve: whatever ends the process, the next
+        // start closes its history row.
+        store.set_canary(Some(version))?;
         let shared = Arc::clone(&self.shared);
         let mut guard =
             shared
@@ -600,7 +604,16 @@ impl Actor {
         });
         let instance = match started {
             Ok(instance) => instance,
-            Err(e) => return Err(guard.fail(e, &Changes::default())),
+            Err(e) => {
+                let e = guard.fail(e, &Changes::default());
+                self.forget_canary(
+                    self.shared
+                        .runtime
+                        .canary()
+                        .map(|c| c.loaded.version.clone()),
+                );
+                return Err(e);
+            }
         };
         let loaded = crate::runtime::Loaded::new(version.clone(), target.blocking, instance);
         let before = self.shared.runtime.set_canary(loaded, split);
@@ -616,6 +629,15 @@ impl Actor {
             plan: None,
             unchanged: false,
         })
+    }
+
+    /// Records which canary serves now (`None`: none), after a canary
+    /// ended or failed to start; a store that cannot take it only means a
+    /// later start records the end of a canary that is gone already.
+    fn forget_canary(&self, serving: Option<Version>) {
+        if let Err(e) = self.shared.store().set_canary(serving.as_ref()) {
+            tracing::warn!(error = %e, "cannot record that the canary ended");
+        }
     }
 
     /// Drops a canary taken out of the runtime here, once its calls in
@@ -681,6 +703,7 @@ impl Actor {
             )?,
             None => guard.succeed(&Changes::default())?,
         };
+        self.forget_canary(None);
         self.let_go_of(cleared);
         tracing::info!(%version, "canary dropped");
         Ok(Reply::Switched {

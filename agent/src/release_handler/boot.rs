@@ -70,6 +70,7 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
             config.previous_exit.as_deref(),
         )?
     };
+    close_canary(&journal, &loaded.version, config.previous_exit.as_deref())?;
     let mut started = Event::new(EventKind::AgentStarted).version(&loaded.version);
     started.message = message;
     journal.emit(started);
@@ -82,6 +83,33 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
         loaded,
         service,
     })
+}
+
+/// A canary is not a lifecycle state: a restart forgets it. One that was
+/// serving when the last process ended gets its end in the history, as
+/// `ctl rollback` would have recorded it.
+fn close_canary(journal: &Journal, serving: &Version, previous_exit: Option<&str>) -> Result<()> {
+    let store = &journal.store;
+    let Some(canary) = store.canary()? else {
+        return Ok(());
+    };
+    let how = previous_exit
+        .map(|how| format!(" (its worker {how})"))
+        .unwrap_or_default();
+    let origin = Origin::automatic(format!(
+        "the canary of {canary} ended: the agent restarted{how}"
+    ));
+    journal
+        .begin(
+            TransitionKind::Rollback,
+            Some(&canary),
+            Some(serving),
+            &origin,
+        )?
+        .succeed(&Changes::default())?;
+    store.set_canary(None)?;
+    tracing::warn!(%canary, "the canary serving when the agent stopped is gone: a restart forgets canaries");
+    Ok(())
 }
 
 /// First start on an empty data directory: installs the bootstrap release
