@@ -10,7 +10,11 @@
 //! deletes its file.
 //!
 //! Every load re-hashes the artifact against the digest it was staged with
-//! ([`Artifacts::verified`]): bytes changed on disk are never loaded.
+//! ([`Artifacts::verified`]): bytes changed on disk are never loaded. That
+//! read is bounded — a regular file of the size staged, opened without
+//! blocking (a FIFO planted there is refused, not waited on), hashed on a
+//! thread of its own within [`VERIFY_TIMEOUT`] (hung storage fails the
+//! load instead of holding the engine).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,6 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+
+/// Longest the re-hash of an artifact before a load may take.
+pub const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The artifacts' directory in a data dir.
 pub fn dir(data_dir: &Path) -> PathBuf {
@@ -191,20 +198,28 @@ impl Artifacts {
         Ok(path)
     }
 
-    /// The path of the artifact with this digest, after checking that its
-    /// bytes still have it; `Err` carries the digest they have now.
-    pub fn verified(&self, sha256: &str) -> std::io::Result<Result<PathBuf, String>> {
+    /// The path of the artifact with this digest and `size`, after
+    /// checking that its bytes still have it; `Err` carries the digest they
+    /// have now. Bounded: see the module's doc.
+    pub fn verified(&self, sha256: &str, size: u64) -> std::io::Result<Result<PathBuf, String>> {
         let path = self.path(sha256);
-        let mut file = std::fs::File::open(&path)?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0; 256 * 1024];
-        loop {
-            match file.read(&mut buffer)? {
-                0 => break,
-                n => hasher.update(&buffer[..n]),
-            }
-        }
-        let actual = hex(&hasher.finalize());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reading = path.clone();
+        std::thread::Builder::new()
+            .name("nine9s-verify".into())
+            .spawn(move || {
+                let _ = tx.send(digest_of(&reading, size));
+            })?;
+        let actual = rx.recv_timeout(VERIFY_TIMEOUT).map_err(|_| {
+            // The thread is left to its read; it holds nothing of ours.
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "reading it did not finish within {} s (hung storage?)",
+                    VERIFY_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
         Ok(if actual == sha256 {
             Ok(path)
         } else {
@@ -247,6 +262,32 @@ pub fn free_space(dir: &Path) -> std::io::Result<u64> {
 
 fn stem_if_artifact(path: &Path) -> Option<String> {
     (path.extension()? == "so").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+}
+
+/// The sha256 of the regular file at `path`, read up to one byte past
+/// `size` (more can only be another digest). Opened without blocking and
+/// without following a symlink: a FIFO or a device there is refused.
+fn digest_of(path: &Path, size: u64) -> std::io::Result<String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut file = file.take(size.saturating_add(1));
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 256 * 1024];
+    loop {
+        match file.read(&mut buffer)? {
+            0 => break,
+            n => hasher.update(&buffer[..n]),
+        }
+    }
+    Ok(hex(&hasher.finalize()))
 }
 
 fn hex(digest: &[u8]) -> String {

@@ -650,3 +650,41 @@ fn a_stop_whose_final_checkpoint_fails_says_so_and_exits_non_zero() {
     assert!(log.contains("the final checkpoint failed"), "{log}");
     assert!(!log.contains("final checkpoint taken"), "{log}");
 }
+
+/// Issue 16, defect 9: re-hashing an artifact before a load read it to EOF
+/// on the engine's thread: a FIFO planted under `artifacts/` blocked every
+/// later command, rollback included, until a restart.
+#[test]
+fn a_fifo_in_place_of_an_artifact_fails_the_load_and_never_holds_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 2);
+    stage_sample(&agent, "0.3.0");
+    let sha = agent.release("0.3.0").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let artifact = data.join("artifacts").join(format!("{sha}.so"));
+    std::fs::remove_file(&artifact).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&artifact)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    with_api(&agent, async |mut api| {
+        let mut upgrade = tonic::Request::new(nine9s_proto::TransitionRequest {
+            version: "0.3.0".into(),
+            ..Default::default()
+        });
+        // A bound on a hang, not a speed target: the old agent never answered.
+        upgrade.set_timeout(Duration::from_secs(20));
+        let err = api.upgrade(upgrade).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("not a regular file"), "{err:?}");
+    });
+    // The engine takes commands, and 0.2.0 serves with its state.
+    assert_eq!(agent.status()["active_version"], "0.2.0");
+    assert_eq!(agent.get("/count").body, "2");
+    agent.ctl(&["remove", "0.3.0"]).ok();
+}

@@ -249,7 +249,7 @@ pub(super) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Libra
         version: release.version.clone(),
         source,
     };
-    let path = match artifacts.verified(&release.sha256) {
+    let path = match artifacts.verified(&release.sha256, release.size) {
         Ok(Ok(path)) => path,
         Ok(Err(actual)) => {
             return Err(Error::Corrupt {
