@@ -187,11 +187,17 @@ impl Artifacts {
     /// Moves a complete upload under its digest (synced, directory
     /// included) and returns the path. Adopting bytes already stored just
     /// drops the upload.
-    pub fn adopt(&self, mut upload: Uploaded) -> std::io::Result<PathBuf> {
+    pub fn adopt(&self, upload: Uploaded) -> std::io::Result<PathBuf> {
         let path = self.path(&upload.sha256);
         if path.is_file() {
             return Ok(path);
         }
+        self.repair(upload)
+    }
+
+    /// Puts `upload` in place of a damaged artifact with its digest.
+    pub fn repair(&self, mut upload: Uploaded) -> std::io::Result<PathBuf> {
+        let path = self.path(&upload.sha256);
         std::fs::rename(upload.path(), &path)?;
         upload.guard.0 = None;
         std::fs::File::open(&self.dir)?.sync_all()?;

@@ -394,6 +394,11 @@ impl ControlService {
                 if request.dry_run {
                     return Err(invalid("dry_run: a canary has no dry run; it changes no lifecycle state, and a rollback drops it"));
                 }
+                if request.state != 0 {
+                    return Err(invalid(
+                        "state: a canary keeps no state, so it has none to restore",
+                    ));
+                }
                 Command::Canary {
                     version,
                     split: canary_split(split)?,
@@ -403,6 +408,7 @@ impl ControlService {
                 direction,
                 version,
                 permanence: permanence(&request)?,
+                source: state_source(request.state)?,
                 dry_run: request.dry_run,
                 expected_canary: match request.expected_canary.as_str() {
                     "" => None,
@@ -412,6 +418,15 @@ impl ControlService {
         };
         let reply = self.command(command, meta_in).await?;
         Ok(Response::new(transition_reply(reply)))
+    }
+}
+
+/// Where a switch's state comes from, as a request field gives it.
+fn state_source(state: i32) -> Result<StateSource, Status> {
+    match pb::StateSource::try_from(state) {
+        Ok(pb::StateSource::Unspecified | pb::StateSource::Migrate) => Ok(StateSource::Migrate),
+        Ok(pb::StateSource::Snapshot) => Ok(StateSource::Snapshot),
+        Err(_) => Err(invalid(format!("state {state} is not a StateSource value"))),
     }
 }
 
@@ -616,16 +631,7 @@ impl Control for ControlService {
         let identity = self.authorize(&request, Role::Deploy)?;
         let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
-        let source = match pb::StateSource::try_from(r.state) {
-            Ok(pb::StateSource::Unspecified | pb::StateSource::Migrate) => StateSource::Migrate,
-            Ok(pb::StateSource::Snapshot) => StateSource::Snapshot,
-            Err(_) => {
-                return Err(invalid(format!(
-                    "state {} is not a StateSource value",
-                    r.state
-                )))
-            }
-        };
+        let source = state_source(r.state)?;
         let reply = self
             .command(
                 Command::Rollback {

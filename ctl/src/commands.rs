@@ -239,12 +239,8 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
             // The target of a rollback is permanent at once: nothing to wait for.
             wait: _,
         } => {
-            let state = match state {
-                StateFrom::Migrate => pb::StateSource::Migrate,
-                StateFrom::Snapshot => pb::StateSource::Snapshot,
-            };
             let request = pb::RollbackRequest {
-                state: state.into(),
+                state: pb::StateSource::from(state).into(),
                 dry_run,
                 request_id: id(&request.request),
                 expected_active: expected(&request),
@@ -563,6 +559,7 @@ async fn promote(
         timeout: None,
         canary: None,
         canary_header: None,
+        state: StateFrom::Migrate,
         request: Checked {
             request,
             expect_active: Some(active),
@@ -615,6 +612,7 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
             .expected_canary
             .as_ref()
             .map_or_else(String::new, ToString::to_string),
+        state: pb::StateSource::from(switch.state).into(),
         canary: match (&switch.canary, &switch.canary_header) {
             (Some(permille), _) => Some(pb::CanarySplit {
                 permille: u32::from(*permille),
@@ -627,5 +625,14 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
             }),
             (None, None) => None,
         },
+    }
+}
+
+impl From<StateFrom> for pb::StateSource {
+    fn from(state: StateFrom) -> pb::StateSource {
+        match state {
+            StateFrom::Migrate => pb::StateSource::Migrate,
+            StateFrom::Snapshot => pb::StateSource::Snapshot,
+        }
     }
 }

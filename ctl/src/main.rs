@@ -453,6 +453,11 @@ struct Switch {
         conflicts_with_all = ["soak", "permanent", "no_permanent", "dry_run", "wait"]
     )]
     canary_header: Option<(String, String)>,
+    /// Where the target's state comes from: the running state migrated, or
+    /// the target's own last snapshot (a release the agent fell back past
+    /// at boot, with its last checkpoint).
+    #[arg(long, value_enum, default_value_t = StateFrom::Migrate, conflicts_with_all = ["canary", "canary_header"])]
+    state: StateFrom,
     /// Set by `ctl promote`: the switch is refused unless this is the
     /// canary still.
     #[arg(skip)]
@@ -468,7 +473,7 @@ pub enum Output {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum StateFrom {
+pub enum StateFrom {
     Migrate,
     Snapshot,
 }

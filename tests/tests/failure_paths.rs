@@ -688,3 +688,58 @@ fn a_fifo_in_place_of_an_artifact_fails_the_load_and_never_holds_the_engine() {
     assert_eq!(agent.get("/count").body, "2");
     agent.ctl(&["remove", "0.3.0"]).ok();
 }
+
+/// Issue 16, defect 10: when boot fell back past a release whose artifact
+/// was damaged, its last checkpoint stayed in the store, but no command
+/// could bring it back once the artifact was repaired.
+#[test]
+fn a_release_the_boot_fell_back_past_comes_back_with_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = on_0_2_0(&data, &[], 2);
+    stage_sample(&agent, "0.3.0");
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    hello(&agent, 3);
+    let sha = agent.release("0.3.0").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A clean stop checkpoints 0.3.0's count: 5.
+    assert_eq!(agent.terminate(), 0);
+    let artifact = data.join("artifacts").join(format!("{sha}.so"));
+    std::fs::write(&artifact, b"not a library any more").unwrap();
+
+    let agent = Agent::start(&data, &[]);
+    assert_eq!(agent.status()["active_version"], "0.2.0");
+    assert_eq!(agent.get("/count").body, "2");
+    // The fallback's start event says how to get the state back.
+    let mut after = 0;
+    let started = loop {
+        let started = first_event(&agent, after, EventKind::AgentStarted);
+        if started.message.contains("FELL BACK") {
+            break started;
+        }
+        after = started.id;
+    };
+    assert!(
+        started
+            .message
+            .contains("ctl upgrade --to 0.3.0 --state snapshot"),
+        "{started:?}"
+    );
+
+    // Staging the same release again repairs its artifact; the upgrade
+    // restores its last checkpoint instead of migrating 0.2.0's count.
+    stage_sample(&agent, "0.3.0");
+    let upgraded = agent.json(&[
+        "upgrade",
+        "--to",
+        "0.3.0",
+        "--state",
+        "snapshot",
+        "--permanent",
+    ]);
+    assert_eq!(upgraded["transition"]["result"], "ok", "{upgraded}");
+    assert_eq!(agent.get("/count").body, "5");
+    assert_eq!(agent.status()["permanent_version"], "0.3.0");
+}

@@ -155,6 +155,7 @@ impl Actor {
                 direction,
                 version,
                 permanence,
+                source,
                 dry_run,
                 expected_canary,
             } => match expected_canary {
@@ -166,7 +167,7 @@ impl Actor {
                         format!("{expected} is not the canary (any more): it may have been dropped, by `ctl rollback` or by the health gate; nothing was switched"),
                     ))
                 }
-                _ => self.switch_to(direction, &version, permanence, dry_run, &origin),
+                _ => self.switch_to(direction, &version, permanence, source, dry_run, &origin),
             },
             // With a canary, a rollback drops it: the active release was
             // never left.
@@ -353,6 +354,7 @@ impl Actor {
         direction: machine::Direction,
         version: &Version,
         permanence: Permanence,
+        source: StateSource,
         dry_run: bool,
         origin: &Origin,
     ) -> Result<Reply> {
@@ -374,7 +376,7 @@ impl Actor {
             machine::Direction::Up => TransitionKind::Upgrade,
             machine::Direction::Down => TransitionKind::Downgrade,
         };
-        self.switch_kind(kind, version, StateSource::Migrate, settle, dry_run, origin)
+        self.switch_kind(kind, version, source, settle, dry_run, origin)
     }
 
     /// Journals and runs a switch (or only its checks, for a dry run), then

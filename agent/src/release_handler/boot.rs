@@ -272,15 +272,22 @@ fn resume(
         ));
     };
     let fell_back = (!unloadable.is_empty()).then(|| {
-        format!(
-            "FELL BACK to {}: {}",
-            release.version,
-            unloadable
-                .iter()
-                .map(|(v, e)| format!("{v} could not be started: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
+        let passed_over = unloadable
+            .iter()
+            .map(|(v, e)| {
+                // Its state is not lost: say how to bring it back.
+                let kept = match store.last_snapshot(v) {
+                    Ok(Some(s)) => format!(
+                        " (its last checkpoint, taken at {} ms, is kept: once it loads again — stage it again if its artifact was damaged — `ctl upgrade --to {v} --state snapshot` brings it back with that state)",
+                        s.taken_at_ms
+                    ),
+                    _ => String::new(),
+                };
+                format!("{v} could not be started: {e}{kept}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        format!("FELL BACK to {}: {passed_over}", release.version)
     });
     let abandoned = stored.current().cloned();
     let (lifecycle, _) = stored.apply(machine::Event::Booted {

@@ -36,6 +36,18 @@ impl Actor {
         let store = Arc::clone(&self.shared.journal.store);
         if let Some(existing) = store.release(&manifest.version)? {
             if existing.sha256 == upload.sha256 && existing.manifest == manifest_toml {
+                // The same release again. If its artifact was damaged since
+                // (a boot fell back past it), these bytes — checked against
+                // the same digest, and probed — put it right.
+                if !matches!(
+                    self.artifacts.verified(&existing.sha256, existing.size),
+                    Ok(Ok(_))
+                ) {
+                    self.artifacts
+                        .repair(upload)
+                        .map_err(Error::io("cannot repair the artifact"))?;
+                    tracing::warn!(version = %existing.version, sha256 = %existing.sha256, "the release's artifact was damaged; staging it again repaired it");
+                }
                 return Ok(Reply::Staged {
                     release: existing,
                     already_staged: true,

@@ -48,11 +48,13 @@ pub enum Permanence {
     Never,
 }
 
-/// Where the state of a rollback target comes from.
+/// Where the state of a switch's target comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateSource {
-    /// Migrated from the running state; the snapshot if that fails.
+    /// Migrated from the running state (a rollback: the snapshot if that
+    /// fails).
     Migrate,
+    /// The target's own last snapshot.
     Snapshot,
 }
 
@@ -65,6 +67,8 @@ pub enum Command {
         direction: Direction,
         version: Version,
         permanence: Permanence,
+        /// Where the target's state comes from.
+        source: StateSource,
         dry_run: bool,
         /// Refused unless this version is the canary (a promotion).
         expected_canary: Option<Version>,
@@ -106,9 +110,12 @@ impl Command {
                 direction,
                 version,
                 permanence,
+                source,
                 expected_canary,
                 ..
-            } => format!("{direction} {version} {permanence:?} {expected:?} {expected_canary:?}"),
+            } => format!(
+                "{direction} {version} {permanence:?} {source:?} {expected:?} {expected_canary:?}"
+            ),
             Command::Rollback { source, .. } => format!("rollback {source:?} {expected:?}"),
             Command::MakePermanent { version } => format!("make-permanent {version} {expected:?}"),
             Command::Remove { version } => format!("remove {version} {expected:?}"),

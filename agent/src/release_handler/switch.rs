@@ -271,7 +271,7 @@ impl Actor {
                         Error::refused(
                             Reason::NoSnapshot,
                             format!(
-                                "no snapshot of {} to restore; roll back with the state migrated instead",
+                                "no snapshot of {} to restore; switch with the state migrated instead",
                                 target.version
                             ),
                         )

@@ -676,8 +676,7 @@ impl Rollout<'_> {
                 request_id: plan::request_id(&self.rollout_id, Step::Upgrade, &node.address),
                 expected_active: before.unwrap_or_default(),
                 reason: self.reason(),
-                canary: None,
-                expected_canary: String::new(),
+                ..Default::default()
             };
             let what = format!("upgrade to {}", self.target);
             let reply = node
