@@ -7,14 +7,19 @@ use std::sync::Mutex;
 /// Libraries the host released that were still mapped afterwards.
 static RELEASED_BUT_MAPPED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// True when any mapping of this process is backed by `path`.
+/// True when any mapping of this process is backed by `path`, deleted
+/// since or not (the kernel then appends " (deleted)" to the line).
 pub fn is_mapped(path: &Path) -> bool {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return false;
     };
     let wanted = path.to_string_lossy();
-    maps.lines()
-        .any(|line| line.trim_end().ends_with(wanted.as_ref()))
+    maps.lines().any(|line| {
+        let line = line.trim_end();
+        line.strip_suffix(" (deleted)")
+            .unwrap_or(line)
+            .ends_with(wanted.as_ref())
+    })
 }
 
 pub(crate) fn note_released_but_mapped(path: PathBuf) {

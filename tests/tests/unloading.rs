@@ -158,4 +158,20 @@ fn a_library_that_cannot_be_unmapped_is_reported_as_lingering() {
     );
     assert!(agent.log().contains("library released but still mapped"));
     assert_eq!(agent.get("/").body, "Hello world!");
+
+    // Issue 16, defect 12: once its file was deleted (the release removed,
+    // its artifact collected), it vanished from status though still mapped.
+    agent.ctl(&["remove", "0.2.2"]).ok();
+    assert!(!agent
+        .data_dir
+        .join("artifacts")
+        .join(format!("{sha}.so"))
+        .exists());
+    let status = agent.status();
+    let libraries = status["libraries"].as_array().unwrap();
+    assert!(
+        libraries.iter().any(|l| l["lingering"] == true
+            && l["path"].as_str().is_some_and(|p| p.contains(&sha))),
+        "{status}"
+    );
 }
