@@ -362,3 +362,21 @@ fn only_the_configured_number_of_old_releases_is_kept() {
     assert_eq!(agent.release_state("0.1.0"), "absent");
     assert_eq!(agent.release_state("0.2.0"), "old");
 }
+
+/// Issue 16, defect 12: the sample 0.1.0 compiled into the agent and the
+/// one cargo builds from `plugins/nine9s-0.1.0` differ in their bytes, so
+/// staging the sample 0.1.0 on a fresh agent was refused VERSION_CONFLICT.
+#[test]
+fn staging_the_sample_the_agent_was_built_with_is_already_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let staged = agent.json(&[
+        "stage",
+        nine9s_tests::release_dir("nine9s-0.1.0").to_str().unwrap(),
+        "--library",
+        nine9s_tests::library("nine9s_0_1_0").to_str().unwrap(),
+    ]);
+    assert_eq!(staged["already_staged"], true, "{staged}");
+    assert_eq!(staged["release"]["state"], "permanent", "{staged}");
+    assert_eq!(agent.get("/").body, "Hello world!");
+}

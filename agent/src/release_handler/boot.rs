@@ -30,6 +30,18 @@ use crate::store::Store;
 const EMBEDDED_MANIFEST: &str = include_str!("../../../plugins/nine9s-0.1.0/release.toml");
 const EMBEDDED_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libnine9s_0_1_0.so"));
 
+/// The sha256 of the sample release compiled into the agent.
+pub(super) fn embedded_sha256() -> &'static str {
+    static SHA256: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA256.get_or_init(|| {
+        use sha2::Digest;
+        sha2::Sha256::digest(EMBEDDED_LIBRARY)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
+}
+
 /// What a boot produced.
 pub(super) struct Booted {
     pub config: Config,

@@ -53,6 +53,18 @@ impl Actor {
                     already_staged: true,
                 });
             }
+            // The sample compiled into the agent, built again by cargo from
+            // the same source: other bytes (another compiler invocation),
+            // the same release. The one installed stays.
+            if existing.manifest == manifest_toml
+                && existing.sha256 == super::boot::embedded_sha256()
+            {
+                tracing::info!(version = %existing.version, "this release is the sample compiled into the agent, already installed: the one built in stays");
+                return Ok(Reply::Staged {
+                    release: existing,
+                    already_staged: true,
+                });
+            }
             return Err(Error::refused(
                 Reason::VersionConflict,
                 format!(
