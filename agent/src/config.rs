@@ -24,6 +24,10 @@ pub struct Config {
     /// How long a switch waits for in-flight calls on the old code before
     /// it gives up (and the old release keeps serving).
     pub quiesce_timeout: Duration,
+    /// How long plugin code may run behind the closed gate — a switch's
+    /// snapshot, migration and `init`, a checkpoint's snapshot — before the
+    /// switch or checkpoint is abandoned and the gate reopens.
+    pub gate_timeout: Duration,
     /// How long a switch's `drain` step waits for others to let go of the
     /// old instance (a `status` call reading its counters, a health check
     /// still running on it) before it drops its own reference; the library
@@ -110,6 +114,7 @@ impl Config {
             bootstrap: Bootstrap::Embedded,
             soak: Duration::from_secs(5),
             quiesce_timeout: Duration::from_secs(5),
+            gate_timeout: Duration::from_secs(1),
             drain_grace: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             keep_old: 5,

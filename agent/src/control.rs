@@ -394,7 +394,7 @@ impl ControlService {
                 if request.dry_run {
                     return Err(invalid("dry_run: a canary has no dry run; it changes no lifecycle state, and a rollback drops it"));
                 }
-                if request.state != 0 {
+                if request.state() == pb::StateSource::Snapshot {
                     return Err(invalid(
                         "state: a canary keeps no state, so it has none to restore",
                     ));
@@ -805,6 +805,7 @@ impl Control for ControlService {
             default_soak_ms: config.soak.as_millis() as u64,
             shutdown_grace_ms: config.shutdown_grace.as_millis() as u64,
             quiesce_timeout_ms: config.quiesce_timeout.as_millis() as u64,
+            gate_timeout_ms: config.gate_timeout.as_millis() as u64,
             checkpoint_every_ms: config.checkpoint_every.as_millis() as u64,
             health_timeout_ms: config.health_timeout.as_millis() as u64,
             max_error_rate: config.max_error_rate,

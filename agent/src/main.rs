@@ -63,6 +63,11 @@ struct Args {
     /// How long a switch waits for in-flight calls on the old release (up to 1h).
     #[arg(long, default_value = "5s", value_parser = positive_up_to_an_hour)]
     quiesce_timeout: Duration,
+    /// How long the release's code may hold requests once the gate is
+    /// closed — a switch's snapshot, migration and init, a checkpoint's
+    /// snapshot — before it is abandoned and the gate reopens (up to 1h).
+    #[arg(long, default_value = "1s", value_parser = positive_up_to_an_hour)]
+    gate_timeout: Duration,
     /// How long a soaking release's health check may take (up to 1h).
     #[arg(long, default_value = "2s", value_parser = positive_up_to_an_hour)]
     health_timeout: Duration,
@@ -396,6 +401,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.checkpoint_every = args.checkpoint_every;
     config.shutdown_grace = args.shutdown_grace;
     config.quiesce_timeout = args.quiesce_timeout;
+    config.gate_timeout = args.gate_timeout;
     config.health_timeout = args.health_timeout;
     config.keep_old = args.keep_old as usize;
     config.keep_history = args.keep_history as usize;

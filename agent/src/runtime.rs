@@ -527,7 +527,7 @@ impl Runtime {
     pub async fn try_quiesced<T>(
         &self,
         within: Duration,
-        f: impl FnOnce(&Loaded) -> T,
+        f: impl FnOnce(&Arc<Loaded>) -> T,
     ) -> Option<T> {
         let deadline = Instant::now() + within;
         loop {
@@ -551,7 +551,7 @@ impl Runtime {
     pub async fn switch<E>(
         &self,
         timeout: Duration,
-        prepare: impl FnOnce(&Loaded) -> Result<Loaded, E>,
+        prepare: impl FnOnce(&Arc<Loaded>) -> Result<Loaded, E>,
     ) -> Result<Switched, SwitchError<E>> {
         let asked = Instant::now();
         let old = self.active.load_full();

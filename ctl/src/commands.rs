@@ -559,7 +559,7 @@ async fn promote(
         timeout: None,
         canary: None,
         canary_header: None,
-        state: StateFrom::Migrate,
+        state: None,
         request: Checked {
             request,
             expect_active: Some(active),
@@ -612,7 +612,10 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
             .expected_canary
             .as_ref()
             .map_or_else(String::new, ToString::to_string),
-        state: pb::StateSource::from(switch.state).into(),
+        state: switch
+            .state
+            .map_or(pb::StateSource::Unspecified, pb::StateSource::from)
+            .into(),
         canary: match (&switch.canary, &switch.canary_header) {
             (Some(permille), _) => Some(pb::CanarySplit {
                 permille: u32::from(*permille),

@@ -456,8 +456,8 @@ struct Switch {
     /// Where the target's state comes from: the running state migrated, or
     /// the target's own last snapshot (a release the agent fell back past
     /// at boot, with its last checkpoint).
-    #[arg(long, value_enum, default_value_t = StateFrom::Migrate, conflicts_with_all = ["canary", "canary_header"])]
-    state: StateFrom,
+    #[arg(long, value_enum, conflicts_with_all = ["canary", "canary_header"])]
+    state: Option<StateFrom>,
     /// Set by `ctl promote`: the switch is refused unless this is the
     /// canary still.
     #[arg(skip)]

@@ -743,3 +743,102 @@ fn a_release_the_boot_fell_back_past_comes_back_with_its_last_checkpoint() {
     assert_eq!(agent.get("/count").body, "5");
     assert_eq!(agent.status()["permanent_version"], "0.3.0");
 }
+
+/// 0.2.8 (the segfault fixture, which counts like 0.2.0) permanent, with
+/// `hellos` counted, 0.3.0 staged.
+fn on_0_2_8(data: &std::path::Path, extra: &[&str], hellos: usize) -> Agent {
+    let agent = on_0_2_0(data, extra, 0);
+    stage_fixture(&agent, "segfault").ok();
+    agent.ctl(&["upgrade", "--to", "0.2.8", "--permanent"]).ok();
+    hello(&agent, hellos);
+    stage_sample(&agent, "0.3.0");
+    agent
+}
+
+/// Issue 16, defect 2: plugin code behind the closed gate had no time
+/// limit — a snapshot that took 3 s held every request 3 s, whatever
+/// `--quiesce-timeout` said. Past `--gate-timeout` the switch is abandoned
+/// and the gate reopens on the release that served.
+#[test]
+fn a_switch_whose_snapshot_outlasts_the_gate_timeout_is_abandoned() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_8(
+        &dir.path().join("data"),
+        &["--gate-timeout", "300ms", "--checkpoint-every", "1h"],
+        3,
+    );
+    assert_eq!(agent.get("/slow-snapshot?ms=2000").status, 200);
+    let out = agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("did not return within the gate's 300 ms"),
+        "{}",
+        out.stderr
+    );
+    let status = agent.status();
+    assert_eq!(status["active_version"], "0.2.8", "{status}");
+    // The release at fault is the one serving, and permanent: never failed.
+    assert_eq!(agent.release_state("0.2.8"), "permanent");
+    assert_eq!(agent.release_state("0.3.0"), "staged");
+    hello(&agent, 1);
+    assert_eq!(agent.get("/count").body, "4");
+    assert!(
+        last(&agent)["error"]
+            .as_str()
+            .unwrap()
+            .contains("--gate-timeout"),
+        "{}",
+        last(&agent)
+    );
+}
+
+/// Issue 16, defect 2: a checkpoint's snapshot held every request for as
+/// long as it took; past `--gate-timeout` it is abandoned and skipped.
+#[test]
+fn a_checkpoint_whose_snapshot_outlasts_the_gate_timeout_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_8(
+        &dir.path().join("data"),
+        &["--gate-timeout", "300ms", "--checkpoint-every", "500ms"],
+        2,
+    );
+    let after = agent.status()["last_event_id"].as_u64().unwrap();
+    assert_eq!(agent.get("/slow-snapshot?ms=2000").status, 200);
+    let skipped = first_event(&agent, after, EventKind::CheckpointSkipped);
+    assert!(skipped.message.contains("--gate-timeout"), "{skipped:?}");
+    hello(&agent, 1);
+    assert_eq!(agent.get("/count").body, "3");
+}
+
+/// Issue 16, defect 2: a serving instance whose snapshot never returns is
+/// wedged: the worker is replaced on the permanent release with its last
+/// checkpoint, as after a crash.
+#[test]
+fn a_serving_instance_whose_snapshot_never_returns_is_replaced_with_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_8(
+        &dir.path().join("data"),
+        &["--gate-timeout", "300ms", "--checkpoint-every", "300ms"],
+        2,
+    );
+    let counted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(eventually(Duration::from_secs(10), || agent.status()
+        ["last_checkpoint_ms"]
+        .as_i64()
+        .is_some_and(|at| at > counted)));
+    let old = agent.worker_pid();
+    // From now on its snapshot never returns: the next checkpoint is
+    // abandoned behind the gate, and the instance never comes back.
+    assert_eq!(agent.get("/slow-snapshot?ms=3600000").status, 200);
+    hello(&agent, 1);
+    let new = agent.new_worker(old);
+    assert_ne!(new, old);
+    assert!(agent.log().contains("it is wedged"), "{}", agent.log());
+    assert_eq!(agent.status()["active_version"], "0.2.8");
+    // Its last checkpoint: what was counted before the snapshot hung.
+    assert_eq!(agent.get("/count").body, "2");
+}

@@ -572,9 +572,8 @@ impl Actor {
         // On the plugin thread, with the rehearsal's time limit: an `init`
         // or a health check that hangs must not hold the engine.
         let started = super::catalog::open(&self.artifacts, &target).and_then(|library| {
-            let (tx, rx) = mpsc::channel();
             let of = version.clone();
-            self.plugin_thread.run(Box::new(move || {
+            let called = self.call_plugin(super::switch::REHEARSAL_TIMEOUT, move || {
                 let plugin = |during| {
                     let version = of.clone();
                     move |source| Error::Plugin {
@@ -583,26 +582,24 @@ impl Actor {
                         source,
                     }
                 };
-                let made = library
+                library
                     .instantiate(None)
                     .map_err(plugin("init"))
                     .and_then(|instance| {
                         instance.health().map_err(plugin("health check"))?;
                         Ok(instance)
-                    });
-                let _ = tx.send(made);
-            }))?;
-            rx.recv_timeout(super::switch::REHEARSAL_TIMEOUT)
-                .unwrap_or_else(|_| {
-                    self.plugin_thread.abandon();
-                    Err(Error::refused(
-                        Reason::Internal,
-                        format!(
-                            "starting the canary did not finish within {} s",
-                            super::switch::REHEARSAL_TIMEOUT.as_secs()
-                        ),
-                    ))
-                })
+                    })
+            })?;
+            match called {
+                super::switch::Called::Done(made) => made,
+                super::switch::Called::Expired(_) => Err(Error::refused(
+                    Reason::Internal,
+                    format!(
+                        "starting the canary did not finish within {} s",
+                        super::switch::REHEARSAL_TIMEOUT.as_secs()
+                    ),
+                )),
+            }
         });
         let instance = match started {
             Ok(instance) => instance,
@@ -644,7 +641,8 @@ impl Actor {
 
     /// Drops a canary taken out of the runtime here, once its calls in
     /// flight are done (within the drain grace): its instance's `stop` and
-    /// its library's unload run on this thread, not on a request's.
+    /// its library's unload run on the plugin thread, with a deadline,
+    /// never on a request's.
     fn let_go_of(&self, canary: Option<Arc<crate::runtime::Canary>>) {
         if let Some(canary) = canary {
             let grace = self.shared.config.drain_grace;
@@ -653,6 +651,10 @@ impl Actor {
                 .block_on(crate::runtime::released(&canary, grace))
             {
                 tracing::warn!(version = %canary.loaded.version, "drain grace over with the canary still serving a call");
+            }
+            // Its instance's stop and unload, if this is the last reference.
+            if let Ok(canary) = Arc::try_unwrap(canary) {
+                self.unload(Some(canary.loaded));
             }
         }
     }

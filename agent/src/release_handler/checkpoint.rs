@@ -11,11 +11,14 @@
 //! the caller is told which (a soaking release fails its soak for it, a
 //! release cannot be made permanent with it, and a stop says so).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use nine9s_host::CallError;
 use nine9s_manifest::Version;
 
 use super::actor::Actor;
+use super::switch::{watch_wedged, Called};
 use crate::error::Error;
 use crate::model::{now_ms, Event, EventKind, Snapshot};
 
@@ -56,13 +59,28 @@ impl Actor {
     /// Takes a checkpoint; logs (and announces) why if it cannot.
     pub(super) fn checkpoint(&self) -> Result<(), Skipped> {
         let runtime = &self.shared.runtime;
+        let limit = self.shared.config.gate_timeout;
         let taken = self
             .tokio
             .block_on(runtime.try_quiesced(CHECKPOINT_QUIESCE, |loaded| {
+                // Behind the closed gate: on the plugin thread, within
+                // --gate-timeout.
+                let serving = Arc::clone(loaded);
+                let snapshot = match self.call_plugin(limit, move || serving.instance.snapshot()) {
+                    Ok(Called::Done(snapshot)) => snapshot,
+                    Ok(Called::Expired(late)) => {
+                        watch_wedged(loaded, late);
+                        Err(CallError::Failed(format!(
+                            "did not return within the gate's {} ms (--gate-timeout): the checkpoint was abandoned and the gate reopened",
+                            limit.as_millis()
+                        )))
+                    }
+                    Err(e) => Err(CallError::Failed(e.to_string())),
+                };
                 (
                     loaded.version.clone(),
                     loaded.instance.library().state_version(),
-                    loaded.instance.snapshot(),
+                    snapshot,
                 )
             }));
         let skipped = |skipped: Skipped| {

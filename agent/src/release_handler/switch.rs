@@ -5,13 +5,25 @@
 //! every hook placed before `switch`, the health check — on a thread of its
 //! own with a time limit, so nothing about the switch is tried for the
 //! first time while requests are held. `switch` holds new requests only for
-//! snapshot → migrate → restore → swap. Hooks after `switch` run on the
+//! snapshot → migrate → restore → swap, and that plugin code gets
+//! `--gate-timeout` at most: past it the switch is abandoned and the gate
+//! reopens on the instance that served. Hooks after `switch` run on the
 //! serving instance; `drain` waits for the old instance to be released and
-//! `unload` drops it (the host checks its library is unmapped). A dry run
+//! `unload` drops it (its `stop`, `destroy` and `dlclose`, within
+//! [`STOP_TIMEOUT`]; the host checks its library is unmapped). A dry run
 //! stops after the rehearsal, with every hook of the plan tried on the
 //! trial instance.
+//!
+//! Every call the engine makes into a release runs on its
+//! [`PluginThread`], each with a deadline ([`Actor::call_plugin`]); a call
+//! past its deadline keeps that thread, and the next call gets a new one.
+//! If the *serving* instance is the one that does not return (its snapshot
+//! hangs), it is watched a while longer ([`WEDGED_AFTER`]); if it never
+//! returns, the worker exits and the supervisor starts a new one on the
+//! permanent release with its last checkpoint, as after a crash.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use nine9s_host::{CallError, Library};
@@ -28,6 +40,26 @@ use crate::runtime::{drain, Loaded, SwitchError};
 /// Longest a rehearsal (migration, init, hooks and health check on the
 /// trial instance) may take before the switch is refused.
 pub const REHEARSAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest an instance's `stop`, `destroy` and its library's unload may
+/// take before the engine stops waiting for them.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the serving instance may stay inside a call abandoned behind
+/// the gate before it counts as wedged and the worker is replaced.
+const WEDGED_AFTER: Duration = Duration::from_secs(10);
+
+/// The worker's exit code when it leaves because its serving instance is
+/// wedged (EX_SOFTWARE): the supervisor starts another.
+const EXIT_WEDGED: i32 = 70;
+
+/// A call into a release, as its deadline found it.
+pub(super) enum Called<T> {
+    Done(T),
+    /// Still running on an abandoned thread; its result, if it ever ends,
+    /// comes here.
+    Expired(mpsc::Receiver<T>),
+}
 
 /// A switch that happened.
 pub(super) struct Executed {
@@ -87,11 +119,6 @@ impl Actor {
         crash_point("switch:loaded");
 
         let carry = loaded.carry;
-        let plugin_error = |version: &Version, during, source| Error::Plugin {
-            version: version.clone(),
-            during,
-            source,
-        };
         // The gate: snapshot → migrate → restore → swap. Snapshots are
         // taken under it and stored once it is open again.
         let mut taken = Vec::new();
@@ -107,9 +134,22 @@ impl Actor {
             && active.instance.library().state_version() == 0;
         let switched = if stateless {
             crash_point("switch:quiesced");
-            let instance = library
-                .instantiate(None)
-                .map_err(|e| plugin_error(&target.version, "init", e))?;
+            let fresh = Arc::clone(&library);
+            let instance = match self
+                .call_plugin(REHEARSAL_TIMEOUT, move || fresh.instantiate(None))?
+            {
+                Called::Done(made) => made.map_err(|e| plugin_error(&target.version, "init", e))?,
+                Called::Expired(_) => {
+                    return Err(plugin_error(
+                        &target.version,
+                        "init",
+                        CallError::Failed(format!(
+                            "did not return within {} s",
+                            REHEARSAL_TIMEOUT.as_secs()
+                        )),
+                    ))
+                }
+            };
             let next = Loaded::new(target.version.clone(), target.blocking, instance);
             Ok(self.tokio.block_on(
                 self.shared
@@ -117,60 +157,98 @@ impl Actor {
                     .replace(next, self.shared.config.quiesce_timeout),
             ))
         } else {
+            let gate_timeout = self.shared.config.gate_timeout;
             self.tokio.block_on(self.shared.runtime.switch(
                 self.shared.config.quiesce_timeout,
                 |old| {
-                    let left = old
-                        .instance
-                        .snapshot()
-                        .map_err(|e| plugin_error(&old.version, "snapshot", e));
-                    // Restoring the stored snapshot needs nothing of the release
-                    // being left: a failing snapshot of it is only not kept.
-                    let left = match (&snapshot_source, left) {
-                        (_, Ok(left)) => Some(left),
-                        (Some(_), Err(e)) => {
-                            tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
-                            None
-                        }
-                        (None, Err(e)) => return Err(e),
-                    };
-                    let state = match &snapshot_source {
-                        Some(stored) => stored.bytes.as_slice(),
-                        None => left.as_deref().unwrap_or_default(),
-                    };
-                    let migrated = carry.apply(state).map_err(|e| {
-                        plugin_error(&carry.migrator(&target.version), "state migration", e)
-                    })?;
-                    if let Some(left) = left {
-                        taken.push(Snapshot {
-                            version: old.version.clone(),
-                            state_version: old.instance.library().state_version(),
-                            taken_at_ms: now_ms(),
-                            bytes: left,
-                        });
-                    }
-                    crash_point("switch:quiesced");
-                    let instance = library
-                        .instantiate(migrated.as_deref())
-                        .map_err(|e| plugin_error(&target.version, "init", e))?;
-                    // The new release's starting state is durable with the
-                    // transition too: should it be permanent when the agent
-                    // dies, a restart restores this, not nothing.
-                    if library.state_version() != 0 {
-                        if let Some(start) = migrated {
+                    let old = Arc::clone(old);
+                    let serving = Arc::clone(&old);
+                    let (carry, library, target) =
+                        (carry.clone(), Arc::clone(&library), target.clone());
+                    let snapshot_source = snapshot_source.clone();
+                    let to = target.version.clone();
+                    // Whether the old instance's snapshot returned: past
+                    // the deadline, it tells whose code holds the gate.
+                    let left_old = Arc::new(AtomicBool::new(false));
+                    let snapshotted = Arc::clone(&left_old);
+                    let behind_gate = move || -> Result<(Loaded, Vec<Snapshot>)> {
+                        let mut taken = Vec::new();
+                        let left = old
+                            .instance
+                            .snapshot()
+                            .map_err(|e| plugin_error(&old.version, "snapshot", e));
+                        snapshotted.store(true, Ordering::SeqCst);
+                        // Restoring the stored snapshot needs nothing of the release
+                        // being left: a failing snapshot of it is only not kept.
+                        let left = match (&snapshot_source, left) {
+                            (_, Ok(left)) => Some(left),
+                            (Some(_), Err(e)) => {
+                                tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
+                                None
+                            }
+                            (None, Err(e)) => return Err(e),
+                        };
+                        let state = match &snapshot_source {
+                            Some(stored) => stored.bytes.as_slice(),
+                            None => left.as_deref().unwrap_or_default(),
+                        };
+                        let migrated = carry.apply(state).map_err(|e| {
+                            plugin_error(&carry.migrator(&target.version), "state migration", e)
+                        })?;
+                        if let Some(left) = left {
                             taken.push(Snapshot {
-                                version: target.version.clone(),
-                                state_version: library.state_version(),
+                                version: old.version.clone(),
+                                state_version: old.instance.library().state_version(),
                                 taken_at_ms: now_ms(),
-                                bytes: start,
+                                bytes: left,
                             });
                         }
+                        drop(old);
+                        crash_point("switch:quiesced");
+                        let instance = library
+                            .instantiate(migrated.as_deref())
+                            .map_err(|e| plugin_error(&target.version, "init", e))?;
+                        // The new release's starting state is durable with the
+                        // transition too: should it be permanent when the agent
+                        // dies, a restart restores this, not nothing.
+                        if library.state_version() != 0 {
+                            if let Some(start) = migrated {
+                                taken.push(Snapshot {
+                                    version: target.version.clone(),
+                                    state_version: library.state_version(),
+                                    taken_at_ms: now_ms(),
+                                    bytes: start,
+                                });
+                            }
+                        }
+                        let next = Loaded::new(target.version.clone(), target.blocking, instance);
+                        Ok((next, taken))
+                    };
+                    match self.call_plugin(gate_timeout, behind_gate)? {
+                        Called::Done(prepared) => {
+                            let (next, snapshots) = prepared?;
+                            taken = snapshots;
+                            Ok(next)
+                        }
+                        Called::Expired(late) => {
+                            let past = format!(
+                                "did not return within the gate's {} ms (--gate-timeout): the switch was abandoned and the gate reopened on {}",
+                                gate_timeout.as_millis(),
+                                serving.version
+                            );
+                            if left_old.load(Ordering::SeqCst) {
+                                Err(plugin_error(
+                                    &to,
+                                    "state migration and init",
+                                    CallError::Failed(past),
+                                ))
+                            } else {
+                                let version = serving.version.clone();
+                                watch_wedged(&serving, late);
+                                Err(plugin_error(&version, "snapshot", CallError::Failed(past)))
+                            }
+                        }
                     }
-                    Ok(Loaded::new(
-                        target.version.clone(),
-                        target.blocking,
-                        instance,
-                    ))
                 },
             ))
         };
@@ -221,12 +299,28 @@ impl Actor {
                             .block_on(drain(old, self.shared.config.drain_grace));
                     }
                 }
-                Step::Unload => drop(old.take()),
+                Step::Unload => self.unload(old.take()),
                 Step::Load | Step::Migrate | Step::Switch => {}
             }
         }
         // A plan without `unload` still lets the old release go.
-        drop(old);
+        self.unload(old);
+    }
+
+    /// Lets go of an instance on the plugin thread: if this was the last
+    /// reference, its `stop`, `destroy` and its library's unload run there,
+    /// within [`STOP_TIMEOUT`] (past it, they are left to that thread, and
+    /// the library stays loaded).
+    pub(super) fn unload(&self, loaded: Option<Arc<Loaded>>) {
+        let Some(loaded) = loaded else { return };
+        let version = loaded.version.clone();
+        match self.call_plugin(STOP_TIMEOUT, move || drop(loaded)) {
+            Ok(Called::Done(())) => {}
+            Ok(Called::Expired(_)) => {
+                tracing::error!(%version, "the release's stop (or destroy) did not return within {} s: it is left running, and its library loaded", STOP_TIMEOUT.as_secs())
+            }
+            Err(e) => tracing::error!(%version, error = %e, "cannot let go of the old instance"),
+        }
     }
 
     /// Runs a hook on the serving instance, on the plugin thread with the
@@ -234,22 +328,49 @@ impl Actor {
     /// not hold the engine.
     fn hook_after_switch(&self, name: &str) -> Result<()> {
         let serving = self.shared.runtime.active();
-        let (tx, rx) = std::sync::mpsc::channel();
         let hook = name.to_owned();
-        self.plugin_thread.run(Box::new(move || {
-            let _ = tx.send(serving.instance.hook(&hook).map_err(|e| Error::Plugin {
-                version: serving.version.clone(),
-                during: "hook",
-                source: e,
-            }));
-        }))?;
-        rx.recv_timeout(REHEARSAL_TIMEOUT).unwrap_or_else(|_| {
-            self.plugin_thread.abandon();
-            Err(Error::refused(
+        let called = self.call_plugin(REHEARSAL_TIMEOUT, move || {
+            serving
+                .instance
+                .hook(&hook)
+                .map_err(|e| plugin_error(&serving.version, "hook", e))
+        })?;
+        match called {
+            Called::Done(done) => done,
+            Called::Expired(_) => Err(Error::refused(
                 Reason::Internal,
                 format!("it did not finish within {} s", REHEARSAL_TIMEOUT.as_secs()),
-            ))
-        })
+            )),
+        }
+    }
+
+    /// Runs `call` (plugin code) on the plugin thread and waits at most
+    /// `limit` for it. Past it, the thread is abandoned to the call (the
+    /// next call gets a new one), and the call's result, if it ever ends,
+    /// comes on the receiver returned.
+    pub(super) fn call_plugin<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<Called<T>> {
+        let (tx, rx) = mpsc::channel();
+        self.plugin_thread.run(Box::new(move || {
+            let _ = tx.send(call());
+        }))?;
+        match rx.recv_timeout(limit) {
+            Ok(done) => Ok(Called::Done(done)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.plugin_thread.abandon();
+                Ok(Called::Expired(rx))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.plugin_thread.abandon();
+                Err(Error::refused(
+                    Reason::Internal,
+                    "the plugin thread ended in the middle of a call",
+                ))
+            }
+        }
     }
 
     /// The `load` step: opens the target library, checks it is the release
@@ -309,13 +430,8 @@ impl Actor {
         let library = Arc::clone(&loaded.library);
         let version = target.version.clone();
         let hooks = hooks.to_vec();
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.plugin_thread.run(Box::new(move || {
-            let plugin = |version: &Version, during, source| Error::Plugin {
-                version: version.clone(),
-                during,
-                source,
-            };
+        let called = self.call_plugin(REHEARSAL_TIMEOUT, move || -> Result<()> {
+            let plugin = plugin_error;
             let run = || -> Result<()> {
                 let state = match stored {
                     Some(bytes) => bytes,
@@ -346,21 +462,19 @@ impl Actor {
                 }
                 Ok(())
             };
-            let _ = tx.send(run());
-        }))?;
-        rx.recv_timeout(REHEARSAL_TIMEOUT).unwrap_or_else(|_| {
-            // That thread is stuck in plugin code: the next rehearsal gets
-            // a new one.
-            self.plugin_thread.abandon();
-            Err(Error::Plugin {
-                version: target.version.clone(),
-                during: "rehearsal",
-                source: CallError::Failed(format!(
+            run()
+        })?;
+        match called {
+            Called::Done(done) => done,
+            Called::Expired(_) => Err(plugin_error(
+                &target.version,
+                "rehearsal",
+                CallError::Failed(format!(
                     "the trial instance did not finish migrating, starting and checking its health within {} s",
                     REHEARSAL_TIMEOUT.as_secs()
                 )),
-            })
-        })
+            )),
+        }
     }
 }
 
@@ -405,6 +519,34 @@ impl PluginThread {
 
     pub(super) fn abandon(&self) {
         self.worker.borrow_mut().take();
+    }
+}
+
+/// A release's code failed (or did not return) during `during`.
+fn plugin_error(version: &Version, during: &'static str, source: CallError) -> Error {
+    Error::Plugin {
+        version: version.clone(),
+        during,
+        source,
+    }
+}
+
+/// The serving instance did not return from a call abandoned behind the
+/// gate. If it does not within [`WEDGED_AFTER`] either, it is wedged: the
+/// worker exits, and the supervisor starts another on the permanent
+/// release with its last checkpoint, as after a crash.
+pub(super) fn watch_wedged<T: Send + 'static>(serving: &Loaded, late: mpsc::Receiver<T>) {
+    let version = serving.version.clone();
+    let watched = std::thread::Builder::new()
+        .name("nine9s-wedged".into())
+        .spawn(move || {
+            if late.recv_timeout(WEDGED_AFTER).is_err() {
+                tracing::error!(%version, "the serving instance has not returned from a call for {} s: it is wedged; this worker exits, and the supervisor starts another on the permanent release with its last checkpoint", WEDGED_AFTER.as_secs());
+                std::process::exit(EXIT_WEDGED);
+            }
+        });
+    if let Err(e) = watched {
+        tracing::error!(error = %e, "cannot watch the abandoned call");
     }
 }
 

@@ -6,7 +6,7 @@
 //! `NINE9S_FIXTURE_SLOW_INIT_FILE` exists, `init` waits (a slow start),
 //! after creating that path with `.entered` appended. After `GET
 //! /break-snapshot`, the instance's `snapshot` panics (its state can no
-//! longer be saved).
+//! longer be saved); after `GET /slow-snapshot?ms=N`, it takes N ms.
 // Stands for a release with a memory bug: the null write needs `unsafe`,
 // which the workspace's lint would refuse.
 #![allow(unsafe_code)]
@@ -22,6 +22,7 @@ fn segfault() {
 pub struct Segfault {
     count: Counter,
     snapshot_broken: std::sync::atomic::AtomicBool,
+    snapshot_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Plugin for Segfault {
@@ -47,6 +48,7 @@ impl Plugin for Segfault {
         Ok(Segfault {
             count: Counter::restore(state)?,
             snapshot_broken: Default::default(),
+            snapshot_ms: Default::default(),
         })
     }
 
@@ -61,6 +63,16 @@ impl Plugin for Segfault {
                 self.snapshot_broken
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 Response::text("its snapshot fails from now on")
+            }
+            "/slow-snapshot" => {
+                let ms = request
+                    .query
+                    .strip_prefix("ms=")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                self.snapshot_ms
+                    .store(ms, std::sync::atomic::Ordering::SeqCst);
+                Response::text(format!("its snapshot takes {ms} ms from now on"))
             }
             "/crash" => {
                 segfault();
@@ -77,6 +89,8 @@ impl Plugin for Segfault {
         {
             panic!("deliberate panic in the snapshot of 0.2.8");
         }
+        let ms = self.snapshot_ms.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
         self.count.snapshot()
     }
 }
