@@ -560,15 +560,17 @@ impl Actor {
                 ));
             }
         }
-        // Recorded before it can serve: whatever ends the process, the next
-        // start closes its history row.
-        store.set_canary(Some(version))?;
         let shared = Arc::clone(&self.shared);
         let mut guard =
             shared
                 .journal
                 .begin(TransitionKind::Canary, Some(&active), Some(version), origin)?;
         guard.note(format!("canary: {split}"));
+        // Recorded before it can serve: whatever ends the process, the next
+        // start closes its history row.
+        if let Err(e) = store.set_canary(Some(version)) {
+            return Err(guard.fail(e.into(), &Changes::default()));
+        }
         // On the plugin thread, with the rehearsal's time limit: an `init`
         // or a health check that hangs must not hold the engine.
         let started = super::catalog::open(&self.artifacts, &target).and_then(|library| {
