@@ -308,6 +308,41 @@ impl Agent {
         get(self.http, path)
     }
 
+    /// Waits until a checkpoint newer than now is taken.
+    pub fn checkpointed(&self) {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!(
+            eventually(Duration::from_secs(10), || self.status()
+                ["last_checkpoint_ms"]
+                .as_i64()
+                .unwrap_or(0)
+                > since),
+            "no checkpoint; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Waits until a request is served again (a new worker after a
+    /// crash), and returns the release that answered.
+    pub fn serving_release(&self) -> String {
+        let mut serving = String::new();
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                serving = Client::connect(self.http)
+                    .and_then(|mut c| c.get("/"))
+                    .map(|r| r.release)
+                    .unwrap_or_default();
+                !serving.is_empty()
+            }),
+            "nothing serves; log:\n{}",
+            self.log()
+        );
+        serving
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

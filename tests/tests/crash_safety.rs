@@ -356,19 +356,7 @@ fn kills_from_outside_during_a_slow_start_never_fail_the_permanent_release() {
     }
     std::fs::remove_file(&slow).unwrap();
 
-    let mut serving = String::new();
-    assert!(
-        nine9s_tests::eventually(Duration::from_secs(30), || {
-            serving = nine9s_tests::Client::connect(agent.http)
-                .and_then(|mut c| c.get("/"))
-                .map(|r| r.release)
-                .unwrap_or_default();
-            !serving.is_empty()
-        }),
-        "nothing serves; log:\n{}",
-        agent.log()
-    );
-    assert_eq!(serving, "0.2.8", "{}", agent.log());
+    assert_eq!(agent.serving_release(), "0.2.8", "{}", agent.log());
     assert_eq!(agent.status()["permanent_version"], "0.2.8");
     let release = agent.release("0.2.8").unwrap();
     assert_eq!(release["state"], "permanent", "{release}");

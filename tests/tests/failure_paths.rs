@@ -822,14 +822,7 @@ fn a_serving_instance_whose_snapshot_never_returns_is_replaced_with_its_last_che
         &["--gate-timeout", "300ms", "--checkpoint-every", "300ms"],
         2,
     );
-    let counted = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    assert!(eventually(Duration::from_secs(10), || agent.status()
-        ["last_checkpoint_ms"]
-        .as_i64()
-        .is_some_and(|at| at > counted)));
+    agent.checkpointed();
     let old = agent.worker_pid();
     // From now on its snapshot never returns: the next checkpoint is
     // abandoned behind the gate, and the instance never comes back.
