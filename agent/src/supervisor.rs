@@ -906,18 +906,19 @@ fn serving(current: &Option<Worker>) -> bool {
     current.as_ref().is_some_and(|w| w.ready)
 }
 
-/// Asks the workers to stop; returns true.
+/// Asks the workers to stop; returns true. A new worker that has not
+/// taken over yet is killed: it never served, and it may be waiting for a
+/// state that will not come.
 fn stop(
     current: &Option<Worker>,
     retiring: &Option<Worker>,
     candidate: &Option<Candidate>,
 ) -> bool {
-    for worker in current
-        .iter()
-        .chain(retiring)
-        .chain(candidate.iter().map(|c| &c.worker))
-    {
+    for worker in current.iter().chain(retiring) {
         terminate(worker.pid);
+    }
+    if let Some(candidate) = candidate {
+        kill(candidate.worker.pid);
     }
     true
 }
