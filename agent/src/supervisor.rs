@@ -496,8 +496,10 @@ impl Supervisor {
                 heard = next(&mut candidate) => {
                     let mut new = candidate.take().expect("heard from it");
                     match heard {
+                        // Killed by the stop already.
+                        Heard::Ready | Heard::TimedOut if stopping => {}
                         Heard::Ready => {
-                            let mut old = current.take().expect("a restart starts beside a serving worker");
+                            let old = current.take().expect("a restart starts beside a serving worker");
                             tracing::info!(new = new.worker.pid, old = old.pid, "self-upgrade: the new worker is ready to take over; the serving one hands over");
                             if !old.tell(&Message::HandOver(new.state)) {
                                 // Adopted from a supervisor without channels
@@ -506,7 +508,6 @@ impl Supervisor {
                                 // store once it has let go.
                                 terminate(old.pid);
                             }
-                            old.upgrade = false;
                             retiring = Some(old);
                             current = Some(new.worker);
                         }
