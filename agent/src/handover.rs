@@ -79,23 +79,42 @@ struct Header {
     sha256: String,
     state_version: u32,
     bytes: usize,
+    /// When the serving worker stopped accepting connections (µs since the
+    /// epoch): the new worker logs how long after it began to.
+    stopped_accepting_us: i64,
+}
+
+/// Microseconds since the epoch: comparable between two processes of one
+/// machine.
+pub(crate) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The serving worker's side of a handover: the socket to the new worker,
+/// and when it stopped accepting connections.
+pub struct Outgoing {
+    pub socket: OwnedFd,
+    pub stopped_accepting_us: i64,
 }
 
 /// The serving worker's side: sends the state of `release` (taken with no
 /// request in flight, none to follow) to the new worker, and closes.
 pub(crate) fn send_state(
-    socket: OwnedFd,
+    outgoing: Outgoing,
     release: &Release,
     state_version: u32,
     bytes: &[u8],
 ) -> std::io::Result<()> {
-    let mut stream = UnixStream::from(socket);
+    let mut stream = UnixStream::from(outgoing.socket);
     stream.set_write_timeout(Some(SEND_LIMIT))?;
     let header = Header {
         version: release.version.clone(),
         sha256: release.sha256.clone(),
         state_version,
         bytes: bytes.len(),
+        stopped_accepting_us: outgoing.stopped_accepting_us,
     };
     let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
     line.push(b'\n');
@@ -136,6 +155,8 @@ pub struct Standby {
 pub struct Preloaded {
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) sha256: String,
+    /// When the old worker stopped accepting (µs since the epoch).
+    pub(crate) stopped_accepting_us: i64,
 }
 
 impl Standby {
@@ -218,6 +239,7 @@ impl Standby {
                 instance,
             ))),
             sha256: release.sha256,
+            stopped_accepting_us: header.stopped_accepting_us,
         }))
     }
 }
@@ -249,7 +271,13 @@ mod tests {
         let (old, new) = UnixStream::pair().unwrap();
         let sender = std::thread::spawn({
             let release = release.clone();
-            move || send_state(old.into(), &release, 1, b"counted: 42")
+            move || {
+                let outgoing = Outgoing {
+                    socket: old.into(),
+                    stopped_accepting_us: 7,
+                };
+                send_state(outgoing, &release, 1, b"counted: 42")
+            }
         });
         let (header, bytes) = receive(new.into()).unwrap().unwrap();
         sender.join().unwrap().unwrap();
@@ -257,6 +285,7 @@ mod tests {
             (header.version, header.sha256, header.state_version),
             (release.version, release.sha256, 1)
         );
+        assert_eq!(header.stopped_accepting_us, 7);
         assert_eq!(bytes, b"counted: 42");
         let (old, new) = UnixStream::pair().unwrap();
         drop(old);

@@ -52,7 +52,6 @@ use tokio::sync::{oneshot, watch};
 pub use access::admin_token_path;
 pub use config::{Bootstrap, Config, Limits, TlsFiles};
 pub use error::Error;
-pub use handover::Standby;
 pub use http::RELEASE_HEADER;
 use nine9s_manifest::signature::TrustedKeys;
 use release_handler::Engine;
@@ -192,7 +191,7 @@ impl Agent {
         channel: Option<&OwnedFd>,
     ) -> Result<(Agent, Http), Error> {
         let prepared = Prepared::new(config)?;
-        let standby = Standby::prepare(&prepared.config.data_dir)?;
+        let standby = handover::Standby::prepare(&prepared.config.data_dir)?;
         if let Some(channel) = channel {
             channel::send(channel, &channel::Message::Standby)
                 .map_err(Error::io("cannot tell the supervisor this worker is ready"))?;
@@ -201,6 +200,12 @@ impl Agent {
             Some(preloaded) => {
                 let serving =
                     DataPlane::start(http, Arc::clone(&preloaded.runtime), &prepared.config);
+                // No connection was accepted in between: at most this long
+                // did one wait (beyond its request's own time).
+                tracing::info!(
+                    gap_us = handover::now_us() - preloaded.stopped_accepting_us,
+                    "serving with the state handed over"
+                );
                 let agent = prepared.boot(Some(preloaded)).await?;
                 Ok((agent, Http::Serving(serving)))
             }
@@ -383,12 +388,19 @@ impl Agent {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stop.send(true);
+        let stopped_accepting_us = handover::now_us();
         http.stop().await;
         let left = || deadline.saturating_duration_since(Instant::now());
         // The new worker waits for nothing else: the state goes as soon as
         // no request can change it.
         let handed_over = match handover {
-            Some(state) => Some(engine.stop(left(), Some(state)).await),
+            Some(socket) => {
+                let outgoing = handover::Outgoing {
+                    socket,
+                    stopped_accepting_us,
+                };
+                Some(engine.stop(left(), Some(outgoing)).await)
+            }
             None => None,
         };
         finish("gRPC", grpc, left()).await;

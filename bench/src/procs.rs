@@ -387,6 +387,11 @@ impl AgentProcess {
         log_tail(&self.log)
     }
 
+    /// The agent's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Notes the workers now running, for [`AgentProcess::wait`] after a
     /// kill; [`AgentProcess::kill`] does it itself when nothing was noted,
     /// but a caller timing the kill to the microsecond does it beforehand.

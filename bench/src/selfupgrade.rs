@@ -8,8 +8,11 @@
 //! its state straight over. Each restart is timed until `AgentInfo` names
 //! a new worker, and until the old worker is gone, and gives the worst
 //! wait any connection saw while it happened (between two responses,
-//! reconnect included); one more goes through the real `ctl agent restart
-//! --wait`.
+//! reconnect included) — beside the same figure over windows of load with
+//! no restart, the floor the machine's scheduling sets, and the agent's
+//! own account of each handover (its log's `gap_us`: from the old
+//! worker's last accept to the new one's first); one more goes through
+//! the real `ctl agent restart --wait`.
 //!
 //! With `--bad-binary` the copy is replaced by a binary that cannot start
 //! (a script that says so on stderr and exits 1) first: each restart must
@@ -46,6 +49,10 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// After a restart, before its worst wait is read: every connection has
 /// had a response from the new worker by then.
 const AFTER: Duration = Duration::from_millis(50);
+/// Windows of load with no restart, for the worst wait the machine's
+/// scheduling alone makes (the floor under the restarts' figure).
+const STEADY_WINDOWS: u32 = 50;
+const STEADY_WINDOW: Duration = Duration::from_millis(100);
 /// What replaces the binary with `--bad-binary`.
 const BAD_BINARY: &str =
     "#!/bin/sh\necho 'agent: error: this build cannot start (nine9s-bench --bad-binary)' >&2\nexit 1\n";
@@ -67,6 +74,11 @@ struct Restarts {
     handover_us: Vec<u64>,
     /// The worst wait of a connection during each restart.
     worst_wait_us: Vec<u64>,
+    /// The same in windows of [`STEADY_WINDOW`] with no restart.
+    steady_wait_us: Vec<u64>,
+    /// The agent's own account of each handover: from the old worker's
+    /// last accept to the new worker's first (its log's `gap_us`).
+    gap_us: Vec<u64>,
     /// `ctl agent restart --wait`, as a process.
     ctl_us: Option<u64>,
     /// Why the restarts stopped early.
@@ -117,6 +129,9 @@ pub async fn self_upgrades(options: Options) -> anyhow::Result<Outcome> {
         "restart_ms": spread(&mut restarts.restart_us),
         "handover_ms": spread(&mut restarts.handover_us),
         "worst_wait_ms": spread(&mut restarts.worst_wait_us),
+        "steady_worst_wait_ms": spread(&mut restarts.steady_wait_us),
+        "handed_over": restarts.gap_us.len(),
+        "accept_gap_ms": spread(&mut restarts.gap_us),
         "ctl_restart_ms": restarts.ctl_us.map(ms),
         "worst_stall_ms": stall_ms,
         "served": tally.ok,
@@ -178,6 +193,11 @@ async fn measure(
     let load = Load::start(agent.http, options.connections);
     tokio::time::sleep(SETTLE).await;
     let mut restarts = Restarts::default();
+    load.take_worst_wait();
+    for _ in 0..STEADY_WINDOWS {
+        tokio::time::sleep(STEADY_WINDOW).await;
+        restarts.steady_wait_us.push(micros(load.take_worst_wait()));
+    }
     let mut client = agent.client().await?;
     let every = (options.restarts / 10).max(1);
     for i in 1..=options.restarts {
@@ -232,12 +252,25 @@ async fn measure(
     }
     tokio::time::sleep(SETTLE).await;
     let tally = load.stop().await;
+    restarts.gap_us = accept_gaps(&agent.log());
     let count = load::get(agent.http, "/count").await?;
     let count_reported = count.trim().parse().ok();
     if count_reported.is_none() {
         bail!("GET /count answered {count:?}, not a number");
     }
     Ok((restarts, tally, count_reported))
+}
+
+/// The `gap_us` of every handover the agent logged ("serving with the
+/// state handed over").
+fn accept_gaps(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|line| line.contains("serving with the state handed over"))
+        .filter_map(|line| {
+            let (_, after) = line.split_once("gap_us=")?;
+            after.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
 }
 
 /// Puts `bytes` in place of the binary at `path`: written aside, made

@@ -80,8 +80,8 @@ impl Actor {
                 }
                 Job::Stop { done, handover } => {
                     let taken = self.snapshot_active();
-                    if let Some(socket) = handover {
-                        self.hand_over(socket, &taken);
+                    if let Some(outgoing) = handover {
+                        self.hand_over(outgoing, &taken);
                     }
                     let last = self.store_checkpoint(taken);
                     if let Soak::RollingBack { version, .. } = self.lifecycle.soak() {
@@ -101,11 +101,11 @@ impl Actor {
         }
     }
 
-    /// A self-upgrade: sends the state just taken to the new worker on
-    /// `socket`, if this worker serves the permanent release (the new one
-    /// prepared it). Otherwise the socket closes with nothing on it, and
-    /// the new worker starts from the store.
-    fn hand_over(&self, socket: std::os::fd::OwnedFd, taken: &Result<Taken, Skipped>) {
+    /// A self-upgrade: sends the state just taken to the new worker, if
+    /// this worker serves the permanent release (the new one prepared it).
+    /// Otherwise the socket closes with nothing on it, and the new worker
+    /// starts from the store.
+    fn hand_over(&self, outgoing: crate::handover::Outgoing, taken: &Result<Taken, Skipped>) {
         let started = Instant::now();
         let why_not = match taken {
             Err(why) => Some(format!("no state to hand over ({why})")),
@@ -133,7 +133,7 @@ impl Actor {
                 release.ok_or_else(|| format!("{} is not in the store", taken.version))
             })
             .and_then(|release| {
-                crate::handover::send_state(socket, &release, taken.state_version, &taken.bytes)
+                crate::handover::send_state(outgoing, &release, taken.state_version, &taken.bytes)
                     .map_err(|e| e.to_string())
             });
         match sent {

@@ -12,7 +12,6 @@
 //! store and the published [`View`]. The [`soak`] watcher calls plugin
 //! health checks outside the actor, with a timeout, and sends verdicts in.
 
-use std::os::fd::OwnedFd;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::config::Config;
 use crate::error::{Error, Reason, Result};
-use crate::handover::Preloaded;
+use crate::handover::{Outgoing, Preloaded};
 use crate::model::{Event, Release, Transition};
 use crate::process::FailedRestart;
 use crate::runtime::{Counters, Runtime, Split};
@@ -256,7 +255,7 @@ enum Job {
     /// socket, the state is handed over on it first (a self-upgrade).
     Stop {
         done: oneshot::Sender<Result<(), FinalCheckpoint>>,
-        handover: Option<OwnedFd>,
+        handover: Option<Outgoing>,
     },
 }
 
@@ -386,7 +385,7 @@ impl Engine {
     pub async fn stop(
         &self,
         within: Duration,
-        handover: Option<OwnedFd>,
+        handover: Option<Outgoing>,
     ) -> Option<Result<(), FinalCheckpoint>> {
         let (done, finished) = oneshot::channel();
         self.send(Job::Stop { done, handover }).ok()?;
