@@ -180,6 +180,12 @@ impl Artifacts {
         Ok(Artifacts { dir })
     }
 
+    /// The artifacts of a data dir another worker serves from: nothing is
+    /// swept (its uploads in progress are its own).
+    pub fn existing(dir: PathBuf) -> Artifacts {
+        Artifacts { dir }
+    }
+
     pub fn path(&self, sha256: &str) -> PathBuf {
         self.dir.join(format!("{sha256}.so"))
     }

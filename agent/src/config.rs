@@ -65,6 +65,9 @@ pub struct Config {
     /// Workers the supervisor started after one died unexpectedly, before
     /// this one (`nine9s_worker_restarts_total`).
     pub worker_restarts: u64,
+    /// A self-upgrade that failed after the worker before this one handed
+    /// over (the supervisor says so): recorded as an event at boot.
+    pub failed_restart: Option<crate::process::FailedRestart>,
     /// How long to wait for the store's lock: another worker handing over,
     /// or the worker of an agent just killed (it dies with its supervisor,
     /// but a moment later, and its lock with it).
@@ -130,6 +133,7 @@ impl Config {
             previous_exit: None,
             supervisor_pid: None,
             worker_restarts: 0,
+            failed_restart: None,
             store_wait: Duration::from_secs(3),
         }
     }

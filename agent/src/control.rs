@@ -288,6 +288,13 @@ impl ControlService {
             worker_started_at_ms: self.engine.started_at_ms(),
             binary_sha256: crate::process::binary_sha256().to_owned(),
             previous_exit: config.previous_exit.clone().unwrap_or_default(),
+            last_failed_restart: crate::process::failed_restart().map(|f| pb::FailedRestart {
+                pid: f.pid,
+                exit: f.exit,
+                stderr: f.stderr,
+                at_ms: f.at_ms,
+                supervisor: f.supervisor,
+            }),
         }
     }
 
@@ -1035,6 +1042,7 @@ fn event_pb(event: &Event) -> pb::Event {
         EventKind::RollbackRetry => pb::EventKind::RollbackRetry,
         EventKind::AgentStarted => pb::EventKind::AgentStarted,
         EventKind::CheckpointSkipped => pb::EventKind::CheckpointSkipped,
+        EventKind::AgentRestartFailed => pb::EventKind::AgentRestartFailed,
     };
     pb::Event {
         id: event.id,

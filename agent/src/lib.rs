@@ -4,7 +4,11 @@
 //!
 //! [`Agent::boot`] opens the data directory and starts the release a node
 //! should run; [`Agent::run`] serves on listeners the caller bound, until
-//! the shutdown future resolves. `main.rs` is a thin shell over these two.
+//! the shutdown future resolves (or the supervisor asks for the state to
+//! be handed over to a new worker). [`Agent::take_over`] is a
+//! self-upgrade's new worker: ready before it touches the store, serving
+//! with the state handed over before the old worker has let go of it.
+//! `main.rs` is a thin shell over these.
 //!
 //! The data plane runs on the caller's tokio runtime; the control plane
 //! (gRPC, soak watching, the metrics listener) on a runtime of its own, and
@@ -17,16 +21,18 @@
 
 mod access;
 mod artifacts;
+pub mod channel;
 mod config;
 mod control;
 mod error;
 mod failpoint;
+mod handover;
 mod http;
 mod incoming;
 mod metrics;
 mod model;
 pub mod probe;
-mod process;
+pub mod process;
 mod release_handler;
 mod runtime;
 mod store;
@@ -34,13 +40,14 @@ pub mod supervisor;
 mod tls;
 
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 pub use access::admin_token_path;
 pub use config::{Bootstrap, Config, Limits, TlsFiles};
@@ -85,9 +92,19 @@ impl Drop for Agent {
     }
 }
 
-impl Agent {
-    /// Opens the data directory and loads the release to serve.
-    pub async fn boot(config: Config) -> Result<Agent, Error> {
+/// What a worker loads before the store: the tokens, TLS, trusted keys and
+/// the control plane's runtime. A self-upgrade's new worker has it all
+/// before the serving one stops.
+struct Prepared {
+    config: Config,
+    access: Arc<access::Access>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    keys: Option<Arc<TrustedKeys>>,
+    control: tokio::runtime::Runtime,
+}
+
+impl Prepared {
+    fn new(config: Config) -> Result<Prepared, Error> {
         process::hash_binary_in_background();
         prepare_data_dir(&config.data_dir)?;
         let access = Arc::new(access::load(config.tokens.as_deref(), &config.data_dir)?);
@@ -114,9 +131,28 @@ impl Agent {
             .enable_all()
             .build()
             .map_err(Error::io("cannot start the control plane's runtime"))?;
+        Ok(Prepared {
+            config,
+            access,
+            tls,
+            keys,
+            control,
+        })
+    }
+
+    /// Opens the store (waiting for it as the config says) and starts the
+    /// engine on the release to serve, or on `preloaded`.
+    async fn boot(self, preloaded: Option<handover::Preloaded>) -> Result<Agent, Error> {
+        let Prepared {
+            config,
+            access,
+            tls,
+            keys,
+            control,
+        } = self;
         let handle = control.handle().clone();
         let booted = control
-            .spawn_blocking(move || Engine::start(config, handle))
+            .spawn_blocking(move || Engine::start(config, handle, preloaded))
             .await
             .expect("boot does not panic");
         match booted {
@@ -133,6 +169,49 @@ impl Agent {
             }
         }
     }
+}
+
+impl Agent {
+    /// Opens the data directory and loads the release to serve.
+    pub async fn boot(config: Config) -> Result<Agent, Error> {
+        Prepared::new(config)?.boot(None).await
+    }
+
+    /// A self-upgrade's new worker: loads everything it can before the
+    /// store (as [`Agent::boot`] would, and the permanent release's
+    /// library), tells the supervisor on `channel` that it is ready to
+    /// take over, then waits for the serving worker's state on `state`.
+    /// With it, it serves HTTP at once and opens the store once the old
+    /// worker has let go of it; without, it boots from the store. Any
+    /// failure before the state came leaves the serving worker untouched.
+    pub async fn take_over(
+        config: Config,
+        http: TcpListener,
+        state: OwnedFd,
+        channel: Option<&OwnedFd>,
+    ) -> Result<(Agent, Http), Error> {
+        let prepared = Prepared::new(config)?;
+        let standby = handover::Standby::prepare(&prepared.config.data_dir)?;
+        if let Some(channel) = channel {
+            channel::send(channel, &channel::Message::Standby)
+                .map_err(Error::io("cannot tell the supervisor this worker is ready"))?;
+        }
+        match standby.take_over(state).await? {
+            Some(preloaded) => {
+                let serving =
+                    DataPlane::start(http, Arc::clone(&preloaded.runtime), &prepared.config);
+                // No connection was accepted in between: at most this long
+                // did one wait (beyond its request's own time).
+                tracing::info!(
+                    gap_us = handover::now_us() - preloaded.stopped_accepting_us,
+                    "serving with the state handed over"
+                );
+                let agent = prepared.boot(Some(preloaded)).await?;
+                Ok((agent, Http::Serving(serving)))
+            }
+            None => Ok((prepared.boot(None).await?, Http::Listener(http))),
+        }
+    }
 
     /// The version being served.
     pub fn active_version(&self) -> String {
@@ -146,10 +225,16 @@ impl Agent {
     /// last checkpoint (the previous one stands if requests are still in
     /// flight) and records the clean stop — all within the grace period
     /// plus a small margin, whatever the release is doing.
+    ///
+    /// With the supervisor's `channel`, it also hears of failed
+    /// self-upgrades (recorded as events) and is asked to hand over: it
+    /// then stops as on `shutdown`, but hands its state to the new worker
+    /// as soon as its HTTP requests are done, before anything else.
     pub async fn run(
         self,
         listeners: Listeners,
         shutdown: impl Future<Output = ()>,
+        channel: Option<OwnedFd>,
     ) -> Result<(), Error> {
         let Listeners {
             http,
@@ -178,13 +263,16 @@ impl Agent {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let grace = engine.config().shutdown_grace;
-        let http = tokio::spawn(http::serve(
-            http,
-            Arc::clone(engine.runtime()),
-            engine.config().limits.clone(),
-            until_stopped(stopped.clone()),
-            grace,
-        ));
+        let http = match http {
+            Http::Listener(listener) => {
+                DataPlane::start(listener, Arc::clone(engine.runtime()), engine.config())
+            }
+            Http::Serving(serving) => serving,
+        };
+        let (handover, handing_over) = oneshot::channel();
+        if let Some(channel) = channel {
+            control.spawn(listen(channel, engine.clone(), handover));
+        }
         // The listener moves to the control runtime's own I/O driver: the
         // data plane's driver stalls while plugin calls hold its threads.
         let grpc = grpc
@@ -281,17 +369,40 @@ impl Agent {
         };
         let checkpoints = control.spawn(checkpoints(engine.clone(), until_stopped(stopped)));
 
-        shutdown.await;
+        let handover = tokio::select! {
+            () = shutdown => None,
+            Ok(state) = handing_over => Some(state),
+        };
         let deadline = Instant::now() + grace + STOP_MARGIN;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+        if handover.is_some() {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "self-upgrade: handing over to the new worker"
+            );
+        } else {
+            tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+        }
         // Probes and load balancers hear it first.
         health.set_not_serving::<control::Server>().await;
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stop.send(true);
-        let _ = http.await;
+        let stopped_accepting_us = handover::now_us();
+        http.stop().await;
         let left = || deadline.saturating_duration_since(Instant::now());
+        // The new worker waits for nothing else: the state goes as soon as
+        // no request can change it.
+        let handed_over = match handover {
+            Some(socket) => {
+                let outgoing = handover::Outgoing {
+                    socket,
+                    stopped_accepting_us,
+                };
+                Some(engine.stop(left(), Some(outgoing)).await)
+            }
+            None => None,
+        };
         finish("gRPC", grpc, left()).await;
         if let Some(metrics) = metrics {
             finish("metrics", metrics, left()).await;
@@ -301,7 +412,10 @@ impl Agent {
         }
         let _ = soaks.await;
         let _ = checkpoints.await;
-        let stopped = engine.stop(left()).await;
+        let stopped = match handed_over {
+            Some(stopped) => stopped,
+            None => engine.stop(left(), None).await,
+        };
         control.shutdown_background();
         match stopped {
             Some(Ok(())) => tracing::info!("final checkpoint taken; stopped"),
@@ -321,11 +435,77 @@ impl Agent {
     }
 }
 
+/// The supervisor's channel, read on the control plane's runtime: a
+/// failed self-upgrade is recorded; a handover's socket goes to `handover`.
+async fn listen(channel: OwnedFd, engine: Engine, handover: oneshot::Sender<OwnedFd>) {
+    let channel = match channel::Channel::new(channel) {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the supervisor's channel");
+            return;
+        }
+    };
+    let mut handover = Some(handover);
+    loop {
+        match channel.recv().await {
+            Ok(Some(channel::Message::HandOver(state))) => {
+                if let Some(handover) = handover.take() {
+                    let _ = handover.send(state);
+                }
+            }
+            Ok(Some(channel::Message::RestartFailed(failed))) => engine.restart_failed(failed),
+            Ok(Some(channel::Message::Standby)) => {}
+            // The supervisor is gone: this worker dies with it.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "a message from the supervisor was not understood")
+            }
+        }
+    }
+}
+
+/// The data plane, serving on its listener until stopped.
+pub struct DataPlane {
+    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl DataPlane {
+    /// Serves HTTP on `listener` through `runtime`, on the caller's runtime.
+    fn start(listener: TcpListener, runtime: Arc<runtime::Runtime>, config: &Config) -> DataPlane {
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(http::serve(
+            listener,
+            runtime,
+            config.limits.clone(),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+            config.shutdown_grace,
+        ));
+        DataPlane { task, stop }
+    }
+
+    /// Stops accepting and waits until the open connections are done
+    /// (within the shutdown grace).
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// The HTTP listener, or the data plane a self-upgrade's new worker
+/// already serves on it.
+pub enum Http {
+    Listener(TcpListener),
+    Serving(DataPlane),
+}
+
 /// Where the worker serves: the data plane, the control plane, and the
 /// optional metrics (`--metrics`) and plaintext health (`--health`)
 /// listeners.
 pub struct Listeners {
-    pub http: TcpListener,
+    pub http: Http,
     pub grpc: TcpListener,
     pub metrics: Option<TcpListener>,
     pub health: Option<TcpListener>,

@@ -6,7 +6,9 @@
 //! listeners (or takes them from systemd, `LISTEN_FDS`) and runs the agent
 //! proper in a worker, this binary again as `agent FLAGS worker` (hidden).
 //! `agent probe LIBRARY` (hidden) is the throwaway process a worker opens
-//! an uploaded library in before its own process ever maps it.
+//! an uploaded library in before its own process ever maps it; `agent
+//! FLAGS check` (hidden) only checks the flags, which the supervisor has a
+//! new binary do before it re-executes itself from it.
 //!
 //! Exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C), 1 when the
 //! agent cannot start or fails, 2 for bad flags.
@@ -17,7 +19,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use nine9s_agent::{Agent, Bootstrap, Config, Limits, TlsFiles};
+use nine9s_agent::channel::Inherited;
+use nine9s_agent::{Agent, Bootstrap, Config, Http, Limits, TlsFiles};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -142,6 +145,10 @@ enum Mode {
     /// agent this way.
     #[command(hide = true)]
     Worker,
+    /// Checks the flags and exits 0, serving nothing (the supervisor has a
+    /// new binary do this before it re-executes itself from it).
+    #[command(hide = true)]
+    Check,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -211,6 +218,10 @@ fn main() {
     match &args.mode {
         Some(Mode::Probe { library }) => std::process::exit(nine9s_agent::probe::child(library)),
         Some(Mode::Worker) => worker(args),
+        Some(Mode::Check) => {
+            check_plaintext(&args, args.grpc);
+            std::process::exit(0)
+        }
         None => supervise(args),
     }
 }
@@ -268,6 +279,8 @@ fn supervise(args: Args) -> ! {
         grpc: listeners.grpc,
         metrics: listeners.metrics,
         health: listeners.health,
+        adopted_channel: listeners.inherited.adopted_channel,
+        adopted_stderr: listeners.inherited.adopted_stderr,
     };
     std::process::exit(supervisor.run());
 }
@@ -280,15 +293,20 @@ struct Listeners {
     metrics: Option<StdListener>,
     /// With `--health` only.
     health: Option<StdListener>,
+    /// The supervisor's sockets passed beside them (`channel.rs`).
+    inherited: Inherited,
 }
 
 /// The listeners passed in by systemd (or by the supervisor) — HTTP as the
 /// first, gRPC as the second, then metrics and health in that order, each
-/// only if its flag is given — made close-on-exec, so no probe inherits
-/// them; those not passed in are bound.
+/// only if its flag is given, then the supervisor's own sockets, named —
+/// made close-on-exec, so no probe inherits them; those not passed in are
+/// bound.
 fn listeners(args: &Args) -> Result<Listeners, String> {
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     let mut fds = listenfd::ListenFd::from_env();
-    let passed = fds.len();
+    let inherited = Inherited::take(&mut fds, &names)?;
+    let passed = fds.len() - inherited.count;
     let mut take = |index: usize, what: &str| {
         let listener = fds
             .take_tcp_listener(index)
@@ -313,6 +331,7 @@ fn listeners(args: &Args) -> Result<Listeners, String> {
             grpc: bind(args.grpc, "gRPC")?,
             metrics: args.metrics.map(|a| bind(a, "metrics")).transpose()?,
             health: args.health.map(|a| bind(a, "health")).transpose()?,
+            inherited,
         });
     }
     let http = take(0, "HTTP")?;
@@ -334,6 +353,7 @@ fn listeners(args: &Args) -> Result<Listeners, String> {
         grpc,
         metrics,
         health,
+        inherited,
     })
 }
 
@@ -386,6 +406,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         grpc,
         metrics,
         health,
+        inherited,
     } = listeners(&args)?;
     check_plaintext(&args, grpc.local_addr()?);
     let listener = |l: StdListener| {
@@ -437,12 +458,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
+    config.failed_restart = std::env::var("NINE9S_FAILED_RESTART")
+        .ok()
+        .and_then(|json| serde_json::from_str(&json).ok());
     if std::env::var_os("NINE9S_HANDOVER").is_some() {
         // The worker before this one still holds the store: it lets go
         // once its requests are done, within its shutdown grace.
         config.store_wait = config.shutdown_grace + Duration::from_secs(10);
     }
-    let agent = Agent::boot(config).await?;
+    let http_address = http.local_addr()?;
+    let (agent, http) = match inherited.state {
+        // Started for a self-upgrade: ready before the store, then the
+        // serving worker's state.
+        Some(state) => Agent::take_over(config, http, state, inherited.channel.as_ref()).await?,
+        None => (Agent::boot(config).await?, Http::Listener(http)),
+    };
     // One line on stdout, for people and for scripts that started the agent
     // on port 0 (every worker says it; a reader that went away is no error).
     let mut optional = String::new();
@@ -455,7 +485,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         std::io::stdout(),
         "nine9s agent ready: release {} http={} grpc={}{optional}",
         agent.active_version(),
-        http.local_addr()?,
+        http_address,
         grpc.local_addr()?
     );
     // The listeners already queue connections: serving starts below.
@@ -466,7 +496,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         health,
     };
-    agent.run(listeners, shutdown).await?;
+    agent.run(listeners, shutdown, inherited.channel).await?;
     Ok(())
 }
 

@@ -184,6 +184,8 @@ pub enum EventKind {
     RollbackRetry,
     AgentStarted,
     CheckpointSkipped,
+    /// A self-upgrade failed; the agent goes on serving.
+    AgentRestartFailed,
 }
 
 impl Event {

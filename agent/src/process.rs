@@ -1,11 +1,68 @@
 //! This worker's process, as `Status` and `AgentInfo` show it: its pid and
-//! start, its supervisor's pid, how the worker before it ended, and the
-//! sha256 of the binary it runs (what a self-upgrade changed).
+//! start, its supervisor's pid, how the worker before it ended, the sha256
+//! of the binary it runs (what a self-upgrade changed), and the last
+//! self-upgrade that failed, as the supervisor told it.
 
 use std::io::Read;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
 
 static SHA: OnceLock<String> = OnceLock::new();
+static FAILED_RESTART: Mutex<Option<FailedRestart>> = Mutex::new(None);
+
+/// A self-upgrade that did not happen: the supervisor saw the new worker
+/// (or the check of its own new binary) end before it served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedRestart {
+    /// The process that failed.
+    pub pid: u32,
+    /// How it ended ("exited with code 1").
+    pub exit: String,
+    /// Its last lines on stderr, oldest first.
+    pub stderr: Vec<String>,
+    pub at_ms: i64,
+    /// The supervisor's re-execution was refused, not a worker's restart.
+    pub supervisor: bool,
+}
+
+impl FailedRestart {
+    /// One message for the log and the event: what failed, how, and its
+    /// last words.
+    pub fn message(&self) -> String {
+        let what = if self.supervisor {
+            format!(
+                "the supervisor did not re-execute itself: its new binary (checked as pid {}) {}",
+                self.pid, self.exit
+            )
+        } else {
+            format!(
+                "the new worker (pid {}) {} before it served",
+                self.pid, self.exit
+            )
+        };
+        if self.stderr.is_empty() {
+            return format!("{what}; it wrote nothing on stderr");
+        }
+        format!(
+            "{what}; its last lines on stderr:\n{}",
+            self.stderr.join("\n")
+        )
+    }
+}
+
+/// Remembers the last failed self-upgrade, for `AgentInfo`.
+pub fn set_failed_restart(failed: FailedRestart) {
+    *FAILED_RESTART.lock().unwrap_or_else(|e| e.into_inner()) = Some(failed);
+}
+
+/// The last failed self-upgrade this worker was told of.
+pub fn failed_restart() -> Option<FailedRestart> {
+    FAILED_RESTART
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
 
 /// Starts hashing the running binary on a thread of its own, so that no
 /// call waits for it.

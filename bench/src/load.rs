@@ -96,6 +96,9 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     /// Failed and refused requests so far, all connections together.
     unsuccessful: Arc<AtomicU64>,
+    /// The longest wait between two responses of one connection since
+    /// [`Load::take_worst_wait`] last read it, in µs.
+    worst_wait_us: Arc<AtomicU64>,
     connections: JoinSet<Tally>,
     started: Instant,
 }
@@ -110,6 +113,7 @@ impl Load {
     pub fn start_on(addr: SocketAddr, connections: usize, path: &str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let unsuccessful = Arc::new(AtomicU64::new(0));
+        let worst_wait_us = Arc::new(AtomicU64::new(0));
         let request: Arc<[u8]> = request_bytes(addr, path).into();
         let mut set = JoinSet::new();
         for _ in 0..connections {
@@ -117,12 +121,16 @@ impl Load {
                 addr,
                 Arc::clone(&request),
                 Arc::clone(&stop),
-                Arc::clone(&unsuccessful),
+                Shared {
+                    unsuccessful: Arc::clone(&unsuccessful),
+                    worst_wait_us: Arc::clone(&worst_wait_us),
+                },
             ));
         }
         Load {
             stop,
             unsuccessful,
+            worst_wait_us,
             connections: set,
             started: Instant::now(),
         }
@@ -131,6 +139,13 @@ impl Load {
     /// Failed plus refused requests so far (the tally has them apart).
     pub fn unsuccessful(&self) -> u64 {
         self.unsuccessful.load(Ordering::Relaxed)
+    }
+
+    /// The longest wait between two responses (or from the start to the
+    /// first) any connection saw since the last call, reconnects included;
+    /// starts the next window.
+    pub fn take_worst_wait(&self) -> Duration {
+        Duration::from_micros(self.worst_wait_us.swap(0, Ordering::Relaxed))
     }
 
     /// Lets each connection finish its request in flight, then adds up.
@@ -148,17 +163,23 @@ impl Load {
     }
 }
 
+/// What the connections of one load add up as they go.
+struct Shared {
+    unsuccessful: Arc<AtomicU64>,
+    worst_wait_us: Arc<AtomicU64>,
+}
+
 async fn connection_loop(
     addr: SocketAddr,
     request: Arc<[u8]>,
     stop: Arc<AtomicBool>,
-    unsuccessful: Arc<AtomicU64>,
+    shared: Shared,
 ) -> Tally {
     let mut tally = Tally::default();
     let mut open: Option<Connection> = None;
     let mut last_response = Instant::now();
     let count = |tally: &mut Tally, error: Exchange| {
-        unsuccessful.fetch_add(1, Ordering::Relaxed);
+        shared.unsuccessful.fetch_add(1, Ordering::Relaxed);
         tally.count(error);
     };
     while !stop.load(Ordering::Relaxed) {
@@ -178,7 +199,12 @@ async fn connection_loop(
         match connection.exchange(&request).await {
             Ok(response) => {
                 let now = Instant::now();
-                tally.max_gap = tally.max_gap.max(now - last_response);
+                let gap = now - last_response;
+                tally.max_gap = tally.max_gap.max(gap);
+                shared.worst_wait_us.fetch_max(
+                    u64::try_from(gap.as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 last_response = now;
                 if response.status == 200 {
                     tally.ok += 1;

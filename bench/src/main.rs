@@ -9,14 +9,16 @@
 //! crash loop (`--crash-loop N`: kill -9 of the whole agent), the worker
 //! crashes (`--worker-crashes N`: a worker segfaults under load and the
 //! supervisor replaces it), the self-upgrades (`--self-upgrades N`: `ctl
-//! agent restart` under load), the stalled-upload measure
+//! agent restart` under load; with `--bad-binary`, to a binary that cannot
+//! start), the stalled-upload measure
 //! (`--stalled-uploads N`), the fleet rollout (`--rollout N`: `ctl rollout`
 //! over N agents) and the hidden `--bare-server` mode, and the
 //! exit codes: 0 when the run completed, 1 when a correctness target
 //! failed (in the crash loop: an iteration ended inconsistent; with worker
 //! crashes: a connection refused or a crash not recovered from; with
 //! self-upgrades: a request failed or refused, counts not exact, or a
-//! restart not done; with a rollout: it did not converge, or a request
+//! restart not done — or, to a bad binary, not reported failed with the
+//! same worker serving; with a rollout: it did not converge, or a request
 //! failed or was refused), 2 on bad flags or when the run could not be set up
 //! or finished.
 // serde_json::json! of the report nests deeper than the default allows.
@@ -41,7 +43,7 @@ use std::time::Duration;
 const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds S] [--cycles N]
        nine9s-bench --crash-loop N [--seed S]
        nine9s-bench --worker-crashes N [--connections C]
-       nine9s-bench --self-upgrades N [--connections C]
+       nine9s-bench --self-upgrades N [--connections C] [--bad-binary]
        nine9s-bench --stalled-uploads N [--upload-mib M]
        nine9s-bench --rollout N
 
@@ -64,8 +66,13 @@ Build first: cargo build --release --workspace
                    instead of the bench: 0.2.0 permanent, C (default 32)
                    connections loading /, N self-upgrades (RestartAgent, as
                    `ctl agent restart`; 100 is a good run) and one
-                   `ctl agent restart --wait`; restart times, worst stall,
-                   failed and refused (must be 0), /count exact
+                   `ctl agent restart --wait`; restart times, the worst
+                   wait of a connection in each (p50/p99/max), failed and
+                   refused (must be 0), /count exact
+  --bad-binary     with --self-upgrades: the agent's binary replaced by one
+                   that cannot start; every restart must be reported failed
+                   with the same worker serving, 0 failed, 0 refused; then
+                   the good binary back and one `ctl agent restart --wait`
   --stalled-uploads N
                    instead of the bench: N uploads of --upload-mib MiB
                    (default 100) that stall before their last MiB; prints
@@ -244,6 +251,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut stalled = None;
     let mut upload_mib = None;
     let mut rollout = None;
+    let mut bad_binary = false;
     let mut args = args.peekable();
     if args.peek().is_some_and(|a| a == "--bare-server") {
         args.next();
@@ -275,9 +283,13 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--stalled-uploads" => stalled = Some(number::<usize>(&flag, &value()?)?),
             "--upload-mib" => upload_mib = Some(number::<usize>(&flag, &value()?)?),
             "--rollout" => rollout = Some(number::<usize>(&flag, &value()?)?),
+            "--bad-binary" => bad_binary = true,
             "-h" | "--help" => return Ok(Mode::Help),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if bad_binary && self_upgrades.is_none() {
+        return Err("--bad-binary goes with --self-upgrades".into());
     }
     if let Some(agents) = rollout {
         let others = [
@@ -343,6 +355,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             (None, Some(restarts)) => Ok(Mode::SelfUpgrades(selfupgrade::Options {
                 restarts,
                 connections: connections.unwrap_or(32),
+                bad_binary,
             })),
             _ => Err("--worker-crashes and --self-upgrades are two runs: one at a time".into()),
         };

@@ -387,6 +387,11 @@ impl AgentProcess {
         log_tail(&self.log)
     }
 
+    /// The agent's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Notes the workers now running, for [`AgentProcess::wait`] after a
     /// kill; [`AgentProcess::kill`] does it itself when nothing was noted,
     /// but a caller timing the kill to the microsecond does it beforehand.
@@ -481,6 +486,31 @@ pub async fn start_in_temp(
         agent.supervisor_pid()
     ));
     Ok((temp, agent))
+}
+
+/// [`start_in_temp`] from a copy of the agent binary in the temporary
+/// directory (returned), which the caller may then replace: what a
+/// self-upgrade runs.
+pub async fn start_copy_in_temp(
+    layout: &Layout,
+    what: &str,
+) -> anyhow::Result<(tempfile::TempDir, AgentProcess, PathBuf)> {
+    let temp = tempfile::Builder::new()
+        .prefix(&format!("nine9s-{what}-"))
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let binary = temp.path().join("agent");
+    std::fs::copy(&layout.agent, &binary)
+        .with_context(|| format!("cannot copy {}", layout.agent.display()))?;
+    crate::run::progress(format_args!("starting {}", binary.display()));
+    let agent = AgentProcess::start(&binary, temp.path(), READY_TIMEOUT).await?;
+    crate::run::progress(format_args!(
+        "agent ready: http={} grpc={}, supervisor {}",
+        agent.http,
+        agent.grpc,
+        agent.supervisor_pid()
+    ));
+    Ok((temp, agent, binary))
 }
 
 pub fn log_tail(log: &Path) -> String {

@@ -434,6 +434,20 @@ async fn restart_agent(agent: &Agent, output: Output, restart: Restart) -> Resul
     let request = pb::RestartAgentRequest {
         reason: restart.reason.unwrap_or_default(),
     };
+    // A failure reported after this one is this restart's.
+    let failed_before = if restart.wait {
+        agent
+            .call(
+                "agent info",
+                pb::AgentInfoRequest {},
+                |mut c, r| async move { c.agent_info(r).await },
+            )
+            .await?
+            .process
+            .and_then(|p| p.last_failed_restart)
+    } else {
+        None
+    };
     let asked = Instant::now();
     // No request id: a call cut short is not sent again, for the agent may
     // have acted on it.
@@ -455,7 +469,8 @@ async fn restart_agent(agent: &Agent, output: Output, restart: Restart) -> Resul
         }
         return Ok(());
     }
-    let new = follow::until_new_worker(agent, reply.worker_pid, restart.timeout).await?;
+    let new =
+        follow::until_new_worker(agent, reply.worker_pid, failed_before, restart.timeout).await?;
     let ms = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
     if json {
         json::print(&json::AgentRestart {

@@ -211,16 +211,20 @@ const WORKER_POLL: Duration = Duration::from_millis(50);
 const WORKER_CALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// `ctl agent restart --wait`: asks the agent (`AgentInfo`) until a worker
-/// other than `old_worker` serves, and returns it; `Failure::Failed` after
-/// `limit`, or when the agent refuses the question (credentials).
+/// other than `old_worker` serves, and returns it; `Failure::Failed` when
+/// the agent reports a failed restart other than `failed_before` (the new
+/// worker's exit and last stderr lines), after `limit`, or when the agent
+/// refuses the question (credentials).
 pub async fn until_new_worker(
     agent: &Agent,
     old_worker: u32,
+    failed_before: Option<pb::FailedRestart>,
     limit: Duration,
 ) -> Result<pb::AgentProcess, Failure> {
     // What the last call saw, for the message if the wait gives up.
     let mut seen = String::from("no answer yet");
-    match tokio::time::timeout(limit, poll_worker(agent, old_worker, &mut seen)).await {
+    let poll = poll_worker(agent, old_worker, failed_before.as_ref(), &mut seen);
+    match tokio::time::timeout(limit, poll).await {
         Ok(outcome) => outcome,
         Err(_) => Err(anyhow!(
             "gave up waiting after {}: no new worker serves yet (last: {seen}); \
@@ -234,6 +238,7 @@ pub async fn until_new_worker(
 async fn poll_worker(
     agent: &Agent,
     old_worker: u32,
+    failed_before: Option<&pb::FailedRestart>,
     seen: &mut String,
 ) -> Result<pb::AgentProcess, Failure> {
     let mut client = agent.client();
@@ -242,6 +247,9 @@ async fn poll_worker(
         match tokio::time::timeout(WORKER_CALL_LIMIT, call).await {
             Ok(Ok(reply)) => {
                 let process = process_of(reply.into_inner());
+                if let Some(failed) = restart_failed(&process, failed_before) {
+                    return Err(anyhow!("{}", did_not_restart(failed, &process, old_worker)).into());
+                }
                 if is_new_worker(&process, old_worker) {
                     return Ok(process);
                 }
@@ -281,6 +289,47 @@ fn process_of(info: pb::AgentInfoReply) -> pb::AgentProcess {
 
 fn is_new_worker(process: &pb::AgentProcess, old_worker: u32) -> bool {
     process.worker_pid != 0 && process.worker_pid != old_worker
+}
+
+/// A worker restart that failed since `before` was reported.
+fn restart_failed<'a>(
+    process: &'a pb::AgentProcess,
+    before: Option<&pb::FailedRestart>,
+) -> Option<&'a pb::FailedRestart> {
+    process
+        .last_failed_restart
+        .as_ref()
+        .filter(|f| !f.supervisor && Some(*f) != before)
+}
+
+/// Why the restart did not happen, who serves, and the new worker's last
+/// words.
+fn did_not_restart(
+    failed: &pb::FailedRestart,
+    process: &pb::AgentProcess,
+    old_worker: u32,
+) -> String {
+    let serving = if process.worker_pid == old_worker || process.worker_pid == 0 {
+        format!("worker {old_worker} goes on serving")
+    } else {
+        format!(
+            "worker {} took over, from the binary that served",
+            process.worker_pid
+        )
+    };
+    let mut message = format!(
+        "the agent did not restart: the new worker (pid {}) {} before it served; {serving}",
+        failed.pid, failed.exit
+    );
+    if failed.stderr.is_empty() {
+        message.push_str(" (it wrote nothing on stderr)");
+    } else {
+        message.push_str(". Its last lines on stderr:");
+        for line in &failed.stderr {
+            let _ = write!(message, "\n  {line}");
+        }
+    }
+    message
 }
 
 /// A failure that may pass while the workers hand over: the call did not
@@ -333,6 +382,34 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(process_of(new).worker_pid, 5678);
+    }
+
+    #[test]
+    fn a_restart_failed_is_one_not_seen_before_and_not_the_supervisors() {
+        let failed = |pid, supervisor| pb::FailedRestart {
+            pid,
+            exit: "exited with code 3".into(),
+            stderr: vec!["agent: error: broken".into()],
+            at_ms: 7,
+            supervisor,
+        };
+        let process = |f| pb::AgentProcess {
+            worker_pid: 1234,
+            last_failed_restart: f,
+            ..Default::default()
+        };
+        assert!(restart_failed(&process(None), None).is_none());
+        let seen = failed(5678, false);
+        assert!(restart_failed(&process(Some(seen.clone())), Some(&seen)).is_none());
+        assert!(restart_failed(&process(Some(failed(5679, false))), Some(&seen)).is_some());
+        assert!(restart_failed(&process(Some(failed(5679, true))), None).is_none());
+        let message = did_not_restart(&failed(5679, false), &process(None), 1234);
+        assert!(
+            message.contains("(pid 5679) exited with code 3")
+                && message.contains("worker 1234 goes on serving")
+                && message.ends_with("\n  agent: error: broken"),
+            "{message}"
+        );
     }
 
     #[test]

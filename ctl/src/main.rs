@@ -9,7 +9,9 @@
 //!   stderr says why, ending with the agent's stable reason code, e.g.
 //!   `[UNKNOWN_RELEASE]`, `[UNAUTHENTICATED]`, `[PERMISSION_DENIED]`);
 //!   `--expect-active` not matching (the line names the active release);
-//!   `--wait --timeout` passing; or a local step failing (a release that
+//!   `--wait --timeout` passing; `agent restart --wait` seeing the new
+//!   worker fail (its exit status and last stderr lines follow); or a
+//!   local step failing (a release that
 //!   cannot be read, a malformed release.sig, `keygen` finding a key
 //!   already there).
 //! - 2: bad usage (an unknown flag, a value that is not a version, a URL or
@@ -54,7 +56,9 @@
 //! `--wait` then asks the agent (`AgentInfo`, every 50 ms, through the
 //! connections the handover closes) until a new worker serves, and prints
 //! the old and new worker and the binary's sha256 (exit 1 after
-//! `--timeout`, default 60s). The request carries no request id, so it is
+//! `--timeout`, default 60s, or as soon as the agent reports the new
+//! worker failed: its exit status and last lines on stderr, and which
+//! worker serves — the old one, or one from the binary that served). The request carries no request id, so it is
 //! retried only when it could not be sent (no connection could be made);
 //! one cut short is not retried: `ctl info` then shows whether the worker
 //! changed. `ctl status` and `ctl info` show the agent's processes: the
@@ -369,8 +373,9 @@ struct Restart {
     #[arg(long, value_name = "TEXT", value_parser = reason)]
     reason: Option<String>,
     /// Wait until a new worker serves (exit 0), asking the agent every
-    /// 50 ms. With `--output json` one document is printed when the wait
-    /// ends.
+    /// 50 ms; exit 1 if the new worker fails (its exit status and last
+    /// stderr lines are printed; the agent goes on serving). With
+    /// `--output json` one document is printed when the wait ends.
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this long (exit 1).

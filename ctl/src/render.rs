@@ -80,6 +80,7 @@ pub fn event_kind_name(kind: EventKind) -> &'static str {
         EventKind::RollbackRetry => "rollback_retry",
         EventKind::AgentStarted => "agent_started",
         EventKind::CheckpointSkipped => "checkpoint_skipped",
+        EventKind::AgentRestartFailed => "agent_restart_failed",
         EventKind::Unspecified => "unknown",
     }
 }
@@ -528,7 +529,20 @@ pub fn info(i: &pb::AgentInfoReply) {
         if !p.previous_exit.is_empty() {
             outln!("previous worker:    {}", p.previous_exit);
         }
+        if let Some(f) = &p.last_failed_restart {
+            outln!("last failed restart: {}", failed_restart(f));
+        }
     }
+}
+
+/// A failed self-upgrade in one line: when, what, how.
+pub fn failed_restart(f: &pb::FailedRestart) -> String {
+    let what = if f.supervisor {
+        "the supervisor's new binary"
+    } else {
+        "the new worker"
+    };
+    format!("{} {what} (pid {}) {}", time(f.at_ms), f.pid, f.exit)
 }
 
 /// Now, in milliseconds since the epoch (0 if the clock is before it).
@@ -658,6 +672,7 @@ mod tests {
             worker_started_at_ms: 1_000_000,
             binary_sha256: sha.into(),
             previous_exit: String::new(),
+            last_failed_restart: None,
         };
         assert_eq!(
             super::process_line(&p, 1_000_000 + 192_000),

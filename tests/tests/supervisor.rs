@@ -5,9 +5,18 @@
 //! worker that keeps dying at start falls back; the agent upgrades itself
 //! under load with exact counts; and it runs on listeners passed in by
 //! socket activation.
+//!
+//! A new agent binary is untrusted until it serves (issue 16): one that
+//! cannot start — at a restart or at the supervisor's re-exec — is
+//! refused while the agent goes on serving, and says why; a new worker
+//! that dies after the old one handed over is replaced by one from the
+//! binary that served.
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +34,63 @@ fn agent_process(agent: &Agent) -> serde_json::Value {
             .is_some_and(|s| s.len() == 64)
     }));
     process
+}
+
+/// Puts `bytes` in place of the binary at `path`, as an installer does:
+/// written aside, made executable, renamed over it.
+fn install(path: &Path, bytes: &[u8]) {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, bytes).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// Another build of the agent: the same code with other bytes (ELF
+/// ignores a tail).
+fn another_build(tail: &str) -> Vec<u8> {
+    let mut other = std::fs::read(bin_dir().join("agent")).unwrap();
+    other.extend_from_slice(tail.as_bytes());
+    other
+}
+
+/// A binary that cannot start: it says why on stderr and exits 3.
+const BROKEN_BINARY: &str =
+    "#!/bin/sh\necho 'agent: error: this build is broken (the test says so)' >&2\nexit 3\n";
+
+/// The first event of `kind` (its name in `ctl --output json watch`) the
+/// agent has kept, within `within`.
+fn event(agent: &Agent, kind: &str, within: Duration) -> Option<serde_json::Value> {
+    let mut watch = Command::new(bin_dir().join("ctl"))
+        .env("NINE9S_TOKEN_FILE", agent.token_file())
+        .args([
+            "--agent",
+            &agent.url(),
+            "--output",
+            "json",
+            "watch",
+            "--after",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(watch.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kind = kind.to_owned();
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if event["kind"] == kind.as_str() {
+                let _ = tx.send(event);
+                return;
+            }
+        }
+    });
+    let found = rx.recv_timeout(within).ok();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    found
 }
 
 /// Waits until a checkpoint newer than now is taken.
@@ -192,13 +258,7 @@ fn the_agent_upgrades_itself_under_load_with_exact_counts() {
     nine9s_tests::stage_sample(&agent, "0.2.0");
     agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
     let before = agent_process(&agent);
-    // Another build: the same code with other bytes (ELF ignores a tail).
-    let mut other = std::fs::read(bin_dir().join("agent")).unwrap();
-    other.extend_from_slice(b"another build");
-    let staged = dir.path().join("agent.new");
-    std::fs::write(&staged, &other).unwrap();
-    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&staged, &binary).unwrap();
+    install(&binary, &another_build("another build"));
 
     let load = Load::start(agent.http, "/", 16);
     std::thread::sleep(Duration::from_millis(500));
@@ -322,4 +382,150 @@ fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
     agent.new_worker(worker);
     assert_eq!(agent.get("/count").body, "2");
     assert_eq!(agent.status()["agent"]["supervisor_pid"], agent.pid());
+}
+
+#[test]
+fn a_restart_to_a_binary_that_cannot_start_is_refused_while_the_agent_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("agent");
+    std::fs::copy(bin_dir().join("agent"), &binary).unwrap();
+    let agent = Agent::start_binary(&binary, &dir.path().join("data"), &[]);
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let before = agent_process(&agent);
+    install(&binary, BROKEN_BINARY.as_bytes());
+
+    let load = Load::start(agent.http, "/", 8);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = agent.ctl(&["agent", "restart", "--wait", "--timeout", "30s"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    // The operator hears why, with the new worker's own last words.
+    assert_eq!(out.code, 1, "{out:?}\nlog:\n{}", agent.log());
+    assert!(
+        out.stderr.contains("exited with code 3")
+            && out
+                .stderr
+                .contains("this build is broken (the test says so)"),
+        "{out:?}"
+    );
+    // And the agent never stopped serving: the same worker, every request
+    // answered and counted.
+    assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
+    assert!(report.ok > 0, "{report:?}");
+    let after = agent_process(&agent);
+    assert_eq!(after["worker_pid"], before["worker_pid"]);
+    assert_eq!(after["supervisor_pid"], before["supervisor_pid"]);
+    assert_eq!(agent.get("/count").body, report.ok.to_string());
+    // AgentInfo and the events say so.
+    let info = agent.json(&["info"]);
+    let failed = &info["process"]["last_failed_restart"];
+    assert_eq!(failed["exit"], "exited with code 3", "{info}");
+    assert!(
+        failed["stderr"].as_array().is_some_and(|lines| lines
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("this build is broken"))),
+        "{info}"
+    );
+    let recorded = event(&agent, "agent_restart_failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no agent_restart_failed event; log:\n{}", agent.log()));
+    let message = recorded["message"].as_str().unwrap();
+    assert!(
+        message.contains("exited with code 3") && message.contains("this build is broken"),
+        "{recorded}"
+    );
+
+    // With a good binary back, the next restart goes through.
+    install(&binary, &another_build("a fixed build"));
+    agent.ctl(&["agent", "restart", "--wait"]).ok();
+    let fixed = agent_process(&agent);
+    assert_ne!(fixed["worker_pid"], before["worker_pid"]);
+    assert_ne!(fixed["binary_sha256"], before["binary_sha256"]);
+    assert_eq!(fixed["supervisor_pid"], before["supervisor_pid"]);
+}
+
+#[test]
+fn a_new_worker_that_dies_after_the_handover_is_replaced_from_the_binary_that_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Every worker started for a self-upgrade dies once the old one has
+    // handed its state over (the first worker is none of them).
+    let agent = Agent::start_with_env(&data, &[], &[("NINE9S_CRASH_AT", "handover:received")]);
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let before = agent_process(&agent);
+
+    let load = Load::start(agent.http, "/", 8);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = agent.ctl(&["agent", "restart", "--wait", "--timeout", "30s"]);
+    let serving = agent.new_worker(before["worker_pid"].as_u64().unwrap() as u32);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    assert_eq!(out.code, 1, "{out:?}\nlog:\n{}", agent.log());
+    assert!(out.stderr.contains("was killed by SIGABRT"), "{out:?}");
+    // The old worker's state reached the store; the worker that took over
+    // from it runs the binary that served.
+    assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
+    assert_eq!(agent.get("/count").body, report.ok.to_string());
+    let after = agent_process(&agent);
+    assert_eq!(after["worker_pid"], serving);
+    assert_eq!(after["binary_sha256"], before["binary_sha256"]);
+    assert_eq!(after["supervisor_pid"], before["supervisor_pid"]);
+    assert_eq!(
+        agent.json(&["info"])["process"]["last_failed_restart"]["exit"],
+        "was killed by SIGABRT"
+    );
+}
+
+#[test]
+fn the_supervisor_refuses_to_re_execute_a_binary_that_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("agent");
+    std::fs::copy(bin_dir().join("agent"), &binary).unwrap();
+    let agent = Agent::start_binary(&binary, &dir.path().join("data"), &[]);
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let worker = agent.worker_pid();
+    install(&binary, BROKEN_BINARY.as_bytes());
+
+    let load = Load::start(agent.http, "/", 4);
+    std::thread::sleep(Duration::from_millis(200));
+    kill("USR2", agent.pid());
+    let mut failed = serde_json::Value::Null;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            failed = nine9s_tests::ctl_env(
+                &agent.url(),
+                &["--output", "json", "info"],
+                &[("NINE9S_TOKEN_FILE", agent.token_file().to_str().unwrap())],
+            )
+            .stdout
+            .parse::<serde_json::Value>()
+            .map(|info| info["process"]["last_failed_restart"].clone())
+            .unwrap_or_default();
+            failed.is_object()
+        }),
+        "no failed restart in AgentInfo; log:\n{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load.stop();
+    assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
+    assert_eq!(failed["supervisor"], true, "{failed}");
+    assert_eq!(failed["exit"], "exited with code 3", "{failed}");
+    assert!(
+        failed["stderr"]
+            .to_string()
+            .contains("this build is broken"),
+        "{failed}"
+    );
+    assert!(event(&agent, "agent_restart_failed", Duration::from_secs(10)).is_some());
+    // The same supervisor and worker go on; the binary fixed, the re-exec
+    // goes through.
+    assert_eq!(agent.worker_pid(), worker);
+    assert_eq!(agent.status()["agent"]["supervisor_pid"], agent.pid());
+    install(&binary, &another_build("a fixed build"));
+    agent.reexec_supervisor();
+    assert_eq!(agent.worker_pid(), worker);
+    assert_eq!(agent.get("/").status, 200);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nine9s_manifest::Version;
 use tokio::sync::oneshot;
 
-use super::checkpoint::Skipped;
+use super::checkpoint::{Skipped, Taken};
 use super::journal::{Changes, Origin};
 use super::machine::{self, Decision, Lifecycle, Settle, Soak};
 use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, Split, StateSource, View};
@@ -78,8 +78,12 @@ impl Actor {
                     }
                     self.maintain();
                 }
-                Job::Stop(done) => {
-                    let last = self.checkpoint();
+                Job::Stop { done, handover } => {
+                    let taken = self.snapshot_active();
+                    if let Some(outgoing) = handover {
+                        self.hand_over(outgoing, &taken);
+                    }
+                    let last = self.store_checkpoint(taken);
                     if let Soak::RollingBack { version, .. } = self.lifecycle.soak() {
                         // Not a clean stop for it: the next start counts the
                         // release that failed its soak as failed, not old.
@@ -94,6 +98,74 @@ impl Actor {
                     return;
                 }
             }
+        }
+    }
+
+    /// A self-upgrade: sends the state just taken to the new worker, if
+    /// this worker serves the permanent release (the new one prepared it).
+    /// Otherwise the socket closes with nothing on it, and the new worker
+    /// starts from the store.
+    fn hand_over(&self, outgoing: crate::handover::Outgoing, taken: &Result<Taken, Skipped>) {
+        let started = Instant::now();
+        let why_not = match taken {
+            Err(why) => Some(format!("no state to hand over ({why})")),
+            Ok(_) if self.lifecycle.current().is_some() => Some(format!(
+                "{} is current, not permanent: the new worker comes back on the permanent release from the store",
+                self.lifecycle.active()
+            )),
+            Ok(taken) if self.lifecycle.permanent() != Some(&taken.version) => Some(format!(
+                "{} is not the permanent release",
+                taken.version
+            )),
+            Ok(_) => None,
+        };
+        if let Some(why) = why_not {
+            tracing::info!("{why}");
+            return;
+        }
+        let Ok(taken) = taken else { return };
+        let sent = self
+            .shared
+            .store()
+            .release(&taken.version)
+            .map_err(|e| e.to_string())
+            .and_then(|release| {
+                release.ok_or_else(|| format!("{} is not in the store", taken.version))
+            })
+            .and_then(|release| {
+                crate::handover::send_state(outgoing, &release, taken.state_version, &taken.bytes)
+                    .map_err(|e| e.to_string())
+            });
+        match sent {
+            Ok(()) => tracing::info!(
+                version = %taken.version,
+                bytes = taken.bytes.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "state handed over to the new worker"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "the state could not be handed over: the new worker starts from the store")
+            }
+        }
+    }
+
+    /// Keeps the hint a self-upgrade's new worker reads (the permanent
+    /// release) true; a hint that cannot be written only makes the next
+    /// self-upgrade slower.
+    pub(super) fn write_hint(&self) {
+        let Some(version) = self.lifecycle.permanent() else {
+            return;
+        };
+        let written = match self.shared.store().release(version) {
+            Ok(Some(release)) => {
+                crate::handover::write_hint(&self.shared.config.data_dir, &release)
+                    .map_err(|e| e.to_string())
+            }
+            Ok(None) => Err(format!("{version} is not in the store")),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot write the standby hint: the next self-upgrade starts its worker from the store");
         }
     }
 
@@ -825,8 +897,12 @@ impl Actor {
                 self.next_rollback = Instant::now();
             }
         }
+        let permanent_changed = next.permanent() != self.lifecycle.permanent();
         self.lifecycle = next;
         self.publish();
+        if permanent_changed {
+            self.write_hint();
+        }
     }
 
     /// What an event would make of the lifecycle, and the records to commit.

@@ -9,6 +9,11 @@
 //! A release that was current when the previous agent died (no clean
 //! stop recorded) is marked failed: a crash-looping release must not look
 //! healthy. After a clean stop it is only demoted to old.
+//!
+//! A self-upgrade's new worker may already serve the permanent release
+//! with the state handed over ([`Preloaded`]): boot adopts that instance
+//! instead of loading the release again, and refuses to start if the
+//! store says to serve anything else.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +27,9 @@ use super::machine::{self, Entry, Lifecycle};
 use crate::artifacts::{Artifacts, Upload};
 use crate::config::{Bootstrap, Config};
 use crate::error::{Error, Result};
+use crate::handover::Preloaded;
 use crate::model::{now_ms, Event, EventKind, Release, TransitionKind};
-use crate::runtime::Loaded;
+use crate::runtime::{Loaded, Runtime};
 use crate::store::Store;
 
 /// The sample release compiled into the agent (see build.rs).
@@ -48,11 +54,11 @@ pub(super) struct Booted {
     pub journal: Journal,
     pub artifacts: Artifacts,
     pub lifecycle: Lifecycle,
-    pub loaded: Loaded,
+    pub runtime: Arc<Runtime>,
     pub service: String,
 }
 
-pub(super) fn boot(config: Config) -> Result<Booted> {
+pub(super) fn boot(config: Config, preloaded: Option<Preloaded>) -> Result<Booted> {
     std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!(
         "cannot create {}",
         config.data_dir.display()
@@ -71,19 +77,27 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
         journal.transitions().aborted(&t);
     }
     let releases = store.releases()?;
-    let (lifecycle, loaded, service, message) = if releases.is_empty() {
-        install(&journal, &artifacts, &config.bootstrap)?
+    let (lifecycle, runtime, service, message) = if releases.is_empty() {
+        if preloaded.is_some() {
+            return Err(not_preloaded("an empty store"));
+        }
+        let (lifecycle, loaded, service) = install(&journal, &artifacts, &config.bootstrap)?;
+        (lifecycle, Arc::new(Runtime::new(loaded)), service, None)
     } else {
         resume(
             &journal,
             &artifacts,
             &releases,
-            !clean,
-            config.previous_exit.as_deref(),
+            Resume {
+                unclean: !clean,
+                previous_exit: config.previous_exit.as_deref(),
+                preloaded,
+            },
         )?
     };
-    close_canary(&journal, &loaded.version, config.previous_exit.as_deref())?;
-    let mut started = Event::new(EventKind::AgentStarted).version(&loaded.version);
+    let serving = runtime.active().version.clone();
+    close_canary(&journal, &serving, config.previous_exit.as_deref())?;
+    let mut started = Event::new(EventKind::AgentStarted).version(&serving);
     started.message = message;
     journal.emit(started);
     store.flush()?;
@@ -92,7 +106,7 @@ pub(super) fn boot(config: Config) -> Result<Booted> {
         journal,
         artifacts,
         lifecycle,
-        loaded,
+        runtime,
         service,
     })
 }
@@ -124,13 +138,23 @@ fn close_canary(journal: &Journal, serving: &Version, previous_exit: Option<&str
     Ok(())
 }
 
+/// A self-upgrade's new worker serves the state handed over, but the store
+/// says to serve something else: it stops, and the supervisor starts a
+/// worker from the binary that served, which starts from the store.
+fn not_preloaded(what: &str) -> Error {
+    Error::refused(
+        crate::error::Reason::Internal,
+        format!("the state handed over is not that of the release {what} says to serve; this worker stops"),
+    )
+}
+
 /// First start on an empty data directory: installs the bootstrap release
 /// as permanent.
 fn install(
     journal: &Journal,
     artifacts: &Artifacts,
     bootstrap: &Bootstrap,
-) -> Result<(Lifecycle, Loaded, String, Option<String>)> {
+) -> Result<(Lifecycle, Loaded, String)> {
     let (manifest_toml, bytes) = match bootstrap {
         Bootstrap::Embedded => (EMBEDDED_MANIFEST.to_owned(), EMBEDDED_LIBRARY.to_vec()),
         Bootstrap::Dir(dir) => {
@@ -198,8 +222,15 @@ fn install(
         lifecycle,
         Loaded::new(record.version.clone(), record.blocking, instance),
         record.name,
-        None,
     ))
+}
+
+/// How the previous worker ended, and what this one already serves.
+struct Resume<'a> {
+    /// No clean stop recorded.
+    unclean: bool,
+    previous_exit: Option<&'a str>,
+    preloaded: Option<Preloaded>,
 }
 
 /// A restart: comes back on the permanent release with its last snapshot,
@@ -208,9 +239,13 @@ fn resume(
     journal: &Journal,
     artifacts: &Artifacts,
     releases: &[Release],
-    unclean: bool,
-    previous_exit: Option<&str>,
-) -> Result<(Lifecycle, Loaded, String, Option<String>)> {
+    resume: Resume<'_>,
+) -> Result<(Lifecycle, Arc<Runtime>, String, Option<String>)> {
+    let Resume {
+        unclean,
+        previous_exit,
+        mut preloaded,
+    } = resume;
     let store = &journal.store;
     let entries: BTreeMap<Version, Entry> = releases
         .iter()
@@ -248,10 +283,19 @@ fn resume(
             unloadable.push((candidate, why));
             continue;
         }
+        if let Some(preloaded) = preloaded.take() {
+            if preloaded.runtime.active().version != candidate || preloaded.sha256 != release.sha256
+            {
+                return Err(not_preloaded("the store"));
+            }
+            store.boot_started(&candidate)?;
+            serving = Some((release, preloaded.runtime));
+            break;
+        }
         match start(store, artifacts, release) {
             Ok(loaded) => {
                 store.boot_started(&candidate)?;
-                serving = Some((release, loaded));
+                serving = Some((release, Arc::new(Runtime::new(loaded))));
                 break;
             }
             // Its library or its code failed: fall back to the one before.
@@ -265,7 +309,7 @@ fn resume(
             Err(e) => return Err(e),
         }
     }
-    let Some((release, loaded)) = serving else {
+    let Some((release, runtime)) = serving else {
         return Err(Error::refused(
             crate::error::Reason::Internal,
             format!(
@@ -336,7 +380,7 @@ fn resume(
         Some(message) => tracing::error!(version = %release.version, "{message}"),
         None => tracing::info!(version = %release.version, "resumed the permanent release"),
     }
-    Ok((lifecycle, loaded, release.name.clone(), fell_back))
+    Ok((lifecycle, runtime, release.name.clone(), fell_back))
 }
 
 /// Boot attempts of one release that may end in a crash before it is

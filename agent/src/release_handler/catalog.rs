@@ -268,7 +268,7 @@ pub fn inspect(manifest: &Manifest, upload: &Uploaded) -> Result<probe::Report> 
 
 /// Opens a recorded release's library in this process, after checking
 /// that its bytes are still those it was staged (and probed) with.
-pub(super) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Library>> {
+pub(crate) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Library>> {
     let load_error = |source| Error::Load {
         version: release.version.clone(),
         source,

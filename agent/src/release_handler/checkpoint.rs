@@ -1,6 +1,7 @@
 //! Checkpoints: the active state, snapshotted with no request in flight,
 //! written to the store and flushed — periodically (`--checkpoint-every`),
-//! when a release becomes permanent, and as the last act of a clean stop.
+//! when a release becomes permanent, and as the last act of a clean stop
+//! (in a self-upgrade, the state handed to the new worker).
 //!
 //! A checkpoint never stalls traffic: it waits for a moment with no call
 //! in flight without holding new requests back, and only for a bounded
@@ -55,9 +56,22 @@ impl std::fmt::Display for Skipped {
 /// How long a checkpoint looks for a moment with no request in flight.
 const CHECKPOINT_QUIESCE: Duration = Duration::from_millis(500);
 
+/// The active state, taken with no request in flight.
+pub(super) struct Taken {
+    pub version: Version,
+    pub state_version: u32,
+    pub bytes: Vec<u8>,
+}
+
 impl Actor {
     /// Takes a checkpoint; logs (and announces) why if it cannot.
     pub(super) fn checkpoint(&self) -> Result<(), Skipped> {
+        let taken = self.snapshot_active();
+        self.store_checkpoint(taken)
+    }
+
+    /// Snapshots the active instance at a moment with no call in flight.
+    pub(super) fn snapshot_active(&self) -> Result<Taken, Skipped> {
         let runtime = &self.shared.runtime;
         let limit = self.shared.config.gate_timeout;
         let taken = self
@@ -83,6 +97,27 @@ impl Actor {
                     snapshot,
                 )
             }));
+        match taken {
+            None => Err(Skipped::Busy(format!(
+                "requests were still in flight after {} ms",
+                CHECKPOINT_QUIESCE.as_millis()
+            ))),
+            Some((version, _, Err(e))) => Err(Skipped::Snapshot(Error::Plugin {
+                version,
+                during: "snapshot",
+                source: e,
+            })),
+            Some((version, state_version, Ok(bytes))) => Ok(Taken {
+                version,
+                state_version,
+                bytes,
+            }),
+        }
+    }
+
+    /// Writes a snapshot taken by [`Actor::snapshot_active`] to the store
+    /// and flushes it; logs (and announces) why if there is none.
+    pub(super) fn store_checkpoint(&self, taken: Result<Taken, Skipped>) -> Result<(), Skipped> {
         let skipped = |skipped: Skipped| {
             let why = skipped.to_string();
             tracing::warn!(%why, "checkpoint skipped; the previous one stands");
@@ -91,21 +126,13 @@ impl Actor {
                 .emit(Event::new(EventKind::CheckpointSkipped).message(why));
             Err(skipped)
         };
-        let (version, state_version, bytes) = match taken {
-            None => {
-                return skipped(Skipped::Busy(format!(
-                    "requests were still in flight after {} ms",
-                    CHECKPOINT_QUIESCE.as_millis()
-                )))
-            }
-            Some((version, _, Err(e))) => {
-                return skipped(Skipped::Snapshot(Error::Plugin {
-                    version,
-                    during: "snapshot",
-                    source: e,
-                }))
-            }
-            Some((version, state_version, Ok(bytes))) => (version, state_version, bytes),
+        let Taken {
+            version,
+            state_version,
+            bytes,
+        } = match taken {
+            Ok(taken) => taken,
+            Err(why) => return skipped(why),
         };
         let store = self.shared.store();
         let taken_at_ms = now_ms();

@@ -20,7 +20,9 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::config::Config;
 use crate::error::{Error, Reason, Result};
+use crate::handover::{Outgoing, Preloaded};
 use crate::model::{Event, Release, Transition};
+use crate::process::FailedRestart;
 use crate::runtime::{Counters, Runtime, Split};
 use crate::store::Store;
 
@@ -34,6 +36,7 @@ mod machine;
 mod soak;
 mod switch;
 
+pub(crate) use catalog::open as open_release;
 pub use catalog::{check_service, inspect, Staging, FREE_SPACE_MARGIN};
 pub use machine::{check_states, Direction, Soak};
 pub use soak::watch as watch_soaks;
@@ -248,8 +251,12 @@ enum Job {
     /// The soak watcher found the canary unhealthy.
     CanaryFailed(soak::CanaryFailure),
     Checkpoint,
-    /// Final checkpoint, clean-stop mark, and the actor ends.
-    Stop(oneshot::Sender<Result<(), FinalCheckpoint>>),
+    /// Final checkpoint, clean-stop mark, and the actor ends; with a
+    /// socket, the state is handed over on it first (a self-upgrade).
+    Stop {
+        done: oneshot::Sender<Result<(), FinalCheckpoint>>,
+        handover: Option<Outgoing>,
+    },
 }
 
 /// Why the final checkpoint of a stop was not taken.
@@ -270,14 +277,21 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens the data directory, starts the release the node should run,
-    /// and starts the actor thread. Blocking: run it off the async threads.
-    pub fn start(config: Config, tokio: tokio::runtime::Handle) -> Result<Engine> {
-        let booted = boot::boot(config)?;
+    /// Opens the data directory, starts the release the node should run
+    /// (or adopts `preloaded`, the instance a self-upgrade's new worker
+    /// already serves, if that is it), and starts the actor thread.
+    /// Blocking: run it off the async threads.
+    pub fn start(
+        config: Config,
+        tokio: tokio::runtime::Handle,
+        preloaded: Option<Preloaded>,
+    ) -> Result<Engine> {
+        let booted = boot::boot(config, preloaded)?;
+        let failed_restart = booted.config.failed_restart.clone();
         let shared = Arc::new(Shared {
             config: booted.config,
             journal: booted.journal,
-            runtime: Arc::new(Runtime::new(booted.loaded)),
+            runtime: booted.runtime,
             service: booted.service,
             started: Instant::now(),
             started_at_ms: crate::model::now_ms(),
@@ -295,11 +309,27 @@ impl Engine {
             tokio,
         );
         actor.collect_garbage()?;
+        actor.write_hint();
         std::thread::Builder::new()
             .name("nine9s-engine".into())
             .spawn(move || actor.run(inbox))
             .map_err(Error::io("cannot start the engine thread"))?;
-        Ok(Engine { jobs, shared })
+        let engine = Engine { jobs, shared };
+        if let Some(failed) = failed_restart {
+            engine.restart_failed(failed);
+        }
+        Ok(engine)
+    }
+
+    /// A self-upgrade failed (the supervisor says so): remembered for
+    /// `AgentInfo`, logged, and recorded as an event.
+    pub fn restart_failed(&self, failed: FailedRestart) {
+        let message = failed.message();
+        tracing::error!(pid = failed.pid, "{message}; this worker goes on serving");
+        crate::process::set_failed_restart(failed);
+        self.shared
+            .journal
+            .emit(Event::new(crate::model::EventKind::AgentRestartFailed).message(message));
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -347,12 +377,18 @@ impl Engine {
     }
 
     /// Stops the engine: a final checkpoint (the last one stands if it
-    /// cannot be taken), the store marked as stopped cleanly. Waits at most
+    /// cannot be taken), the store marked as stopped cleanly. With
+    /// `handover`, the state checkpointed goes to the new worker on it
+    /// first, if this worker serves the permanent release. Waits at most
     /// `within` for the actor (it may be in a transition): `None` if it
     /// did not stop in time, else how the final checkpoint went.
-    pub async fn stop(&self, within: Duration) -> Option<Result<(), FinalCheckpoint>> {
+    pub async fn stop(
+        &self,
+        within: Duration,
+        handover: Option<Outgoing>,
+    ) -> Option<Result<(), FinalCheckpoint>> {
         let (done, finished) = oneshot::channel();
-        self.send(Job::Stop(done)).ok()?;
+        self.send(Job::Stop { done, handover }).ok()?;
         tokio::time::timeout(within, finished).await.ok()?.ok()
     }
 
