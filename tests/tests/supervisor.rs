@@ -93,19 +93,6 @@ fn event(agent: &Agent, kind: &str, within: Duration) -> Option<serde_json::Valu
     found
 }
 
-/// Waits until a checkpoint newer than now is taken.
-fn checkpointed(agent: &Agent) {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    assert!(eventually(Duration::from_secs(10), || agent.status()
-        ["last_checkpoint_ms"]
-        .as_i64()
-        .unwrap_or(0)
-        > since));
-}
-
 #[test]
 fn a_killed_worker_is_replaced_and_no_connection_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -114,7 +101,7 @@ fn a_killed_worker_is_replaced_and_no_connection_is_refused() {
         &["--checkpoint-every", "100ms"],
         5,
     );
-    checkpointed(&agent);
+    agent.checkpointed();
     let old = agent.worker_pid();
     // `/count` does not count: the state stays exact under this load.
     let load = Load::start(agent.http, "/count", 8);
@@ -211,24 +198,12 @@ fn a_worker_that_keeps_dying_at_start_falls_back_to_the_release_before() {
     stage_fixture(&agent, "segfault").ok();
     agent.ctl(&["upgrade", "--to", "0.2.8", "--permanent"]).ok();
     hello(&agent, 3);
-    checkpointed(&agent);
+    agent.checkpointed();
     // From now on 0.2.8 cannot start: every new worker dies in its init.
     std::fs::write(&crash_file, "").unwrap();
     let old = agent.worker_pid();
     kill("KILL", old);
-    let mut serving = String::new();
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            serving = nine9s_tests::Client::connect(agent.http)
-                .and_then(|mut c| c.get("/"))
-                .map(|r| r.release)
-                .unwrap_or_default();
-            !serving.is_empty()
-        }),
-        "nothing serves; log:\n{}",
-        agent.log()
-    );
-    assert_eq!(serving, "0.2.0");
+    assert_eq!(agent.serving_release(), "0.2.0");
     let status = agent.status();
     assert_eq!(status["permanent_version"], "0.2.0", "{status}");
     let release = agent.release("0.2.8").unwrap();
@@ -377,7 +352,7 @@ fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
     assert_eq!(agent.worker_pid(), worker);
     // (Checkpoints wait for a moment with no request in flight: the load
     // kept them from coming.)
-    checkpointed(&agent);
+    agent.checkpointed();
     kill("KILL", worker);
     agent.new_worker(worker);
     assert_eq!(agent.get("/count").body, "2");
