@@ -401,6 +401,8 @@ fn bad_flag_values_are_usage_errors_not_crashes() {
         ["--soak", "99999999999999999999h"],
         ["--max-error-rate", "7"],
         ["--quiesce-timeout", "0s"],
+        ["--request-timeout", "5ms"],
+        ["--request-timeout", "-1s"],
     ] {
         let out = std::process::Command::new(nine9s_tests::bin_dir().join("agent"))
             .arg("--data-dir")
