@@ -156,6 +156,16 @@ impl Call {
         self.state.swap(IDLE, Ordering::AcqRel) != ABANDONED
     }
 
+    /// Claims the call seen with `state` for the watchdog, unless it has
+    /// returned since. A later call on the connection began at least the
+    /// time limit after it (it was seen past the limit): its state
+    /// differs, so this claims that call or none.
+    fn claim(&self, state: u64) -> bool {
+        self.state
+            .compare_exchange(state, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Whether the watchdog answered this connection's client.
     pub fn rescued(&self) -> bool {
         self.rescued.load(Ordering::Relaxed)
@@ -261,13 +271,7 @@ pub async fn watch(
         }
         let Some(limit) = board.limit else { continue };
         for (call, state) in past_limit {
-            // A later call on the connection began at least `limit` after
-            // this one: its state differs, so this claims this call or none.
-            if call
-                .state
-                .compare_exchange(state, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if !call.claim(state) {
                 continue;
             }
             let target = call.target.load(Ordering::Relaxed);
@@ -284,5 +288,51 @@ pub async fn watch(
                 "a call ran past the request timeout: its client was answered 504, and the call abandoned (its thread stays held until it returns or the worker is replaced)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> Call {
+        Call {
+            state: AtomicU64::new(IDLE),
+            target: AtomicU64::new(0),
+            socket: None,
+            unflushed: AtomicBool::new(false),
+            rescued: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_call_is_counted_out_once_by_its_return_or_by_the_watchdog() {
+        let call = call();
+        // Returns before the watchdog looks: it counts itself out.
+        call.begin(7, 3, false);
+        let seen = call.state.load(Ordering::Acquire);
+        assert!(call.end());
+        assert!(!call.claim(seen), "a call that returned is not claimed");
+        // Claimed first: its return finds it abandoned.
+        call.begin(7, 3, true);
+        let seen = call.state.load(Ordering::Acquire);
+        assert!(call.claim(seen));
+        assert!(!call.claim(seen), "claimed once");
+        assert!(!call.end());
+        // The connection's next call is its own again.
+        call.begin(8, 0, false);
+        assert!(call.end());
+    }
+
+    #[test]
+    fn the_target_packs_the_instance_the_shard_and_the_hand_off() {
+        let call = call();
+        call.begin(42, 5, true);
+        let target = call.target.load(Ordering::Relaxed);
+        assert_eq!(target & ID_MASK, 42);
+        assert_eq!((target >> SHARD_SHIFT) & 0x7f, 5);
+        assert_ne!(target & OFFLOADED, 0);
+        call.begin(42, 5, false);
+        assert_eq!(call.target.load(Ordering::Relaxed) & OFFLOADED, 0);
     }
 }
