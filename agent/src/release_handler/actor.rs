@@ -728,14 +728,13 @@ impl Actor {
     /// never on a request's.
     fn let_go_of(&self, canary: Option<Arc<crate::runtime::Canary>>) {
         if let Some(canary) = canary {
-            if canary.loaded.stuck() > 0 {
-                // Held by its stuck calls for as long as they run.
-                return;
-            }
             let grace = self.shared.config.drain_grace;
-            if !self
-                .tokio
-                .block_on(crate::runtime::released(&canary, grace))
+            // Calls stuck past the request timeout hold it for as long as
+            // they run: no wait ends sooner, and the last of them lets go.
+            if canary.loaded.stuck() == 0
+                && !self
+                    .tokio
+                    .block_on(crate::runtime::released(&canary, grace))
             {
                 tracing::warn!(version = %canary.loaded.version, "drain grace over with the canary still serving a call");
             }
