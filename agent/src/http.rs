@@ -16,8 +16,9 @@
 //! A request whose client has closed its connection (a FIN after the
 //! request: it gave up while the request waited in the backlog, or sent
 //! it and half-closed) is not handed to the release: the connection is
-//! closed unanswered, as hyper does when that EOF comes while a request is
-//! under way. Each connection is on the [`Board`] with its call, for the
+//! closed unanswered. hyper does so itself when it knows of that EOF
+//! before it calls the service (without `half_close`); on a connection
+//! just taken from the backlog it does not yet, and a peek tells. Each connection is on the [`Board`] with its call, for the
 //! request time limit (`stuck.rs`).
 
 use std::future::Future;
@@ -36,7 +37,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use nine9s_host::CallError;
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -291,8 +292,9 @@ struct Watchdog {
     pending: AtomicU64,
     /// The agent is stopping: responses say `Connection: close`.
     draining: AtomicBool,
-    /// The client closed its side: it sends nothing more, and reads no
-    /// answer either, as far as anyone can tell.
+    /// The client closed its side before its first request was handled:
+    /// it sends nothing more, and reads no answer either, as far as anyone
+    /// can tell.
     peer_closed: AtomicBool,
 }
 
@@ -414,21 +416,15 @@ impl AsyncRead for Watched {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         self.watchdog.read(read);
-        if read > 0 && !self.watchdog.peer_closed.load(Ordering::Relaxed) {
-            let closed = if std::mem::take(&mut self.fresh) {
-                // A connection taken from the backlog is read before the
-                // driver has heard of it: a peek (one system call per
-                // connection) tells whether a FIN follows the bytes read.
-                let mut byte = [0u8; 1];
-                let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-                matches!(rustix::net::recv(&self.inner, &mut byte, flags), Ok((_, 0)))
-            } else {
-                // A FIN that came with (or after) the bytes just read: the
-                // driver's readiness says so, without a system call.
-                let ready = std::pin::pin!(self.inner.ready(Interest::READABLE)).poll(cx);
-                matches!(ready, Poll::Ready(Ok(ready)) if ready.is_read_closed())
-            };
-            if closed {
+        if read > 0 && std::mem::take(&mut self.fresh) {
+            // A connection taken from the backlog is read before the driver
+            // has heard of it, so a FIN that came after the request is not
+            // known yet (once it is, hyper sees the EOF itself before it
+            // calls the service): a peek (one system call per connection)
+            // tells.
+            let mut byte = [0u8; 1];
+            let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+            if matches!(rustix::net::recv(&self.inner, &mut byte, flags), Ok((_, 0))) {
                 self.watchdog.peer_closed.store(true, Ordering::Relaxed);
             }
         }

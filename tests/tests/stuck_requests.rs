@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use nine9s_tests::{eventually, get, kill, on_0_2_0, stage_fixture, Agent, Load, Reply};
+use nine9s_tests::{eventually, get, kill, on_0_2_0, stage_fixture, Agent, Client, Load, Reply};
 
 /// The active library's line of `status`.
 fn active_library(agent: &Agent) -> serde_json::Value {
@@ -153,29 +153,49 @@ fn ctl_rollback_switches_away_from_a_stuck_call_and_the_worker_is_replaced_with_
     assert_eq!(agent.get("/count").body, report.ok.to_string());
 }
 
+/// Stops the worker `worker`, opens (or takes) a connection with `open`,
+/// sends `GET /` on it and closes the sending side — the client gives up on
+/// it, and only reads on to see what comes — then lets the worker go on,
+/// and returns what the agent answered before it closed the connection.
+fn gone_while_stopped(worker: u32, open: impl FnOnce() -> TcpStream) -> Vec<u8> {
+    kill("STOP", worker);
+    let mut stream = open();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: nine9s\r\n\r\n")
+        .unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    kill("CONT", worker);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    assert!(read.is_ok(), "{read:?}");
+    answer
+}
+
 #[test]
 fn a_request_whose_client_has_gone_is_not_served_from_the_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let agent = on_0_2_0(&dir.path().join("data"), &[], 1);
     let worker = agent.worker_pid();
-    // The worker takes no connection while stopped: they wait in the
-    // backlog, as while a worker is replaced.
-    kill("STOP", worker);
-    let mut gone = TcpStream::connect(agent.http).unwrap();
-    gone.write_all(b"GET / HTTP/1.1\r\nhost: nine9s\r\n\r\n")
-        .unwrap();
-    // The client gives up on it (and only keeps reading, to see what comes).
-    gone.shutdown(Shutdown::Write).unwrap();
-    kill("CONT", worker);
-    gone.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = gone.read_to_end(&mut answer);
+    // A connection made while the worker takes none waits in the backlog,
+    // as while a worker is replaced.
+    let answer = gone_while_stopped(worker, || TcpStream::connect(agent.http).unwrap());
     assert!(
-        read.is_ok() && answer.is_empty(),
-        "the agent answered a client that had gone ({read:?}): {}",
+        answer.is_empty(),
+        "the agent answered a client that had gone: {}",
         String::from_utf8_lossy(&answer)
     );
-    // Not handled: 0.2.0 counted the first hello only.
-    assert_eq!(agent.get("/count").body, "1");
+    // On a connection already served, the request waits unread likewise.
+    let mut client = Client::connect(agent.http).unwrap();
+    assert_eq!(client.get("/").unwrap().status, 200);
+    let answer = gone_while_stopped(worker, || client.into_stream());
+    assert!(
+        answer.is_empty(),
+        "the agent answered a client that had gone: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Neither was handled: 0.2.0 counted the two hellos only.
+    assert_eq!(agent.get("/count").body, "2");
 }
