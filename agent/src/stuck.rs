@@ -19,8 +19,11 @@
 //!
 //! A call that has run long on a data-plane thread also hands its
 //! instance's later calls off those threads (`block_in_place`, as for a
-//! release that says `blocking = true`): a handler that loops takes at most
-//! one of them, not one per request.
+//! release that says `blocking = true`): a handler that loops takes one of
+//! them (those that began before the first was seen running long), not one
+//! per request. And while a call holds a data-plane thread, the watchdog
+//! wakes an idle one every tick: tokio leaves the I/O driver to whichever
+//! worker parks next, which a thread inside a call never does.
 //!
 //! The claim is one compare-and-swap on the call's state word, against the
 //! one the call makes when it returns: exactly one of the two counts the
