@@ -93,6 +93,9 @@ pub struct Limits {
     pub http_body_timeout: Duration,
     /// Largest request body handed to a release.
     pub max_body: usize,
+    /// How long a release may take to answer a request before its client
+    /// is answered 504 and the call abandoned; `None`: no limit.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -106,6 +109,7 @@ impl Default for Limits {
             max_control_connections: 128,
             http_body_timeout: Duration::from_secs(30),
             max_body: 16 * 1024 * 1024,
+            request_timeout: Some(Duration::from_secs(30)),
         }
     }
 }

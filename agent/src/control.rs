@@ -737,6 +737,8 @@ impl Control for ControlService {
                     served: l.counters.served,
                     errors: l.counters.errors,
                     lingering: l.lingering,
+                    stuck: l.counters.stuck,
+                    timed_out: l.counters.timed_out,
                 })
                 .collect(),
             uptime_ms: status.uptime.as_millis() as u64,
@@ -754,6 +756,8 @@ impl Control for ControlService {
                     served: counters.served,
                     errors: counters.errors,
                     in_flight: counters.in_flight,
+                    stuck: counters.stuck,
+                    timed_out: counters.timed_out,
                 }
             }),
         }))
@@ -830,28 +834,20 @@ impl Control for ControlService {
     ) -> Result<Response<pb::RestartAgentReply>, Status> {
         let identity = self.authorize(&request, Role::Admin)?;
         let reason = request.into_inner().reason;
-        let supervisor = self
-            .engine
-            .config()
-            .supervisor_pid
-            .filter(|&pid| {
-                // Only the supervisor that started this worker.
-                rustix::process::getppid().is_some_and(|p| p.as_raw_nonzero().get() as u32 == pid)
-            })
-            .ok_or_else(|| {
-                status(Error::refused(
-                    Reason::NoSupervisor,
-                    "this agent runs without its supervisor (as `agent worker`), so nothing can start a new worker: restart it by hand",
-                ))
-            })?;
-        tracing::info!(identity = %identity.name, %reason, supervisor, "agent restart requested: the supervisor starts a new worker");
-        let pid =
-            rustix::process::Pid::from_raw(supervisor as i32).expect("a parent's pid is positive");
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP)
-            .map_err(|e| status(Error::io("cannot signal the supervisor")(e.into())))?;
+        let supervisor = self.engine.config().supervisor_pid;
+        // Only the supervisor that started this worker.
+        let asked = crate::process::ask_for_new_worker(supervisor)
+            .map_err(|e| status(Error::io("cannot signal the supervisor")(e)))?;
+        if !asked {
+            return Err(status(Error::refused(
+                Reason::NoSupervisor,
+                "this agent runs without its supervisor (as `agent worker`), so nothing can start a new worker: restart it by hand",
+            )));
+        }
+        tracing::info!(identity = %identity.name, %reason, ?supervisor, "agent restart requested: the supervisor starts a new worker");
         Ok(Response::new(pb::RestartAgentReply {
             worker_pid: std::process::id(),
-            supervisor_pid: supervisor,
+            supervisor_pid: supervisor.unwrap_or_default(),
         }))
     }
 }

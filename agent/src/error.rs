@@ -50,7 +50,7 @@ pub enum Error {
         to_state: u32,
     },
     #[error(
-        "requests on {version} did not finish within {timeout_ms} ms, so the switch was abandoned; {version} keeps serving"
+        "requests on {version} did not finish within {timeout_ms} ms, so the switch was abandoned; {version} keeps serving (a call past the request timeout is not waited for: retry then)"
     )]
     QuiesceTimeout { version: Version, timeout_ms: u64 },
     #[error("{expected} was expected to be active, but {active} is: nothing was done")]

@@ -12,8 +12,15 @@
 //! the last byte of the previous response); a request's body must arrive
 //! within `--http-body-timeout`. hyper has a single timer for the first
 //! two waits, so each connection's [`Watchdog`] keeps them apart.
+//!
+//! A request whose client has closed its connection (a FIN after the
+//! request: it gave up while the request waited in the backlog, or sent
+//! it and half-closed) is not handed to the release: the connection is
+//! closed unanswered. hyper does so itself when it knows of that EOF
+//! before it calls the service (without `half_close`); on a connection
+//! just taken from the backlog it does not yet, and a peek tells. Each connection is on the [`Board`] with its call, for the
+//! request time limit (`stuck.rs`).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +43,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
 use crate::runtime::Runtime;
+use crate::stuck::{Board, Call};
 
 /// While draining, how long a connection may sit idle before it is closed:
 /// a keep-alive client about to send on it does so well within this, and
@@ -93,24 +101,40 @@ pub(crate) async fn accept(
 
 /// Accepts connections until `shutdown` resolves, then waits up to `grace`
 /// for open connections to finish their requests (each is closed at a
-/// request boundary, or once it has been idle for a moment).
+/// request boundary, or once it has been idle for a moment). A connection
+/// whose call was abandoned past the request timeout gave its slot back
+/// then: it is not waited for.
 pub async fn serve(
     listener: TcpListener,
     runtime: Arc<Runtime>,
+    board: Arc<Board>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::clone(&board.slots);
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, permit)) = accept(&listener, &slots, shutdown.as_mut(), "HTTP").await {
         let runtime = Arc::clone(&runtime);
         let limits = limits.clone();
         let stopping = stopping.clone();
+        let registered = board.register(&stream);
         tokio::spawn(async move {
-            connection(stream, runtime, &limits, stopping).await;
-            drop(permit);
+            connection(
+                stream,
+                runtime,
+                &limits,
+                stopping,
+                Arc::clone(&registered.call),
+            )
+            .await;
+            if registered.call.rescued() {
+                // Given back when its call was abandoned.
+                permit.forget();
+            } else {
+                drop(permit);
+            }
         });
     }
     drop(listener);
@@ -135,24 +159,27 @@ async fn connection(
     runtime: Arc<Runtime>,
     limits: &Limits,
     mut stopping: watch::Receiver<bool>,
+    call: Arc<Call>,
 ) {
     let _ = stream.set_nodelay(true);
     let watchdog = Arc::new(Watchdog::new());
     let io = Watched {
         inner: stream,
         watchdog: Arc::clone(&watchdog),
+        call: Arc::clone(&call),
+        fresh: true,
     };
     let service = {
         // One reference per connection, cloned per request: the runtime's
         // own count is shared by every thread, this one by this connection.
-        let served = Arc::new((runtime, Arc::clone(&watchdog)));
+        let served = Arc::new((runtime, Arc::clone(&watchdog), call));
         let body_limits = (limits.max_body, limits.http_body_timeout);
         service_fn(move |request| {
             let served = Arc::clone(&served);
             async move {
-                let (runtime, watchdog) = &*served;
+                let (runtime, watchdog, call) = &*served;
                 let _busy = watchdog.request();
-                let mut response = answer(runtime, request, body_limits).await;
+                let mut response = answer(runtime, request, body_limits, watchdog, call).await?;
                 if watchdog.draining.load(Ordering::Relaxed) {
                     // The client learns at a request boundary that this
                     // connection ends, and opens another for its next one.
@@ -160,7 +187,7 @@ async fn connection(
                         .headers_mut()
                         .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, Infallible>(response)
+                Ok::<_, Unanswered>(response)
             }
         })
     };
@@ -236,6 +263,15 @@ async fn connection(
     }
 }
 
+/// Why a request gets no response: hyper closes its connection.
+#[derive(Debug, thiserror::Error)]
+enum Unanswered {
+    #[error("the client closed its connection before its request was handled")]
+    ClientGone,
+    #[error("the call ran past the request timeout: the client was answered 504")]
+    Abandoned,
+}
+
 /// What woke a connection's task.
 enum Wake {
     Ended(hyper::Result<()>),
@@ -256,6 +292,10 @@ struct Watchdog {
     pending: AtomicU64,
     /// The agent is stopping: responses say `Connection: close`.
     draining: AtomicBool,
+    /// The client closed its side before its first request was handled:
+    /// it sends nothing more, and reads no answer either, as far as anyone
+    /// can tell.
+    peer_closed: AtomicBool,
 }
 
 impl Watchdog {
@@ -266,6 +306,7 @@ impl Watchdog {
             busy: AtomicUsize::new(0),
             pending: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            peer_closed: AtomicBool::new(false),
         }
     }
 
@@ -355,10 +396,14 @@ impl Drop for Busy {
     }
 }
 
-/// The socket, telling the watchdog about every read.
+/// The socket, telling the watchdog about every read, and the call record
+/// whether every write went out.
 struct Watched {
     inner: TcpStream,
     watchdog: Arc<Watchdog>,
+    call: Arc<Call>,
+    /// Nothing was read from it yet.
+    fresh: bool,
 }
 
 impl AsyncRead for Watched {
@@ -369,7 +414,20 @@ impl AsyncRead for Watched {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.watchdog.read(buf.filled().len() - before);
+        let read = buf.filled().len() - before;
+        self.watchdog.read(read);
+        if read > 0 && std::mem::take(&mut self.fresh) {
+            // A connection taken from the backlog is read before the driver
+            // has heard of it, so a FIN that came after the request is not
+            // known yet (once it is, hyper sees the EOF itself before it
+            // calls the service): a peek (one system call per connection)
+            // tells.
+            let mut byte = [0u8; 1];
+            let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+            if matches!(rustix::net::recv(&self.inner, &mut byte, flags), Ok((_, 0))) {
+                self.watchdog.peer_closed.store(true, Ordering::Relaxed);
+            }
+        }
         polled
     }
 }
@@ -382,6 +440,8 @@ impl tokio::io::AsyncWrite for Watched {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.watchdog.wrote(&polled);
+        self.call
+            .wrote(matches!(polled, Poll::Ready(Ok(n)) if n == buf.len()));
         polled
     }
 
@@ -400,6 +460,9 @@ impl tokio::io::AsyncWrite for Watched {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.watchdog.wrote(&polled);
+        let all: usize = bufs.iter().map(|b| b.len()).sum();
+        self.call
+            .wrote(matches!(polled, Poll::Ready(Ok(n)) if n == all));
         polled
     }
 
@@ -412,7 +475,9 @@ async fn answer(
     runtime: &Runtime,
     request: Request<Incoming>,
     (max_body, body_timeout): (usize, Duration),
-) -> Response<Full<Bytes>> {
+    watchdog: &Watchdog,
+    call: &Call,
+) -> Result<Response<Full<Bytes>>, Unanswered> {
     let (parts, body) = request.into_parts();
     let body = if body.is_end_stream() {
         Bytes::new()
@@ -430,23 +495,31 @@ async fn answer(
                 response
                     .headers_mut()
                     .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-                return response;
+                return Ok(response);
             }
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                return plain(
+                return Ok(plain(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the request body is over {max_body} bytes\n"),
-                );
+                ));
             }
             Ok(Err(e)) => {
-                return plain(
+                return Ok(plain(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read the request body: {e}\n"),
-                );
+                ));
             }
         }
     };
+    if watchdog.peer_closed.load(Ordering::Relaxed) {
+        tracing::debug!(
+            path = parts.uri.path(),
+            "{}: not handled",
+            Unanswered::ClientGone
+        );
+        return Err(Unanswered::ClientGone);
+    }
     let plugin_request = nine9s_host::Request {
         method: parts.method.as_str(),
         path: parts.uri.path(),
@@ -454,7 +527,10 @@ async fn answer(
         headers: &parts.headers,
         body: &body,
     };
-    let handled = runtime.handle(&plugin_request).await;
+    let handled = runtime
+        .handle(&plugin_request, call)
+        .await
+        .ok_or(Unanswered::Abandoned)?;
     let version = handled.version;
     let mut response = match handled.result {
         Ok(reply) => {
@@ -491,7 +567,7 @@ async fn answer(
     response
         .headers_mut()
         .insert(RELEASE, HeaderValue::from_static(version));
-    response
+    Ok(response)
 }
 
 pub(crate) fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {

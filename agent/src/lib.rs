@@ -14,9 +14,10 @@
 //! (gRPC, soak watching, the metrics listener) on a runtime of its own, and
 //! transitions on the engine's own thread.
 //! Plugin code runs synchronously on the data plane's threads, so a release
-//! stuck in slow calls can hold them all — and that is exactly when an
-//! operator needs `ctl rollback` to work and a switch's quiesce timeout to
-//! fire.
+//! stuck in slow calls can hold them — and that is exactly when an
+//! operator needs `ctl rollback` to work, a switch's quiesce timeout to
+//! fire, and the request time limit's watchdog (`stuck.rs`) to answer the
+//! clients of calls that do not come back.
 #![forbid(unsafe_code)]
 
 mod access;
@@ -36,6 +37,7 @@ pub mod process;
 mod release_handler;
 mod runtime;
 mod store;
+mod stuck;
 pub mod supervisor;
 mod tls;
 
@@ -198,8 +200,12 @@ impl Agent {
         }
         match standby.take_over(state).await? {
             Some(preloaded) => {
-                let serving =
-                    DataPlane::start(http, Arc::clone(&preloaded.runtime), &prepared.config);
+                let serving = DataPlane::start(
+                    http,
+                    Arc::clone(&preloaded.runtime),
+                    &prepared.config,
+                    prepared.control.handle(),
+                );
                 // No connection was accepted in between: at most this long
                 // did one wait (beyond its request's own time).
                 tracing::info!(
@@ -264,9 +270,12 @@ impl Agent {
         };
         let grace = engine.config().shutdown_grace;
         let http = match http {
-            Http::Listener(listener) => {
-                DataPlane::start(listener, Arc::clone(engine.runtime()), engine.config())
-            }
+            Http::Listener(listener) => DataPlane::start(
+                listener,
+                Arc::clone(engine.runtime()),
+                engine.config(),
+                control.handle(),
+            ),
             Http::Serving(serving) => serving,
         };
         let (handover, handing_over) = oneshot::channel();
@@ -464,33 +473,68 @@ async fn listen(channel: OwnedFd, engine: Engine, handover: oneshot::Sender<Owne
     }
 }
 
-/// The data plane, serving on its listener until stopped.
+/// The data plane, serving on its listener until stopped, and the
+/// watchdog of its calls past the request timeout (`stuck`).
 pub struct DataPlane {
     task: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
+    /// The watchdog, on the control runtime: it must tick while every
+    /// data-plane thread is inside a call.
+    stuck_calls: tokio::task::JoinHandle<()>,
+    /// Stops the watchdog, once the data plane has drained (it keeps the
+    /// data plane's I/O driven until then).
+    drained: watch::Sender<bool>,
 }
 
 impl DataPlane {
-    /// Serves HTTP on `listener` through `runtime`, on the caller's runtime.
-    fn start(listener: TcpListener, runtime: Arc<runtime::Runtime>, config: &Config) -> DataPlane {
+    /// Serves HTTP on `listener` through `runtime`, on the caller's
+    /// runtime; watches its calls on `control`.
+    fn start(
+        listener: TcpListener,
+        runtime: Arc<runtime::Runtime>,
+        config: &Config,
+        control: &tokio::runtime::Handle,
+    ) -> DataPlane {
+        let board = Arc::new(stuck::Board::new(
+            config.limits.max_connections,
+            config.limits.request_timeout,
+        ));
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(http::serve(
             listener,
-            runtime,
+            Arc::clone(&runtime),
+            Arc::clone(&board),
             config.limits.clone(),
             async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
             },
             config.shutdown_grace,
         ));
-        DataPlane { task, stop }
+        let (drained, mut until_drained) = watch::channel(false);
+        let stuck_calls = control.spawn(stuck::watch(
+            board,
+            runtime,
+            tokio::runtime::Handle::current(),
+            async move {
+                let _ = until_drained.wait_for(|drained| *drained).await;
+            },
+        ));
+        DataPlane {
+            task,
+            stop,
+            stuck_calls,
+            drained,
+        }
     }
 
     /// Stops accepting and waits until the open connections are done
-    /// (within the shutdown grace).
+    /// (within the shutdown grace; a call abandoned past the request
+    /// timeout is not waited for).
     async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let _ = self.drained.send(true);
+        let _ = self.stuck_calls.await;
     }
 }
 

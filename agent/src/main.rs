@@ -132,6 +132,12 @@ struct Args {
     /// Largest HTTP request body handed to a release, in bytes (up to 1 GiB).
     #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1024 * 1024 * 1024))]
     max_body: u64,
+    /// How long a release may take to answer an HTTP request (10ms to 1h;
+    /// 0: no limit). Past it the client is answered 504, the call counts
+    /// as failed and is abandoned: it cannot be stopped, so it keeps its
+    /// thread, and a soaking release or a canary with such a call fails.
+    #[arg(long, default_value = "30s", value_parser = request_timeout)]
+    request_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -190,6 +196,15 @@ fn up_to_an_hour(text: &str) -> Result<Duration, String> {
 
 fn positive_up_to_an_hour(text: &str) -> Result<Duration, String> {
     bounded(text, Duration::from_millis(1), HOUR)
+}
+
+/// 0 (no limit), or 10ms to 1h: the watchdog looks at calls every 25 ms.
+fn request_timeout(text: &str) -> Result<Duration, String> {
+    match nine9s_manifest::parse_duration(text)? {
+        zero if zero.is_zero() => Ok(zero),
+        _ => bounded(text, Duration::from_millis(10), HOUR)
+            .map_err(|e| format!("{e} (or 0 for no limit)")),
+    }
 }
 
 fn upload_idle(text: &str) -> Result<Duration, String> {
@@ -435,8 +450,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     config.trusted_keys = args.trusted_keys;
     config.require_signed = args.require_signed;
+    // With a request time limit, each connection's socket is held twice:
+    // the watchdog answers on a duplicate.
+    let fds_per_connection = if args.request_timeout.is_zero() { 1 } else { 2 };
     let max_connections = connection_cap(
         args.max_connections as usize,
+        fds_per_connection,
         u64::from(args.max_control_connections) + RESERVED_FDS,
     );
     config.limits = Limits {
@@ -448,6 +467,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_control_connections: args.max_control_connections as usize,
         http_body_timeout: args.http_body_timeout,
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        request_timeout: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
     };
 
     config.previous_exit = std::env::var("NINE9S_PREVIOUS_EXIT").ok();
@@ -505,9 +525,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 const RESERVED_FDS: u64 = 128;
 
 /// Raises the open-file limit to its maximum, and keeps `wanted`
-/// connections under it with room to spare: a flood of HTTP connections
-/// must never leave the control plane unable to accept.
-fn connection_cap(wanted: usize, reserved: u64) -> usize {
+/// connections of `fds` file descriptors each under it with room to spare:
+/// a flood of HTTP connections must never leave the control plane unable
+/// to accept.
+fn connection_cap(wanted: usize, fds: u64, reserved: u64) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     if let Some(max) = limit.maximum {
@@ -522,7 +543,7 @@ fn connection_cap(wanted: usize, reserved: u64) -> usize {
     let Some(files) = getrlimit(Resource::Nofile).current else {
         return wanted;
     };
-    let room = usize::try_from(files.saturating_sub(reserved).max(1)).unwrap_or(usize::MAX);
+    let room = usize::try_from((files.saturating_sub(reserved) / fds).max(1)).unwrap_or(usize::MAX);
     if wanted > room {
         tracing::warn!(
             wanted,

@@ -274,6 +274,13 @@ impl Collector for Live {
             None,
             MetricType::Gauge,
         )?)?;
+        let stuck: u64 = resident.iter().map(|l| l.counters().stuck).sum();
+        ConstGauge::new(stuck).encode(encoder.encode_descriptor(
+            "stuck_requests",
+            "Calls that ran past --request-timeout and have not returned: their clients were answered 504, and each holds a thread until it returns or the worker is replaced.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         // As `ctl status` lists them: serving, draining, and released but
         // still mapped.
         let libraries = resident.len() + nine9s_host::lingering().len();

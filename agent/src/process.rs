@@ -1,7 +1,8 @@
 //! This worker's process, as `Status` and `AgentInfo` show it: its pid and
 //! start, its supervisor's pid, how the worker before it ended, the sha256
 //! of the binary it runs (what a self-upgrade changed), and the last
-//! self-upgrade that failed, as the supervisor told it.
+//! self-upgrade that failed, as the supervisor told it; and asking its
+//! supervisor for a new worker.
 
 use std::io::Read;
 use std::sync::{Mutex, OnceLock};
@@ -77,6 +78,22 @@ pub fn hash_binary_in_background() {
 /// [`hash_binary_in_background`] is done.
 pub fn binary_sha256() -> &'static str {
     SHA.get().map_or("", String::as_str)
+}
+
+/// Asks the supervisor that started this worker (`supervisor`, if it is
+/// still this process's parent) to start a new one and retire this one
+/// (SIGHUP: the self-upgrade's handover); `Ok(false)` if there is no such
+/// supervisor.
+pub fn ask_for_new_worker(supervisor: Option<u32>) -> std::io::Result<bool> {
+    let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
+    let Some(pid) = supervisor
+        .filter(|&pid| parent == Some(pid))
+        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+    else {
+        return Ok(false);
+    };
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP)?;
+    Ok(true)
 }
 
 fn hash() -> String {

@@ -30,8 +30,16 @@
 //! (what the soak watcher and `status` read) and each version's
 //! [`Totals`] by status code (what `/metrics` reads) are atomics sharded
 //! by thread.
+//!
+//! A call runs inline on the thread that serves its connection, and tells
+//! the connection's [`Call`] record when it begins and ends: a call past
+//! `--request-timeout` is abandoned by the watchdog (`stuck.rs`), which
+//! counts it out of flight here ([`Runtime::abandon`]) and into the
+//! instance's stuck calls. An abandoned call is the one exception to the
+//! quiesce above: it may still be running in the old instance when a
+//! switch snapshots it — it is not waited for, and the switch says so.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,6 +48,8 @@ use hyper::header::{HeaderName, HeaderValue};
 use nine9s_host::{CallError, Instance, Request, Response};
 use nine9s_manifest::Version;
 use tokio::sync::Notify;
+
+use crate::stuck::Call;
 
 /// One instance of a release, with its request counters.
 #[derive(Debug)]
@@ -54,6 +64,14 @@ pub struct Loaded {
     pub instance: Instance,
     /// The handler may block: calls hand the thread's other work elsewhere.
     blocking: bool,
+    /// One of its calls ran long on a data-plane thread: its calls are
+    /// handed off those threads from then on, as if it were `blocking`.
+    offload: AtomicBool,
+    /// Calls abandoned past the request timeout that have not returned (a
+    /// moment below zero when one returns as it is abandoned).
+    stuck: AtomicI64,
+    /// Calls abandoned past the request timeout, ever.
+    timed_out: AtomicU64,
     shards: [Shard; SHARDS],
 }
 
@@ -164,9 +182,14 @@ pub fn all_totals() -> Vec<&'static Totals> {
 pub struct Counters {
     pub in_flight: u64,
     pub served: u64,
-    /// 5xx responses, panics included.
+    /// 5xx responses, panics and calls past the request timeout included.
     pub errors: u64,
     pub panics: u64,
+    /// Calls past the request timeout that have not returned: abandoned,
+    /// each holding a thread.
+    pub stuck: u64,
+    /// Calls past the request timeout, answered 504.
+    pub timed_out: u64,
 }
 
 impl Loaded {
@@ -180,6 +203,9 @@ impl Loaded {
             version,
             instance,
             blocking,
+            offload: AtomicBool::new(false),
+            stuck: AtomicI64::new(0),
+            timed_out: AtomicU64::new(0),
             shards: Default::default(),
         }
     }
@@ -196,7 +222,14 @@ impl Loaded {
             served: sum(|s| &s.served),
             errors: sum(|s| &s.errors),
             panics: sum(|s| &s.panics),
+            stuck: self.stuck(),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
         }
+    }
+
+    /// Calls abandoned past the request timeout that have not returned.
+    pub fn stuck(&self) -> u64 {
+        self.stuck.load(Ordering::SeqCst).max(0) as u64
     }
 
     /// Unique in the process: tells two instances of one version apart.
@@ -405,8 +438,10 @@ impl Runtime {
     }
 
     /// Serves one request on the active release, or on the canary if it
-    /// picks the request.
-    pub async fn handle(&self, request: &Request<'_>) -> Handled {
+    /// picks the request; `None` if the call ran past the request timeout
+    /// and was abandoned (the watchdog answered its client on `call`'s
+    /// connection).
+    pub async fn handle(&self, request: &Request<'_>, call: &Call) -> Option<Handled> {
         let mine = my_shard();
         if self.has_canary.load(Ordering::Relaxed) {
             let canary = self.canary.load();
@@ -415,7 +450,7 @@ impl Runtime {
                 canary.loaded.shards[mine]
                     .in_flight
                     .fetch_add(1, Ordering::SeqCst);
-                return self.call(&canary.loaded, mine, request);
+                return self.call(&canary.loaded, mine, request, call);
             }
         }
         let loaded = loop {
@@ -433,23 +468,40 @@ impl Runtime {
             drop(loaded);
             self.gate.wait_open().await;
         };
-        self.call(&loaded, mine, request)
+        self.call(&loaded, mine, request, call)
     }
 
     /// Calls `loaded` with a request already counted in flight on its
-    /// shard `mine`, then counts it out and counts its outcome.
-    fn call(&self, loaded: &Loaded, mine: usize, request: &Request<'_>) -> Handled {
+    /// shard `mine`, then counts it out and counts its outcome — unless the
+    /// watchdog abandoned it meanwhile, and did both.
+    fn call(
+        &self,
+        loaded: &Loaded,
+        mine: usize,
+        request: &Request<'_>,
+        call: &Call,
+    ) -> Option<Handled> {
         let shard = &loaded.shards[mine];
         let counted = InFlight {
             shard,
             gate: &self.gate,
         };
-        let result = if loaded.blocking {
+        let offloaded = loaded.blocking || loaded.offload.load(Ordering::Relaxed);
+        call.begin(loaded.id, mine, offloaded);
+        let result = if offloaded {
             // Still counted in flight, so a switch still waits for this call.
             tokio::task::block_in_place(|| loaded.instance.handle(request))
         } else {
             loaded.instance.handle(request)
         };
+        if !call.end() {
+            // Counted out (and as a 504) by the watchdog, which answered
+            // the client: only its return is left to count.
+            std::mem::forget(counted);
+            loaded.stuck.fetch_sub(1, Ordering::SeqCst);
+            tracing::info!(version = %loaded.version, "an abandoned call returned");
+            return None;
+        }
         drop(counted);
         shard.served.fetch_add(1, Ordering::Relaxed);
         match &result {
@@ -469,9 +521,46 @@ impl Runtime {
             _ => 500,
         };
         loaded.totals.count(mine, status);
-        Handled {
+        Some(Handled {
             version: loaded.label,
             result,
+        })
+    }
+
+    /// Abandons the call on instance `id` counted in flight on `shard`,
+    /// which the watchdog claimed past the request timeout: out of flight
+    /// (a switch waiting for it goes on), into the stuck calls, counted as
+    /// served with a 504. Returns the instance's version label.
+    pub fn abandon(&self, id: u64, shard: usize) -> Option<&'static str> {
+        // The call holds its instance: it is resident.
+        let loaded = self.resident().into_iter().find(|l| l.id == id)?;
+        let counts = &loaded.shards[shard % SHARDS];
+        // Stuck before out of flight: a switch that sees the call gone
+        // sees it stuck.
+        loaded.stuck.fetch_add(1, Ordering::SeqCst);
+        loaded.timed_out.fetch_add(1, Ordering::Relaxed);
+        counts.served.fetch_add(1, Ordering::Relaxed);
+        counts.errors.fetch_add(1, Ordering::Relaxed);
+        loaded.totals.count(shard % SHARDS, 504);
+        drop(InFlight {
+            shard: counts,
+            gate: &self.gate,
+        });
+        Some(loaded.label)
+    }
+
+    /// Hands instance `id`'s later calls off the data-plane threads: one of
+    /// its calls has run `ran` on one of them.
+    pub fn hand_off(&self, id: u64, ran: Duration) {
+        let Some(loaded) = self.resident().into_iter().find(|l| l.id == id) else {
+            return;
+        };
+        if !loaded.offload.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                version = %loaded.version,
+                ran_ms = ran.as_millis() as u64,
+                "a call of this release has been running on a data-plane thread for long: its calls are handed off those threads from now on (say `blocking = true` in its release.toml if its handler waits)"
+            );
         }
     }
 
@@ -616,6 +705,13 @@ impl Runtime {
 /// not the instance), so what this waits for is a `status` call looking
 /// at it.
 pub async fn drain(old: &Arc<Loaded>, grace: Duration) {
+    let stuck = old.stuck();
+    if stuck > 0 {
+        // Each holds the instance until it returns, if ever: no wait ends
+        // sooner. The last of them lets go of it.
+        tracing::warn!(version = %old.version, stuck, "the old instance is held by calls stuck past the request timeout; left to them");
+        return;
+    }
     if !released(old, grace).await {
         tracing::warn!(version = %old.version, "drain grace over with the old instance still held");
     }

@@ -395,6 +395,7 @@ pub fn status(s: &pb::StatusReply) {
                 l.version.clone(),
                 role.to_owned(),
                 l.in_flight.to_string(),
+                l.stuck.to_string(),
                 l.served.to_string(),
                 l.errors.to_string(),
                 l.path.clone(),
@@ -402,7 +403,15 @@ pub fn status(s: &pb::StatusReply) {
         })
         .collect();
     table(
-        &["LIBRARY", "ROLE", "IN-FLIGHT", "SERVED", "ERRORS", "PATH"],
+        &[
+            "LIBRARY",
+            "ROLE",
+            "IN-FLIGHT",
+            "STUCK",
+            "SERVED",
+            "ERRORS",
+            "PATH",
+        ],
         &rows,
     );
 }

@@ -1,8 +1,9 @@
 //! Canary traffic (issue 11): a release that keeps no state serves a share
 //! of requests by weight, or those with a header, beside the active
 //! release; `ctl promote` finishes the switch, `ctl rollback` drops the
-//! canary, the health gate drops a failing one by itself, and a release
-//! that keeps state is refused a canary.
+//! canary, the health gate drops a failing one by itself (a new one of a
+//! version whose earlier canary's check hangs too: issue 16), and a
+//! release that keeps state is refused a canary.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -176,6 +177,51 @@ fn a_failing_canary_is_dropped_by_the_health_gate() {
     let reason = dropped["reason"].as_str().unwrap();
     assert!(
         reason.contains("the canary 0.1.5 failed") && reason.contains("20 of 20 requests failed"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_fresh_canary_is_judged_while_a_hung_check_of_an_earlier_one_of_its_version_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--health-timeout", "500ms"]);
+    stage_fixture(&agent, "canary").ok();
+    let canary = || {
+        agent
+            .ctl(&["upgrade", "--to", "0.1.5", "--canary-header", "x-canary"])
+            .ok();
+    };
+    canary();
+    // This instance's next health check hangs for a minute, past the
+    // health timeout: the gate drops the canary.
+    assert_eq!(
+        answered(&agent, "/hang-health", &[("x-canary", "yes")], 1),
+        HashMap::from([("0.1.5".to_owned(), 1)])
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || agent.status()["canary"]
+            .is_null()),
+        "the hung check did not drop the canary:\n{}",
+        agent.log()
+    );
+    // A new canary of 0.1.5 fails while the first one's check still
+    // hangs: the gate judges it, and drops it, long before that minute is
+    // over.
+    canary();
+    let failing = answered(&agent, "/fail", &[("x-canary", "yes")], 20);
+    assert_eq!(failing, HashMap::from([("0.1.5".to_owned(), 20)]));
+    assert!(
+        eventually(Duration::from_secs(20), || agent.status()["canary"]
+            .is_null()),
+        "the failing canary was never judged: {}",
+        agent.status()
+    );
+    let reason = agent.history().pop().unwrap()["reason"].clone();
+    assert!(
+        reason
+            .as_str()
+            .unwrap()
+            .contains("20 of 20 requests failed"),
         "{reason}"
     );
 }

@@ -2,8 +2,10 @@
 //! confirmed (issue 7): the permanent release and its state survive a
 //! failed rollback, a failed automatic rollback is retried in plain sight,
 //! a retried rollback never flips back, plugin code never holds the engine
-//! or the traffic without a bound, a crash while a release is current
-//! counts against it, and a broken permanent release falls back at boot.
+//! or the traffic without a bound (nor a hung health check the soak of a
+//! new instance of its version: issue 16), a crash while a release is
+//! current counts against it, and a broken permanent release falls back
+//! at boot.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -218,6 +220,49 @@ fn a_hung_health_check_does_not_hold_up_a_rollback() {
 }
 
 #[test]
+fn a_fresh_soak_gets_its_verdict_while_a_hung_check_of_the_same_version_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &["--health-timeout", "500ms"], 1);
+    stage_fixture(&agent, "hung-health").ok();
+    agent
+        .ctl(&["upgrade", "--to", "0.6.5", "--soak", "10m"])
+        .ok();
+    // Served once: this instance's next health check hangs for a minute,
+    // past the health timeout: the soak fails and rolls back.
+    hello(&agent, 1);
+    assert!(
+        eventually(Duration::from_secs(20), || agent.release_state("0.6.5")
+            == "failed"
+            && agent.status()["active_version"] == "0.2.0"),
+        "the hung check did not fail the soak:\n{}",
+        agent.log()
+    );
+    // A new instance of 0.6.5 (it has served nothing: its checks answer)
+    // soaks while the first one's check still hangs, and gets its verdict
+    // long before that minute is over.
+    agent
+        .ctl(&["upgrade", "--to", "0.6.5", "--soak", "1s"])
+        .ok();
+    assert!(
+        eventually(Duration::from_secs(20), || agent.status()
+            ["permanent_version"]
+            == "0.6.5"),
+        "no verdict on the fresh soak: {}",
+        agent.status()["soak"]
+    );
+    let passed = last(&agent);
+    assert_eq!(
+        (&passed["kind"], &passed["automatic"], &passed["result"]),
+        (
+            &serde_json::json!("make_permanent"),
+            &serde_json::json!(true),
+            &serde_json::json!("ok")
+        ),
+        "{passed}"
+    );
+}
+
+#[test]
 fn a_slow_request_never_stalls_traffic_behind_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &["--checkpoint-every", "1s"]);
@@ -356,6 +401,8 @@ fn bad_flag_values_are_usage_errors_not_crashes() {
         ["--soak", "99999999999999999999h"],
         ["--max-error-rate", "7"],
         ["--quiesce-timeout", "0s"],
+        ["--request-timeout", "5ms"],
+        ["--request-timeout", "-1s"],
     ] {
         let out = std::process::Command::new(nine9s_tests::bin_dir().join("agent"))
             .arg("--data-dir")

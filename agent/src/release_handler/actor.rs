@@ -486,8 +486,10 @@ impl Actor {
             .begin(kind, Some(&from), Some(version), origin)?;
         // A switch finishes a canary (to its release) or ends it (to any
         // other): the canary served beside the release being left.
+        let mut abandoned = 0;
         if let Some(canary) = self.shared.runtime.clear_canary() {
             guard.note(format!("the canary of {} ended", canary.loaded.version));
+            abandoned += note_abandoned(&mut guard, &canary.loaded);
             self.let_go_of(Some(canary));
             self.forget_canary(None);
         }
@@ -525,6 +527,10 @@ impl Actor {
         match outcome {
             Ok(mut executed) => {
                 guard.set_switch_wait(executed.wait);
+                if executed.abandoned > 0 {
+                    abandoned += executed.abandoned;
+                    guard.note(abandoned_note(executed.abandoned, &from));
+                }
                 let at_ms = now_ms();
                 let event = if kind == TransitionKind::Rollback {
                     machine::Event::RolledBack {
@@ -560,6 +566,9 @@ impl Actor {
                 // Done and recorded: housekeeping cannot fail the command.
                 if let Err(e) = self.prune_old() {
                     tracing::warn!(error = %e, "cannot prune old releases");
+                }
+                if abandoned > 0 {
+                    self.replace_worker(abandoned);
                 }
                 Ok(Reply::Switched {
                     transition: Some(transition),
@@ -720,9 +729,12 @@ impl Actor {
     fn let_go_of(&self, canary: Option<Arc<crate::runtime::Canary>>) {
         if let Some(canary) = canary {
             let grace = self.shared.config.drain_grace;
-            if !self
-                .tokio
-                .block_on(crate::runtime::released(&canary, grace))
+            // Calls stuck past the request timeout hold it for as long as
+            // they run: no wait ends sooner, and the last of them lets go.
+            if canary.loaded.stuck() == 0
+                && !self
+                    .tokio
+                    .block_on(crate::runtime::released(&canary, grace))
             {
                 tracing::warn!(version = %canary.loaded.version, "drain grace over with the canary still serving a call");
             }
@@ -767,6 +779,7 @@ impl Actor {
             "the canary of {} ({}) was dropped",
             canary.loaded.version, canary.split
         ));
+        let abandoned = note_abandoned(&mut guard, &canary.loaded);
         let version = canary.loaded.version.clone();
         drop(canary);
         let cleared = self.shared.runtime.clear_canary();
@@ -784,6 +797,9 @@ impl Actor {
         self.forget_canary(None);
         self.let_go_of(cleared);
         tracing::info!(%version, "canary dropped");
+        if abandoned > 0 {
+            self.replace_worker(abandoned);
+        }
         Ok(Reply::Switched {
             transition: Some(transition),
             plan: None,
@@ -1130,6 +1146,34 @@ impl Actor {
         }
     }
 
+    /// Calls stuck past the request timeout hold their threads (and their
+    /// instance) for as long as they run, maybe for ever. Once the engine
+    /// has let go of their instance — switched away, recorded — and a
+    /// checkpoint is written, a new worker takes over from this one (the
+    /// supervisor's self-upgrade handover, as `ctl agent restart`:
+    /// connections wait in the backlog, none is refused), and the threads
+    /// end with this process.
+    fn replace_worker(&self, stuck: u64) {
+        // A checkpoint skipped said why; the handover carries the state
+        // all the same.
+        let _ = self.checkpoint();
+        match crate::process::ask_for_new_worker(self.shared.config.supervisor_pid) {
+            Ok(true) => tracing::warn!(
+                stuck,
+                "calls stuck past the request timeout were abandoned: a new worker takes over from this one to reclaim their threads"
+            ),
+            Ok(false) => tracing::warn!(
+                stuck,
+                "calls stuck past the request timeout were abandoned, and hold their threads: with no supervisor to start a new worker, restart the agent to reclaim them"
+            ),
+            Err(e) => tracing::error!(
+                stuck,
+                error = %e,
+                "calls stuck past the request timeout were abandoned, and the supervisor cannot be asked for a new worker: restart the agent to reclaim their threads"
+            ),
+        }
+    }
+
     pub(super) fn prepare_report(&self, from: &Release, to: &Release) -> Result<PlanReport> {
         let plan = super::handoff::plan_for(from, to)?;
         Ok(PlanReport {
@@ -1139,6 +1183,24 @@ impl Actor {
             checks: vec![super::handoff::route_changes(&from.routes, &to.routes)],
         })
     }
+}
+
+/// What the history says of `stuck` calls into `version` abandoned past
+/// the request timeout.
+fn abandoned_note(stuck: u64, version: &Version) -> String {
+    format!(
+        "{stuck} call(s) into {version} stuck past the request timeout were abandoned, not waited for (a snapshot taken meanwhile does not hold what they may still do); the worker is replaced to reclaim their threads"
+    )
+}
+
+/// Notes the calls into `loaded` abandoned past the request timeout, if
+/// any; how many.
+fn note_abandoned(guard: &mut super::journal::Guard<'_>, loaded: &crate::runtime::Loaded) -> u64 {
+    let stuck = loaded.stuck();
+    if stuck > 0 {
+        guard.note(abandoned_note(stuck, &loaded.version));
+    }
+    stuck
 }
 
 /// Why a command should not start: its client stopped waiting.

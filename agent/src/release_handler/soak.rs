@@ -5,9 +5,11 @@
 //! The health check is plugin code: it runs here, outside the actor, on a
 //! blocking thread with a time limit (`--health-timeout`). A check that
 //! does not answer in time is a failed check, and a hung one cannot hold
-//! up `ctl rollback`, which the actor keeps taking meanwhile. While an
-//! automatic rollback is pending, the watcher keeps ticking the actor so
-//! it retries.
+//! up `ctl rollback`, which the actor keeps taking meanwhile, nor the
+//! checks of another instance — of the same version too: what is being
+//! checked is marked by instance. An instance with a call stuck past the
+//! request timeout is unhealthy without asking it. While an automatic
+//! rollback is pending, the watcher keeps ticking the actor so it retries.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -49,13 +51,14 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     tokio::pin!(stopped);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A health check still running, and on which release: the next check
-    // of that release waits for it; a hung check of a release rolled back
-    // since does not hold up the soak of the next one.
-    let checking: Arc<Mutex<Option<Version>>> = Arc::default();
+    // A health check still running, and on which instance (`Loaded::id`):
+    // the next check of that instance waits for it; a hung check of an
+    // instance left since — rolled back, even if its version is soaking
+    // again on a new one — holds up nothing.
+    let checking: Checking = Arc::default();
     // The canary's, apart: a hung check of a canary must not hold up the
     // soak of its release once promoted.
-    let checking_canary: Arc<Mutex<Option<Version>>> = Arc::default();
+    let checking_canary: Checking = Arc::default();
     loop {
         tokio::select! {
             () = &mut stopped => return,
@@ -63,9 +66,6 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
         }
         let verdict = match engine.shared.view().soak {
             Soak::Soaking { version, until_ms } => {
-                if checking.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&version) {
-                    continue;
-                }
                 look(&engine, version, until_ms, &checking).await
             }
             // The actor retries the rollback when its back-off allows.
@@ -89,19 +89,33 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     }
 }
 
+/// The instance (`Loaded::id`) whose health check is running, if any.
+type Checking = Arc<Mutex<Option<u64>>>;
+
+/// Marks `id` as being checked; `false` if it already is.
+fn start_check(checking: &Checking, id: u64) -> bool {
+    let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
+    if *checking == Some(id) {
+        return false;
+    }
+    *checking = Some(id);
+    true
+}
+
+/// One look at the soaking release, unless its instance's last check is
+/// still running.
 async fn look(
     engine: &Engine,
     version: Version,
     until_ms: i64,
-    checking: &Arc<Mutex<Option<Version>>>,
+    checking: &Checking,
 ) -> Option<Verdict> {
     let active = engine.runtime().active();
-    if active.version != version {
+    if active.version != version || !start_check(checking, active.id()) {
         return None;
     }
     let config = engine.config();
     let counters = active.counters();
-    *checking.lock().unwrap_or_else(|e| e.into_inner()) = Some(version.clone());
     let done = Arc::clone(checking);
     let instance = Arc::clone(&active);
     drop(active);
@@ -115,19 +129,11 @@ async fn look(
 
 /// One look at the canary, if there is one and it is not being checked
 /// already: `Some` if it is unhealthy.
-async fn look_at_canary(
-    engine: &Engine,
-    checking: &Arc<Mutex<Option<Version>>>,
-) -> Option<CanaryFailure> {
+async fn look_at_canary(engine: &Engine, checking: &Checking) -> Option<CanaryFailure> {
     let canary = engine.runtime().canary()?;
-    let version = canary.loaded.version.clone();
     let id = canary.loaded.id();
-    {
-        let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
-        if checking.as_ref() == Some(&version) {
-            return None;
-        }
-        *checking = Some(version.clone());
+    if !start_check(checking, id) {
+        return None;
     }
     let config = engine.config();
     let counters = canary.loaded.counters();
@@ -141,20 +147,36 @@ async fn look_at_canary(
 }
 
 /// Calls `instance`'s health check on a blocking thread with the time
-/// limit, then its share of failed requests: `Err(why)` if unhealthy.
-/// `checking` names the release while its check runs.
+/// limit, then its share of failed requests: `Err(why)` if unhealthy. A
+/// call stuck past the request timeout is enough: the check is not asked.
+/// `checking` names the instance while its check runs.
 async fn judge(
     config: &crate::config::Config,
     instance: Arc<crate::runtime::Loaded>,
     counters: crate::runtime::Counters,
-    checking: Arc<Mutex<Option<Version>>>,
+    checking: Checking,
 ) -> Result<(), String> {
-    let check = tokio::task::spawn_blocking(move || {
-        let result = instance.instance.health();
+    let id = instance.id();
+    let unmark = move || {
         let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
-        if checking.as_ref() == Some(&instance.version) {
+        if *checking == Some(id) {
             *checking = None;
         }
+    };
+    if counters.stuck > 0 {
+        unmark();
+        return Err(format!(
+            "{} of its calls ran past the request timeout ({} ms) and have not returned",
+            counters.stuck,
+            config
+                .limits
+                .request_timeout
+                .map_or(0, |limit| limit.as_millis())
+        ));
+    }
+    let check = tokio::task::spawn_blocking(move || {
+        let result = instance.instance.health();
+        unmark();
         result
     });
     let health = match tokio::time::timeout(config.health_timeout, check).await {
@@ -172,8 +194,12 @@ async fn judge(
         }
         let rate = counters.errors as f64 / counters.served as f64;
         if rate > config.max_error_rate {
+            let timed_out = match counters.timed_out {
+                0 => String::new(),
+                n => format!(", {n} past the request timeout"),
+            };
             Err(format!(
-                "{} of {} requests failed ({} panics): {:.1}% is over the {:.1}% threshold",
+                "{} of {} requests failed ({} panics{timed_out}): {:.1}% is over the {:.1}% threshold",
                 counters.errors,
                 counters.served,
                 counters.panics,

@@ -68,6 +68,9 @@ pub(super) struct Executed {
     /// The snapshots could not be stored: the switch stands, but the store
     /// is failing.
     pub unrecorded: Option<crate::store::StoreError>,
+    /// Calls into the old instance stuck past the request timeout: not
+    /// waited for, still holding their threads.
+    pub abandoned: u64,
     /// The instance that served before, to drain and unload.
     old: Arc<Loaded>,
     /// The plan's steps after `switch`.
@@ -274,6 +277,7 @@ impl Actor {
         Ok(Executed {
             wait: switched.wait,
             unrecorded: stored.err(),
+            abandoned: switched.old.stuck(),
             old: switched.old,
             rest: steps[switch_at + 1..].to_vec(),
         })

@@ -1,0 +1,341 @@
+//! Calls that do not come back: the request time limit
+//! (`--request-timeout`) and what keeps a stuck call from taking the data
+//! plane with it.
+//!
+//! A plugin's `handle` is a synchronous call into foreign code: nothing can
+//! cancel it, and it runs inline on the thread that serves its connection
+//! (a hand-off per request would cost more than the request). So the
+//! answer to a call that runs past the limit comes from elsewhere: every
+//! data-plane connection is on the [`Board`] with its [`Call`] (when the
+//! call under way began, into which instance) and a duplicate of its
+//! socket, and the watchdog ([`watch`], on the control plane's runtime, so
+//! it ticks whatever the data plane is doing) claims a call past the limit,
+//! writes the client a 504 on that socket and shuts it, counts the call as
+//! failed and abandons it: it no longer counts in flight (a switch does not
+//! wait for it, a checkpoint is not skipped for it) but as *stuck*, which
+//! fails a soak or a canary, until it returns — if ever. Its thread stays
+//! held; the engine replaces the worker once it has switched away from an
+//! instance with stuck calls.
+//!
+//! A call that has run long on a data-plane thread also hands its
+//! instance's later calls off those threads (`block_in_place`, as for a
+//! release that says `blocking = true`): a handler that loops takes one of
+//! them (those that began before the first was seen running long), not one
+//! per request. And while a call holds a data-plane thread, the watchdog
+//! wakes an idle one every tick: tokio leaves the I/O driver to whichever
+//! worker parks next, which a thread inside a call never does.
+//!
+//! The claim is one compare-and-swap on the call's state word, against the
+//! one the call makes when it returns: exactly one of the two counts the
+//! call out.
+
+use std::future::Future;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use slab::Slab;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::runtime::Runtime;
+
+/// How often the watchdog looks at the calls under way: a call past the
+/// limit is answered within this after it.
+const TICK: Duration = Duration::from_millis(25);
+
+/// A call on a data-plane thread that has run this long (or the request
+/// time limit, if shorter) hands its instance's later calls off those
+/// threads. Long enough that a thread merely descheduled on a busy machine
+/// does not trip it.
+const LONG_CALL: Duration = Duration::from_secs(1);
+
+/// [`Call::state`] with no call under way.
+const IDLE: u64 = 0;
+/// [`Call::state`] of a call the watchdog claimed.
+const ABANDONED: u64 = u64::MAX;
+
+/// [`Call::target`]: the instance id in the low bits, the counter shard
+/// above it, and whether the call was handed off the data-plane thread.
+const SHARD_SHIFT: u32 = 56;
+const OFFLOADED: u64 = 1 << 63;
+const ID_MASK: u64 = (1 << SHARD_SHIFT) - 1;
+
+/// The data plane's open connections: their slots (`--max-connections`)
+/// and their calls, for the watchdog.
+pub struct Board {
+    /// One per open connection; beyond, connections wait in the backlog.
+    pub slots: Arc<Semaphore>,
+    calls: Mutex<Slab<Arc<Call>>>,
+    /// `--request-timeout`; `None`: calls run as long as they take.
+    limit: Option<Duration>,
+}
+
+/// A connection's call under way, as the watchdog sees it.
+pub struct Call {
+    /// [`IDLE`], [`ABANDONED`], or 1 + the [`now_ms`] the call began.
+    state: AtomicU64,
+    /// Which instance the call is in (see [`SHARD_SHIFT`]); written before
+    /// `state`, read after it.
+    target: AtomicU64,
+    /// The connection's socket, duplicated, for the watchdog's answer
+    /// (only with a time limit).
+    socket: Option<std::net::TcpStream>,
+    /// The last write to the socket left bytes unsent: a 504 written now
+    /// would land in the middle of the response before.
+    unflushed: AtomicBool,
+    /// The watchdog answered this connection: its slot was given back.
+    rescued: AtomicBool,
+}
+
+/// A connection's place on the board; leaves it when dropped.
+pub struct Registered {
+    board: Arc<Board>,
+    key: usize,
+    pub call: Arc<Call>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut calls = self.board.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.try_remove(self.key);
+    }
+}
+
+impl Board {
+    pub fn new(max_connections: usize, limit: Option<Duration>) -> Board {
+        Board {
+            slots: Arc::new(Semaphore::new(max_connections)),
+            calls: Mutex::new(Slab::new()),
+            limit,
+        }
+    }
+
+    /// Puts a new connection on the board.
+    pub fn register(self: &Arc<Self>, stream: &TcpStream) -> Registered {
+        let socket = self.limit.and_then(|_| {
+            stream
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| tracing::debug!(error = %e, "cannot duplicate a connection's socket: a call past the time limit on it goes unanswered"))
+                .ok()
+                .map(std::net::TcpStream::from)
+        });
+        let call = Arc::new(Call {
+            state: AtomicU64::new(IDLE),
+            target: AtomicU64::new(0),
+            socket,
+            unflushed: AtomicBool::new(false),
+            rescued: AtomicBool::new(false),
+        });
+        let key = self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Arc::clone(&call));
+        Registered {
+            board: Arc::clone(self),
+            key,
+            call,
+        }
+    }
+}
+
+impl Call {
+    /// A call into instance `id`, counted in flight on its `shard`, begins.
+    pub fn begin(&self, id: u64, shard: usize, offloaded: bool) {
+        let target = (id & ID_MASK)
+            | ((shard as u64) << SHARD_SHIFT)
+            | if offloaded { OFFLOADED } else { 0 };
+        self.target.store(target, Ordering::Relaxed);
+        self.state.store(now_ms() + 1, Ordering::Release);
+    }
+
+    /// The call returned: `false` if the watchdog had abandoned it (counted
+    /// it out and answered its client).
+    pub fn end(&self) -> bool {
+        self.state.swap(IDLE, Ordering::AcqRel) != ABANDONED
+    }
+
+    /// Claims the call seen with `state` for the watchdog, unless it has
+    /// returned since. A later call on the connection began at least the
+    /// time limit after it (it was seen past the limit): its state
+    /// differs, so this claims that call or none.
+    fn claim(&self, state: u64) -> bool {
+        self.state
+            .compare_exchange(state, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Whether the watchdog answered this connection's client.
+    pub fn rescued(&self) -> bool {
+        self.rescued.load(Ordering::Relaxed)
+    }
+
+    /// Notes whether the last write to the socket sent all it was given.
+    pub fn wrote(&self, complete: bool) {
+        self.unflushed.store(!complete, Ordering::Relaxed);
+    }
+
+    /// Answers the client of an abandoned call, and closes the connection
+    /// for writing: whatever the call returns later goes nowhere. Never
+    /// blocks: the socket is non-blocking, and a 504 that does not fit in
+    /// its buffer is not written.
+    fn answer(&self, label: &str, limit: Duration) {
+        let Some(socket) = &self.socket else { return };
+        if !self.unflushed.load(Ordering::Relaxed) {
+            let body = format!(
+                "release {label} did not answer within {} ms\n",
+                limit.as_millis()
+            );
+            let response = format!(
+                "HTTP/1.1 504 Gateway Timeout\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n{}: {label}\r\n\r\n{body}",
+                body.len(),
+                crate::http::RELEASE_HEADER,
+            );
+            if let Err(e) = (&*socket).write_all(response.as_bytes()) {
+                tracing::debug!(error = %e, "cannot answer a call past the time limit");
+            }
+        }
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Milliseconds on the coarse monotonic clock (a few ms of resolution, and
+/// no system call to read it): when calls began.
+fn now_ms() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    (now.tv_sec as u64) * 1000 + (now.tv_nsec as u64) / 1_000_000
+}
+
+/// Watches the calls under way until `stopped` resolves: answers and
+/// abandons those past the limit, hands off the data-plane threads the
+/// instances whose calls run long there, and keeps the data plane's
+/// (`data_plane`) I/O driven meanwhile.
+pub async fn watch(
+    board: Arc<Board>,
+    runtime: Arc<Runtime>,
+    data_plane: tokio::runtime::Handle,
+    stopped: impl Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let long = board.limit.map_or(LONG_CALL, |limit| limit.min(LONG_CALL));
+    let ms = |d: Duration| d.as_millis() as u64;
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        // Read before any call's state: a call seen under way began before it.
+        let now = now_ms();
+        let mut past_limit = Vec::new();
+        let mut running_long = Vec::new();
+        let mut nudge = false;
+        {
+            let calls = board.calls.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, call) in calls.iter() {
+                let state = call.state.load(Ordering::Acquire);
+                if state == IDLE || state == ABANDONED {
+                    continue;
+                }
+                let ran = now.saturating_sub(state - 1);
+                if ran < ms(TICK) {
+                    continue;
+                }
+                let target = call.target.load(Ordering::Relaxed);
+                // The target read belongs to this call only if the state
+                // did not change meanwhile.
+                fence(Ordering::Acquire);
+                if target & OFFLOADED == 0 && call.state.load(Ordering::Relaxed) == state {
+                    nudge = true;
+                    if ran >= ms(long) {
+                        running_long.push((target & ID_MASK, ran));
+                    }
+                }
+                if board.limit.is_some_and(|limit| ran >= ms(limit)) {
+                    past_limit.push((Arc::clone(call), state));
+                }
+            }
+        }
+        if nudge {
+            // A data-plane thread is inside a call, and the others may all
+            // be asleep: the one that left the I/O driver to run it wakes
+            // none of them (tokio expects it back soon), so nobody would
+            // accept or read. A task from outside wakes one, which then
+            // drives I/O while it has nothing else to do.
+            data_plane.spawn(async {});
+        }
+        for (id, ran) in running_long {
+            runtime.hand_off(id, Duration::from_millis(ran));
+        }
+        let Some(limit) = board.limit else { continue };
+        for (call, state) in past_limit {
+            if !call.claim(state) {
+                continue;
+            }
+            let target = call.target.load(Ordering::Relaxed);
+            let shard = ((target >> SHARD_SHIFT) & 0x7f) as usize;
+            let label = runtime.abandon(target & ID_MASK, shard);
+            call.answer(label.unwrap_or("unknown"), limit);
+            call.rescued.store(true, Ordering::Relaxed);
+            // The connection keeps its slot until the call returns, if it
+            // does: the slot is given back now, and forgotten then.
+            board.slots.add_permits(1);
+            tracing::warn!(
+                version = label.unwrap_or("unknown"),
+                timeout_ms = ms(limit),
+                "a call ran past the request timeout: its client was answered 504, and the call abandoned (its thread stays held until it returns or the worker is replaced)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> Call {
+        Call {
+            state: AtomicU64::new(IDLE),
+            target: AtomicU64::new(0),
+            socket: None,
+            unflushed: AtomicBool::new(false),
+            rescued: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_call_is_counted_out_once_by_its_return_or_by_the_watchdog() {
+        let call = call();
+        // Returns before the watchdog looks: it counts itself out.
+        call.begin(7, 3, false);
+        let seen = call.state.load(Ordering::Acquire);
+        assert!(call.end());
+        assert!(!call.claim(seen), "a call that returned is not claimed");
+        // Claimed first: its return finds it abandoned.
+        call.begin(7, 3, true);
+        let seen = call.state.load(Ordering::Acquire);
+        assert!(call.claim(seen));
+        assert!(!call.claim(seen), "claimed once");
+        assert!(!call.end());
+        // The connection's next call is its own again.
+        call.begin(8, 0, false);
+        assert!(call.end());
+    }
+
+    #[test]
+    fn the_target_packs_the_instance_the_shard_and_the_hand_off() {
+        let call = call();
+        call.begin(42, 5, true);
+        let target = call.target.load(Ordering::Relaxed);
+        assert_eq!(target & ID_MASK, 42);
+        assert_eq!((target >> SHARD_SHIFT) & 0x7f, 5);
+        assert_ne!(target & OFFLOADED, 0);
+        call.begin(42, 5, false);
+        assert_eq!(call.target.load(Ordering::Relaxed) & OFFLOADED, 0);
+    }
+}
