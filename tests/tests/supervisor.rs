@@ -93,6 +93,17 @@ fn event(agent: &Agent, kind: &str, within: Duration) -> Option<serde_json::Valu
     found
 }
 
+/// An agent on 0.2.0 (permanent), running from a copy of its binary in
+/// `dir`, which the test replaces; the copy's path.
+fn on_a_copy_of_the_binary(dir: &std::path::Path) -> (Agent, std::path::PathBuf) {
+    let binary = dir.join("agent");
+    std::fs::copy(bin_dir().join("agent"), &binary).unwrap();
+    let agent = Agent::start_binary(&binary, &dir.join("data"), &[]);
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    (agent, binary)
+}
+
 #[test]
 fn a_killed_worker_is_replaced_and_no_connection_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,13 +236,7 @@ fn a_worker_that_keeps_dying_at_start_falls_back_to_the_release_before() {
 #[test]
 fn the_agent_upgrades_itself_under_load_with_exact_counts() {
     let dir = tempfile::tempdir().unwrap();
-    // The agent runs from a copy of its binary, which the test replaces.
-    let binary = dir.path().join("agent");
-    std::fs::copy(bin_dir().join("agent"), &binary).unwrap();
-    let data = dir.path().join("data");
-    let agent = Agent::start_binary(&binary, &data, &[]);
-    nine9s_tests::stage_sample(&agent, "0.2.0");
-    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let (agent, binary) = on_a_copy_of_the_binary(dir.path());
     let before = agent_process(&agent);
     install(&binary, &another_build("another build"));
 
@@ -362,11 +367,7 @@ fn the_supervisor_re_executes_itself_keeping_the_listeners_and_the_worker() {
 #[test]
 fn a_restart_to_a_binary_that_cannot_start_is_refused_while_the_agent_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = dir.path().join("agent");
-    std::fs::copy(bin_dir().join("agent"), &binary).unwrap();
-    let agent = Agent::start_binary(&binary, &dir.path().join("data"), &[]);
-    nine9s_tests::stage_sample(&agent, "0.2.0");
-    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let (agent, binary) = on_a_copy_of_the_binary(dir.path());
     let before = agent_process(&agent);
     install(&binary, BROKEN_BINARY.as_bytes());
 
@@ -455,11 +456,7 @@ fn a_new_worker_that_dies_after_the_handover_is_replaced_from_the_binary_that_se
 #[test]
 fn the_supervisor_refuses_to_re_execute_a_binary_that_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = dir.path().join("agent");
-    std::fs::copy(bin_dir().join("agent"), &binary).unwrap();
-    let agent = Agent::start_binary(&binary, &dir.path().join("data"), &[]);
-    nine9s_tests::stage_sample(&agent, "0.2.0");
-    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let (agent, binary) = on_a_copy_of_the_binary(dir.path());
     let worker = agent.worker_pid();
     install(&binary, BROKEN_BINARY.as_bytes());
 
