@@ -836,7 +836,7 @@ impl Control for ControlService {
         let reason = request.into_inner().reason;
         let supervisor = self.engine.config().supervisor_pid;
         // Only the supervisor that started this worker.
-        let asked = crate::process::ask_for_new_worker(supervisor)
+        let asked = crate::process::ask_for_new_worker(supervisor, false)
             .map_err(|e| status(Error::io("cannot signal the supervisor")(e)))?;
         if !asked {
             return Err(status(Error::refused(

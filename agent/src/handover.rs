@@ -177,7 +177,14 @@ impl Standby {
                 return Ok(Standby { permanent: None });
             }
         };
-        let artifacts = Artifacts::existing(artifacts::dir(data_dir));
+        let dir = artifacts::dir(data_dir);
+        if !dir.join(format!("{}.so", release.sha256)).exists() {
+            // A stale hint (its last write failed, and that release has
+            // been removed since): the store knows better.
+            tracing::warn!(version = %release.version, "the standby hint names a release whose artifact is gone: this worker starts from the store");
+            return Ok(Standby { permanent: None });
+        }
+        let artifacts = Artifacts::existing(dir);
         let library = crate::release_handler::open_release(&artifacts, &release)?;
         tracing::info!(version = %release.version, "ready to take over: the permanent release's library is open");
         Ok(Standby {

@@ -81,10 +81,11 @@ pub fn binary_sha256() -> &'static str {
 }
 
 /// Asks the supervisor that started this worker (`supervisor`, if it is
-/// still this process's parent) to start a new one and retire this one
-/// (SIGHUP: the self-upgrade's handover); `Ok(false)` if there is no such
-/// supervisor.
-pub fn ask_for_new_worker(supervisor: Option<u32>) -> std::io::Result<bool> {
+/// still this process's parent) to start a new one and retire this one,
+/// with the self-upgrade's handover: from the binary on disk (SIGHUP), or
+/// with `same_binary` from the one that serves (SIGUSR1); `Ok(false)` if
+/// there is no such supervisor.
+pub fn ask_for_new_worker(supervisor: Option<u32>, same_binary: bool) -> std::io::Result<bool> {
     let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
     let Some(pid) = supervisor
         .filter(|&pid| parent == Some(pid))
@@ -92,7 +93,12 @@ pub fn ask_for_new_worker(supervisor: Option<u32>) -> std::io::Result<bool> {
     else {
         return Ok(false);
     };
-    rustix::process::kill_process(pid, rustix::process::Signal::HUP)?;
+    let signal = if same_binary {
+        rustix::process::Signal::USR1
+    } else {
+        rustix::process::Signal::HUP
+    };
+    rustix::process::kill_process(pid, signal)?;
     Ok(true)
 }
 

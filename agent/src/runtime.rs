@@ -72,6 +72,9 @@ pub struct Loaded {
     stuck: AtomicI64,
     /// Calls abandoned past the request timeout, ever.
     timed_out: AtomicU64,
+    /// A snapshot of it is running (one abandoned past its deadline may
+    /// run on): no second one is started beside it.
+    snapshotting: AtomicBool,
     shards: [Shard; SHARDS],
 }
 
@@ -206,6 +209,7 @@ impl Loaded {
             offload: AtomicBool::new(false),
             stuck: AtomicI64::new(0),
             timed_out: AtomicU64::new(0),
+            snapshotting: AtomicBool::new(false),
             shards: Default::default(),
         }
     }
@@ -230,6 +234,19 @@ impl Loaded {
     /// Calls abandoned past the request timeout that have not returned.
     pub fn stuck(&self) -> u64 {
         self.stuck.load(Ordering::SeqCst).max(0) as u64
+    }
+
+    /// Calls the release's `snapshot`, marked as running while it does.
+    pub fn take_snapshot(&self) -> Result<Vec<u8>, CallError> {
+        self.snapshotting.store(true, Ordering::SeqCst);
+        let taken = self.instance.snapshot();
+        self.snapshotting.store(false, Ordering::SeqCst);
+        taken
+    }
+
+    /// Whether a snapshot of it is running (an earlier one that overran).
+    pub fn snapshotting(&self) -> bool {
+        self.snapshotting.load(Ordering::SeqCst)
     }
 
     /// Unique in the process: tells two instances of one version apart.

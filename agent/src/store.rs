@@ -114,6 +114,10 @@ fn boot_attempts_key(version: &Version) -> Vec<u8> {
 /// `meta` key: present while an agent runs on the store, removed by a clean stop.
 const RUNNING: &[u8] = b"running";
 
+/// `meta` key: the version whose boot attempt is under way (its start has
+/// not finished).
+const BOOTING: &[u8] = b"booting";
+
 /// `meta` key: the version of the canary serving, while one does.
 const CANARY: &[u8] = b"canary";
 
@@ -515,8 +519,8 @@ impl Store {
     /// returns how many attempts before this one never finished: an
     /// attempt ends with [`Store::boot_started`], or not at all if starting
     /// the release killed the process. `last_counts`: whether the last
-    /// unfinished attempt, if any, ended by the release's own doing; one
-    /// that was killed from outside is forgotten.
+    /// worker's end was its own doing; if not, and that worker was starting
+    /// this very release, its unfinished attempt is forgotten.
     pub fn boot_attempt(&self, version: &Version, last_counts: bool) -> Result<u32> {
         let t = self.trees()?;
         let key = boot_attempts_key(version);
@@ -525,9 +529,12 @@ impl Store {
             .get(&key)?
             .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
             .map_or(0, u32::from_le_bytes);
-        if !last_counts {
+        let was_starting_it =
+            t.meta.get(BOOTING)?.as_deref() == Some(version.to_string().as_bytes());
+        if !last_counts && was_starting_it {
             before = before.saturating_sub(1);
         }
+        t.meta.insert(BOOTING, version.to_string().as_bytes())?;
         t.meta.insert(key, &(before + 1).to_le_bytes()[..])?;
         self.flush()?;
         Ok(before)
@@ -537,6 +544,7 @@ impl Store {
     pub fn boot_started(&self, version: &Version) -> Result<()> {
         let t = self.trees()?;
         t.meta.remove(boot_attempts_key(version))?;
+        t.meta.remove(BOOTING)?;
         self.flush()
     }
 
@@ -603,6 +611,19 @@ impl Store {
                 trees
                     .history
                     .insert(t.id.to_be_bytes(), serde_json::to_vec(&t)?)?;
+                // Its request id answers "aborted" after the entry is trimmed.
+                if let Some(id) = t.request_id.clone() {
+                    if let Some(mut recorded) = self.request(&id)? {
+                        if matches!(recorded.outcome, RecordedOutcome::Transition { id, .. } if id == t.id)
+                        {
+                            recorded.outcome = RecordedOutcome::Transition {
+                                id: t.id,
+                                finished: Some(Box::new(t.clone())),
+                            };
+                            self.record_request(&id, &recorded)?;
+                        }
+                    }
+                }
                 aborted.push(t);
             }
         }

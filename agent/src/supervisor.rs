@@ -32,6 +32,9 @@
 //!   serving worker is told how it failed, with its last lines on stderr,
 //!   and records it. One that ends after, before it serves, is replaced by
 //!   a worker from the binary that served, told the same.
+//! - SIGUSR1 (sent by the worker, whose abandoned stuck calls hold its
+//!   threads) does the same handover to a new worker from the binary that
+//!   serves, not the one on disk.
 //! - SIGUSR2 re-executes the supervisor itself from the binary on disk,
 //!   keeping its pid, the listeners and the serving worker — once that
 //!   binary has checked the flags (`agent FLAGS check`, within
@@ -119,6 +122,9 @@ struct Worker {
     ready: bool,
     /// Started for a self-upgrade (from the binary on disk).
     upgrade: bool,
+    /// Took over from the serving worker: it must serve by then, or it is
+    /// killed and replaced from the binary that served.
+    serve_by: Option<Instant>,
     /// `None` for a worker adopted from a supervisor that had none.
     channel: Option<Channel>,
     /// Its stderr as it comes; `None` if it writes to the supervisor's own.
@@ -397,6 +403,9 @@ impl Supervisor {
         let mut term = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        // From the worker: a new worker from the binary that serves, not
+        // the one on disk (its abandoned stuck calls hold threads).
+        let mut renew = signal(SignalKind::user_defined1())?;
         let mut reexec = signal(SignalKind::user_defined2())?;
         // Restarts are counted across re-executions of the supervisor,
         // which pass the count on.
@@ -432,6 +441,10 @@ impl Supervisor {
         let mut told_systemd = false;
         let mut buf = [0u8; 512];
         loop {
+            let serve_by = current
+                .as_ref()
+                .filter(|w| !w.ready)
+                .and_then(|w| w.serve_by);
             tokio::select! {
                 status = exited(&mut current) => {
                     let mut worker = current.take().expect("waited on it");
@@ -509,6 +522,7 @@ impl Supervisor {
                                 terminate(old.pid);
                             }
                             retiring = Some(old);
+                            new.worker.serve_by = Some(Instant::now() + STANDBY_LIMIT);
                             current = Some(new.worker);
                         }
                         Heard::TimedOut => {
@@ -533,6 +547,12 @@ impl Supervisor {
                             }
                         }
                     }
+                }
+                () = until(serve_by), if !stopping => {
+                    let worker = current.as_mut().expect("has a deadline");
+                    worker.serve_by = None;
+                    tracing::error!(pid = worker.pid, "the new worker took over but did not serve within {} s; stopping it (a worker from the binary that served replaces it)", STANDBY_LIMIT.as_secs());
+                    kill(worker.pid);
                 }
                 status = exited(&mut retiring) => {
                     let worker = retiring.take().expect("waited on it");
@@ -577,9 +597,15 @@ impl Supervisor {
                 }
                 _ = term.recv() => stopping = stop(&current, &retiring, &candidate),
                 _ = interrupt.recv() => stopping = stop(&current, &retiring, &candidate),
-                _ = hangup.recv(), if !stopping && candidate.is_none() && retiring.is_none() && serving(&current) => {
+                same_binary = restart_asked(&mut hangup, &mut renew), if !stopping && candidate.is_none() && retiring.is_none() && serving(&current) => {
                     let serving = current.as_ref().expect("serving");
-                    tracing::info!(pid = serving.pid, "self-upgrade: starting a new worker from {}", self.exe.display());
+                    let binary = if same_binary {
+                        tracing::info!(pid = serving.pid, "replacing the worker from the binary that serves");
+                        Binary::Kept(&kept.binary)
+                    } else {
+                        tracing::info!(pid = serving.pid, "self-upgrade: starting a new worker from {}", self.exe.display());
+                        Binary::Path(&self.exe)
+                    };
                     let spawned = UnixStream::pair().and_then(|(old_end, new_end)| {
                         let start = Start {
                             store_wait: true,
@@ -587,7 +613,7 @@ impl Supervisor {
                             restarts,
                             ..Start::default()
                         };
-                        let worker = self.spawn(Binary::Path(&self.exe), &notify_name, start)?;
+                        let worker = self.spawn(binary, &notify_name, start)?;
                         Ok((worker, OwnedFd::from(old_end)))
                     });
                     match spawned {
@@ -756,6 +782,7 @@ impl Supervisor {
             started: Instant::now(),
             ready: true,
             upgrade: false,
+            serve_by: None,
             channel: self.adopted_channel.take().map(Channel::new).transpose()?,
             stderr: self.adopted_stderr.take().map(Relay::start).transpose()?,
         };
@@ -813,6 +840,7 @@ impl Supervisor {
             started: Instant::now(),
             ready: false,
             upgrade: false,
+            serve_by: None,
             channel: Some(Channel::new(channel_here)?),
             stderr: Some(Relay::start(stderr_here.into())?),
         })
@@ -886,6 +914,27 @@ fn bind_notify() -> std::io::Result<(UnixDatagram, String)> {
     socket.set_nonblocking(true)?;
     // sd_notify's convention: a leading '@' names an abstract socket.
     Ok((UnixDatagram::from_std(socket)?, format!("@{name}")))
+}
+
+/// Returns at `deadline`; never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => pending().await,
+    }
+}
+
+/// Waits for a restart to be asked: SIGHUP (a self-upgrade, from the
+/// binary on disk: `false`) or SIGUSR1 (a new worker from the binary that
+/// serves: `true`).
+async fn restart_asked(
+    hangup: &mut tokio::signal::unix::Signal,
+    renew: &mut tokio::signal::unix::Signal,
+) -> bool {
+    tokio::select! {
+        _ = hangup.recv() => false,
+        _ = renew.recv() => true,
+    }
 }
 
 async fn exited(worker: &mut Option<Worker>) -> ExitStatus {

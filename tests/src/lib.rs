@@ -506,12 +506,6 @@ impl Client {
         self.get_with(path, &[])
     }
 
-    /// The connection, for what this client does not say (after a whole
-    /// response: nothing of the server's is left unread in the client).
-    pub fn into_stream(self) -> TcpStream {
-        self.reader.into_inner()
-    }
-
     /// `GET path` with extra headers.
     pub fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
         let mut request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);

@@ -34,6 +34,9 @@ pub(super) struct Actor {
     last_progress: Instant,
     /// Where rehearsals and hooks after a switch run.
     pub(super) plugin_thread: super::switch::PluginThread,
+    /// Abandoned stuck calls whose threads a new worker must reclaim, once
+    /// the active release is permanent (a handover carries only that one).
+    stuck_to_reclaim: u64,
 }
 
 impl Actor {
@@ -51,6 +54,7 @@ impl Actor {
             next_rollback: Instant::now(),
             last_progress: Instant::now(),
             plugin_thread: Default::default(),
+            stuck_to_reclaim: 0,
         }
     }
 
@@ -69,8 +73,12 @@ impl Actor {
                     }
                     let outcome = self.command(command, meta);
                     let _ = reply.send(outcome);
+                    self.reclaim_stuck();
                 }
-                Job::Soak(verdict) => self.soak(verdict),
+                Job::Soak(verdict) => {
+                    self.soak(verdict);
+                    self.reclaim_stuck();
+                }
                 Job::CanaryFailed(failure) => self.canary_failed(failure),
                 Job::Checkpoint => {
                     if let Err(skipped) = self.checkpoint() {
@@ -567,9 +575,7 @@ impl Actor {
                 if let Err(e) = self.prune_old() {
                     tracing::warn!(error = %e, "cannot prune old releases");
                 }
-                if abandoned > 0 {
-                    self.replace_worker(abandoned);
-                }
+                self.stuck_to_reclaim += abandoned;
                 Ok(Reply::Switched {
                     transition: Some(transition),
                     plan: Some(report),
@@ -791,17 +797,16 @@ impl Actor {
                     fault: Some(fault),
                 },
                 &[],
-            )?,
-            None => guard.succeed(&Changes::default())?,
+            ),
+            None => guard.succeed(&Changes::default()),
         };
+        // Dropped whether or not the store took the record of it.
         self.forget_canary(None);
         self.let_go_of(cleared);
         tracing::info!(%version, "canary dropped");
-        if abandoned > 0 {
-            self.replace_worker(abandoned);
-        }
+        self.stuck_to_reclaim += abandoned;
         Ok(Reply::Switched {
-            transition: Some(transition),
+            transition: Some(transition?),
             plan: None,
             unchanged: false,
         })
@@ -1153,11 +1158,25 @@ impl Actor {
     /// supervisor's self-upgrade handover, as `ctl agent restart`:
     /// connections wait in the backlog, none is refused), and the threads
     /// end with this process.
+    /// Asks for a new worker if abandoned stuck calls hold threads, once
+    /// the active release is the permanent one with no canary: a new worker
+    /// comes back on the permanent release, so a switch still soaking (or
+    /// held) would be undone by it.
+    fn reclaim_stuck(&mut self) {
+        if self.stuck_to_reclaim > 0
+            && matches!(self.lifecycle.soak(), Soak::Idle)
+            && self.shared.runtime.canary().is_none()
+        {
+            let stuck = std::mem::take(&mut self.stuck_to_reclaim);
+            self.replace_worker(stuck);
+        }
+    }
+
     fn replace_worker(&self, stuck: u64) {
         // A checkpoint skipped said why; the handover carries the state
         // all the same.
         let _ = self.checkpoint();
-        match crate::process::ask_for_new_worker(self.shared.config.supervisor_pid) {
+        match crate::process::ask_for_new_worker(self.shared.config.supervisor_pid, true) {
             Ok(true) => tracing::warn!(
                 stuck,
                 "calls stuck past the request timeout were abandoned: a new worker takes over from this one to reclaim their threads"

@@ -39,10 +39,13 @@ impl Actor {
                 // The same release again. If its artifact was damaged since
                 // (a boot fell back past it), these bytes — checked against
                 // the same digest, and probed — put it right.
-                if !matches!(
-                    self.artifacts.verified(&existing.sha256, existing.size),
-                    Ok(Ok(_))
-                ) {
+                // Not on a read that timed out: hung storage is not mended
+                // by writing to it from the engine's thread.
+                let damaged = match self.artifacts.verified(&existing.sha256, existing.size) {
+                    Ok(verified) => verified.is_err(),
+                    Err(e) => e.kind() != std::io::ErrorKind::TimedOut,
+                };
+                if damaged {
                     self.artifacts
                         .repair(upload)
                         .map_err(Error::io("cannot repair the artifact"))?;

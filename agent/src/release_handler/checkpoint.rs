@@ -74,13 +74,23 @@ impl Actor {
     pub(super) fn snapshot_active(&self) -> Result<Taken, Skipped> {
         let runtime = &self.shared.runtime;
         let limit = self.shared.config.gate_timeout;
+        let active = runtime.active();
+        if active.snapshotting() {
+            // Not a second one beside it: the one that overran may still
+            // come back (or the worker is replaced as wedged).
+            return Err(Skipped::Busy(format!(
+                "an earlier snapshot of {} has not returned yet",
+                active.version
+            )));
+        }
+        drop(active);
         let taken = self
             .tokio
             .block_on(runtime.try_quiesced(CHECKPOINT_QUIESCE, |loaded| {
                 // Behind the closed gate: on the plugin thread, within
                 // --gate-timeout.
                 let serving = Arc::clone(loaded);
-                let snapshot = match self.call_plugin(limit, move || serving.instance.snapshot()) {
+                let snapshot = match self.call_plugin(limit, move || serving.take_snapshot()) {
                     Ok(Called::Done(snapshot)) => snapshot,
                     Ok(Called::Expired(late)) => {
                         watch_wedged(loaded, late);

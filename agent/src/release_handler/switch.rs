@@ -164,49 +164,68 @@ impl Actor {
             self.tokio.block_on(self.shared.runtime.switch(
                 self.shared.config.quiesce_timeout,
                 |old| {
-                    let old = Arc::clone(old);
-                    let serving = Arc::clone(&old);
+                    let closed_at = std::time::Instant::now();
+                    // First the old instance's snapshot, on its own: if it
+                    // overruns, the serving instance is the one watched.
+                    let left = if old.snapshotting() {
+                        // An earlier snapshot of it never came back.
+                        Err(plugin_error(
+                            &old.version,
+                            "snapshot",
+                            CallError::Failed("an earlier snapshot of it has not returned".into()),
+                        ))
+                    } else {
+                        let serving = Arc::clone(old);
+                        match self.call_plugin(gate_timeout, move || serving.take_snapshot())? {
+                            Called::Done(left) => {
+                                left.map_err(|e| plugin_error(&old.version, "snapshot", e))
+                            }
+                            Called::Expired(late) => {
+                                watch_wedged(old, late);
+                                Err(plugin_error(
+                                    &old.version,
+                                    "snapshot",
+                                    CallError::Failed(overran(gate_timeout, &old.version)),
+                                ))
+                            }
+                        }
+                    };
+                    // Restoring the stored snapshot needs nothing of the
+                    // release being left: a failing snapshot of it is only
+                    // not kept.
+                    let left = match (&snapshot_source, left) {
+                        (_, Ok(left)) => Some(left),
+                        (Some(_), Err(e)) => {
+                            tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
+                            None
+                        }
+                        (None, Err(e)) => return Err(e),
+                    };
+                    let state = match &snapshot_source {
+                        Some(stored) => stored.bytes.clone(),
+                        None => left.clone().unwrap_or_default(),
+                    };
+                    if let Some(left) = left {
+                        taken.push(Snapshot {
+                            version: old.version.clone(),
+                            state_version: old.instance.library().state_version(),
+                            taken_at_ms: now_ms(),
+                            bytes: left,
+                        });
+                    }
+                    // Then the migration and the new instance, within what
+                    // is left of the gate's time.
                     let (carry, library, target) =
                         (carry.clone(), Arc::clone(&library), target.clone());
-                    let snapshot_source = snapshot_source.clone();
                     let to = target.version.clone();
-                    // Whether the old instance's snapshot returned: past
-                    // the deadline, it tells whose code holds the gate.
-                    let left_old = Arc::new(AtomicBool::new(false));
-                    let snapshotted = Arc::clone(&left_old);
-                    let behind_gate = move || -> Result<(Loaded, Vec<Snapshot>)> {
-                        let mut taken = Vec::new();
-                        let left = old
-                            .instance
-                            .snapshot()
-                            .map_err(|e| plugin_error(&old.version, "snapshot", e));
-                        snapshotted.store(true, Ordering::SeqCst);
-                        // Restoring the stored snapshot needs nothing of the release
-                        // being left: a failing snapshot of it is only not kept.
-                        let left = match (&snapshot_source, left) {
-                            (_, Ok(left)) => Some(left),
-                            (Some(_), Err(e)) => {
-                                tracing::warn!(error = %e, "the release being left cannot be snapshotted; restoring the stored snapshot anyway");
-                                None
-                            }
-                            (None, Err(e)) => return Err(e),
-                        };
-                        let state = match &snapshot_source {
-                            Some(stored) => stored.bytes.as_slice(),
-                            None => left.as_deref().unwrap_or_default(),
-                        };
-                        let migrated = carry.apply(state).map_err(|e| {
+                    let migrator = carry.migrator(&to);
+                    let migrated_yet = Arc::new(AtomicBool::new(false));
+                    let migrated_flag = Arc::clone(&migrated_yet);
+                    let restore = move || -> Result<(Loaded, Option<Snapshot>)> {
+                        let migrated = carry.apply(&state).map_err(|e| {
                             plugin_error(&carry.migrator(&target.version), "state migration", e)
                         })?;
-                        if let Some(left) = left {
-                            taken.push(Snapshot {
-                                version: old.version.clone(),
-                                state_version: old.instance.library().state_version(),
-                                taken_at_ms: now_ms(),
-                                bytes: left,
-                            });
-                        }
-                        drop(old);
+                        migrated_flag.store(true, Ordering::SeqCst);
                         crash_point("switch:quiesced");
                         let instance = library
                             .instantiate(migrated.as_deref())
@@ -214,42 +233,36 @@ impl Actor {
                         // The new release's starting state is durable with the
                         // transition too: should it be permanent when the agent
                         // dies, a restart restores this, not nothing.
-                        if library.state_version() != 0 {
-                            if let Some(start) = migrated {
-                                taken.push(Snapshot {
-                                    version: target.version.clone(),
-                                    state_version: library.state_version(),
-                                    taken_at_ms: now_ms(),
-                                    bytes: start,
-                                });
+                        let start = migrated.filter(|_| library.state_version() != 0).map(|bytes| {
+                            Snapshot {
+                                version: target.version.clone(),
+                                state_version: library.state_version(),
+                                taken_at_ms: now_ms(),
+                                bytes,
                             }
-                        }
+                        });
                         let next = Loaded::new(target.version.clone(), target.blocking, instance);
-                        Ok((next, taken))
+                        Ok((next, start))
                     };
-                    match self.call_plugin(gate_timeout, behind_gate)? {
-                        Called::Done(prepared) => {
-                            let (next, snapshots) = prepared?;
-                            taken = snapshots;
+                    let left_time = gate_timeout.saturating_sub(closed_at.elapsed());
+                    match self.call_plugin(left_time, restore)? {
+                        Called::Done(restored) => {
+                            let (next, start) = restored?;
+                            taken.extend(start);
                             Ok(next)
                         }
-                        Called::Expired(late) => {
-                            let past = format!(
-                                "did not return within the gate's {} ms (--gate-timeout): the switch was abandoned and the gate reopened on {}",
-                                gate_timeout.as_millis(),
-                                serving.version
-                            );
-                            if left_old.load(Ordering::SeqCst) {
-                                Err(plugin_error(
-                                    &to,
-                                    "state migration and init",
-                                    CallError::Failed(past),
-                                ))
+                        // Not the serving instance's code: nothing to watch.
+                        Called::Expired(_) => {
+                            let (whose, during) = if migrated_yet.load(Ordering::SeqCst) {
+                                (&to, "init")
                             } else {
-                                let version = serving.version.clone();
-                                watch_wedged(&serving, late);
-                                Err(plugin_error(&version, "snapshot", CallError::Failed(past)))
-                            }
+                                (&migrator, "state migration")
+                            };
+                            Err(plugin_error(
+                                whose,
+                                during,
+                                CallError::Failed(overran(gate_timeout, &old.version)),
+                            ))
                         }
                     }
                 },
@@ -440,8 +453,7 @@ impl Actor {
                 let state = match stored {
                     Some(bytes) => bytes,
                     None => active
-                        .instance
-                        .snapshot()
+                        .take_snapshot()
                         .map_err(|e| plugin(&active.version, "snapshot", e))?,
                 };
                 drop(active);
@@ -524,6 +536,14 @@ impl PluginThread {
     pub(super) fn abandon(&self) {
         self.worker.borrow_mut().take();
     }
+}
+
+/// What a call that overran the gate's time says.
+fn overran(gate_timeout: Duration, serving: &Version) -> String {
+    format!(
+        "did not return within the gate's {} ms (--gate-timeout): the switch was abandoned and the gate reopened on {serving}",
+        gate_timeout.as_millis()
+    )
 }
 
 /// A release's code failed (or did not return) during `during`.
