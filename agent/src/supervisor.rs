@@ -132,6 +132,14 @@ struct Worker {
 }
 
 impl Worker {
+    /// Returns once everything it wrote on stderr has been passed on (or a
+    /// moment passed): the supervisor's exit must not cut its last line.
+    async fn relayed(&mut self) {
+        if let Some(relay) = &mut self.stderr {
+            relay.last_lines().await;
+        }
+    }
+
     async fn wait(&mut self) -> ExitStatus {
         wait_for(&mut self.child, self.pid).await
     }
@@ -451,6 +459,7 @@ impl Supervisor {
                     let how = describe(status);
                     if stopping {
                         tracing::info!(pid = worker.pid, "worker {how}; supervisor stopping");
+                        worker.relayed().await;
                         for mut other in retiring.take().into_iter().chain(candidate.take().map(|c| c.worker)) {
                             other.wait().await;
                         }
@@ -470,6 +479,7 @@ impl Supervisor {
                     } else if !worker.ready && !kept.served && status.signal().is_none() && retiring.is_none() {
                         // Its own last line on stderr said why: it stays the last.
                         tracing::debug!(pid = worker.pid, "the worker {how} before it served; stopping");
+                        worker.relayed().await;
                         return Ok(status.code().unwrap_or(1));
                     }
                     let crashed = !worker.upgrade || worker.ready;
