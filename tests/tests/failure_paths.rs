@@ -685,9 +685,7 @@ fn a_release_whose_snapshot_fails_during_its_soak_fails_it() {
 #[test]
 fn a_stop_whose_final_checkpoint_fails_says_so_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = on_0_2_0(&dir.path().join("data"), &["--checkpoint-every", "1h"], 0);
-    stage_fixture(&agent, "segfault").ok();
-    agent.ctl(&["upgrade", "--to", "0.2.8", "--permanent"]).ok();
+    let agent = on_0_2_8(&dir.path().join("data"), &["--checkpoint-every", "1h"], 0);
     assert_eq!(agent.get("/break-snapshot").status, 200);
     hello(&agent, 2);
     let log = agent.log.clone();
