@@ -235,6 +235,19 @@ impl Agent {
         ctl_env(&self.url(), args, env)
     }
 
+    /// `ctl --output json watch --after 0` on this agent, its stdout piped:
+    /// every event it kept, then each new one, a JSON object a line.
+    pub fn watch_json(&self) -> Child {
+        Command::new(bin_dir().join("ctl"))
+            .env("NINE9S_TOKEN_FILE", self.token_file())
+            .args(["--agent", &self.url(), "--output", "json"])
+            .args(["watch", "--after", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ctl watch")
+    }
+
     /// The control plane's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)

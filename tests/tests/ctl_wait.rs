@@ -3,11 +3,10 @@
 //! permanent (exit 0) from one the health gate rolled back (exit 4).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use nine9s_tests::{bin_dir, eventually, stage_fixture, stage_sample, Agent};
+use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent};
 
 #[test]
 fn wait_returns_once_the_release_is_permanent() {
@@ -62,20 +61,7 @@ fn wait_exits_4_when_the_health_gate_rolls_the_release_back() {
 fn watch_prints_every_event_as_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]);
-    let mut watch = Command::new(bin_dir().join("ctl"))
-        .env("NINE9S_TOKEN_FILE", agent.token_file())
-        .args([
-            "--agent",
-            &format!("http://{}", agent.grpc),
-            "--output",
-            "json",
-            "watch",
-            "--after",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = agent.watch_json();
     stage_sample(&agent, "0.2.0");
     agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
     let mut kinds = Vec::new();

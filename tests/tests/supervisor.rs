@@ -60,21 +60,7 @@ const BROKEN_BINARY: &str =
 /// The first event of `kind` (its name in `ctl --output json watch`) the
 /// agent has kept, within `within`.
 fn event(agent: &Agent, kind: &str, within: Duration) -> Option<serde_json::Value> {
-    let mut watch = Command::new(bin_dir().join("ctl"))
-        .env("NINE9S_TOKEN_FILE", agent.token_file())
-        .args([
-            "--agent",
-            &agent.url(),
-            "--output",
-            "json",
-            "watch",
-            "--after",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut watch = agent.watch_json();
     let lines = BufReader::new(watch.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     let kind = kind.to_owned();

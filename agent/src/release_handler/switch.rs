@@ -201,18 +201,23 @@ impl Actor {
                         }
                         (None, Err(e)) => return Err(e),
                     };
-                    let state = match &snapshot_source {
-                        Some(stored) => stored.bytes.clone(),
-                        None => left.clone().unwrap_or_default(),
+                    let left_at = now_ms();
+                    let old_snapshot = |bytes| Snapshot {
+                        version: old.version.clone(),
+                        state_version: old.instance.library().state_version(),
+                        taken_at_ms: left_at,
+                        bytes,
                     };
-                    if let Some(left) = left {
-                        taken.push(Snapshot {
-                            version: old.version.clone(),
-                            state_version: old.instance.library().state_version(),
-                            taken_at_ms: now_ms(),
-                            bytes: left,
-                        });
-                    }
+                    // The state that crosses; without a stored one, it is
+                    // the old snapshot itself, lent to the migration and
+                    // kept once it comes back (no copy behind the gate).
+                    let (state, state_is_left) = match snapshot_source {
+                        Some(stored) => {
+                            taken.extend(left.map(old_snapshot));
+                            (stored.bytes, false)
+                        }
+                        None => (left.unwrap_or_default(), true),
+                    };
                     // Then the migration and the new instance, within what
                     // is left of the gate's time.
                     let (carry, library, target) =
@@ -221,7 +226,7 @@ impl Actor {
                     let migrator = carry.migrator(&to);
                     let migrated_yet = Arc::new(AtomicBool::new(false));
                     let migrated_flag = Arc::clone(&migrated_yet);
-                    let restore = move || -> Result<(Loaded, Option<Snapshot>)> {
+                    let restore = move || -> Result<(Loaded, Option<Snapshot>, Vec<u8>)> {
                         let migrated = carry.apply(&state).map_err(|e| {
                             plugin_error(&carry.migrator(&target.version), "state migration", e)
                         })?;
@@ -242,12 +247,15 @@ impl Actor {
                             }
                         });
                         let next = Loaded::new(target.version.clone(), target.blocking, instance);
-                        Ok((next, start))
+                        Ok((next, start, state))
                     };
                     let left_time = gate_timeout.saturating_sub(closed_at.elapsed());
                     match self.call_plugin(left_time, restore)? {
                         Called::Done(restored) => {
-                            let (next, start) = restored?;
+                            let (next, start, state) = restored?;
+                            if state_is_left {
+                                taken.push(old_snapshot(state));
+                            }
                             taken.extend(start);
                             Ok(next)
                         }
