@@ -85,14 +85,22 @@ pub struct Limits {
     pub http_header_timeout: Duration,
     /// How long an idle keep-alive connection is kept open.
     pub http_idle_timeout: Duration,
-    /// Open data-plane connections; beyond, new ones wait in the backlog.
+    /// Open data-plane connections; at the cap, an idle keep-alive
+    /// connection is closed for a newcomer, and with none idle newcomers
+    /// wait in the backlog.
     pub max_connections: usize,
+    /// Open data-plane connections from one client address; beyond, new
+    /// ones from it are answered 503 and closed.
+    pub max_connections_per_client: usize,
     /// Open control-plane connections; beyond, new ones wait in the backlog.
     pub max_control_connections: usize,
     /// How long a request body may take to arrive.
     pub http_body_timeout: Duration,
     /// Largest request body handed to a release.
     pub max_body: usize,
+    /// Bytes of request bodies buffered at once, all connections together;
+    /// a request whose body would go beyond is answered 503.
+    pub max_buffered_bodies: usize,
     /// How long a release may take to answer a request before its client
     /// is answered 504 and the call abandoned; `None`: no limit.
     pub request_timeout: Option<Duration>,
@@ -106,9 +114,11 @@ impl Default for Limits {
             http_header_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            max_connections_per_client: 256,
             max_control_connections: 128,
             http_body_timeout: Duration::from_secs(30),
             max_body: 16 * 1024 * 1024,
+            max_buffered_bodies: 256 * 1024 * 1024,
             request_timeout: Some(Duration::from_secs(30)),
         }
     }

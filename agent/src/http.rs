@@ -4,22 +4,35 @@
 //! grace period to finish.
 //!
 //! What a client can hold is bounded: at most `--max-connections` open
-//! connections (beyond, new ones wait in the kernel's backlog, so the
-//! data plane never takes the file descriptors the control plane needs);
-//! a request's headers must arrive within `--http-header-timeout` of its
+//! connections (so the data plane never takes the file descriptors the
+//! control plane needs), of which at most `--max-connections-per-client`
+//! from one IP address (beyond, a newcomer from it is answered 503 and
+//! closed). At the cap, a newcomer is taken from the backlog and held
+//! while the connection idle longest is closed between requests for it
+//! ([`Board::shed_idle`]); with none idle, newcomers wait in the backlog.
+//! A request's headers must arrive within `--http-header-timeout` of its
 //! first byte (slowloris), and a connection with no request under way and
 //! no byte of a new one is closed after `--http-idle-timeout` (counted from
 //! the last byte of the previous response); a request's body must arrive
 //! within `--http-body-timeout`. hyper has a single timer for the first
 //! two waits, so each connection's [`Watchdog`] keeps them apart.
 //!
+//! Bodies are buffered whole before the release sees them (the ABI takes
+//! a slice; streaming waits for a streaming ABI), so what they may take
+//! together is bounded too: the [`Budget`] (`--max-buffered-bodies`) is
+//! reserved as a body's buffer grows (all of it up front when the request
+//! says its `Content-Length`) and given back when the request ends. A
+//! request whose body would go beyond it is answered 503 with
+//! `Retry-After`; requests already reading theirs are not disturbed.
+//!
 //! A request whose client has closed its connection (a FIN after the
 //! request: it gave up while the request waited in the backlog, or sent
 //! it and half-closed) is not handed to the release: the connection is
 //! closed unanswered. hyper does so itself when it knows of that EOF
 //! before it calls the service (without `half_close`); on a connection
-//! just taken from the backlog it does not yet, and a peek tells. Each connection is on the [`Board`] with its call, for the
-//! request time limit (`stuck.rs`).
+//! just taken from the backlog it does not yet, and a peek tells. Each
+//! connection is on the [`Board`] with its call, for the request time
+//! limit (`stuck.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +42,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -39,17 +52,26 @@ use hyper_util::rt::TokioIo;
 use nine9s_host::CallError;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
 use crate::runtime::Runtime;
-use crate::stuck::{Board, Call};
+use crate::stuck::{Board, Call, Client, Throttled};
 
 /// While draining, how long a connection may sit idle before it is closed:
 /// a keep-alive client about to send on it does so well within this, and
 /// gets `Connection: close` with its answer instead.
 const DRAIN_LINGER: Duration = Duration::from_millis(250);
 const DRAIN_CHECK: Duration = Duration::from_millis(25);
+
+/// At the cap, how often another idle connection is told to close while a
+/// newcomer still has no slot (the one told before may have taken a
+/// request meanwhile, and finishes it first).
+const SHED_RETRY: Duration = Duration::from_millis(250);
+
+/// What a newcomer beyond `--max-connections-per-client` is told before its
+/// connection is closed.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 46\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many connections from this client address\n";
 
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
@@ -113,22 +135,19 @@ pub async fn serve(
     grace: Duration,
 ) {
     let slots = Arc::clone(&board.slots);
+    let budget = Arc::new(Budget::new(limits.max_buffered_bodies));
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
-    while let Some((stream, permit)) = accept(&listener, &slots, shutdown.as_mut(), "HTTP").await {
+    while let Some((stream, client, permit)) = admit(&listener, &board, shutdown.as_mut()).await {
         let runtime = Arc::clone(&runtime);
         let limits = limits.clone();
         let stopping = stopping.clone();
-        let registered = board.register(&stream);
+        let budget = Arc::clone(&budget);
+        let watchdog = Arc::new(Watchdog::new());
+        let registered = board.register(&stream, client, Arc::clone(&watchdog));
         tokio::spawn(async move {
-            connection(
-                stream,
-                runtime,
-                &limits,
-                stopping,
-                Arc::clone(&registered.call),
-            )
-            .await;
+            let call = Arc::clone(&registered.call);
+            connection(stream, runtime, &limits, budget, stopping, watchdog, call).await;
             if registered.call.rescued() {
                 // Given back when its call was abandoned.
                 permit.forget();
@@ -152,17 +171,85 @@ pub async fn serve(
     }
 }
 
-/// Serves one connection until it ends, times out, or shutdown lets its
-/// last request finish.
+/// The next data-plane connection, counted for its client address, with
+/// its slot; `None` once `shutdown` resolves. Below the cap, a slot first,
+/// then the connection, as [`accept`]. At the cap, a newcomer is accepted
+/// all the same and held (one connection beyond the cap at most) while an
+/// idle connection is told to close for it, until a slot frees. A
+/// newcomer from an address that holds `--max-connections-per-client`
+/// already is answered 503 and closed.
+async fn admit(
+    listener: &TcpListener,
+    board: &Arc<Board>,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Option<(TcpStream, Client, OwnedSemaphorePermit)> {
+    let slots = &board.slots;
+    loop {
+        let newcomer = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => return None,
+            permit = Arc::clone(slots).acquire_owned() => {
+                let permit = permit.expect("never closed");
+                tokio::select! {
+                    accepted = listener.accept() => accepted.map(|(s, peer)| (s, peer, Some(permit))),
+                    () = shutdown.as_mut() => return None,
+                }
+            }
+            accepted = listener.accept() => accepted.map(|(s, peer)| (s, peer, None)),
+        };
+        let (stream, peer, permit) = match newcomer {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(client) = board.client(peer.ip()) else {
+            // Nothing is read: the answer goes out at once, and the close.
+            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            if let Some(refused) = board.crowded.note() {
+                tracing::warn!(
+                    client = %peer.ip(),
+                    refused,
+                    "a client address already holds --max-connections-per-client connections: a new one from it was answered 503 and closed ({refused} so far)"
+                );
+            }
+            continue;
+        };
+        if let Some(permit) = permit {
+            return Some((stream, client, permit));
+        }
+        loop {
+            if board.shed_idle() {
+                tracing::debug!(
+                    "at --max-connections: an idle connection is closed for a newcomer"
+                );
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return None,
+                permit = Arc::clone(slots).acquire_owned() => {
+                    return Some((stream, client, permit.expect("never closed")));
+                }
+                () = tokio::time::sleep(SHED_RETRY) => {}
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends, times out, is told to make room
+/// for a newcomer, or shutdown lets its last request finish.
 async fn connection(
     stream: TcpStream,
     runtime: Arc<Runtime>,
     limits: &Limits,
+    budget: Arc<Budget>,
     mut stopping: watch::Receiver<bool>,
+    watchdog: Arc<Watchdog>,
     call: Arc<Call>,
 ) {
     let _ = stream.set_nodelay(true);
-    let watchdog = Arc::new(Watchdog::new());
     let io = Watched {
         inner: stream,
         watchdog: Arc::clone(&watchdog),
@@ -172,14 +259,15 @@ async fn connection(
     let service = {
         // One reference per connection, cloned per request: the runtime's
         // own count is shared by every thread, this one by this connection.
-        let served = Arc::new((runtime, Arc::clone(&watchdog), call));
+        let served = Arc::new((runtime, Arc::clone(&watchdog), call, budget));
         let body_limits = (limits.max_body, limits.http_body_timeout);
         service_fn(move |request| {
             let served = Arc::clone(&served);
             async move {
-                let (runtime, watchdog, call) = &*served;
+                let (runtime, watchdog, call, budget) = &*served;
                 let _busy = watchdog.request();
-                let mut response = answer(runtime, request, body_limits, watchdog, call).await?;
+                let mut response =
+                    answer(runtime, request, body_limits, budget, watchdog, call).await?;
                 if watchdog.draining.load(Ordering::Relaxed) {
                     // The client learns at a request boundary that this
                     // connection ends, and opens another for its next one.
@@ -208,6 +296,8 @@ async fn connection(
         tokio::pin!(sleep);
         let changed = stopping.changed();
         tokio::pin!(changed);
+        let shed = watchdog.shed_signal.notified();
+        tokio::pin!(shed);
         let mut registered = false;
         // The connection is polled on every wake-up; the timer and the stop
         // signal only once, to register this task's waker, and then only
@@ -226,9 +316,15 @@ async fn connection(
                 if !draining {
                     let _ = std::pin::pin!(tokio::task::unconstrained(changed.as_mut())).poll(cx);
                 }
+                if !closing {
+                    let _ = std::pin::pin!(tokio::task::unconstrained(shed.as_mut())).poll(cx);
+                }
             }
             if !draining && stop_seen.has_changed().unwrap_or(true) {
                 return Poll::Ready(Wake::Stopping);
+            }
+            if !closing && watchdog.shed.load(Ordering::Relaxed) {
+                return Poll::Ready(Wake::Shed);
             }
             if sleep.is_elapsed() {
                 return Poll::Ready(Wake::Tick);
@@ -249,6 +345,12 @@ async fn connection(
                 // `Connection: close`; one that stays idle is closed below.
                 draining = true;
                 watchdog.draining.store(true, Ordering::Relaxed);
+            }
+            Wake::Shed => {
+                // Told between requests, or just as one began: hyper
+                // closes at once when idle, else after that response.
+                closing = true;
+                conn.as_mut().graceful_shutdown();
             }
             Wake::Tick => {
                 if draining && !closing && watchdog.idle_for() >= DRAIN_LINGER {
@@ -276,13 +378,15 @@ enum Unanswered {
 enum Wake {
     Ended(hyper::Result<()>),
     Stopping,
+    /// Its slot is wanted for a newcomer.
+    Shed,
     Tick,
 }
 
-/// What a connection is doing, for its timeouts: when it last changed
-/// phase, whether a request is under way, whether bytes of the next
-/// request have come.
-struct Watchdog {
+/// What a connection is doing, for its timeouts and for the board (is it
+/// idle?): when it last changed phase, whether a request is under way,
+/// whether bytes of the next request have come.
+pub(crate) struct Watchdog {
     started: Instant,
     /// Milliseconds after `started` of the last phase change.
     since_ms: AtomicU64,
@@ -296,6 +400,11 @@ struct Watchdog {
     /// it sends nothing more, and reads no answer either, as far as anyone
     /// can tell.
     peer_closed: AtomicBool,
+    /// The board wants this connection's slot for a newcomer: it closes
+    /// between requests ([`Watchdog::shed`]).
+    shed: AtomicBool,
+    /// Wakes the connection's task once `shed` is set.
+    shed_signal: Notify,
 }
 
 impl Watchdog {
@@ -307,7 +416,24 @@ impl Watchdog {
             pending: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             peer_closed: AtomicBool::new(false),
+            shed: AtomicBool::new(false),
+            shed_signal: Notify::new(),
         }
+    }
+
+    /// How long the connection has been idle, if it is and has not been
+    /// told to close yet.
+    pub(crate) fn sheddable(&self) -> Option<Duration> {
+        let idle = self.busy.load(Ordering::Relaxed) == 0
+            && self.pending.load(Ordering::Relaxed) == 0
+            && !self.shed.load(Ordering::Relaxed);
+        idle.then(|| self.in_phase())
+    }
+
+    /// Tells the connection to close between requests.
+    pub(crate) fn shed(&self) {
+        self.shed.store(true, Ordering::Relaxed);
+        self.shed_signal.notify_one();
     }
 
     fn now_ms(&self) -> u64 {
@@ -475,15 +601,18 @@ async fn answer(
     runtime: &Runtime,
     request: Request<Incoming>,
     (max_body, body_timeout): (usize, Duration),
+    budget: &Arc<Budget>,
     watchdog: &Watchdog,
     call: &Call,
 ) -> Result<Response<Full<Bytes>>, Unanswered> {
     let (parts, body) = request.into_parts();
-    let body = if body.is_end_stream() {
-        Bytes::new()
+    // Held until the request ends: the body's bytes stay reserved while
+    // the release reads them.
+    let (body, _reserved) = if body.is_end_stream() {
+        (Vec::new(), None)
     } else {
-        let collected = tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect());
-        match collected.await {
+        match tokio::time::timeout(body_timeout, read_body(body, max_body, budget)).await {
+            Ok(Ok((body, reserved))) => (body, Some(reserved)),
             Err(_) => {
                 let mut response = plain(
                     StatusCode::REQUEST_TIMEOUT,
@@ -497,14 +626,36 @@ async fn answer(
                     .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
                 return Ok(response);
             }
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                return Ok(plain(
+            Ok(Err(BodyError::TooLarge)) => {
+                let mut response = plain(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the request body is over {max_body} bytes\n"),
-                ));
+                );
+                // The rest of the body is not read.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(response);
             }
-            Ok(Err(e)) => {
+            Ok(Err(BodyError::OverBudget)) => {
+                if let Some(refused) = budget.refused.note() {
+                    tracing::warn!(
+                        path = parts.uri.path(),
+                        budget = budget.max,
+                        refused,
+                        "request bodies buffered would go over --max-buffered-bodies: a request was answered 503 ({refused} so far)"
+                    );
+                }
+                let mut response = plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies are being received: retry shortly\n".to_owned(),
+                );
+                let headers = response.headers_mut();
+                headers.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(response);
+            }
+            Ok(Err(BodyError::Read(e))) => {
                 return Ok(plain(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read the request body: {e}\n"),
@@ -568,6 +719,113 @@ async fn answer(
         .headers_mut()
         .insert(RELEASE, HeaderValue::from_static(version));
     Ok(response)
+}
+
+/// Why a request body was not read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the body is over --max-body")]
+    TooLarge,
+    #[error("the body would take the buffered bodies over --max-buffered-bodies")]
+    OverBudget,
+    #[error(transparent)]
+    Read(hyper::Error),
+}
+
+/// Reads a request body whole into one buffer, reserving its capacity in
+/// `budget` before it is allocated: all of it up front for a body that
+/// says its length, as the buffer grows for one that does not.
+async fn read_body(
+    mut body: Incoming,
+    max_body: usize,
+    budget: &Arc<Budget>,
+) -> Result<(Vec<u8>, Reserved), BodyError> {
+    let announced = body.size_hint().exact();
+    let first = match announced {
+        Some(n) if n > max_body as u64 => return Err(BodyError::TooLarge),
+        Some(n) => n as usize,
+        None => 0,
+    };
+    let mut reserved = budget.reserve(first).ok_or(BodyError::OverBudget)?;
+    let mut buffer = Vec::with_capacity(first);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue; // trailers: not handed on
+        };
+        let needed = buffer.len() + data.len();
+        if needed > max_body {
+            return Err(BodyError::TooLarge);
+        }
+        if needed > buffer.capacity() {
+            // Doubling, as a Vec would, within the body limit.
+            let capacity = needed.max(buffer.capacity() * 2).min(max_body);
+            if !reserved.grow(capacity - buffer.capacity()) {
+                return Err(BodyError::OverBudget);
+            }
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok((buffer, reserved))
+}
+
+/// The bytes request bodies may take in memory at once, all connections
+/// together (`--max-buffered-bodies`).
+struct Budget {
+    max: usize,
+    used: AtomicUsize,
+    /// Requests answered 503 for it.
+    refused: Throttled,
+}
+
+impl Budget {
+    fn new(max: usize) -> Budget {
+        Budget {
+            max,
+            used: AtomicUsize::new(0),
+            refused: Throttled::default(),
+        }
+    }
+
+    /// `bytes` of the budget, given back when the reservation is dropped;
+    /// `None` if they are not left.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
+        let mut reserved = Reserved {
+            budget: Arc::clone(self),
+            bytes: 0,
+        };
+        reserved.grow(bytes).then_some(reserved)
+    }
+}
+
+/// Bytes of the [`Budget`] a request holds.
+struct Reserved {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// Takes `more` bytes of the budget, if they are left.
+    fn grow(&mut self, more: usize) -> bool {
+        let max = self.budget.max;
+        let taken = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(more).filter(|total| *total <= max)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += more;
+        }
+        taken
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 pub(crate) fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {

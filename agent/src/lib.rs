@@ -497,6 +497,7 @@ impl DataPlane {
     ) -> DataPlane {
         let board = Arc::new(stuck::Board::new(
             config.limits.max_connections,
+            config.limits.max_connections_per_client,
             config.limits.request_timeout,
         ));
         let (stop, mut stopped) = watch::channel(false);

@@ -122,9 +122,16 @@ struct Args {
     /// Open gRPC connections at most; more wait in the listen backlog.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_control_connections: u32,
-    /// Open HTTP connections at most; more wait in the listen backlog.
+    /// Open HTTP connections at most. At the cap, an idle keep-alive
+    /// connection is closed (between requests) for each newcomer; with
+    /// none idle, newcomers wait in the listen backlog.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
+    /// Open HTTP connections from one client IP address at most; more from
+    /// it are answered 503 and closed. Behind a proxy that connects from
+    /// one address, raise it to --max-connections.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections_per_client: u32,
     /// Logs on stderr as `text`, or `json`: one object per line, with the
     /// transition a line belongs to.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -132,6 +139,13 @@ struct Args {
     /// Largest HTTP request body handed to a release, in bytes (up to 1 GiB).
     #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1024 * 1024 * 1024))]
     max_body: u64,
+    /// Bytes of HTTP request bodies held in memory at once, all requests
+    /// together (at least --max-body, up to 64GiB; suffixes KiB, MiB, GiB).
+    /// A request whose body would go beyond is answered 503 with
+    /// Retry-After; requests already reading theirs are unaffected. Bodies
+    /// are buffered whole until releases can take them as a stream.
+    #[arg(long, default_value = "256MiB", value_parser = size)]
+    max_buffered_bodies: u64,
     /// How long a release may take to answer an HTTP request (10ms to 1h;
     /// 0: no limit). Past it the client is answered 504, the call counts
     /// as failed and is abandoned: it cannot be stopped, so it keeps its
@@ -207,6 +221,42 @@ fn request_timeout(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// A number of bytes, with an optional binary suffix (`KiB`, `MiB`,
+/// `GiB`, or `K`, `M`, `G`), up to 64 GiB.
+fn size(text: &str) -> Result<u64, String> {
+    const MAX: u64 = 64 << 30;
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let scale = match &text[digits.len()..] {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("{other:?} is no size unit: give KiB, MiB or GiB")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 256MiB"))?;
+    match n.checked_mul(scale) {
+        Some(bytes) if bytes <= MAX => Ok(bytes),
+        _ => Err(format!("{text} is over 64GiB")),
+    }
+}
+
+/// Refuses (exit 2) limits that contradict each other.
+fn check_limits(args: &Args) {
+    if args.max_buffered_bodies < args.max_body {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--max-buffered-bodies ({} bytes) is below --max-body ({} bytes): a body of the largest size allowed could never be read",
+                    args.max_buffered_bodies, args.max_body
+                ),
+            )
+            .exit();
+    }
+}
+
 fn upload_idle(text: &str) -> Result<Duration, String> {
     bounded(text, Duration::from_millis(100), HOUR)
 }
@@ -225,11 +275,20 @@ fn rate(text: &str) -> Result<f64, String> {
 /// one kept resident memory flattest in the bench).
 const MALLOC_ARENAS: i32 = 1;
 
+/// Blocks this large or larger (request bodies, large responses) get a
+/// mapping of their own, unmapped when freed (see
+/// `nine9s_host::unmap_large_blocks`): a burst of large bodies leaves no
+/// resident memory behind.
+const UNMAPPED_BLOCKS: i32 = 1024 * 1024;
+
 fn main() {
     // Everything the agent creates is its own alone: the data dir holds
     // the admin token, the artifacts and the store.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let args = Args::parse();
+    if !matches!(args.mode, Some(Mode::Probe { .. })) {
+        check_limits(&args);
+    }
     match &args.mode {
         Some(Mode::Probe { library }) => std::process::exit(nine9s_agent::probe::child(library)),
         Some(Mode::Worker) => worker(args),
@@ -392,6 +451,7 @@ fn worker(args: Args) -> ! {
         }
     }
     nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
+    nine9s_host::unmap_large_blocks(UNMAPPED_BLOCKS);
     init_logging(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -464,9 +524,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         http_header_timeout: args.http_header_timeout,
         http_idle_timeout: args.http_idle_timeout,
         max_connections,
+        max_connections_per_client: args.max_connections_per_client as usize,
         max_control_connections: args.max_control_connections as usize,
         http_body_timeout: args.http_body_timeout,
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        max_buffered_bodies: usize::try_from(args.max_buffered_bodies).unwrap_or(usize::MAX),
         request_timeout: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
     };
 

@@ -28,9 +28,16 @@
 //! The claim is one compare-and-swap on the call's state word, against the
 //! one the call makes when it returns: exactly one of the two counts the
 //! call out.
+//!
+//! The board is also where the data plane's connection slots are shared
+//! out: the global cap (`--max-connections`), the open connections of each
+//! client address (`--max-connections-per-client`), and, at the cap, which
+//! idle connection gives its slot to a newcomer (the one idle longest).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +47,7 @@ use slab::Slab;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::http::Watchdog;
 use crate::runtime::Runtime;
 
 /// How often the watchdog looks at the calls under way: a call past the
@@ -63,14 +71,55 @@ const SHARD_SHIFT: u32 = 56;
 const OFFLOADED: u64 = 1 << 63;
 const ID_MASK: u64 = (1 << SHARD_SHIFT) - 1;
 
-/// The data plane's open connections: their slots (`--max-connections`)
-/// and their calls, for the watchdog.
+/// A connection idle for less than this is not closed for a newcomer: a
+/// client that has just connected, or just had its answer, may be sending
+/// its next request right now (the drain's linger, for the same reason).
+const SHED_AFTER: Duration = Duration::from_millis(250);
+
+/// The data plane's open connections: their slots (`--max-connections`),
+/// how many each client address holds, and their calls, for the watchdog.
 pub struct Board {
     /// One per open connection; beyond, connections wait in the backlog.
     pub slots: Arc<Semaphore>,
-    calls: Mutex<Slab<Arc<Call>>>,
+    calls: Mutex<Slab<Entry>>,
     /// `--request-timeout`; `None`: calls run as long as they take.
     limit: Option<Duration>,
+    /// Open connections by client address; an address with none is removed.
+    clients: Mutex<HashMap<IpAddr, usize>>,
+    /// `--max-connections-per-client`.
+    per_client: usize,
+    /// Newcomers refused for their address's connections.
+    pub crowded: Throttled,
+}
+
+/// A count of refusals, and when one was last logged: a flood of them
+/// makes one log line a second, with the count so far, not one each.
+#[derive(Default)]
+pub struct Throttled {
+    count: AtomicU64,
+    logged_ms: AtomicU64,
+}
+
+impl Throttled {
+    /// Counts one; `Some(the count so far)` when a log line is due.
+    pub fn note(&self) -> Option<u64> {
+        let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now_ms();
+        let last = self.logged_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= 1000;
+        (due && self
+            .logged_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then_some(count)
+    }
+}
+
+/// A connection on the board: its call, and its watchdog, which says
+/// whether it is idle and closes it when told to.
+struct Entry {
+    call: Arc<Call>,
+    watchdog: Arc<Watchdog>,
 }
 
 /// A connection's call under way, as the watchdog sees it.
@@ -95,6 +144,7 @@ pub struct Registered {
     board: Arc<Board>,
     key: usize,
     pub call: Arc<Call>,
+    _client: Client,
 }
 
 impl Drop for Registered {
@@ -104,17 +154,79 @@ impl Drop for Registered {
     }
 }
 
+/// One of a client address's connections, counted until dropped.
+pub struct Client {
+    board: Arc<Board>,
+    address: IpAddr,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut clients = self.board.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = clients.get_mut(&self.address) {
+            *open -= 1;
+            if *open == 0 {
+                clients.remove(&self.address);
+            }
+        }
+    }
+}
+
 impl Board {
-    pub fn new(max_connections: usize, limit: Option<Duration>) -> Board {
+    pub fn new(max_connections: usize, per_client: usize, limit: Option<Duration>) -> Board {
         Board {
             slots: Arc::new(Semaphore::new(max_connections)),
-            calls: Mutex::new(Slab::new()),
+            calls: Mutex::new(Slab::with_capacity(max_connections.min(1024))),
             limit,
+            clients: Mutex::new(HashMap::new()),
+            per_client,
+            crowded: Throttled::default(),
+        }
+    }
+
+    /// Counts a new connection from `address`, unless that address already
+    /// holds `--max-connections-per-client`. An IPv4 address mapped into
+    /// IPv6 counts as itself.
+    pub fn client(self: &Arc<Self>, address: IpAddr) -> Option<Client> {
+        let address = address.to_canonical();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let open = clients.entry(address).or_insert(0);
+        if *open >= self.per_client {
+            return None;
+        }
+        *open += 1;
+        Some(Client {
+            board: Arc::clone(self),
+            address,
+        })
+    }
+
+    /// Tells the connection idle longest (at least [`SHED_AFTER`], and not
+    /// told already) to close, between requests, so that its slot goes to a
+    /// newcomer; `false` if none is idle.
+    pub fn shed_idle(&self) -> bool {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let idlest = calls
+            .iter()
+            .filter_map(|(_, entry)| Some((entry.watchdog.sheddable()?, &entry.watchdog)))
+            .filter(|(idle, _)| *idle >= SHED_AFTER)
+            .max_by_key(|(idle, _)| *idle);
+        match idlest {
+            Some((_, watchdog)) => {
+                watchdog.shed();
+                true
+            }
+            None => false,
         }
     }
 
     /// Puts a new connection on the board.
-    pub fn register(self: &Arc<Self>, stream: &TcpStream) -> Registered {
+    pub fn register(
+        self: &Arc<Self>,
+        stream: &TcpStream,
+        client: Client,
+        watchdog: Arc<Watchdog>,
+    ) -> Registered {
         let socket = self.limit.and_then(|_| {
             stream
                 .as_fd()
@@ -134,11 +246,15 @@ impl Board {
             .calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(Arc::clone(&call));
+            .insert(Entry {
+                call: Arc::clone(&call),
+                watchdog,
+            });
         Registered {
             board: Arc::clone(self),
             key,
             call,
+            _client: client,
         }
     }
 }
@@ -237,7 +353,7 @@ pub async fn watch(
         let mut nudge = false;
         {
             let calls = board.calls.lock().unwrap_or_else(|e| e.into_inner());
-            for (_, call) in calls.iter() {
+            for (_, Entry { call, .. }) in calls.iter() {
                 let state = call.state.load(Ordering::Acquire);
                 if state == IDLE || state == ABANDONED {
                     continue;

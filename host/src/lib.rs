@@ -25,7 +25,7 @@ mod host_table;
 mod library;
 mod maps;
 
-pub use allocator::limit_malloc_arenas;
+pub use allocator::{limit_malloc_arenas, unmap_large_blocks};
 pub use error::{CallError, LoadError};
 pub use library::{Instance, Library, Request, Response, ABI_VERSIONS};
 pub use maps::{is_mapped, lingering};

@@ -1131,8 +1131,14 @@ fn idle_keep_alive_connections_are_closed() {
 #[test]
 fn connections_beyond_the_cap_wait_and_never_take_the_control_plane_down() {
     let t = target(&["--max-connections", "16", "--http-idle-timeout", "1h"]);
+    // Each in the middle of its request's headers: none idle, so none
+    // gives way to a newcomer.
     let mut held: Vec<TcpStream> = (0..16)
-        .map(|_| TcpStream::connect(t.agent.http).unwrap())
+        .map(|_| {
+            let mut held = TcpStream::connect(t.agent.http).unwrap();
+            held.write_all(b"GET /count HTTP/1.1\r\n").unwrap();
+            held
+        })
         .collect();
     // The 17th waits: connected (the backlog), not served.
     let mut waiting = TcpStream::connect(t.agent.http).unwrap();
