@@ -159,7 +159,12 @@ enum Mode {
     /// Opens LIBRARY in this throwaway process and reports what it is, as
     /// one JSON line (used by the agent itself).
     #[command(hide = true)]
-    Probe { library: PathBuf },
+    Probe {
+        library: PathBuf,
+        /// A directory the probe must not see (the data dir).
+        #[arg(long)]
+        hide: Option<PathBuf>,
+    },
     /// Serves, on the listeners passed in as fds 3 and 4, and 5 for
     /// `--metrics`, then `--health` (`LISTEN_FDS`); the supervisor runs the
     /// agent this way.
@@ -290,7 +295,9 @@ fn main() {
         check_limits(&args);
     }
     match &args.mode {
-        Some(Mode::Probe { library }) => std::process::exit(nine9s_agent::probe::child(library)),
+        Some(Mode::Probe { library, hide }) => {
+            std::process::exit(nine9s_agent::probe::child(library, hide.as_deref()))
+        }
         Some(Mode::Worker) => worker(args),
         Some(Mode::Check) => {
             check_plaintext(&args, args.grpc);

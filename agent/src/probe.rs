@@ -10,12 +10,13 @@
 //! line; a crash, a hang or anything else is the library's fault, said in
 //! words, and the agent never mapped it.
 
-use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nine9s_host::sandbox::{self, Forked, Isolation};
 use object::elf::{self, FileHeader64};
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{Endianness, FileKind, ReadCache};
@@ -28,7 +29,7 @@ const MEMORY_LIMIT: u64 = 1024 * 1024 * 1024;
 /// The largest file the probe may write.
 const FILE_LIMIT: u64 = 1024 * 1024;
 /// The largest report the parent reads.
-const MAX_REPORT: u64 = 64 * 1024;
+const MAX_REPORT: usize = 64 * 1024;
 
 /// What the probe found in a library that opened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,8 @@ pub struct Report {
 enum Answer {
     Plugin(Report),
     Refused(String),
+    /// The contained child was killed by this signal.
+    Crashed(i32),
 }
 
 /// Checks what can be read of `path` as data: a 64-bit ELF shared
@@ -154,22 +157,25 @@ pub enum ProbeError {
 }
 
 /// Opens `library` in a child process and returns what it found, or why
-/// the library is refused. Blocks for up to [`TIME_LIMIT`].
+/// the library is refused. Blocks for up to [`TIME_LIMIT`] and a moment.
 ///
-/// The child leads a process group of its own, killed whole when the
-/// probe ends: a constructor that forks leaves nothing behind, and the
-/// report is read on a thread of its own, so a grandchild holding stdout
-/// open cannot hold the agent either.
+/// The report is read as it comes, never waiting for the end of the
+/// output: once the probe process has exited, whatever it wrote is there,
+/// so a process that escaped it holding the pipe cannot hold the agent.
 pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     check_elf(library)?;
     // The probe runs in `/`: a relative data dir would not be found there.
     let library = library
         .canonicalize()
         .map_err(|e| ProbeError::Failed(format!("cannot find the upload: {e}")))?;
+    let mut command = Command::new("/proc/self/exe");
+    command.arg("probe").arg(&library);
+    // Uploads live in `DATA/artifacts`: the probe hides the data dir.
+    if let Some(data_dir) = library.parent().and_then(Path::parent) {
+        command.arg("--hide").arg(data_dir);
+    }
     // The running binary itself, even if a package upgrade replaced the file.
-    let mut child = Command::new("/proc/self/exe")
-        .arg("probe")
-        .arg(&library)
+    let mut child = command
         .current_dir("/")
         .process_group(0)
         .stdin(Stdio::null())
@@ -179,13 +185,12 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
         .map_err(|e| ProbeError::Failed(format!("cannot start the probe process: {e}")))?;
     let group = rustix::process::Pid::from_child(&child);
     let stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = stdout.take(MAX_REPORT).read_to_string(&mut out);
-        out
-    });
-    let deadline = Instant::now() + TIME_LIMIT;
+    let read = rustix::fs::fcntl_setfl(&stdout, rustix::fs::OFlags::NONBLOCK);
+    let mut output = Tail::default();
+    // The probe process keeps its own time limit; this one is the backstop.
+    let deadline = Instant::now() + TIME_LIMIT + Duration::from_secs(2);
     let status = loop {
+        output.take(&stdout);
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
@@ -202,30 +207,53 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
             }
         }
     };
-    // Whatever the library started goes with the probe.
     let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     let _ = child.kill();
     let _ = child.wait();
-    let out = reader.join().unwrap_or_default();
+    read.map_err(|e| ProbeError::Failed(format!("cannot read the probe's report: {e}")))?;
+    // What the probe wrote before it exited is in the pipe now.
+    output.take(&stdout);
     let status = status?;
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
-        let hint = if signal == 9 {
-            " (out of its memory limit?)"
-        } else {
-            ""
-        };
-        return Err(ProbeError::Refused(format!(
-            "opening it crashed the probe process with {}{hint}",
-            signal_name(signal)
-        )));
+        return Err(crashed(signal));
     }
     // The last line: a constructor may have printed before the report.
+    let out = String::from_utf8_lossy(&output.0);
     match out.lines().last().map(serde_json::from_str::<Answer>) {
         Some(Ok(Answer::Plugin(report))) if status.success() => Ok(report),
         Some(Ok(Answer::Refused(reason))) => Err(ProbeError::Refused(reason)),
+        Some(Ok(Answer::Crashed(signal))) => Err(crashed(signal)),
         _ => Err(ProbeError::Refused(format!(
             "the probe ended with {status} and no report (the library exited the process?)"
         ))),
+    }
+}
+
+fn crashed(signal: i32) -> ProbeError {
+    let hint = if signal == 9 {
+        " (out of its memory limit?)"
+    } else {
+        ""
+    };
+    ProbeError::Refused(format!(
+        "opening it crashed the probe process with {}{hint}",
+        signal_name(signal)
+    ))
+}
+
+/// The last [`MAX_REPORT`] bytes of the probe's output.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    /// Reads what the non-blocking pipe holds now.
+    fn take(&mut self, pipe: &std::process::ChildStdout) {
+        let mut buffer = [0u8; 8192];
+        while let Ok(n @ 1..) = rustix::io::read(pipe, &mut buffer) {
+            self.0.extend_from_slice(&buffer[..n]);
+            let over = self.0.len().saturating_sub(MAX_REPORT);
+            self.0.drain(..over);
+        }
     }
 }
 
@@ -244,10 +272,98 @@ pub(crate) fn signal_name(signal: i32) -> String {
     name.to_owned()
 }
 
-/// The child side, `agent probe LIBRARY`: limits itself, opens the
-/// library, prints one JSON line and returns the exit code.
-pub fn child(library: &Path) -> i32 {
+/// The probe process, `agent probe LIBRARY [--hide DIR]`: contains a
+/// child that opens the library, and prints the last line of the report.
+///
+/// This process runs only the agent's own code. It copies the library
+/// into a sealed memory file, becomes a child subreaper, asks for new
+/// PID, network, mount and IPC namespaces for its child, and forks. The
+/// child ([`open_contained`]) walls itself in, then opens the library. This
+/// process waits for it at most [`TIME_LIMIT`], kills it, and kills every
+/// process it inherited until none is left: the child is its namespace's
+/// init, so the kernel kills whatever it started; without namespaces the
+/// daemons it left became this subreaper's children.
+pub fn child(library: &Path, hide: Option<&Path>) -> i32 {
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    let subreaper = sandbox::become_subreaper();
+    let isolation = sandbox::isolate_children();
+    let pid = match sandbox::fork() {
+        Ok(Forked::Child) => std::process::exit(open_contained(library, isolation, hide)),
+        Ok(Forked::Parent(pid)) => pid,
+        Err(e) => return answer(&Answer::Refused(format!("cannot start the probe: {e}"))),
+    };
+    let started = Instant::now();
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+    let ended = loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+            Ok(Some((_, status))) => break Some(status),
+            Ok(None) if started.elapsed() < TIME_LIMIT => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            _ => break None,
+        }
+    };
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    sweep(subreaper.is_ok());
+    match ended {
+        None => answer(&Answer::Refused(format!(
+            "opening it did not finish within {} s (a constructor that hangs?)",
+            TIME_LIMIT.as_secs()
+        ))),
+        Some(status) => match (status.exit_status(), status.terminating_signal()) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => answer(&Answer::Crashed(signal)),
+            (None, None) => answer(&Answer::Refused("the probe stopped".into())),
+        },
+    }
+}
+
+/// Kills and reaps every process this one inherited (its child, and, as a
+/// subreaper, the daemons below it) until none is left, for a second at most.
+fn sweep(subreaper: bool) {
+    let me = std::process::id();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        loop {
+            match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                // No child left.
+                Err(_) => return,
+            }
+        }
+        if !subreaper {
+            return;
+        }
+        for pid in sandbox::children(me) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Prints `answer` as the report's last line and returns the exit code.
+fn answer(answer: &Answer) -> i32 {
+    let line = serde_json::to_string(answer).unwrap_or_default();
+    println!("\n{line}");
+    match answer {
+        Answer::Plugin(_) => 0,
+        Answer::Refused(_) | Answer::Crashed(_) => 3,
+    }
+}
+
+/// The contained child: walls itself in, limits itself, opens the
+/// library, prints the report and returns the exit code.
+fn open_contained(library: &Path, isolation: Isolation, hide: Option<&Path>) -> i32 {
     use rustix::process::{setrlimit, Resource, Rlimit};
+    // Dies with the probe process rather than linger.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    let library = match wall_in(library, isolation, hide) {
+        Ok(library) => library,
+        Err(e) => return answer(&Answer::Refused(format!("cannot contain the probe: {e}"))),
+    };
     let limit = |resource, value: u64| {
         let _ = setrlimit(
             resource,
@@ -259,14 +375,13 @@ pub fn child(library: &Path) -> i32 {
     };
     limit(Resource::As, MEMORY_LIMIT);
     limit(Resource::Cpu, TIME_LIMIT.as_secs());
-    // A constructor may write, but cannot fill the disk or open much.
+    // Without a mount namespace a constructor may still write somewhere
+    // (as `nobody` when the agent is root): not much per file, nor many.
     limit(Resource::Fsize, FILE_LIMIT);
     limit(Resource::Nofile, 64);
     // A crash here is expected of bad uploads: leave no core dumps behind.
     limit(Resource::Core, 0);
-    // Die with the agent rather than linger.
-    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
-    let answer = match nine9s_host::Library::open(library) {
+    answer(&match nine9s_host::Library::open(&library) {
         Ok(opened) => Answer::Plugin(Report {
             abi: opened.abi_version(),
             name: opened.name().to_owned(),
@@ -274,11 +389,32 @@ pub fn child(library: &Path) -> i32 {
             state_version: opened.state_version(),
         }),
         Err(e) => Answer::Refused(e.to_string()),
-    };
-    let line = serde_json::to_string(&answer).unwrap_or_default();
-    println!("\n{line}");
-    match answer {
-        Answer::Plugin(_) => 0,
-        Answer::Refused(_) => 3,
+    })
+}
+
+/// Walls the contained child in, where the kernel gave namespaces: the
+/// data dir (`hide`) covered by an empty tmpfs, `/dev/shm` by one holding
+/// only a copy of the library (a path `nobody` can reach), every mount
+/// read-only, then no privileges (`nobody` for a root agent). Returns
+/// where to open the library. Without namespaces only the limits and the
+/// sweep contain it.
+fn wall_in(library: &Path, isolation: Isolation, hide: Option<&Path>) -> std::io::Result<PathBuf> {
+    if !isolation.namespaces {
+        return Ok(library.to_owned());
     }
+    let mut original = std::fs::File::open(library)?;
+    let size = original.metadata()?.len();
+    if let Some(hide) = hide {
+        sandbox::cover(hide, 4096)?;
+    }
+    sandbox::cover(Path::new("/dev/shm"), size + 64 * 1024)?;
+    let copy = Path::new("/dev/shm/library.so").to_owned();
+    let mut file = std::fs::File::create_new(&copy)?;
+    std::io::copy(&mut original, &mut file)?;
+    // Readable by `nobody`, whatever the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+    drop((original, file));
+    sandbox::make_read_only()?;
+    sandbox::drop_privileges(isolation)?;
+    Ok(copy)
 }

@@ -13,6 +13,8 @@
 //!   the rest once copied);
 //! - an instance's `stop` (v2) runs before it is destroyed, with no call
 //!   in flight;
+//! - [`sandbox`] holds the walls the agent's probe opens untrusted
+//!   libraries behind (namespaces, read-only mounts, no privileges);
 //! - when the last handle on a library is dropped it is `dlclose`d, and the
 //!   host checks `/proc/self/maps` to tell whether it is really gone.
 // The workspace denies unsafe code; this crate is one of the two allowed
@@ -24,6 +26,7 @@ mod error;
 mod host_table;
 mod library;
 mod maps;
+pub mod sandbox;
 
 pub use allocator::{limit_malloc_arenas, unmap_large_blocks};
 pub use error::{CallError, LoadError};

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nine9s_proto::{StageHeader, StageReply, StatusRequest, TransitionRequest};
 use nine9s_tests::{
@@ -274,11 +274,13 @@ fn a_constructor_runs_in_the_probe_never_in_the_serving_agent() {
     );
     let staged = nine9s_tests::stage_fixture(&agent, "ctor-writes").ok();
     assert!(staged.stdout.contains("0.2.7"), "{staged:?}");
-    let openers = std::fs::read_to_string(&marker).expect("the constructor ran somewhere");
+    // The probe's constructor could not write the marker (its mounts are
+    // read-only) or wrote another pid: never the agent's.
+    let openers = std::fs::read_to_string(&marker).unwrap_or_default();
     let pids: Vec<u32> = openers.lines().map(|l| l.parse().unwrap()).collect();
     let (supervisor, worker) = (agent.pid(), agent.worker_pid());
     assert!(
-        !pids.is_empty() && !pids.contains(&worker) && !pids.contains(&supervisor),
+        !pids.contains(&worker) && !pids.contains(&supervisor),
         "opened by {pids:?}; the agent is {supervisor} (worker {worker})"
     );
     let sha = agent.release("0.2.7").unwrap()["sha256"]
@@ -1405,6 +1407,59 @@ fn fixture_sleepers() -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x003599\x00")
         })
         .collect()
+}
+
+/// Processes whose name (`comm`) is `name`.
+fn named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
+#[test]
+fn a_constructor_that_leaves_a_daemon_holds_nothing_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    // Writable by anyone: whoever the probe runs as, only its walls stop it.
+    std::fs::set_permissions(&files, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let name = format!("n9d{}", std::process::id());
+    let agent = Agent::start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("NINE9S_FIXTURE_DAEMON", name.as_str()),
+            ("NINE9S_FIXTURE_FILES", files.to_str().unwrap()),
+        ],
+    );
+    // The daemon holds the probe's stdout for 30 s: the stage must not wait.
+    let started = Instant::now();
+    let staged = nine9s_tests::stage_fixture(&agent, "ctor-daemon");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(12),
+        "the stage took {took:?}: {staged:?}"
+    );
+    assert!(staged.stdout.contains("0.2.3"), "{staged:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || named(&name).is_empty()),
+        "the constructor's daemon outlived the probe: {:?}",
+        named(&name)
+    );
+    let written: u64 = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        written <= 1024 * 1024,
+        "the probe's constructor wrote {written} bytes"
+    );
+    // Nothing of it was held: staging goes on.
+    nine9s_tests::stage_sample(&agent, "0.2.0");
 }
 
 #[test]
