@@ -165,6 +165,20 @@ enum Mode {
         #[arg(long)]
         hide: Option<PathBuf>,
     },
+    /// Rehearses a switch to TARGET in a disposable process (the state's
+    /// bytes on stdin); the serving worker runs this before it maps TARGET.
+    #[command(hide = true)]
+    Rehearse {
+        target: PathBuf,
+        #[arg(long)]
+        active: Option<PathBuf>,
+        #[arg(long)]
+        state_version: Option<u32>,
+        #[arg(long)]
+        hook: Vec<String>,
+        #[arg(long)]
+        limit_ms: u64,
+    },
     /// Serves, on the listeners passed in as fds 3 and 4, and 5 for
     /// `--metrics`, then `--health` (`LISTEN_FDS`); the supervisor runs the
     /// agent this way.
@@ -298,6 +312,19 @@ fn main() {
         Some(Mode::Probe { library, hide }) => {
             std::process::exit(nine9s_agent::probe::child(library, hide.as_deref()))
         }
+        Some(Mode::Rehearse {
+            target,
+            active,
+            state_version,
+            hook,
+            limit_ms,
+        }) => std::process::exit(nine9s_agent::probe::rehearsal_child(
+            target,
+            active.as_deref(),
+            *state_version,
+            hook,
+            Duration::from_millis(*limit_ms),
+        )),
         Some(Mode::Worker) => worker(args),
         Some(Mode::Check) => {
             check_plaintext(&args, args.grpc);

@@ -1,14 +1,17 @@
-//! Looking at an uploaded library without trusting it. `dlopen` runs a
-//! library's ELF constructors before a single symbol can be read, so the
-//! serving process never opens bytes nobody has vouched for: first the ELF
-//! headers are read as data ([`check_elf`]: the right architecture and
-//! type, every loadable segment and the section headers inside the file), then the library is
-//! opened in a throwaway child — this same binary run as `agent probe
-//! LIBRARY` ([`child`]) — in a process group of its own, under a time,
-//! memory, file size and open-file limit. The child
-//! reports the plugin's ABI, name, version and state version as one JSON
-//! line; a crash, a hang or anything else is the library's fault, said in
-//! words, and the agent never mapped it.
+//! Untrusted code out of the serving process. `dlopen` runs a library's
+//! ELF constructors before a single symbol can be read, so the serving
+//! process never opens bytes nobody has vouched for: first the ELF headers
+//! are read as data ([`check_elf`]: the right architecture and type, every
+//! loadable segment and the section headers inside the file), then the
+//! library is opened in a throwaway process — this same binary run as
+//! `agent probe LIBRARY` ([`child`]) — which opens it in a contained child
+//! (new namespaces, read-only mounts, no privileges: `nine9s_host::sandbox`)
+//! under a time, memory and open-file limit, and kills everything that
+//! child started. It reports the plugin's ABI, name, version and state
+//! version as one JSON line; a crash, a hang or anything else is the
+//! library's fault, said in words, and the agent never mapped it. Before a
+//! switch maps a release, [`rehearse`] runs its trial instance the same
+//! way (`agent rehearse`), so a crash there costs only that process.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -48,6 +51,8 @@ enum Answer {
     Refused(String),
     /// The contained child was killed by this signal.
     Crashed(i32),
+    /// A rehearsal's trial instance went through: what it checked.
+    Rehearsed(Vec<String>),
 }
 
 /// Checks what can be read of `path` as data: a 64-bit ELF shared
@@ -174,21 +179,44 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     if let Some(data_dir) = library.parent().and_then(Path::parent) {
         command.arg("--hide").arg(data_dir);
     }
+    match run(command, None, TIME_LIMIT)? {
+        Answer::Plugin(report) => Ok(report),
+        Answer::Refused(reason) => Err(ProbeError::Refused(reason)),
+        Answer::Crashed(signal) => Err(crashed(signal)),
+        Answer::Rehearsed(_) => Err(ProbeError::Failed("the probe answered a rehearsal".into())),
+    }
+}
+
+/// Runs `command` (this binary in a contained mode) with `input` on its
+/// stdin, for `limit` and a moment at most, and returns its last line.
+fn run(
+    mut command: Command,
+    input: Option<Vec<u8>>,
+    limit: Duration,
+) -> Result<Answer, ProbeError> {
     // The running binary itself, even if a package upgrade replaced the file.
     let mut child = command
         .current_dir("/")
         .process_group(0)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| ProbeError::Failed(format!("cannot start the probe process: {e}")))?;
+    if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A child that stops reading ends the write with it.
+        std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &bytes));
+    }
     let group = rustix::process::Pid::from_child(&child);
     let stdout = child.stdout.take().expect("piped");
     let read = rustix::fs::fcntl_setfl(&stdout, rustix::fs::OFlags::NONBLOCK);
     let mut output = Tail::default();
     // The probe process keeps its own time limit; this one is the backstop.
-    let deadline = Instant::now() + TIME_LIMIT + Duration::from_secs(2);
+    let deadline = Instant::now() + limit + Duration::from_secs(2);
     let status = loop {
         output.take(&stdout);
         match child.try_wait() {
@@ -196,8 +224,8 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
             Ok(None) => {
                 break Err(ProbeError::Refused(format!(
-                    "opening it did not finish within {} s (a constructor that hangs?)",
-                    TIME_LIMIT.as_secs()
+                    "its process did not finish within {} s",
+                    limit.as_secs()
                 )))
             }
             Err(e) => {
@@ -215,14 +243,15 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
     output.take(&stdout);
     let status = status?;
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
-        return Err(crashed(signal));
+        return Ok(Answer::Crashed(signal));
     }
     // The last line: a constructor may have printed before the report.
     let out = String::from_utf8_lossy(&output.0);
     match out.lines().last().map(serde_json::from_str::<Answer>) {
-        Some(Ok(Answer::Plugin(report))) if status.success() => Ok(report),
-        Some(Ok(Answer::Refused(reason))) => Err(ProbeError::Refused(reason)),
-        Some(Ok(Answer::Crashed(signal))) => Err(crashed(signal)),
+        Some(Ok(Answer::Plugin(_) | Answer::Rehearsed(_))) if !status.success() => Err(
+            ProbeError::Refused(format!("the probe ended with {status}")),
+        ),
+        Some(Ok(answer)) => Ok(answer),
         _ => Err(ProbeError::Refused(format!(
             "the probe ended with {status} and no report (the library exited the process?)"
         ))),
@@ -284,11 +313,20 @@ pub(crate) fn signal_name(signal: i32) -> String {
 /// init, so the kernel kills whatever it started; without namespaces the
 /// daemons it left became this subreaper's children.
 pub fn child(library: &Path, hide: Option<&Path>) -> i32 {
+    contain(TIME_LIMIT, true, "opening it", |isolation| {
+        open_contained(library, isolation, hide)
+    })
+}
+
+/// Runs `body` in a contained child (see [`child`]; `walls`: also in new
+/// network, mount and IPC namespaces) for `limit` at most, and returns
+/// this process's exit code.
+fn contain(limit: Duration, walls: bool, what: &str, body: impl FnOnce(Isolation) -> i32) -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let subreaper = sandbox::become_subreaper();
-    let isolation = sandbox::isolate_children();
+    let isolation = sandbox::isolate_children(walls);
     let pid = match sandbox::fork() {
-        Ok(Forked::Child) => std::process::exit(open_contained(library, isolation, hide)),
+        Ok(Forked::Child) => std::process::exit(body(isolation)),
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return answer(&Answer::Refused(format!("cannot start the probe: {e}"))),
     };
@@ -297,9 +335,7 @@ pub fn child(library: &Path, hide: Option<&Path>) -> i32 {
     let ended = loop {
         match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
             Ok(Some((_, status))) => break Some(status),
-            Ok(None) if started.elapsed() < TIME_LIMIT => {
-                std::thread::sleep(Duration::from_millis(2))
-            }
+            Ok(None) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(2)),
             _ => break None,
         }
     };
@@ -307,8 +343,8 @@ pub fn child(library: &Path, hide: Option<&Path>) -> i32 {
     sweep(subreaper.is_ok());
     match ended {
         None => answer(&Answer::Refused(format!(
-            "opening it did not finish within {} s (a constructor that hangs?)",
-            TIME_LIMIT.as_secs()
+            "{what} did not finish within {} s (a constructor or a call that hangs?)",
+            limit.as_secs()
         ))),
         Some(status) => match (status.exit_status(), status.terminating_signal()) {
             (Some(code), _) => code,
@@ -350,6 +386,7 @@ fn answer(answer: &Answer) -> i32 {
     println!("\n{line}");
     match answer {
         Answer::Plugin(_) => 0,
+        Answer::Rehearsed(_) => 0,
         Answer::Refused(_) | Answer::Crashed(_) => 3,
     }
 }
@@ -417,4 +454,150 @@ fn wall_in(library: &Path, isolation: Isolation, hide: Option<&Path>) -> std::io
     sandbox::make_read_only()?;
     sandbox::drop_privileges(isolation)?;
     Ok(copy)
+}
+
+/// How a rehearsal in a disposable process went, when it did not crash.
+#[derive(Debug)]
+pub enum Rehearsal {
+    /// The trial instance went through: what it checked.
+    Passed(Vec<String>),
+    /// The release failed a step (an error it returned, not a crash).
+    Failed(String),
+    /// It did not finish in time: stuck in the target's code, or in the
+    /// active release's migration.
+    Hung(String),
+}
+
+/// Rehearses a switch to `target` in a disposable process — this binary
+/// as `agent rehearse` — before the serving worker maps it: `state` (its
+/// state version and bytes) migrated (by `target` or `active`), a trial
+/// instance started with it, `hooks` run, its health checked, a snapshot
+/// taken. A crash there is `Err(Refused)`; the serving process never ran
+/// the code.
+pub fn rehearse(
+    target: &Path,
+    active: Option<&Path>,
+    state: Option<(u32, Vec<u8>)>,
+    hooks: &[String],
+    limit: Duration,
+) -> Result<Rehearsal, ProbeError> {
+    let absolute = |path: &Path| {
+        path.canonicalize()
+            .map_err(|e| ProbeError::Failed(format!("cannot find {}: {e}", path.display())))
+    };
+    let mut command = Command::new("/proc/self/exe");
+    command.arg("rehearse").arg(absolute(target)?);
+    if let Some(active) = active {
+        command.arg("--active").arg(absolute(active)?);
+    }
+    if let Some((version, _)) = &state {
+        command.arg("--state-version").arg(version.to_string());
+    }
+    for hook in hooks {
+        command.arg("--hook").arg(hook);
+    }
+    command.arg("--limit-ms").arg(limit.as_millis().to_string());
+    match run(command, state.map(|(_, bytes)| bytes), limit)? {
+        Answer::Rehearsed(checks) => Ok(Rehearsal::Passed(checks)),
+        Answer::Refused(reason) if reason.contains("did not finish within") => {
+            Ok(Rehearsal::Hung(reason))
+        }
+        Answer::Refused(reason) => Ok(Rehearsal::Failed(reason)),
+        Answer::Crashed(signal) => Err(ProbeError::Refused(format!(
+            "it crashed the rehearsal's disposable process with {}",
+            signal_name(signal)
+        ))),
+        Answer::Plugin(_) => Err(ProbeError::Failed("the rehearsal answered a probe".into())),
+    }
+}
+
+/// The rehearsal process, `agent rehearse TARGET [--active LIBRARY]
+/// [--state-version N] [--hook NAME]... --limit-ms MS`, the state's bytes
+/// on stdin: contained like the probe (a PID namespace of its own and the
+/// subreaper's sweep), but without its walls: the trial must see what the
+/// serving worker would (files, network).
+pub fn rehearsal_child(
+    target: &Path,
+    active: Option<&Path>,
+    state_version: Option<u32>,
+    hooks: &[String],
+    limit: Duration,
+) -> i32 {
+    contain(limit, false, "the rehearsal", |_| {
+        let _ =
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+        // A crash here is expected of bad releases: leave no core dumps.
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Core,
+            rustix::process::Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        );
+        let state = match state_version {
+            None => None,
+            Some(version) => {
+                let mut bytes = Vec::new();
+                if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes) {
+                    return answer(&Answer::Refused(format!("cannot read the state: {e}")));
+                }
+                Some((version, bytes))
+            }
+        };
+        answer(&match trial(target, active, state, hooks) {
+            Ok(checks) => Answer::Rehearsed(checks),
+            Err(why) => Answer::Refused(why),
+        })
+    })
+}
+
+/// The rehearsal's trial, in the disposable process.
+fn trial(
+    target: &Path,
+    active: Option<&Path>,
+    state: Option<(u32, Vec<u8>)>,
+    hooks: &[String],
+) -> Result<Vec<String>, String> {
+    let library = nine9s_host::Library::open(target).map_err(|e| e.to_string())?;
+    let checks = vec![format!(
+        "rehearsal: {} {} opened, started and checked in a disposable process first",
+        library.name(),
+        library.version()
+    )];
+    let to = library.state_version();
+    let migrated = match state {
+        Some((from, _)) if from == 0 || to == 0 => None,
+        Some((from, bytes)) if from == to => Some(bytes),
+        Some((from, bytes)) => {
+            let old = active
+                .map(nine9s_host::Library::open)
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let migrator = std::iter::once(&library)
+                .chain(old.as_ref())
+                .find(|l| l.can_migrate(from, to))
+                .ok_or_else(|| format!("no migration from state v{from} to v{to}"))?;
+            Some(
+                migrator
+                    .migrate(from, to, &bytes)
+                    .map_err(|e| format!("state migration: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    let instance = library
+        .instantiate(migrated.as_deref())
+        .map_err(|e| format!("init: {e}"))?;
+    for hook in hooks {
+        instance
+            .hook(hook)
+            .map_err(|e| format!("hook {hook}: {e}"))?;
+    }
+    instance
+        .health()
+        .map_err(|e| format!("health check: {e}"))?;
+    if to != 0 {
+        instance.snapshot().map_err(|e| format!("snapshot: {e}"))?;
+    }
+    Ok(checks)
 }

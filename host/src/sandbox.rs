@@ -47,12 +47,16 @@ pub fn become_subreaper() -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })
 }
 
-/// Moves this process's future children into new PID, network, mount and
-/// IPC namespaces — directly when privileged, else owned by a new user
-/// namespace that maps only this process's own uid and gid. Neither
-/// allowed: no isolation (the caller still contains by subreaper).
-pub fn isolate_children() -> Isolation {
-    let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+/// Moves this process's future children into a new PID namespace and,
+/// with `walls`, new network, mount and IPC namespaces — directly when
+/// privileged, else owned by a new user namespace that maps only this
+/// process's own uid and gid. Neither allowed: no isolation (the caller
+/// still contains by subreaper).
+pub fn isolate_children(walls: bool) -> Isolation {
+    let mut flags = libc::CLONE_NEWPID;
+    if walls {
+        flags |= libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+    }
     // SAFETY: unshare takes flags only; the PID namespace applies to
     // children, and this thread's other attributes stay valid.
     if unsafe { libc::unshare(flags) } == 0 {

@@ -1409,6 +1409,45 @@ fn fixture_sleepers() -> Vec<u32> {
         .collect()
 }
 
+#[test]
+fn a_release_that_crashes_on_init_is_rehearsed_away_from_the_serving_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = dir.path().join("crash-now");
+    let agent = Agent::start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[("NINE9S_FIXTURE_CRASH_FILE", crash.to_str().unwrap())],
+    );
+    nine9s_tests::stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    nine9s_tests::hello(&agent, HELLOS);
+    nine9s_tests::stage_fixture(&agent, "segfault").ok();
+    // From now on 0.2.8's `init` writes through a null pointer.
+    std::fs::write(&crash, "").unwrap();
+    let worker = agent.worker_pid();
+    let intact = |when: &str| {
+        assert_eq!(agent.worker_pid(), worker, "{when}: the worker changed");
+        let count = agent.get("/count");
+        assert_eq!(
+            (count.body.trim(), count.release.as_str()),
+            (HELLOS.to_string().as_str(), "0.2.0"),
+            "{when}"
+        );
+    };
+    let dry = agent.ctl(&["upgrade", "--to", "0.2.8", "--dry-run"]);
+    assert_eq!(dry.code, 1, "{dry:?}");
+    assert!(
+        dry.stderr.contains("SIGSEGV") && dry.stderr.contains("never loaded it"),
+        "{dry:?}"
+    );
+    intact("after the dry run");
+    let real = agent.ctl(&["upgrade", "--to", "0.2.8"]);
+    assert_eq!(real.code, 1, "{real:?}");
+    assert!(real.stderr.contains("SIGSEGV"), "{real:?}");
+    intact("after the upgrade");
+    assert_eq!(agent.release_state("0.2.8"), "failed");
+}
+
 /// Processes whose name (`comm`) is `name`.
 fn named(name: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")

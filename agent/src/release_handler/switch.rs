@@ -93,9 +93,11 @@ impl Actor {
         mut report: PlanReport,
     ) -> Result<PlanReport> {
         let active = self.shared.runtime.active();
+        let hooks = hooks(&report.plan.steps, ..);
+        let rehearsed = self.rehearse_disposable(&active, target, source, &report, &hooks)?;
+        report.checks.extend(rehearsed);
         let loaded = self.load(&active, target, source, &report)?;
         describe(&loaded, &mut report.checks);
-        let hooks = hooks(&report.plan.steps, ..);
         self.trial(&active, target, &loaded, &hooks)?;
         report.checks.push(trial_check(&hooks));
         Ok(report)
@@ -114,9 +116,11 @@ impl Actor {
             .iter()
             .position(|s| *s == Step::Switch)
             .expect("a validated plan has a switch");
+        let before = hooks(&steps, ..switch_at);
+        let rehearsed = self.rehearse_disposable(&active, target, source, report, &before)?;
+        report.checks.extend(rehearsed);
         let loaded = self.load(&active, target, source, report)?;
         describe(&loaded, &mut report.checks);
-        let before = hooks(&steps, ..switch_at);
         self.trial(&active, target, &loaded, &before)?;
         report.checks.push(trial_check(&before));
         crash_point("switch:loaded");
@@ -395,6 +399,76 @@ impl Actor {
                     "the plugin thread ended in the middle of a call",
                 ))
             }
+        }
+    }
+
+    /// The rehearsal in a disposable process (`probe::rehearse`), before
+    /// this process maps the target: what the trial below does, with a copy
+    /// of the state it would carry. A crash or a hang there fails the
+    /// switch, the serving worker untouched; an error the release returns
+    /// is left for the trial here to report as it always has.
+    fn rehearse_disposable(
+        &self,
+        active: &Arc<Loaded>,
+        target: &Release,
+        source: StateSource,
+        report: &PlanReport,
+        hooks: &[String],
+    ) -> Result<Vec<String>> {
+        let path = match self.artifacts.verified(&target.sha256, target.size) {
+            Ok(Ok(path)) => path,
+            // The load step says why, as it always has.
+            _ => return Ok(Vec::new()),
+        };
+        let state = match source {
+            StateSource::Snapshot => match self.shared.store().last_snapshot(&target.version)? {
+                Some(snapshot) => Some((snapshot.state_version, snapshot.bytes)),
+                None => return Ok(Vec::new()),
+            },
+            StateSource::Migrate if report.plan.steps.contains(&Step::Migrate) => {
+                let serving = Arc::clone(active);
+                let taken =
+                    match self.call_plugin(REHEARSAL_TIMEOUT, move || serving.take_snapshot())? {
+                        Called::Done(taken) => taken,
+                        Called::Expired(_) => Err(CallError::Failed(format!(
+                            "its snapshot did not finish within {} s",
+                            REHEARSAL_TIMEOUT.as_secs()
+                        ))),
+                    };
+                let bytes = taken.map_err(|e| plugin_error(&active.version, "snapshot", e))?;
+                Some((active.instance.library().state_version(), bytes))
+            }
+            StateSource::Migrate => None,
+        };
+        let active_library = active.instance.library().path().to_owned();
+        let hooks = hooks.to_vec();
+        let rehearsed = crate::probe::rehearse(
+            &path,
+            Some(&active_library),
+            state,
+            &hooks,
+            REHEARSAL_TIMEOUT,
+        );
+        match rehearsed {
+            Ok(crate::probe::Rehearsal::Passed(checks)) => Ok(checks),
+            Ok(crate::probe::Rehearsal::Failed(why)) => {
+                tracing::info!(%why, "the release failed its disposable rehearsal");
+                Ok(Vec::new())
+            }
+            Ok(crate::probe::Rehearsal::Hung(why)) => Err(plugin_error(
+                &target.version,
+                "rehearsal",
+                CallError::Failed(why),
+            )),
+            Err(crate::probe::ProbeError::Refused(why)) => Err(plugin_error(
+                &target.version,
+                "disposable rehearsal",
+                CallError::Failed(format!("{why}; the serving worker never loaded it")),
+            )),
+            Err(crate::probe::ProbeError::Failed(why)) => Err(Error::refused(
+                Reason::Internal,
+                format!("cannot rehearse {}: {why}", target.version),
+            )),
         }
     }
 
