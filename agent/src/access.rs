@@ -165,12 +165,12 @@ impl Access {
     /// at first start.
     pub fn default_admin(data_dir: &Path) -> Result<Access> {
         let path = admin_token_path(data_dir);
-        let token = match std::fs::read_to_string(&path) {
+        let token = match crate::datadir::read_secret(&path) {
             Ok(text) => text.trim().to_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_admin_token(&path)?,
-            Err(e) => {
-                return Err(Error::io(format!("cannot read {}", path.display()))(e));
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                create_admin_token(&path)?
             }
+            Err(e) => return Err(e),
         };
         if token.len() < MIN_TOKEN {
             return Err(Error::refused(
@@ -286,7 +286,8 @@ fn digest(token: &[u8]) -> [u8; 32] {
 }
 
 /// A new random admin token, written owner-only (created with mode 0600,
-/// whatever the umask) and synced.
+/// whatever the umask) and synced; never through a symlink, never into a
+/// file that exists.
 fn create_admin_token(path: &Path) -> Result<String> {
     let mut bytes = [0u8; 32];
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
@@ -297,6 +298,7 @@ fn create_admin_token(path: &Path) -> Result<String> {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(crate::datadir::NOFOLLOW)
             .open(path)?;
         writeln!(file, "{token}")?;
         file.sync_all()

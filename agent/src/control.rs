@@ -25,8 +25,8 @@ use crate::artifacts::{self, Reservation, Reservations, Upload};
 use crate::error::{Error, Reason};
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
 use crate::release_handler::{
-    check_service, inspect, Command, Direction, Engine, Meta, Permanence, PlanReport, Reply, Soak,
-    Staging, StateSource, FREE_SPACE_MARGIN,
+    check_service, embedded_sha256, inspect, Command, Direction, Engine, Meta, Permanence,
+    PlanReport, Reply, Signed, Soak, Staging, StateSource, FREE_SPACE_MARGIN,
 };
 use crate::runtime::Split;
 
@@ -300,7 +300,10 @@ impl ControlService {
 
     /// A Stage header's checks: sizes, the manifest, the service, the
     /// signature, room on disk.
-    fn check_header(&self, header: &pb::StageHeader) -> Result<(Manifest, Reservation), Status> {
+    fn check_header(
+        &self,
+        header: &pb::StageHeader,
+    ) -> Result<(Manifest, Reservation, Signed), Status> {
         if header.manifest_toml.len() > MAX_MANIFEST {
             return Err(too_large(format!(
                 "the release.toml is {} bytes; the limit is {MAX_MANIFEST}",
@@ -321,7 +324,7 @@ impl ControlService {
         }
         let manifest = Manifest::parse(&header.manifest_toml).map_err(|e| status(e.into()))?;
         check_service(&manifest, self.engine.service()).map_err(status)?;
-        self.check_signature(header).map_err(status)?;
+        let signed = self.check_signature(header).map_err(status)?;
         let dir = artifacts::dir(&self.engine.config().data_dir);
         let free = artifacts::free_space(&dir)
             .map_err(|e| status(Error::io("cannot read the free space of the data dir")(e)))?;
@@ -342,12 +345,13 @@ impl ControlService {
                     ),
                 ))
             })?;
-        Ok((manifest, reservation))
+        Ok((manifest, reservation, signed))
     }
 
     /// A signature must verify against a trusted key, whether or not one
     /// is required; none at all is refused only under `--require-signed`.
-    fn check_signature(&self, header: &pb::StageHeader) -> Result<(), Error> {
+    /// Returns who signed it, to be recorded with the release.
+    fn check_signature(&self, header: &pb::StageHeader) -> Result<Signed, Error> {
         let config = self.engine.config();
         if header.signature.is_empty() {
             if config.require_signed {
@@ -356,7 +360,7 @@ impl ControlService {
                     "this agent takes signed releases only (--require-signed): sign it with `ctl sign DIR --key KEY` by a key in its --trusted-keys",
                 ));
             }
-            return Ok(());
+            return Ok(Signed::default());
         }
         let Some(keys) = &self.keys else {
             return Err(Error::refused(
@@ -372,7 +376,47 @@ impl ControlService {
             )
             .map_err(|e| Error::refused(Reason::BadSignature, e.to_string()))?;
         tracing::info!(key, "release signature verified");
-        Ok(())
+        Ok(Signed {
+            by: Some(key),
+            signature: header.signature.clone(),
+        })
+    }
+
+    /// Under `--require-signed`, a release may be switched to (or made
+    /// permanent) only if a key trusted now signed it, or it is the sample
+    /// release built into the agent — also one staged before the flag
+    /// was given. An unknown version is left to the engine to answer.
+    fn check_trusted(&self, version: &Version) -> Result<(), Status> {
+        if !self.engine.config().require_signed {
+            return Ok(());
+        }
+        let releases = self.engine.releases().map_err(status)?;
+        let Some(release) = releases.iter().find(|r| r.version == *version) else {
+            return Ok(());
+        };
+        if release.sha256 == embedded_sha256() {
+            return Ok(());
+        }
+        let verified = self.keys.as_ref().is_some_and(|keys| {
+            !release.signature.is_empty()
+                && keys
+                    .verify(&release.signature, &release.manifest, &release.sha256)
+                    .is_ok()
+        });
+        if verified {
+            return Ok(());
+        }
+        let why = if release.signature.is_empty() {
+            "was staged unsigned"
+        } else {
+            "is signed by a key this agent no longer trusts"
+        };
+        Err(status(Error::refused(
+            Reason::SignatureRequired,
+            format!(
+                "release {version} {why}, and this agent runs only signed releases (--require-signed): nothing was switched. Remove it (`ctl remove {version}`) and stage it signed (`ctl sign DIR --key KEY`)"
+            ),
+        )))
     }
 
     fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<Identity, Status> {
@@ -393,6 +437,7 @@ impl ControlService {
         let meta_in = meta_of(&request, identity)?;
         let request = request.into_inner();
         let version = parse_version("version", &request.version)?;
+        self.check_trusted(&version)?;
         let command = match &request.canary {
             Some(split) => {
                 if request.permanence() != pb::Permanence::Unspecified || request.soak_ms != 0 {
@@ -525,7 +570,7 @@ impl Control for ControlService {
         meta.identity = Some(identity.name);
         // Everything the header alone can tell is checked before a byte of
         // the library is accepted.
-        let (manifest, reservation) = self.check_header(&header)?;
+        let (manifest, reservation, signed) = self.check_header(&header)?;
         let mut upload = Upload::create(
             &artifacts::dir(&self.engine.config().data_dir),
             Some(reservation),
@@ -575,6 +620,7 @@ impl Control for ControlService {
                 manifest_toml: header.manifest_toml,
                 upload,
                 state_version: report.state_version,
+                signed,
             })
         };
         std::thread::Builder::new()
@@ -659,6 +705,7 @@ impl Control for ControlService {
         let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let version = parse_version("version", &r.version)?;
+        self.check_trusted(&version)?;
         let reply = self
             .command(Command::MakePermanent { version }, meta)
             .await?;
@@ -951,6 +998,7 @@ fn release_pb(release: &Release) -> pb::Release {
         routes: release.routes.clone(),
         permanent_since_ms: release.permanent_since_ms.unwrap_or(0),
         failure: release.failure.clone().unwrap_or_default(),
+        signed_by: release.signed_by.clone().unwrap_or_default(),
     }
 }
 

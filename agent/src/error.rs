@@ -57,6 +57,10 @@ pub enum Error {
     ExpectedActive { expected: Version, active: Version },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A path another local user could have made or changed: the agent
+    /// does not start.
+    #[error(transparent)]
+    UnsafePath(#[from] crate::datadir::UnsafePath),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -94,6 +98,7 @@ impl Error {
             Error::QuiesceTimeout { .. } => Reason::QuiesceTimeout,
             Error::ExpectedActive { .. } => Reason::ExpectedActiveMismatch,
             Error::Store(_) => Reason::StoreUnavailable,
+            Error::UnsafePath(_) => Reason::InvalidArgument,
             Error::Io { source, .. } if is_disk_full(source) => Reason::DiskFull,
             Error::Io { .. } => Reason::Internal,
         }

@@ -269,6 +269,8 @@ mod tests {
             permanent_since_ms: Some(1),
             manifest: String::new(),
             failure: None,
+            signed_by: None,
+            signature: String::new(),
         }
     }
 

@@ -684,6 +684,16 @@ async fn answer(
         .ok_or(Unanswered::Abandoned)?;
     let version = handled.version;
     let mut response = match handled.result {
+        Ok(reply) if !crate::runtime::answerable(reply.status) => {
+            tracing::error!(%version, path = parts.uri.path(), status = reply.status, "release answered a status that is no final HTTP status (200 to 599); the client gets 502");
+            plain(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "release {version} answered status {}, which is no final HTTP status\n",
+                    reply.status
+                ),
+            )
+        }
         Ok(reply) => {
             let status =
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

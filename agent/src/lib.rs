@@ -25,6 +25,7 @@ mod artifacts;
 pub mod channel;
 mod config;
 mod control;
+pub mod datadir;
 mod error;
 mod failpoint;
 mod handover;
@@ -43,8 +44,6 @@ mod tls;
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,7 +107,8 @@ struct Prepared {
 impl Prepared {
     fn new(config: Config) -> Result<Prepared, Error> {
         process::hash_binary_in_background();
-        prepare_data_dir(&config.data_dir)?;
+        datadir::prepare(&config.data_dir)?;
+        datadir::check(&config)?;
         let access = Arc::new(access::load(config.tokens.as_deref(), &config.data_dir)?);
         tracing::info!(tokens = access.source(), "control plane access");
         let tls = config
@@ -572,15 +572,6 @@ pub fn plaintext_refusal(address: std::net::SocketAddr) -> String {
     format!(
         "refusing to serve the control plane on {address} without TLS: whoever reaches it could read its tokens off the wire and run code as this agent. Give --tls-cert and --tls-key (and --client-ca to require client certificates), or listen on a loopback address such as 127.0.0.1"
     )
-}
-
-/// Creates the data dir if needed and makes it owner-only, whatever it
-/// was: it holds the admin token, the artifacts and the store.
-fn prepare_data_dir(dir: &Path) -> Result<(), Error> {
-    let context = || format!("cannot prepare the data dir {}", dir.display());
-    std::fs::create_dir_all(dir).map_err(Error::io(context()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(Error::io(context()))
 }
 
 /// Asks for a checkpoint every `--checkpoint-every` until stopped.

@@ -11,7 +11,9 @@
 //! new binary do before it re-executes itself from it.
 //!
 //! Exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C), 1 when the
-//! agent cannot start or fails, 2 for bad flags.
+//! agent cannot start or fails, 2 for bad flags and for a data dir, tokens
+//! file, TLS key or trusted key another local user could have made or
+//! changed (`datadir.rs`).
 
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -328,6 +330,7 @@ fn main() {
         Some(Mode::Worker) => worker(args),
         Some(Mode::Check) => {
             check_plaintext(&args, args.grpc);
+            check_paths(&args);
             std::process::exit(0)
         }
         None => supervise(args),
@@ -369,6 +372,7 @@ fn check_plaintext(args: &Args, grpc: SocketAddr) {
 /// The supervisor: the listeners, then workers until SIGTERM.
 fn supervise(args: Args) -> ! {
     init_logging(args.log_format);
+    check_paths(&args);
     let listeners = listeners(&args).unwrap_or_else(|e| {
         eprintln!("agent: error: {e}");
         std::process::exit(1);
@@ -503,7 +507,12 @@ fn worker(args: Args) -> ! {
     runtime.shutdown_timeout(Duration::from_millis(100));
     if let Err(e) = result {
         eprintln!("agent: error: {e}");
-        std::process::exit(1);
+        // An unsafe path is the operator's to fix, like a bad flag.
+        let unsafe_path = matches!(
+            e.downcast_ref::<nine9s_agent::Error>(),
+            Some(nine9s_agent::Error::UnsafePath(_))
+        );
+        std::process::exit(if unsafe_path { 2 } else { 1 });
     }
     std::process::exit(0);
 }
@@ -525,7 +534,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (http, grpc) = (listener(http)?, listener(grpc)?);
     let metrics = metrics.map(listener).transpose()?;
     let health = health.map(listener).transpose()?;
-    let mut config = Config::new(args.data_dir);
+    let mut config = paths(&args);
     config.bootstrap = args.bootstrap.map_or(Bootstrap::Embedded, Bootstrap::Dir);
     config.soak = args.soak;
     config.checkpoint_every = args.checkpoint_every;
@@ -536,13 +545,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.keep_old = args.keep_old as usize;
     config.keep_history = args.keep_history as usize;
     config.max_error_rate = args.max_error_rate;
-    config.tokens = args.tokens;
-    config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
-        cert,
-        key,
-        client_ca: args.client_ca,
-    });
-    config.trusted_keys = args.trusted_keys;
     config.require_signed = args.require_signed;
     // With a request time limit, each connection's socket is held twice:
     // the watchdog answers on a duplicate.
@@ -614,6 +616,33 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     agent.run(listeners, shutdown, inherited.channel).await?;
     Ok(())
+}
+
+/// The configuration's paths: the data dir and the files flags name,
+/// which `nine9s_agent::datadir::check` looks at.
+fn paths(args: &Args) -> Config {
+    let mut config = Config::new(args.data_dir.clone());
+    config.tokens = args.tokens.clone();
+    config.tls = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: args.client_ca.clone(),
+        });
+    config.trusted_keys = args.trusted_keys.clone();
+    config
+}
+
+/// Refuses (exit 2) a data dir, tokens file, TLS key or trusted key
+/// another local user could have made or changed.
+fn check_paths(args: &Args) {
+    if let Err(e) = nine9s_agent::datadir::check(&paths(args)) {
+        eprintln!("agent: error: {e}");
+        std::process::exit(2);
+    }
 }
 
 /// File descriptors kept beside the control plane's connections for the

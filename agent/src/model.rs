@@ -62,7 +62,20 @@ pub struct Release {
     /// Why it is failed, when it is.
     #[serde(default)]
     pub failure: Option<String>,
+    /// The trusted key that signed it at stage ([`BUILT_IN`] for the sample
+    /// release embedded in the agent); `None`: staged unsigned.
+    #[serde(default)]
+    pub signed_by: Option<String>,
+    /// Its `release.sig` as staged (empty: none), checked again against
+    /// the keys trusted now before it is switched to under
+    /// `--require-signed`.
+    #[serde(default)]
+    pub signature: String,
 }
+
+/// `signed_by` of the sample release embedded in the agent binary: the
+/// agent trusts it as it trusts itself.
+pub const BUILT_IN: &str = "built-in";
 
 /// What a transition did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -107,6 +107,13 @@ const LAST_CODE: u16 = 599;
 /// One slot per code of the range, and a last one for anything else.
 const CODES: usize = (LAST_CODE - FIRST_CODE) as usize + 2;
 
+/// Whether `http` passes a release's status on: a final status (200–599).
+/// A 1xx would tell the client the response is yet to come (101: that the
+/// connection now speaks another protocol), and beyond 599 is no status.
+pub(crate) fn answerable(status: u16) -> bool {
+    (200..=599).contains(&status)
+}
+
 /// A version's responses by status code, for the whole life of the
 /// process: kept after its instances are unloaded, since a counter that
 /// went down would read as a restart to Prometheus. One per version ever
@@ -522,7 +529,7 @@ impl Runtime {
         drop(counted);
         shard.served.fetch_add(1, Ordering::Relaxed);
         match &result {
-            Ok(response) if response.status < 500 => {}
+            Ok(response) if response.status < 500 && answerable(response.status) => {}
             Ok(_) | Err(CallError::Failed(_) | CallError::BadStatus(_)) => {
                 shard.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -532,10 +539,11 @@ impl Runtime {
             }
         }
         // The status the client gets: `http` answers 500 for a failed call
-        // and for what hyper cannot send (outside 100–999).
+        // and 502 for a status it does not pass on.
         let status = match &result {
-            Ok(response) if (100..=999).contains(&response.status) => response.status,
-            _ => 500,
+            Ok(response) if answerable(response.status) => response.status,
+            Ok(_) => 502,
+            Err(_) => 500,
         };
         loaded.totals.count(mine, status);
         Some(Handled {

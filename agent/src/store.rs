@@ -7,6 +7,7 @@
 //! agent acknowledges it. A transition's release states and its history
 //! entry are written in one sled transaction.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -373,9 +374,11 @@ impl Store {
     /// whether more follow.
     pub fn history_after(&self, after_id: u64, limit: usize) -> Result<(Vec<Transition>, bool)> {
         let t = self.trees()?;
+        // Excluded, not `after_id + 1..`: the last id has no next.
+        let after = (Bound::Excluded(after_id.to_be_bytes()), Bound::Unbounded);
         let mut page = t
             .history
-            .range((after_id + 1).to_be_bytes()..)
+            .range(after)
             .values()
             .take(limit + 1)
             .map(|v| Ok(serde_json::from_slice::<Transition>(&v?)?))
@@ -800,6 +803,8 @@ mod tests {
             permanent_since_ms: None,
             manifest: String::new(),
             failure: None,
+            signed_by: None,
+            signature: String::new(),
         }
     }
 

@@ -164,6 +164,11 @@ pub fn releases(releases: &[pb::Release]) {
                 format!("v{}", r.state_version),
                 r.sha256.chars().take(12).collect(),
                 time(r.staged_at_ms),
+                if r.signed_by.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.signed_by.clone()
+                },
                 note,
             ]
         })
@@ -175,6 +180,7 @@ pub fn releases(releases: &[pb::Release]) {
             "STATE-FORMAT",
             "SHA256",
             "STAGED (UTC)",
+            "SIGNED-BY",
             "ROUTES",
         ],
         &rows,

@@ -1520,3 +1520,165 @@ fn a_library_whose_constructor_hangs_is_refused_and_leaves_no_process() {
     );
     t.unharmed();
 }
+
+#[test]
+fn require_signed_applies_to_releases_staged_before_it_and_releases_show_who_signed() {
+    let keys = tempfile::tempdir().unwrap();
+    let trusted = keygen(keys.path(), "trusted");
+    let data = keys.path().join("data");
+    let agent = Agent::start(&data, &[]);
+    let lib = library("nine9s_0_3_0");
+    let stage = |agent: &Agent, dir: &Path| {
+        agent
+            .ctl(&[
+                "stage",
+                dir.to_str().unwrap(),
+                "--library",
+                lib.to_str().unwrap(),
+            ])
+            .ok();
+    };
+    // Staged unsigned while no signature is required.
+    stage(&agent, &release_dir("nine9s-0.3.0"));
+    let signed_by = |agent: &Agent, version: &str| {
+        agent.release(version).expect("listed")["signed_by"]
+            .as_str()
+            .expect("signed_by is a string")
+            .to_owned()
+    };
+    // The embedded sample release is part of the agent binary: trusted as it.
+    assert_eq!(signed_by(&agent, "0.1.0"), "built-in");
+    assert_eq!(signed_by(&agent, "0.3.0"), "");
+    let table = agent.ctl(&["releases"]).ok().stdout;
+    assert!(
+        table.contains("SIGNED-BY") && table.contains("built-in"),
+        "{table}"
+    );
+    assert_eq!(agent.terminate(), 0);
+
+    // Restarted with signatures required: the unsigned release already in
+    // the store is neither switched to nor made permanent.
+    let flags = [
+        "--trusted-keys",
+        trusted.to_str().unwrap(),
+        "--require-signed",
+    ];
+    let agent = Agent::start(&data, &flags);
+    block_on(async {
+        let mut api = agent.api().await;
+        for permanence in [0, 2] {
+            let status = api
+                .upgrade(TransitionRequest {
+                    version: "0.3.0".into(),
+                    permanence,
+                    ..Default::default()
+                })
+                .await
+                .expect_err("an unsigned release is refused");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert_eq!(reason(&status), "SIGNATURE_REQUIRED");
+            assert!(status.message().contains("staged unsigned"), "{status:?}");
+        }
+    });
+    let upgrade = agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]);
+    assert_eq!(upgrade.code, 1, "{upgrade:?}");
+    assert!(upgrade.stderr.contains("SIGNATURE_REQUIRED"), "{upgrade:?}");
+    let permanent = agent.ctl(&["make-permanent", "0.3.0"]);
+    assert_ne!(permanent.code, 0, "{permanent:?}");
+    // It keeps serving what it served; the release stays staged.
+    let reply = agent.get("/");
+    assert_eq!((reply.status, reply.release.as_str()), (200, "0.1.0"));
+    assert_eq!(agent.status()["permanent_version"], "0.1.0");
+    assert_eq!(agent.release_state("0.3.0"), "staged");
+
+    // Removed and staged again signed, it is taken, and shows its key.
+    agent.ctl(&["remove", "0.3.0"]).ok();
+    let signed = keys.path().join("signed");
+    std::fs::create_dir_all(&signed).unwrap();
+    std::fs::copy(
+        release_dir("nine9s-0.3.0").join("release.toml"),
+        signed.join("release.toml"),
+    )
+    .unwrap();
+    let key = trusted.join("nine9s.key");
+    let sign = nine9s_tests::ctl(
+        "http://127.0.0.1:1",
+        &[
+            "sign",
+            signed.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--library",
+            lib.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(sign.code, 0, "{sign:?}");
+    stage(&agent, &signed);
+    let by = signed_by(&agent, "0.3.0");
+    assert!(
+        by.len() == 16 && by.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{by:?}"
+    );
+    assert!(
+        sign.stdout.contains(&by),
+        "the key ctl sign named: {sign:?}"
+    );
+    agent.ctl(&["upgrade", "--to", "0.3.0", "--permanent"]).ok();
+    assert_eq!(agent.get("/").release, "0.3.0");
+}
+
+#[test]
+fn history_after_the_last_possible_id_is_empty_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    block_on(async {
+        let mut api = agent.api().await;
+        for after_id in [u64::MAX, u64::MAX - 1] {
+            let page = api
+                .history(nine9s_proto::HistoryRequest {
+                    after_id: Some(after_id),
+                    limit: 10,
+                })
+                .await
+                .expect("a page")
+                .into_inner();
+            assert!(page.transitions.is_empty(), "{page:?}");
+            assert!(!page.more, "{page:?}");
+        }
+    });
+    assert_eq!(agent.get("/").status, 200);
+}
+
+/// The status line of `GET path` on a new connection.
+fn status_line(agent: &Agent, path: &str) -> String {
+    let mut stream = TcpStream::connect(agent.http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_release_answering_no_final_status_gets_its_client_a_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    nine9s_tests::stage_fixture(&agent, "headers").ok();
+    agent.ctl(&["upgrade", "--to", "0.4.2", "--permanent"]).ok();
+    assert!(status_line(&agent, "/status?code=204").starts_with("HTTP/1.1 204"));
+    // 101 would tell the client the connection now speaks another
+    // protocol; 100 that the answer is yet to come; 999 is no status.
+    for code in [101, 100, 999, 600] {
+        let line = status_line(&agent, &format!("/status?code={code}"));
+        assert!(line.starts_with("HTTP/1.1 502"), "{code}: {line:?}");
+    }
+    assert!(agent.log().contains("no final HTTP status"));
+    assert_eq!(agent.get("/count").status, 200);
+}

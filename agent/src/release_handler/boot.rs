@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use nine9s_manifest::{Manifest, Version};
 
-use super::catalog::{inspect, open, register};
+use super::catalog::{inspect, open, register, Signed};
 use super::handoff::restore_carry;
 use super::journal::{Changes, Journal, Origin};
 use super::machine::{self, Entry, Lifecycle};
@@ -28,7 +28,7 @@ use crate::artifacts::{Artifacts, Upload};
 use crate::config::{Bootstrap, Config};
 use crate::error::{Error, Result};
 use crate::handover::Preloaded;
-use crate::model::{now_ms, Event, EventKind, Release, TransitionKind};
+use crate::model::{now_ms, Event, EventKind, Release, TransitionKind, BUILT_IN};
 use crate::runtime::{Loaded, Runtime};
 use crate::store::Store;
 
@@ -37,7 +37,7 @@ const EMBEDDED_MANIFEST: &str = include_str!("../../../plugins/nine9s-0.1.0/rele
 const EMBEDDED_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libnine9s_0_1_0.so"));
 
 /// The sha256 of the sample release compiled into the agent.
-pub(super) fn embedded_sha256() -> &'static str {
+pub(crate) fn embedded_sha256() -> &'static str {
     static SHA256: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA256.get_or_init(|| {
         use sha2::Digest;
@@ -155,8 +155,16 @@ fn install(
     artifacts: &Artifacts,
     bootstrap: &Bootstrap,
 ) -> Result<(Lifecycle, Loaded, String)> {
-    let (manifest_toml, bytes) = match bootstrap {
-        Bootstrap::Embedded => (EMBEDDED_MANIFEST.to_owned(), EMBEDDED_LIBRARY.to_vec()),
+    let (manifest_toml, bytes, signed) = match bootstrap {
+        // Part of the agent binary: trusted as the agent is.
+        Bootstrap::Embedded => (
+            EMBEDDED_MANIFEST.to_owned(),
+            EMBEDDED_LIBRARY.to_vec(),
+            Signed {
+                by: Some(BUILT_IN.to_owned()),
+                signature: String::new(),
+            },
+        ),
         Bootstrap::Dir(dir) => {
             let manifest = Manifest::read_dir(dir)?;
             let library =
@@ -165,7 +173,7 @@ fn install(
                 .map_err(Error::io(format!("cannot read {}", dir.display())))?;
             let bytes = std::fs::read(&library)
                 .map_err(Error::io(format!("cannot read {}", library.display())))?;
-            (text, bytes)
+            (text, bytes, Signed::default())
         }
     };
     let manifest = Manifest::parse(&manifest_toml)?;
@@ -192,6 +200,7 @@ fn install(
         &manifest_toml,
         upload,
         report.state_version,
+        signed,
     )
     .and_then(|release| {
         let instance = open(artifacts, &release)?

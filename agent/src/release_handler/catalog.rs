@@ -30,6 +30,7 @@ impl Actor {
             manifest_toml,
             upload,
             state_version,
+            signed,
         } = staging;
         let manifest = Manifest::parse(&manifest_toml)?;
         check_service(&manifest, &self.shared.service)?;
@@ -88,6 +89,7 @@ impl Actor {
             &manifest_toml,
             upload,
             state_version,
+            signed,
         ) {
             Ok(release) => {
                 crash_point("stage:checked");
@@ -225,6 +227,17 @@ pub struct Staging {
     pub upload: Uploaded,
     /// What the probe found: the plugin's state version.
     pub state_version: u32,
+    /// Who signed it, and the signature (see [`Release::signed_by`]).
+    pub signed: Signed,
+}
+
+/// A release's signature as staged.
+#[derive(Debug, Default)]
+pub struct Signed {
+    /// The id of the trusted key that signed it, or [`crate::model::BUILT_IN`].
+    pub by: Option<String>,
+    /// The `release.sig` text; empty for none.
+    pub signature: String,
 }
 
 pub fn check_service(manifest: &Manifest, service: &str) -> Result<()> {
@@ -312,6 +325,7 @@ pub(super) fn register(
     manifest_toml: &str,
     upload: Uploaded,
     state_version: u32,
+    signed: Signed,
 ) -> Result<Release> {
     let (sha256, size) = (upload.sha256.clone(), upload.size);
     artifacts
@@ -330,5 +344,7 @@ pub(super) fn register(
         permanent_since_ms: None,
         manifest: manifest_toml.to_owned(),
         failure: None,
+        signed_by: signed.by,
+        signature: signed.signature,
     })
 }

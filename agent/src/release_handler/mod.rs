@@ -36,8 +36,9 @@ mod machine;
 mod soak;
 mod switch;
 
+pub(crate) use boot::embedded_sha256;
 pub(crate) use catalog::open as open_release;
-pub use catalog::{check_service, inspect, Staging, FREE_SPACE_MARGIN};
+pub use catalog::{check_service, inspect, Signed, Staging, FREE_SPACE_MARGIN};
 pub use machine::{check_states, Direction, Soak};
 pub use soak::watch as watch_soaks;
 

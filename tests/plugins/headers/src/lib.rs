@@ -5,6 +5,8 @@
 //!   `x-repeat-count`;
 //! - `GET /cookies` sets two cookies (one header name, twice) and a
 //!   `cache-control`; `GET /moved` redirects with a `location`;
+//! - `GET /status?code=N` answers status N, whatever it is (101 and 999
+//!   included: the agent must not pass those on);
 //! - it logs through the agent when it starts and stops, with the time its
 //!   instance lived on the agent's monotonic clock;
 //! - each instance starts a ticker thread and joins it in `stop`; a thread
@@ -72,6 +74,14 @@ impl Plugin for Headers {
                 .header("set-cookie", "b=2; Path=/")
                 .header("cache-control", "no-store"),
             "/moved" => Response::redirect(308, "/count"),
+            "/status" => {
+                let code = request
+                    .query
+                    .strip_prefix("code=")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(200);
+                Response::with_status(code, "status")
+            }
             _ => Response::not_found(),
         }
     }
