@@ -95,9 +95,27 @@ fn status(error: Error) -> Status {
     let code = code(reason);
     Status::with_error_details(
         code,
-        error.to_string(),
+        client_message(&error),
         ErrorDetails::with_error_info(reason.as_str(), DOMAIN, metadata),
     )
+}
+
+/// What the client is told of `error`. The agent's own I/O, its store and
+/// a library that does not load are described in words that name the
+/// server's paths (and the store's lock): those stay in the agent's log,
+/// and the client learns what failed.
+fn client_message(error: &Error) -> String {
+    let summary = match error {
+        Error::Io { source, .. } if crate::error::is_disk_full(source) => {
+            "the agent's disk is full".to_owned()
+        }
+        Error::Io { .. } => "the agent could not read or write its data dir".to_owned(),
+        Error::Store(_) => "the agent's store is unavailable".to_owned(),
+        Error::Load { version, .. } => format!("cannot load release {version}"),
+        other => return other.to_string(),
+    };
+    tracing::error!(error = %error, "answered the client without the details: {summary}");
+    format!("{summary} (the agent's log has the details)")
 }
 
 /// The gRPC code of each reason, per gRPC's guide: INVALID_ARGUMENT for
@@ -637,7 +655,7 @@ impl Control for ControlService {
             ))
         })?;
         let reply = self
-            .command(Command::Stage(inspected.map_err(status)?), meta)
+            .command(Command::Stage(Box::new(inspected.map_err(status)?)), meta)
             .await?;
         let Reply::Staged {
             release,

@@ -265,6 +265,7 @@ def test_mtls_certificate_identity_and_roles(tmp_path: Path) -> None:
                 "-extfile", f"{name}.ext")  # fmt: skip
     tokens = tmp_path / "tokens"
     tokens.write_text("viewer read -\n")
+    tokens.chmod(0o600)  # the agent refuses a tokens file others can read
 
     agent = start_agent(
         tmp_path / "data",

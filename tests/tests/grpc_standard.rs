@@ -201,6 +201,8 @@ fn unusable_tls_files_stop_the_agent_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
+    // Owner-only, as a key must be: what is refused here is its contents.
+    std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut agent = std::process::Command::new(nine9s_tests::bin_dir().join("agent"))
         .arg("--data-dir")
         .arg(dir.path().join("data"))

@@ -325,6 +325,12 @@ fn an_upload_whose_bytes_do_not_match_its_digest_is_refused() {
     t.unharmed();
 }
 
+/// A tokens file must be owner-only (the agent refuses it otherwise).
+fn owner_only(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A key pair made by `ctl keygen` in `dir/name`.
 fn keygen(dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
@@ -767,6 +773,7 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
         "# name role token\nwatcher read read-token-0123456789\nci deploy deploy-token-0123456789\nops admin admin-token-0123456789\n",
     )
     .unwrap();
+    owner_only(&tokens);
     let agent = Agent::start(
         &dir.path().join("data"),
         &["--tokens", tokens.to_str().unwrap()],
@@ -823,6 +830,13 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
         replayed.stderr.contains("REQUEST_ID_REUSED"),
         "{replayed:?}"
     );
+    // ... nor learn what that command was, or whose.
+    for private in ["by ci", "Permanent", "None"] {
+        assert!(
+            !replayed.stderr.contains(private),
+            "{private}: {replayed:?}"
+        );
+    }
     let denied = as_("deploy-token-0123456789", &["remove", "0.1.0"]);
     assert_eq!(denied.code, 1, "{denied:?}");
     assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
@@ -964,6 +978,7 @@ fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
         "edge-1 deploy -\nops admin admin-token-0123456789\n",
     )
     .unwrap();
+    owner_only(&tokens);
     let data = pki.dir.path().join("data");
     let agent = Agent::start(
         &data,

@@ -195,9 +195,12 @@ impl Actor {
         if let Some(id) = &meta.request_id {
             if let Some(recorded) = store.request(id)? {
                 if recorded.fingerprint != fingerprint {
+                    // The first command may be another identity's: what it
+                    // was stays in the log.
+                    tracing::warn!(request_id = %id, recorded = %recorded.fingerprint, this = %fingerprint, "a request id reused for another command: refused");
                     return Err(Error::refused(
                         Reason::RequestIdReused,
-                        format!("request id {id:?} was used for another command ({}); use a new id for a new command", recorded.fingerprint),
+                        format!("request id {id:?} was already used for another command; use a new id for a new command"),
                     ));
                 }
                 tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
@@ -230,7 +233,7 @@ impl Actor {
         };
         let before = self.lifecycle.clone();
         let outcome = match command {
-            Command::Stage(staging) => self.stage(staging, &origin),
+            Command::Stage(staging) => self.stage(*staging, &origin),
             Command::Switch {
                 direction,
                 version,
@@ -983,7 +986,14 @@ impl Actor {
     /// The store failed a write: serve on, refuse transitions until it works.
     pub(super) fn store_failed(&self, error: String) {
         tracing::error!(%error, "the store cannot be written: transitions are refused until it works again; serving goes on");
-        self.set_view(|view| view.store_error = Some(error));
+        // Clients (Status, refusals) are told that it fails, not the
+        // store's own words, which name the server's paths: the log has them.
+        let summary = if error.contains("No space left") || error.contains("quota") {
+            "a write failed: the disk is full (the agent's log has the error)"
+        } else {
+            "a write failed (the agent's log has the error)"
+        };
+        self.set_view(|view| view.store_error = Some(summary.to_owned()));
     }
 
     /// Tries the store again; once it takes writes, the lifecycle as the

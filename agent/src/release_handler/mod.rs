@@ -66,7 +66,7 @@ pub enum StateSource {
 #[derive(Debug)]
 pub enum Command {
     /// An upload that passed its checks (`catalog::inspect`).
-    Stage(Staging),
+    Stage(Box<Staging>),
     Switch {
         direction: Direction,
         version: Version,
