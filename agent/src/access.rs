@@ -1,11 +1,15 @@
 //! Who may drive the control plane: bearer tokens (and, over mTLS, client
-//! certificates), each naming an identity with a role. Every RPC asks
-//! [`Access::check`] for the role it needs before it reads its request.
+//! certificates), each naming an identity with a role, and on the local
+//! control socket (`DATA/control.sock`) the caller's uid as the kernel
+//! tells it (`SO_PEERCRED`): the agent's own user and root are admins
+//! (`local:<user>`), anyone else is refused, and no token is looked at
+//! there. Every RPC asks [`Access::check`] for the role it needs before it
+//! reads its request: it is the one place that decides who the caller is.
 //!
 //! With no `--tokens` file the agent keeps one admin token in
-//! `DATA/admin.token`, created owner-only at first start: the agent's own
-//! user (and root) can read it, `ctl` finds it there, other local users
-//! cannot. Tokens are compared by their sha256 in constant time, and every
+//! `DATA/admin.token`, created owner-only at first start, for clients
+//! that reach the agent over TCP (over TLS beyond this machine).
+//! Tokens are compared by their sha256 in constant time, and every
 //! entry is compared, so timing tells nothing about which one matched.
 
 use std::fmt;
@@ -72,6 +76,8 @@ pub struct Access {
     entries: Vec<Entry>,
     /// Where the tokens came from, for messages.
     source: String,
+    /// Who may use the local control socket.
+    local: LocalUsers,
 }
 
 /// What a caller presented.
@@ -80,6 +86,74 @@ pub struct Credentials<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The subject common name of a verified client certificate, if any.
     pub certificate: Option<String>,
+    /// Set when the call came over the local control socket.
+    pub local: Option<LocalCaller>,
+}
+
+/// A caller on the local control socket.
+pub struct LocalCaller {
+    /// Its uid as the kernel tells (`SO_PEERCRED`); `None` if it could not.
+    pub uid: Option<u32>,
+}
+
+/// The users the local control socket admits, as admins: the agent's own
+/// (its effective uid) and root, with their names for the history.
+struct LocalUsers {
+    owner: u32,
+    owner_name: String,
+    root_name: String,
+}
+
+impl LocalUsers {
+    fn current() -> LocalUsers {
+        let owner = rustix::process::geteuid().as_raw();
+        LocalUsers {
+            owner,
+            owner_name: local_name(owner),
+            root_name: local_name(0),
+        }
+    }
+
+    fn identity(&self, caller: &LocalCaller) -> Result<Identity> {
+        let name = match caller.uid {
+            Some(0) => &self.root_name,
+            Some(uid) if uid == self.owner => &self.owner_name,
+            Some(uid) => {
+                return Err(unauthenticated(&format!(
+                    "uid {uid} may not use this agent's local control socket: only its own user (uid {}) and root may; others need a token, over TLS",
+                    self.owner
+                )))
+            }
+            None => {
+                return Err(unauthenticated(
+                    "the local control socket could not tell who is calling (no peer credentials)",
+                ))
+            }
+        };
+        Ok(Identity {
+            name: name.clone(),
+            role: Role::Admin,
+        })
+    }
+}
+
+/// `local:<user>` from /etc/passwd, or `local:uid:N` for a uid it does
+/// not list.
+fn local_name(uid: u32) -> String {
+    let listed = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?;
+                (id.parse() == Ok(uid) && !name.is_empty()).then(|| name.to_owned())
+            })
+        });
+    match listed {
+        Some(name) => format!("local:{name}"),
+        None => format!("local:uid:{uid}"),
+    }
 }
 
 impl Access {
@@ -158,6 +232,7 @@ impl Access {
         Ok(Access {
             entries,
             source: String::new(),
+            local: LocalUsers::current(),
         })
     }
 
@@ -190,6 +265,7 @@ impl Access {
                 digest: Some(digest(token.as_bytes())),
             }],
             source: path.display().to_string(),
+            local: LocalUsers::current(),
         })
     }
 
@@ -198,12 +274,18 @@ impl Access {
         &self.source
     }
 
-    /// The identity behind `credentials`, if it may act as `needed`.
-    /// A bearer token is looked at first; without one, a verified client
+    /// The identity behind `credentials`, if it may act as `needed`. On
+    /// the local control socket only the caller's uid counts; elsewhere a
+    /// bearer token is looked at first, and without one, a verified client
     /// certificate.
     pub fn check(&self, credentials: &Credentials<'_>, needed: Role) -> Result<Identity> {
-        let identity = match (credentials.authorization, &credentials.certificate) {
-            (Some(header), _) => {
+        let identity = match (
+            &credentials.local,
+            credentials.authorization,
+            &credentials.certificate,
+        ) {
+            (Some(caller), _, _) => self.local.identity(caller)?,
+            (None, Some(header), _) => {
                 let token = bearer(header).ok_or_else(|| {
                     unauthenticated("the authorization metadata must be \"Bearer TOKEN\"")
                 })?;
@@ -213,7 +295,7 @@ impl Access {
             }
             // Only identities listed for certificates (`NAME ROLE -`): a
             // certificate never stands in for a token's identity.
-            (None, Some(subject)) => self
+            (None, None, Some(subject)) => self
                 .entries
                 .iter()
                 .find(|e| e.digest.is_none() && e.identity.name == *subject)
@@ -223,9 +305,9 @@ impl Access {
                         "the client certificate {subject:?} is not listed as NAME ROLE - in the tokens file"
                     ))
                 })?,
-            (None, None) => {
+            (None, None, None) => {
                 return Err(unauthenticated(
-                    "no credentials: send \"authorization: Bearer TOKEN\" (ctl: --token, --token-file, NINE9S_TOKEN or ./nine9s-data/admin.token)",
+                    "no credentials: send \"authorization: Bearer TOKEN\" (ctl: --token, --token-file or NINE9S_TOKEN, over https://), or use the agent's local control socket DATA/control.sock as its user or root",
                 ))
             }
         };
@@ -316,6 +398,7 @@ mod tests {
         Credentials {
             authorization: Some(token.as_bytes()),
             certificate: None,
+            local: None,
         }
     }
 
@@ -361,6 +444,7 @@ mod tests {
         let none = Credentials {
             authorization: None,
             certificate: None,
+            local: None,
         };
         assert_eq!(
             access.check(&none, Role::Read).unwrap_err().reason(),
@@ -374,6 +458,7 @@ mod tests {
         let cert = |cn: &str| Credentials {
             authorization: None,
             certificate: Some(cn.to_owned()),
+            local: None,
         };
         assert_eq!(
             access.check(&cert("edge-1"), Role::Deploy).unwrap().name,
@@ -399,6 +484,43 @@ mod tests {
                 .reason(),
             Reason::Unauthenticated
         );
+    }
+
+    #[test]
+    fn the_local_socket_admits_the_agents_user_and_root_only_by_uid() {
+        let access = Access::parse(FILE).unwrap();
+        let owner = rustix::process::geteuid().as_raw();
+        let local = |uid: Option<u32>, token: Option<&'static str>| Credentials {
+            authorization: token.map(str::as_bytes),
+            certificate: None,
+            local: Some(LocalCaller { uid }),
+        };
+        let me = access
+            .check(&local(Some(owner), None), Role::Admin)
+            .unwrap();
+        assert!(me.name.starts_with("local:"), "{me:?}");
+        assert_eq!(me.role, Role::Admin);
+        let root = access.check(&local(Some(0), None), Role::Admin).unwrap();
+        assert_eq!(root.name, local_name(0));
+        let stranger = if owner == 65534 { 65533 } else { 65534 };
+        let err = access
+            .check(&local(Some(stranger), None), Role::Read)
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::Unauthenticated);
+        assert!(
+            err.to_string().contains(&format!("uid {stranger}")),
+            "{err}"
+        );
+        // A valid token does not make a stranger on the socket anyone.
+        let err = access
+            .check(
+                &local(Some(stranger), Some("Bearer aaaaaaaaaaaa#aaaaaaaaaaa")),
+                Role::Read,
+            )
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::Unauthenticated);
+        let err = access.check(&local(None, None), Role::Read).unwrap_err();
+        assert_eq!(err.reason(), Reason::Unauthenticated);
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub const STATE: &str = "nine9s-state";
 /// Across the supervisor's re-execution: its end of the serving worker's
 /// channel, and of the socket the worker's stderr comes through.
 pub const ADOPTED_CHANNEL: &str = "nine9s-adopted-channel";
+/// The local control socket (`local.rs`), a listening Unix stream socket
+/// the supervisor bound: passed to every worker, and to the supervisor's
+/// next image across a re-execution.
+pub const CONTROL: &str = "nine9s-control";
 pub const ADOPTED_STDERR: &str = "nine9s-adopted-stderr";
 
 /// The largest message: a failed restart with its stderr lines.
@@ -156,11 +160,12 @@ fn receive(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<Messag
     }
 }
 
-/// The sockets of [`CHANNEL`], [`STATE`], [`ADOPTED_CHANNEL`] and
-/// [`ADOPTED_STDERR`] this process was given, if any.
+/// The sockets of [`CHANNEL`], [`STATE`], [`ADOPTED_CHANNEL`],
+/// [`ADOPTED_STDERR`] and [`CONTROL`] this process was given, if any.
 #[derive(Default)]
 pub struct Inherited {
     pub channel: Option<OwnedFd>,
+    pub control: Option<OwnedFd>,
     pub state: Option<OwnedFd>,
     pub adopted_channel: Option<OwnedFd>,
     pub adopted_stderr: Option<OwnedFd>,
@@ -179,6 +184,7 @@ impl Inherited {
                 STATE => (&mut inherited.state, SocketType::STREAM),
                 ADOPTED_CHANNEL => (&mut inherited.adopted_channel, SocketType::SEQPACKET),
                 ADOPTED_STDERR => (&mut inherited.adopted_stderr, SocketType::STREAM),
+                CONTROL => (&mut inherited.control, SocketType::STREAM),
                 _ => continue,
             };
             let fd = fds

@@ -20,7 +20,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::access::{Access, Credentials, Identity, Role};
+use crate::access::{Access, Credentials, Identity, LocalCaller, Role};
 use crate::artifacts::{self, Reservation, Reservations, Upload};
 use crate::error::{Error, Reason};
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
@@ -208,6 +208,13 @@ fn authorize<T>(access: &Access, request: &Request<T>, role: Role) -> Result<Ide
             .get("authorization")
             .map(|v| v.as_bytes()),
         certificate: crate::tls::client_name(request),
+        // Only the local control socket's connections are Unix streams.
+        local: request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .map(|info| LocalCaller {
+                uid: info.peer_cred.map(|cred| cred.uid()),
+            }),
     };
     access.check(&credentials, role).map_err(status)
 }

@@ -31,6 +31,7 @@ mod failpoint;
 mod handover;
 mod http;
 mod incoming;
+pub mod local;
 mod metrics;
 mod model;
 pub mod probe;
@@ -245,6 +246,7 @@ impl Agent {
         let Listeners {
             http,
             grpc,
+            local,
             metrics,
             health: health_only,
         } = listeners;
@@ -327,6 +329,39 @@ impl Agent {
                 }))
             }
             None => None,
+        };
+        // The same services on the local control socket, in plaintext:
+        // its callers are known by their uid, and only the agent's user
+        // and root can reach it.
+        let local = match local {
+            Some(listener) => {
+                let service = service.clone();
+                let health_service = health_service.clone();
+                let reflection_v1 = reflection().build_v1().map_err(unbuildable)?;
+                let reflection_v1alpha = reflection().build_v1alpha().map_err(unbuildable)?;
+                let stopped = until_stopped(stopped.clone());
+                Some(control.spawn(async move {
+                    let listener = tokio::net::UnixListener::from_std(listener)?;
+                    tonic::transport::Server::builder()
+                        .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
+                        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                        .add_service(service)
+                        .add_service(health_service)
+                        .add_service(reflection_v1)
+                        .add_service(reflection_v1alpha)
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::UnixListenerStream::new(listener),
+                            stopped,
+                        )
+                        .await
+                        .map_err(std::io::Error::other)
+                }))
+            }
+            None => {
+                tracing::warn!("no local control socket was passed in (a supervisor from before it): the control plane is on TCP only");
+                None
+            }
         };
         let grpc_stopped = until_stopped(stopped.clone());
         let max_control_connections = engine.config().limits.max_control_connections;
@@ -413,6 +448,9 @@ impl Agent {
             None => None,
         };
         finish("gRPC", grpc, left()).await;
+        if let Some(local) = local {
+            finish("local control socket", local, left()).await;
+        }
         if let Some(metrics) = metrics {
             finish("metrics", metrics, left()).await;
         }
@@ -546,12 +584,15 @@ pub enum Http {
     Serving(DataPlane),
 }
 
-/// Where the worker serves: the data plane, the control plane, and the
-/// optional metrics (`--metrics`) and plaintext health (`--health`)
-/// listeners.
+/// Where the worker serves: the data plane, the control plane (on TCP,
+/// and on the local control socket the supervisor passed, `local.rs`),
+/// and the optional metrics (`--metrics`) and plaintext health
+/// (`--health`) listeners.
 pub struct Listeners {
     pub http: Http,
     pub grpc: TcpListener,
+    /// Non-blocking; `None` only from a supervisor that predates it.
+    pub local: Option<std::os::unix::net::UnixListener>,
     pub metrics: Option<TcpListener>,
     pub health: Option<TcpListener>,
 }

@@ -1,5 +1,6 @@
 //! `agent`: runs the nine9s agent. With no flags it serves the sample
-//! release nine9s 0.1.0 on 127.0.0.1:9090, gRPC on 127.0.0.1:50051, data in
+//! release nine9s 0.1.0 on 127.0.0.1:9090, gRPC on 127.0.0.1:50051 and on
+//! the local control socket `./nine9s-data/control.sock`, data in
 //! `./nine9s-data`.
 //!
 //! The process started is the supervisor (`supervisor.rs`): it binds the
@@ -380,6 +381,14 @@ fn supervise(args: Args) -> ! {
     if let Ok(address) = listeners.grpc.local_addr() {
         check_plaintext(&args, address);
     }
+    // Bound here, not by a worker: it lives as long as the TCP listeners.
+    let control = match listeners.inherited.control {
+        Some(fd) => std::os::unix::net::UnixListener::from(fd),
+        None => nine9s_agent::local::bind(&args.data_dir).unwrap_or_else(|e| {
+            eprintln!("agent: error: {e}");
+            std::process::exit(1);
+        }),
+    };
     let exe = std::env::current_exe().unwrap_or_else(|e| {
         eprintln!("agent: error: cannot find the agent binary to start workers from: {e}");
         std::process::exit(1);
@@ -391,6 +400,7 @@ fn supervise(args: Args) -> ! {
         grpc: listeners.grpc,
         metrics: listeners.metrics,
         health: listeners.health,
+        control,
         adopted_channel: listeners.inherited.adopted_channel,
         adopted_stderr: listeners.inherited.adopted_stderr,
     };
@@ -534,6 +544,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (http, grpc) = (listener(http)?, listener(grpc)?);
     let metrics = metrics.map(listener).transpose()?;
     let health = health.map(listener).transpose()?;
+    let local = inherited
+        .control
+        .map(|fd| {
+            let local = std::os::unix::net::UnixListener::from(fd);
+            local.set_nonblocking(true).map(|()| local)
+        })
+        .transpose()?;
     let mut config = paths(&args);
     config.bootstrap = args.bootstrap.map_or(Bootstrap::Embedded, Bootstrap::Dir);
     config.soak = args.soak;
@@ -611,6 +628,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listeners = nine9s_agent::Listeners {
         http,
         grpc,
+        local,
         metrics,
         health,
     };

@@ -3,9 +3,10 @@
 //! runs the agent proper in a **worker**, the same binary started as
 //! `agent worker`, which inherits the sockets as fds 3 (HTTP), 4 (gRPC)
 //! and, with `--metrics` and `--health`, the next ones (metrics, then
-//! health) by the systemd `LISTEN_FDS` convention, then its end of a
-//! channel to the supervisor (`channel.rs`), and says it serves with
-//! `sd_notify` READY=1. The worker's stderr comes through the supervisor,
+//! health) by the systemd `LISTEN_FDS` convention, then the local control
+//! socket (`local.rs`, bound here) and its end of a channel to the
+//! supervisor (`channel.rs`), and says it serves with `sd_notify` READY=1
+//! (heeded only from the current worker's pid, which the kernel attaches). The worker's stderr comes through the supervisor,
 //! which writes it on as it comes and keeps its last lines.
 //!
 //! A new agent binary is untrusted until it serves. The supervisor keeps
@@ -54,8 +55,9 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::future::pending;
-use std::io::Write as _;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{IoSliceMut, Write as _};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram as StdDatagram, UnixStream};
@@ -66,7 +68,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
-use tokio::io::AsyncReadExt;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
@@ -106,6 +109,8 @@ pub struct Supervisor {
     pub metrics: Option<std::net::TcpListener>,
     /// With `--health` only.
     pub health: Option<std::net::TcpListener>,
+    /// The local control socket, `DATA/control.sock` (`local.rs`).
+    pub control: std::os::unix::net::UnixListener,
     /// After a re-execution: the serving worker's channel and stderr, as
     /// the previous image had them.
     pub adopted_channel: Option<OwnedFd>,
@@ -568,10 +573,13 @@ impl Supervisor {
                     let worker = retiring.take().expect("waited on it");
                     tracing::info!(pid = worker.pid, "the previous worker {}", describe(status));
                 }
-                received = notify.recv_from(&mut buf) => {
-                    let (n, _) = received?;
+                received = notify.async_io(Interest::READABLE, || receive_notify(notify.as_fd(), &mut buf)) => {
+                    let (n, sender) = received?;
                     let message = String::from_utf8_lossy(&buf[..n]);
-                    if let Some(worker) = current.as_mut().filter(|_| message.lines().any(|l| l == "READY=1")) {
+                    // Anyone on this machine can send to the abstract
+                    // socket: only the current worker's own word counts.
+                    let from_worker = |w: &&mut Worker| sender == Some(w.pid);
+                    if let Some(worker) = current.as_mut().filter(from_worker).filter(|_| message.lines().any(|l| l == "READY=1")) {
                         if !worker.ready {
                             worker.ready = true;
                             failures_before_ready = 0;
@@ -856,8 +864,9 @@ impl Supervisor {
         })
     }
 
-    /// Hands the listeners to `command` as fds 3, 4 (and 5, 6), then
-    /// `extras`, all named in `LISTEN_FDS` and `LISTEN_FDNAMES`.
+    /// Hands the listeners to `command` as fds 3, 4 (and 5, 6), then the
+    /// local control socket and `extras`, all named in `LISTEN_FDS` and
+    /// `LISTEN_FDNAMES`.
     fn pass_fds(
         &self,
         command: &mut std::process::Command,
@@ -866,10 +875,11 @@ impl Supervisor {
         let mut listeners = vec![("http", &self.http), ("grpc", &self.grpc)];
         listeners.extend(self.metrics.iter().map(|m| ("metrics", m)));
         listeners.extend(self.health.iter().map(|h| ("health", h)));
-        let mut named = Vec::with_capacity(listeners.len() + extras.len());
+        let mut named = Vec::with_capacity(listeners.len() + extras.len() + 1);
         for (name, listener) in listeners {
             named.push((name, OwnedFd::from(listener.try_clone()?)));
         }
+        named.push((channel::CONTROL, OwnedFd::from(self.control.try_clone()?)));
         named.extend(extras);
         let names: Vec<&str> = named.iter().map(|(name, _)| *name).collect();
         let mappings = (3..)
@@ -911,7 +921,9 @@ pub fn notify_ready() {
 }
 
 /// The supervisor's end of the workers' `sd_notify`: an abstract Unix
-/// socket only this supervisor's workers are told of.
+/// socket only this supervisor's workers are told of — but any local user
+/// can find and send to it, so it takes the sender's credentials from the
+/// kernel (`SO_PASSCRED`), and only the worker's pid counts.
 fn bind_notify() -> std::io::Result<(UnixDatagram, String)> {
     let mut nonce = [0u8; 8];
     let _ = rustix::rand::getrandom(&mut nonce, rustix::rand::GetRandomFlags::empty());
@@ -921,9 +933,31 @@ fn bind_notify() -> std::io::Result<(UnixDatagram, String)> {
         nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     let socket = StdDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?;
+    rustix::net::sockopt::set_socket_passcred(&socket, true)?;
     socket.set_nonblocking(true)?;
     // sd_notify's convention: a leading '@' names an abstract socket.
     Ok((UnixDatagram::from_std(socket)?, format!("@{name}")))
+}
+
+/// One datagram from the notify socket, and the pid of the process that
+/// sent it as the kernel tells (a sender can only claim its own pid,
+/// unless it is root).
+fn receive_notify(socket: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<(usize, Option<u32>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        socket,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut sender = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmCredentials(credentials) = message {
+            sender = u32::try_from(credentials.pid.as_raw_nonzero().get()).ok();
+        }
+    }
+    Ok((received.bytes, sender))
 }
 
 /// Returns at `deadline`; never without one.
@@ -1033,6 +1067,50 @@ mod tests {
         let mut long = Tail::default();
         long.push(&vec![b'x'; 3 * TAIL_LINE_BYTES]);
         assert!(long.lines().iter().all(|l| l.len() <= TAIL_LINE_BYTES));
+    }
+
+    #[tokio::test]
+    async fn the_notify_socket_tells_who_sent_a_datagram() {
+        let (notify, name) = bind_notify().unwrap();
+        let address =
+            UnixAddr::from_abstract_name(name.trim_start_matches('@').as_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        // From this process: its pid, whatever it claims.
+        let sender = StdDatagram::unbound().unwrap();
+        sender.send_to_addr(b"READY=1\n", &address).unwrap();
+        let (n, pid) = notify
+            .async_io(Interest::READABLE, || {
+                receive_notify(notify.as_fd(), &mut buf)
+            })
+            .await
+            .unwrap();
+        assert_eq!(&buf[..n], b"READY=1\n");
+        assert_eq!(pid, Some(std::process::id()));
+        // From another process (a shell's `sd_notify` would do the same):
+        // its own pid, which is not this one.
+        let python = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b'READY=1', '\\0{}'); import os; print(os.getpid())",
+                name.trim_start_matches('@')
+            ))
+            .output();
+        let Ok(output) = python else { return };
+        if !output.status.success() {
+            return;
+        }
+        let other: u32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        let (_, pid) = notify
+            .async_io(Interest::READABLE, || {
+                receive_notify(notify.as_fd(), &mut buf)
+            })
+            .await
+            .unwrap();
+        assert_eq!(pid, Some(other));
+        assert_ne!(pid, Some(std::process::id()));
     }
 
     #[test]
