@@ -1,21 +1,23 @@
-//! Who `ctl` is to the agent and how it reaches it: the bearer token (from
-//! `--token`, `--token-file`, or the default data dir's `admin.token`) and,
-//! for an `https://` agent URL, the TLS settings. All of it is settled
-//! before the first call, and every mistake in it is a usage error (exit 2):
-//! a deploy should not find out halfway that its credentials were wrong.
+//! Who `ctl` is to the agent and how it reaches it: the agent's local
+//! control socket (`unix:PATH`, where the agent knows the caller by its
+//! uid and no token is sent), or a URL with the bearer token (from
+//! `--token` or `--token-file`) and, for `https://`, the TLS settings.
+//! A credential is never sent to a server that has not proven it is the
+//! agent: not over plaintext `http://` (a token there is a usage error),
+//! and not to a socket served by another user (`local.rs`). All of it is
+//! settled before the first call, and every mistake in it is a usage error
+//! (exit 2): a deploy should not find out halfway that its credentials
+//! were wrong.
 
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
-/// Where the agent keeps its admin token when it runs with its default
-/// data dir (`./nine9s-data`), relative to the directory `ctl` runs in.
-pub const DEFAULT_TOKEN_FILE: &str = "nine9s-data/admin.token";
+use crate::local;
 
 /// A token or PEM file larger than this is not one: it is refused rather
 /// than read whole.
@@ -24,8 +26,8 @@ const MAX_FILE: u64 = 1024 * 1024;
 /// The flags that say who `ctl` is and how to reach the agent.
 #[derive(clap::Args, Clone)]
 pub struct AccessFlags {
-    /// The bearer token to send [default: the content of
-    /// ./nine9s-data/admin.token, if it exists].
+    /// The bearer token to send to an https:// agent (never sent over
+    /// http://, nor needed on the agent's local socket).
     #[arg(
         long,
         global = true,
@@ -54,17 +56,13 @@ pub struct AccessFlags {
     key: Option<PathBuf>,
 }
 
-/// Where the token came from, to say what to do when the agent refuses it.
+/// Who `ctl` is to the agent, to say what to do when the agent refuses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     Flag,
     File(PathBuf),
-    /// `./nine9s-data/admin.token`.
-    DataDir,
-    /// `./nine9s-data/admin.token` exists but could not be used (why).
-    DataDirUnusable(String),
-    /// The agent is not on this machine: the local admin token is not sent.
-    NotForRemote,
+    /// The local control socket: the caller's uid, no token.
+    LocalSocket,
     None,
 }
 
@@ -83,10 +81,31 @@ impl Interceptor for Bearer {
     }
 }
 
+/// How connections to the agent are made.
+#[derive(Clone)]
+pub enum Line {
+    /// `http://` or `https://`.
+    Tcp(Endpoint),
+    /// The agent's local control socket at `path`.
+    Local { endpoint: Endpoint, path: PathBuf },
+}
+
+impl Line {
+    /// A channel that connects at its first call.
+    pub fn channel(&self) -> Channel {
+        match self {
+            Line::Tcp(endpoint) => endpoint.connect_lazy(),
+            Line::Local { endpoint, path } => {
+                endpoint.connect_with_connector_lazy(local::Connector::new(path.clone()))
+            }
+        }
+    }
+}
+
 /// Everything needed to talk to the agent.
 pub struct Connection {
     pub url: String,
-    pub endpoint: Endpoint,
+    pub line: Line,
     pub bearer: Bearer,
     pub token_source: TokenSource,
 }
@@ -113,9 +132,21 @@ impl AccessFlags {
     }
 
     /// Reads the token and TLS files and checks they go with `url` (which
-    /// the command line already checked is an http:// or https:// URL).
-    /// `Err` is a usage error.
+    /// the command line already checked is a `unix:` path or an http:// or
+    /// https:// URL). `Err` is a usage error.
     pub fn connect(&self, url: &str) -> Result<Connection, String> {
+        if let Some(path) = local::socket_path(url) {
+            // No token is read or sent: the agent knows the caller by its uid.
+            self.tls(url)?;
+            let endpoint = Endpoint::from_static("http://local.control.socket")
+                .connect_timeout(Duration::from_secs(5));
+            return Ok(Connection {
+                url: url.to_owned(),
+                line: Line::Local { endpoint, path },
+                bearer: Bearer(None),
+                token_source: TokenSource::LocalSocket,
+            });
+        }
         let (bearer, token_source) = self.bearer(url)?;
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| format!("--agent {url:?} is not a URL: {e}"))?
@@ -127,12 +158,14 @@ impl AccessFlags {
         }
         Ok(Connection {
             url: url.to_owned(),
-            endpoint,
+            line: Line::Tcp(endpoint),
             bearer,
             token_source,
         })
     }
 
+    /// The token for `url`: only over https://, where the agent proves who
+    /// it is before anything is sent.
     fn bearer(&self, url: &str) -> Result<(Bearer, TokenSource), String> {
         let (token, source) = if let Some(token) = &self.token {
             (token.clone(), TokenSource::Flag)
@@ -140,34 +173,24 @@ impl AccessFlags {
             let text =
                 read_small(path).map_err(|e| format!("--token-file: {}", cannot_read(path, &e)))?;
             (text, TokenSource::File(path.clone()))
-        } else if !is_loopback(url) {
-            // The local agent's admin token is for the local agent: never
-            // sent to another machine unless asked for.
-            return Ok((Bearer(None), TokenSource::NotForRemote));
         } else {
-            let path = Path::new(DEFAULT_TOKEN_FILE);
-            match read_small(path) {
-                Ok(text) => (text, TokenSource::DataDir),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    return Ok((Bearer(None), TokenSource::None))
-                }
-                // Not a usage error: nothing was typed. The agent will
-                // refuse the call, and its error says what to do.
-                Err(e) => {
-                    let why = cannot_read(path, &e);
-                    return Ok((Bearer(None), TokenSource::DataDirUnusable(why)));
-                }
-            }
+            return Ok((Bearer(None), TokenSource::None));
         };
+        if !is_https(url) {
+            let given = match &source {
+                TokenSource::File(path) => format!("--token-file {}", path.display()),
+                _ => "--token".to_owned(),
+            };
+            return Err(format!(
+                "refusing to send the token of {given} (or NINE9S_TOKEN, NINE9S_TOKEN_FILE) over plaintext {url}: whatever listens on that port would get it, agent or not. On the agent's machine use its local socket, which needs no token (--agent unix:DATA/control.sock; the default is unix:{}); from elsewhere give --agent https://HOST:PORT with --ca",
+                local::DEFAULT_SOCKET
+            ));
+        }
         match header(token.trim()) {
             Ok(value) => Ok((Bearer(Some(value)), source)),
             Err(why) => match source {
-                TokenSource::Flag => Err(format!("--token {why}")),
                 TokenSource::File(path) => Err(format!("--token-file {}: {why}", path.display())),
-                _ => Ok((
-                    Bearer(None),
-                    TokenSource::DataDirUnusable(format!("{DEFAULT_TOKEN_FILE}: {why}")),
-                )),
+                _ => Err(format!("--token {why}")),
             },
         }
     }
@@ -179,10 +202,7 @@ impl AccessFlags {
                     .into(),
             );
         }
-        let https = url
-            .parse::<tonic::transport::Uri>()
-            .is_ok_and(|u| u.scheme_str() == Some("https"));
-        if !https {
+        if !is_https(url) {
             if self.ca.is_some() || self.cert.is_some() || self.key.is_some() {
                 return Err(format!(
                     "--ca, --cert and --key are for an https:// --agent; {url} is not one"
@@ -218,36 +238,24 @@ impl AccessFlags {
 
 /// What to tell someone the agent did not recognise.
 pub fn unauthenticated_hint(source: &TokenSource) -> String {
-    const GIVE: &str =
-        "give --token/--token-file, or run where ./nine9s-data/admin.token is readable";
     match source {
-        TokenSource::None => format!("no token was sent: {GIVE}"),
-        TokenSource::NotForRemote => format!(
-            "no token was sent: ./{DEFAULT_TOKEN_FILE} is only used for an agent on this machine; give --token/--token-file"
+        TokenSource::None => format!(
+            "no token was sent: on the agent's machine use its local socket (--agent unix:DATA/control.sock; the default is unix:{}), or give --token/--token-file with an https:// --agent and --ca",
+            local::DEFAULT_SOCKET
         ),
-        TokenSource::DataDirUnusable(why) => format!("no token was sent ({why}): {GIVE}"),
-        TokenSource::DataDir => format!(
-            "the token in ./{DEFAULT_TOKEN_FILE} is not this agent's (it may use another data dir): give --token/--token-file"
-        ),
+        TokenSource::LocalSocket => {
+            "the local socket admits only the agent's own user and root: run ctl as one of them"
+                .to_owned()
+        }
         TokenSource::Flag => "check --token (or NINE9S_TOKEN)".to_owned(),
         TokenSource::File(path) => format!("check the token in {}", path.display()),
     }
 }
 
-/// Whether `url`'s host is this machine (loopback or `localhost`).
-fn is_loopback(url: &str) -> bool {
-    let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
-        return false;
-    };
-    match uri.host() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
+/// Whether `url` is an https:// URL: the only kind a token is sent to.
+fn is_https(url: &str) -> bool {
+    url.parse::<tonic::transport::Uri>()
+        .is_ok_and(|u| u.scheme_str() == Some("https"))
 }
 
 /// A token as the value of `authorization: Bearer TOKEN`.
@@ -271,7 +279,7 @@ fn read_small(path: &Path) -> std::io::Result<String> {
     let size = std::fs::metadata(path)?.len();
     if size > MAX_FILE {
         return Err(std::io::Error::new(
-            ErrorKind::InvalidData,
+            std::io::ErrorKind::InvalidData,
             format!("{size} bytes; at most {MAX_FILE}"),
         ));
     }
@@ -312,26 +320,37 @@ mod tests {
     }
 
     #[test]
-    fn the_local_admin_token_is_only_for_a_local_agent() {
+    fn a_token_is_never_sent_over_plaintext_nor_read_for_the_local_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        std::fs::write(&file, "s3cret-token\n").unwrap();
+        let file = file.to_str().unwrap();
         for url in [
             "http://127.0.0.1:50051",
             "http://localhost:1",
-            "https://[::1]:2",
-        ] {
-            assert!(is_loopback(url), "{url}");
-        }
-        for url in [
             "http://10.0.0.7:50051",
-            "https://agent.example:443",
-            "http://[2001:db8::1]:1",
         ] {
-            assert!(!is_loopback(url), "{url}");
-            let (bearer, source) = flags(&[]).bearer(url).unwrap();
-            assert!(
-                bearer.0.is_none() && matches!(source, TokenSource::NotForRemote),
-                "{url}"
-            );
+            for given in [&["--token", "abc"][..], &["--token-file", file][..]] {
+                let err = flags(given).connect(url).err().unwrap();
+                assert!(err.contains("refusing to send the token"), "{url}: {err}");
+                assert!(err.contains("unix:") && err.contains("https://"), "{err}");
+            }
+            let plain = flags(&[]).connect(url).ok().unwrap();
+            assert!(plain.bearer.0.is_none() && plain.token_source == TokenSource::None);
         }
+        // The local socket: nothing read, nothing sent, even when given.
+        let missing = dir.path().join("missing");
+        let local = flags(&["--token-file", missing.to_str().unwrap()])
+            .connect("unix:nine9s-data/control.sock")
+            .ok()
+            .unwrap();
+        assert!(local.bearer.0.is_none());
+        assert_eq!(local.token_source, TokenSource::LocalSocket);
+        let err = flags(&["--ca", "ca.pem"])
+            .connect("unix:nine9s-data/control.sock")
+            .err()
+            .unwrap();
+        assert!(err.contains("https://"), "{err}");
     }
 
     #[test]
@@ -341,32 +360,32 @@ mod tests {
         std::fs::write(&file, "  s3cret-token\n").unwrap();
         let file = file.to_str().unwrap();
         let (bearer, source) = flags(&["--token-file", file])
-            .bearer("http://127.0.0.1:50051")
+            .bearer("https://127.0.0.1:50051")
             .unwrap();
         assert_eq!(bearer.0.unwrap().to_str().unwrap(), "Bearer s3cret-token");
         assert_eq!(source, TokenSource::File(file.into()));
         let (bearer, source) = flags(&["--token", "abc"])
-            .bearer("http://127.0.0.1:50051")
+            .bearer("https://127.0.0.1:50051")
             .unwrap();
         assert_eq!(bearer.0.unwrap().to_str().unwrap(), "Bearer abc");
         assert_eq!(source, TokenSource::Flag);
         for bad in ["", " ", "two words", "é"] {
             let err = flags(&["--token", bad])
-                .bearer("http://127.0.0.1:50051")
+                .bearer("https://127.0.0.1:50051")
                 .err()
                 .unwrap();
             assert!(err.starts_with("--token "), "{err}");
         }
         let missing = dir.path().join("missing");
         let err = flags(&["--token-file", missing.to_str().unwrap()])
-            .bearer("http://127.0.0.1:50051")
+            .bearer("https://127.0.0.1:50051")
             .err()
             .unwrap();
         assert!(err.contains("missing"), "{err}");
         std::fs::write(dir.path().join("empty"), "\n").unwrap();
         let empty = dir.path().join("empty");
         let err = flags(&["--token-file", empty.to_str().unwrap()])
-            .bearer("http://127.0.0.1:50051")
+            .bearer("https://127.0.0.1:50051")
             .err()
             .unwrap();
         assert!(err.contains("is empty"), "{err}");
@@ -427,7 +446,7 @@ mod tests {
     #[test]
     fn every_call_carries_the_token() {
         let (mut bearer, _) = flags(&["--token", "abc"])
-            .bearer("http://127.0.0.1:50051")
+            .bearer("https://127.0.0.1:50051")
             .unwrap();
         let request = bearer.call(Request::new(())).unwrap();
         assert_eq!(
@@ -440,9 +459,11 @@ mod tests {
 
     #[test]
     fn hints_say_what_to_do() {
-        assert!(unauthenticated_hint(&TokenSource::None).contains("--token/--token-file"));
+        let none = unauthenticated_hint(&TokenSource::None);
         assert!(
-            unauthenticated_hint(&TokenSource::DataDirUnusable("denied".into())).contains("denied")
+            none.contains("unix:") && none.contains("--token/--token-file"),
+            "{none}"
         );
+        assert!(unauthenticated_hint(&TokenSource::LocalSocket).contains("root"));
     }
 }

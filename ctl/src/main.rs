@@ -17,10 +17,11 @@
 //! - 2: bad usage (an unknown flag, a value that is not a version, a URL or
 //!   a duration in range, flags that do not go together, a `--token-file`,
 //!   `--ca`, `--cert` or `--key` file that cannot be read, an https://
-//!   agent without `--ca`, TLS files with an http:// agent).
-//! - 3: the agent could not be reached (connect errors, a failed TLS
-//!   handshake, or UNAVAILABLE without the agent's error details), after a
-//!   few retries.
+//!   agent without `--ca`, TLS files with an http:// or unix: agent, a
+//!   token with an http:// agent).
+//! - 3: the agent could not be reached (no local socket, connect errors, a
+//!   socket served by another user, a failed TLS handshake, or UNAVAILABLE
+//!   without the agent's error details), after a few retries.
 //! - 4: `--wait` saw the release fail its soak and the agent roll it back;
 //!   `rollout` halted and rolled back.
 //!
@@ -29,14 +30,20 @@
 //! stdout besides its line on stderr; usage errors (exit 2) are text.
 //!
 //! Reaching the agent (global flags; each has an environment variable):
-//! - `--agent URL` (`NINE9S_AGENT`, default `http://127.0.0.1:50051`).
-//! - Every call carries `authorization: Bearer TOKEN`. The token is
-//!   `--token TOKEN` (`NINE9S_TOKEN`) or the content of `--token-file FILE`
-//!   (`NINE9S_TOKEN_FILE`; surrounding whitespace ignored); not both. With
-//!   neither, it is the content of `./nine9s-data/admin.token` (relative to
-//!   the working directory) if that exists: the agent creates it there,
-//!   owner-only, when it runs with its default data dir. Otherwise no token
-//!   is sent, and the agent's UNAUTHENTICATED refusal says how to give one.
+//! - `--agent ADDRESS` (`NINE9S_AGENT`, default
+//!   `unix:nine9s-data/control.sock`): `unix:PATH`, the local control
+//!   socket the agent makes in its data dir (relative paths from the
+//!   working directory), or an `http://` or `https://` URL. On the socket
+//!   the agent knows the caller by its uid (its own user or root: admin)
+//!   and no token is sent; ctl first checks the socket is served by its
+//!   own user or root. A missing socket exits 3, saying so.
+//! - A token goes only to an `https://` agent: `authorization: Bearer
+//!   TOKEN` on every call, the token being `--token TOKEN`
+//!   (`NINE9S_TOKEN`) or the content of `--token-file FILE`
+//!   (`NINE9S_TOKEN_FILE`; surrounding whitespace ignored); not both. A
+//!   token with an `http://` agent is a usage error (exit 2): whatever
+//!   listens on a port would get it. ctl never reads a token it was not
+//!   given.
 //! - An `https://` agent needs `--ca FILE` (`NINE9S_CA`), the PEM CA that
 //!   signed its certificate (no system roots are used); the server name is
 //!   the URL's host. `--cert FILE` and `--key FILE` (`NINE9S_CERT`,
@@ -77,6 +84,7 @@ mod commands;
 mod credentials;
 mod follow;
 mod json;
+mod local;
 mod render;
 mod rollout;
 mod rpc;
@@ -98,14 +106,15 @@ use credentials::AccessFlags;
     after_help = "Examples:\n  ctl stage plugins/nine9s-0.2.0\n  ctl upgrade --to 0.2.0 --wait\n  ctl status\n  ctl rollback\n  ctl --agent https://edge-1:50051 --ca ca.pem --token-file deploy.token history --limit 5"
 )]
 struct Cli {
-    /// The agent's gRPC address (http:// or https://); `rollout` takes it
-    /// once per agent.
+    /// The agent: `unix:PATH` (its local control socket, DATA/control.sock;
+    /// no token), or its gRPC URL (https:// for a token; http:// without);
+    /// `rollout` takes it once per agent.
     #[arg(
         long,
         global = true,
         env = "NINE9S_AGENT",
         default_value = DEFAULT_AGENT,
-        value_name = "URL",
+        value_name = "ADDRESS",
         value_parser = agent_url,
         action = ArgAction::Append
     )]
@@ -483,8 +492,9 @@ pub enum StateFrom {
     Snapshot,
 }
 
-/// The agent `ctl` talks to when none is named.
-const DEFAULT_AGENT: &str = "http://127.0.0.1:50051";
+/// The agent `ctl` talks to when none is named: the local socket of the
+/// agent whose data dir is the default one under the working directory.
+const DEFAULT_AGENT: &str = "unix:nine9s-data/control.sock";
 
 /// The longest soak the agent accepts, and the longest `--timeout`.
 const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -494,12 +504,18 @@ fn version(text: &str) -> Result<semver::Version, String> {
 }
 
 fn agent_url(text: &str) -> Result<String, String> {
+    if text.starts_with("unix:") {
+        return match local::socket_path(text) {
+            Some(_) => Ok(text.to_owned()),
+            None => Err("unix: needs the socket's path, e.g. unix:nine9s-data/control.sock".into()),
+        };
+    }
     let uri: tonic::transport::Uri = text
         .parse()
         .map_err(|e| format!("not a URL (e.g. http://127.0.0.1:50051): {e}"))?;
     match (uri.scheme_str(), uri.authority()) {
         (Some("http" | "https"), Some(_)) => Ok(text.to_owned()),
-        _ => Err("not an http:// or https:// URL with a host".into()),
+        _ => Err("not unix:PATH, nor an http:// or https:// URL with a host".into()),
     }
 }
 
@@ -718,6 +734,17 @@ async fn main() {
                 ))
             };
             match cli.access.connect(url) {
+                // Nothing to retry: no agent has its socket there.
+                Ok(_)
+                    if local::socket_path(url)
+                        .is_some_and(|path| matches!(path.try_exists(), Ok(false))) =>
+                {
+                    let path = local::socket_path(url).expect("a socket");
+                    Err(Failure::Unreachable(anyhow::anyhow!(
+                        "{}",
+                        local::not_running(&path)
+                    )))
+                }
                 Ok(connection) => {
                     let agent = rpc::Agent::new(connection);
                     commands::run(&agent, cli.output, command).await
@@ -777,6 +804,8 @@ mod tests {
         assert!(agent_url("http://127.0.0.1:50051").is_ok());
         assert!(agent_url("https://agent.example").is_ok());
         assert!(agent_url("127.0.0.1:50051").is_err());
+        assert!(agent_url("unix:nine9s-data/control.sock").is_ok());
+        assert!(agent_url("unix:").is_err());
         assert!(agent_url("ftp://x").is_err());
         assert!(agent_url("not a url").is_err());
         assert!(request_id("deploy-42").is_ok());

@@ -12,11 +12,11 @@ use anyhow::anyhow;
 use nine9s_proto as pb;
 use pb::control_client::ControlClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, ConnectError, Status};
 use tonic_types::StatusExt;
 
-use crate::credentials::{unauthenticated_hint, Bearer, Connection, TokenSource};
+use crate::credentials::{unauthenticated_hint, Bearer, Connection, Line, TokenSource};
 use crate::Failure;
 
 /// Tries after the first one, and the pause before the first retry (it
@@ -37,7 +37,7 @@ pub struct Agent {
     client: Client,
     token_source: TokenSource,
     /// For `reconnected`.
-    endpoint: Endpoint,
+    line: Line,
     bearer: Bearer,
 }
 
@@ -46,15 +46,15 @@ impl Agent {
     pub fn new(connection: Connection) -> Agent {
         let Connection {
             url,
-            endpoint,
+            line,
             bearer,
             token_source,
         } = connection;
         Agent {
             url,
-            client: client(&endpoint, &bearer),
+            client: client(&line, &bearer),
             token_source,
-            endpoint,
+            line,
             bearer,
         }
     }
@@ -67,7 +67,7 @@ impl Agent {
     /// connection that stopped answering (the channel replaces a connection
     /// the agent closed by itself, but not one that hangs).
     pub fn reconnected(&self) -> Client {
-        client(&self.endpoint, &self.bearer)
+        client(&self.line, &self.bearer)
     }
 
     /// Calls `rpc` with `request`, again with the same request after a
@@ -195,8 +195,8 @@ impl Agent {
     }
 }
 
-fn client(endpoint: &Endpoint, bearer: &Bearer) -> Client {
-    ControlClient::with_interceptor(endpoint.connect_lazy(), bearer.clone())
+fn client(line: &Line, bearer: &Bearer) -> Client {
+    ControlClient::with_interceptor(line.channel(), bearer.clone())
         .max_decoding_message_size(64 * 1024 * 1024)
 }
 

@@ -98,7 +98,7 @@ pub fn read(path: &Path) -> Result<Vec<Member>, String> {
 }
 
 /// The agents of a fleet file's `text`, its relative paths taken from
-/// `base`; every agent's address is an http(s) URL, and names and
+/// `base`; every agent's address is `unix:PATH` or an http(s) URL, and names and
 /// addresses are unique.
 pub fn parse(text: &str, base: &Path) -> Result<Vec<Member>, String> {
     // serde's flatten cannot see unknown keys of flattened tables, so
