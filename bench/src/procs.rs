@@ -294,6 +294,11 @@ impl AgentProcess {
         format!("http://{}", self.grpc)
     }
 
+    /// Its local control socket, as ctl's `--agent` takes it (no token).
+    pub fn local(&self) -> String {
+        format!("unix:{}", self.data.join("control.sock").display())
+    }
+
     /// The admin token the agent created in its data dir.
     pub fn token_file(&self) -> PathBuf {
         self.data.join("admin.token")
@@ -594,14 +599,13 @@ impl Interceptor for Bearer {
     }
 }
 
-/// Runs `ctl --agent URL ARGS...` (with the agent's admin token) to
-/// success and returns its wall time.
+/// Runs `ctl --agent unix:DATA/control.sock ARGS...` (the agent's user
+/// on its local socket) to success and returns its wall time.
 pub async fn ctl(ctl: &Path, agent: &AgentProcess, args: &[&str]) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let output = Command::new(ctl)
         .arg("--agent")
-        .arg(agent.grpc_url())
-        .env("NINE9S_TOKEN_FILE", agent.token_file())
+        .arg(agent.local())
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -56,9 +56,8 @@ pub async fn rollout(options: Options) -> anyhow::Result<Outcome> {
     let mut toml = String::new();
     for (i, agent) in agents.iter().enumerate() {
         toml.push_str(&format!(
-            "[[agent]]\nname = \"agent-{i}\"\naddress = \"{}\"\ntoken_file = \"{}\"\n",
-            agent.grpc_url(),
-            agent.token_file().display()
+            "[[agent]]\nname = \"agent-{i}\"\naddress = \"{}\"\n",
+            agent.local(),
         ));
     }
     std::fs::write(&fleet, toml)?;

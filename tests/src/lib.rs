@@ -222,25 +222,22 @@ impl Agent {
         u32::try_from(pid).expect("a pid")
     }
 
-    /// Runs `ctl --agent <this agent> ARGS` with the agent's admin token.
+    /// Runs `ctl --agent unix:DATA/control.sock ARGS`: the agent's own
+    /// user on its local socket, an admin with no token.
     pub fn ctl(&self, args: &[&str]) -> Ctl {
-        self.ctl_env(
-            args,
-            &[("NINE9S_TOKEN_FILE", self.token_file().to_str().unwrap())],
-        )
+        self.ctl_env(args, &[])
     }
 
-    /// Runs `ctl --agent <this agent> ARGS` with only `env` for credentials.
+    /// [`Agent::ctl`] with extra environment variables.
     pub fn ctl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Ctl {
-        ctl_env(&self.url(), args, env)
+        ctl_env(&self.local(), args, env)
     }
 
     /// `ctl --output json watch --after 0` on this agent, its stdout piped:
     /// every event it kept, then each new one, a JSON object a line.
     pub fn watch_json(&self) -> Child {
         Command::new(bin_dir().join("ctl"))
-            .env("NINE9S_TOKEN_FILE", self.token_file())
-            .args(["--agent", &self.url(), "--output", "json"])
+            .args(["--agent", &self.local(), "--output", "json"])
             .args(["watch", "--after", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -248,9 +245,15 @@ impl Agent {
             .expect("start ctl watch")
     }
 
-    /// The control plane's URL.
+    /// The control plane's URL on TCP (plaintext: ctl sends no token
+    /// there; the gRPC API does, see [`Agent::api_with`]).
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The agent's local control socket, as ctl's `--agent` takes it.
+    pub fn local(&self) -> String {
+        format!("unix:{}", self.data_dir.join("control.sock").display())
     }
 
     /// The admin token the agent created in its data dir.

@@ -28,14 +28,13 @@ fn wait_exits_4_when_the_health_gate_rolls_the_release_back() {
     agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
     stage_fixture(&agent, "unhealthy").ok();
     let waiting = {
-        let (grpc, token) = (agent.url(), agent.token_file());
+        let local = agent.local();
         thread::spawn(move || {
-            nine9s_tests::ctl_env(
-                &grpc,
+            nine9s_tests::ctl(
+                &local,
                 &[
                     "upgrade", "--to", "0.6.0", "--soak", "1m", "--wait", "--reason", "canary",
                 ],
-                &[("NINE9S_TOKEN_FILE", token.to_str().unwrap())],
             )
         })
     };

@@ -437,8 +437,7 @@ fn a_closed_pipe_ends_ctl_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let agent = on_0_2_0(&dir.path().join("data"), &[], 0);
     let mut child = std::process::Command::new(nine9s_tests::bin_dir().join("ctl"))
-        .env("NINE9S_TOKEN_FILE", agent.token_file())
-        .args(["--agent", &format!("http://{}", agent.grpc), "history"])
+        .args(["--agent", &agent.local(), "history"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -749,11 +749,12 @@ fn strangers_are_unauthenticated() {
             .unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     });
-    let out = t
-        .agent
-        .ctl_env(&["status"], &[("NINE9S_TOKEN", "not-the-token-at-all")]);
+    // ctl over TCP sends no token (plaintext): the agent turns it away
+    // and the hint points to the local socket.
+    let out = nine9s_tests::ctl(&t.agent.url(), &["status"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("UNAUTHENTICATED"), "{out:?}");
+    assert!(out.stderr.contains("unix:"), "{out:?}");
     // The admin token is the agent user's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(t.agent.token_file())
@@ -774,13 +775,28 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
     )
     .unwrap();
     owner_only(&tokens);
+    // Tokens go only over TLS.
+    let pki = Pki::new();
     let agent = Agent::start(
         &dir.path().join("data"),
-        &["--tokens", tokens.to_str().unwrap()],
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--tls-cert",
+            &pki.path("server.pem"),
+            "--tls-key",
+            &pki.path("server.key"),
+        ],
     );
     // With --tokens, no admin token is made in the data dir.
     assert!(!agent.token_file().exists());
-    let as_ = |token: &str, args: &[&str]| agent.ctl_env(args, &[("NINE9S_TOKEN", token)]);
+    let url = format!("https://localhost:{}", agent.grpc.port());
+    let ca = pki.path("ca.pem");
+    let as_ = |token: &str, args: &[&str]| {
+        let mut all = vec!["--ca", ca.as_str()];
+        all.extend_from_slice(args);
+        nine9s_tests::ctl_env(&url, &all, &[("NINE9S_TOKEN", token)])
+    };
     let lib = library("nine9s_0_2_0");
     let release = release_dir("nine9s-0.2.0");
     let stage = [
@@ -794,23 +810,13 @@ fn roles_limit_what_a_token_may_do_and_identities_are_recorded() {
     assert!(denied.stderr.contains("PERMISSION_DENIED"), "{denied:?}");
     as_("read-token-0123456789", &["status"]).ok();
     as_("deploy-token-0123456789", &stage).ok();
-    // A read token calling Upgrade, straight over gRPC.
-    let status = block_on(async {
-        agent
-            .api_with(Some("read-token-0123456789"))
-            .await
-            .upgrade(TransitionRequest {
-                version: "0.2.0".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err()
-    });
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert_eq!(reason(&status), "PERMISSION_DENIED");
+    // A read token calling Upgrade.
+    let denied = as_("read-token-0123456789", &["upgrade", "--to", "0.2.0"]);
+    assert_eq!(denied.code, 1, "{denied:?}");
+    assert!(denied.stderr.contains("[PERMISSION_DENIED]"), "{denied:?}");
     assert!(
-        status.message().contains("watcher has the read role"),
-        "{status:?}"
+        denied.stderr.contains("watcher has the read role"),
+        "{denied:?}"
     );
     let upgrade = [
         "upgrade",

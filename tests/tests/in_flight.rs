@@ -39,13 +39,9 @@ fn a_switch_waits_for_calls_in_flight_and_holds_new_requests_back() {
     wait_in_flight(&agent, 1);
 
     let upgrade = {
-        let (grpc, token) = (agent.url(), agent.token_file());
+        let local = agent.local();
         thread::spawn(move || {
-            nine9s_tests::ctl_env(
-                &grpc,
-                &["upgrade", "--to", "0.3.0", "--permanent"],
-                &[("NINE9S_TOKEN_FILE", token.to_str().unwrap())],
-            )
+            nine9s_tests::ctl(&local, &["upgrade", "--to", "0.3.0", "--permanent"])
         })
     };
     assert!(

@@ -12,7 +12,7 @@ use nine9s_tests::{bin_dir, eventually, fixture_dir, library, release_dir, Agent
 use serde_json::Value;
 
 /// `n` agents on the embedded 0.1.0, and a fleet file naming them
-/// `edge-1`.. with each one's admin token.
+/// `edge-1`.., each reached on its local socket.
 struct Fleet {
     agents: Vec<Agent>,
     file: PathBuf,
@@ -27,10 +27,9 @@ fn fleet(n: usize) -> Fleet {
     let mut toml = String::from("# written by the rollout tests\n");
     for (i, agent) in agents.iter().enumerate() {
         toml.push_str(&format!(
-            "[[agent]]\nname = \"edge-{}\"\naddress = \"{}\"\ntoken_file = \"{}\"\n\n",
+            "[[agent]]\nname = \"edge-{}\"\naddress = \"{}\"\n\n",
             i + 1,
-            agent.url(),
-            agent.token_file().display()
+            agent.local(),
         ));
     }
     let file = dir.path().join("fleet.toml");
@@ -281,7 +280,7 @@ fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
         &typo,
         format!(
             "[[agent]]\naddress = \"{}\"\ntoken-file = \"x\"\n",
-            fleet.agents[0].url()
+            fleet.agents[0].local()
         ),
     )
     .unwrap();
@@ -292,15 +291,15 @@ fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"token-file\""));
     // --fleet and --agent together.
     let mut both = rollout_args(&fleet.file, "0.2.0", &[]);
-    both.extend(["--agent".into(), fleet.agents[0].url()]);
+    both.extend(["--agent".into(), fleet.agents[0].local()]);
     assert_eq!(ctl_command(&both).output().unwrap().status.code(), Some(2));
     // Several --agent for a command that takes one.
     let status = ctl_command(&[
         "status".into(),
         "--agent".into(),
-        fleet.agents[0].url(),
+        fleet.agents[0].local(),
         "--agent".into(),
-        fleet.agents[1].url(),
+        fleet.agents[1].local(),
     ])
     .output()
     .unwrap();

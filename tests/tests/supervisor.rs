@@ -311,13 +311,13 @@ fn listeners_passed_in_by_socket_activation_are_served() {
     // now wait in their backlog until it serves.
     let reply = nine9s_tests::get(http_addr, "/");
     assert_eq!((reply.status, reply.body.as_str()), (200, "Hello world!"));
-    let token = dir.path().join("data/admin.token");
-    let status = nine9s_tests::ctl_env(
-        &format!("http://{grpc_addr}"),
-        &["--output", "json", "status"],
-        &[("NINE9S_TOKEN_FILE", token.to_str().unwrap())],
-    );
+    let socket = format!("unix:{}", dir.path().join("data/control.sock").display());
+    let status = nine9s_tests::ctl(&socket, &["--output", "json", "status"]);
     assert_eq!(status.code, 0, "{status:?}");
+    // The gRPC listener passed in answers too (a caller without a token
+    // is told so by the agent).
+    let tcp = nine9s_tests::ctl(&format!("http://{grpc_addr}"), &["status"]);
+    assert!(tcp.stderr.contains("[UNAUTHENTICATED]"), "{tcp:?}");
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -452,15 +452,12 @@ fn the_supervisor_refuses_to_re_execute_a_binary_that_cannot_start() {
     let mut failed = serde_json::Value::Null;
     assert!(
         eventually(Duration::from_secs(20), || {
-            failed = nine9s_tests::ctl_env(
-                &agent.url(),
-                &["--output", "json", "info"],
-                &[("NINE9S_TOKEN_FILE", agent.token_file().to_str().unwrap())],
-            )
-            .stdout
-            .parse::<serde_json::Value>()
-            .map(|info| info["process"]["last_failed_restart"].clone())
-            .unwrap_or_default();
+            failed = agent
+                .ctl(&["--output", "json", "info"])
+                .stdout
+                .parse::<serde_json::Value>()
+                .map(|info| info["process"]["last_failed_restart"].clone())
+                .unwrap_or_default();
             failed.is_object()
         }),
         "no failed restart in AgentInfo; log:\n{}",
