@@ -306,10 +306,10 @@ fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
     assert_eq!(status.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&status.stderr).contains("only `ctl rollout`"));
 
-    // A third agent that is not there: nothing is staged or switched.
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let gone_url = format!("http://{}", gone.local_addr().unwrap());
-    drop(gone);
+    // A third agent that is not there (no socket: a freed TCP port could
+    // be taken by another test's agent meanwhile): nothing is staged or
+    // switched.
+    let gone_url = format!("unix:{}", dir.join("gone/control.sock").display());
     let mut text = std::fs::read_to_string(&fleet.file).unwrap();
     text.push_str(&format!(
         "[[agent]]\nname = \"gone\"\naddress = \"{gone_url}\"\n"
