@@ -386,7 +386,7 @@ fn create_admin_token(path: &Path) -> Result<String> {
         file.sync_all()
     })();
     written.map_err(Error::io(format!("cannot write {}", path.display())))?;
-    tracing::info!(path = %path.display(), "created the admin token (owner-only); ctl reads it from there");
+    tracing::info!(path = %path.display(), "created the admin token (owner-only), for clients over TCP; ctl on this machine uses DATA/control.sock");
     Ok(token)
 }
 
