@@ -4,6 +4,7 @@
 //! `google.rpc.ErrorInfo` carrying the error's stable reason code.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,9 +21,11 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::access::{Access, Credentials, Identity, LocalCaller, Role};
+use crate::access::{Access, Identity};
 use crate::artifacts::{self, Reservation, Reservations, Upload};
 use crate::error::{Error, Reason};
+use crate::gate::{identity, Gate, MAX_STAGE_MESSAGE};
+use crate::incoming::Slots;
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
 use crate::release_handler::{
     check_service, embedded_sha256, inspect, Command, Direction, Engine, Meta, Permanence,
@@ -38,25 +41,39 @@ const MAX_REQUEST_ID: usize = 128;
 const MAX_REASON: usize = 1024;
 /// Largest history page.
 const MAX_PAGE: u32 = 1000;
+/// `Watch` streams one identity may have open at once.
+const MAX_WATCHES: usize = 32;
+/// Events read from the store at a time for a watcher's backlog.
+const WATCH_PAGE: usize = 64;
+/// Events queued for a watcher's stream.
+const WATCH_QUEUE: usize = 16;
+/// How long a watcher's queue may stay full before its stream is ended.
+const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// `ErrorInfo.domain` of every error.
 const DOMAIN: &str = "nine9s.dev";
 
+/// The control service behind its gate (`gate.rs`), which authenticates
+/// every call from `access` before its messages are read and proves its
+/// connection's slot in `slots`.
 pub fn service(
     engine: Engine,
     access: Arc<Access>,
+    slots: Arc<Slots>,
     keys: Option<Arc<TrustedKeys>>,
     stopped: watch::Receiver<bool>,
-) -> ControlServer<ControlService> {
+) -> Gate<ControlServer<ControlService>> {
     let uploads = Arc::new(Semaphore::new(engine.config().limits.max_uploads));
-    ControlServer::new(ControlService {
+    let server = ControlServer::new(ControlService {
         engine,
-        access,
         keys,
         uploads,
         reservations: Reservations::default(),
+        watches: Watches::default(),
         stopped,
     })
-    .max_decoding_message_size(8 * 1024 * 1024)
+    // The gate refuses larger messages first, with a clearer word.
+    .max_decoding_message_size(MAX_STAGE_MESSAGE);
+    Gate::new(server, access, slots)
 }
 
 /// The gRPC server of the control service, as the health service names it.
@@ -64,19 +81,20 @@ pub type Server = ControlServer<ControlService>;
 
 pub struct ControlService {
     engine: Engine,
-    access: Arc<Access>,
     /// Keys whose release signatures are trusted (`--trusted-keys`).
     keys: Option<Arc<TrustedKeys>>,
     /// One permit per upload in progress (`--max-uploads`).
     uploads: Arc<Semaphore>,
     /// Disk space promised to uploads in progress.
     reservations: Reservations,
+    /// Open `Watch` streams per identity.
+    watches: Watches,
     /// Flips to true on shutdown: open `Watch` streams end.
     stopped: watch::Receiver<bool>,
 }
 
 /// The one place an agent error becomes a gRPC status.
-fn status(error: Error) -> Status {
+pub fn status(error: Error) -> Status {
     let reason = error.reason();
     let mut metadata = HashMap::new();
     match &error {
@@ -141,7 +159,12 @@ fn code(reason: Reason) -> Code {
         | Reason::NoSnapshot
         | Reason::RollbackPending => Code::FailedPrecondition,
         Reason::ExpectedActiveMismatch | Reason::ExpectedCanaryMismatch => Code::Aborted,
-        Reason::DiskFull | Reason::TooLarge | Reason::TooManyUploads => Code::ResourceExhausted,
+        Reason::DiskFull
+        | Reason::TooLarge
+        | Reason::TooManyUploads
+        | Reason::Busy
+        | Reason::TooManyWatches
+        | Reason::WatcherTooSlow => Code::ResourceExhausted,
         Reason::Unauthenticated => Code::Unauthenticated,
         Reason::PermissionDenied => Code::PermissionDenied,
         Reason::BadSignature
@@ -198,26 +221,6 @@ mutating!(
     pb::MakePermanentRequest,
     pb::RemoveRequest
 );
-
-/// Who is calling, if they may act as `role`: the one check every RPC
-/// makes before it looks at its request.
-fn authorize<T>(access: &Access, request: &Request<T>, role: Role) -> Result<Identity, Status> {
-    let credentials = Credentials {
-        authorization: request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes()),
-        certificate: crate::tls::client_name(request),
-        // Only the local control socket's connections are Unix streams.
-        local: request
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .map(|info| LocalCaller {
-                uid: info.peer_cred.map(|cred| cred.uid()),
-            }),
-    };
-    access.check(&credentials, role).map_err(status)
-}
 
 fn meta_of<R: Mutating>(request: &Request<R>, identity: Identity) -> Result<Meta, Status> {
     let (request_id, expected_active, reason) = request.get_ref().fields();
@@ -444,10 +447,6 @@ impl ControlService {
         )))
     }
 
-    fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<Identity, Status> {
-        authorize(&self.access, request, role)
-    }
-
     async fn command(&self, command: Command, meta: Meta) -> Result<Reply, Status> {
         self.engine.command(command, meta).await.map_err(status)
     }
@@ -458,7 +457,7 @@ impl ControlService {
         request: Request<pb::TransitionRequest>,
         direction: Direction,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let identity = self.authorize(&request, Role::Deploy)?;
+        let identity = identity(&request)?;
         let meta_in = meta_of(&request, identity)?;
         let request = request.into_inner();
         let version = parse_version("version", &request.version)?;
@@ -560,7 +559,7 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::StageChunk>>,
     ) -> Result<Response<pb::StageReply>, Status> {
-        let identity = self.authorize(&request, Role::Deploy)?;
+        let identity = identity(&request)?;
         let deadline = deadline(request.metadata());
         let limits = &self.engine.config().limits;
         let permit = Arc::clone(&self.uploads).try_acquire_owned().map_err(|_| {
@@ -679,9 +678,8 @@ impl Control for ControlService {
 
     async fn list_releases(
         &self,
-        request: Request<pb::ListReleasesRequest>,
+        _request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesReply>, Status> {
-        self.authorize(&request, Role::Read)?;
         let releases = self.engine.releases().map_err(status)?;
         Ok(Response::new(pb::ListReleasesReply {
             releases: releases.iter().map(release_pb).collect(),
@@ -706,7 +704,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let identity = self.authorize(&request, Role::Deploy)?;
+        let identity = identity(&request)?;
         let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let source = state_source(r.state)?;
@@ -726,7 +724,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::MakePermanentRequest>,
     ) -> Result<Response<pb::TransitionReply>, Status> {
-        let identity = self.authorize(&request, Role::Deploy)?;
+        let identity = identity(&request)?;
         let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let version = parse_version("version", &r.version)?;
@@ -741,7 +739,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
-        let identity = self.authorize(&request, Role::Admin)?;
+        let identity = identity(&request)?;
         let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let version = parse_version("version", &r.version)?;
@@ -758,9 +756,8 @@ impl Control for ControlService {
 
     async fn status(
         &self,
-        request: Request<pb::StatusRequest>,
+        _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        self.authorize(&request, Role::Read)?;
         let status = self.engine.status().map_err(status)?;
         let text = |v: Option<Version>| v.map(|v| v.to_string()).unwrap_or_default();
         let soak = match &status.soak {
@@ -839,7 +836,6 @@ impl Control for ControlService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryReply>, Status> {
-        self.authorize(&request, Role::Read)?;
         let r = request.into_inner();
         let (after, limit) = match (r.after_id, r.limit) {
             (None, limit) => (None, limit as usize),
@@ -864,22 +860,32 @@ impl Control for ControlService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.authorize(&request, Role::Read)?;
+        let identity = identity(&request)?;
+        let watching = self.watches.open(&identity.name)?;
         let after = request.into_inner().after_id;
         // Subscribed before the backlog is read: nothing falls in between.
         let live = self.engine.subscribe();
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let (end, ended) = oneshot::channel();
         let engine = self.engine.clone();
         let stopped = self.stopped.clone();
-        tokio::spawn(follow(engine, after, live, tx, stopped));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(async move {
+            if let Err(End::Refused(refused)) = follow(engine, after, live, &tx, stopped).await {
+                let _ = end.send(refused);
+            }
+        });
+        Ok(Response::new(Box::pin(Watching {
+            events: ReceiverStream::new(rx),
+            ended: Some(ended),
+            done: false,
+            _slot: watching,
+        })))
     }
 
     async fn agent_info(
         &self,
-        request: Request<pb::AgentInfoRequest>,
+        _request: Request<pb::AgentInfoRequest>,
     ) -> Result<Response<pb::AgentInfoReply>, Status> {
-        self.authorize(&request, Role::Read)?;
         let config = self.engine.config();
         Ok(Response::new(pb::AgentInfoReply {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -904,7 +910,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RestartAgentRequest>,
     ) -> Result<Response<pb::RestartAgentReply>, Status> {
-        let identity = self.authorize(&request, Role::Admin)?;
+        let identity = identity(&request)?;
         let reason = request.into_inner().reason;
         let supervisor = self.engine.config().supervisor_pid;
         // Only the supervisor that started this worker.
@@ -924,65 +930,162 @@ impl Control for ControlService {
     }
 }
 
-/// Sends a watcher every event after `after` — first those in the store,
-/// then each new one — until it goes away or the agent stops.
+/// How a watcher's stream ended early.
+enum End {
+    /// Its client went away.
+    Gone,
+    /// With this status, the last thing it sees.
+    Refused(Status),
+}
+
+/// Sends a watcher every event after `after` — first those in the store, a
+/// page at a time, then each new one — until it goes away, does not read
+/// for [`WATCH_SEND_TIMEOUT`], or the agent stops. Only a page and the
+/// watcher's queue are held, whatever the backlog.
 async fn follow(
     engine: Engine,
     mut after: u64,
     mut live: broadcast::Receiver<Event>,
-    tx: mpsc::Sender<Result<pb::Event, Status>>,
+    tx: &mpsc::Sender<pb::Event>,
     mut stopped: watch::Receiver<bool>,
-) {
-    let backlog = |after: u64| -> Result<Vec<Event>, Status> {
-        let mut all = Vec::new();
-        let mut from = after;
-        loop {
-            let page = engine.events_after(from, 512).map_err(status)?;
-            let Some(last) = page.last() else {
-                return Ok(all);
-            };
-            from = last.id;
-            all.extend(page);
-        }
-    };
-    let mut pending = match backlog(after) {
-        Ok(events) => events,
-        Err(e) => {
-            let _ = tx.send(Err(e)).await;
-            return;
+) -> Result<(), End> {
+    let deliver = async |event: &Event| match tx
+        .send_timeout(event_pb(event), WATCH_SEND_TIMEOUT)
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Gone),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::warn!(
+                timeout_ms = WATCH_SEND_TIMEOUT.as_millis() as u64,
+                "a Watch stream whose client does not read its events was ended"
+            );
+            Err(End::Refused(status(Error::refused(
+                Reason::WatcherTooSlow,
+                format!(
+                    "this watch did not read its events for {} s, so the agent ended it; watch again with --after the last event id seen",
+                    WATCH_SEND_TIMEOUT.as_secs()
+                ),
+            ))))
         }
     };
     loop {
-        for event in pending.drain(..) {
-            // Id 0: an event the store could not record; still news.
-            if event.id != 0 && event.id <= after {
-                continue;
+        // The store first, from the last event sent.
+        loop {
+            let page = engine
+                .events_after(after, WATCH_PAGE)
+                .map_err(|e| End::Refused(status(e)))?;
+            let Some(last) = page.last().map(|e| e.id) else {
+                break;
+            };
+            for event in &page {
+                deliver(event).await?;
             }
-            after = after.max(event.id);
-            if tx.send(Ok(event_pb(&event))).await.is_err() {
-                return;
+            after = last;
+        }
+        // Then each new event, until this watcher falls behind.
+        loop {
+            if *stopped.borrow() {
+                return Ok(());
             }
-        }
-        if *stopped.borrow() {
-            return;
-        }
-        tokio::select! {
-            changed = stopped.changed() => if changed.is_err() {
-                return;
-            },
-            () = tx.closed() => return,
-            received = live.recv() => match received {
-                Ok(event) => pending.push(event),
-                Err(broadcast::error::RecvError::Lagged(_)) => match backlog(after) {
-                    Ok(events) => pending = events,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
+            tokio::select! {
+                changed = stopped.changed() => if changed.is_err() {
+                    return Ok(());
                 },
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
+                () = tx.closed() => return Err(End::Gone),
+                received = live.recv() => match received {
+                    Ok(event) => {
+                        // Id 0: an event the store could not record; still news.
+                        if event.id != 0 && event.id <= after {
+                            continue;
+                        }
+                        after = after.max(event.id);
+                        deliver(&event).await?;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+            }
         }
+    }
+}
+
+/// The `Watch` streams open per identity.
+#[derive(Default, Clone)]
+struct Watches(Arc<std::sync::Mutex<HashMap<String, usize>>>);
+
+impl Watches {
+    /// A slot for a new stream of `name`'s, if it has fewer than
+    /// [`MAX_WATCHES`] open.
+    fn open(&self, name: &str) -> Result<WatchSlot, Status> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(name.to_owned()).or_default();
+        if *count >= MAX_WATCHES {
+            return Err(status(Error::refused(
+                Reason::TooManyWatches,
+                format!(
+                    "{name} has {MAX_WATCHES} Watch streams open, as many as one identity may; end one (or use one stream for several readers)"
+                ),
+            )));
+        }
+        *count += 1;
+        Ok(WatchSlot {
+            watches: self.clone(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// One open `Watch` stream, counted until its stream is dropped.
+struct WatchSlot {
+    watches: Watches,
+    name: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// A `Watch` stream: the events `follow` queued, then the status it
+/// ended with, if any — that one ahead of the events still queued.
+struct Watching {
+    events: ReceiverStream<pb::Event>,
+    /// Until `follow` has ended.
+    ended: Option<oneshot::Receiver<Status>>,
+    done: bool,
+    _slot: WatchSlot,
+}
+
+impl Stream for Watching {
+    type Item = Result<pb::Event, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        if let Some(ended) = &mut self.ended {
+            if let std::task::Poll::Ready(ended) = Pin::new(ended).poll(cx) {
+                self.ended = None;
+                if let Ok(refused) = ended {
+                    self.done = true;
+                    return std::task::Poll::Ready(Some(Err(refused)));
+                }
+            }
+        }
+        Pin::new(&mut self.events)
+            .poll_next(cx)
+            .map(|event| event.map(Ok))
     }
 }
 

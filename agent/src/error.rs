@@ -191,6 +191,13 @@ pub enum Reason {
     /// A retried request id whose transition was cut short by the
     /// agent's stop: it took no effect, and it is not run again.
     TransitionAborted,
+    /// The agent holds as many partly received messages as it takes at
+    /// once: a retry shortly may pass.
+    Busy,
+    /// The identity has as many `Watch` streams open as it may.
+    TooManyWatches,
+    /// A `Watch` stream whose client did not read its events in time.
+    WatcherTooSlow,
     Internal,
 }
 
@@ -232,6 +239,9 @@ impl Reason {
             Reason::CanaryWhileCurrent => "CANARY_WHILE_CURRENT",
             Reason::OutcomeUnknown => "OUTCOME_UNKNOWN",
             Reason::TransitionAborted => "TRANSITION_ABORTED",
+            Reason::Busy => "BUSY",
+            Reason::TooManyWatches => "TOO_MANY_WATCHES",
+            Reason::WatcherTooSlow => "WATCHER_TOO_SLOW",
             Reason::Internal => "INTERNAL",
         }
     }

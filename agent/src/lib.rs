@@ -28,6 +28,7 @@ mod control;
 pub mod datadir;
 mod error;
 mod failpoint;
+mod gate;
 mod handover;
 mod http;
 mod incoming;
@@ -65,11 +66,18 @@ const CONTROL_BLOCKING_THREADS: usize = 8;
 /// Concurrent calls (`Watch` streams included) on one gRPC connection.
 const GRPC_STREAMS_PER_CONNECTION: u32 = 128;
 
+/// HTTP/2 flow-control windows of the control plane: what a client may
+/// send ahead of what the agent has read, per call and per connection (a
+/// call's messages are only read once it is authenticated).
+const GRPC_STREAM_WINDOW: u32 = 256 * 1024;
+const GRPC_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
 /// Connections to the plaintext health listener, and calls (`Watch`
 /// streams included) on each: enough for a kubelet and a load balancer,
 /// and nothing a stranger could use to hold the agent's memory.
 const HEALTH_CONNECTIONS: usize = 16;
 const HEALTH_STREAMS_PER_CONNECTION: u32 = 8;
+const HEALTH_WINDOW: u32 = 64 * 1024;
 
 /// What SIGTERM may take beyond `--shutdown-grace`: the final checkpoint
 /// and closing the store.
@@ -289,7 +297,15 @@ impl Agent {
         let grpc = grpc
             .into_std()
             .map_err(Error::io("cannot move the gRPC listener"))?;
-        let service = control::service(engine.clone(), access, keys, stopped.clone());
+        let max_control_connections = engine.config().limits.max_control_connections;
+        let control_slots = incoming::Slots::new("control plane", max_control_connections, false);
+        let service = control::service(
+            engine.clone(),
+            access,
+            Arc::clone(&control_slots),
+            keys,
+            stopped.clone(),
+        );
         // The standard services answer anyone: a Kubernetes gRPC probe
         // sends no token, and the API's description is no secret.
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -315,15 +331,16 @@ impl Agent {
                 let stopped = until_stopped(stopped.clone());
                 Some(control.spawn(async move {
                     let listener = TcpListener::from_std(listener)?;
+                    // Anyone may ask: a connection that asked is proven.
+                    let slots = incoming::Slots::new("health", HEALTH_CONNECTIONS, true);
                     tonic::transport::Server::builder()
                         .max_concurrent_streams(Some(HEALTH_STREAMS_PER_CONNECTION))
+                        .initial_stream_window_size(Some(HEALTH_WINDOW))
+                        .initial_connection_window_size(Some(HEALTH_WINDOW))
                         .http2_keepalive_interval(Some(Duration::from_secs(30)))
                         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                        .add_service(health_service)
-                        .serve_with_incoming_shutdown(
-                            incoming::capped(listener, HEALTH_CONNECTIONS),
-                            stopped,
-                        )
+                        .add_service(incoming::Proving::new(health_service, Arc::clone(&slots)))
+                        .serve_with_incoming_shutdown(incoming::stream(listener, slots), stopped)
                         .await
                         .map_err(std::io::Error::other)
                 }))
@@ -364,25 +381,32 @@ impl Agent {
             }
         };
         let grpc_stopped = until_stopped(stopped.clone());
-        let max_control_connections = engine.config().limits.max_control_connections;
         let grpc = control.spawn(async move {
             let listener = TcpListener::from_std(grpc)?;
             // Bounds on what one connection can hold, authenticated or not.
             let mut server = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
+                .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
+                .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
                 .tcp_keepalive(Some(Duration::from_secs(60)))
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)));
             if let Some(tls) = tls {
                 server = server.tls_config(tls).map_err(std::io::Error::other)?;
             }
+            // What anyone may ask keeps a connection past the deadline,
+            // never from giving way: only an authenticated call does.
+            let answered = Arc::clone(&control_slots);
             server
                 .add_service(service)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
+                .add_service(incoming::Proving::new(
+                    health_service,
+                    Arc::clone(&answered),
+                ))
+                .add_service(incoming::Proving::new(reflection_v1, Arc::clone(&answered)))
+                .add_service(incoming::Proving::new(reflection_v1alpha, answered))
                 .serve_with_incoming_shutdown(
-                    incoming::capped(listener, max_control_connections),
+                    incoming::stream(listener, control_slots),
                     grpc_stopped,
                 )
                 .await

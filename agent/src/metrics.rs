@@ -35,21 +35,25 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::http::plain;
+use crate::incoming::{Connection, Slots};
 use crate::model::{Outcome, Transition, TransitionKind};
 use crate::runtime::{self, Runtime};
 
 /// What `prometheus_client::encoding::text` writes.
 const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Scrapers connected at once; more wait in the listen backlog.
+/// Scrapers connected at once; beyond, the oldest that has not completed
+/// a request (or else the oldest) gives way to a new one (`incoming.rs`).
 const MAX_CONNECTIONS: usize = 16;
 
-/// How long a scraper gets to send a request's headers, and how long an
-/// idle keep-alive connection stays open (hyper has one timer for both).
+/// How long an idle keep-alive connection stays open, and a later
+/// request's headers may take (hyper has one timer for both); the first
+/// request must come within `incoming::FIRST_REQUEST_TIMEOUT` of the
+/// accept.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection is closed after its response in progress once it is this
@@ -304,34 +308,31 @@ pub async fn serve(
     let listener = TcpListener::from_std(listener)?;
     tracing::info!(address = %listener.local_addr()?, "metrics served on /metrics");
     let registry = Arc::new(registry);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new("metrics", MAX_CONNECTIONS, true);
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
-    while let Some((stream, permit)) =
-        crate::http::accept(&listener, &slots, shutdown.as_mut(), "metrics").await
-    {
+    while let Some(stream) = slots.accept(&listener, shutdown.as_mut()).await {
         let registry = Arc::clone(&registry);
         let stopping = stopping.clone();
-        tokio::spawn(async move {
-            connection(stream, registry, stopping).await;
-            drop(permit);
-        });
+        tokio::spawn(connection(stream, Arc::clone(&slots), registry, stopping));
     }
     drop(listener);
     let _ = stop.send(true);
-    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(CLOSE_GRACE, slots.acquire_many(all)).await;
+    slots.drained(CLOSE_GRACE).await;
     Ok(())
 }
 
 /// Serves one scraper until it leaves, idles out, grows too old or the
 /// agent stops.
 async fn connection(
-    stream: TcpStream,
+    stream: Connection,
+    slots: Arc<Slots>,
     registry: Arc<Registry>,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let peer = Some(stream.peer());
     let service = service_fn(move |request| {
+        slots.answered(peer);
         let response = answer(&registry, &request);
         async move { Ok::<_, Infallible>(response) }
     });

@@ -427,9 +427,12 @@ impl Store {
 
     /// Up to `limit` events after `after_id`, oldest first.
     pub fn events_after(&self, after_id: u64, limit: usize) -> Result<Vec<Event>> {
+        let Some(first) = after_id.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         let t = self.trees()?;
         t.events
-            .range((after_id + 1).to_be_bytes()..)
+            .range(first.to_be_bytes()..)
             .values()
             .take(limit)
             .map(|v| {

@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-use tonic::Request;
 
 use crate::error::{Error, Reason, Result};
 
@@ -56,9 +56,11 @@ impl TlsFiles {
 }
 
 /// The subject common name of the client's verified certificate, if the
-/// call came over mTLS.
-pub fn client_name<T>(request: &Request<T>) -> Option<String> {
-    let certs = request.peer_certs()?;
+/// call (whose request `extensions` these are) came over mTLS.
+pub fn client_name(extensions: &tonic::codegen::http::Extensions) -> Option<String> {
+    let certs = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
     let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
     let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
     Some(name.to_owned())
