@@ -52,7 +52,7 @@ use hyper_util::rt::TokioIo;
 use nine9s_host::CallError;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 
 use crate::config::Limits;
 use crate::runtime::Runtime;
@@ -91,35 +91,6 @@ const CONNECTION_HEADERS: [hyper::header::HeaderName; 7] = [
     hyper::header::UPGRADE,
     hyper::header::HeaderName::from_static("keep-alive"),
 ];
-
-/// The next connection of a capped listener, with its slot: a slot first
-/// (at the cap, connections wait in the kernel's backlog), then the
-/// connection; `None` once `shutdown` resolves. An accept that fails (out
-/// of file descriptors, say) is logged and retried after a pause: the
-/// listener keeps serving. `what` names the listener in the log.
-pub(crate) async fn accept(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-    mut shutdown: Pin<&mut impl Future<Output = ()>>,
-    what: &str,
-) -> Option<(TcpStream, OwnedSemaphorePermit)> {
-    loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(slots).acquire_owned() => permit.expect("never closed"),
-            () = shutdown.as_mut() => return None,
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => return Some((stream, permit)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "{what} accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            () = shutdown.as_mut() => return None,
-        }
-    }
-}
 
 /// Accepts connections until `shutdown` resolves, then waits up to `grace`
 /// for open connections to finish their requests (each is closed at a
