@@ -13,6 +13,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Reason};
 
@@ -26,23 +27,29 @@ pub fn path(data_dir: &Path) -> PathBuf {
 
 /// Binds `DATA/control.sock` (owner-only, mode 0600) once the data dir is
 /// prepared. A socket left there by an agent that is gone is replaced;
-/// one that answers belongs to an agent serving this data dir, and
-/// anything else there is not ours to remove: both are refused.
-pub fn bind(data_dir: &Path) -> Result<UnixListener, Error> {
+/// one that still answers after `wait` belongs to an agent serving this
+/// data dir, and anything else there is not ours to remove: both are
+/// refused. (The worker of an agent just killed keeps answering for a
+/// moment: it dies with its supervisor, but a little later.)
+pub fn bind(data_dir: &Path, wait: Duration) -> Result<UnixListener, Error> {
     crate::datadir::prepare(data_dir)?;
     let path = path(data_dir);
     let shown = path.display();
     match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(&path) {
-            Ok(_) => {
-                return Err(Error::refused(
-                    Reason::InvalidArgument,
-                    format!("{shown} answers: there is another agent using this data dir"),
-                ))
+        Ok(meta) if meta.file_type().is_socket() => {
+            let until = Instant::now() + wait;
+            while UnixStream::connect(&path).is_ok() {
+                if Instant::now() >= until {
+                    return Err(Error::refused(
+                        Reason::InvalidArgument,
+                        format!("{shown} answers: there is another agent using this data dir"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            Err(_) => std::fs::remove_file(&path)
-                .map_err(Error::io(format!("cannot remove the stale socket {shown}")))?,
-        },
+            std::fs::remove_file(&path)
+                .map_err(Error::io(format!("cannot remove the stale socket {shown}")))?
+        }
         Ok(_) => {
             return Err(Error::refused(
                 Reason::InvalidArgument,
@@ -71,17 +78,17 @@ mod tests {
     fn a_stale_socket_is_replaced_a_live_one_or_a_file_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let first = bind(&data).unwrap();
+        let first = bind(&data, Duration::ZERO).unwrap();
         let mode = std::fs::metadata(path(&data)).unwrap().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
-        let err = bind(&data).unwrap_err();
+        let err = bind(&data, Duration::ZERO).unwrap_err();
         assert!(err.to_string().contains("another agent"), "{err}");
         drop(first);
-        let again = bind(&data).unwrap();
+        let again = bind(&data, Duration::ZERO).unwrap();
         drop(again);
         std::fs::remove_file(path(&data)).unwrap();
         std::fs::write(path(&data), "mine").unwrap();
-        let err = bind(&data).unwrap_err();
+        let err = bind(&data, Duration::ZERO).unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
         assert_eq!(std::fs::read_to_string(path(&data)).unwrap(), "mine");
     }

@@ -193,6 +193,11 @@ enum Mode {
     Check,
 }
 
+/// How long a control socket that still answers is given to go away
+/// before the agent refuses to start: the worker of an agent just killed
+/// dies with its supervisor, a moment later (as the store's lock does).
+const LOCAL_SOCKET_WAIT: Duration = Duration::from_secs(3);
+
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -384,7 +389,7 @@ fn supervise(args: Args) -> ! {
     // Bound here, not by a worker: it lives as long as the TCP listeners.
     let control = match listeners.inherited.control {
         Some(fd) => std::os::unix::net::UnixListener::from(fd),
-        None => nine9s_agent::local::bind(&args.data_dir).unwrap_or_else(|e| {
+        None => nine9s_agent::local::bind(&args.data_dir, LOCAL_SOCKET_WAIT).unwrap_or_else(|e| {
             eprintln!("agent: error: {e}");
             std::process::exit(1);
         }),

@@ -58,8 +58,7 @@ fn silent(addr: SocketAddr, n: usize, first: &[u8]) -> Vec<TcpStream> {
 /// `ctl ARGS` on `agent`, killed if it has not ended within `within`.
 fn ctl_within(agent: &Agent, args: &[&str], within: Duration) -> Option<(i32, String)> {
     let mut child = Command::new(bin_dir().join("ctl"))
-        .env("NINE9S_TOKEN_FILE", agent.token_file())
-        .args(["--agent", &agent.url()])
+        .args(["--agent", &agent.local()])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -134,6 +133,21 @@ fn a_thousand_connections_that_send_a_byte_lock_out_neither_the_owner_nor_probes
     eprintln!("ctl status with the connections held: {took:?}");
     let (code, stderr) = status.expect("ctl status did not answer within 30 s");
     assert_eq!(code, 0, "{stderr}");
+    // The TCP control plane too: an orchestrator's call with its token.
+    let start = Instant::now();
+    let answered = block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            agent.api().await.status(StatusRequest::default()).await
+        })
+        .await
+    });
+    eprintln!(
+        "Status over TCP with the connections held: {:?}",
+        start.elapsed()
+    );
+    answered
+        .expect("Status over TCP did not answer within 30 s")
+        .expect("Status over TCP");
 
     let start = Instant::now();
     let probed = block_on(async {
