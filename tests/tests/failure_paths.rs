@@ -643,6 +643,66 @@ fn a_retried_command_whose_transition_was_cut_short_is_not_run_again() {
     assert!(dry.stderr.contains("REQUEST_ID_REUSED"), "{dry:?}");
 }
 
+/// Issue 17, item 10: a release that behaved in the disposable rehearsal
+/// but killed the serving worker while it was switched to stayed `staged`
+/// (only its transition was recorded aborted). The next worker serves the
+/// release before it with its last checkpoint and fails the one that
+/// crashed; the command retried with its request id does not run again.
+#[test]
+fn a_release_that_kills_the_worker_during_its_switch_is_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The fixture's init segfaults in the process whose pid this file holds.
+    let crash_pid = dir.path().join("crash-pid");
+    let env = [("NINE9S_FIXTURE_CRASH_PID_FILE", crash_pid.to_str().unwrap())];
+    let agent = Agent::start_with_env(&data, &[], &env);
+    stage_sample(&agent, "0.2.0");
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    stage_fixture(&agent, "segfault").ok();
+    hello(&agent, 3);
+    // A clean stop checkpoints 3; what the next run counts is never saved.
+    assert_eq!(agent.terminate(), 0);
+    let agent = Agent::start_with_env(&data, &[], &env);
+    hello(&agent, 2);
+
+    let worker = agent.worker_pid();
+    std::fs::write(&crash_pid, worker.to_string()).unwrap();
+    let upgrade = ["upgrade", "--to", "0.2.8", "--request-id", "up-crash"];
+    let out = agent.ctl(&upgrade);
+    assert_eq!(out.code, 1, "{out:?}");
+    let worker = agent.new_worker(worker);
+    // A second run of the switch would kill this worker too.
+    std::fs::write(&crash_pid, worker.to_string()).unwrap();
+
+    let status = agent.status();
+    assert_eq!(
+        (&status["active_version"], &status["permanent_version"]),
+        (&"0.2.0".into(), &"0.2.0".into()),
+        "{status}"
+    );
+    assert_eq!(agent.get("/count").body, "3");
+    let release = agent.release("0.2.8").unwrap();
+    assert_eq!(
+        release["state"],
+        "failed",
+        "{release}\nlog:\n{}",
+        agent.log()
+    );
+    assert!(
+        release["failure"]
+            .as_str()
+            .unwrap()
+            .contains("killed by SIGSEGV while switching to 0.2.8"),
+        "{release}"
+    );
+
+    let retry = agent.ctl(&upgrade);
+    assert_eq!(retry.code, 1, "{retry:?}");
+    assert!(retry.stderr.contains("TRANSITION_ABORTED"), "{retry:?}");
+    assert_eq!(agent.worker_pid(), worker);
+    assert_eq!(agent.status()["active_version"], "0.2.0");
+}
+
 /// Issue 16, defect 8: a release whose `snapshot()` fails was made
 /// permanent anyway, and its state was then never saved. Its soak fails
 /// instead (making it permanent needs its state saved), and it is rolled

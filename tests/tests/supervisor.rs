@@ -424,7 +424,7 @@ fn a_new_worker_that_dies_after_the_handover_is_replaced_from_the_binary_that_se
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
     assert_eq!(out.code, 1, "{out:?}\nlog:\n{}", agent.log());
-    assert!(out.stderr.contains("was killed by SIGABRT"), "{out:?}");
+    assert!(out.stderr.contains("was killed by SIGKILL"), "{out:?}");
     // The old worker's state reached the store; the worker that took over
     // from it runs the binary that served.
     assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
@@ -435,7 +435,7 @@ fn a_new_worker_that_dies_after_the_handover_is_replaced_from_the_binary_that_se
     assert_eq!(after["supervisor_pid"], before["supervisor_pid"]);
     assert_eq!(
         agent.json(&["info"])["process"]["last_failed_restart"]["exit"],
-        "was killed by SIGABRT"
+        "was killed by SIGKILL"
     );
 }
 

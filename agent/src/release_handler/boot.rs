@@ -8,7 +8,10 @@
 //!
 //! A release that was current when the previous agent died (no clean
 //! stop recorded) is marked failed: a crash-looping release must not look
-//! healthy. After a clean stop it is only demoted to old.
+//! healthy. After a clean stop it is only demoted to old. A worker that
+//! died by a fault signal of its own (SIGSEGV, SIGABRT, ...) while an
+//! upgrade or downgrade was under way fails the release it was switching
+//! to (the transition itself is recorded as aborted).
 //!
 //! A self-upgrade's new worker may already serve the permanent release
 //! with the state handed over ([`Preloaded`]): boot adopts that instance
@@ -28,7 +31,7 @@ use crate::artifacts::{Artifacts, Upload};
 use crate::config::{Bootstrap, Config};
 use crate::error::{Error, Result};
 use crate::handover::Preloaded;
-use crate::model::{now_ms, Event, EventKind, Release, TransitionKind, BUILT_IN};
+use crate::model::{now_ms, Event, EventKind, Release, Transition, TransitionKind, BUILT_IN};
 use crate::runtime::{Loaded, Runtime};
 use crate::store::Store;
 
@@ -72,9 +75,10 @@ pub(super) fn boot(config: Config, preloaded: Option<Preloaded>) -> Result<Boote
         .map_err(Error::io("cannot open the artifact store"))?;
     let clean = store.mark_running()?;
     let journal = Journal::new(Arc::clone(&store));
-    for t in store.abort_running()? {
+    let aborted = store.abort_running()?;
+    for t in &aborted {
         tracing::warn!(id = t.id, kind = %t.kind, from = ?t.from, to = ?t.to, "transition interrupted by the previous stop, recorded as aborted");
-        journal.transitions().aborted(&t);
+        journal.transitions().aborted(t);
     }
     let releases = store.releases()?;
     let (lifecycle, runtime, service, message) = if releases.is_empty() {
@@ -84,7 +88,7 @@ pub(super) fn boot(config: Config, preloaded: Option<Preloaded>) -> Result<Boote
         let (lifecycle, loaded, service) = install(&journal, &artifacts, &config.bootstrap)?;
         (lifecycle, Arc::new(Runtime::new(loaded)), service, None)
     } else {
-        resume(
+        let (lifecycle, runtime, service, message) = resume(
             &journal,
             &artifacts,
             &releases,
@@ -93,7 +97,14 @@ pub(super) fn boot(config: Config, preloaded: Option<Preloaded>) -> Result<Boote
                 previous_exit: config.previous_exit.as_deref(),
                 preloaded,
             },
-        )?
+        )?;
+        let lifecycle = match config.previous_exit.as_deref() {
+            Some(how) if release_caused(Some(how)) => {
+                fail_switch_targets(&journal, lifecycle, &aborted, how)?
+            }
+            _ => lifecycle,
+        };
+        (lifecycle, runtime, service, message)
     };
     let serving = runtime.active().version.clone();
     close_canary(&journal, &serving, config.previous_exit.as_deref())?;
@@ -390,6 +401,63 @@ fn resume(
         None => tracing::info!(version = %release.version, "resumed the permanent release"),
     }
     Ok((lifecycle, runtime, release.name.clone(), fell_back))
+}
+
+/// A worker that died by a fault signal of its own (`how`) in the middle
+/// of an upgrade or downgrade died of the release it was switching to —
+/// its init, its state migration, its hooks — though that release behaved
+/// in the disposable rehearsal: the release is failed, with why, so it no
+/// longer looks staged and ready to try. The permanent release and the
+/// one serving now are never failed for it (the machine's rule). Recorded
+/// in a restart transition of its own, against the store as `resume` left
+/// it.
+fn fail_switch_targets(
+    journal: &Journal,
+    mut lifecycle: Lifecycle,
+    aborted: &[Transition],
+    how: &str,
+) -> Result<Lifecycle> {
+    let mut failed = Vec::new();
+    for t in aborted {
+        let (TransitionKind::Upgrade | TransitionKind::Downgrade, Some(to)) = (t.kind, &t.to)
+        else {
+            continue;
+        };
+        if lifecycle.entry(to).is_none() {
+            continue;
+        }
+        let fault = format!("the worker {how} while switching to {to}");
+        (lifecycle, _) = lifecycle.apply(machine::Event::SwitchFailed {
+            to: to.clone(),
+            fault: Some(fault.clone()),
+        })?;
+        if lifecycle.entry(to).and_then(|e| e.failure.as_ref()) == Some(&fault) {
+            failed.push((to.clone(), fault));
+        }
+    }
+    let Some((first, _)) = failed.first() else {
+        return Ok(lifecycle);
+    };
+    let changes = changes(&lifecycle, &journal.store.releases()?);
+    // Failed for the same cause already (a retry with a new request id).
+    if changes.records.is_empty() {
+        return Ok(lifecycle);
+    }
+    let notes = failed
+        .iter()
+        .map(|(version, fault)| format!("{fault}; {version} is marked failed"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    tracing::error!("{notes}");
+    journal
+        .begin(
+            TransitionKind::Restart,
+            Some(first),
+            Some(lifecycle.active()),
+            &Origin::automatic(notes),
+        )?
+        .succeed(&changes)?;
+    Ok(lifecycle)
 }
 
 /// Boot attempts of one release that may end in a crash before it is

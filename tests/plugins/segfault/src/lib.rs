@@ -2,7 +2,10 @@
 //! /crash` writes through a null pointer — a segfault no `catch_unwind`
 //! contains, which kills the worker serving it — and so does `init` while
 //! the file named by `NINE9S_FIXTURE_CRASH_FILE` exists (a release that
-//! cannot start any more). While the file named by
+//! cannot start any more), and while the file named by
+//! `NINE9S_FIXTURE_CRASH_PID_FILE` holds the pid of the process running it
+//! (a release that crashes in the serving worker but behaved in the
+//! disposable rehearsal, another process). While the file named by
 //! `NINE9S_FIXTURE_SLOW_INIT_FILE` exists, `init` waits (a slow start),
 //! after creating that path with `.entered` appended. After `GET
 //! /break-snapshot`, the instance's `snapshot` panics (its state can no
@@ -31,6 +34,12 @@ impl Plugin for Segfault {
     fn init(state: Option<&[u8]>) -> Result<Self, String> {
         if std::env::var_os("NINE9S_FIXTURE_CRASH_FILE")
             .is_some_and(|path| std::path::Path::new(&path).exists())
+        {
+            segfault();
+        }
+        if std::env::var_os("NINE9S_FIXTURE_CRASH_PID_FILE")
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .is_some_and(|pid| pid.trim() == std::process::id().to_string())
         {
             segfault();
         }
