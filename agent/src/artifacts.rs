@@ -10,8 +10,10 @@
 //! deletes its file.
 //!
 //! Every load re-hashes the artifact against the digest it was staged with
-//! ([`Artifacts::verified`]): bytes changed on disk are never loaded. That
-//! read is bounded — a regular file of the size staged, opened without
+//! ([`Artifacts::verified`]): bytes changed on disk are never loaded. The
+//! file is opened once; the descriptor hashed is the one loaded
+//! (`nine9s_host::Library::open_file`), so a file renamed over the path
+//! after the check is not what runs. That read is bounded — a regular file of the size staged, opened without
 //! blocking (a FIFO planted there is refused, not waited on), hashed on a
 //! thread of its own within [`VERIFY_TIMEOUT`] (hung storage fails the
 //! load instead of holding the engine).
@@ -210,10 +212,14 @@ impl Artifacts {
         Ok(path)
     }
 
-    /// The path of the artifact with this digest and `size`, after
-    /// checking that its bytes still have it; `Err` carries the digest they
-    /// have now. Bounded: see the module's doc.
-    pub fn verified(&self, sha256: &str, size: u64) -> std::io::Result<Result<PathBuf, String>> {
+    /// The artifact with this digest and `size`, open, after checking that
+    /// the bytes read from that descriptor still have it; `Err` carries the
+    /// digest they have now. Bounded: see the module's doc.
+    pub fn verified(
+        &self,
+        sha256: &str,
+        size: u64,
+    ) -> std::io::Result<Result<std::fs::File, String>> {
         let path = self.path(sha256);
         let (tx, rx) = std::sync::mpsc::channel();
         let reading = path.clone();
@@ -232,8 +238,9 @@ impl Artifacts {
                 ),
             )
         })??;
+        let (file, actual) = actual;
         Ok(if actual == sha256 {
-            Ok(path)
+            Ok(file)
         } else {
             Err(actual)
         })
@@ -276,10 +283,11 @@ fn stem_if_artifact(path: &Path) -> Option<String> {
     (path.extension()? == "so").then(|| path.file_stem()?.to_str().map(str::to_owned))?
 }
 
-/// The sha256 of the regular file at `path`, read up to one byte past
-/// `size` (more can only be another digest). Opened without blocking and
-/// without following a symlink: a FIFO or a device there is refused.
-fn digest_of(path: &Path, size: u64) -> std::io::Result<String> {
+/// The regular file at `path`, open, and the sha256 of its bytes read up to
+/// one byte past `size` (more can only be another digest). Opened without
+/// blocking and without following a symlink: a FIFO or a device there is
+/// refused.
+fn digest_of(path: &Path, size: u64) -> std::io::Result<(std::fs::File, String)> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits() as i32)
@@ -290,16 +298,16 @@ fn digest_of(path: &Path, size: u64) -> std::io::Result<String> {
             "not a regular file",
         ));
     }
-    let mut file = file.take(size.saturating_add(1));
+    let mut limited = (&file).take(size.saturating_add(1));
     let mut hasher = Sha256::new();
     let mut buffer = vec![0; 256 * 1024];
     loop {
-        match file.read(&mut buffer)? {
+        match limited.read(&mut buffer)? {
             0 => break,
             n => hasher.update(&buffer[..n]),
         }
     }
-    Ok(hex(&hasher.finalize()))
+    Ok((file, hex(&hasher.finalize())))
 }
 
 fn hex(digest: &[u8]) -> String {

@@ -15,6 +15,8 @@
 //!   in flight;
 //! - [`sandbox`] holds the walls the agent's probe opens untrusted
 //!   libraries behind (namespaces, read-only mounts, no privileges);
+//! - a release is loaded from the descriptor it was hashed through
+//!   ([`Library::open_file`]), never a name another loaded library holds;
 //! - when the last handle on a library is dropped it is `dlclose`d, and the
 //!   host checks `/proc/self/maps` to tell whether it is really gone.
 // The workspace denies unsafe code; this crate is one of the two allowed
@@ -22,6 +24,7 @@
 #![allow(unsafe_code)]
 
 mod allocator;
+mod descriptor;
 mod error;
 mod host_table;
 mod library;

@@ -5,6 +5,7 @@
 
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -141,6 +142,37 @@ impl Library {
                 reason: e.to_string(),
             }
         })?;
+        Library::checked(path, dl)
+    }
+
+    /// Opens the library read from `file` through its descriptor, so the
+    /// code loaded is that of the file opened (and hashed) whatever has
+    /// been renamed over its path since, and checks it as [`Library::open`]
+    /// does. It is named by the path the descriptor resolves to, the one
+    /// `/proc/self/maps` shows for it.
+    pub fn open_file(file: OwnedFd) -> Result<Arc<Library>, LoadError> {
+        let path =
+            std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(|e| {
+                LoadError::NotALibrary {
+                    path: PathBuf::from(format!("descriptor {}", file.as_raw_fd())),
+                    reason: e.to_string(),
+                }
+            })?;
+        // A file unlinked (or renamed over) since it was opened reads back
+        // with this suffix; /proc/self/maps shows it after the path too.
+        let path = match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(original) => PathBuf::from(original),
+            None => path,
+        };
+        let dl = crate::descriptor::open(file).map_err(|reason| LoadError::NotALibrary {
+            path: path.clone(),
+            reason,
+        })?;
+        Library::checked(path, dl)
+    }
+
+    /// Counts `dl` as open on `path` and checks its ABI.
+    fn checked(path: PathBuf, dl: DlLibrary) -> Result<Arc<Library>, LoadError> {
         register_open(&path);
         // From here on, dropping `library` closes the handle.
         let mut library = Library {

@@ -22,6 +22,26 @@ pub fn is_mapped(path: &Path) -> bool {
     })
 }
 
+/// The device and inode of the file mapped at `address`, if any.
+pub(crate) fn file_at(address: usize) -> Option<(u64, u64)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        // start-end perms offset major:minor inode [path]
+        let mut fields = line.split_ascii_whitespace();
+        let (start, end) = fields.next()?.split_once('-')?;
+        let start = usize::from_str_radix(start, 16).ok()?;
+        let end = usize::from_str_radix(end, 16).ok()?;
+        if !(start..end).contains(&address) {
+            return None;
+        }
+        let (major, minor) = fields.nth(2)?.split_once(':')?;
+        let major = u32::from_str_radix(major, 16).ok()?;
+        let minor = u32::from_str_radix(minor, 16).ok()?;
+        let inode = fields.next()?.parse().ok()?;
+        Some((libc::makedev(major, minor), inode))
+    })
+}
+
 pub(crate) fn note_released_but_mapped(path: PathBuf) {
     let mut list = RELEASED_BUT_MAPPED
         .lock()

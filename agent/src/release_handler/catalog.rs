@@ -289,8 +289,8 @@ pub(crate) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Libra
         version: release.version.clone(),
         source,
     };
-    let path = match artifacts.verified(&release.sha256, release.size) {
-        Ok(Ok(path)) => path,
+    let file = match artifacts.verified(&release.sha256, release.size) {
+        Ok(Ok(file)) => file,
         Ok(Err(actual)) => {
             return Err(Error::Corrupt {
                 version: release.version.clone(),
@@ -305,7 +305,8 @@ pub(crate) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Libra
             }))
         }
     };
-    let library = Library::open(&path).map_err(load_error)?;
+    // Loaded from the descriptor just hashed, not by path again.
+    let library = Library::open_file(file.into()).map_err(load_error)?;
     if library.version() != release.version.to_string() || library.name() != release.name {
         return Err(Error::InvalidArtifact(format!(
             "the library of {} {} says it is {} {}",
