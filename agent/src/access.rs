@@ -205,6 +205,11 @@ impl Access {
                 .ok_or_else(|| at(format!("role {role:?} is not read, deploy or admin")))?;
             let digest = match token {
                 "-" => None,
+                t if t.starts_with(HASHED) => Some(hashed(t).ok_or_else(|| {
+                    at(format!(
+                        "the token of {name} starts with {HASHED:?} but is not 64 hex digits after it"
+                    ))
+                })?),
                 t if t.len() < MIN_TOKEN => {
                     return Err(at(format!(
                         "the token of {name} is shorter than {MIN_TOKEN} characters"
@@ -361,6 +366,25 @@ fn bearer(header: &[u8]) -> Option<&[u8]> {
         .eq_ignore_ascii_case(b"bearer ")
         .then(|| token.trim_ascii())
         .filter(|t| !t.is_empty())
+}
+
+/// A tokens file may hold a token's sha256 instead of the token
+/// (`sha256:` and 64 hex digits): then nothing that can read the file —
+/// the agent's own process, or code it runs — learns a usable token.
+const HASHED: &str = "sha256:";
+
+/// The digest of a `sha256:HEX` token field.
+fn hashed(field: &str) -> Option<[u8; 32]> {
+    let hex = field.strip_prefix(HASHED)?.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut digest = [0; 32];
+    for (byte, pair) in digest.iter_mut().zip(hex.chunks(2)) {
+        let nibble = |b: u8| char::from(b).to_digit(16);
+        *byte = u8::try_from(nibble(pair[0])? << 4 | nibble(pair[1])?).ok()?;
+    }
+    Some(digest)
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
@@ -524,6 +548,29 @@ mod tests {
     }
 
     #[test]
+    fn a_file_may_hold_a_tokens_sha256_instead_of_the_token() {
+        let token = "0123456789abcdef0123";
+        let hex: String = digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let access = Access::parse(&format!("ci deploy sha256:{hex}\n")).unwrap();
+        let ci = access
+            .check(&creds(&format!("Bearer {token}")), Role::Deploy)
+            .unwrap();
+        assert_eq!(ci.name, "ci");
+        // The hash itself is no token.
+        let err = access
+            .check(&creds(&format!("Bearer sha256:{hex}")), Role::Read)
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::Unauthenticated);
+        let upper = Access::parse(&format!("ci deploy sha256:{}\n", hex.to_uppercase())).unwrap();
+        assert!(upper
+            .check(&creds(&format!("Bearer {token}")), Role::Read)
+            .is_ok());
+    }
+
+    #[test]
     fn bad_files_say_which_line() {
         for (text, expected) in [
             ("ci deploy short", "line 1: the token of ci is shorter"),
@@ -537,6 +584,14 @@ mod tests {
                 "line 2: a is listed twice",
             ),
             ("a read", "line 1: expected NAME ROLE TOKEN"),
+            (
+                "a read sha256:abc",
+                "line 1: the token of a starts with \"sha256:\"",
+            ),
+            (
+                "a read sha256:zz23456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "is not 64 hex digits",
+            ),
             ("# nothing\n", "no identities"),
         ] {
             let err = Access::parse(text).err().expect(text);
