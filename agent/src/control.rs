@@ -129,7 +129,9 @@ fn client_message(error: &Error) -> String {
         }
         Error::Io { .. } => "the agent could not read or write its data dir".to_owned(),
         Error::Store(_) => "the agent's store is unavailable".to_owned(),
-        Error::Load { version, .. } => format!("cannot load release {version}"),
+        Error::Load { version, source } => {
+            format!("cannot load release {version}: {}", source.without_path())
+        }
         other => return other.to_string(),
     };
     tracing::error!(error = %error, "answered the client without the details: {summary}");

@@ -25,6 +25,24 @@ pub enum LoadError {
     BadTable { path: PathBuf, reason: String },
 }
 
+impl LoadError {
+    /// This error in words that name no path: for a client of the agent,
+    /// who should learn what is wrong with the library but not where the
+    /// agent keeps it.
+    pub fn without_path(&self) -> String {
+        let (LoadError::NotALibrary { path, .. }
+        | LoadError::MissingSymbol { path, .. }
+        | LoadError::AbiMismatch { path, .. }
+        | LoadError::BadTable { path, .. }) = self;
+        let path = path.display().to_string();
+        let message = self.to_string();
+        message
+            .strip_prefix(&format!("{path}: "))
+            .unwrap_or(&message)
+            .replace(&path, "the library")
+    }
+}
+
 /// A call into a plugin failed. The plugin is still loaded and usable.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
