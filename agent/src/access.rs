@@ -140,17 +140,7 @@ impl LocalUsers {
 /// `local:<user>` from /etc/passwd, or `local:uid:N` for a uid it does
 /// not list.
 fn local_name(uid: u32) -> String {
-    let listed = std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|line| {
-                let mut fields = line.split(':');
-                let name = fields.next()?;
-                let id = fields.nth(1)?;
-                (id.parse() == Ok(uid) && !name.is_empty()).then(|| name.to_owned())
-            })
-        });
-    match listed {
+    match crate::datadir::user_name(uid) {
         Some(name) => format!("local:{name}"),
         None => format!("local:uid:{uid}"),
     }

@@ -463,6 +463,14 @@ pub fn ctl(agent: &str, args: &[&str]) -> Ctl {
 /// Runs the real `ctl` against `agent` with extra environment variables
 /// (and none of the caller's `NINE9S_*` ones).
 pub fn ctl_env(agent: &str, args: &[&str], env: &[(&str, &str)]) -> Ctl {
+    let mut all = vec!["--agent", agent];
+    all.extend_from_slice(args);
+    ctl_in(&root(), &all, env)
+}
+
+/// Runs the real `ctl ARGS` in `cwd` with extra environment variables
+/// (and none of the caller's `NINE9S_*` ones).
+pub fn ctl_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Ctl {
     let mut command = Command::new(bin_dir().join("ctl"));
     for (name, _) in std::env::vars() {
         if name.starts_with("NINE9S_") {
@@ -471,10 +479,8 @@ pub fn ctl_env(agent: &str, args: &[&str], env: &[(&str, &str)]) -> Ctl {
     }
     let output = command
         .envs(env.iter().copied())
-        .arg("--agent")
-        .arg(agent)
         .args(args)
-        .current_dir(root())
+        .current_dir(cwd)
         .output()
         .expect("run ctl");
     Ctl {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use nine9s_tests::{bin_dir, stage_sample, Agent, Ctl};
+use nine9s_tests::{bin_dir, ctl_in, stage_sample, Agent, Ctl};
 
 const TOKEN: &str = "planted-admin-token-0123456789abcdef";
 
@@ -63,27 +63,6 @@ impl Listener {
 
     fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
-    }
-}
-
-/// Runs ctl in `cwd` with only `env` among the `NINE9S_*` variables.
-fn ctl_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Ctl {
-    let mut command = Command::new(bin_dir().join("ctl"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("NINE9S_") {
-            command.env_remove(name);
-        }
-    }
-    let output = command
-        .envs(env.iter().copied())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run ctl");
-    Ctl {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
