@@ -147,15 +147,58 @@ impl Facts {
 struct Me {
     uid: u32,
     gid: u32,
+    /// The agent's group is its user's own (a user private group, as
+    /// Debian and Fedora give each user, with umask 002): no other user has
+    /// it, so its group bits are the agent's too.
+    private_group: bool,
 }
 
 impl Me {
     fn now() -> Me {
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
         Me {
-            uid: rustix::process::geteuid().as_raw(),
-            gid: rustix::process::getegid().as_raw(),
+            uid,
+            gid,
+            private_group: private_group(uid, gid),
         }
     }
+}
+
+/// Whether only `uid` is in group `gid`: `/etc/group` lists no member
+/// for it and no other user of `/etc/passwd` has it as primary group.
+/// Unreadable files or a group they do not list: not private.
+fn private_group(uid: u32, gid: u32) -> bool {
+    match (
+        std::fs::read_to_string("/etc/group"),
+        std::fs::read_to_string("/etc/passwd"),
+    ) {
+        (Ok(groups), Ok(passwd)) => private_in(uid, gid, &groups, &passwd),
+        _ => false,
+    }
+}
+
+/// [`private_group`] on the text of `/etc/group` and `/etc/passwd`.
+fn private_in(uid: u32, gid: u32, groups: &str, passwd: &str) -> bool {
+    let id = |field: Option<&str>| field.and_then(|f| f.parse::<u32>().ok());
+    let mut listed = false;
+    for line in groups.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if id(fields.get(2).copied()) == Some(gid) {
+            if fields
+                .get(3)
+                .is_some_and(|members| !members.trim().is_empty())
+            {
+                return false;
+            }
+            listed = true;
+        }
+    }
+    listed
+        && passwd.lines().all(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            id(fields.get(3).copied()) != Some(gid) || id(fields.get(2).copied()) == Some(uid)
+        })
 }
 
 /// The rule, on metadata alone.
@@ -177,8 +220,9 @@ fn judge(facts: Facts, expect: Expect, me: Me) -> Result<(), Problem> {
             root_too,
         });
     }
-    // Root gave the agent's own group access (Kubernetes' fsGroup).
-    let group_is_mine = facts.uid == 0 && facts.gid == me.gid;
+    // Root gave the agent's own group access (Kubernetes' fsGroup), or
+    // the group is the agent's user's alone.
+    let group_is_mine = facts.gid == me.gid && (facts.uid == 0 || me.private_group);
     let others = |bit: u32| bit | if group_is_mine { 0 } else { bit << 3 };
     let sticky = expect == Ancestor && facts.mode & 0o1000 != 0;
     if facts.mode & others(0o002) != 0 && !sticky {
@@ -388,6 +432,7 @@ mod tests {
     const ME: Me = Me {
         uid: 1000,
         gid: 1000,
+        private_group: false,
     };
 
     fn facts(uid: u32, gid: u32, mode: u32, dir: bool) -> Facts {
@@ -442,6 +487,17 @@ mod tests {
         assert!(ok(facts(0, 1000, 0o2775, true), Ancestor));
         assert!(!ok(facts(0, 1001, 0o440, false), GivenSecret));
         assert!(!ok(facts(0, 1000, 0o444, false), GivenSecret));
+        // A user private group (umask 002): its group bits are the agent's,
+        // another group's are not.
+        let upg = Me {
+            private_group: true,
+            ..ME
+        };
+        assert!(judge(facts(1000, 1000, 0o775, true), Dir, upg).is_ok());
+        assert!(judge(facts(1000, 1000, 0o660, false), Secret, upg).is_ok());
+        assert!(judge(facts(1000, 1001, 0o775, true), Dir, upg).is_err());
+        assert!(judge(facts(1000, 1000, 0o777, true), Dir, upg).is_err());
+        assert!(!ok(facts(1000, 1000, 0o775, true), Dir));
         // Kinds and symlinks.
         let mut link = facts(1000, 1000, 0o777, false);
         link.symlink = true;
@@ -450,6 +506,19 @@ mod tests {
             judge(facts(1000, 1000, 0o700, true), Secret, ME),
             Err(Problem::NotFile)
         );
+    }
+
+    #[test]
+    fn a_group_is_private_when_no_one_else_is_in_it() {
+        let groups = "root:x:0:\nusers:x:100:ann,bob\nann:x:1000:\nbob:x:1001:\nstaff:x:50:\n";
+        let passwd = "root:x:0:0::/root:/bin/sh\nann:x:1000:1000::/home/ann:/bin/sh\nbob:x:1001:1001::/home/bob:/bin/sh\ncarl:x:1002:50::/home/carl:/bin/sh\n";
+        assert!(private_in(1000, 1000, groups, passwd));
+        assert!(private_in(0, 0, groups, passwd));
+        // Members listed, another user's primary group, or not listed at all.
+        assert!(!private_in(1000, 100, groups, passwd));
+        assert!(!private_in(1000, 50, groups, passwd));
+        assert!(!private_in(1000, 1001, groups, passwd));
+        assert!(!private_in(1000, 4242, groups, passwd));
     }
 
     #[test]
