@@ -776,14 +776,18 @@ impl Rng {
 }
 
 /// Copies a directory tree of plain files (the agent's data dir).
+/// Copies the directories and files below `from`; not the control
+/// socket, which only the agent that bound it can serve (the next agent
+/// binds its own).
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
             copy_dir(&entry.path(), &target)?;
-        } else {
+        } else if kind.is_file() {
             std::fs::copy(entry.path(), target)?;
         }
     }
