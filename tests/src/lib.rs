@@ -760,7 +760,12 @@ pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
 /// Stages the sample release `nine9s-<version>` built by this workspace.
 pub fn stage_sample(agent: &Agent, version: &str) -> Ctl {
     let lib = library(&format!("nine9s_{}", version.replace('.', "_")));
-    let dir = release_dir(&format!("nine9s-{version}"));
+    stage_dir(agent, &release_dir(&format!("nine9s-{version}")), &lib)
+}
+
+/// Stages the release directory `dir` with the library `lib`, which must
+/// succeed.
+pub fn stage_dir(agent: &Agent, dir: &Path, lib: &Path) -> Ctl {
     agent
         .ctl(&[
             "stage",

@@ -466,14 +466,7 @@ fn an_unsigned_release_is_refused_when_signatures_are_required() {
         lib.to_str().unwrap(),
     ];
     assert_eq!(nine9s_tests::ctl("http://127.0.0.1:1", &sign).code, 0);
-    agent
-        .ctl(&[
-            "stage",
-            signed.to_str().unwrap(),
-            "--library",
-            lib.to_str().unwrap(),
-        ])
-        .ok();
+    nine9s_tests::stage_dir(&agent, &signed, &lib);
     assert_eq!(agent.release_state("0.3.0"), "staged");
 }
 
@@ -1549,14 +1542,7 @@ fn require_signed_applies_to_releases_staged_before_it_and_releases_show_who_sig
     let agent = Agent::start(&data, &[]);
     let lib = library("nine9s_0_3_0");
     let stage = |agent: &Agent, dir: &Path| {
-        agent
-            .ctl(&[
-                "stage",
-                dir.to_str().unwrap(),
-                "--library",
-                lib.to_str().unwrap(),
-            ])
-            .ok();
+        nine9s_tests::stage_dir(agent, dir, &lib);
     };
     // Staged unsigned while no signature is required.
     stage(&agent, &release_dir("nine9s-0.3.0"));
