@@ -6,7 +6,7 @@
 //! a client that has gone is not served from the backlog.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
@@ -161,11 +161,25 @@ fn ctl_rollback_switches_away_from_a_stuck_call_and_the_worker_is_replaced_with_
 /// and returns what the agent answered before it closed the connection.
 fn gone_while_stopped(worker: u32, open: impl FnOnce() -> TcpStream) -> Vec<u8> {
     kill("STOP", worker);
+    // kill(2) returns before every thread has stopped: one still running
+    // could take the connection and read the request before the FIN.
+    assert!(
+        eventually(Duration::from_secs(10), || stopped(worker)),
+        "the worker did not stop"
+    );
     let mut stream = open();
     stream
         .write_all(b"GET / HTTP/1.1\r\nhost: nine9s\r\n\r\n")
         .unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
+    // The FIN crosses loopback in the kernel's own time (softirq): on a
+    // loaded machine the worker, let go at once, read the request before
+    // the FIN had arrived and rightly served a client still there.
+    let (server, client) = (stream.peer_addr().unwrap(), stream.local_addr().unwrap());
+    assert!(
+        eventually(Duration::from_secs(10), || close_wait(server, client)),
+        "the agent's side of the connection never saw the client's FIN"
+    );
     kill("CONT", worker);
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -174,6 +188,39 @@ fn gone_while_stopped(worker: u32, open: impl FnOnce() -> TcpStream) -> Vec<u8> 
     let read = stream.read_to_end(&mut answer);
     assert!(read.is_ok(), "{read:?}");
     answer
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which may hold spaces or
+            // parentheses: read it after the last ')'.
+            stat.rsplit(')')
+                .next()
+                .map(str::trim_start)
+                .is_some_and(|rest| rest.starts_with('T'))
+        })
+    })
+}
+
+/// Whether the kernel holds the server side of the IPv4 connection
+/// `server` ← `client` in CLOSE_WAIT: the client's FIN has arrived, though
+/// no process may have read it yet (`/proc/net/tcp`, state 08).
+fn close_wait(server: SocketAddr, client: SocketAddr) -> bool {
+    let port = |address: &str| address.rsplit(':').next().map(str::to_owned);
+    let hex = |p: u16| Some(format!("{p:04X}"));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3
+            && port(fields[1]) == hex(server.port())
+            && port(fields[2]) == hex(client.port())
+            && fields[3] == "08"
+    })
 }
 
 #[test]
