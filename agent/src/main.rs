@@ -18,7 +18,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -34,7 +34,7 @@ struct Args {
     #[command(subcommand)]
     mode: Option<Mode>,
     /// Where releases, history and state snapshots are kept.
-    #[arg(long, default_value = "nine9s-data", env = "NINE9S_DATA_DIR")]
+    #[arg(long, default_value = DEFAULT_DATA_DIR, env = "NINE9S_DATA_DIR")]
     data_dir: PathBuf,
     /// Address the service answers HTTP on.
     #[arg(long, default_value = "127.0.0.1:9090")]
@@ -394,6 +394,7 @@ fn supervise(args: Args) -> ! {
             std::process::exit(1);
         }),
     };
+    tracing::info!("ctl on this machine: {}", ctl_command(&args.data_dir));
     let exe = std::env::current_exe().unwrap_or_else(|e| {
         eprintln!("agent: error: cannot find the agent binary to start workers from: {e}");
         std::process::exit(1);
@@ -657,6 +658,28 @@ fn paths(args: &Args) -> Config {
         });
     config.trusted_keys = args.trusted_keys.clone();
     config
+}
+
+/// The data dir when none is given: the one `ctl` looks in by default.
+const DEFAULT_DATA_DIR: &str = "nine9s-data";
+
+/// The `ctl` command (in backquotes) a user on this machine pastes to reach this agent
+/// over its local socket: plain `ctl status` where ctl's default finds it
+/// (the default data dir, from this directory), `--data-dir` otherwise.
+fn ctl_command(data_dir: &Path) -> String {
+    let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
+    let text = absolute.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%".contains(c);
+    let quoted = if text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    };
+    if data_dir == Path::new(DEFAULT_DATA_DIR) {
+        format!("`ctl status` from this directory, `ctl --data-dir {quoted} status` from anywhere")
+    } else {
+        format!("`ctl --data-dir {quoted} status`")
+    }
 }
 
 /// Refuses (exit 2) a data dir, tokens file, TLS key or trusted key

@@ -20,6 +20,11 @@ use tonic::transport::Uri;
 /// directory: the agent's default data dir's.
 pub const DEFAULT_SOCKET: &str = "nine9s-data/control.sock";
 
+/// The local socket of the agent whose data dir is `data_dir`.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.sock")
+}
+
 /// The prefix of a local socket's address.
 const SCHEME: &str = "unix:";
 
@@ -34,7 +39,7 @@ pub fn socket_path(address: &str) -> Option<PathBuf> {
 /// Why there is nothing to talk to at `path`, and what to do.
 pub fn not_running(path: &Path) -> String {
     format!(
-        "no agent is running with its data dir here: {} does not exist (the agent makes DATA/control.sock in its data dir). For an agent with another --data-dir give --agent unix:DATA/control.sock; for one on another machine, --agent https://HOST:PORT with --ca and a token",
+        "no agent is running with its data dir here: {} does not exist (the agent makes DATA/control.sock in its data dir). For an agent with another --data-dir give ctl --data-dir DIR (or NINE9S_DATA_DIR); for one on another machine, --agent https://HOST:PORT with --ca and a token",
         path.display()
     )
 }

@@ -119,6 +119,12 @@ struct Cli {
         action = ArgAction::Append
     )]
     agent: Vec<String>,
+    /// The data dir of an agent on this machine: talk to it over its local
+    /// socket, DATA/control.sock (the agent's own `--data-dir` and
+    /// variable, so one `NINE9S_DATA_DIR` serves both). An `--agent` typed
+    /// on the command line wins over the variable.
+    #[arg(long, global = true, env = "NINE9S_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// `table` for people, `json` (one document on stdout; one per line for
     /// `watch`) for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -699,7 +705,24 @@ async fn main() {
     // Only a URL typed on the command line conflicts with --fleet; one
     // from the environment gives way to it.
     let agent_typed = matches.value_source("agent") == Some(ValueSource::CommandLine);
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let data_dir_typed = matches.value_source("data_dir") == Some(ValueSource::CommandLine);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(dir) = &cli.data_dir {
+        match (agent_typed, data_dir_typed) {
+            (true, true) => usage_error(
+                "--data-dir and --agent both name the agent: give one (--data-dir DIR is --agent unix:DIR/control.sock)".into(),
+            ),
+            // An --agent typed here names another agent than the one of
+            // the NINE9S_DATA_DIR in the environment.
+            (true, false) => {}
+            (false, _) => {
+                if data_dir_typed && matches!(cli.command, Top::Rollout(ref args) if args.fleet.is_some()) {
+                    usage_error("--data-dir and --fleet do not go together: a rollout's agents are in the fleet file".into());
+                }
+                cli.agent = vec![format!("unix:{}", local::path(dir).display())];
+            }
+        }
+    }
     let output = cli.output;
     let result = match cli.command {
         Top::Local(Local::Keygen { out }) => commands::keygen(&out, cli.output),

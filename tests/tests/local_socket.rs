@@ -223,3 +223,69 @@ fn another_user_is_kept_off_the_socket_by_the_dir_and_refused_by_the_agent() {
     let history = agent.json(&["history"]);
     assert_eq!(history["transitions"].as_array().unwrap().len(), 1);
 }
+
+/// `ctl --data-dir DIR` and `NINE9S_DATA_DIR` reach the agent of that data
+/// dir over its local socket from any directory, the command the agent
+/// logs works as written, and naming the agent twice is a usage error
+/// (issue 18, item 4: ctl looked in `./nine9s-data` only).
+#[test]
+fn ctl_reaches_an_agent_by_its_data_dir_as_the_agent_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state of the agent");
+    let agent = Agent::start(&data, &[]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let data_arg = data.to_str().unwrap();
+    let pid = |out: &Ctl| {
+        assert_eq!(out.code, 0, "{out:?}");
+        let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        status["agent"]["worker_pid"].as_u64()
+    };
+    let worker = Some(u64::from(agent.worker_pid()));
+    let flag = ctl_in(
+        elsewhere.path(),
+        &["--data-dir", data_arg, "--output", "json", "status"],
+        &[],
+    );
+    assert_eq!(pid(&flag), worker);
+    let variable = ctl_in(
+        elsewhere.path(),
+        &["--output", "json", "status"],
+        &[("NINE9S_DATA_DIR", data_arg)],
+    );
+    assert_eq!(pid(&variable), worker);
+    // The command in the agent's log, run through a shell as pasted.
+    let log = agent.log();
+    let logged = log
+        .lines()
+        .find_map(|line| line.split("ctl on this machine: `").nth(1))
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("no ctl command in the log:\n{log}"))
+        .to_owned();
+    let pasted = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{logged} --output json"))
+        .env("PATH", format!("{}:/usr/bin:/bin", bin_dir().display()))
+        .env_remove("NINE9S_DATA_DIR")
+        .env_remove("NINE9S_AGENT")
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(pasted.status.success(), "{logged}: {pasted:?}");
+    // Both typed: which agent is meant is unclear.
+    let both = ctl_in(
+        elsewhere.path(),
+        &["--data-dir", data_arg, "--agent", &agent.local(), "status"],
+        &[],
+    );
+    assert_eq!(both.code, 2, "{both:?}");
+    assert!(both.stderr.contains("--data-dir"), "{both:?}");
+    // A typed --agent wins over the variable: here a socket that is not
+    // there, which is said as such.
+    let missing = format!("unix:{}", elsewhere.path().join("none.sock").display());
+    let typed = ctl_in(
+        elsewhere.path(),
+        &["--agent", &missing, "status"],
+        &[("NINE9S_DATA_DIR", data_arg)],
+    );
+    assert_eq!(typed.code, 3, "{typed:?}");
+}
