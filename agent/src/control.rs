@@ -51,6 +51,8 @@ const WATCH_QUEUE: usize = 16;
 const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// `ErrorInfo.domain` of every error.
 const DOMAIN: &str = "nine9s.dev";
+/// What a signed release staged on an agent that trusts no keys is told.
+const UNCHECKED_SIGNATURE: &str = "the release is signed, but this agent trusts no keys (no --trusted-keys) and requires none: the signature was not checked, and the release is staged as unsigned";
 
 /// The control service behind its gate (`gate.rs`), which authenticates
 /// every call from `access` before its messages are read and proves its
@@ -380,6 +382,8 @@ impl ControlService {
 
     /// A signature must verify against a trusted key, whether or not one
     /// is required; none at all is refused only under `--require-signed`.
+    /// An agent that trusts no keys (and so requires none) cannot check a
+    /// signature: the release is staged unsigned, and the reply says so.
     /// Returns who signed it, to be recorded with the release.
     fn check_signature(&self, header: &pb::StageHeader) -> Result<Signed, Error> {
         let config = self.engine.config();
@@ -393,10 +397,10 @@ impl ControlService {
             return Ok(Signed::default());
         }
         let Some(keys) = &self.keys else {
-            return Err(Error::refused(
-                Reason::BadSignature,
-                "the release is signed, but this agent trusts no keys (start it with --trusted-keys DIR) and does not take a signature it cannot check",
-            ));
+            // No key to check it against, and none required: the release
+            // is what it would be without the signature, and says so.
+            tracing::info!("{UNCHECKED_SIGNATURE}");
+            return Ok(Signed::default());
         };
         let key = keys
             .verify(
@@ -597,6 +601,8 @@ impl Control for ControlService {
         // Everything the header alone can tell is checked before a byte of
         // the library is accepted.
         let (manifest, reservation, signed) = self.check_header(&header)?;
+        // A signature set aside unchecked (see `check_signature`).
+        let unchecked = !header.signature.is_empty() && self.keys.is_none();
         let mut upload = Upload::create(
             &artifacts::dir(&self.engine.config().data_dir),
             Some(reservation),
@@ -675,6 +681,11 @@ impl Control for ControlService {
         Ok(Response::new(pb::StageReply {
             release: Some(release_pb(&release)),
             already_staged,
+            signature_note: if unchecked {
+                UNCHECKED_SIGNATURE.to_owned()
+            } else {
+                String::new()
+            },
         }))
     }
 

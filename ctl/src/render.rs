@@ -130,6 +130,8 @@ fn time(ms: i64) -> String {
 /// `signer`: the key id of the release.sig sent along, if one was.
 pub fn staged(reply: &pb::StageReply, library: &Path, signer: Option<&str>) {
     let Some(r) = &reply.release else { return };
+    // A signature the agent set aside unchecked signs nothing there.
+    let signer = signer.filter(|_| reply.signature_note.is_empty());
     let signed = signer.map_or_else(String::new, |id| format!("; signed by {id}"));
     if reply.already_staged {
         outln!(
@@ -147,6 +149,9 @@ pub fn staged(reply: &pb::StageReply, library: &Path, signer: Option<&str>) {
             r.size,
             r.sha256
         );
+    }
+    if !reply.signature_note.is_empty() {
+        outln!("note: {}", reply.signature_note);
     }
 }
 

@@ -422,6 +422,49 @@ fn signatures_that_do_not_verify_are_always_refused() {
     assert_eq!(reply.release.unwrap().version, "0.3.0");
 }
 
+/// An agent that trusts no keys cannot check a signature and requires
+/// none: a signed release is staged as unsigned, and ctl says so (issue
+/// 18, item 2: it was refused, so signing a release dir broke every agent
+/// without keys).
+#[test]
+fn a_signed_release_on_an_agent_that_trusts_no_keys_is_staged_unsigned_and_said_so() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "release-team");
+    signed_copy(keys.path(), &key);
+    let dir = keys.path().join(format!(
+        "release-{}",
+        sha256_hex(key.to_str().unwrap().as_bytes())
+    ));
+    let agent = Agent::start(&keys.path().join("data"), &[]);
+    let lib = library("nine9s_0_3_0");
+    let args = [
+        "stage",
+        dir.to_str().unwrap(),
+        "--library",
+        lib.to_str().unwrap(),
+    ];
+    let staged = agent.ctl(&args).ok();
+    assert!(
+        staged
+            .stdout
+            .contains("note: the release is signed, but this agent trusts no keys"),
+        "{staged:?}"
+    );
+    assert!(!staged.stdout.contains("signed by"), "{staged:?}");
+    let again = agent.json(&args);
+    assert!(
+        again["signature_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("not checked")),
+        "{again}"
+    );
+    let release = agent.release("0.3.0").expect("0.3.0 staged");
+    assert!(
+        release["signed_by"].as_str().is_none_or(str::is_empty),
+        "{release}"
+    );
+}
+
 #[test]
 fn an_unsigned_release_is_refused_when_signatures_are_required() {
     let keys = tempfile::tempdir().unwrap();
