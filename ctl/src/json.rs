@@ -57,6 +57,23 @@ pub fn keygen(key_id: &str, secret_key: &Path, public_key: &Path) -> Value {
     })
 }
 
+/// `ctl new`: the crate written, where, on which SDK.
+pub fn created<'a>(
+    name: &str,
+    version: &str,
+    dir: &Path,
+    sdk: &Path,
+    files: impl Iterator<Item = &'a str>,
+) -> Value {
+    json!({
+        "name": name,
+        "version": version,
+        "dir": dir.display().to_string(),
+        "sdk": sdk.display().to_string(),
+        "files": files.collect::<Vec<_>>(),
+    })
+}
+
 /// `ctl sign`: what was signed, by which key, and where the signature is.
 pub fn signed(
     manifest: &Manifest,

@@ -85,6 +85,7 @@ mod credentials;
 mod follow;
 mod json;
 mod local;
+mod new;
 mod render;
 mod rollout;
 mod rpc;
@@ -236,6 +237,24 @@ enum Local {
         /// The library to sign, instead of looking it up as `stage` does.
         #[arg(long)]
         library: Option<PathBuf>,
+    },
+    /// Start a release of your own (needs no agent).
+    ///
+    /// Writes DIR/Cargo.toml (a cdylib on the nine9s SDK), DIR/src/lib.rs (a
+    /// service that counts its hellos and carries the count across
+    /// upgrades as state) and DIR/release.toml; the directory's name names
+    /// the crate and the release. DIR must not exist.
+    #[command(
+        after_help = "Examples:\n  ctl new myservice && cargo build --release --manifest-path myservice/Cargo.toml\n  agent --bootstrap myservice --data-dir myservice-data"
+    )]
+    New {
+        /// The crate's directory; its last component is the name.
+        #[arg(value_parser = new::crate_name)]
+        dir: PathBuf,
+        /// The SDK crate to depend on (plugins/sdk of a nine9s checkout);
+        /// by default the one ctl was built with.
+        #[arg(long, value_name = "PATH")]
+        sdk: Option<PathBuf>,
     },
     /// Print a shell completion script (needs no agent).
     ///
@@ -729,6 +748,7 @@ async fn main() {
         Top::Local(Local::Sign { dir, key, library }) => {
             commands::sign(&dir, &key, library, cli.output)
         }
+        Top::Local(Local::New { dir, sdk }) => new::run(&dir, sdk.as_deref(), cli.output),
         Top::Local(Local::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "ctl", &mut std::io::stdout());
             Ok(())
