@@ -2,8 +2,10 @@
 //! permanent release serving with its state, no half-registered release,
 //! and a history that shows the interrupted transition as aborted.
 //!
-//! The agent crashes at named points (`NINE9S_CRASH_AT`, which aborts the
+//! The agent crashes at named points (`NINE9S_CRASH_AT`, which kills the
 //! process on the spot, as `kill -9` would) so every point is hit for sure.
+//! Only a debug build has them (`agent/src/failpoint.rs`): run these with
+//! `cargo test`, not `cargo test --release`.
 
 use std::path::Path;
 use std::time::Duration;
