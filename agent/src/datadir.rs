@@ -392,6 +392,16 @@ fn check_given(what: &'static str, path: &Path, expect: Expect, me: Me) -> Resul
     Ok(())
 }
 
+/// What would give a release the agent's credentials: the data dir (the
+/// admin token, the store, the control socket), the tokens file and the
+/// TLS key. The rehearsal hides them from the release's code.
+pub fn secrets(config: &Config) -> Vec<PathBuf> {
+    let mut secrets = vec![config.data_dir.clone()];
+    secrets.extend(config.tokens.clone());
+    secrets.extend(config.tls.as_ref().map(|tls| tls.key.clone()));
+    secrets
+}
+
 /// Every check, without creating anything: the data dir (as far as it
 /// exists), the tokens file, the TLS files and the trusted keys. What
 /// `agent FLAGS check` and the supervisor run before a worker starts.

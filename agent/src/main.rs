@@ -179,6 +179,10 @@ enum Mode {
         state_version: Option<u32>,
         #[arg(long)]
         hook: Vec<String>,
+        /// A directory or file the rehearsal must not see (the data dir,
+        /// the secrets flags name).
+        #[arg(long)]
+        hide: Vec<PathBuf>,
         #[arg(long)]
         limit_ms: u64,
     },
@@ -325,12 +329,14 @@ fn main() {
             active,
             state_version,
             hook,
+            hide,
             limit_ms,
         }) => std::process::exit(nine9s_agent::probe::rehearsal_child(
             target,
             active.as_deref(),
             *state_version,
             hook,
+            hide,
             Duration::from_millis(*limit_ms),
         )),
         Some(Mode::Worker) => worker(args),

@@ -11,15 +11,18 @@
 //! version as one JSON line; a crash, a hang or anything else is the
 //! library's fault, said in words, and the agent never mapped it. Before a
 //! switch maps a release, [`rehearse`] runs its trial instance the same
-//! way (`agent rehearse`), so a crash there costs only that process.
+//! way (`agent rehearse`), so a crash there costs only that process, behind
+//! lower walls: the data dir and the secrets the flags name hidden, but the
+//! rest of the files and the network as the worker sees them.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nine9s_host::sandbox::{self, Forked, Isolation};
+use nine9s_host::sandbox::{self, Forked, Isolation, Walls};
 use object::elf::{self, FileHeader64};
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{Endianness, FileKind, ReadCache};
@@ -51,8 +54,15 @@ enum Answer {
     Refused(String),
     /// The contained child was killed by this signal.
     Crashed(i32),
-    /// A rehearsal's trial instance went through: what it checked.
-    Rehearsed(Vec<String>),
+    /// A rehearsal's trial instance went through: what it checked, and
+    /// whether it ran behind its walls (the kernel gave namespaces).
+    Rehearsed {
+        checks: Vec<String>,
+        contained: bool,
+    },
+    /// The rehearsal could not wall itself in (not the release's fault):
+    /// its code never ran.
+    Uncontained(String),
 }
 
 /// Checks what can be read of `path` as data: a 64-bit ELF shared
@@ -183,7 +193,9 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
         Answer::Plugin(report) => Ok(report),
         Answer::Refused(reason) => Err(ProbeError::Refused(reason)),
         Answer::Crashed(signal) => Err(crashed(signal)),
-        Answer::Rehearsed(_) => Err(ProbeError::Failed("the probe answered a rehearsal".into())),
+        Answer::Rehearsed { .. } | Answer::Uncontained(_) => {
+            Err(ProbeError::Failed("the probe answered a rehearsal".into()))
+        }
     }
 }
 
@@ -248,7 +260,7 @@ fn run(
     // The last line: a constructor may have printed before the report.
     let out = String::from_utf8_lossy(&output.0);
     match out.lines().last().map(serde_json::from_str::<Answer>) {
-        Some(Ok(Answer::Plugin(_) | Answer::Rehearsed(_))) if !status.success() => Err(
+        Some(Ok(Answer::Plugin(_) | Answer::Rehearsed { .. })) if !status.success() => Err(
             ProbeError::Refused(format!("the probe ended with {status}")),
         ),
         Some(Ok(answer)) => Ok(answer),
@@ -313,15 +325,15 @@ pub(crate) fn signal_name(signal: i32) -> String {
 /// init, so the kernel kills whatever it started; without namespaces the
 /// daemons it left became this subreaper's children.
 pub fn child(library: &Path, hide: Option<&Path>) -> i32 {
-    contain(TIME_LIMIT, true, "opening it", |isolation| {
+    contain(TIME_LIMIT, Walls::All, "opening it", |isolation| {
         open_contained(library, isolation, hide)
     })
 }
 
-/// Runs `body` in a contained child (see [`child`]; `walls`: also in new
-/// network, mount and IPC namespaces) for `limit` at most, and returns
-/// this process's exit code.
-fn contain(limit: Duration, walls: bool, what: &str, body: impl FnOnce(Isolation) -> i32) -> i32 {
+/// Runs `body` in a contained child (see [`child`]; in the namespaces
+/// `walls` asks for) for `limit` at most, and returns this process's exit
+/// code.
+fn contain(limit: Duration, walls: Walls, what: &str, body: impl FnOnce(Isolation) -> i32) -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let subreaper = sandbox::become_subreaper();
     let isolation = sandbox::isolate_children(walls);
@@ -386,8 +398,8 @@ fn answer(answer: &Answer) -> i32 {
     println!("\n{line}");
     match answer {
         Answer::Plugin(_) => 0,
-        Answer::Rehearsed(_) => 0,
-        Answer::Refused(_) | Answer::Crashed(_) => 3,
+        Answer::Rehearsed { .. } => 0,
+        Answer::Refused(_) | Answer::Crashed(_) | Answer::Uncontained(_) => 3,
     }
 }
 
@@ -472,13 +484,15 @@ pub enum Rehearsal {
 /// as `agent rehearse` — before the serving worker maps it: `state` (its
 /// state version and bytes) migrated (by `target` or `active`), a trial
 /// instance started with it, `hooks` run, its health checked, a snapshot
-/// taken. A crash there is `Err(Refused)`; the serving process never ran
-/// the code.
+/// taken. `hide` (the data dir and the secret files: `datadir::secrets`)
+/// is out of its sight. A crash there is `Err(Refused)`; the serving
+/// process never ran the code.
 pub fn rehearse(
     target: &Path,
     active: Option<&Path>,
     state: Option<(u32, Vec<u8>)>,
     hooks: &[String],
+    hide: &[PathBuf],
     limit: Duration,
 ) -> Result<Rehearsal, ProbeError> {
     let absolute = |path: &Path| {
@@ -496,9 +510,24 @@ pub fn rehearse(
     for hook in hooks {
         command.arg("--hook").arg(hook);
     }
+    // It runs in `/`: every path absolute, and the real one, which is what
+    // a mount covers. Nothing there (yet) is nothing to read.
+    for path in hide.iter().filter_map(|p| p.canonicalize().ok()) {
+        command.arg("--hide").arg(path);
+    }
     command.arg("--limit-ms").arg(limit.as_millis().to_string());
     match run(command, state.map(|(_, bytes)| bytes), limit)? {
-        Answer::Rehearsed(checks) => Ok(Rehearsal::Passed(checks)),
+        Answer::Rehearsed { checks, contained } => {
+            if !contained {
+                tracing::warn!(
+                    "the rehearsal ran without its walls: the kernel gave it no namespaces \
+                     (the agent is not root and user namespaces are off), so the release's code \
+                     could read the data dir and the secret files"
+                );
+            }
+            Ok(Rehearsal::Passed(checks))
+        }
+        Answer::Uncontained(why) => Err(ProbeError::Failed(why)),
         Answer::Refused(reason) if reason.contains("did not finish within") => {
             Ok(Rehearsal::Hung(reason))
         }
@@ -512,18 +541,20 @@ pub fn rehearse(
 }
 
 /// The rehearsal process, `agent rehearse TARGET [--active LIBRARY]
-/// [--state-version N] [--hook NAME]... --limit-ms MS`, the state's bytes
-/// on stdin: contained like the probe (a PID namespace of its own and the
-/// subreaper's sweep), but without its walls: the trial must see what the
-/// serving worker would (files, network).
+/// [--state-version N] [--hook NAME]... [--hide PATH]... --limit-ms MS`,
+/// the state's bytes on stdin: contained like the probe (a PID namespace
+/// of its own and the subreaper's sweep) but behind lower walls
+/// ([`seal`]): the trial must see the files and network the serving
+/// worker would, but not the agent's credentials.
 pub fn rehearsal_child(
     target: &Path,
     active: Option<&Path>,
     state_version: Option<u32>,
     hooks: &[String],
+    hide: &[PathBuf],
     limit: Duration,
 ) -> i32 {
-    contain(limit, false, "the rehearsal", |_| {
+    contain(limit, Walls::Mounts, "the rehearsal", |isolation| {
         let _ =
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
         // A crash here is expected of bad releases: leave no core dumps.
@@ -544,21 +575,64 @@ pub fn rehearsal_child(
                 Some((version, bytes))
             }
         };
-        answer(&match trial(target, active, state, hooks) {
-            Ok(checks) => Answer::Rehearsed(checks),
+        // Opened before the walls: the libraries live in the data dir.
+        let open = |path: &Path| std::fs::File::open(path).map(OwnedFd::from);
+        let files = match (open(target), active.map(open).transpose()) {
+            (Ok(target), Ok(active)) => (target, active),
+            (Err(e), _) | (_, Err(e)) => {
+                return answer(&Answer::Refused(format!("cannot open the library: {e}")))
+            }
+        };
+        if let Err(e) = seal(isolation, hide) {
+            return answer(&Answer::Uncontained(format!(
+                "cannot contain the rehearsal: {e}"
+            )));
+        }
+        answer(&match trial(files.0, files.1, state, hooks) {
+            Ok(checks) => Answer::Rehearsed {
+                checks,
+                contained: isolation.namespaces,
+            },
             Err(why) => Answer::Refused(why),
         })
     })
 }
 
-/// The rehearsal's trial, in the disposable process.
+/// Walls the rehearsal in, where the kernel gave namespaces: each file of
+/// `hide` (a secret a flag names) reads as empty, each directory (the data
+/// dir: the admin token, the store, the control socket) is covered by an
+/// empty tmpfs, `/proc` shows only the rehearsal's own processes, and it
+/// keeps no capability (root stays uid 0 but cannot undo a mount). The
+/// rest of the files, writable as before, and the network stay as the
+/// worker sees them. Without namespaces only the sweep contains it.
+fn seal(isolation: Isolation, hide: &[PathBuf]) -> std::io::Result<()> {
+    if !isolation.namespaces {
+        return Ok(());
+    }
+    let (dirs, files): (Vec<&PathBuf>, Vec<&PathBuf>) = hide
+        .iter()
+        .filter(|path| path.symlink_metadata().is_ok())
+        .partition(|path| path.is_dir());
+    // Files first: one may lie in a directory covered next.
+    for file in files {
+        sandbox::hide_file(file)?;
+    }
+    for dir in dirs {
+        sandbox::cover(dir, 4096)?;
+    }
+    sandbox::mount_proc()?;
+    sandbox::drop_capabilities()
+}
+
+/// The rehearsal's trial, in the disposable process, on the libraries
+/// opened before its walls went up.
 fn trial(
-    target: &Path,
-    active: Option<&Path>,
+    target: OwnedFd,
+    active: Option<OwnedFd>,
     state: Option<(u32, Vec<u8>)>,
     hooks: &[String],
 ) -> Result<Vec<String>, String> {
-    let library = nine9s_host::Library::open(target).map_err(|e| e.to_string())?;
+    let library = nine9s_host::Library::open_file(target).map_err(|e| e.to_string())?;
     let checks = vec![format!(
         "rehearsal: {} {} opened, started and checked in a disposable process first",
         library.name(),
@@ -570,7 +644,7 @@ fn trial(
         Some((from, bytes)) if from == to => Some(bytes),
         Some((from, bytes)) => {
             let old = active
-                .map(nine9s_host::Library::open)
+                .map(nine9s_host::Library::open_file)
                 .transpose()
                 .map_err(|e| e.to_string())?;
             let migrator = std::iter::once(&library)

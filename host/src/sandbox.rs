@@ -5,12 +5,14 @@
 //! the contained child; this module only builds the walls.
 //!
 //! The shape: the process (trusted code so far, single-threaded) becomes a
-//! child subreaper, moves its future children into new PID, network, mount
-//! and IPC namespaces ([`isolate_children`]; as root directly, otherwise
-//! inside a new user namespace — whichever the kernel allows), forks
-//! ([`fork`]), and the child walls itself in ([`cover`],
-//! [`make_read_only`], [`drop_privileges`]) before it touches the
-//! untrusted code. The child is the init of its PID namespace:
+//! child subreaper, moves its future children into new PID and mount
+//! namespaces, and network and IPC ones too for [`Walls::All`]
+//! ([`isolate_children`]; as root directly, otherwise inside a new user
+//! namespace — whichever the kernel allows), forks ([`fork`]), and the
+//! child walls itself in ([`cover`], [`hide_file`], [`mount_proc`],
+//! [`make_read_only`], [`drop_privileges`] or [`drop_capabilities`])
+//! before it touches the untrusted code. The child is the init of its PID
+//! namespace:
 //! when it ends, the kernel kills everything it started, daemons in new
 //! sessions included; without namespaces the subreaper inherits them and
 //! sweeps them ([`children`]).
@@ -20,10 +22,20 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// Which namespaces a contained child gets, besides a PID namespace of its
+/// own and a mount namespace to hide files in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walls {
+    /// Only those two: the child keeps the network and the host's IPC.
+    Mounts,
+    /// New network and IPC namespaces too: nothing to talk to.
+    All,
+}
+
 /// What [`isolate_children`] got from the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Isolation {
-    /// Children start in new PID, network, mount and IPC namespaces.
+    /// Children start in the new namespaces the [`Walls`] asked for.
     pub namespaces: bool,
     /// ... owned by a new user namespace (an unprivileged agent).
     pub user_namespace: bool,
@@ -47,15 +59,15 @@ pub fn become_subreaper() -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })
 }
 
-/// Moves this process's future children into a new PID namespace and,
-/// with `walls`, new network, mount and IPC namespaces — directly when
-/// privileged, else owned by a new user namespace that maps only this
-/// process's own uid and gid. Neither allowed: no isolation (the caller
-/// still contains by subreaper).
-pub fn isolate_children(walls: bool) -> Isolation {
-    let mut flags = libc::CLONE_NEWPID;
-    if walls {
-        flags |= libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+/// Moves this process's future children into new PID and mount
+/// namespaces and, with [`Walls::All`], new network and IPC namespaces —
+/// directly when privileged, else owned by a new user namespace that maps
+/// only this process's own uid and gid. Neither allowed: no isolation (the
+/// caller still contains by subreaper).
+pub fn isolate_children(walls: Walls) -> Isolation {
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+    if walls == Walls::All {
+        flags |= libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
     }
     // SAFETY: unshare takes flags only; the PID namespace applies to
     // children, and this thread's other attributes stay valid.
@@ -109,11 +121,10 @@ pub fn fork() -> io::Result<Forked> {
     }
 }
 
-/// In a child with a mount namespace: makes every mount private, and
-/// covers `dir` with an empty tmpfs of `size` bytes that only root may
-/// write (so what was there is out of sight), for the caller to put what
-/// the contained code needs into, before [`make_read_only`].
-pub fn cover(dir: &Path, size: u64) -> io::Result<()> {
+/// Makes every mount of this mount namespace private, so what the child
+/// mounts next stays in it (a shared `/` would carry a mount over to the
+/// agent's own namespace). Every function below that mounts calls it first.
+fn make_private() -> io::Result<()> {
     // SAFETY: valid NUL-terminated strings; null fstype and data are
     // allowed for a propagation change.
     check(unsafe {
@@ -124,9 +135,21 @@ pub fn cover(dir: &Path, size: u64) -> io::Result<()> {
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         )
-    })?;
-    let target = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    })
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// In a child with a mount namespace: covers `dir` with an empty tmpfs of
+/// `size` bytes that only its owner (root, or the agent's user in a user
+/// namespace) may write, so what was there is out of sight, for the caller
+/// to put what the contained code needs into, before [`make_read_only`].
+pub fn cover(dir: &Path, size: u64) -> io::Result<()> {
+    make_private()?;
+    let target = c_path(dir)?;
     let options = CString::new(format!("size={size},mode=755")).expect("no NUL");
     // SAFETY: valid NUL-terminated strings, alive for the call.
     check(unsafe {
@@ -136,6 +159,44 @@ pub fn cover(dir: &Path, size: u64) -> io::Result<()> {
             c"tmpfs".as_ptr(),
             libc::MS_NOSUID | libc::MS_NODEV,
             options.as_ptr().cast(),
+        )
+    })
+}
+
+/// In a child with a mount namespace: covers the file `file` with
+/// `/dev/null` (a bind mount), so it reads as empty, and writing to it
+/// writes nothing: a secret outside any covered directory, hidden without
+/// hiding its neighbours.
+pub fn hide_file(file: &Path) -> io::Result<()> {
+    make_private()?;
+    let target = c_path(file)?;
+    // SAFETY: valid NUL-terminated strings, alive for the call; a bind
+    // mount takes no fstype or data.
+    check(unsafe {
+        libc::mount(
+            c"/dev/null".as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// In the init of a new PID namespace with a mount namespace: mounts a
+/// `/proc` of that PID namespace over the agent's, so the contained code
+/// sees only its own processes (no other process's files, memory,
+/// environment or root directory through `/proc/PID`).
+pub fn mount_proc() -> io::Result<()> {
+    make_private()?;
+    // SAFETY: valid NUL-terminated strings; proc takes no data.
+    check(unsafe {
+        libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
         )
     })
 }
@@ -182,16 +243,29 @@ pub fn drop_privileges(isolation: Isolation) -> io::Result<bool> {
             check(libc::setresuid(NOBODY, NOBODY, NOBODY))?;
         }
     } else {
-        drop_capabilities()?;
+        empty_capabilities()?;
     }
-    // SAFETY: integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    no_new_privs()?;
     Ok(nobody)
+}
+
+/// Gives up every capability for good, keeping the user (root stays uid
+/// 0, but without a capability it cannot undo a mount or reach another
+/// user's files), and `no_new_privs`, so no program it runs gains any
+/// (neither a set-uid one nor root's `exec`).
+pub fn drop_capabilities() -> io::Result<()> {
+    empty_capabilities()?;
+    no_new_privs()
+}
+
+fn no_new_privs() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
 }
 
 /// Empties the effective, permitted and inheritable sets (the ambient
 /// set follows the permitted one).
-fn drop_capabilities() -> io::Result<()> {
+fn empty_capabilities() -> io::Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,

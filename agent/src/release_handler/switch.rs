@@ -449,6 +449,7 @@ impl Actor {
             Some(&active_library),
             state,
             &hooks,
+            &crate::datadir::secrets(&self.shared.config),
             REHEARSAL_TIMEOUT,
         );
         match rehearsed {
