@@ -37,6 +37,7 @@ mod metrics;
 mod model;
 pub mod probe;
 pub mod process;
+mod reason;
 mod release_handler;
 mod runtime;
 mod store;

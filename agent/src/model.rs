@@ -7,7 +7,7 @@ use std::fmt;
 use nine9s_manifest::Version;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Reason;
+use crate::reason::Reason;
 
 /// Where a release is in its lifecycle (OTP's release_handler states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

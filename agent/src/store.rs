@@ -613,7 +613,7 @@ impl Store {
             if t.outcome == Outcome::Running {
                 t.outcome = Outcome::Aborted;
                 t.error = Some("the agent stopped before this transition finished".into());
-                t.error_reason = Some(crate::error::Reason::Internal);
+                t.error_reason = Some(crate::reason::Reason::Internal);
                 trees
                     .history
                     .insert(t.id.to_be_bytes(), serde_json::to_vec(&t)?)?;
