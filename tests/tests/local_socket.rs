@@ -129,7 +129,7 @@ fn ctl_never_reads_a_token_planted_in_its_working_directory() {
     let out = ctl_in(dir.path(), &["status"], &[]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("no agent is running"), "{out:?}");
-    assert!(out.stderr.contains("--agent unix:"), "{out:?}");
+    assert!(out.stderr.contains("ctl --data-dir DIR"), "{out:?}");
 }
 
 #[test]
