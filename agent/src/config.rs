@@ -30,9 +30,11 @@ pub struct Config {
     pub gate_timeout: Duration,
     /// How long a switch's `drain` step waits for others to let go of the
     /// old instance (a `status` call reading its counters, a health check
-    /// still running on it) before it drops its own reference; the library
-    /// is then unloaded by whoever lets go last. Requests never hold it:
-    /// no request runs old code after the swap.
+    /// still running on it, a request whose call on it has not returned —
+    /// after a switch that carries no state, old calls finish on the old
+    /// code) before it drops its own reference; the library is then
+    /// unloaded by whoever lets go last. Calls stuck past the request
+    /// timeout are not waited for: they hold it until they return.
     pub drain_grace: Duration,
     /// On SIGTERM, how long in-flight requests get to finish.
     pub shutdown_grace: Duration,

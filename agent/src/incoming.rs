@@ -1,16 +1,17 @@
 //! Connection slots of the listeners only the operator's tools use: the
 //! control plane, the plaintext health listener and the metrics listener.
-//! Each has a fixed number of slots. A connection must complete its first
-//! request within [`FIRST_REQUEST_TIMEOUT`] of its accept — TLS handshake,
-//! HTTP/2 preface and request headers included — or it is closed; a
-//! connection that has done so is *proven* (on the control plane only by
-//! an authenticated request: `control::Authenticated` says so). When every
-//! slot is taken, the oldest unproven connection gives way to the
-//! newcomer, so strangers that trickle bytes or never finish a handshake
-//! cannot hold the owner out; on the open listeners (health, metrics:
-//! anyone may ask them) the oldest proven one gives way too. Only when
-//! every slot is held by a proven connection of the control plane do new
-//! ones wait in the listen backlog.
+//! Each has a fixed number of slots. A connection must have a request
+//! reach the service within [`FIRST_REQUEST_TIMEOUT`] of its accept — TLS
+//! handshake, HTTP/2 preface and request headers included — or it is
+//! closed. It is *proven* (it keeps its slot when they are full) on the
+//! control plane only once a request passed authentication (the gate,
+//! `gate.rs`, calls `Slots::prove` before reading the message), on the
+//! open listeners (health, metrics: anyone may ask them) by any request.
+//! When every slot is taken, the oldest unproven connection gives way to
+//! the newcomer, so strangers that trickle bytes or never finish a
+//! handshake cannot hold the owner out; on the open listeners the oldest
+//! proven one gives way too. Only when every slot is held by a proven
+//! connection of the control plane do new ones wait in the listen backlog.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

@@ -171,8 +171,10 @@ pub enum ProbeError {
     Failed(String),
 }
 
-/// Opens `library` in a child process and returns what it found, or why
-/// the library is refused. Blocks for up to [`TIME_LIMIT`] and a moment.
+/// Reads `library`'s ELF headers, then has the probe process open it in
+/// its contained child, and returns what it found, why the library is
+/// refused, or why the agent could not look. Blocks for up to
+/// [`TIME_LIMIT`] plus 2 s (the backstop behind the probe's own limit).
 ///
 /// The report is read as it comes, never waiting for the end of the
 /// output: once the probe process has exited, whatever it wrote is there,

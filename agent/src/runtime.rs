@@ -280,7 +280,8 @@ pub struct Handled {
 pub struct Switched {
     /// The instance that served before; the caller drains and drops it.
     pub old: Arc<Loaded>,
-    /// From asking for the switch until new requests flowed again.
+    /// How long new requests were held: from closing the gate until it
+    /// opened again (zero for `replace`, which never closes it).
     pub wait: Duration,
 }
 
@@ -684,17 +685,19 @@ impl Runtime {
     /// Makes `next` active at once, holding no request: for a switch from
     /// an instance that keeps no state. The old instance finishes its calls
     /// in flight; it is returned once they are done (or `timeout` passed),
-    /// for the plan's drain and unload.
+    /// for the plan's drain and unload. Its wait is zero: the gate never
+    /// closes, so no request was held.
     pub async fn replace(&self, next: Loaded, timeout: Duration) -> Switched {
-        let asked = Instant::now();
+        let deadline = Instant::now() + timeout;
         let old = self.active.load_full();
         self.install(Arc::new(next));
-        let wait = asked.elapsed();
-        let deadline = asked + timeout;
         while old.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Switched { old, wait }
+        Switched {
+            old,
+            wait: Duration::ZERO,
+        }
     }
 
     /// Makes `next` the active instance (new requests go to it).

@@ -188,7 +188,7 @@ impl Store {
     /// failed a commit), checked against the invariants, and flushes.
     pub fn write_releases(&self, releases: &[Release]) -> Result<()> {
         let t = self.trees()?;
-        self.check_invariants_after(releases)?;
+        self.check_invariants_after(releases, &[])?;
         for release in releases {
             t.releases
                 .insert(release.version.to_string(), serde_json::to_vec(release)?)?;
@@ -198,8 +198,9 @@ impl Store {
 
     /// Refuses `releases` if writing them would break the lifecycle's
     /// invariants (exactly one permanent, at most one current).
-    fn check_invariants_after(&self, releases: &[Release]) -> Result<()> {
+    fn check_invariants_after(&self, releases: &[Release], removed: &[Version]) -> Result<()> {
         let mut after = self.releases()?;
+        after.retain(|r| !removed.contains(&r.version));
         for changed in releases {
             match after.iter_mut().find(|r| r.version == changed.version) {
                 Some(r) => *r = changed.clone(),
@@ -239,12 +240,6 @@ impl Store {
             .get(version.to_string())?
             .map(|v| Ok(serde_json::from_slice(&v)?))
             .transpose()
-    }
-
-    pub fn remove_release(&self, version: &Version) -> Result<()> {
-        let t = self.trees()?;
-        t.releases.remove(version.to_string())?;
-        Ok(())
     }
 
     /// Journals the start of a transition, durably: numbers it, marks it
@@ -298,15 +293,35 @@ impl Store {
     }
 
     /// Writes the end of a transition together with the release records it
-    /// changed, atomically, and flushes.
+    /// changed and the removal of the releases it forgot (their records and
+    /// snapshots), atomically, and flushes: a crash before leaves every
+    /// release as it was.
     /// Refuses a commit that would break the lifecycle's invariants
     /// (exactly one permanent release, at most one current), whatever the
     /// caller computed.
-    pub fn commit(&self, transition: &Transition, releases: &[Release]) -> Result<()> {
+    pub fn commit(
+        &self,
+        transition: &Transition,
+        releases: &[Release],
+        removed: &[Version],
+    ) -> Result<()> {
         let t = self.trees()?;
-        if !releases.is_empty() {
-            self.check_invariants_after(releases)?;
+        if !releases.is_empty() || !removed.is_empty() {
+            self.check_invariants_after(releases, removed)?;
         }
+        // Snapshots are written by the actor alone, which is here: the keys
+        // read now are the keys there are.
+        let mut doomed = removed
+            .iter()
+            .map(|v| v.to_string().into_bytes())
+            .collect::<Vec<_>>();
+        let first_snapshot = doomed.len();
+        for version in removed {
+            for key in t.snapshots.scan_prefix(snapshot_prefix(version)).keys() {
+                doomed.push(key?.to_vec());
+            }
+        }
+        let (doomed_releases, doomed_snapshots) = doomed.split_at(first_snapshot);
         let entry = serde_json::to_vec(transition)?;
         let records = releases
             .iter()
@@ -330,10 +345,16 @@ impl Store {
                 .transpose()?,
             None => None,
         };
-        (&t.releases, &t.history, &t.requests)
-            .transaction(|(rel, hist, requests)| {
+        (&t.releases, &t.history, &t.requests, &t.snapshots)
+            .transaction(|(rel, hist, requests, snapshots)| {
                 for (key, value) in &records {
                     rel.insert(key.as_bytes(), value.as_slice())?;
+                }
+                for key in doomed_releases {
+                    rel.remove(key.as_slice())?;
+                }
+                for key in doomed_snapshots {
+                    snapshots.remove(key.as_slice())?;
                 }
                 hist.insert(&transition.id.to_be_bytes(), entry.as_slice())?;
                 if let Some((id, recorded)) = &request {
@@ -683,14 +704,6 @@ impl Store {
             bytes: bytes.to_vec(),
         }))
     }
-
-    pub fn remove_snapshots(&self, version: &Version) -> Result<()> {
-        let t = self.trees()?;
-        for key in t.snapshots.scan_prefix(snapshot_prefix(version)).keys() {
-            t.snapshots.remove(key?)?;
-        }
-        Ok(())
-    }
 }
 
 /// An event as kept in the store: its transition by id only.
@@ -832,7 +845,7 @@ mod tests {
                 .unwrap();
             t.outcome = Outcome::Ok;
             store
-                .commit(&t, &[release("0.2.0", ReleaseState::Permanent)])
+                .commit(&t, &[release("0.2.0", ReleaseState::Permanent)], &[])
                 .unwrap();
             store
                 .begin(draft(TransitionKind::Downgrade, None), None)
@@ -863,7 +876,7 @@ mod tests {
                 .begin(draft(TransitionKind::Stage, None), None)
                 .unwrap();
             t.outcome = Outcome::Ok;
-            store.commit(&t, &[]).unwrap();
+            store.commit(&t, &[], &[]).unwrap();
         }
         let ids: Vec<u64> = store.history(0).unwrap().iter().map(|t| t.id).collect();
         assert_eq!(ids, [8, 9, 10, 11, 12]);

@@ -34,4 +34,4 @@ pub mod sandbox;
 pub use allocator::{limit_malloc_arenas, unmap_large_blocks};
 pub use error::{CallError, LoadError};
 pub use library::{Instance, Library, Request, Response, ABI_VERSIONS};
-pub use maps::{is_mapped, lingering};
+pub use maps::lingering;

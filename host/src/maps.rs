@@ -9,7 +9,7 @@ static RELEASED_BUT_MAPPED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// True when any mapping of this process is backed by `path`, deleted
 /// since or not (the kernel then appends " (deleted)" to the line).
-pub fn is_mapped(path: &Path) -> bool {
+pub(crate) fn is_mapped(path: &Path) -> bool {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return false;
     };

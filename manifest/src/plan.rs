@@ -7,7 +7,11 @@ use crate::ManifestError;
 /// One step of a transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Open the target library and start an instance of it (not serving yet).
+    /// Where the target is loaded: its library re-hashed and opened and a
+    /// trial instance rehearsed (the state migrated, `init`, the hooks
+    /// before `switch`, the health check, a snapshot), none serving yet.
+    /// The engine does this first whatever the plan, so the step chooses
+    /// nothing: it marks the phase every plan has, before `switch`.
     Load,
     /// Snapshot the running state and migrate it to the target's state version.
     Migrate,

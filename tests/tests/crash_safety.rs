@@ -296,15 +296,35 @@ fn kill_9_while_making_a_release_permanent() {
 
 #[test]
 fn kill_9_during_a_remove() {
-    for point in ["remove:begun", "remove:forgotten"] {
-        let dir = tempfile::tempdir().unwrap();
-        let agent = crash_and_check(&dir, point, true, &[&["remove", "0.1.0"]], ABORTED);
-        let out = agent.ctl(&["remove", "0.1.0"]);
-        assert!(
-            out.code == 0 || out.stderr.contains("not known"),
-            "{point}: {out:?}"
-        );
-    }
+    let known = |agent: &Agent| agent.release("0.1.0").is_some();
+    // Journalled, not committed: the removal is in the commit, so 0.1.0 is
+    // still known with its snapshot (a downgrade to it still works), and a
+    // retry removes it.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = crash_and_check(&dir, "remove:begun", true, &[&["remove", "0.1.0"]], ABORTED);
+    assert!(known(&agent), "{:?}", agent.json(&["releases"]));
+    agent.ctl(&["remove", "0.1.0"]).ok();
+    assert!(!known(&agent), "{:?}", agent.json(&["releases"]));
+
+    // Committed, its artifact not yet deleted: 0.1.0 is gone, the history
+    // says so, and the restart collected the artifact (`crash_and_check`
+    // counts one per release).
+    let removed = Expect {
+        permanent: "0.2.0",
+        count: (200, "3"),
+        last: ("remove", "ok"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agent = crash_and_check(
+        &dir,
+        "remove:forgotten",
+        true,
+        &[&["remove", "0.1.0"]],
+        removed,
+    );
+    assert!(!known(&agent), "{:?}", agent.json(&["releases"]));
+    let out = agent.ctl(&["remove", "0.1.0"]);
+    assert!(out.code != 0 && out.stderr.contains("not known"), "{out:?}");
 }
 
 /// The pids of `pid`'s children (the supervisor's: its workers).

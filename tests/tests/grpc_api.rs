@@ -87,7 +87,9 @@ async fn stage_upgrade_and_the_status_codes_of_refusals() {
             TransitionResult::Ok
         )
     );
-    assert!(t.switch_wait_us < t.duration_us);
+    // 0.1.0 keeps no state: the switch holds no request (README), so no
+    // time is reported held; the transition itself took some.
+    assert_eq!((t.switch_wait_us, t.duration_us > 0), (0, true), "{t:?}");
     assert_eq!(agent.get("/").body, "Hello world 2 !");
 
     let status = api.status(StatusRequest {}).await.unwrap().into_inner();

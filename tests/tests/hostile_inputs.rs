@@ -7,6 +7,8 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nine9s_proto::{StageHeader, StageReply, StatusRequest, TransitionRequest};
@@ -1164,7 +1166,38 @@ fn a_slow_body_is_cut_off() {
     let mut slow = TcpStream::connect(t.agent.http).unwrap();
     slow.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n")
         .unwrap();
-    assert!(trickle(&mut slow, &[b'x'; 100]) || closed_by_the_agent(&mut slow));
+    // Everything the agent sends until it closes, read as it comes; the
+    // body trickles in (a byte every 300 ms, which never completes it)
+    // until the agent has answered.
+    let answered = Arc::new(AtomicBool::new(false));
+    let mut reader = slow.try_clone().unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let reply = {
+        let answered = Arc::clone(&answered);
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                answered.store(true, Ordering::SeqCst);
+                all.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    };
+    for _ in 0..100 {
+        if answered.load(Ordering::SeqCst) || slow.write_all(b"x").is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let reply = reply.join().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply:?}");
+    assert!(
+        reply.contains("the request body did not arrive within 1000 ms"),
+        "{reply:?}"
+    );
     t.unharmed();
 }
 

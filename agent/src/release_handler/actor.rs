@@ -916,10 +916,9 @@ impl Actor {
 
     fn adopt(&mut self, next: Lifecycle, effects: &[machine::Effect]) {
         for effect in effects {
-            if let machine::Effect::RollBack { reason } = effect {
-                tracing::error!(%reason, "release failed its soak; rolling back");
-                self.next_rollback = Instant::now();
-            }
+            let machine::Effect::RollBack { reason } = effect;
+            tracing::error!(%reason, "release failed its soak; rolling back");
+            self.next_rollback = Instant::now();
         }
         let permanent_changed = next.permanent() != self.lifecycle.permanent();
         self.lifecycle = next;
@@ -929,7 +928,10 @@ impl Actor {
         }
     }
 
-    /// What an event would make of the lifecycle, and the records to commit.
+    /// What an event would make of the lifecycle, and the records to commit:
+    /// every entry the event changed (its state, when it was last permanent,
+    /// why it failed) and every release it forgot — the difference between
+    /// the two lifecycles is the one account of what changed.
     fn prepare(
         &self,
         event: machine::Event,
@@ -937,7 +939,15 @@ impl Actor {
     ) -> Result<(Lifecycle, Vec<machine::Effect>, Changes)> {
         let (next, effects) = self.lifecycle.apply(event)?;
         let store = self.shared.store();
-        let mut changes = Changes::default();
+        let mut changes = Changes {
+            removed: self
+                .lifecycle
+                .versions()
+                .filter(|v| next.entry(v).is_none())
+                .cloned()
+                .collect(),
+            ..Changes::default()
+        };
         let versions: Vec<Version> = next
             .versions()
             .filter(|v| next.entry(v) != self.lifecycle.entry(v))

@@ -236,6 +236,7 @@ fn install(
     guard.succeed(&Changes {
         records: vec![record.clone()],
         moved: vec![record.clone()],
+        removed: Vec::new(),
     })?;
     tracing::info!(name = %record.name, version = %record.version, "installed the bootstrap release as permanent");
     Ok((

@@ -136,7 +136,8 @@ impl Actor {
         })
     }
 
-    /// Removes a release's record and snapshots, as a journalled transition.
+    /// Removes a release's record and snapshots, as a journalled transition:
+    /// both go in its commit, so a crash before it leaves the release known.
     /// Its artifact goes with the next garbage collection.
     fn forget(&mut self, version: &Version, origin: &Origin) -> Result<()> {
         self.lifecycle.check_remove(version)?;
@@ -145,16 +146,6 @@ impl Actor {
             .journal
             .begin(TransitionKind::Remove, Some(version), None, origin)?;
         crash_point("remove:begun");
-        // Snapshots first: a failure between the two leaves the release
-        // listed, as the lifecycle still has it.
-        let store = shared.store();
-        if let Err(e) = store
-            .remove_snapshots(version)
-            .and_then(|()| store.remove_release(version))
-        {
-            return Err(guard.fail(e.into(), &Default::default()));
-        }
-        crash_point("remove:forgotten");
         self.commit_event(
             guard,
             machine::Event::Removed {
@@ -162,6 +153,7 @@ impl Actor {
             },
             &[],
         )?;
+        crash_point("remove:forgotten");
         Ok(())
     }
 

@@ -24,11 +24,13 @@ use crate::model::{Event, EventKind, Outcome, Release, Transition, TransitionKin
 use crate::store::Store;
 
 /// The release records a transition changed: all of them are committed
-/// with it; those whose state moved are announced.
+/// with it; those whose state moved are announced. `removed`: releases it
+/// forgot, whose records and snapshots go in the same commit.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub records: Vec<Release>,
     pub moved: Vec<Release>,
+    pub removed: Vec<Version>,
 }
 
 /// Who asked for a transition and why.
@@ -226,7 +228,9 @@ impl Guard<'_> {
             .running
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
-        self.journal.store.commit(&t, &changed.records)?;
+        self.journal
+            .store
+            .commit(&t, &changed.records, &changed.removed)?;
         self.journal.transitions.finished(&t, self.switched);
         let mut finished = Event::new(EventKind::TransitionFinished);
         finished.transition = Some(t.clone());

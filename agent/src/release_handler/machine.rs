@@ -133,15 +133,11 @@ pub enum Event {
     },
 }
 
-/// What applying an event asks of the engine.
+/// What applying an event asks of the engine beyond persisting it. What
+/// changed is not an effect: the engine commits every entry that differs
+/// between the lifecycle before and after (`Actor::prepare`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Persist this release's new state (and tell watchers).
-    StateChanged {
-        version: Version,
-        from: Option<ReleaseState>,
-        to: ReleaseState,
-    },
     /// Start the automatic rollback of the release that failed its soak.
     RollBack { reason: String },
 }
@@ -361,7 +357,7 @@ impl Lifecycle {
                         "the bootstrap release is installed only on an empty store",
                     ));
                 }
-                next.set(&version, ReleaseState::Permanent, &mut effects);
+                next.set(&version, ReleaseState::Permanent);
                 next.entry_mut(&version).permanent_since_ms = Some(at_ms);
                 next.active = version;
             }
@@ -369,7 +365,7 @@ impl Lifecycle {
                 if self.releases.contains_key(&version) {
                     return Err(bug("a release is staged once"));
                 }
-                next.set(&version, ReleaseState::Staged, &mut effects);
+                next.set(&version, ReleaseState::Staged);
             }
             Event::Switched { to, settle, at_ms } => {
                 self.known(&to)?;
@@ -378,15 +374,15 @@ impl Lifecycle {
                 }
                 let permanent = self.entry(&to).map(|e| e.state) == Some(ReleaseState::Permanent);
                 if let Some(current) = self.current().filter(|c| **c != to).cloned() {
-                    next.set(&current, ReleaseState::Old, &mut effects);
+                    next.set(&current, ReleaseState::Old);
                 }
                 if permanent {
                     next.soak = Soak::Idle;
                 } else if settle == Settle::Immediate {
-                    next.promote(&to, at_ms, &mut effects);
+                    next.promote(&to, at_ms);
                     next.soak = Soak::Idle;
                 } else {
-                    next.set(&to, ReleaseState::Current, &mut effects);
+                    next.set(&to, ReleaseState::Current);
                     next.soak = match settle {
                         Settle::Soak { until_ms } => Soak::Soaking {
                             version: to.clone(),
@@ -405,7 +401,7 @@ impl Lifecycle {
                 if let Some(fault) = fault {
                     // Never the permanent release, nor the one serving.
                     if state != Some(ReleaseState::Permanent) && to != self.active {
-                        next.set(&to, ReleaseState::Failed, &mut effects);
+                        next.set(&to, ReleaseState::Failed);
                         next.entry_mut(&to).failure = Some(fault);
                     }
                 }
@@ -427,7 +423,7 @@ impl Lifecycle {
                     return Err(bug("only a soaking release passes its soak"));
                 };
                 let version = version.clone();
-                next.promote(&version, at_ms, &mut effects);
+                next.promote(&version, at_ms);
                 next.soak = Soak::Idle;
             }
             Event::RollbackFailed { error } => {
@@ -458,12 +454,12 @@ impl Lifecycle {
                     Soak::RollingBack { reason, .. } => Some(reason.clone()),
                     _ => None,
                 };
-                next.promote(&to, at_ms, &mut effects);
+                next.promote(&to, at_ms);
                 if let Some(reason) = failed_soak {
-                    next.set(&left, ReleaseState::Failed, &mut effects);
+                    next.set(&left, ReleaseState::Failed);
                     next.entry_mut(&left).failure = Some(format!("failed its soak: {reason}"));
                 } else if next.entry(&left).map(|e| e.state) != Some(ReleaseState::Old) {
-                    next.set(&left, ReleaseState::Old, &mut effects);
+                    next.set(&left, ReleaseState::Old);
                 }
                 next.entry_mut(&left).permanent_since_ms = None;
                 next.soak = Soak::Idle;
@@ -471,7 +467,7 @@ impl Lifecycle {
             }
             Event::MadePermanent { version, at_ms } => {
                 self.check_make_permanent(&version)?;
-                next.promote(&version, at_ms, &mut effects);
+                next.promote(&version, at_ms);
                 next.soak = Soak::Idle;
             }
             Event::Removed { version } => {
@@ -488,7 +484,7 @@ impl Lifecycle {
                 self.known(&serving)?;
                 if let Some(current) = self.current().cloned() {
                     if unclean {
-                        next.set(&current, ReleaseState::Failed, &mut effects);
+                        next.set(&current, ReleaseState::Failed);
                         let how = cause
                             .as_ref()
                             .map(|how| format!(": its worker {how}"))
@@ -496,12 +492,12 @@ impl Lifecycle {
                         next.entry_mut(&current).failure =
                             Some(format!("the agent died while {current} was current{how}"));
                     } else {
-                        next.set(&current, ReleaseState::Old, &mut effects);
+                        next.set(&current, ReleaseState::Old);
                     }
                 }
                 for (version, why) in unloadable {
                     if version != serving && self.releases.contains_key(&version) {
-                        next.set(&version, ReleaseState::Failed, &mut effects);
+                        next.set(&version, ReleaseState::Failed);
                         next.entry_mut(&version).failure = Some(why);
                     }
                 }
@@ -513,10 +509,10 @@ impl Lifecycle {
                     .map(|(v, _)| v.clone())
                     .collect();
                 for other in others {
-                    next.set(&other, ReleaseState::Old, &mut effects);
+                    next.set(&other, ReleaseState::Old);
                 }
                 if next.entry(&serving).map(|e| e.state) != Some(ReleaseState::Permanent) {
-                    next.set(&serving, ReleaseState::Permanent, &mut effects);
+                    next.set(&serving, ReleaseState::Permanent);
                     next.entry_mut(&serving).permanent_since_ms = Some(at_ms);
                     next.entry_mut(&serving).failure = None;
                 }
@@ -532,19 +528,18 @@ impl Lifecycle {
     }
 
     /// `version` becomes permanent; the permanent release before it is old.
-    fn promote(&mut self, version: &Version, at_ms: i64, effects: &mut Vec<Effect>) {
+    fn promote(&mut self, version: &Version, at_ms: i64) {
         if let Some(previous) = self.permanent().filter(|p| *p != version).cloned() {
-            self.set(&previous, ReleaseState::Old, effects);
+            self.set(&previous, ReleaseState::Old);
         }
-        self.set(version, ReleaseState::Permanent, effects);
+        self.set(version, ReleaseState::Permanent);
         let entry = self.entry_mut(version);
         entry.permanent_since_ms = Some(at_ms);
         entry.failure = None;
     }
 
-    fn set(&mut self, version: &Version, state: ReleaseState, effects: &mut Vec<Effect>) {
-        let from = self.releases.get(version).map(|e| e.state);
-        if from == Some(state) {
+    fn set(&mut self, version: &Version, state: ReleaseState) {
+        if self.releases.get(version).map(|e| e.state) == Some(state) {
             return;
         }
         self.releases
@@ -558,11 +553,6 @@ impl Lifecycle {
         if state != ReleaseState::Failed {
             self.entry_mut(version).failure = None;
         }
-        effects.push(Effect::StateChanged {
-            version: version.clone(),
-            from,
-            to: state,
-        });
     }
 
     fn entry_mut(&mut self, version: &Version) -> &mut Entry {

@@ -329,6 +329,7 @@ impl Actor {
                     }
                 }
                 Step::Unload => self.unload(old.take()),
+                // Never after `switch` (the manifest refuses such a plan).
                 Step::Load | Step::Migrate | Step::Switch => {}
             }
         }
