@@ -49,6 +49,12 @@ impl<'a> Events<'a> {
                     match self.agent.client().watch(request).await {
                         Ok(reply) => self.stream.insert(reply.into_inner()),
                         Err(status) if is_transport(&status) => {
+                            // A refused client certificate is no outage.
+                            if let Some(failure) =
+                                self.agent.diagnose("watching events", &status).await
+                            {
+                                return Err(failure);
+                            }
                             self.broke(&with_causes(&status)).await;
                             continue;
                         }
