@@ -280,7 +280,8 @@ pub struct Handled {
 pub struct Switched {
     /// The instance that served before; the caller drains and drops it.
     pub old: Arc<Loaded>,
-    /// From asking for the switch until new requests flowed again.
+    /// How long new requests were held: from closing the gate until it
+    /// opened again (zero for `replace`, which closes none).
     pub wait: Duration,
 }
 
@@ -689,12 +690,15 @@ impl Runtime {
         let asked = Instant::now();
         let old = self.active.load_full();
         self.install(Arc::new(next));
-        let wait = asked.elapsed();
         let deadline = asked + timeout;
         while old.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Switched { old, wait }
+        // No request waited: the time it took to install is no hold.
+        Switched {
+            old,
+            wait: Duration::ZERO,
+        }
     }
 
     /// Makes `next` the active instance (new requests go to it).

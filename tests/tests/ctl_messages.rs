@@ -3,7 +3,7 @@
 //! happened to the state, and the same thing is said the same way in the
 //! table, the JSON and the README.
 
-use nine9s_tests::{hello, on_0_2_0, stage_fixture, Agent};
+use nine9s_tests::{hello, on_0_2_0, stage_fixture, stage_sample, Agent};
 
 /// A self-signed certificate for localhost and 127.0.0.1, made with the
 /// openssl command line: (certificate, key).
@@ -55,4 +55,81 @@ fn plaintext_to_a_tls_control_port_says_to_use_https_and_ca() {
             .contains("the PEM certificate of the CA that signed the agent's TLS certificate"),
         "{no_ca:?}"
     );
+}
+
+/// A rollback whose migration down fails restores the snapshot taken when
+/// its target was left: the reply says so, in the table and in the JSON,
+/// rather than a plain "rolled back" (the requests served since are not
+/// in the state).
+#[test]
+fn a_rollback_that_restored_the_snapshot_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 3);
+    stage_fixture(&agent, "bad-downgrade").ok();
+    let upgrade = ["upgrade", "--to", "0.3.5", "--soak", "10m"];
+    agent.ctl(&upgrade).ok();
+    hello(&agent, 2);
+    let reply = agent.json(&["rollback"]);
+    assert_eq!(reply["carried_state"], "snapshot", "{reply}");
+    let fallback = reply["state_fallback"].as_str().unwrap();
+    assert!(fallback.contains("migration failed"), "{reply}");
+    assert!(
+        reply["snapshot_taken_at_ms"].as_i64().unwrap() > 0,
+        "{reply}"
+    );
+    assert_eq!(agent.get("/count").body, "3", "the snapshot's count");
+
+    agent.ctl(&upgrade).ok();
+    let table = agent.ctl(&["rollback"]).ok().stdout;
+    assert!(table.contains("rolled back 0.3.5 -> 0.2.0"), "{table}");
+    assert!(
+        table.contains("state: restored from the snapshot taken when 0.2.0 was left (")
+            && table.contains("because the state migration failed")
+            && table.contains("requests served since then are not in it"),
+        "{table}"
+    );
+    // A rollback that carried the running state down says nothing of a
+    // snapshot.
+    stage_sample(&agent, "0.3.0");
+    agent
+        .ctl(&["upgrade", "--to", "0.3.0", "--soak", "10m"])
+        .ok();
+    let reply = agent.json(&["rollback"]);
+    assert_eq!(reply["carried_state"], "running", "{reply}");
+    assert_eq!(reply["state_fallback"], "", "{reply}");
+    agent
+        .ctl(&["upgrade", "--to", "0.3.0", "--soak", "10m"])
+        .ok();
+    let table = agent.ctl(&["rollback"]).ok().stdout;
+    assert!(table.contains("rolled back 0.3.0 -> 0.2.0"), "{table}");
+    assert!(!table.contains("snapshot"), "{table}");
+}
+
+/// A switch from a release that keeps no state holds no request, as the
+/// README says, and ctl says so instead of a hold of a few µs; a dry run
+/// that carries no state does not speak of a migrated one.
+#[test]
+fn a_switch_without_state_holds_nothing_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    stage_sample(&agent, "0.2.0");
+    let dry = agent
+        .ctl(&["upgrade", "--to", "0.2.0", "--dry-run"])
+        .ok()
+        .stdout;
+    assert!(dry.contains("state: not carried"), "{dry}");
+    assert!(
+        dry.contains("health: a trial instance without state is healthy"),
+        "{dry}"
+    );
+    assert!(!dry.contains("migrated"), "{dry}");
+    let out = agent.ctl(&["upgrade", "--to", "0.2.0"]).ok().stdout;
+    assert!(
+        out.contains("upgraded 0.1.0 -> 0.2.0 in ")
+            && out.contains("(no request held: no state to carry)"),
+        "{out}"
+    );
+    let switch = agent.history().pop().unwrap();
+    assert_eq!(switch["to_version"], "0.2.0", "{switch}");
+    assert_eq!(switch["switch_wait_us"], 0, "{switch}");
 }

@@ -287,7 +287,7 @@ fn a_dry_run_prints_the_plan_and_changes_nothing() {
         "library: nine9s 0.3.0 loads",
         "state: migrated v1 -> v2 by nine9s 0.3.0",
         "routes: added [\"/stats\"]",
-        "health: a fresh instance",
+        "health: a trial instance with the running state migrated is healthy",
         "dry run: nothing changed",
     ] {
         assert!(out.contains(expected), "{expected:?} in:\n{out}");
