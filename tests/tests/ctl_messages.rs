@@ -133,3 +133,24 @@ fn a_switch_without_state_holds_nothing_and_says_so() {
     assert_eq!(switch["to_version"], "0.2.0", "{switch}");
     assert_eq!(switch["switch_wait_us"], 0, "{switch}");
 }
+
+/// `ctl agent restart --wait` reports the sha256 of the binary the new
+/// worker runs, not "unknown" (the worker hashes it as it starts).
+#[test]
+fn a_restart_reports_the_sha256_of_the_binary_that_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let binary = std::fs::read(nine9s_tests::bin_dir().join("agent")).unwrap();
+    let sha = nine9s_tests::sha256_hex(&binary);
+    let reply = agent.json(&["agent", "restart", "--wait"]);
+    assert_eq!(
+        reply["new_worker"]["binary_sha256"],
+        sha.as_str(),
+        "{reply}"
+    );
+    let out = agent.ctl(&["agent", "restart", "--wait"]).ok().stdout;
+    assert!(
+        out.contains(&format!("(binary sha256 {}…)", &sha[..12])),
+        "{out}"
+    );
+}
