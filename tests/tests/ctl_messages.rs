@@ -3,7 +3,7 @@
 //! happened to the state, and the same thing is said the same way in the
 //! table, the JSON and the README.
 
-use nine9s_tests::{hello, on_0_2_0, stage_fixture, stage_sample, Agent};
+use nine9s_tests::{epoch_ms, hello, on_0_2_0, stage_fixture, stage_sample, Agent};
 
 /// A self-signed certificate for localhost and 127.0.0.1, made with the
 /// openssl command line: (certificate, key).
@@ -73,10 +73,10 @@ fn a_rollback_that_restored_the_snapshot_says_so() {
     assert_eq!(reply["carried_state"], "snapshot", "{reply}");
     let fallback = reply["state_fallback"].as_str().unwrap();
     assert!(fallback.contains("migration failed"), "{reply}");
-    assert!(
-        reply["snapshot_taken_at_ms"].as_i64().unwrap() > 0,
-        "{reply}"
-    );
+    // When the snapshot was taken, an RFC 3339 time as every time in the
+    // JSON.
+    assert!(epoch_ms(&reply["snapshot_taken_at"]) > 0, "{reply}");
+    assert!(reply.get("snapshot_taken_at_ms").is_none(), "{reply}");
     assert_eq!(agent.get("/count").body, "3", "the snapshot's count");
 
     agent.ctl(&upgrade).ok();
@@ -153,4 +153,36 @@ fn a_restart_reports_the_sha256_of_the_binary_that_serves() {
         out.contains(&format!("(binary sha256 {}…)", &sha[..12])),
         "{out}"
     );
+}
+
+/// Every time in `--output json` is RFC 3339 UTC, as the README says, under
+/// its field's name without `_ms`; durations stay numbers.
+#[test]
+fn json_times_are_rfc_3339() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = on_0_2_0(&dir.path().join("data"), &[], 0);
+    let status = agent.status();
+    let release = agent.release("0.2.0").unwrap();
+    let history = agent.history();
+    let info = agent.json(&["info"]);
+    for (what, time) in [
+        ("staged_at", &release["staged_at"]),
+        ("permanent_since", &release["permanent_since"]),
+        ("started_at", &history.last().unwrap()["started_at"]),
+        (
+            "agent.worker_started_at",
+            &status["agent"]["worker_started_at"],
+        ),
+        ("info.started_at", &info["started_at"]),
+    ] {
+        let text = time.as_str().unwrap_or_else(|| panic!("{what}: {time}"));
+        assert!(text.ends_with('Z') && text.contains('T'), "{what}: {text}");
+        assert!(epoch_ms(time) > 0, "{what}: {text}");
+    }
+    let text = serde_json::to_string(&(status.clone(), release, history, info)).unwrap();
+    assert!(
+        !text.contains("_at_ms") && !text.contains("since_ms"),
+        "{text}"
+    );
+    assert!(status["uptime_ms"].is_u64(), "{status}");
 }
