@@ -8,7 +8,11 @@
 //! is its value's name without the enum's prefix, in lower case
 //! (`RELEASE_STATE_PERMANENT` is `"permanent"`). The serializer of each
 //! enum field is generated here from the descriptors, so a field added to
-//! the proto is in the JSON with nothing written by hand.
+//! the proto is in the JSON with nothing written by hand. A time — an
+//! `int64` field named `*_ms`, milliseconds since the epoch (durations are
+//! `uint64`) — is an RFC 3339 UTC string with milliseconds under the name
+//! without `_ms` (`staged_at_ms` is `"staged_at": "2026-11-18T11:06:40.123Z"`),
+//! `null` when it is 0 (none).
 
 use std::fmt::Write as _;
 
@@ -44,6 +48,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         for message in &file.message_type {
             for field in &message.field {
+                if let Some(name) = field
+                    .name()
+                    .strip_suffix("_ms")
+                    .filter(|_| field.r#type() == prost_types::field_descriptor_proto::Type::Int64)
+                {
+                    builder = builder.field_attribute(
+                        format!(".{PACKAGE}.{}.{}", message.name(), field.name()),
+                        format!(
+                            "#[serde(rename = \"{name}\", serialize_with = \"crate::json::time\")]"
+                        ),
+                    );
+                    continue;
+                }
                 let Some(enum_name) = field
                     .type_name()
                     .strip_prefix(&format!(".{PACKAGE}."))

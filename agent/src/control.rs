@@ -28,8 +28,8 @@ use crate::gate::{identity, Gate, MAX_STAGE_MESSAGE};
 use crate::incoming::Slots;
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
 use crate::release_handler::{
-    check_service, embedded_sha256, inspect, Command, Direction, Engine, Meta, Permanence,
-    PlanReport, Reply, Signed, Soak, Staging, StateSource, FREE_SPACE_MARGIN,
+    check_service, embedded_sha256, inspect, CarriedState, Command, Direction, Engine, Meta,
+    Permanence, PlanReport, Reply, Signed, Soak, Staging, StateSource, FREE_SPACE_MARGIN,
 };
 use crate::runtime::Split;
 
@@ -1108,11 +1108,30 @@ fn transition_reply(reply: Reply) -> pb::TransitionReply {
             transition,
             plan,
             unchanged,
-        } => pb::TransitionReply {
-            transition: transition.as_ref().map(transition_pb),
-            plan: plan.as_ref().map(plan_pb),
-            unchanged,
-        },
+        } => {
+            let (carried_state, snapshot_taken_at_ms, state_fallback) =
+                match plan.as_ref().and_then(|p| p.state.clone()) {
+                    None => (pb::CarriedState::Unspecified, 0, String::new()),
+                    Some(CarriedState::Fresh) => (pb::CarriedState::None, 0, String::new()),
+                    Some(CarriedState::Running) => (pb::CarriedState::Running, 0, String::new()),
+                    Some(CarriedState::Snapshot {
+                        taken_at_ms,
+                        fallback,
+                    }) => (
+                        pb::CarriedState::Snapshot,
+                        taken_at_ms,
+                        fallback.unwrap_or_default(),
+                    ),
+                };
+            pb::TransitionReply {
+                transition: transition.as_ref().map(transition_pb),
+                plan: plan.as_ref().map(plan_pb),
+                unchanged,
+                carried_state: carried_state.into(),
+                snapshot_taken_at_ms,
+                state_fallback,
+            }
+        }
         Reply::Staged { .. } | Reply::Removed { .. } => pb::TransitionReply::default(),
     }
 }

@@ -2,7 +2,6 @@
 //! on, and has a stable [`Reason`] code that clients branch on; `control`
 //! is the one place that turns them into gRPC statuses.
 
-
 use nine9s_host::{CallError, LoadError};
 use nine9s_manifest::{ManifestError, Version};
 
@@ -125,6 +124,5 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == 28 /* ENOSPC */ || code == 122 /* EDQUOT */)
         || e.kind() == std::io::ErrorKind::StorageFull
 }
-
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -469,9 +469,11 @@ async fn restart_agent(agent: &Agent, output: Output, restart: Restart) -> Resul
         }
         return Ok(());
     }
-    let new =
+    let (new, serving_since) =
         follow::until_new_worker(agent, reply.worker_pid, failed_before, restart.timeout).await?;
-    let ms = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // Until the new worker served, not until it had hashed its binary.
+    let waited = serving_since.saturating_duration_since(asked);
+    let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
     if json {
         json::print(&json::AgentRestart {
             reply: &reply,

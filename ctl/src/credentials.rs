@@ -10,13 +10,15 @@
 //! were wrong.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Status};
 
+use crate::handshake::{self, Tls};
 use crate::local;
 
 /// A token or PEM file larger than this is not one: it is refused rather
@@ -84,8 +86,10 @@ impl Interceptor for Bearer {
 /// How connections to the agent are made.
 #[derive(Clone)]
 pub enum Line {
-    /// `http://` or `https://`.
-    Tcp(Endpoint),
+    /// `http://`.
+    Plain(Endpoint),
+    /// `https://`: connections made by ctl's own TLS (`handshake.rs`).
+    Tls { endpoint: Endpoint, tls: Arc<Tls> },
     /// The agent's local control socket at `path`.
     Local { endpoint: Endpoint, path: PathBuf },
 }
@@ -94,7 +98,10 @@ impl Line {
     /// A channel that connects at its first call.
     pub fn channel(&self) -> Channel {
         match self {
-            Line::Tcp(endpoint) => endpoint.connect_lazy(),
+            Line::Plain(endpoint) => endpoint.connect_lazy(),
+            Line::Tls { endpoint, tls } => {
+                endpoint.connect_with_connector_lazy(handshake::Connector::new(Arc::clone(tls)))
+            }
             Line::Local { endpoint, path } => {
                 endpoint.connect_with_connector_lazy(local::Connector::new(path.clone()))
             }
@@ -148,17 +155,32 @@ impl AccessFlags {
             });
         }
         let (bearer, token_source) = self.bearer(url)?;
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("--agent {url:?} is not a URL: {e}"))?
-            .connect_timeout(Duration::from_secs(5));
-        if let Some(tls) = self.tls(url)? {
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| format!("--ca, --cert, --key: {}", causes(&e)))?;
-        }
+        let endpoint = |url: &str| {
+            Endpoint::from_shared(url.to_owned())
+                .map(|e| e.connect_timeout(Duration::from_secs(5)))
+                .map_err(|e| format!("--agent {url:?} is not a URL: {e}"))
+        };
+        let line = match self.tls(url)? {
+            None => Line::Plain(endpoint(url)?),
+            Some(tls) => {
+                // The channel's own URL is plain, or tonic would want to
+                // make the TLS itself; the requests carry the https://
+                // origin.
+                let uri: Uri = url
+                    .parse()
+                    .map_err(|e| format!("--agent {url:?} is not a URL: {e}"))?;
+                let authority = uri
+                    .authority()
+                    .ok_or_else(|| format!("--agent {url} has no host"))?;
+                Line::Tls {
+                    endpoint: endpoint(&format!("http://{authority}"))?.origin(uri),
+                    tls: Arc::new(tls),
+                }
+            }
+        };
         Ok(Connection {
             url: url.to_owned(),
-            line: Line::Tcp(endpoint),
+            line,
             bearer,
             token_source,
         })
@@ -195,7 +217,7 @@ impl AccessFlags {
         }
     }
 
-    fn tls(&self, url: &str) -> Result<Option<ClientTlsConfig>, String> {
+    fn tls(&self, url: &str) -> Result<Option<Tls>, String> {
         if self.cert.is_some() != self.key.is_some() {
             return Err(
                 "--cert and --key (NINE9S_CERT, NINE9S_KEY) go together: give both or neither"
@@ -214,7 +236,7 @@ impl AccessFlags {
         // only verify the agent against a CA it is given.
         let Some(ca) = &self.ca else {
             return Err(format!(
-                "--agent {url} needs --ca FILE (or NINE9S_CA): the CA certificate that signed the agent's"
+                "--agent {url} needs --ca FILE (or NINE9S_CA): the PEM certificate of the CA that signed the agent's TLS certificate (ctl trusts no system roots)"
             ));
         };
         let read = |flag: &str, path: &Path| {
@@ -226,13 +248,20 @@ impl AccessFlags {
         if !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
             return Err(format!("--ca: {} holds no PEM certificate", ca.display()));
         }
-        // The server name checked is the URL's host: tonic takes it from
-        // the endpoint's URL (an IPv6 address without its brackets).
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
-        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
-        }
-        Ok(Some(tls))
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(handshake::Identity {
+                cert_path: cert.clone(),
+                cert_pem: read("cert", cert)?,
+                key_pem: read("key", key)?,
+            }),
+            _ => None,
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("--agent {url:?} is not a URL: {e}"))?;
+        // The server name checked is the URL's host (an IPv6 address
+        // without its brackets).
+        Tls::new(&uri, &ca_pem, identity).map(Some)
     }
 }
 
@@ -288,18 +317,6 @@ fn read_small(path: &Path) -> std::io::Result<String> {
 
 fn cannot_read(path: &Path, e: &std::io::Error) -> String {
     format!("cannot read {}: {e}", path.display())
-}
-
-/// An error and its causes on one line (tonic's TLS errors say what is
-/// wrong only in their source).
-fn causes(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        line.push_str(&format!(": {e}"));
-        cause = e.source();
-    }
-    line
 }
 
 #[cfg(test)]
@@ -403,24 +420,31 @@ mod tests {
         let http = "http://127.0.0.1:50051";
         let https = "https://agent.example:50051";
         assert!(flags(&[]).tls(http).unwrap().is_none());
-        let err = flags(&["--ca", "ca.pem"]).tls(http).unwrap_err();
+        let err = flags(&["--ca", "ca.pem"]).tls(http).err().unwrap();
         assert!(err.contains("https://"), "{err}");
-        let err = flags(&["--cert", "c", "--key", "k"]).tls(http).unwrap_err();
+        let err = flags(&["--cert", "c", "--key", "k"])
+            .tls(http)
+            .err()
+            .unwrap();
         assert!(err.contains("https://"), "{err}");
         for half in [["--cert", "c"], ["--key", "k"]] {
-            let err = flags(&half).tls(https).unwrap_err();
+            let err = flags(&half).tls(https).err().unwrap();
             assert!(err.contains("give both or neither"), "{err}");
         }
-        let err = flags(&[]).tls(https).unwrap_err();
+        let err = flags(&[]).tls(https).err().unwrap();
         assert!(err.contains("--ca"), "{err}");
-        let err = flags(&["--ca", "/no/such/ca.pem"]).tls(https).unwrap_err();
+        let err = flags(&["--ca", "/no/such/ca.pem"])
+            .tls(https)
+            .err()
+            .unwrap();
         assert!(err.contains("/no/such/ca.pem"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, "not a certificate").unwrap();
         let err = flags(&["--ca", ca.to_str().unwrap()])
             .tls(https)
-            .unwrap_err();
+            .err()
+            .unwrap();
         assert!(err.contains("no PEM certificate"), "{err}");
         let pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         std::fs::write(&ca, pem).unwrap();
@@ -431,7 +455,8 @@ mod tests {
             .connect(https)
             .err()
             .unwrap();
-        assert!(err.starts_with("--ca, --cert, --key"), "{err}");
+        // Not a certificate rustls can use, although PEM.
+        assert!(err.starts_with("--ca: "), "{err}");
     }
 
     proptest::proptest! {

@@ -4,7 +4,7 @@
 //! restart --wait`, asking the agent until a new worker serves.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use nine9s_proto as pb;
@@ -49,6 +49,12 @@ impl<'a> Events<'a> {
                     match self.agent.client().watch(request).await {
                         Ok(reply) => self.stream.insert(reply.into_inner()),
                         Err(status) if is_transport(&status) => {
+                            // A refused client certificate is no outage.
+                            if let Some(failure) =
+                                self.agent.diagnose("watching events", &status).await
+                            {
+                                return Err(failure);
+                            }
                             self.broke(&with_causes(&status)).await;
                             continue;
                         }
@@ -209,9 +215,15 @@ const WORKER_POLL: Duration = Duration::from_millis(50);
 /// again on a new connection: a connection the old worker accepted but
 /// will not answer on must not hold the wait up.
 const WORKER_CALL_LIMIT: Duration = Duration::from_secs(5);
+/// How long a new worker that serves may take to report its binary's
+/// sha256 (it hashes it on a thread of its own as it starts) before the
+/// wait ends without it.
+const HASH_WAIT: Duration = Duration::from_secs(10);
 
 /// `ctl agent restart --wait`: asks the agent (`AgentInfo`) until a worker
-/// other than `old_worker` serves, and returns it; `Failure::Failed` when
+/// other than `old_worker` serves and knows its binary's sha256 (or
+/// `HASH_WAIT` after it served), and returns it with when it was first
+/// seen serving; `Failure::Failed` when
 /// the agent reports a failed restart other than `failed_before` (the new
 /// worker's exit and last stderr lines), after `limit`, or when the agent
 /// refuses the question (credentials).
@@ -220,7 +232,7 @@ pub async fn until_new_worker(
     old_worker: u32,
     failed_before: Option<pb::FailedRestart>,
     limit: Duration,
-) -> Result<pb::AgentProcess, Failure> {
+) -> Result<(pb::AgentProcess, Instant), Failure> {
     // What the last call saw, for the message if the wait gives up.
     let mut seen = String::from("no answer yet");
     let poll = poll_worker(agent, old_worker, failed_before.as_ref(), &mut seen);
@@ -240,8 +252,9 @@ async fn poll_worker(
     old_worker: u32,
     failed_before: Option<&pb::FailedRestart>,
     seen: &mut String,
-) -> Result<pb::AgentProcess, Failure> {
+) -> Result<(pb::AgentProcess, Instant), Failure> {
     let mut client = agent.client();
+    let mut serving_since = None;
     loop {
         let call = client.agent_info(pb::AgentInfoRequest {});
         match tokio::time::timeout(WORKER_CALL_LIMIT, call).await {
@@ -250,11 +263,20 @@ async fn poll_worker(
                 if let Some(failed) = restart_failed(&process, failed_before) {
                     return Err(anyhow!("{}", did_not_restart(failed, &process, old_worker)).into());
                 }
-                if is_new_worker(&process, old_worker) {
-                    return Ok(process);
-                }
                 seen.clear();
-                let _ = write!(seen, "worker {} still serves", process.worker_pid);
+                if is_new_worker(&process, old_worker) {
+                    let since = *serving_since.get_or_insert_with(Instant::now);
+                    if !process.binary_sha256.is_empty() || since.elapsed() >= HASH_WAIT {
+                        return Ok((process, since));
+                    }
+                    let _ = write!(
+                        seen,
+                        "worker {} serves; it is still hashing its binary",
+                        process.worker_pid
+                    );
+                } else {
+                    let _ = write!(seen, "worker {} still serves", process.worker_pid);
+                }
             }
             Ok(Err(status)) if passes(&status) => {
                 *seen = with_causes(&status);

@@ -1,7 +1,9 @@
 //! `--output json`: every reply as one JSON document on stdout (one per
 //! line for `watch`), for scripts. A reply of the agent is its proto
 //! message as `nine9s-proto` serializes it (proto field names, numbers as
-//! numbers, enums as the lower-case name of their value): the document a
+//! numbers, enums as the lower-case name of their value, times — epoch
+//! milliseconds in the API — as RFC 3339 UTC strings under the name
+//! without `_ms`, `null` for none): the document a
 //! script reads is the API's own message, never a hand-made copy. What
 //! ctl makes itself (keys, signatures, errors, a restart's wait, a
 //! rollout's report) is described where it is made.

@@ -9,6 +9,9 @@
 //!   stderr says why, ending with the agent's stable reason code, e.g.
 //!   `[UNKNOWN_RELEASE]`, `[UNAUTHENTICATED]`, `[PERMISSION_DENIED]`);
 //!   `--expect-active` not matching (the line names the active release);
+//!   a client certificate the agent refused in the TLS handshake, or none
+//!   given where it requires one (`[UNAUTHENTICATED]`: ctl reads the
+//!   agent's TLS alert, which says which);
 //!   `--wait --timeout` passing; `agent restart --wait` seeing the new
 //!   worker fail (its exit status and last stderr lines follow); or a
 //!   local step failing (a release that
@@ -20,8 +23,10 @@
 //!   agent without `--ca`, TLS files with an http:// or unix: agent, a
 //!   token with an http:// agent).
 //! - 3: the agent could not be reached (no local socket, connect errors, a
-//!   socket served by another user, a failed TLS handshake, or UNAVAILABLE
-//!   without the agent's error details), after a few retries.
+//!   socket served by another user, a failed TLS handshake, an http://
+//!   URL whose server speaks TLS — the line says to use https:// and
+//!   `--ca` —, or UNAVAILABLE without the agent's error details), after a
+//!   few retries.
 //! - 4: `--wait` saw the release fail its soak and the agent roll it back;
 //!   `rollout` halted and rolled back.
 //!
@@ -83,6 +88,7 @@ mod out;
 mod commands;
 mod credentials;
 mod follow;
+mod handshake;
 mod json;
 mod local;
 mod new;

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use nine9s_proto as pb;
 use pb::{
-    EventKind, PlanOrigin, ReleaseState, SoakMode, StepKind, TransitionKind, TransitionResult,
+    CarriedState, EventKind, PlanOrigin, ReleaseState, SoakMode, StepKind, TransitionKind,
+    TransitionResult,
 };
 
 use crate::Switch;
@@ -244,12 +245,43 @@ pub fn switched(word: &str, switch: &Switch, reply: &pb::TransitionReply) {
         )
     };
     outln!(
-        "{word}d {} -> {} in {} (requests held {}); {then}",
+        "{word}d {} -> {} in {} ({}); {then}",
         t.from_version,
         t.to_version,
         ms(t.duration_us),
-        ms(t.switch_wait_us)
+        held(reply, t)
     );
+    if let Some(line) = restored(reply, &t.to_version) {
+        outln!("{line}");
+    }
+}
+
+/// `requests held 57 µs`; a switch that carried no state from a release
+/// that keeps none closed no gate (the agent reports no wait) and held
+/// none.
+fn held(reply: &pb::TransitionReply, t: &pb::Transition) -> String {
+    if reply.carried_state() == CarriedState::None && t.switch_wait_us == 0 {
+        "no request held: no state to carry".to_owned()
+    } else {
+        format!("requests held {}", ms(t.switch_wait_us))
+    }
+}
+
+/// What the state of `version` is when a stored snapshot was restored:
+/// the requests served since it was taken are not in it.
+fn restored(reply: &pb::TransitionReply, version: &str) -> Option<String> {
+    if reply.carried_state() != CarriedState::Snapshot {
+        return None;
+    }
+    let why = if reply.state_fallback.is_empty() {
+        String::new()
+    } else {
+        format!(" because {}", reply.state_fallback)
+    };
+    Some(format!(
+        "state: restored from the snapshot taken when {version} was left ({}){why}; requests served since then are not in it",
+        time(reply.snapshot_taken_at_ms)
+    ))
 }
 
 pub fn rolled_back(dry_run: bool, reply: &pb::TransitionReply) {
@@ -270,13 +302,16 @@ pub fn rolled_back(dry_run: bool, reply: &pb::TransitionReply) {
         );
     } else if let Some(t) = &reply.transition {
         outln!(
-            "rolled back {} -> {} in {} (requests held {}); {} is permanent",
+            "rolled back {} -> {} in {} ({}); {} is permanent",
             t.from_version,
             t.to_version,
             ms(t.duration_us),
-            ms(t.switch_wait_us),
+            held(reply, t),
             t.to_version
         );
+        if let Some(line) = restored(reply, &t.to_version) {
+            outln!("{line}");
+        }
     } else {
         outln!("nothing to do");
     }

@@ -3,7 +3,10 @@
 //! (always with the same request, so the same request id: a retry never
 //! acts twice; a request without an id only when it cannot have been
 //! sent), and error statuses turned into `Failure`s carrying the agent's
-//! stable reason code.
+//! stable reason code. A transport failure is looked at once more before
+//! it is called unreachable: an https:// agent may have refused the client
+//! certificate (`handshake.rs` reads its alert), an http:// URL may name
+//! an agent that speaks TLS.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,6 +20,7 @@ use tonic::{Code, ConnectError, Status};
 use tonic_types::StatusExt;
 
 use crate::credentials::{unauthenticated_hint, Bearer, Connection, Line, TokenSource};
+use crate::handshake;
 use crate::Failure;
 
 /// Tries after the first one, and the pause before the first retry (it
@@ -106,6 +110,9 @@ impl Agent {
         match self.call_retrying(request, rpc, is_unsent).await {
             Ok(reply) => Ok(reply),
             Err(status) if is_transport(&status) && !is_unsent(&status) => {
+                if let Some(failure) = self.diagnose(what, &status).await {
+                    return Err(failure);
+                }
                 Err(Failure::Unreachable(anyhow!(
                     "{what}: the connection to the agent at {} broke before its answer: {}; \
                      it may have acted all the same: `ctl info` tells",
@@ -149,6 +156,9 @@ impl Agent {
     /// An error status as one line: `<what>: <message>`, with the agent's
     /// reason code beside it.
     pub async fn failure(&self, what: &str, status: Status) -> Failure {
+        if let Some(failure) = self.diagnose(what, &status).await {
+            return failure;
+        }
         if is_transport(&status) {
             return Failure::Unreachable(anyhow!(
                 "{what}: cannot reach the agent at {}: {}",
@@ -191,6 +201,39 @@ impl Agent {
         Failure::Failed {
             error: anyhow!("{what}: {message}"),
             reason: Some(info.reason),
+        }
+    }
+
+    /// What a failure the agent sent no details with really was, when a
+    /// look at the connection tells: a client certificate the agent
+    /// refused, or none where it requires one (UNAUTHENTICATED, exit 1);
+    /// TLS spoken where an http:// URL expected plaintext.
+    pub async fn diagnose(&self, what: &str, status: &Status) -> Option<Failure> {
+        if status.get_error_details().error_info().is_some() {
+            return None;
+        }
+        match &self.line {
+            Line::Tls { tls, .. } if is_transport(status) => {
+                let refusal = tls.refusal().await?;
+                Some(Failure::Failed {
+                    error: anyhow!("{what}: {refusal}"),
+                    reason: Some(UNAUTHENTICATED.to_owned()),
+                })
+            }
+            // A TLS record read as HTTP/2 is "h2 protocol error".
+            Line::Plain(_) if is_transport(status) || status.code() == Code::Internal => {
+                let url: tonic::transport::Uri = self.url.parse().ok()?;
+                let (host, port) = handshake::host_port(&url).ok()?;
+                if !handshake::speaks_tls(&host, port).await {
+                    return None;
+                }
+                let authority = url.authority().map_or(host.as_str(), |a| a.as_str());
+                Some(Failure::Unreachable(anyhow!(
+                    "{what}: the agent at {} speaks TLS: use --agent https://{authority} with --ca FILE (the CA that signed its certificate)",
+                    self.url
+                )))
+            }
+            _ => None,
         }
     }
 }

@@ -331,11 +331,9 @@ impl Agent {
             .unwrap()
             .as_millis() as i64;
         assert!(
-            eventually(Duration::from_secs(10), || self.status()
-                ["last_checkpoint_ms"]
-                .as_i64()
-                .unwrap_or(0)
-                > since),
+            eventually(Duration::from_secs(10), || epoch_ms(
+                &self.status()["last_checkpoint"]
+            ) > since),
             "no checkpoint; log:\n{}",
             self.log()
         );
@@ -741,6 +739,19 @@ impl Load {
                 refused: a.refused + b.refused,
             })
     }
+}
+
+/// A time of ctl's `--output json` (RFC 3339, `null` for none) as
+/// milliseconds since the epoch (0 for none).
+pub fn epoch_ms(time: &serde_json::Value) -> i64 {
+    let Some(text) = time.as_str() else {
+        assert!(time.is_null(), "not a time: {time}");
+        return 0;
+    };
+    let at = humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    at.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// Polls `check` every 50 ms until it holds or `within` passes.

@@ -1071,9 +1071,23 @@ fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
         history["transitions"].as_array().unwrap().last().unwrap()["identity"],
         "edge-1"
     );
-    // Same subject, another CA: the handshake fails, nothing is done.
+    // Same subject, another CA: the agent refuses the certificate in the
+    // handshake, nothing is done, and ctl says so (issue 17: it said
+    // "cannot reach the agent", exit 3).
     let impostor = with("impostor", &["upgrade", "--to", "0.1.0"]);
-    assert_eq!(impostor.code, 3, "{impostor:?}");
+    assert_eq!(impostor.code, 1, "{impostor:?}");
+    assert!(
+        impostor
+            .stderr
+            .contains("the agent refused this client certificate (TLS alert: ")
+            && impostor.stderr.contains("impostor.pem")
+            && impostor.stderr.contains("[UNAUTHENTICATED]"),
+        "{impostor:?}"
+    );
+    let json = with("impostor", &["--output", "json", "status"]);
+    let error: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(error["error"]["reason"], "UNAUTHENTICATED", "{json:?}");
+    assert_eq!(error["error"]["exit_code"], 1, "{json:?}");
     // Signed by the CA, but not listed: unauthenticated.
     let stranger = with("stranger", &["status"]);
     assert_eq!(stranger.code, 1, "{stranger:?}");
@@ -1092,7 +1106,13 @@ fn client_certificates_are_identities_and_a_wrong_one_is_turned_away() {
             "status",
         ],
     );
-    assert_eq!(bare.code, 3, "{bare:?}");
+    assert_eq!(bare.code, 1, "{bare:?}");
+    assert!(
+        bare.stderr
+            .contains("the agent requires a client certificate and none was given (TLS alert: ")
+            && bare.stderr.contains("--cert"),
+        "{bare:?}"
+    );
     assert_eq!(agent.get("/").release, "0.2.0");
 }
 

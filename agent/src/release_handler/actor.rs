@@ -13,7 +13,10 @@ use tokio::sync::oneshot;
 use super::checkpoint::{Skipped, Taken};
 use super::journal::{Changes, Origin};
 use super::machine::{self, Decision, Lifecycle, Settle, Soak};
-use super::{Command, Job, Meta, Permanence, PlanReport, Reply, Shared, Split, StateSource, View};
+use super::{
+    CarriedState, Command, Job, Meta, Permanence, PlanReport, Reply, Shared, Split, StateSource,
+    View,
+};
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
@@ -521,9 +524,11 @@ impl Actor {
             source
         };
         let mut outcome = self.execute(&target, source, &mut report);
+        let mut fell_back = None;
         if kind == TransitionKind::Rollback && source == StateSource::Migrate {
             if let Err(e) = &outcome {
                 if is_migration_failure(e) {
+                    fell_back = Some(format!("the state migration failed: {e}"));
                     tracing::warn!(error = %e, "the rollback's state migration failed; restoring the target's snapshot instead");
                     guard.note(format!(
                         "state migration failed ({e}); restored the snapshot taken when {version} was left"
@@ -534,6 +539,9 @@ impl Actor {
                     outcome = self.execute(&target, StateSource::Snapshot, &mut report);
                 }
             }
+        }
+        if let Some(CarriedState::Snapshot { fallback, .. }) = &mut report.state {
+            *fallback = fell_back;
         }
         match outcome {
             Ok(mut executed) => {
@@ -1220,6 +1228,7 @@ impl Actor {
             to: to.version.clone(),
             plan,
             checks: vec![super::handoff::route_changes(&from.routes, &to.routes)],
+            state: None,
         })
     }
 }

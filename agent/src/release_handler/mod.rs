@@ -160,6 +160,25 @@ pub struct PlanReport {
     pub to: Version,
     pub plan: Plan,
     pub checks: Vec<String>,
+    /// How the target's state is made, once `load` has decided.
+    pub state: Option<CarriedState>,
+}
+
+/// Where a switch's target got its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CarriedState {
+    /// None: the target starts fresh.
+    Fresh,
+    /// The running state, as it is or migrated.
+    Running,
+    /// The snapshot stored when the target was left; requests served
+    /// since are not in it.
+    Snapshot {
+        taken_at_ms: i64,
+        /// Why, when the running state was asked for: a rollback whose
+        /// migration down failed.
+        fallback: Option<String>,
+    },
 }
 
 /// What a command did.

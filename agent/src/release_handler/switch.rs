@@ -31,7 +31,7 @@ use nine9s_manifest::{Step, Version};
 
 use super::actor::Actor;
 use super::handoff::{carry_between, restore_carry, Carry};
-use super::{PlanReport, StateSource};
+use super::{CarriedState, PlanReport, StateSource};
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
 use crate::model::{now_ms, Release, Snapshot};
@@ -97,9 +97,9 @@ impl Actor {
         let rehearsed = self.rehearse_disposable(&active, target, source, &report, &hooks)?;
         report.checks.extend(rehearsed);
         let loaded = self.load(&active, target, source, &report)?;
-        describe(&loaded, &mut report.checks);
+        describe(&loaded, &mut report);
         self.trial(&active, target, &loaded, &hooks)?;
-        report.checks.push(trial_check(&hooks));
+        report.checks.push(trial_check(&loaded, &hooks));
         Ok(report)
     }
 
@@ -120,9 +120,9 @@ impl Actor {
         let rehearsed = self.rehearse_disposable(&active, target, source, report, &before)?;
         report.checks.extend(rehearsed);
         let loaded = self.load(&active, target, source, report)?;
-        describe(&loaded, &mut report.checks);
+        describe(&loaded, report);
         self.trial(&active, target, &loaded, &before)?;
-        report.checks.push(trial_check(&before));
+        report.checks.push(trial_check(&loaded, &before));
         crash_point("switch:loaded");
 
         let carry = loaded.carry;
@@ -660,8 +660,18 @@ pub(super) fn watch_wedged<T: Send + 'static>(serving: &Loaded, late: mpsc::Rece
     }
 }
 
-/// What `load` found, for the report.
-fn describe(loaded: &Prepared, checks: &mut Vec<String>) {
+/// What `load` found, for the report: its checks, and how the state is
+/// made.
+fn describe(loaded: &Prepared, report: &mut PlanReport) {
+    report.state = Some(match (&loaded.snapshot, &loaded.carry) {
+        (Some(s), _) => CarriedState::Snapshot {
+            taken_at_ms: s.taken_at_ms,
+            fallback: None,
+        },
+        (None, Carry::Fresh) => CarriedState::Fresh,
+        (None, Carry::Same | Carry::Migrate { .. }) => CarriedState::Running,
+    });
+    let checks = &mut report.checks;
     checks.push(format!(
         "library: {} {} loads, ABI v{}",
         loaded.library.name(),
@@ -691,12 +701,20 @@ fn hooks(
         .collect()
 }
 
-fn trial_check(hooks: &[String]) -> String {
+/// The trial's check, saying with what state the trial instance started,
+/// in the words of the `state:` check before it.
+fn trial_check(loaded: &Prepared, hooks: &[String]) -> String {
+    let instance = match (&loaded.snapshot, &loaded.carry) {
+        (Some(_), _) => "a trial instance with the restored snapshot",
+        (None, Carry::Fresh) => "a trial instance without state",
+        (None, Carry::Same) => "a trial instance with a copy of the running state",
+        (None, Carry::Migrate { .. }) => "a trial instance with the running state migrated",
+    };
     if hooks.is_empty() {
-        "health: a fresh instance with the migrated state is healthy".into()
+        format!("health: {instance} is healthy")
     } else {
         format!(
-            "health: a fresh instance with the migrated state ran {} and is healthy",
+            "health: {instance} ran {} and is healthy",
             hooks
                 .iter()
                 .map(|h| format!("hook:{h}"))
