@@ -1025,13 +1025,13 @@ async fn follow(
 
 /// The `Watch` streams open per identity.
 #[derive(Default, Clone)]
-struct Watches(Arc<std::sync::Mutex<HashMap<String, usize>>>);
+struct Watches(Arc<parking_lot::Mutex<HashMap<String, usize>>>);
 
 impl Watches {
     /// A slot for a new stream of `name`'s, if it has fewer than
     /// [`MAX_WATCHES`] open.
     fn open(&self, name: &str) -> Result<WatchSlot, Status> {
-        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.0.lock();
         let count = open.entry(name.to_owned()).or_default();
         if *count >= MAX_WATCHES {
             return Err(status(Error::refused(
@@ -1057,7 +1057,7 @@ struct WatchSlot {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        let mut open = self.watches.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.watches.0.lock();
         if let Some(count) = open.get_mut(&self.name) {
             *count -= 1;
             if *count == 0 {

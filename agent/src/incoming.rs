@@ -19,7 +19,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,8 +93,8 @@ impl Slots {
         })
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    fn held(&self) -> parking_lot::MutexGuard<'_, Held> {
+        self.held.lock()
     }
 
     /// Marks the connection from `peer` proven: it keeps its slot.

@@ -40,7 +40,9 @@
 //! switch snapshots it — it is not waited for, and the switch says so.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -170,7 +172,7 @@ static TOTALS: Mutex<Vec<&'static Totals>> = Mutex::new(Vec::new());
 /// the totals outlive every instance.
 fn totals(version: &Version) -> &'static Totals {
     let text = version.to_string();
-    let mut all = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut all = TOTALS.lock();
     if let Some(known) = all.iter().find(|known| known.label == text) {
         return known;
     }
@@ -184,7 +186,7 @@ fn totals(version: &Version) -> &'static Totals {
 
 /// The totals of every version loaded since the process started.
 pub fn all_totals() -> Vec<&'static Totals> {
-    TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    TOTALS.lock().clone()
 }
 
 /// Counters of one instance at a moment.
@@ -710,7 +712,7 @@ impl Runtime {
 
     /// Every instance still alive: the active one first, then the draining ones.
     pub fn resident(&self) -> Vec<Arc<Loaded>> {
-        let mut list = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.resident.lock();
         list.retain(|w| w.strong_count() > 0);
         let mut alive: Vec<Arc<Loaded>> = list.iter().rev().filter_map(Weak::upgrade).collect();
         drop(list);
@@ -721,7 +723,7 @@ impl Runtime {
     }
 
     fn remember(&self, loaded: &Arc<Loaded>) {
-        let mut list = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.resident.lock();
         list.retain(|w| w.strong_count() > 0);
         list.push(Arc::downgrade(loaded));
     }

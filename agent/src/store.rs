@@ -9,7 +9,9 @@
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -136,7 +138,6 @@ impl Store {
     fn trees(&self) -> Result<Arc<Trees>> {
         self.trees
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| StoreError::new("the store is being reopened"))
     }
@@ -146,7 +147,7 @@ impl Store {
     /// works again once the cause is gone, with everything flushed before
     /// intact.
     pub fn reopen(&self) -> Result<()> {
-        let mut slot = self.trees.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.trees.write();
         drop(slot.take());
         // sled's flusher thread lets go of the directory's lock a moment
         // after the last handle is dropped.
@@ -161,7 +162,7 @@ impl Store {
         // This process numbered events the store may not have kept: go on
         // from whichever is further.
         let read = EventIds::read(&trees)?;
-        let mut ids = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids = self.events.lock();
         ids.next = ids.next.max(read.next);
         ids.reserved = ids.next - 1;
         ids.count = read.count;
@@ -414,7 +415,7 @@ impl Store {
     /// to another event, even if the agent dies before that flush.
     pub fn record_event(&self, mut event: Event) -> Result<Event> {
         let t = self.trees()?;
-        let mut ids = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids = self.events.lock();
         if ids.next > ids.reserved {
             // Reserve the next block of ids durably before handing any out.
             let reserved = ids.next + EVENT_ID_BLOCK - 1;

@@ -40,7 +40,9 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use slab::Slab;
@@ -149,7 +151,7 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let mut calls = self.board.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut calls = self.board.calls.lock();
         calls.try_remove(self.key);
     }
 }
@@ -162,7 +164,7 @@ pub struct Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let mut clients = self.board.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.board.clients.lock();
         if let Some(open) = clients.get_mut(&self.address) {
             *open -= 1;
             if *open == 0 {
@@ -189,7 +191,7 @@ impl Board {
     /// IPv6 counts as itself.
     pub fn client(self: &Arc<Self>, address: IpAddr) -> Option<Client> {
         let address = address.to_canonical();
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.clients.lock();
         let open = clients.entry(address).or_insert(0);
         if *open >= self.per_client {
             return None;
@@ -205,7 +207,7 @@ impl Board {
     /// told already) to close, between requests, so that its slot goes to a
     /// newcomer; `false` if none is idle.
     pub fn shed_idle(&self) -> bool {
-        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = self.calls.lock();
         let idlest = calls
             .iter()
             .filter_map(|(_, entry)| Some((entry.watchdog.sheddable()?, &entry.watchdog)))
@@ -242,14 +244,10 @@ impl Board {
             unflushed: AtomicBool::new(false),
             rescued: AtomicBool::new(false),
         });
-        let key = self
-            .calls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(Entry {
-                call: Arc::clone(&call),
-                watchdog,
-            });
+        let key = self.calls.lock().insert(Entry {
+            call: Arc::clone(&call),
+            watchdog,
+        });
         Registered {
             board: Arc::clone(self),
             key,
@@ -352,7 +350,7 @@ pub async fn watch(
         let mut running_long = Vec::new();
         let mut nudge = false;
         {
-            let calls = board.calls.lock().unwrap_or_else(|e| e.into_inner());
+            let calls = board.calls.lock();
             for (_, Entry { call, .. }) in calls.iter() {
                 let state = call.state.load(Ordering::Acquire);
                 if state == IDLE || state == ABANDONED {

@@ -7,7 +7,9 @@
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use nine9s_sdk::abi::{HostApi, Slice, LOG_DEBUG, LOG_ERROR, LOG_INFO, LOG_WARN};
@@ -15,7 +17,7 @@ use nine9s_sdk::abi::{HostApi, Slice, LOG_DEBUG, LOG_ERROR, LOG_INFO, LOG_WARN};
 /// The table for releases of `version`.
 pub fn host_table(version: &str) -> &'static HostApi {
     static TABLES: Mutex<Vec<&'static HostApi>> = Mutex::new(Vec::new());
-    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tables = TABLES.lock();
     let known = tables.iter().copied().find(|t| {
         // SAFETY: every context below is a leaked `String`.
         let theirs = unsafe { &*t.context.cast::<String>() };

@@ -8,7 +8,9 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -499,7 +501,7 @@ impl Drop for Library {
 }
 
 fn register_open(path: &Path) {
-    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut open = OPEN.lock();
     match open.iter_mut().find(|(p, _)| p == path) {
         Some((_, count)) => *count += 1,
         None => open.push((path.to_owned(), 1)),
@@ -509,7 +511,7 @@ fn register_open(path: &Path) {
 
 /// Returns how many handles on `path` remain open.
 fn unregister_open(path: &Path) -> usize {
-    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut open = OPEN.lock();
     let Some(index) = open.iter().position(|(p, _)| p == path) else {
         return 0;
     };

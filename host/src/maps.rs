@@ -1,8 +1,8 @@
 //! Whether a library file is still mapped into this process, read from
 //! `/proc/self/maps`: the one way to tell that `dlclose` really unloaded it.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// Libraries the host released that were still mapped afterwards.
 static RELEASED_BUT_MAPPED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -43,18 +43,14 @@ pub(crate) fn file_at(address: usize) -> Option<(u64, u64)> {
 }
 
 pub(crate) fn note_released_but_mapped(path: PathBuf) {
-    let mut list = RELEASED_BUT_MAPPED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut list = RELEASED_BUT_MAPPED.lock();
     if !list.contains(&path) {
         list.push(path);
     }
 }
 
 pub(crate) fn forget_released(path: &Path) {
-    let mut list = RELEASED_BUT_MAPPED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut list = RELEASED_BUT_MAPPED.lock();
     list.retain(|p| p != path);
 }
 
@@ -62,9 +58,7 @@ pub(crate) fn forget_released(path: &Path) {
 /// library that registered a thread-local destructor can never be
 /// unmapped on glibc). Checked afresh on every call.
 pub fn lingering() -> Vec<PathBuf> {
-    let mut list = RELEASED_BUT_MAPPED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut list = RELEASED_BUT_MAPPED.lock();
     list.retain(|p| is_mapped(p));
     list.clone()
 }

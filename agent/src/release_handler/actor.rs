@@ -983,12 +983,12 @@ impl Actor {
 
     /// Publishes the lifecycle's soak to readers.
     fn publish(&self) {
-        let mut view = self.shared.view.lock().unwrap_or_else(|e| e.into_inner());
+        let mut view = self.shared.view.lock();
         view.soak = self.lifecycle.soak().clone();
     }
 
     fn set_view(&self, update: impl FnOnce(&mut View)) {
-        update(&mut self.shared.view.lock().unwrap_or_else(|e| e.into_inner()));
+        update(&mut self.shared.view.lock());
     }
 
     /// After a switch: tells watchers a soak started.

@@ -157,11 +157,7 @@ impl Actor {
         match stored {
             Ok(()) => {
                 tracing::debug!(%version, "checkpoint taken");
-                self.shared
-                    .view
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .last_checkpoint_ms = Some(taken_at_ms);
+                self.shared.view.lock().last_checkpoint_ms = Some(taken_at_ms);
                 Ok(())
             }
             Err(e) => {

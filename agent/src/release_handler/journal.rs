@@ -12,7 +12,9 @@
 //! and the duration and switch-wait histograms, see `metrics`), so the
 //! metrics say what the history says.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use nine9s_manifest::Version;
@@ -88,10 +90,7 @@ impl Journal {
 
     /// The transition under way, if any.
     pub fn running(&self) -> Option<Transition> {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.running.lock().clone()
     }
 
     /// Records an event and tells watchers. An event that cannot be
@@ -139,7 +138,7 @@ impl Journal {
             },
             request,
         )?;
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(transition.clone());
+        *self.running.lock() = Some(transition.clone());
         let mut started = Event::new(EventKind::TransitionStarted);
         started.transition = Some(transition.clone());
         self.emit(started);
@@ -223,11 +222,7 @@ impl Guard<'_> {
                 t.error_reason = Some(e.reason());
             }
         }
-        *self
-            .journal
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.journal.running.lock() = None;
         self.journal
             .store
             .commit(&t, &changed.records, &changed.removed)?;

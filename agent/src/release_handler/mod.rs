@@ -12,7 +12,9 @@
 //! store and the published [`View`]. The [`soak`] watcher calls plugin
 //! health checks outside the actor, with a timeout, and sends verdicts in.
 
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use nine9s_manifest::{Plan, Version};
@@ -251,7 +253,7 @@ struct Shared {
 
 impl Shared {
     fn view(&self) -> View {
-        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.view.lock().clone()
     }
 
     fn store(&self) -> &Store {

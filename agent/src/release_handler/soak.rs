@@ -12,7 +12,9 @@
 //! rollback is pending, the watcher keeps ticking the actor so it retries.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use nine9s_manifest::Version;
@@ -94,7 +96,7 @@ type Checking = Arc<Mutex<Option<u64>>>;
 
 /// Marks `id` as being checked; `false` if it already is.
 fn start_check(checking: &Checking, id: u64) -> bool {
-    let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
+    let mut checking = checking.lock();
     if *checking == Some(id) {
         return false;
     }
@@ -158,7 +160,7 @@ async fn judge(
 ) -> Result<(), String> {
     let id = instance.id();
     let unmark = move || {
-        let mut checking = checking.lock().unwrap_or_else(|e| e.into_inner());
+        let mut checking = checking.lock();
         if *checking == Some(id) {
             *checking = None;
         }
