@@ -6,6 +6,11 @@
 //! there. Every RPC asks [`Access::check`] for the role it needs before it
 //! reads its request: it is the one place that decides who the caller is.
 //!
+//! Under `--worker-user` the worker never reads a token: its supervisor
+//! hands it [`Access::digests`] (`worker_user.rs`), and on the local
+//! socket only root is its admin ([`Access::from_handed`]), never the
+//! worker's own user, which release code runs as.
+//!
 //! With no `--tokens` file the agent keeps one admin token in
 //! `DATA/admin.token`, created owner-only at first start, for clients
 //! that reach the agent over TCP (over TLS beyond this machine).
@@ -106,7 +111,11 @@ struct LocalUsers {
 
 impl LocalUsers {
     fn current() -> LocalUsers {
-        let owner = rustix::process::geteuid().as_raw();
+        LocalUsers::of(rustix::process::geteuid().as_raw())
+    }
+
+    /// The agent's user is `owner` (and root).
+    fn of(owner: u32) -> LocalUsers {
         LocalUsers {
             owner,
             owner_name: local_name(owner),
@@ -262,6 +271,40 @@ impl Access {
             source: path.display().to_string(),
             local: LocalUsers::current(),
         })
+    }
+
+    /// The access list a worker under `--worker-user` is handed by its
+    /// supervisor (`worker_user.rs`): a tokens file of digests. On the
+    /// local control socket the agent's user is the supervisor's, root —
+    /// never the worker's own user, which is what release code runs as.
+    pub fn from_handed(tokens: &str, source: &str) -> Result<Access> {
+        let access = Access::parse(tokens).map_err(|message| {
+            Error::refused(Reason::InvalidArgument, format!("{source}: {message}"))
+        })?;
+        Ok(Access {
+            source: source.to_owned(),
+            local: LocalUsers::of(0),
+            ..access
+        })
+    }
+
+    /// The identities as a tokens file that holds each token's sha256
+    /// (`sha256:HEX`) instead of the token: it admits the same callers,
+    /// and whoever reads it learns no usable token.
+    pub fn digests(&self) -> String {
+        self.entries
+            .iter()
+            .map(|e| {
+                let token = match &e.digest {
+                    Some(d) => format!(
+                        "{HASHED}{}",
+                        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    ),
+                    None => "-".to_owned(),
+                };
+                format!("{} {} {token}\n", e.identity.name, e.identity.role)
+            })
+            .collect()
     }
 
     /// Where the tokens came from.
@@ -558,6 +601,43 @@ mod tests {
         assert!(upper
             .check(&creds(&format!("Bearer {token}")), Role::Read)
             .is_ok());
+    }
+
+    #[test]
+    fn digests_admit_the_same_callers_and_hold_no_token() {
+        let access = Access::parse(FILE).unwrap();
+        let digests = access.digests();
+        assert!(!digests.contains("0123456789abcdef0123"), "{digests}");
+        assert!(digests.contains("edge-1 deploy -\n"), "{digests}");
+        let handed = Access::from_handed(&digests, "handed").unwrap();
+        for (token, role, name) in [
+            ("Bearer 0123456789abcdef0123", Role::Deploy, "ci"),
+            ("Bearer aaaaaaaaaaaa#aaaaaaaaaaa", Role::Admin, "ops"),
+            ("Bearer fedcba9876543210fedc", Role::Read, "watcher"),
+        ] {
+            assert_eq!(handed.check(&creds(token), role).unwrap().name, name);
+        }
+        let err = handed
+            .check(&creds("Bearer 0123456789abcdef0123"), Role::Admin)
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::PermissionDenied);
+    }
+
+    #[test]
+    fn a_handed_list_admits_root_but_not_the_worker_user_on_the_local_socket() {
+        let handed = Access::from_handed(&Access::parse(FILE).unwrap().digests(), "h").unwrap();
+        let local = |uid| Credentials {
+            authorization: None,
+            certificate: None,
+            local: Some(LocalCaller { uid: Some(uid) }),
+        };
+        assert_eq!(
+            handed.check(&local(0), Role::Admin).unwrap().role,
+            Role::Admin
+        );
+        // The worker runs as this user, and so does the release's code.
+        let err = handed.check(&local(65534), Role::Read).unwrap_err();
+        assert_eq!(err.reason(), Reason::Unauthenticated);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub const ADOPTED_CHANNEL: &str = "nine9s-adopted-channel";
 /// next image across a re-execution.
 pub const CONTROL: &str = "nine9s-control";
 pub const ADOPTED_STDERR: &str = "nine9s-adopted-stderr";
+/// Under `--worker-user`: a worker's end of the socket its supervisor
+/// hands it the tokens' digests and the TLS files on (`worker_user.rs`).
+pub const SECRETS: &str = "nine9s-secrets";
 
 /// The largest message: a failed restart with its stderr lines.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -161,7 +164,8 @@ fn receive(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<Messag
 }
 
 /// The sockets of [`CHANNEL`], [`STATE`], [`ADOPTED_CHANNEL`],
-/// [`ADOPTED_STDERR`] and [`CONTROL`] this process was given, if any.
+/// [`ADOPTED_STDERR`], [`CONTROL`] and [`SECRETS`] this process was given,
+/// if any.
 #[derive(Default)]
 pub struct Inherited {
     pub channel: Option<OwnedFd>,
@@ -169,6 +173,7 @@ pub struct Inherited {
     pub state: Option<OwnedFd>,
     pub adopted_channel: Option<OwnedFd>,
     pub adopted_stderr: Option<OwnedFd>,
+    pub secrets: Option<OwnedFd>,
     /// How many of the passed fds were these.
     pub count: usize,
 }
@@ -185,6 +190,7 @@ impl Inherited {
                 ADOPTED_CHANNEL => (&mut inherited.adopted_channel, SocketType::SEQPACKET),
                 ADOPTED_STDERR => (&mut inherited.adopted_stderr, SocketType::STREAM),
                 CONTROL => (&mut inherited.control, SocketType::STREAM),
+                SECRETS => (&mut inherited.secrets, SocketType::STREAM),
                 _ => continue,
             };
             let fd = fds

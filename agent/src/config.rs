@@ -57,6 +57,11 @@ pub struct Config {
     pub trusted_keys: Option<PathBuf>,
     /// Refuse releases without a trusted signature.
     pub require_signed: bool,
+    /// Workers run as this user (`--worker-user`), the supervisor as root.
+    pub worker_user: Option<crate::worker_user::WorkerUser>,
+    /// In such a worker: the tokens' digests and the TLS files, handed by
+    /// the supervisor (the files themselves are not the worker's to read).
+    pub handed: Option<crate::worker_user::Handed>,
     /// Limits on the control and data planes.
     pub limits: Limits,
     /// How the worker before this one ended, when it died ("was killed by
@@ -127,6 +132,17 @@ impl Default for Limits {
 }
 
 impl Config {
+    /// Where the standby hint (`handover.rs`) is kept: in the data dir, or
+    /// under `--worker-user` in the artifacts dir, the worker's own (the
+    /// data dir is root's).
+    pub fn hint_dir(&self) -> PathBuf {
+        if self.worker_user.is_some() {
+            crate::artifacts::dir(&self.data_dir)
+        } else {
+            self.data_dir.clone()
+        }
+    }
+
     pub fn new(data_dir: PathBuf) -> Config {
         Config {
             data_dir,
@@ -145,6 +161,8 @@ impl Config {
             tls: None,
             trusted_keys: None,
             require_signed: false,
+            worker_user: None,
+            handed: None,
             limits: Limits::default(),
             previous_exit: None,
             supervisor_pid: None,

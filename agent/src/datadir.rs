@@ -15,19 +15,28 @@
 //! One allowance keeps Kubernetes working: a root-owned file or directory
 //! whose group is the agent's own group (an `fsGroup` volume, a Secret with
 //! `defaultMode: 0440`) has its group bits counted as the agent's.
+//!
+//! Under `--worker-user USER` (`worker_user.rs`) the agent's user is root,
+//! the supervisor's, and the same rule holds with one change: what the
+//! worker writes — `db` and `artifacts` — is USER's, and nobody else's.
+//! The data dir itself, `admin.token` and `control.sock` stay root's, the
+//! data dir mode 0711 so that USER can reach its own directories inside,
+//! and the supervisor makes sure USER can pass every directory on the way.
+//! The worker runs the same checks (as USER, it changes nothing).
 
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, Reason};
+use crate::worker_user::WorkerUser;
 
 /// The entries of the data dir the agent makes, and what each is.
 const ENTRIES: [(&str, Expect); 4] = [
     ("admin.token", Expect::Secret),
-    ("db", Expect::Dir),
-    ("artifacts", Expect::Dir),
+    ("db", Expect::WorkDir),
+    ("artifacts", Expect::WorkDir),
     ("standby.json", Expect::File),
 ];
 
@@ -47,9 +56,19 @@ enum Problem {
     Symlink,
     NotDir,
     NotFile,
-    Owner { owner: u32, me: u32, root_too: bool },
-    Writable { mode: u32 },
-    Readable { mode: u32 },
+    /// `worker`: the owner wanted is the `--worker-user`.
+    Owner {
+        owner: u32,
+        me: u32,
+        root_too: bool,
+        worker: bool,
+    },
+    Writable {
+        mode: u32,
+    },
+    Readable {
+        mode: u32,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -62,11 +81,17 @@ impl fmt::Display for Problem {
                 owner,
                 me,
                 root_too,
+                worker,
             } => write!(
                 f,
-                "is owned by {}, not by {} (the agent's user){}",
+                "is owned by {}, not by {} (the {}){}",
                 user(*owner),
                 user(*me),
+                if *worker {
+                    "--worker-user, which writes it"
+                } else {
+                    "agent's user"
+                },
                 if *root_too { " or root" } else { "" }
             ),
             Problem::Writable { mode } => {
@@ -104,8 +129,11 @@ enum Expect {
     /// A directory on the way to one checked: the agent's user's or root's;
     /// writable by others only with the sticky bit.
     Ancestor,
-    /// The data dir, or a directory in it: the agent's user's.
+    /// The data dir: the agent's user's.
     Dir,
+    /// A directory in the data dir the worker writes (the store, the
+    /// artifacts): the `--worker-user`'s, or without one the agent's user's.
+    WorkDir,
     /// A file in the data dir: the agent's user's.
     File,
     /// A secret in the data dir: the agent's user's, and only readable by it.
@@ -151,6 +179,8 @@ struct Me {
     /// Debian and Fedora give each user, with umask 002): no other user has
     /// it, so its group bits are the agent's too.
     private_group: bool,
+    /// The `--worker-user`'s uid, if there is one.
+    worker: Option<u32>,
 }
 
 impl Me {
@@ -161,8 +191,28 @@ impl Me {
             uid,
             gid,
             private_group: private_group(uid, gid),
+            worker: None,
         }
     }
+
+    /// The agent's user, in the supervisor and in its workers alike: under
+    /// `--worker-user`, root (the supervisor's), with the worker's uid.
+    fn of(worker: Option<&WorkerUser>) -> Me {
+        match worker {
+            Some(worker) => Me {
+                uid: 0,
+                gid: 0,
+                private_group: private_group(0, 0),
+                worker: Some(worker.uid),
+            },
+            None => Me::now(),
+        }
+    }
+}
+
+/// This process is root: under `--worker-user`, the supervisor, not a worker.
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
 }
 
 /// Whether only `uid` is in group `gid`: `/etc/group` lists no member
@@ -208,16 +258,19 @@ fn judge(facts: Facts, expect: Expect, me: Me) -> Result<(), Problem> {
         return Err(Problem::Symlink);
     }
     match expect {
-        Ancestor | Dir if !facts.dir => return Err(Problem::NotDir),
+        Ancestor | Dir | WorkDir if !facts.dir => return Err(Problem::NotDir),
         File | Secret | GivenSecret if !facts.file => return Err(Problem::NotFile),
         _ => {}
     }
     let root_too = matches!(expect, Ancestor | Given | GivenSecret);
-    if facts.uid != me.uid && !(root_too && facts.uid == 0) {
+    let worker = me.worker.filter(|_| expect == WorkDir);
+    let owner = worker.unwrap_or(me.uid);
+    if facts.uid != owner && !(root_too && facts.uid == 0) {
         return Err(Problem::Owner {
             owner: facts.uid,
-            me: me.uid,
+            me: owner,
             root_too,
+            worker: worker.is_some(),
         });
     }
     // Root gave the agent's own group access (Kubernetes' fsGroup), or
@@ -254,6 +307,9 @@ fn advice(expect: Expect) -> &'static str {
         }
         Expect::Dir | Expect::File | Expect::Secret => {
             "Remove it (or give --data-dir a directory of the agent's user's own) and start again"
+        }
+        Expect::WorkDir => {
+            "Remove it, or give it to the user that writes it (chown -R the --worker-user, or the agent's user without one), and start again"
         }
         Expect::Given | Expect::GivenSecret => {
             "Make it the agent's user's (or root's) and owner-only (chown, chmod 0600, or 0400)"
@@ -337,28 +393,120 @@ fn existing_real(path: &Path) -> Option<PathBuf> {
     }
 }
 
+/// The directories of the data dir a worker writes, made the
+/// `--worker-user`'s.
+const WORK_DIRS: [&str; 2] = ["db", "artifacts"];
+
 /// Creates the data dir if needed (what is missing of its path, owner-only)
 /// and checks it, its path and what the agent keeps in it; makes it
 /// owner-only. Run before anything is read from or made in it: the
 /// supervisor before it binds anything there, the worker before it opens
-/// the tokens or the store.
-pub fn prepare(dir: &Path) -> Result<(), Error> {
+/// the tokens or the store. Under `--worker-user` the supervisor also
+/// makes the directories the worker writes its user's, and the data dir
+/// 0711 (USER passes it, lists nothing); the worker only checks.
+pub fn prepare(dir: &Path, worker: Option<&WorkerUser>) -> Result<(), Error> {
     let context = || format!("cannot prepare the data dir {}", dir.display());
-    let me = Me::now();
+    let me = Me::of(worker);
     // Nothing is made under a directory another user controls.
     check_ancestors("the data dir", dir, me)?;
+    if worker.is_some() && !is_root() {
+        // A worker: its supervisor made it all.
+        return check_data_dir(dir, me);
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(Error::io(context()))?;
+    if let Some(worker) = worker {
+        // The data dir is root's and checked: no one else can put
+        // anything in it, or in what root owns inside it, meanwhile.
+        let real = dir.canonicalize().map_err(Error::io(context()))?;
+        check_path("the data dir", &real, Expect::Dir, me)?;
+        for name in WORK_DIRS {
+            let path = real.join(name);
+            match std::fs::symlink_metadata(&path) {
+                Err(_) => {
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&path)
+                        .map_err(Error::io(context()))?;
+                    hand_over(&path, worker).map_err(Error::io(context()))?;
+                }
+                // Made by the agent before it had a worker user (or
+                // chowned to root by systemd's StateDirectory=): root's
+                // alone, so it is the worker's to have.
+                Ok(meta) if meta.is_dir() && meta.uid() == 0 => {
+                    tracing::info!(path = %path.display(), user = %worker.name, "giving the --worker-user what the worker writes");
+                    hand_over(&path, worker).map_err(Error::io(context()))?;
+                }
+                Ok(_) => {}
+            }
+        }
+    }
     check_data_dir(dir, me)?;
     let mode = std::fs::metadata(dir).map_err(Error::io(context()))?.mode();
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    let wanted = if worker.is_some() { 0o711 } else { 0o700 };
+    if mode & 0o077 != wanted & 0o077 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))
             .map_err(Error::io(context()))?;
     }
+    if let Some(worker) = worker {
+        reachable(dir, worker)?;
+    }
     Ok(())
+}
+
+/// Makes `path` and what is below it the worker's, without following a
+/// symlink (a link itself is handed over, not what it names).
+fn hand_over(path: &Path, worker: &WorkerUser) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(worker.uid), Some(worker.gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            hand_over(&entry?.path(), worker)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a data dir the worker's user cannot reach: a directory on the
+/// way (or the data dir) that does not let it search through.
+fn reachable(dir: &Path, worker: &WorkerUser) -> Result<(), Error> {
+    let real = dir.canonicalize().map_err(Error::io(format!(
+        "cannot resolve the data dir {}",
+        dir.display()
+    )))?;
+    for path in real.ancestors() {
+        let meta = std::fs::metadata(path)
+            .map_err(Error::io(format!("cannot inspect {}", path.display())))?;
+        if !searchable(Facts::of(&meta), worker) {
+            return Err(Error::refused(
+                Reason::InvalidArgument,
+                format!(
+                    "the --worker-user {} cannot reach the data dir {}: {} (mode {:04o}, owned by {}) does not let it through. Give others the search bit (chmod o+x), or choose a data dir under directories it can pass",
+                    worker.name,
+                    dir.display(),
+                    path.display(),
+                    meta.mode() & 0o7777,
+                    user(meta.uid()),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `worker` (its primary group only: workers have no others) may
+/// search a directory.
+fn searchable(facts: Facts, worker: &WorkerUser) -> bool {
+    let bit = if facts.uid == worker.uid {
+        0o100
+    } else if facts.gid == worker.gid {
+        0o010
+    } else {
+        0o001
+    };
+    facts.mode & bit != 0
 }
 
 fn check_data_dir(dir: &Path, me: Me) -> Result<(), Error> {
@@ -406,12 +554,15 @@ pub fn secrets(config: &Config) -> Vec<PathBuf> {
 /// exists), the tokens file, the TLS files and the trusted keys. What
 /// `agent FLAGS check` and the supervisor run before a worker starts.
 pub fn check(config: &Config) -> Result<(), Error> {
-    let me = Me::now();
+    let me = Me::of(config.worker_user.as_ref());
     check_data_dir(&config.data_dir, me)?;
-    if let Some(tokens) = &config.tokens {
+    // A worker under --worker-user reads neither: its supervisor does, and
+    // hands it what it needs.
+    let handed = config.worker_user.is_some() && !is_root();
+    if let Some(tokens) = config.tokens.as_ref().filter(|_| !handed) {
         check_given("the tokens file", tokens, Expect::GivenSecret, me)?;
     }
-    if let Some(tls) = &config.tls {
+    if let Some(tls) = config.tls.as_ref().filter(|_| !handed) {
         check_given("the TLS key", &tls.key, Expect::GivenSecret, me)?;
         check_given("the TLS certificate", &tls.cert, Expect::Given, me)?;
         if let Some(ca) = &tls.client_ca {
@@ -443,6 +594,7 @@ mod tests {
         uid: 1000,
         gid: 1000,
         private_group: false,
+        worker: None,
     };
 
     fn facts(uid: u32, gid: u32, mode: u32, dir: bool) -> Facts {
@@ -519,6 +671,104 @@ mod tests {
     }
 
     #[test]
+    fn under_a_worker_user_what_it_writes_is_its_and_the_rest_roots() {
+        use Expect::*;
+        let nobody = WorkerUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let me = Me {
+            uid: 0,
+            gid: 0,
+            private_group: true,
+            worker: Some(nobody.uid),
+        };
+        let ok = |f, e| judge(f, e, me).is_ok();
+        // The store and the artifacts: the worker's, and no one else's.
+        assert!(ok(facts(65534, 65534, 0o700, true), WorkDir));
+        for owner in [0, 1000] {
+            assert_eq!(
+                judge(facts(owner, 0, 0o700, true), WorkDir, me),
+                Err(Problem::Owner {
+                    owner,
+                    me: 65534,
+                    root_too: false,
+                    worker: true,
+                })
+            );
+        }
+        assert!(!ok(facts(65534, 65534, 0o770, true), WorkDir));
+        // The data dir and the admin token: root's, never the worker's.
+        assert!(ok(facts(0, 0, 0o711, true), Dir));
+        assert!(ok(facts(0, 0, 0o600, false), Secret));
+        assert!(!ok(facts(65534, 65534, 0o700, true), Dir));
+        assert!(!ok(facts(65534, 65534, 0o600, false), Secret));
+        assert!(!ok(facts(0, 0, 0o644, false), Secret));
+        // Files flags name: root's (or the agent's, root) as before.
+        assert!(ok(facts(0, 0, 0o600, false), GivenSecret));
+        assert!(!ok(facts(65534, 65534, 0o600, false), GivenSecret));
+        // Without a worker user, the store is the agent's user's.
+        assert!(judge(facts(1000, 1000, 0o700, true), WorkDir, ME).is_ok());
+        assert!(judge(facts(65534, 65534, 0o700, true), WorkDir, ME).is_err());
+        // Can the worker pass a directory? By owner, primary group or others.
+        assert!(searchable(facts(0, 0, 0o711, true), &nobody));
+        assert!(!searchable(facts(0, 0, 0o700, true), &nobody));
+        assert!(searchable(facts(0, 65534, 0o710, true), &nobody));
+        assert!(searchable(facts(65534, 0, 0o700, true), &nobody));
+        assert!(!searchable(facts(65534, 0, 0o077, true), &nobody));
+    }
+
+    /// The layout made under a worker user (the tests run as root).
+    #[test]
+    fn a_worker_users_data_dir_is_made_and_checked() {
+        if !is_root() {
+            return;
+        }
+        let Ok(nobody) = WorkerUser::lookup("nobody") else {
+            return;
+        };
+        let top = tempfile::tempdir().unwrap();
+        // A directory on the way the worker cannot pass.
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = prepare(&top.path().join("data"), Some(&nobody))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot reach the data dir"), "{err}");
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let dir = top.path().join("data");
+        prepare(&dir, Some(&nobody)).unwrap();
+        let meta = |p: &Path| std::fs::metadata(p).unwrap();
+        assert_eq!((meta(&dir).uid(), meta(&dir).mode() & 0o777), (0, 0o711));
+        for name in WORK_DIRS {
+            let m = meta(&dir.join(name));
+            assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65534, 0o700));
+        }
+        prepare(&dir, Some(&nobody)).unwrap();
+        // A store the agent made without --worker-user is root's: handed
+        // over, all of it. One of a third user's is refused.
+        let db = dir.join("db");
+        std::fs::create_dir(db.join("blobs")).unwrap();
+        std::fs::write(db.join("blobs/1"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", db.join("link")).unwrap();
+        for path in [&db, &db.join("blobs"), &db.join("blobs/1")] {
+            chown(path, Some(0), Some(0)).unwrap();
+        }
+        prepare(&dir, Some(&nobody)).unwrap();
+        for path in [&db, &db.join("blobs"), &db.join("blobs/1")] {
+            assert_eq!(meta(path).uid(), 65534, "{}", path.display());
+        }
+        assert_eq!(meta(Path::new("/etc/passwd")).uid(), 0, "not followed");
+        chown(&db, Some(1234), None).unwrap();
+        let err = prepare(&dir, Some(&nobody)).unwrap_err().to_string();
+        assert!(err.contains("--worker-user") && err.contains("db"), "{err}");
+        // The worker's store is refused to an agent without the flag.
+        chown(dir.join("db"), Some(65534), None).unwrap();
+        let err = prepare(&dir, None).unwrap_err().to_string();
+        assert!(err.contains("uid 65534"), "{err}");
+    }
+
+    #[test]
     fn a_group_is_private_when_no_one_else_is_in_it() {
         let groups = "root:x:0:\nusers:x:100:ann,bob\nann:x:1000:\nbob:x:1001:\nstaff:x:50:\n";
         let passwd = "root:x:0:0::/root:/bin/sh\nann:x:1000:1000::/home/ann:/bin/sh\nbob:x:1001:1001::/home/bob:/bin/sh\ncarl:x:1002:50::/home/carl:/bin/sh\n";
@@ -537,6 +787,7 @@ mod tests {
             owner: 0,
             me: 4_000_000_000,
             root_too: false,
+            worker: false,
         };
         assert_eq!(
             problem.to_string(),
@@ -553,7 +804,7 @@ mod tests {
         }
         let top = tempfile::tempdir().unwrap();
         let dir = top.path().join("data");
-        prepare(&dir).unwrap();
+        prepare(&dir, None).unwrap();
         assert_eq!(
             std::fs::metadata(&dir).unwrap().mode() & 0o777,
             0o700,
@@ -563,24 +814,24 @@ mod tests {
         let token = dir.join("admin.token");
         std::fs::write(&token, "0123456789abcdef0123").unwrap();
         chown(&token, Some(65534), None).unwrap();
-        let err = prepare(&dir).unwrap_err().to_string();
+        let err = prepare(&dir, None).unwrap_err().to_string();
         assert!(
             err.contains("admin.token") && err.contains("uid 65534"),
             "{err}"
         );
         std::fs::remove_file(&token).unwrap();
         std::os::unix::fs::symlink(top.path(), dir.join("db")).unwrap();
-        let err = prepare(&dir).unwrap_err().to_string();
+        let err = prepare(&dir, None).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
         std::fs::remove_file(dir.join("db")).unwrap();
         chown(&dir, Some(65534), None).unwrap();
-        assert!(prepare(&dir).is_err());
+        assert!(prepare(&dir, None).is_err());
         // A directory on the way that others can write to, without the
         // sticky bit.
         let open = top.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = prepare(&open.join("data")).unwrap_err().to_string();
+        let err = prepare(&open.join("data"), None).unwrap_err().to_string();
         assert!(err.contains("writable by group or others"), "{err}");
         assert!(!open.join("data").exists(), "nothing made under it");
     }

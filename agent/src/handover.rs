@@ -1,6 +1,7 @@
 //! A self-upgrade's handover, the workers' side. The serving worker keeps
 //! a hint in the data dir (`standby.json`: the permanent release's record,
-//! written atomically at boot and whenever the permanent release changes).
+//! written atomically at boot and whenever the permanent release changes;
+//! under `--worker-user`, in the artifacts dir: `Config::hint_dir`).
 //! A worker started for a self-upgrade (it was given a [`STATE`] socket)
 //! gets ready before it touches the store, which the serving worker still
 //! holds: it re-hashes and opens the library the hint names ([`Standby`];
@@ -48,9 +49,9 @@ const MAX_HEADER: u64 = 4096;
 
 /// Writes the hint naming `release` as the permanent one: written aside,
 /// owner-only, then renamed over the last one.
-pub(crate) fn write_hint(data_dir: &Path, release: &Release) -> std::io::Result<()> {
-    let path = data_dir.join(HINT);
-    let staged = data_dir.join(format!("{HINT}.tmp"));
+pub(crate) fn write_hint(dir: &Path, release: &Release) -> std::io::Result<()> {
+    let path = dir.join(HINT);
+    let staged = dir.join(format!("{HINT}.tmp"));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -62,8 +63,8 @@ pub(crate) fn write_hint(data_dir: &Path, release: &Release) -> std::io::Result<
     std::fs::rename(&staged, &path)
 }
 
-fn read_hint(data_dir: &Path) -> std::io::Result<Option<Release>> {
-    match std::fs::read(data_dir.join(HINT)) {
+fn read_hint(dir: &Path) -> std::io::Result<Option<Release>> {
+    match std::fs::read(dir.join(HINT)) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
@@ -163,8 +164,8 @@ impl Standby {
     /// Opens the library of the permanent release the hint names. Fails if
     /// it is there and cannot be opened (changed on disk, or this binary
     /// cannot load it): this binary could not serve it.
-    pub fn prepare(data_dir: &Path) -> Result<Standby> {
-        let release = match read_hint(data_dir) {
+    pub fn prepare(config: &crate::config::Config) -> Result<Standby> {
+        let release = match read_hint(&config.hint_dir()) {
             Ok(Some(release)) => release,
             Ok(None) => {
                 tracing::info!(
@@ -177,7 +178,7 @@ impl Standby {
                 return Ok(Standby { permanent: None });
             }
         };
-        let dir = artifacts::dir(data_dir);
+        let dir = artifacts::dir(&config.data_dir);
         if !dir.join(format!("{}.so", release.sha256)).exists() {
             // A stale hint (its last write failed, and that release has
             // been removed since): the store knows better.

@@ -44,6 +44,7 @@ mod store;
 mod stuck;
 pub mod supervisor;
 mod tls;
+pub mod worker_user;
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -117,15 +118,29 @@ struct Prepared {
 impl Prepared {
     fn new(config: Config) -> Result<Prepared, Error> {
         process::hash_binary_in_background();
-        datadir::prepare(&config.data_dir)?;
+        datadir::prepare(&config.data_dir, config.worker_user.as_ref())?;
         datadir::check(&config)?;
-        let access = Arc::new(access::load(config.tokens.as_deref(), &config.data_dir)?);
+        // Under --worker-user the supervisor read the files for this worker.
+        let access = Arc::new(match &config.handed {
+            Some(handed) => access::Access::from_handed(&handed.tokens, &handed.source)?,
+            None => access::load(config.tokens.as_deref(), &config.data_dir)?,
+        });
         tracing::info!(tokens = access.source(), "control plane access");
-        let tls = config
-            .tls
-            .as_ref()
-            .map(TlsFiles::server_config)
-            .transpose()?;
+        let tls = match (&config.tls, config.handed.as_ref().map(|h| &h.tls)) {
+            (None, _) => None,
+            (Some(files), None) => Some(files.server_config()?),
+            (Some(_), Some(Some(pem))) => Some(tls::server_config(
+                pem.cert.as_bytes(),
+                pem.key.as_bytes(),
+                pem.client_ca.as_ref().map(String::as_bytes),
+            )?),
+            (Some(_), Some(None)) => {
+                return Err(Error::refused(
+                    error::Reason::InvalidArgument,
+                    "the supervisor handed this worker no TLS files for --tls-cert",
+                ))
+            }
+        };
         let keys = match &config.trusted_keys {
             Some(dir) => Some(Arc::new(TrustedKeys::read_dir(dir).map_err(|e| {
                 Error::refused(
@@ -203,7 +218,7 @@ impl Agent {
         channel: Option<&OwnedFd>,
     ) -> Result<(Agent, Http), Error> {
         let prepared = Prepared::new(config)?;
-        let standby = handover::Standby::prepare(&prepared.config.data_dir)?;
+        let standby = handover::Standby::prepare(&prepared.config)?;
         if let Some(channel) = channel {
             channel::send(channel, &channel::Message::Standby)
                 .map_err(Error::io("cannot tell the supervisor this worker is ready"))?;

@@ -5,7 +5,8 @@
 //! has to hand a credential to whatever listens on a port.
 //!
 //! The supervisor binds it (after preparing the data dir, whose 0700 mode
-//! keeps other users from even reaching it) and passes it to every worker
+//! keeps other users from even reaching it; under `--worker-user`, 0711,
+//! and the socket's own 0600 mode does) and passes it to every worker
 //! beside the TCP listeners, so it survives worker replacements and
 //! self-upgrades like they do.
 
@@ -31,8 +32,12 @@ pub fn path(data_dir: &Path) -> PathBuf {
 /// data dir, and anything else there is not ours to remove: both are
 /// refused. (The worker of an agent just killed keeps answering for a
 /// moment: it dies with its supervisor, but a little later.)
-pub fn bind(data_dir: &Path, wait: Duration) -> Result<UnixListener, Error> {
-    crate::datadir::prepare(data_dir)?;
+pub fn bind(
+    data_dir: &Path,
+    worker: Option<&crate::worker_user::WorkerUser>,
+    wait: Duration,
+) -> Result<UnixListener, Error> {
+    crate::datadir::prepare(data_dir, worker)?;
     let path = path(data_dir);
     let shown = path.display();
     match std::fs::symlink_metadata(&path) {
@@ -78,17 +83,17 @@ mod tests {
     fn a_stale_socket_is_replaced_a_live_one_or_a_file_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let first = bind(&data, Duration::ZERO).unwrap();
+        let first = bind(&data, None, Duration::ZERO).unwrap();
         let mode = std::fs::metadata(path(&data)).unwrap().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
-        let err = bind(&data, Duration::ZERO).unwrap_err();
+        let err = bind(&data, None, Duration::ZERO).unwrap_err();
         assert!(err.to_string().contains("another agent"), "{err}");
         drop(first);
-        let again = bind(&data, Duration::ZERO).unwrap();
+        let again = bind(&data, None, Duration::ZERO).unwrap();
         drop(again);
         std::fs::remove_file(path(&data)).unwrap();
         std::fs::write(path(&data), "mine").unwrap();
-        let err = bind(&data, Duration::ZERO).unwrap_err();
+        let err = bind(&data, None, Duration::ZERO).unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
         assert_eq!(std::fs::read_to_string(path(&data)).unwrap(), "mine");
     }

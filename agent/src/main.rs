@@ -11,10 +11,13 @@
 //! FLAGS check` (hidden) only checks the flags, which the supervisor has a
 //! new binary do before it re-executes itself from it.
 //!
+//! With `--worker-user USER` the supervisor must run as root, and runs its
+//! workers as USER (`worker_user.rs`).
+//!
 //! Exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C), 1 when the
-//! agent cannot start or fails, 2 for bad flags and for a data dir, tokens
-//! file, TLS key or trusted key another local user could have made or
-//! changed (`datadir.rs`).
+//! agent cannot start or fails, 2 for bad flags (`--worker-user` without
+//! root among them) and for a data dir, tokens file, TLS key or trusted
+//! key another local user could have made or changed (`datadir.rs`).
 
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use nine9s_agent::channel::Inherited;
+use nine9s_agent::worker_user::WorkerUser;
 use nine9s_agent::{Agent, Bootstrap, Config, Http, Limits, TlsFiles};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -155,6 +159,13 @@ struct Args {
     /// thread, and a soaking release or a canary with such a call fails.
     #[arg(long, default_value = "30s", value_parser = request_timeout)]
     request_timeout: Duration,
+    /// Run the workers — the processes that load releases, and so run
+    /// their code — as USER (a name or uid in /etc/passwd), with no
+    /// capabilities; the agent itself must run as root. A release then
+    /// cannot read DATA/admin.token or the --tokens file: workers get only
+    /// the tokens' sha256 digests from the supervisor.
+    #[arg(long, value_name = "USER")]
+    worker_user: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -320,6 +331,14 @@ fn main() {
     if !matches!(args.mode, Some(Mode::Probe { .. })) {
         check_limits(&args);
     }
+    // Before anything starts: only root can start workers as another user.
+    if worker_user(&args).is_some() && matches!(args.mode, None | Some(Mode::Check)) {
+        if let Err(e) = WorkerUser::check_root() {
+            Args::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, e)
+                .exit();
+        }
+    }
     match &args.mode {
         Some(Mode::Probe { library, hide }) => {
             std::process::exit(nine9s_agent::probe::child(library, hide.as_deref()))
@@ -393,12 +412,14 @@ fn supervise(args: Args) -> ! {
         check_plaintext(&args, address);
     }
     // Bound here, not by a worker: it lives as long as the TCP listeners.
+    let worker_user = worker_user(&args);
     let control = match listeners.inherited.control {
         Some(fd) => std::os::unix::net::UnixListener::from(fd),
-        None => nine9s_agent::local::bind(&args.data_dir, LOCAL_SOCKET_WAIT).unwrap_or_else(|e| {
-            eprintln!("agent: error: {e}");
-            std::process::exit(1);
-        }),
+        None => nine9s_agent::local::bind(&args.data_dir, worker_user.as_ref(), LOCAL_SOCKET_WAIT)
+            .unwrap_or_else(|e| {
+                eprintln!("agent: error: {e}");
+                std::process::exit(1);
+            }),
     };
     tracing::info!("ctl on this machine: {}", ctl_command(&args.data_dir));
     let exe = std::env::current_exe().unwrap_or_else(|e| {
@@ -415,6 +436,8 @@ fn supervise(args: Args) -> ! {
         control,
         adopted_channel: listeners.inherited.adopted_channel,
         adopted_stderr: listeners.inherited.adopted_stderr,
+        worker_user,
+        secrets: paths(&args),
     };
     std::process::exit(supervisor.run());
 }
@@ -510,6 +533,23 @@ fn worker(args: Args) -> ! {
             std::process::exit(1);
         }
     }
+    if let Some(user) = worker_user(&args) {
+        // The supervisor made this process USER before the exec; nothing
+        // it runs gains privileges again (a set-user-ID binary, say).
+        if rustix::process::geteuid().as_raw() != user.uid {
+            eprintln!(
+                "agent worker: error: started as uid {}, not as the --worker-user {} (uid {})",
+                rustix::process::geteuid().as_raw(),
+                user.name,
+                user.uid
+            );
+            std::process::exit(1);
+        }
+        if let Err(e) = rustix::thread::set_no_new_privs(true) {
+            eprintln!("agent worker: error: cannot set no_new_privs: {e}");
+            std::process::exit(1);
+        }
+    }
     nine9s_host::limit_malloc_arenas(MALLOC_ARENAS);
     nine9s_host::unmap_large_blocks(UNMAPPED_BLOCKS);
     init_logging(args.log_format);
@@ -575,6 +615,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.keep_history = args.keep_history as usize;
     config.max_error_rate = args.max_error_rate;
     config.require_signed = args.require_signed;
+    config.handed = match (inherited.secrets, &config.worker_user) {
+        (Some(socket), Some(_)) => Some(nine9s_agent::worker_user::receive(socket)?),
+        (None, Some(_)) => {
+            return Err(
+                "--worker-user: this worker was not handed its secrets by a supervisor".into(),
+            )
+        }
+        (_, None) => None,
+    };
     // With a request time limit, each connection's socket is held twice:
     // the watchdog answers on a duplicate.
     let fds_per_connection = if args.request_timeout.is_zero() { 1 } else { 2 };
@@ -663,6 +712,7 @@ fn paths(args: &Args) -> Config {
             client_ca: args.client_ca.clone(),
         });
     config.trusted_keys = args.trusted_keys.clone();
+    config.worker_user = worker_user(args);
     config
 }
 
@@ -685,6 +735,18 @@ fn ctl_command(data_dir: &Path) -> String {
         format!("`ctl status` from this directory, `ctl --data-dir {quoted} status` from anywhere")
     } else {
         format!("`ctl --data-dir {quoted} status`")
+    }
+}
+
+/// The `--worker-user`, looked up; exits 2 if /etc/passwd does not list it
+/// (or it is root).
+fn worker_user(args: &Args) -> Option<WorkerUser> {
+    let user = args.worker_user.as_deref()?;
+    match WorkerUser::lookup(user) {
+        Ok(user) => Some(user),
+        Err(e) => Args::command()
+            .error(clap::error::ErrorKind::InvalidValue, e)
+            .exit(),
     }
 }
 

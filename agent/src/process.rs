@@ -84,7 +84,10 @@ pub fn binary_sha256() -> &'static str {
 /// still this process's parent) to start a new one and retire this one,
 /// with the self-upgrade's handover: from the binary on disk (SIGHUP), or
 /// with `same_binary` from the one that serves (SIGUSR1); `Ok(false)` if
-/// there is no such supervisor.
+/// there is no such supervisor. A worker under `--worker-user` may not
+/// signal its root supervisor: it asks on its notify socket instead
+/// (`NINE9S_RESTART=disk` or `=same`, heeded only from the current
+/// worker's pid).
 pub fn ask_for_new_worker(supervisor: Option<u32>, same_binary: bool) -> std::io::Result<bool> {
     let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
     let Some(pid) = supervisor
@@ -98,7 +101,17 @@ pub fn ask_for_new_worker(supervisor: Option<u32>, same_binary: bool) -> std::io
     } else {
         rustix::process::Signal::HUP
     };
-    rustix::process::kill_process(pid, signal)?;
+    match rustix::process::kill_process(pid, signal) {
+        Err(rustix::io::Errno::PERM) => {
+            let line = if same_binary {
+                "NINE9S_RESTART=same\n"
+            } else {
+                "NINE9S_RESTART=disk\n"
+            };
+            crate::supervisor::notify(line)?;
+        }
+        sent => sent?,
+    }
     Ok(true)
 }
 

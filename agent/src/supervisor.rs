@@ -46,6 +46,14 @@
 //!   whatever kills it (`PR_SET_PDEATHSIG`, set by the worker on the thread
 //!   that started it: the supervisor runs on its main thread only).
 //!
+//! Under `--worker-user USER` (`worker_user.rs`) the supervisor stays
+//! root and starts every worker as USER (its gid, no supplementary groups,
+//! no capabilities left), handing it the tokens' digests and the TLS
+//! files on an inherited socket. Such a worker cannot signal its
+//! supervisor: it asks for a new worker with `NINE9S_RESTART=disk` (as
+//! SIGHUP) or `NINE9S_RESTART=same` (as SIGUSR1) on the notify socket,
+//! heeded like READY=1 only from the current worker's pid.
+//!
 //! A worker that cannot start (exit code, not a signal) before any worker
 //! ever served ends the supervisor with its code: a bad flag or a locked
 //! data dir is not mended by retrying. Once a binary has served, the
@@ -77,6 +85,7 @@ use tokio::task::JoinHandle;
 
 use crate::channel::{self, Channel, Message};
 use crate::process::FailedRestart;
+use crate::worker_user::WorkerUser;
 
 /// The most a crash-looping worker waits before it is started again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -115,6 +124,12 @@ pub struct Supervisor {
     /// the previous image had them.
     pub adopted_channel: Option<OwnedFd>,
     pub adopted_stderr: Option<OwnedFd>,
+    /// `--worker-user`: whom workers run as.
+    pub worker_user: Option<WorkerUser>,
+    /// The paths of what the supervisor reads for workers under
+    /// `--worker-user`: the data dir (its admin token), the tokens file,
+    /// the TLS files.
+    pub secrets: crate::Config,
 }
 
 /// A running worker.
@@ -452,6 +467,9 @@ impl Supervisor {
         let mut stopping = false;
         let mut failures_before_ready = 0u32;
         let mut told_systemd = false;
+        // A new worker a worker under --worker-user asked for on the
+        // notify socket (it cannot signal root): `Some(same_binary)`.
+        let mut asked: Option<bool> = None;
         let mut buf = [0u8; 512];
         loop {
             let serve_by = current
@@ -508,7 +526,9 @@ impl Supervisor {
                         ..Start::default()
                     };
                     // Spawning from a kept binary only fails for want of
-                    // resources: try again rather than leave nothing serving.
+                    // resources (or, under --worker-user, secrets that
+                    // cannot be read, logged): try again rather than leave
+                    // nothing serving.
                     let mut pause = Duration::from_millis(50);
                     current = loop {
                         match self.spawn(Binary::Kept(&kept.binary), &notify_name, start()) {
@@ -579,6 +599,15 @@ impl Supervisor {
                     // Anyone on this machine can send to the abstract
                     // socket: only the current worker's own word counts.
                     let from_worker = |w: &&mut Worker| sender == Some(w.pid);
+                    if current.as_mut().filter(from_worker).is_some() {
+                        for line in message.lines() {
+                            match line {
+                                "NINE9S_RESTART=disk" => asked = Some(false),
+                                "NINE9S_RESTART=same" => asked = Some(true),
+                                _ => {}
+                            }
+                        }
+                    }
                     if let Some(worker) = current.as_mut().filter(from_worker).filter(|_| message.lines().any(|l| l == "READY=1")) {
                         if !worker.ready {
                             worker.ready = true;
@@ -615,7 +644,7 @@ impl Supervisor {
                 }
                 _ = term.recv() => stopping = stop(&current, &retiring, &candidate),
                 _ = interrupt.recv() => stopping = stop(&current, &retiring, &candidate),
-                same_binary = restart_asked(&mut hangup, &mut renew), if !stopping && candidate.is_none() && retiring.is_none() && serving(&current) => {
+                same_binary = restart_asked(&mut hangup, &mut renew, &mut asked), if !stopping && candidate.is_none() && retiring.is_none() && serving(&current) => {
                     let serving = current.as_ref().expect("serving");
                     let binary = if same_binary {
                         tracing::info!(pid = serving.pid, "replacing the worker from the binary that serves");
@@ -848,8 +877,26 @@ impl Supervisor {
         command.stderr(Stdio::from(OwnedFd::from(stderr_there)));
         let mut extras = vec![(channel::CHANNEL, channel_there)];
         extras.extend(start.state.map(|state| (channel::STATE, state)));
+        // Read as root now, as the worker read them itself before: a
+        // tokens file changed since the last worker is taken.
+        let secrets = match &self.worker_user {
+            Some(user) => {
+                let handed = crate::worker_user::gather(&self.secrets)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let (here, there) = UnixStream::pair()?;
+                extras.push((channel::SECRETS, OwnedFd::from(there)));
+                // setgid, setgroups(0) and setuid in the child before the
+                // exec: no capabilities survive them.
+                command.gid(user.gid).uid(user.uid);
+                Some((handed, OwnedFd::from(here)))
+            }
+            None => None,
+        };
         self.pass_fds(command.as_std_mut(), extras)?;
         let child = command.spawn()?;
+        if let Some((handed, socket)) = secrets {
+            crate::worker_user::hand(&handed, socket)?;
+        }
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, "worker started");
         Ok(Worker {
@@ -903,21 +950,22 @@ impl Supervisor {
 /// path or, with a leading `@`, an abstract socket name. Without one,
 /// nothing to do; a manager that went away is no error.
 pub fn notify_ready() {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(socket) = StdDatagram::unbound() else {
-        return;
-    };
-    let target = target.to_string_lossy().into_owned();
-    let connected = match target.strip_prefix('@') {
-        Some(name) => UnixAddr::from_abstract_name(name.as_bytes())
-            .and_then(|address| socket.connect_addr(&address)),
-        None => socket.connect(&target),
-    };
-    if connected.is_ok() {
-        let _ = socket.send(b"READY=1\n");
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        let _ = notify("READY=1\n");
     }
+}
+
+/// Sends `message` to the service manager on `$NOTIFY_SOCKET`.
+pub fn notify(message: &str) -> std::io::Result<()> {
+    let target = std::env::var_os("NOTIFY_SOCKET")
+        .ok_or_else(|| std::io::Error::other("no NOTIFY_SOCKET to tell the supervisor on"))?;
+    let socket = StdDatagram::unbound()?;
+    let target = target.to_string_lossy().into_owned();
+    match target.strip_prefix('@') {
+        Some(name) => socket.connect_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?,
+        None => socket.connect(&target)?,
+    }
+    socket.send(message.as_bytes()).map(|_| ())
 }
 
 /// The supervisor's end of the workers' `sd_notify`: an abstract Unix
@@ -970,11 +1018,15 @@ async fn until(deadline: Option<Instant>) {
 
 /// Waits for a restart to be asked: SIGHUP (a self-upgrade, from the
 /// binary on disk: `false`) or SIGUSR1 (a new worker from the binary that
-/// serves: `true`).
+/// serves: `true`), or the same asked on the notify socket.
 async fn restart_asked(
     hangup: &mut tokio::signal::unix::Signal,
     renew: &mut tokio::signal::unix::Signal,
+    asked: &mut Option<bool>,
 ) -> bool {
+    if let Some(same_binary) = asked.take() {
+        return same_binary;
+    }
     tokio::select! {
         _ = hangup.recv() => false,
         _ = renew.recv() => true,

@@ -27,32 +27,39 @@ impl TlsFiles {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))
         };
-        // A client that never finishes its handshake is dropped.
-        let mut config = ServerTlsConfig::new()
-            .timeout(HANDSHAKE_TIMEOUT)
-            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
-        if let Some(ca) = &self.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-        }
-        // The PEM files are only parsed when a server takes the
-        // configuration: do it now, so that unusable files stop the agent
-        // at start instead of leaving it serving HTTP with no control plane.
-        tonic::transport::Server::builder()
-            .tls_config(config.clone())
-            .map_err(|e| {
-                let mut why = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    why.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                Error::refused(
-                    Reason::InvalidArgument,
-                    format!("--tls-cert, --tls-key, --client-ca: {why}"),
-                )
-            })?;
-        Ok(config)
+        let ca = self.client_ca.as_ref().map(read).transpose()?;
+        server_config(&read(&self.cert)?, &read(&self.key)?, ca.as_deref())
     }
+}
+
+/// tonic's server configuration from the PEM files' contents (read here,
+/// or handed by the supervisor under `--worker-user`).
+pub fn server_config(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> Result<ServerTlsConfig> {
+    // A client that never finishes its handshake is dropped.
+    let mut config = ServerTlsConfig::new()
+        .timeout(HANDSHAKE_TIMEOUT)
+        .identity(Identity::from_pem(cert, key));
+    if let Some(ca) = client_ca {
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    // The PEM files are only parsed when a server takes the
+    // configuration: do it now, so that unusable files stop the agent
+    // at start instead of leaving it serving HTTP with no control plane.
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| {
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            Error::refused(
+                Reason::InvalidArgument,
+                format!("--tls-cert, --tls-key, --client-ca: {why}"),
+            )
+        })?;
+    Ok(config)
 }
 
 /// The subject common name of the client's verified certificate, if the

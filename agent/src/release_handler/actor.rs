@@ -169,7 +169,7 @@ impl Actor {
         };
         let written = match self.shared.store().release(version) {
             Ok(Some(release)) => {
-                crate::handover::write_hint(&self.shared.config.data_dir, &release)
+                crate::handover::write_hint(&self.shared.config.hint_dir(), &release)
                     .map_err(|e| e.to_string())
             }
             Ok(None) => Err(format!("{version} is not in the store")),
