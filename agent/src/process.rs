@@ -5,7 +5,9 @@
 //! supervisor for a new worker.
 
 use std::io::Read;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,15 +56,12 @@ impl FailedRestart {
 
 /// Remembers the last failed self-upgrade, for `AgentInfo`.
 pub fn set_failed_restart(failed: FailedRestart) {
-    *FAILED_RESTART.lock().unwrap_or_else(|e| e.into_inner()) = Some(failed);
+    *FAILED_RESTART.lock() = Some(failed);
 }
 
 /// The last failed self-upgrade this worker was told of.
 pub fn failed_restart() -> Option<FailedRestart> {
-    FAILED_RESTART
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    FAILED_RESTART.lock().clone()
 }
 
 /// Starts hashing the running binary on a thread of its own, so that no

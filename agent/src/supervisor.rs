@@ -72,7 +72,9 @@ use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram as StdDatagram, Un
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -234,9 +236,7 @@ impl Relay {
                 let mut buffer = vec![0u8; 16 * 1024];
                 while let Ok(n @ 1..) = stream.read(&mut buffer).await {
                     let _ = std::io::stderr().write_all(&buffer[..n]);
-                    tail.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(&buffer[..n]);
+                    tail.lock().push(&buffer[..n]);
                 }
             }
         });
@@ -252,7 +252,7 @@ impl Relay {
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(TAIL_WAIT, task).await;
         }
-        self.tail.lock().unwrap_or_else(|e| e.into_inner()).lines()
+        self.tail.lock().lines()
     }
 }
 
