@@ -38,7 +38,11 @@ pub fn bin_dir() -> &'static Path {
         let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cargo
             .current_dir(root())
-            .args(["build", "--workspace", "--quiet"]);
+            // --all-targets resolves features as `cargo test` does (with
+            // the dev-dependencies): a plain build after a test build
+            // rebuilt the workspace's crates and some dependencies, and
+            // the next test build rebuilt them back.
+            .args(["build", "--workspace", "--all-targets", "--quiet"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
