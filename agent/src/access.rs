@@ -296,10 +296,7 @@ impl Access {
             .iter()
             .map(|e| {
                 let token = match &e.digest {
-                    Some(d) => format!(
-                        "{HASHED}{}",
-                        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                    ),
+                    Some(d) => format!("{HASHED}{}", hex::encode(d)),
                     None => "-".to_owned(),
                 };
                 format!("{} {} {token}\n", e.identity.name, e.identity.role)
@@ -408,15 +405,8 @@ const HASHED: &str = "sha256:";
 
 /// The digest of a `sha256:HEX` token field.
 fn hashed(field: &str) -> Option<[u8; 32]> {
-    let hex = field.strip_prefix(HASHED)?.as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
     let mut digest = [0; 32];
-    for (byte, pair) in digest.iter_mut().zip(hex.chunks(2)) {
-        let nibble = |b: u8| char::from(b).to_digit(16);
-        *byte = u8::try_from(nibble(pair[0])? << 4 | nibble(pair[1])?).ok()?;
-    }
+    hex::decode_to_slice(field.strip_prefix(HASHED)?, &mut digest).ok()?;
     Some(digest)
 }
 
@@ -431,7 +421,7 @@ fn create_admin_token(path: &Path) -> Result<String> {
     let mut bytes = [0u8; 32];
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
         .map_err(|e| Error::io("cannot draw a random admin token")(e.into()))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = hex::encode(bytes);
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -583,10 +573,7 @@ mod tests {
     #[test]
     fn a_file_may_hold_a_tokens_sha256_instead_of_the_token() {
         let token = "0123456789abcdef0123";
-        let hex: String = digest(token.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = hex::encode(digest(token.as_bytes()));
         let access = Access::parse(&format!("ci deploy sha256:{hex}\n")).unwrap();
         let ci = access
             .check(&creds(&format!("Bearer {token}")), Role::Deploy)

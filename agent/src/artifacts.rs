@@ -130,7 +130,7 @@ impl Upload {
         crate::failpoint::crash_point("stage:half-written");
         self.file.sync_all()?;
         Ok(Uploaded {
-            sha256: hex(&self.hasher.finalize()),
+            sha256: hex::encode(self.hasher.finalize()),
             size: self.size,
             guard: self.guard,
             _reservation: self.reservation,
@@ -307,9 +307,5 @@ fn digest_of(path: &Path, size: u64) -> std::io::Result<(std::fs::File, String)>
             n => hasher.update(&buffer[..n]),
         }
     }
-    Ok((file, hex(&hasher.finalize())))
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    Ok((file, hex::encode(hasher.finalize())))
 }

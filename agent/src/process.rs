@@ -129,10 +129,6 @@ fn hash() -> String {
                 Err(_) => return String::new(),
             }
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(hasher.finalize())
     }
 }

@@ -975,11 +975,7 @@ pub fn notify(message: &str) -> std::io::Result<()> {
 fn bind_notify() -> std::io::Result<(UnixDatagram, String)> {
     let mut nonce = [0u8; 8];
     let _ = rustix::rand::getrandom(&mut nonce, rustix::rand::GetRandomFlags::empty());
-    let name = format!(
-        "nine9s-{}-{}",
-        std::process::id(),
-        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let name = format!("nine9s-{}-{}", std::process::id(), hex::encode(nonce));
     let socket = StdDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?;
     rustix::net::sockopt::set_socket_passcred(&socket, true)?;
     socket.set_nonblocking(true)?;

@@ -53,10 +53,7 @@ pub fn read_release(dir: &Path, library: Option<PathBuf>) -> Result<Release, Fai
     };
     let bytes =
         std::fs::read(&library).with_context(|| format!("cannot read {}", library.display()))?;
-    let sha256 = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = hex::encode(Sha256::digest(&bytes));
     Ok(Release {
         manifest,
         manifest_toml,

@@ -299,8 +299,7 @@ pub fn new_request_id() -> String {
         let mixed = nanos ^ (u128::from(std::process::id()) << 96);
         bytes.copy_from_slice(&mixed.to_le_bytes()[..12]);
     }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("ctl-{hex}")
+    format!("ctl-{}", hex::encode(bytes))
 }
 
 #[cfg(test)]

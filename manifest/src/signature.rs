@@ -102,7 +102,7 @@ impl SecretKey {
 
     /// The key file's text: one line, ending in a newline.
     pub fn to_text(&self) -> String {
-        format!("{SECRET_TAG} {}\n", hex(self.0.as_bytes()))
+        format!("{SECRET_TAG} {}\n", hex::encode(self.0.as_bytes()))
     }
 
     pub fn public(&self) -> PublicKey {
@@ -131,12 +131,12 @@ impl PublicKey {
 
     /// The key file's text: one line, ending in a newline.
     pub fn to_text(&self) -> String {
-        format!("{PUBLIC_TAG} {}\n", hex(self.0.as_bytes()))
+        format!("{PUBLIC_TAG} {}\n", hex::encode(self.0.as_bytes()))
     }
 
     /// The first 16 hex characters of the sha256 of the key's bytes.
     pub fn id(&self) -> String {
-        let mut id = hex(&Sha256::digest(self.0.as_bytes()));
+        let mut id = hex::encode(Sha256::digest(self.0.as_bytes()));
         id.truncate(KEY_ID_LEN);
         id
     }
@@ -150,7 +150,7 @@ pub fn sign(key: &SecretKey, manifest_toml: &str, sha256: &str) -> String {
     format!(
         "{SIGNATURE_TAG} {} {}\n",
         key.public().id(),
-        hex(&signature.to_bytes())
+        hex::encode(signature.to_bytes())
     )
 }
 
@@ -316,21 +316,10 @@ fn read_small(path: &Path) -> Result<String, SignatureError> {
     String::from_utf8(bytes).map_err(|_| malformed(&what(), "not UTF-8 text"))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// `N` bytes from exactly `2N` hex digits (either case).
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let text = text.as_bytes();
-    if text.len() != 2 * N {
-        return None;
-    }
-    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
     let mut bytes = [0u8; N];
-    for (byte, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
+    hex::decode_to_slice(text, &mut bytes).ok()?;
     Some(bytes)
 }
 

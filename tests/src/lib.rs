@@ -606,10 +606,7 @@ pub fn stage_chunks_with(header: StageHeader, bytes: &[u8]) -> Vec<StageChunk> {
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// The stable reason code of an error status (its ErrorInfo, whose domain

@@ -44,10 +44,7 @@ pub(crate) fn embedded_sha256() -> &'static str {
     static SHA256: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA256.get_or_init(|| {
         use sha2::Digest;
-        sha2::Sha256::digest(EMBEDDED_LIBRARY)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(sha2::Sha256::digest(EMBEDDED_LIBRARY))
     })
 }
 

@@ -95,17 +95,13 @@ pub fn default_rollout_id(version: &str, sha256: &str, addresses: &[&str]) -> St
         hash.update([0]);
         hash.update(address.as_bytes());
     }
-    format!("{version}-{}", &hex(&hash.finalize())[..12])
+    format!("{version}-{}", &hex::encode(hash.finalize())[..12])
 }
 
 /// The request id of `step` on the agent at `address` in rollout `rollout`.
 pub fn request_id(rollout: &str, step: Step, address: &str) -> String {
-    let key = &hex(&Sha256::digest(address.as_bytes()))[..10];
+    let key = &hex::encode(Sha256::digest(address.as_bytes()))[..10];
     format!("rollout-{rollout}-{}-{key}", step.word())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
