@@ -13,7 +13,9 @@
 //! switch maps a release, [`rehearse`] runs its trial instance the same
 //! way (`agent rehearse`), so a crash there costs only that process, behind
 //! lower walls: the data dir and the secrets the flags name hidden, but the
-//! rest of the files and the network as the worker sees them.
+//! rest of the files and the network as the worker sees them. It reports
+//! all a dry run says (the library, how the state crossed) or the step the
+//! release failed: a dry run is this rehearsal alone.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
@@ -54,12 +56,14 @@ enum Answer {
     Refused(String),
     /// The contained child was killed by this signal.
     Crashed(i32),
-    /// A rehearsal's trial instance went through: what it checked, and
+    /// A rehearsal's trial instance went through: what it found, and
     /// whether it ran behind its walls (the kernel gave namespaces).
     Rehearsed {
-        checks: Vec<String>,
+        rehearsed: Rehearsed,
         contained: bool,
     },
+    /// A rehearsal's trial failed a step in the release's code.
+    Failed(Failure),
     /// The rehearsal could not wall itself in (not the release's fault):
     /// its code never ran.
     Uncontained(String),
@@ -195,7 +199,7 @@ pub fn probe(library: &Path) -> Result<Report, ProbeError> {
         Answer::Plugin(report) => Ok(report),
         Answer::Refused(reason) => Err(ProbeError::Refused(reason)),
         Answer::Crashed(signal) => Err(crashed(signal)),
-        Answer::Rehearsed { .. } | Answer::Uncontained(_) => {
+        Answer::Rehearsed { .. } | Answer::Uncontained(_) | Answer::Failed(_) => {
             Err(ProbeError::Failed("the probe answered a rehearsal".into()))
         }
     }
@@ -401,7 +405,7 @@ fn answer(answer: &Answer) -> i32 {
     match answer {
         Answer::Plugin(_) => 0,
         Answer::Rehearsed { .. } => 0,
-        Answer::Refused(_) | Answer::Crashed(_) | Answer::Uncontained(_) => 3,
+        Answer::Refused(_) | Answer::Crashed(_) | Answer::Uncontained(_) | Answer::Failed(_) => 3,
     }
 }
 
@@ -473,13 +477,86 @@ fn wall_in(library: &Path, isolation: Isolation, hide: Option<&Path>) -> std::io
 /// How a rehearsal in a disposable process went, when it did not crash.
 #[derive(Debug)]
 pub enum Rehearsal {
-    /// The trial instance went through: what it checked.
-    Passed(Vec<String>),
+    /// The trial instance went through: what it found.
+    Passed(Rehearsed),
     /// The release failed a step (an error it returned, not a crash).
-    Failed(String),
+    Failed(Failure),
     /// It did not finish in time: stuck in the target's code, or in the
     /// active release's migration.
     Hung(String),
+    /// It could not try the release (its state unread, a library file it
+    /// could not open): not the release's fault, and no verdict on it.
+    Inconclusive(String),
+}
+
+/// What a rehearsal that went through found: all a dry run reports, so
+/// the serving worker need not map the library to say it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Rehearsed {
+    /// The target library, as it opened.
+    pub library: Report,
+    /// How the state crossed into the trial instance.
+    pub carried: Carried,
+}
+
+/// How the state crossed into a trial instance.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Carried {
+    /// Not at all: the trial instance started fresh.
+    Fresh,
+    /// As is (the same state version).
+    Same,
+    /// Migrated between state versions by the library `name` `version`.
+    Migrated {
+        from: u32,
+        to: u32,
+        name: String,
+        version: String,
+    },
+}
+
+/// The step of a rehearsal a release failed, and the error it gave.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub during: Stage,
+    pub error: String,
+}
+
+/// A step of the rehearsal's trial, for whoever words its failure.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Opening the target library.
+    Open,
+    /// Neither library can migrate the state between these versions.
+    NoMigration {
+        from: u32,
+        to: u32,
+    },
+    /// The state migration, by the library of version `by`.
+    Migration {
+        by: String,
+    },
+    Init,
+    Hook,
+    Health,
+    Snapshot,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let during = match &self.during {
+            Stage::Open => "opening it",
+            Stage::NoMigration { .. } => "carrying the state",
+            Stage::Migration { .. } => "state migration",
+            Stage::Init => "init",
+            Stage::Hook => "hook",
+            Stage::Health => "health check",
+            Stage::Snapshot => "snapshot",
+        };
+        write!(f, "{during}: {}", self.error)
+    }
 }
 
 /// Rehearses a switch to `target` in a disposable process — this binary
@@ -487,8 +564,10 @@ pub enum Rehearsal {
 /// state version and bytes) migrated (by `target` or `active`), a trial
 /// instance started with it, `hooks` run, its health checked, a snapshot
 /// taken. `hide` (the data dir and the secret files: `datadir::secrets`)
-/// is out of its sight. A crash there is `Err(Refused)`; the serving
-/// process never ran the code.
+/// is out of its sight. `active` is given when the state is the serving
+/// release's (it may migrate it), not for a stored snapshot of the
+/// target's own. A crash there is `Err(Refused)`; the serving process
+/// never ran the code.
 pub fn rehearse(
     target: &Path,
     active: Option<&Path>,
@@ -519,7 +598,10 @@ pub fn rehearse(
     }
     command.arg("--limit-ms").arg(limit.as_millis().to_string());
     match run(command, state.map(|(_, bytes)| bytes), limit)? {
-        Answer::Rehearsed { checks, contained } => {
+        Answer::Rehearsed {
+            rehearsed,
+            contained,
+        } => {
             if !contained {
                 tracing::warn!(
                     "the rehearsal ran without its walls: the kernel gave it no namespaces \
@@ -527,13 +609,14 @@ pub fn rehearse(
                      could read the data dir and the secret files"
                 );
             }
-            Ok(Rehearsal::Passed(checks))
+            Ok(Rehearsal::Passed(rehearsed))
         }
+        Answer::Failed(failure) => Ok(Rehearsal::Failed(failure)),
         Answer::Uncontained(why) => Err(ProbeError::Failed(why)),
         Answer::Refused(reason) if reason.contains("did not finish within") => {
             Ok(Rehearsal::Hung(reason))
         }
-        Answer::Refused(reason) => Ok(Rehearsal::Failed(reason)),
+        Answer::Refused(reason) => Ok(Rehearsal::Inconclusive(reason)),
         Answer::Crashed(signal) => Err(ProbeError::Refused(format!(
             "it crashed the rehearsal's disposable process with {}",
             signal_name(signal)
@@ -591,11 +674,11 @@ pub fn rehearsal_child(
             )));
         }
         answer(&match trial(files.0, files.1, state, hooks) {
-            Ok(checks) => Answer::Rehearsed {
-                checks,
+            Ok(rehearsed) => Answer::Rehearsed {
+                rehearsed,
                 contained: isolation.namespaces,
             },
-            Err(why) => Answer::Refused(why),
+            Err(failure) => Answer::Failed(failure),
         })
     })
 }
@@ -627,53 +710,80 @@ fn seal(isolation: Isolation, hide: &[PathBuf]) -> std::io::Result<()> {
 }
 
 /// The rehearsal's trial, in the disposable process, on the libraries
-/// opened before its walls went up.
+/// opened before its walls went up. The state crosses as the serving
+/// worker's `load` step would carry it (`handoff`): not at all when either
+/// side keeps none, as is at the same version, else migrated by the newer
+/// of the two libraries that can (only the target is given when a stored
+/// snapshot of its own is restored).
 fn trial(
     target: OwnedFd,
     active: Option<OwnedFd>,
     state: Option<(u32, Vec<u8>)>,
     hooks: &[String],
-) -> Result<Vec<String>, String> {
-    let library = nine9s_host::Library::open_file(target).map_err(|e| e.to_string())?;
-    let checks = vec![format!(
-        "rehearsal: {} {} opened, started and checked in a disposable process first",
-        library.name(),
-        library.version()
-    )];
+) -> Result<Rehearsed, Failure> {
+    let failed = |during: Stage| move |error: String| Failure { during, error };
+    let library = nine9s_host::Library::open_file(target)
+        .map_err(|e| e.without_path())
+        .map_err(failed(Stage::Open))?;
     let to = library.state_version();
-    let migrated = match state {
-        Some((from, _)) if from == 0 || to == 0 => None,
-        Some((from, bytes)) if from == to => Some(bytes),
+    let (migrated, carried) = match state {
+        Some((from, _)) if from == 0 || to == 0 => (None, Carried::Fresh),
+        Some((from, bytes)) if from == to => (Some(bytes), Carried::Same),
         Some((from, bytes)) => {
             let old = active
                 .map(nine9s_host::Library::open_file)
                 .transpose()
-                .map_err(|e| e.to_string())?;
-            let migrator = std::iter::once(&library)
-                .chain(old.as_ref())
+                .map_err(|e| failed(Stage::Open)(e.without_path()))?;
+            let (newer, older) = if to > from {
+                (Some(&library), old.as_ref())
+            } else {
+                (old.as_ref(), Some(&library))
+            };
+            let migrator = newer
+                .into_iter()
+                .chain(older)
                 .find(|l| l.can_migrate(from, to))
-                .ok_or_else(|| format!("no migration from state v{from} to v{to}"))?;
-            Some(
-                migrator
-                    .migrate(from, to, &bytes)
-                    .map_err(|e| format!("state migration: {e}"))?,
-            )
+                .ok_or_else(|| Failure {
+                    during: Stage::NoMigration { from, to },
+                    error: format!("no migration from state v{from} to v{to}"),
+                })?;
+            let by = migrator.version().to_owned();
+            let bytes = migrator
+                .migrate(from, to, &bytes)
+                .map_err(|e| failed(Stage::Migration { by: by.clone() })(e.to_string()))?;
+            let carried = Carried::Migrated {
+                from,
+                to,
+                name: migrator.name().to_owned(),
+                version: by,
+            };
+            (Some(bytes), carried)
         }
-        None => None,
+        None => (None, Carried::Fresh),
     };
     let instance = library
         .instantiate(migrated.as_deref())
-        .map_err(|e| format!("init: {e}"))?;
+        .map_err(|e| failed(Stage::Init)(e.to_string()))?;
     for hook in hooks {
         instance
             .hook(hook)
-            .map_err(|e| format!("hook {hook}: {e}"))?;
+            .map_err(|e| failed(Stage::Hook)(e.to_string()))?;
     }
     instance
         .health()
-        .map_err(|e| format!("health check: {e}"))?;
+        .map_err(|e| failed(Stage::Health)(e.to_string()))?;
     if to != 0 {
-        instance.snapshot().map_err(|e| format!("snapshot: {e}"))?;
+        instance
+            .snapshot()
+            .map_err(|e| failed(Stage::Snapshot)(e.to_string()))?;
     }
-    Ok(checks)
+    Ok(Rehearsed {
+        library: Report {
+            abi: library.abi_version(),
+            name: library.name().to_owned(),
+            version: library.version().to_owned(),
+            state_version: to,
+        },
+        carried,
+    })
 }

@@ -3,7 +3,8 @@
 //! runs the release's `init` with the data dir and the secret files the
 //! agent was given hidden, so a deploy-role user cannot read the admin
 //! token or the tokens file there — while a well-behaved release still
-//! rehearses and switches as before.
+//! rehearses and switches as before. A dry run is that rehearsal alone:
+//! the serving worker never maps the library, nor runs its `init`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -47,13 +48,31 @@ fn a_release_rehearsed_before_a_switch_cannot_read_the_agents_secrets() {
     );
     nine9s_tests::stage_fixture(&agent, "init-reads-secrets").ok();
 
+    let sha = agent.release("0.9.3").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mapped = || agent.mapped_artifacts().iter().any(|p| p.contains(&sha));
+
     let dry = agent.json(&["upgrade", "--to", "0.9.3", "--dry-run"]);
     let checks = dry["plan"]["checks"].to_string();
-    assert!(
-        checks.contains("0.9.3 opened, started and checked in a disposable process first"),
-        "the rehearsal did not pass: {dry}"
-    );
+    for expected in [
+        "0.9.3 opened, started and checked in a disposable process first",
+        "library: nine9s 0.9.3 loads, ABI v2",
+        "state: not carried",
+        "health: a trial instance without state is healthy",
+    ] {
+        assert!(checks.contains(expected), "{expected:?} in: {dry}");
+    }
     let written = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(
+        !written.lines().any(|line| line.starts_with("worker\t")),
+        "the dry run ran the release's init in the serving worker: {written}"
+    );
+    assert!(
+        !mapped(),
+        "the dry run mapped the library in the serving worker"
+    );
     let rehearsal: Vec<&str> = written
         .lines()
         .filter(|line| line.starts_with("rehearsal\t"))
@@ -71,7 +90,14 @@ fn a_release_rehearsed_before_a_switch_cannot_read_the_agents_secrets() {
     }
     assert_eq!(agent.release_state("0.9.3"), "staged");
 
-    // Behind its walls the release still switches.
+    // Behind its walls the release still switches: only now does the
+    // serving worker map it and run its code.
     agent.ctl(&["upgrade", "--to", "0.9.3"]).ok();
     assert_eq!(agent.get("/").body, "0.9.3");
+    let written = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(
+        written.lines().any(|line| line.starts_with("worker\t")),
+        "{written}"
+    );
+    assert!(mapped());
 }

@@ -277,38 +277,46 @@ pub fn inspect(manifest: &Manifest, upload: &Uploaded) -> Result<probe::Report> 
 /// Opens a recorded release's library in this process, after checking
 /// that its bytes are still those it was staged (and probed) with.
 pub(crate) fn open(artifacts: &Artifacts, release: &Release) -> Result<Arc<Library>> {
-    let load_error = |source| Error::Load {
+    let file = verified(artifacts, release)?;
+    // Loaded from the descriptor just hashed, not by path again.
+    let library = Library::open_file(file.into()).map_err(|source| Error::Load {
         version: release.version.clone(),
         source,
-    };
-    let file = match artifacts.verified(&release.sha256, release.size) {
-        Ok(Ok(file)) => file,
-        Ok(Err(actual)) => {
-            return Err(Error::Corrupt {
-                version: release.version.clone(),
-                expected: release.sha256.clone(),
-                actual,
-            })
-        }
-        Err(e) => {
-            return Err(load_error(LoadError::NotALibrary {
+    })?;
+    recorded_as(release, library.name(), library.version())?;
+    Ok(library)
+}
+
+/// A recorded release's library file, open, once its bytes are checked to
+/// be still those it was staged (and probed) with.
+pub(crate) fn verified(artifacts: &Artifacts, release: &Release) -> Result<std::fs::File> {
+    match artifacts.verified(&release.sha256, release.size) {
+        Ok(Ok(file)) => Ok(file),
+        Ok(Err(actual)) => Err(Error::Corrupt {
+            version: release.version.clone(),
+            expected: release.sha256.clone(),
+            actual,
+        }),
+        Err(e) => Err(Error::Load {
+            version: release.version.clone(),
+            source: LoadError::NotALibrary {
                 path: artifacts.path(&release.sha256),
                 reason: e.to_string(),
-            }))
-        }
-    };
-    // Loaded from the descriptor just hashed, not by path again.
-    let library = Library::open_file(file.into()).map_err(load_error)?;
-    if library.version() != release.version.to_string() || library.name() != release.name {
+            },
+        }),
+    }
+}
+
+/// Checks that a library that opened as `name` `version` is the release
+/// recorded.
+pub(crate) fn recorded_as(release: &Release, name: &str, version: &str) -> Result<()> {
+    if version != release.version.to_string() || name != release.name {
         return Err(Error::InvalidArtifact(format!(
-            "the library of {} {} says it is {} {}",
-            release.name,
-            release.version,
-            library.name(),
-            library.version()
+            "the library of {} {} says it is {name} {version}",
+            release.name, release.version,
         )));
     }
-    Ok(library)
+    Ok(())
 }
 
 /// Moves the artifact in place and makes its release record.

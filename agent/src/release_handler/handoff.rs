@@ -10,6 +10,7 @@ use nine9s_manifest::{Manifest, Plan, Version};
 
 use crate::error::{Error, Reason, Result};
 use crate::model::{Release, Snapshot};
+use crate::probe::Carried;
 use crate::runtime::Loaded;
 
 /// How state crosses from the old release to the new one.
@@ -47,18 +48,32 @@ impl Carry {
         }
     }
 
-    pub(super) fn describe(&self) -> String {
+    /// The same, as the disposable rehearsal reports how it carried it.
+    pub(super) fn carried(&self) -> Carried {
         match self {
-            Carry::Fresh => "state: not carried (the new instance starts fresh)".into(),
-            Carry::Same => "state: carried as is (same state version)".into(),
-            Carry::Migrate { library, from, to } => {
-                format!(
-                    "state: migrated v{from} -> v{to} by {} {}",
-                    library.name(),
-                    library.version()
-                )
-            }
+            Carry::Fresh => Carried::Fresh,
+            Carry::Same => Carried::Same,
+            Carry::Migrate { library, from, to } => Carried::Migrated {
+                from: *from,
+                to: *to,
+                name: library.name().to_owned(),
+                version: library.version().to_owned(),
+            },
         }
+    }
+}
+
+/// How state crosses, in a plan report's words.
+pub(super) fn describe(carried: &Carried) -> String {
+    match carried {
+        Carried::Fresh => "state: not carried (the new instance starts fresh)".into(),
+        Carried::Same => "state: carried as is (same state version)".into(),
+        Carried::Migrated {
+            from,
+            to,
+            name,
+            version,
+        } => format!("state: migrated v{from} -> v{to} by {name} {version}"),
     }
 }
 
@@ -134,14 +149,20 @@ pub(super) fn restore_carry(library: &Arc<Library>, snapshot: &Snapshot) -> Resu
             to,
         })
     } else {
-        Err(Error::refused(
-            Reason::NoMigrationPath,
-            format!(
+        Err(unrestorable(snapshot, from, to))
+    }
+}
+
+/// A stored snapshot of state version `from` that its release's library,
+/// of state version `to`, cannot migrate.
+pub(super) fn unrestorable(snapshot: &Snapshot, from: u32, to: u32) -> Error {
+    Error::refused(
+        Reason::NoMigrationPath,
+        format!(
             "the snapshot of {} is state v{from}, its library wants v{to} and cannot migrate it",
             snapshot.version
         ),
-        ))
-    }
+    )
 }
 
 /// How the routes a release declares change from one release to another.

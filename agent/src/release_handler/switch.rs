@@ -11,8 +11,8 @@
 //! serving instance; `drain` waits for the old instance to be released and
 //! `unload` drops it (its `stop`, `destroy` and `dlclose`, within
 //! [`STOP_TIMEOUT`]; the host checks its library is unmapped). A dry run
-//! stops after the rehearsal, with every hook of the plan tried on the
-//! trial instance.
+//! is the disposable rehearsal alone, with every hook of the plan tried on
+//! its trial instance: the serving worker never maps the target.
 //!
 //! Every call the engine makes into a release runs on its
 //! [`PluginThread`], each with a deadline ([`Actor::call_plugin`]); a call
@@ -30,11 +30,12 @@ use nine9s_host::{CallError, Library};
 use nine9s_manifest::{Step, Version};
 
 use super::actor::Actor;
-use super::handoff::{carry_between, restore_carry, Carry};
+use super::handoff::{carry_between, restore_carry, unrestorable, Carry};
 use super::{CarriedState, PlanReport, StateSource};
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
 use crate::model::{now_ms, Release, Snapshot};
+use crate::probe::{Carried, Failure, Rehearsal, Report, Stage};
 use crate::runtime::{drain, Loaded, SwitchError};
 
 /// Longest a rehearsal (migration, init, hooks and health check on the
@@ -85,7 +86,11 @@ struct Prepared {
 }
 
 impl Actor {
-    /// A dry run: every check that needs no traffic.
+    /// A dry run: every check that needs no traffic, all in the disposable
+    /// process. A dry run changes nothing, so the serving worker never maps
+    /// the target nor runs its code: the rehearsal's report is the dry
+    /// run's, and a step the release fails there fails the dry run as the
+    /// same step of the trial here fails a switch.
     pub(super) fn rehearse(
         &self,
         target: &Release,
@@ -94,12 +99,27 @@ impl Actor {
     ) -> Result<PlanReport> {
         let active = self.shared.runtime.active();
         let hooks = hooks(&report.plan.steps, ..);
-        let rehearsed = self.rehearse_disposable(&active, target, source, &report, &hooks)?;
-        report.checks.extend(rehearsed);
-        let loaded = self.load(&active, target, source, &report)?;
-        describe(&loaded, &mut report);
-        self.trial(&active, target, &loaded, &hooks)?;
-        report.checks.push(trial_check(&loaded, &hooks));
+        let (restored, rehearsal) = self.disposable(&active, target, source, &report, &hooks)?;
+        let rehearsed = match rehearsal {
+            Rehearsal::Passed(rehearsed) => rehearsed,
+            Rehearsal::Failed(failure) => {
+                return Err(failed(&active, target, restored.as_ref(), failure))
+            }
+            Rehearsal::Hung(why) => return Err(hung(target, why)),
+            Rehearsal::Inconclusive(why) => {
+                return Err(Error::refused(
+                    Reason::Internal,
+                    format!("cannot rehearse {}: {why}", target.version),
+                ))
+            }
+        };
+        let library = &rehearsed.library;
+        super::catalog::recorded_as(target, &library.name, &library.version)?;
+        report.checks.push(disposable_check(library));
+        let restored = restored.as_ref();
+        describe(library, restored, &rehearsed.carried, &mut report);
+        let check = trial_check(restored, &rehearsed.carried, &hooks);
+        report.checks.push(check);
         Ok(report)
     }
 
@@ -120,9 +140,16 @@ impl Actor {
         let rehearsed = self.rehearse_disposable(&active, target, source, report, &before)?;
         report.checks.extend(rehearsed);
         let loaded = self.load(&active, target, source, report)?;
-        describe(&loaded, report);
+        let library = Report {
+            abi: loaded.library.abi_version(),
+            name: loaded.library.name().to_owned(),
+            version: loaded.library.version().to_owned(),
+            state_version: loaded.library.state_version(),
+        };
+        let (restored, carried) = (loaded.snapshot.as_ref(), loaded.carry.carried());
+        describe(&library, restored, &carried, report);
         self.trial(&active, target, &loaded, &before)?;
-        report.checks.push(trial_check(&loaded, &before));
+        report.checks.push(trial_check(restored, &carried, &before));
         crash_point("switch:loaded");
 
         let carry = loaded.carry;
@@ -403,11 +430,10 @@ impl Actor {
         }
     }
 
-    /// The rehearsal in a disposable process (`probe::rehearse`), before
-    /// this process maps the target: what the trial below does, with a copy
-    /// of the state it would carry. A crash or a hang there fails the
-    /// switch, the serving worker untouched; an error the release returns
-    /// is left for the trial here to report as it always has.
+    /// The rehearsal in a disposable process before a switch maps the
+    /// target: a crash or a hang there fails the switch, the serving worker
+    /// untouched; an error the release returns is left for the trial here
+    /// to report as it always has.
     fn rehearse_disposable(
         &self,
         active: &Arc<Loaded>,
@@ -416,18 +442,45 @@ impl Actor {
         report: &PlanReport,
         hooks: &[String],
     ) -> Result<Vec<String>> {
+        match self.disposable(active, target, source, report, hooks)?.1 {
+            Rehearsal::Passed(rehearsed) => Ok(vec![disposable_check(&rehearsed.library)]),
+            Rehearsal::Failed(failure) => {
+                tracing::info!(%failure, "the release failed its disposable rehearsal");
+                Ok(Vec::new())
+            }
+            Rehearsal::Inconclusive(why) => {
+                tracing::info!(%why, "the disposable rehearsal could not try the release");
+                Ok(Vec::new())
+            }
+            Rehearsal::Hung(why) => Err(hung(target, why)),
+        }
+    }
+
+    /// Runs the rehearsal in a disposable process (`probe::rehearse`): what
+    /// the trial below does, with a copy of the state the switch would
+    /// carry. Returns the stored snapshot it restored (when the switch
+    /// restores one, its bytes taken) and how it went; `Err` for a crash
+    /// there, or what the `load` step would refuse before it (an artifact
+    /// changed on disk, no snapshot to restore).
+    fn disposable(
+        &self,
+        active: &Arc<Loaded>,
+        target: &Release,
+        source: StateSource,
+        report: &PlanReport,
+        hooks: &[String],
+    ) -> Result<(Option<Snapshot>, Rehearsal)> {
         // The disposable process opens it by path: whatever it runs, the
         // serving worker loads only the descriptor it hashes itself.
-        let path = match self.artifacts.verified(&target.sha256, target.size) {
-            Ok(Ok(_)) => self.artifacts.path(&target.sha256),
-            // The load step says why, as it always has.
-            _ => return Ok(Vec::new()),
-        };
-        let state = match source {
-            StateSource::Snapshot => match self.shared.store().last_snapshot(&target.version)? {
-                Some(snapshot) => Some((snapshot.state_version, snapshot.bytes)),
-                None => return Ok(Vec::new()),
-            },
+        super::catalog::verified(&self.artifacts, target)?;
+        let path = self.artifacts.path(&target.sha256);
+        let (restored, state) = match source {
+            StateSource::Snapshot => {
+                let mut snapshot = self.stored_snapshot(target)?;
+                let bytes = std::mem::take(&mut snapshot.bytes);
+                let state = Some((snapshot.state_version, bytes));
+                (Some(snapshot), state)
+            }
             StateSource::Migrate if report.plan.steps.contains(&Step::Migrate) => {
                 let serving = Arc::clone(active);
                 let taken =
@@ -439,31 +492,28 @@ impl Actor {
                         ))),
                     };
                 let bytes = taken.map_err(|e| plugin_error(&active.version, "snapshot", e))?;
-                Some((active.instance.library().state_version(), bytes))
+                (
+                    None,
+                    Some((active.instance.library().state_version(), bytes)),
+                )
             }
-            StateSource::Migrate => None,
+            StateSource::Migrate => (None, None),
         };
-        let active_library = active.instance.library().path().to_owned();
-        let hooks = hooks.to_vec();
+        // Only the target migrates a snapshot of its own (`restore_carry`).
+        let active_library = match restored {
+            Some(_) => None,
+            None => Some(active.instance.library().path().to_owned()),
+        };
         let rehearsed = crate::probe::rehearse(
             &path,
-            Some(&active_library),
+            active_library.as_deref(),
             state,
-            &hooks,
+            hooks,
             &crate::datadir::secrets(&self.shared.config),
             REHEARSAL_TIMEOUT,
         );
         match rehearsed {
-            Ok(crate::probe::Rehearsal::Passed(checks)) => Ok(checks),
-            Ok(crate::probe::Rehearsal::Failed(why)) => {
-                tracing::info!(%why, "the release failed its disposable rehearsal");
-                Ok(Vec::new())
-            }
-            Ok(crate::probe::Rehearsal::Hung(why)) => Err(plugin_error(
-                &target.version,
-                "rehearsal",
-                CallError::Failed(why),
-            )),
+            Ok(rehearsal) => Ok((restored, rehearsal)),
             Err(crate::probe::ProbeError::Refused(why)) => Err(plugin_error(
                 &target.version,
                 "disposable rehearsal",
@@ -474,6 +524,22 @@ impl Actor {
                 format!("cannot rehearse {}: {why}", target.version),
             )),
         }
+    }
+
+    /// The stored snapshot of `target` a switch restores.
+    fn stored_snapshot(&self, target: &Release) -> Result<Snapshot> {
+        self.shared
+            .store()
+            .last_snapshot(&target.version)?
+            .ok_or_else(|| {
+                Error::refused(
+                    Reason::NoSnapshot,
+                    format!(
+                        "no snapshot of {} to restore; switch with the state migrated instead",
+                        target.version
+                    ),
+                )
+            })
     }
 
     /// The `load` step: opens the target library, checks it is the release
@@ -487,20 +553,7 @@ impl Actor {
     ) -> Result<Prepared> {
         let library = super::catalog::open(&self.artifacts, target)?;
         let snapshot = match source {
-            StateSource::Snapshot => Some(
-                self.shared
-                    .store()
-                    .last_snapshot(&target.version)?
-                    .ok_or_else(|| {
-                        Error::refused(
-                            Reason::NoSnapshot,
-                            format!(
-                                "no snapshot of {} to restore; switch with the state migrated instead",
-                                target.version
-                            ),
-                        )
-                    })?,
-            ),
+            StateSource::Snapshot => Some(self.stored_snapshot(target)?),
             StateSource::Migrate => None,
         };
         let carry = match &snapshot {
@@ -568,13 +621,12 @@ impl Actor {
         })?;
         match called {
             Called::Done(done) => done,
-            Called::Expired(_) => Err(plugin_error(
-                &target.version,
-                "rehearsal",
-                CallError::Failed(format!(
+            Called::Expired(_) => Err(hung(
+                target,
+                format!(
                     "the trial instance did not finish migrating, starting and checking its health within {} s",
                     REHEARSAL_TIMEOUT.as_secs()
-                )),
+                ),
             )),
         }
     }
@@ -641,6 +693,54 @@ fn plugin_error(version: &Version, during: &'static str, source: CallError) -> E
     }
 }
 
+/// A rehearsal that did not finish in time: stuck in either release's code.
+fn hung(target: &Release, why: String) -> Error {
+    plugin_error(&target.version, "rehearsal", CallError::Failed(why))
+}
+
+/// A step the release failed in the disposable rehearsal, as the same step
+/// of the trial here (or the `load` step before it) says it: the same
+/// reason, and the same words.
+fn failed(
+    active: &Loaded,
+    target: &Release,
+    restored: Option<&Snapshot>,
+    failure: Failure,
+) -> Error {
+    let during = match failure.during {
+        Stage::Open => {
+            return Error::refused(
+                Reason::LoadFailed,
+                format!("cannot load release {}: {}", target.version, failure.error),
+            )
+        }
+        Stage::NoMigration { from, to } => {
+            return match restored {
+                Some(snapshot) => unrestorable(snapshot, from, to),
+                None => Error::NoMigrationPath {
+                    from: active.version.clone(),
+                    from_state: from,
+                    to: target.version.clone(),
+                    to_state: to,
+                },
+            }
+        }
+        Stage::Migration { by } => {
+            let migrator = by.parse().unwrap_or_else(|_| target.version.clone());
+            return plugin_error(
+                &migrator,
+                "state migration",
+                CallError::Failed(failure.error),
+            );
+        }
+        Stage::Init => "init",
+        Stage::Hook => "hook",
+        Stage::Health => "health check",
+        Stage::Snapshot => "snapshot",
+    };
+    plugin_error(&target.version, during, CallError::Failed(failure.error))
+}
+
 /// The serving instance did not return from a call abandoned behind the
 /// gate. If it does not within [`WEDGED_AFTER`] either, it is wedged: the
 /// worker exits, and the supervisor starts another on the permanent
@@ -660,30 +760,41 @@ pub(super) fn watch_wedged<T: Send + 'static>(serving: &Loaded, late: mpsc::Rece
     }
 }
 
-/// What `load` found, for the report: its checks, and how the state is
-/// made.
-fn describe(loaded: &Prepared, report: &mut PlanReport) {
-    report.state = Some(match (&loaded.snapshot, &loaded.carry) {
+/// What the rehearsal found the library to be, for the report.
+fn disposable_check(library: &Report) -> String {
+    format!(
+        "rehearsal: {} {} opened, started and checked in a disposable process first",
+        library.name, library.version
+    )
+}
+
+/// What `load` (or, for a dry run, the disposable rehearsal) found, for
+/// the report: the library, how the state crosses, and how it is made.
+fn describe(
+    library: &Report,
+    restored: Option<&Snapshot>,
+    carried: &Carried,
+    report: &mut PlanReport,
+) {
+    report.state = Some(match (restored, carried) {
         (Some(s), _) => CarriedState::Snapshot {
             taken_at_ms: s.taken_at_ms,
             fallback: None,
         },
-        (None, Carry::Fresh) => CarriedState::Fresh,
-        (None, Carry::Same | Carry::Migrate { .. }) => CarriedState::Running,
+        (None, Carried::Fresh) => CarriedState::Fresh,
+        (None, Carried::Same | Carried::Migrated { .. }) => CarriedState::Running,
     });
     let checks = &mut report.checks;
     checks.push(format!(
         "library: {} {} loads, ABI v{}",
-        loaded.library.name(),
-        loaded.library.version(),
-        loaded.library.abi_version()
+        library.name, library.version, library.abi
     ));
-    checks.push(match &loaded.snapshot {
+    checks.push(match restored {
         Some(s) => format!(
             "state: restored from the snapshot of {} taken at {} ms",
             s.version, s.taken_at_ms
         ),
-        None => loaded.carry.describe(),
+        None => super::handoff::describe(carried),
     });
 }
 
@@ -703,12 +814,12 @@ fn hooks(
 
 /// The trial's check, saying with what state the trial instance started,
 /// in the words of the `state:` check before it.
-fn trial_check(loaded: &Prepared, hooks: &[String]) -> String {
-    let instance = match (&loaded.snapshot, &loaded.carry) {
+fn trial_check(restored: Option<&Snapshot>, carried: &Carried, hooks: &[String]) -> String {
+    let instance = match (restored, carried) {
         (Some(_), _) => "a trial instance with the restored snapshot",
-        (None, Carry::Fresh) => "a trial instance without state",
-        (None, Carry::Same) => "a trial instance with a copy of the running state",
-        (None, Carry::Migrate { .. }) => "a trial instance with the running state migrated",
+        (None, Carried::Fresh) => "a trial instance without state",
+        (None, Carried::Same) => "a trial instance with a copy of the running state",
+        (None, Carried::Migrated { .. }) => "a trial instance with the running state migrated",
     };
     if hooks.is_empty() {
         format!("health: {instance} is healthy")
