@@ -456,6 +456,33 @@ pub fn kill(signal: &str, pid: u32) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// Runs `command`, an agent meant to refuse to start (or any process that
+/// must end by itself), to its exit, its stderr into the file `log`:
+/// its exit code and stderr. Fails if it still runs after 30 s.
+pub fn refusal(mut command: Command, log: &Path) -> (Option<i32>, String) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start the agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the agent started (or hung) instead of ending; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), std::fs::read_to_string(log).unwrap())
+}
+
 /// Runs the real `ctl` against `agent`, with no credentials but what it
 /// finds itself.
 pub fn ctl(agent: &str, args: &[&str]) -> Ctl {

@@ -6,10 +6,9 @@
 
 use std::os::unix::fs::{chown, symlink, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use nine9s_tests::{bin_dir, Agent};
+use nine9s_tests::{bin_dir, refusal, Agent};
 
 const NOBODY: u32 = 65534;
 
@@ -21,33 +20,15 @@ fn is_root() -> bool {
 /// expects it to refuse to start: exit 2 within 30 s. Returns its stderr.
 fn refused_at_start(data: &Path, extra: &[&str], check: bool) -> String {
     let log = data.with_extension("refusal.log");
-    let mut child = Command::new(bin_dir().join("agent"))
+    let mut command = Command::new(bin_dir().join("agent"));
+    command
         .arg("--data-dir")
         .arg(data)
         .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
         .args(extra)
-        .args(check.then_some("check"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the agent started (or hung) instead of refusing; its log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+        .args(check.then_some("check"));
+    let (code, stderr) = refusal(command, &log);
+    assert_eq!(code, Some(2), "{stderr}");
     stderr
 }
 

@@ -8,12 +8,10 @@
 //! pass.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use nine9s_proto::RemoveRequest;
-use nine9s_tests::{bin_dir, hello, stage_fixture, stage_sample, Agent};
+use nine9s_tests::{bin_dir, hello, refusal, stage_fixture, stage_sample, Agent};
 
 const NOBODY: u32 = 65534;
 
@@ -32,32 +30,6 @@ fn tempdir_with_mode(mode: u32) -> tempfile::TempDir {
 /// A temp dir `nobody` may pass through, for the data dir.
 fn passable_tempdir() -> tempfile::TempDir {
     tempdir_with_mode(0o711)
-}
-
-/// Runs `command` (an agent meant to refuse to start) and returns its
-/// exit code and stderr; fails if it is still running after 30 s.
-fn refusal(mut command: Command, log: &Path) -> (Option<i32>, String) {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the agent started (or hung) instead of refusing; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status.code(), std::fs::read_to_string(log).unwrap())
 }
 
 /// `Uid:` and `CapEff:` of a process, from /proc.
