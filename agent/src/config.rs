@@ -6,6 +6,34 @@ use std::time::Duration;
 
 pub use crate::tls::TlsFiles;
 
+/// The defaults of the settings `agent` has flags for: `Config::new` and
+/// `Limits::default` take them, and the flags show and take them when not
+/// given — one place for each.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const SOAK: Duration = Duration::from_secs(5);
+    pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const GATE_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const KEEP_OLD: u32 = 5;
+    pub const KEEP_HISTORY: u32 = 10_000;
+    pub const MAX_ERROR_RATE: f64 = 0.05;
+    pub const MAX_UPLOADS: u32 = 4;
+    pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_CONTROL_CONNECTIONS: u32 = 128;
+    pub const MAX_CONNECTIONS: u32 = 4096;
+    pub const MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
+    pub const MAX_BODY: u64 = 16 * 1024 * 1024;
+    pub const MAX_BUFFERED_BODIES: u64 = 256 * 1024 * 1024;
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
 /// Which release an empty data directory starts on.
 #[derive(Debug, Clone)]
 pub enum Bootstrap {
@@ -116,17 +144,17 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_uploads: 4,
-            upload_idle_timeout: Duration::from_secs(30),
-            http_header_timeout: Duration::from_secs(10),
-            http_idle_timeout: Duration::from_secs(60),
-            max_connections: 4096,
-            max_connections_per_client: 256,
-            max_control_connections: 128,
-            http_body_timeout: Duration::from_secs(30),
-            max_body: 16 * 1024 * 1024,
-            max_buffered_bodies: 256 * 1024 * 1024,
-            request_timeout: Some(Duration::from_secs(30)),
+            max_uploads: defaults::MAX_UPLOADS as usize,
+            upload_idle_timeout: defaults::UPLOAD_IDLE_TIMEOUT,
+            http_header_timeout: defaults::HTTP_HEADER_TIMEOUT,
+            http_idle_timeout: defaults::HTTP_IDLE_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS as usize,
+            max_connections_per_client: defaults::MAX_CONNECTIONS_PER_CLIENT as usize,
+            max_control_connections: defaults::MAX_CONTROL_CONNECTIONS as usize,
+            http_body_timeout: defaults::HTTP_BODY_TIMEOUT,
+            max_body: defaults::MAX_BODY as usize,
+            max_buffered_bodies: defaults::MAX_BUFFERED_BODIES as usize,
+            request_timeout: Some(defaults::REQUEST_TIMEOUT),
         }
     }
 }
@@ -147,16 +175,16 @@ impl Config {
         Config {
             data_dir,
             bootstrap: Bootstrap::Embedded,
-            soak: Duration::from_secs(5),
-            quiesce_timeout: Duration::from_secs(5),
-            gate_timeout: Duration::from_secs(1),
+            soak: defaults::SOAK,
+            quiesce_timeout: defaults::QUIESCE_TIMEOUT,
+            gate_timeout: defaults::GATE_TIMEOUT,
             drain_grace: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(10),
-            keep_old: 5,
-            keep_history: 10_000,
-            checkpoint_every: Duration::from_secs(10),
-            max_error_rate: 0.05,
-            health_timeout: Duration::from_secs(2),
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+            keep_old: defaults::KEEP_OLD as usize,
+            keep_history: defaults::KEEP_HISTORY as usize,
+            checkpoint_every: defaults::CHECKPOINT_EVERY,
+            max_error_rate: defaults::MAX_ERROR_RATE,
+            health_timeout: defaults::HEALTH_TIMEOUT,
             tokens: None,
             tls: None,
             trusted_keys: None,

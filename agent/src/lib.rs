@@ -55,7 +55,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 pub use access::admin_token_path;
-pub use config::{Bootstrap, Config, Limits, TlsFiles};
+pub use config::{defaults, Bootstrap, Config, Limits, TlsFiles};
 pub use error::Error;
 pub use http::RELEASE_HEADER;
 use nine9s_manifest::signature::TrustedKeys;

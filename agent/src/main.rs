@@ -27,7 +27,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use nine9s_agent::channel::Inherited;
 use nine9s_agent::worker_user::WorkerUser;
-use nine9s_agent::{Agent, Bootstrap, Config, Http, Limits, TlsFiles};
+use nine9s_agent::{defaults, Agent, Bootstrap, Config, Http, Limits, TlsFiles};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -62,33 +62,33 @@ struct Args {
     #[arg(long)]
     bootstrap: Option<PathBuf>,
     /// Default soak before a new release becomes permanent (up to 7d).
-    #[arg(long, default_value = "5s", value_parser = soak)]
+    #[arg(long, default_value = shown(defaults::SOAK), value_parser = soak)]
     soak: Duration,
     /// How often the active state is checkpointed (100ms to 1d).
-    #[arg(long, default_value = "10s", value_parser = checkpoint_every)]
+    #[arg(long, default_value = shown(defaults::CHECKPOINT_EVERY), value_parser = checkpoint_every)]
     checkpoint_every: Duration,
     /// How long in-flight requests get on shutdown (up to 1h).
-    #[arg(long, default_value = "10s", value_parser = up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::SHUTDOWN_GRACE), value_parser = up_to_an_hour)]
     shutdown_grace: Duration,
     /// How long a switch waits for in-flight calls on the old release (up to 1h).
-    #[arg(long, default_value = "5s", value_parser = positive_up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::QUIESCE_TIMEOUT), value_parser = positive_up_to_an_hour)]
     quiesce_timeout: Duration,
     /// How long the release's code may hold requests once the gate is
     /// closed — a switch's snapshot, migration and init, a checkpoint's
     /// snapshot — before it is abandoned and the gate reopens (up to 1h).
-    #[arg(long, default_value = "1s", value_parser = positive_up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::GATE_TIMEOUT), value_parser = positive_up_to_an_hour)]
     gate_timeout: Duration,
     /// How long a soaking release's health check may take (up to 1h).
-    #[arg(long, default_value = "2s", value_parser = positive_up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::HEALTH_TIMEOUT), value_parser = positive_up_to_an_hour)]
     health_timeout: Duration,
     /// Old releases kept for downgrades.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    #[arg(long, default_value_t = defaults::KEEP_OLD, value_parser = clap::value_parser!(u32).range(0..=1000))]
     keep_old: u32,
     /// Transitions (and events) kept in the history.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    #[arg(long, default_value_t = defaults::KEEP_HISTORY, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     keep_history: u32,
     /// Share of failed requests during a soak that rolls back (0 to 1).
-    #[arg(long, default_value_t = 0.05, value_parser = rate)]
+    #[arg(long, default_value_t = defaults::MAX_ERROR_RATE, value_parser = rate)]
     max_error_rate: f64,
     /// Who may use the control plane: one `NAME ROLE TOKEN` per line, ROLE
     /// read, deploy or admin. Default: an admin token kept in DATA/admin.token.
@@ -112,52 +112,52 @@ struct Args {
     #[arg(long, requires = "trusted_keys")]
     require_signed: bool,
     /// Uploads (stages) in progress at once; more are refused (1 to 64).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = defaults::MAX_UPLOADS, value_parser = clap::value_parser!(u32).range(1..=64))]
     max_uploads: u32,
     /// An upload that sends nothing for this long is dropped (100ms to 1h).
-    #[arg(long, default_value = "30s", value_parser = upload_idle)]
+    #[arg(long, default_value = shown(defaults::UPLOAD_IDLE_TIMEOUT), value_parser = upload_idle)]
     upload_idle_timeout: Duration,
     /// How long an HTTP client gets to send a request's headers (up to 1h).
-    #[arg(long, default_value = "10s", value_parser = positive_up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::HTTP_HEADER_TIMEOUT), value_parser = positive_up_to_an_hour)]
     http_header_timeout: Duration,
     /// How long an idle HTTP keep-alive connection stays open (up to 1h).
-    #[arg(long, default_value = "60s", value_parser = positive_up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::HTTP_IDLE_TIMEOUT), value_parser = positive_up_to_an_hour)]
     http_idle_timeout: Duration,
     /// How long an HTTP request's body may take to arrive (up to 1h).
-    #[arg(long, default_value = "30s", value_parser = positive_up_to_an_hour)]
+    #[arg(long, default_value = shown(defaults::HTTP_BODY_TIMEOUT), value_parser = positive_up_to_an_hour)]
     http_body_timeout: Duration,
     /// Open gRPC connections at most; more wait in the listen backlog.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = defaults::MAX_CONTROL_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_control_connections: u32,
     /// Open HTTP connections at most. At the cap, an idle keep-alive
     /// connection is closed (between requests) for each newcomer; with
     /// none idle, newcomers wait in the listen backlog.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
     /// Open HTTP connections from one client IP address at most; more from
     /// it are answered 503 and closed. Behind a proxy that connects from
     /// one address, raise it to --max-connections.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS_PER_CLIENT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections_per_client: u32,
     /// Logs on stderr as `text`, or `json`: one object per line, with the
     /// transition a line belongs to.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Largest HTTP request body handed to a release, in bytes (up to 1 GiB).
-    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1024 * 1024 * 1024))]
+    #[arg(long, default_value_t = defaults::MAX_BODY, value_parser = clap::value_parser!(u64).range(0..=1024 * 1024 * 1024))]
     max_body: u64,
     /// Bytes of HTTP request bodies held in memory at once, all requests
     /// together (at least --max-body, up to 64GiB; suffixes KiB, MiB, GiB).
     /// A request whose body would go beyond is answered 503 with
     /// Retry-After; requests already reading theirs are unaffected. Bodies
     /// are buffered whole until releases can take them as a stream.
-    #[arg(long, default_value = "256MiB", value_parser = size)]
+    #[arg(long, default_value = shown_size(defaults::MAX_BUFFERED_BODIES), value_parser = size)]
     max_buffered_bodies: u64,
     /// How long a release may take to answer an HTTP request (10ms to 1h;
     /// 0: no limit). Past it the client is answered 504, the call counts
     /// as failed and is abandoned: it cannot be stopped, so it keeps its
     /// thread, and a soaking release or a canary with such a call fails.
-    #[arg(long, default_value = "30s", value_parser = request_timeout)]
+    #[arg(long, default_value = shown(defaults::REQUEST_TIMEOUT), value_parser = request_timeout)]
     request_timeout: Duration,
     /// Run the workers — the processes that load releases, and so run
     /// their code — as USER (a name or uid in /etc/passwd), with no
@@ -236,6 +236,16 @@ fn humanize(d: Duration) -> String {
         s if s % 3600 == 0 => format!("{}h", s / 3600),
         s => format!("{s}s"),
     }
+}
+
+/// A default duration as its flag shows it and parses it back.
+fn shown(default: Duration) -> String {
+    humantime::format_duration(default).to_string()
+}
+
+/// A default size in MiB, as `size` parses it back.
+fn shown_size(default: u64) -> String {
+    format!("{}MiB", default >> 20)
 }
 
 fn soak(text: &str) -> Result<Duration, String> {
@@ -808,4 +818,68 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each flag shows and takes the default `Config` and `Limits` hold:
+    /// what `shown` prints parses back to the same value.
+    #[test]
+    fn the_flags_default_to_the_configs_defaults() {
+        let args = Args::try_parse_from(["agent"]).unwrap();
+        let config = Config::new(PathBuf::from("data"));
+        let limits = &config.limits;
+        assert_eq!(
+            [
+                args.soak,
+                args.checkpoint_every,
+                args.shutdown_grace,
+                args.quiesce_timeout,
+                args.gate_timeout,
+                args.health_timeout,
+                args.upload_idle_timeout,
+                args.http_header_timeout,
+                args.http_idle_timeout,
+                args.http_body_timeout,
+            ],
+            [
+                config.soak,
+                config.checkpoint_every,
+                config.shutdown_grace,
+                config.quiesce_timeout,
+                config.gate_timeout,
+                config.health_timeout,
+                limits.upload_idle_timeout,
+                limits.http_header_timeout,
+                limits.http_idle_timeout,
+                limits.http_body_timeout,
+            ]
+        );
+        assert_eq!(Some(args.request_timeout), limits.request_timeout);
+        assert_eq!(
+            [
+                args.keep_old as usize,
+                args.keep_history as usize,
+                args.max_uploads as usize,
+                args.max_control_connections as usize,
+                args.max_connections as usize,
+                args.max_connections_per_client as usize,
+                args.max_body as usize,
+                args.max_buffered_bodies as usize,
+            ],
+            [
+                config.keep_old,
+                config.keep_history,
+                limits.max_uploads,
+                limits.max_control_connections,
+                limits.max_connections,
+                limits.max_connections_per_client,
+                limits.max_body,
+                limits.max_buffered_bodies,
+            ]
+        );
+        assert_eq!(args.max_error_rate, config.max_error_rate);
+    }
 }
