@@ -456,6 +456,25 @@ pub fn kill(signal: &str, pid: u32) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1 and its key,
+/// made by the openssl command line in `dir`: (`cert.pem`, `key.pem`).
+pub fn self_signed_localhost(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian: openssl)");
+    assert!(made.status.success(), "{made:?}");
+    (cert, key)
+}
+
 /// Runs `command`, an agent meant to refuse to start (or any process that
 /// must end by itself), to its exit, its stderr into the file `log`:
 /// its exit code and stderr. Fails if it still runs after 30 s.

@@ -3,37 +3,18 @@
 //! happened to the state, and the same thing is said the same way in the
 //! table, the JSON and the README.
 
-use nine9s_tests::{epoch_ms, hello, on_0_2_0, stage_fixture, stage_sample, Agent};
-
-/// A self-signed certificate for localhost and 127.0.0.1, made with the
-/// openssl command line: (certificate, key).
-fn self_signed(dir: &std::path::Path) -> (String, String) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (Debian: openssl)");
-    assert!(made.status.success(), "{made:?}");
-    (
-        cert.to_str().unwrap().to_owned(),
-        key.to_str().unwrap().to_owned(),
-    )
-}
+use nine9s_tests::{
+    epoch_ms, hello, on_0_2_0, self_signed_localhost, stage_fixture, stage_sample, Agent,
+};
 
 #[test]
 fn plaintext_to_a_tls_control_port_says_to_use_https_and_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(dir.path());
+    let (cert, key) = self_signed_localhost(dir.path());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let agent = Agent::start(
         &dir.path().join("data"),
-        &["--tls-cert", &cert, "--tls-key", &key],
+        &["--tls-cert", cert, "--tls-key", key],
     );
     // Was "Internal: h2 protocol error".
     let plain = nine9s_tests::ctl(&agent.url(), &["status"]);

@@ -3,7 +3,7 @@
 //! calls, with no token — and server reflection, so grpcurl-style tools
 //! find the API without the .proto at hand.
 
-use nine9s_tests::{on_0_2_0, Agent};
+use nine9s_tests::{on_0_2_0, self_signed_localhost, Agent};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -119,25 +119,7 @@ async fn reflection_describes_the_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plaintext_health_port_beside_a_mutual_tls_control_plane() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (Debian: openssl)");
-    assert!(made.status.success(), "{made:?}");
+    let (cert, key) = self_signed_localhost(dir.path());
     let agent = Agent::start(
         &dir.path().join("data"),
         &[
