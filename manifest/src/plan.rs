@@ -10,8 +10,10 @@ pub enum Step {
     /// Where the target is loaded: its library re-hashed and opened and a
     /// trial instance rehearsed (the state migrated, `init`, the hooks
     /// before `switch`, the health check, a snapshot), none serving yet.
-    /// The engine does this first whatever the plan, so the step chooses
-    /// nothing: it marks the phase every plan has, before `switch`.
+    /// The engine does this first whatever the plan, so the step moves
+    /// nothing: it marks where the target exists, as OTP's `load_module`
+    /// does in an appup. What needs the target — `migrate` and its hooks —
+    /// comes after it (a plan that puts either before is refused).
     Load,
     /// Snapshot the running state and migrate it to the target's state version.
     Migrate,
@@ -106,6 +108,11 @@ pub(crate) fn parse_steps(raw: &[String]) -> Result<Vec<Step>, ManifestError> {
     if position(&Step::Migrate).is_some_and(|m| m < load || m > switch) {
         return order_error("migrate must come between load and switch");
     }
+    if let Some(hook) = steps[..load].iter().find(|s| matches!(s, Step::Hook(_))) {
+        return order_error(&format!(
+            "{hook} comes before load: a hook is the target's, which exists only once loaded"
+        ));
+    }
     for after in [Step::Drain, Step::Unload] {
         if position(&after).is_some_and(|p| p < switch) {
             return order_error(&format!("{after} must come after switch"));
@@ -154,5 +161,9 @@ mod tests {
         assert!(parse(&["load", "switch", "migrate"]).is_err());
         assert!(parse(&["load", "drain", "switch"]).is_err());
         assert!(parse(&["load", "switch", "reboot"]).is_err());
+        let early = parse(&["hook:warm", "load", "switch"])
+            .unwrap_err()
+            .to_string();
+        assert!(early.contains("hook:warm comes before load"), "{early}");
     }
 }

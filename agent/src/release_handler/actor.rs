@@ -2,10 +2,21 @@
 //! soak verdicts and checkpoints one at a time. Every command is checked
 //! the same way before it runs — its client still there, its request id
 //! not already answered, the store writable, the expected release active —
-//! and its outcome is recorded under its request id.
+//! and its outcome is recorded under its request id (by the journal).
+//!
+//! The actor holds the pure lifecycle machine and one part per concern,
+//! each owning its state: the [`Catalog`](super::catalog::Catalog) the
+//! artifacts, [`PluginCalls`](super::calls::PluginCalls) the lanes calls
+//! into releases run on, [`Pacing`](super::soaking::Pacing) the automatic
+//! rollback's back-off; the journal, the runtime and the store are shared
+//! with readers ([`Shared`]). What it does is split by concern too: a
+//! canary in `canary.rs`, soak verdicts in `soaking.rs`, staging and
+//! removing in `catalog.rs`, checkpoints in `checkpoint.rs`, the switch
+//! executor in `switch.rs`; here, the loop, the command checks, and how
+//! an event moves the machine and is committed.
 
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nine9s_manifest::Version;
 use tokio::sync::oneshot;
@@ -14,32 +25,24 @@ use super::checkpoint::{Skipped, Taken};
 use super::journal::{Changes, Origin};
 use super::machine::{self, Decision, Lifecycle, Settle, Soak};
 use super::{
-    CarriedState, Command, Job, Meta, Permanence, PlanReport, Reply, Shared, Split, StateSource,
-    View,
+    CarriedState, Command, Job, Meta, Permanence, PlanReport, Reply, Shared, StateSource, View,
 };
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Reason, Result};
 use crate::failpoint::crash_point;
-use crate::model::{now_ms, Outcome, Recorded, RecordedOutcome, Release, TransitionKind};
+use crate::model::{now_ms, Release, TransitionKind};
 use crate::store::REQUEST_IDS_KEPT_MS;
-
-/// Longest wait between two attempts of a failing automatic rollback.
-const MAX_ROLLBACK_BACKOFF: Duration = Duration::from_secs(5);
 
 pub(super) struct Actor {
     pub(super) shared: Arc<Shared>,
-    pub(super) artifacts: Artifacts,
+    pub(super) catalog: super::catalog::Catalog,
     pub(super) lifecycle: Lifecycle,
     pub(super) tokio: tokio::runtime::Handle,
-    /// When a failing automatic rollback is tried next.
-    next_rollback: Instant,
-    /// When the last soak progress event went out.
-    last_progress: Instant,
-    /// Where rehearsals and hooks after a switch run.
-    pub(super) plugin_thread: super::switch::PluginThread,
-    /// Abandoned stuck calls whose threads a new worker must reclaim, once
-    /// the active release is permanent (a handover carries only that one).
-    stuck_to_reclaim: u64,
+    /// When the automatic rollback is retried, soak progress announced.
+    pub(super) pacing: super::soaking::Pacing,
+    /// Every call the engine makes into a release, and the threads
+    /// abandoned request calls hold until a new worker reclaims them.
+    pub(super) calls: super::calls::PluginCalls,
 }
 
 impl Actor {
@@ -51,13 +54,11 @@ impl Actor {
     ) -> Actor {
         Actor {
             shared,
-            artifacts,
+            catalog: super::catalog::Catalog::new(artifacts),
             lifecycle,
             tokio,
-            next_rollback: Instant::now(),
-            last_progress: Instant::now(),
-            plugin_thread: Default::default(),
-            stuck_to_reclaim: 0,
+            pacing: super::soaking::Pacing::new(),
+            calls: super::calls::PluginCalls::new(),
         }
     }
 
@@ -193,21 +194,10 @@ impl Actor {
     }
 
     fn command(&mut self, command: Command, meta: Meta) -> Result<Reply> {
-        let store = Arc::clone(&self.shared.journal.store);
         let fingerprint = command.fingerprint(&meta);
         if let Some(id) = &meta.request_id {
-            if let Some(recorded) = store.request(id)? {
-                if recorded.fingerprint != fingerprint {
-                    // The first command may be another identity's: what it
-                    // was stays in the log.
-                    tracing::warn!(request_id = %id, recorded = %recorded.fingerprint, this = %fingerprint, "a request id reused for another command: refused");
-                    return Err(Error::refused(
-                        Reason::RequestIdReused,
-                        format!("request id {id:?} was already used for another command; use a new id for a new command"),
-                    ));
-                }
-                tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
-                return self.replay(recorded.outcome);
+            if let Some(answer) = self.shared.journal.answered(id, &fingerprint)? {
+                return answer;
             }
         }
         if let Some(error) = self.shared.view().store_error {
@@ -287,152 +277,11 @@ impl Actor {
             _ => {}
         }
         if let (Some(id), false) = (&meta.request_id, dry_run) {
-            self.record_request(id, fingerprint, &outcome, self.lifecycle != before);
+            self.shared
+                .journal
+                .record_request(id, fingerprint, &outcome, self.lifecycle != before);
         }
         outcome
-    }
-
-    /// Records a command's outcome under its request id. A transition's
-    /// begin already recorded it (durably, with the journal entry); what
-    /// ended without one, or otherwise, is recorded here. A transient
-    /// refusal that changed nothing is forgotten, so a retry runs again.
-    fn record_request(
-        &self,
-        id: &str,
-        fingerprint: String,
-        outcome: &Result<Reply>,
-        changed: bool,
-    ) {
-        let store = self.shared.store();
-        let outcome = match outcome {
-            Ok(Reply::Staged {
-                release,
-                already_staged,
-            }) => RecordedOutcome::Staged {
-                version: release.version.clone(),
-                already_staged: *already_staged,
-            },
-            // Recorded when it began.
-            Ok(Reply::Switched {
-                transition: Some(_),
-                ..
-            }) => return,
-            Ok(Reply::Switched { .. }) => RecordedOutcome::Unchanged,
-            Ok(Reply::Removed {
-                release: Some(release),
-                collected,
-            }) => RecordedOutcome::Removed {
-                release: Box::new(release.clone()),
-                collected: collected.clone(),
-            },
-            Ok(Reply::Removed { release: None, .. }) => return,
-            // Transient refusals are not final: a retry should try again —
-            // unless the command did change the lifecycle (a switch the
-            // store could not record), which its begin record stands for.
-            Err(e) if is_transient(e) => {
-                if !changed {
-                    if let Err(e) = store.forget_request(id) {
-                        tracing::warn!(error = %e, request_id = %id, "cannot forget the request id");
-                    }
-                }
-                return;
-            }
-            Err(e) => RecordedOutcome::Refused {
-                reason: e.reason(),
-                message: e.to_string(),
-            },
-        };
-        let recorded = Recorded {
-            at_ms: now_ms(),
-            fingerprint,
-            outcome,
-        };
-        if let Err(e) = store
-            .record_request(id, &recorded)
-            .and_then(|()| store.flush())
-        {
-            tracing::warn!(error = %e, request_id = %id, "cannot record the request's outcome");
-        }
-    }
-
-    /// The answer recorded for a request id. A command never runs twice:
-    /// a transition without a recorded end is answered as such.
-    fn replay(&self, outcome: RecordedOutcome) -> Result<Reply> {
-        let store = self.shared.store();
-        Ok(match outcome {
-            RecordedOutcome::Transition { id, finished } => {
-                // Its end as recorded under the id, else the history's
-                // entry (records from before the end was kept there).
-                let t = match finished {
-                    Some(t) => Some(*t),
-                    None => store.transition(id)?,
-                };
-                let t = match t {
-                    Some(t) if t.outcome != Outcome::Running => t,
-                    _ => {
-                        return Err(Error::refused(
-                            Reason::OutcomeUnknown,
-                            format!("this request id started transition #{id}, whose end was never recorded (the store failed it); it is not run again: see `ctl status` and `ctl history`, and use a new request id to act"),
-                        ))
-                    }
-                };
-                match t.outcome {
-                    Outcome::Aborted => {
-                        return Err(Error::refused(
-                            Reason::TransitionAborted,
-                            format!("this request id started transition #{id}, which the agent's stop cut short before it took effect; it is not run again: use a new request id to run it"),
-                        ))
-                    }
-                    Outcome::Failed => {
-                        return Err(Error::Recorded {
-                            reason: t.error_reason.unwrap_or(Reason::Internal),
-                            message: t.error.unwrap_or_default(),
-                        })
-                    }
-                    Outcome::Ok | Outcome::Running => {}
-                }
-                match (t.kind, &t.to, &t.from) {
-                    (TransitionKind::Stage, Some(version), _) => Reply::Staged {
-                        release: store
-                            .release(version)?
-                            .ok_or_else(|| Error::UnknownVersion(version.clone()))?,
-                        already_staged: false,
-                    },
-                    // Answered before the removal was recorded: the record
-                    // is gone with it.
-                    (TransitionKind::Remove, _, Some(_)) => Reply::Removed {
-                        release: None,
-                        collected: Vec::new(),
-                    },
-                    _ => Reply::Switched {
-                        transition: Some(t),
-                        plan: None,
-                        unchanged: false,
-                    },
-                }
-            }
-            RecordedOutcome::Unchanged => Reply::Switched {
-                transition: None,
-                plan: None,
-                unchanged: true,
-            },
-            RecordedOutcome::Staged {
-                version,
-                already_staged,
-            } => Reply::Staged {
-                release: store
-                    .release(&version)?
-                    .ok_or(Error::UnknownVersion(version))?,
-                already_staged,
-            },
-            RecordedOutcome::Removed { release, collected } => Reply::Removed {
-                release: Some(*release),
-                collected,
-            },
-            RecordedOutcome::Refused { reason, message } => {
-                return Err(Error::Recorded { reason, message })
-            }
-        })
     }
 
     fn switch_to(
@@ -468,7 +317,7 @@ impl Actor {
     /// Journals and runs a switch (or only its checks, for a dry run), then
     /// settles the lifecycle. A rollback whose state migration fails falls
     /// back to the target's snapshot.
-    fn switch_kind(
+    pub(super) fn switch_kind(
         &mut self,
         kind: TransitionKind,
         version: &Version,
@@ -586,7 +435,7 @@ impl Actor {
                 if let Err(e) = self.prune_old() {
                     tracing::warn!(error = %e, "cannot prune old releases");
                 }
-                self.stuck_to_reclaim += abandoned;
+                self.calls.abandoned(abandoned);
                 Ok(Reply::Switched {
                     transition: Some(transition),
                     plan: Some(report),
@@ -620,230 +469,6 @@ impl Actor {
         }
     }
 
-    /// Starts serving `split` of the requests with `version` beside the
-    /// active release, replacing a canary there may be. Refused for a
-    /// release that keeps state, or beside one: each instance would hold
-    /// its own copy of the state, and one copy would be lost.
-    fn start_canary(&mut self, version: &Version, split: Split, origin: &Origin) -> Result<Reply> {
-        let store = self.shared.store();
-        let target = store
-            .release(version)?
-            .ok_or_else(|| Error::UnknownVersion(version.clone()))?;
-        let active = self.lifecycle.active().clone();
-        if *version == active {
-            return Err(Error::refused(
-                Reason::InvalidArgument,
-                format!(
-                    "{version} is the active release: a canary serves another release beside it"
-                ),
-            ));
-        }
-        if !matches!(self.lifecycle.soak(), Soak::Idle) {
-            return Err(Error::refused(
-                Reason::CanaryWhileCurrent,
-                format!("{active} is current, not permanent: let its soak finish, or make it permanent or roll it back, before a canary"),
-            ));
-        }
-        let active_release = store
-            .release(&active)?
-            .ok_or_else(|| Error::UnknownVersion(active.clone()))?;
-        for release in [&target, &active_release] {
-            if release.state_version != 0 {
-                return Err(Error::refused(
-                    Reason::CanaryWithState,
-                    format!(
-                        "{} keeps state (state version {}): a canary would serve with a copy of the state of its own, and one of the two copies would be lost; upgrade to {version} without --canary",
-                        release.version, release.state_version
-                    ),
-                ));
-            }
-        }
-        let shared = Arc::clone(&self.shared);
-        let mut guard =
-            shared
-                .journal
-                .begin(TransitionKind::Canary, Some(&active), Some(version), origin)?;
-        guard.note(format!("canary: {split}"));
-        // Recorded before it can serve: whatever ends the process, the next
-        // start closes its history row.
-        if let Err(e) = store.set_canary(Some(version)) {
-            return Err(guard.fail(e.into(), &Changes::default()));
-        }
-        // On the plugin thread, with the rehearsal's time limit: an `init`
-        // or a health check that hangs must not hold the engine.
-        let started = super::catalog::open(&self.artifacts, &target).and_then(|library| {
-            let of = version.clone();
-            let called = self.call_plugin(super::switch::REHEARSAL_TIMEOUT, move || {
-                let plugin = |during| {
-                    let version = of.clone();
-                    move |source| Error::Plugin {
-                        version,
-                        during,
-                        source,
-                    }
-                };
-                library
-                    .instantiate(None)
-                    .map_err(plugin("init"))
-                    .and_then(|instance| {
-                        instance.health().map_err(plugin("health check"))?;
-                        Ok(instance)
-                    })
-            })?;
-            match called {
-                super::switch::Called::Done(made) => made,
-                super::switch::Called::Expired(_) => Err(Error::refused(
-                    Reason::Internal,
-                    format!(
-                        "starting the canary did not finish within {} s",
-                        super::switch::REHEARSAL_TIMEOUT.as_secs()
-                    ),
-                )),
-            }
-        });
-        let instance = match started {
-            Ok(instance) => instance,
-            Err(e) => {
-                let e = guard.fail(e, &Changes::default());
-                self.forget_canary(
-                    self.shared
-                        .runtime
-                        .canary()
-                        .map(|c| c.loaded.version.clone()),
-                );
-                return Err(e);
-            }
-        };
-        let loaded = crate::runtime::Loaded::new(version.clone(), target.blocking, instance);
-        let before = self.shared.runtime.set_canary(loaded, split);
-        if let Some(before) = &before {
-            guard.note(format!("replacing the canary of {}", before.loaded.version));
-        }
-        let transition = guard.succeed(&Changes::default());
-        self.let_go_of(before);
-        let transition = transition?;
-        tracing::info!(%version, "canary started");
-        Ok(Reply::Switched {
-            transition: Some(transition),
-            plan: None,
-            unchanged: false,
-        })
-    }
-
-    /// Records which canary serves now (`None`: none), after a canary
-    /// ended or failed to start; a store that cannot take it only means a
-    /// later start records the end of a canary that is gone already.
-    fn forget_canary(&self, serving: Option<Version>) {
-        if let Err(e) = self.shared.store().set_canary(serving.as_ref()) {
-            tracing::warn!(error = %e, "cannot record that the canary ended");
-        }
-    }
-
-    /// Drops a canary taken out of the runtime here, once its calls in
-    /// flight are done (within the drain grace): its instance's `stop` and
-    /// its library's unload run on the plugin thread, with a deadline,
-    /// never on a request's.
-    fn let_go_of(&self, canary: Option<Arc<crate::runtime::Canary>>) {
-        if let Some(canary) = canary {
-            let grace = self.shared.config.drain_grace;
-            // Calls stuck past the request timeout hold it for as long as
-            // they run: no wait ends sooner, and the last of them lets go.
-            if canary.loaded.stuck() == 0
-                && !self
-                    .tokio
-                    .block_on(crate::runtime::released(&canary, grace))
-            {
-                tracing::warn!(version = %canary.loaded.version, "drain grace over with the canary still serving a call");
-            }
-            // Its instance's stop and unload, if this is the last reference.
-            if let Ok(canary) = Arc::try_unwrap(canary) {
-                self.unload(Some(canary.loaded));
-            }
-        }
-    }
-
-    /// Drops the canary (a rollback while there is one): every request
-    /// goes to the active release again. With a `fault`, its release is
-    /// failed for it, in the same commit.
-    fn drop_canary(
-        &mut self,
-        dry_run: bool,
-        fault: Option<String>,
-        origin: &Origin,
-    ) -> Result<Reply> {
-        let Some(canary) = self.shared.runtime.canary() else {
-            return Err(Error::refused(
-                Reason::InvalidArgument,
-                "there is no canary",
-            ));
-        };
-        if dry_run {
-            return Ok(Reply::Switched {
-                transition: None,
-                plan: None,
-                unchanged: false,
-            });
-        }
-        let active = self.lifecycle.active().clone();
-        let shared = Arc::clone(&self.shared);
-        let mut guard = shared.journal.begin(
-            TransitionKind::Rollback,
-            Some(&canary.loaded.version),
-            Some(&active),
-            origin,
-        )?;
-        guard.note(format!(
-            "the canary of {} ({}) was dropped",
-            canary.loaded.version, canary.split
-        ));
-        let abandoned = note_abandoned(&mut guard, &canary.loaded);
-        let version = canary.loaded.version.clone();
-        drop(canary);
-        let cleared = self.shared.runtime.clear_canary();
-        let transition = match fault {
-            Some(fault) => self.commit_event(
-                guard,
-                machine::Event::SwitchFailed {
-                    to: version.clone(),
-                    fault: Some(fault),
-                },
-                &[],
-            ),
-            None => guard.succeed(&Changes::default()),
-        };
-        // Dropped whether or not the store took the record of it.
-        self.forget_canary(None);
-        self.let_go_of(cleared);
-        tracing::info!(%version, "canary dropped");
-        self.stuck_to_reclaim += abandoned;
-        Ok(Reply::Switched {
-            transition: Some(transition?),
-            plan: None,
-            unchanged: false,
-        })
-    }
-
-    /// The canary failed its health check or its error rate: dropped, and
-    /// its release failed.
-    fn canary_failed(&mut self, failure: super::soak::CanaryFailure) {
-        let Some(canary) = self.shared.runtime.canary() else {
-            return;
-        };
-        if canary.loaded.id() != failure.instance {
-            return;
-        }
-        let version = canary.loaded.version.clone();
-        drop(canary);
-        let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)
-            .version(&version)
-            .message(failure.reason.clone());
-        self.shared.journal.emit(event);
-        let origin = Origin::automatic(format!("the canary {version} failed: {}", failure.reason));
-        if let Err(e) = self.drop_canary(false, Some(failure.reason), &origin) {
-            tracing::error!(error = %e, "cannot record the dropped canary");
-        }
-    }
-
     fn make_permanent(&mut self, version: &Version, origin: &Origin) -> Result<Reply> {
         self.lifecycle.check_make_permanent(version)?;
         let transition = self.promote(version, origin)?;
@@ -856,7 +481,11 @@ impl Actor {
 
     /// Makes the current release permanent (a command, or the end of a
     /// healthy soak), with a checkpoint of what it served while current.
-    fn promote(&mut self, version: &Version, origin: &Origin) -> Result<crate::model::Transition> {
+    pub(super) fn promote(
+        &mut self,
+        version: &Version,
+        origin: &Origin,
+    ) -> Result<crate::model::Transition> {
         let previous = self.lifecycle.permanent().cloned();
         let shared = Arc::clone(&self.shared);
         let guard = shared.journal.begin(
@@ -926,7 +555,7 @@ impl Actor {
         for effect in effects {
             let machine::Effect::RollBack { reason } = effect;
             tracing::error!(%reason, "release failed its soak; rolling back");
-            self.next_rollback = Instant::now();
+            self.pacing.roll_back_now();
         }
         let permanent_changed = next.permanent() != self.lifecycle.permanent();
         self.lifecycle = next;
@@ -1018,7 +647,7 @@ impl Actor {
     /// agent runs it is written back whole, and transitions resume.
     fn recover_store(&mut self) {
         // Until there is room again, a fresh handle would fail as well.
-        match self.artifacts.free_space() {
+        match self.catalog.free_space() {
             Ok(free) if free >= super::catalog::FREE_SPACE_MARGIN => {}
             _ => return,
         }
@@ -1056,129 +685,6 @@ impl Actor {
         }
     }
 
-    /// A soak verdict from the watcher.
-    fn soak(&mut self, verdict: super::soak::Verdict) {
-        match self.lifecycle.soak().clone() {
-            Soak::Soaking { version, until_ms }
-                if verdict.version == version && verdict.until_ms == until_ms =>
-            {
-                match verdict.health {
-                    Err(reason) => self.fail_soak(&version, reason),
-                    Ok(()) if now_ms() >= until_ms => {
-                        let origin = Origin::automatic("healthy through its soak period");
-                        match self.promote(&version, &origin) {
-                            Ok(_) => {
-                                let event =
-                                    crate::model::Event::new(crate::model::EventKind::SoakPassed)
-                                        .version(&version);
-                                self.shared.journal.emit(event);
-                            }
-                            // Its state cannot be saved: that fails it.
-                            Err(e) if e.blames() == Some(&version) => {
-                                self.fail_soak(&version, e.to_string())
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, %version, "cannot make the soaked release permanent");
-                                if e.reason() == Reason::StoreUnavailable {
-                                    self.store_failed(e.to_string());
-                                }
-                            }
-                        }
-                    }
-                    Ok(()) => {
-                        if self.last_progress.elapsed() >= Duration::from_secs(1) {
-                            self.last_progress = Instant::now();
-                            let mut event =
-                                crate::model::Event::new(crate::model::EventKind::SoakProgress)
-                                    .version(&version);
-                            event.soak_remaining_ms = (until_ms - now_ms()).max(0) as u64;
-                            self.shared.journal.emit(event);
-                        }
-                    }
-                }
-            }
-            Soak::RollingBack { .. } if Instant::now() >= self.next_rollback => {
-                self.roll_back_automatically();
-            }
-            _ => {}
-        }
-    }
-
-    /// The soaking `version` failed its soak: announced, the lifecycle
-    /// told, and the automatic rollback started.
-    fn fail_soak(&mut self, version: &Version, reason: String) {
-        let event = crate::model::Event::new(crate::model::EventKind::SoakFailed)
-            .version(version)
-            .message(reason.clone());
-        self.shared.journal.emit(event);
-        match self.advance(machine::Event::SoakFailed { reason }, &[]) {
-            Ok(_) => self.roll_back_automatically(),
-            Err(e) => tracing::error!(error = %e, "cannot fail the soak"),
-        }
-    }
-
-    /// A checkpoint failed because the soaking release's snapshot did: it
-    /// fails its soak (a release whose state cannot be saved must not
-    /// become permanent).
-    fn fail_soak_for(&mut self, skipped: &Skipped) {
-        if let Soak::Soaking { version, .. } = self.lifecycle.soak().clone() {
-            if skipped.blames() == Some(&version) {
-                self.fail_soak(&version, skipped.to_string());
-            }
-        }
-    }
-
-    /// Rolls the release that failed its soak back to the permanent one.
-    /// A failed attempt stays pending (visible in status) and is retried
-    /// with back-off.
-    fn roll_back_automatically(&mut self) {
-        let Soak::RollingBack {
-            version,
-            reason,
-            attempts,
-            ..
-        } = self.lifecycle.soak().clone()
-        else {
-            return;
-        };
-        let origin = Origin::automatic(format!("{version} failed its soak: {reason}"));
-        let outcome = self.lifecycle.rollback_target().and_then(|target| {
-            self.switch_kind(
-                TransitionKind::Rollback,
-                &target,
-                StateSource::Migrate,
-                Settle::Immediate,
-                false,
-                &origin,
-            )
-        });
-        if let Err(e) = outcome {
-            if e.reason() == Reason::StoreUnavailable {
-                self.store_failed(e.to_string());
-            }
-            if !matches!(self.lifecycle.soak(), Soak::RollingBack { .. }) {
-                // It did switch back; only the store could not record it.
-                return;
-            }
-            let backoff =
-                Duration::from_millis(200 * 2u64.pow(attempts.min(5))).min(MAX_ROLLBACK_BACKOFF);
-            self.next_rollback = Instant::now() + backoff;
-            tracing::error!(error = %e, attempt = attempts + 1, retry_in_ms = backoff.as_millis() as u64, "automatic rollback failed; it will be retried");
-            let event = crate::model::Event::new(crate::model::EventKind::RollbackRetry)
-                .version(&version)
-                .message(e.to_string());
-            self.shared.journal.emit(event);
-            if let Err(bug) = self.advance(
-                machine::Event::RollbackFailed {
-                    error: e.to_string(),
-                },
-                &[],
-            ) {
-                tracing::error!(error = %bug, "cannot record the failed rollback");
-            }
-        }
-    }
-
     /// Calls stuck past the request timeout hold their threads (and their
     /// instance) for as long as they run, maybe for ever. Once the engine
     /// has let go of their instance — switched away, recorded — and a
@@ -1191,11 +697,11 @@ impl Actor {
     /// comes back on the permanent release, so a switch still soaking (or
     /// held) would be undone by it.
     fn reclaim_stuck(&mut self) {
-        if self.stuck_to_reclaim > 0
+        if self.calls.any_abandoned()
             && matches!(self.lifecycle.soak(), Soak::Idle)
             && self.shared.runtime.canary().is_none()
         {
-            let stuck = std::mem::take(&mut self.stuck_to_reclaim);
+            let stuck = self.calls.take_abandoned();
             self.replace_worker(stuck);
         }
     }
@@ -1243,7 +749,10 @@ fn abandoned_note(stuck: u64, version: &Version) -> String {
 
 /// Notes the calls into `loaded` abandoned past the request timeout, if
 /// any; how many.
-fn note_abandoned(guard: &mut super::journal::Guard<'_>, loaded: &crate::runtime::Loaded) -> u64 {
+pub(super) fn note_abandoned(
+    guard: &mut super::journal::Guard<'_>,
+    loaded: &crate::runtime::Loaded,
+) -> u64 {
     let stuck = loaded.stuck();
     if stuck > 0 {
         guard.note(abandoned_note(stuck, &loaded.version));
@@ -1260,19 +769,6 @@ fn client_gone(reply: &oneshot::Sender<Result<Reply>>, meta: &Meta) -> Option<&'
     } else {
         None
     }
-}
-
-/// Refusals a retry may well not meet: not recorded under the request id.
-fn is_transient(e: &Error) -> bool {
-    matches!(
-        e.reason(),
-        Reason::QuiesceTimeout
-            | Reason::StoreUnavailable
-            | Reason::DiskFull
-            | Reason::ShuttingDown
-            | Reason::RollbackPending
-            | Reason::Internal
-    )
 }
 
 /// The running state could not be carried down (migrated, snapshotted,

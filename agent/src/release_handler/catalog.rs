@@ -2,6 +2,9 @@
 //! out of process, then recording the release and its library), removing,
 //! pruning old releases beyond `--keep-old`, and collecting artifacts
 //! nothing references.
+//!
+//! The catalog owns the artifacts ([`Catalog`]): the rest of the engine
+//! opens a release's library, or asks for room, through it.
 
 use std::sync::Arc;
 
@@ -20,6 +23,32 @@ use crate::probe;
 /// Room kept free on the data dir's filesystem beyond what a stage writes:
 /// the store must still be able to journal and checkpoint.
 pub const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+
+/// The releases' library files, content-addressed.
+pub(super) struct Catalog {
+    artifacts: Artifacts,
+}
+
+impl Catalog {
+    pub(super) fn new(artifacts: Artifacts) -> Catalog {
+        Catalog { artifacts }
+    }
+
+    /// See [`open`].
+    pub(super) fn open(&self, release: &Release) -> Result<Arc<Library>> {
+        open(&self.artifacts, release)
+    }
+
+    /// See [`verified`]: the file checked, and its path.
+    pub(super) fn verified(&self, release: &Release) -> Result<std::path::PathBuf> {
+        verified(&self.artifacts, release)?;
+        Ok(self.artifacts.path(&release.sha256))
+    }
+
+    pub(super) fn free_space(&self) -> std::io::Result<u64> {
+        self.artifacts.free_space()
+    }
+}
 
 impl Actor {
     /// Records a release whose upload was checked ([`inspect`]): the same
@@ -42,12 +71,17 @@ impl Actor {
                 // the same digest, and probed — put it right.
                 // Not on a read that timed out: hung storage is not mended
                 // by writing to it from the engine's thread.
-                let damaged = match self.artifacts.verified(&existing.sha256, existing.size) {
+                let damaged = match self
+                    .catalog
+                    .artifacts
+                    .verified(&existing.sha256, existing.size)
+                {
                     Ok(verified) => verified.is_err(),
                     Err(e) => e.kind() != std::io::ErrorKind::TimedOut,
                 };
                 if damaged {
-                    self.artifacts
+                    self.catalog
+                        .artifacts
                         .repair(upload)
                         .map_err(Error::io("cannot repair the artifact"))?;
                     tracing::warn!(version = %existing.version, sha256 = %existing.sha256, "the release's artifact was damaged; staging it again repaired it");
@@ -84,7 +118,7 @@ impl Actor {
                 .begin(TransitionKind::Stage, None, Some(&manifest.version), origin)?;
         crash_point("stage:begun");
         match register(
-            &self.artifacts,
+            &self.catalog.artifacts,
             &manifest,
             &manifest_toml,
             upload,
@@ -202,6 +236,7 @@ impl Actor {
         let releases = self.shared.store().releases()?;
         let keep: Vec<&str> = releases.iter().map(|r| r.sha256.as_str()).collect();
         let removed = self
+            .catalog
             .artifacts
             .collect_garbage(&keep)
             .map_err(Error::io("cannot collect unreferenced artifacts"))?;

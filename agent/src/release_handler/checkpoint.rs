@@ -19,7 +19,7 @@ use nine9s_host::CallError;
 use nine9s_manifest::Version;
 
 use super::actor::Actor;
-use super::switch::{watch_wedged, Called};
+use super::calls::{watch_wedged, Called};
 use crate::error::Error;
 use crate::model::{now_ms, Event, EventKind, Snapshot};
 
@@ -90,7 +90,7 @@ impl Actor {
                 // Behind the closed gate: on the plugin thread, within
                 // --gate-timeout.
                 let serving = Arc::clone(loaded);
-                let snapshot = match self.call_plugin(limit, move || serving.take_snapshot()) {
+                let snapshot = match self.calls.call(limit, move || serving.take_snapshot()) {
                     Ok(Called::Done(snapshot)) => snapshot,
                     Ok(Called::Expired(late)) => {
                         watch_wedged(loaded, late);

@@ -8,6 +8,10 @@
 //! A guard dropped without either (an early `?`) commits the transition as
 //! failed with the running view cleared.
 //!
+//! Every command with a request id is answered once: its outcome is
+//! recorded under the id ([`Journal::record_request`]), and a retry gets
+//! that answer back instead of running again ([`Journal::answered`]).
+//!
 //! Committed transitions are counted here too (`nine9s_transitions_total`
 //! and the duration and switch-wait histograms, see `metrics`), so the
 //! metrics say what the history says.
@@ -20,9 +24,13 @@ use std::time::Instant;
 use nine9s_manifest::Version;
 use tokio::sync::broadcast;
 
-use crate::error::{Error, Result};
+use super::Reply;
+use crate::error::{Error, Reason, Result};
 use crate::metrics::Transitions;
-use crate::model::{Event, EventKind, Outcome, Release, Transition, TransitionKind};
+use crate::model::{
+    now_ms, Event, EventKind, Outcome, Recorded, RecordedOutcome, Release, Transition,
+    TransitionKind,
+};
 use crate::store::Store;
 
 /// The release records a transition changed: all of them are committed
@@ -153,6 +161,169 @@ impl Journal {
         })
     }
 
+    /// The answer to a command whose request id was seen before: its
+    /// recorded outcome if it is the same command (a retry), a refusal if
+    /// the id was used for another; `None` for a new id.
+    pub fn answered(&self, id: &str, fingerprint: &str) -> Result<Option<Result<Reply>>> {
+        let Some(recorded) = self.store.request(id)? else {
+            return Ok(None);
+        };
+        if recorded.fingerprint != fingerprint {
+            // The first command may be another identity's: what it was
+            // stays in the log.
+            tracing::warn!(request_id = %id, recorded = %recorded.fingerprint, this = %fingerprint, "a request id reused for another command: refused");
+            return Ok(Some(Err(Error::refused(
+                Reason::RequestIdReused,
+                format!("request id {id:?} was already used for another command; use a new id for a new command"),
+            ))));
+        }
+        tracing::info!(request_id = %id, "a retried command: answering with its recorded outcome");
+        Ok(Some(self.replay(recorded.outcome)))
+    }
+
+    /// Records a command's outcome under its request id. A transition's
+    /// begin already recorded it (durably, with the journal entry); what
+    /// ended without one, or otherwise, is recorded here. A transient
+    /// refusal that changed nothing is forgotten, so a retry runs again.
+    pub fn record_request(
+        &self,
+        id: &str,
+        fingerprint: String,
+        outcome: &Result<Reply>,
+        changed: bool,
+    ) {
+        let store = &self.store;
+        let outcome = match outcome {
+            Ok(Reply::Staged {
+                release,
+                already_staged,
+            }) => RecordedOutcome::Staged {
+                version: release.version.clone(),
+                already_staged: *already_staged,
+            },
+            // Recorded when it began.
+            Ok(Reply::Switched {
+                transition: Some(_),
+                ..
+            }) => return,
+            Ok(Reply::Switched { .. }) => RecordedOutcome::Unchanged,
+            Ok(Reply::Removed {
+                release: Some(release),
+                collected,
+            }) => RecordedOutcome::Removed {
+                release: Box::new(release.clone()),
+                collected: collected.clone(),
+            },
+            Ok(Reply::Removed { release: None, .. }) => return,
+            // Transient refusals are not final: a retry should try again —
+            // unless the command did change the lifecycle (a switch the
+            // store could not record), which its begin record stands for.
+            Err(e) if is_transient(e) => {
+                if !changed {
+                    if let Err(e) = store.forget_request(id) {
+                        tracing::warn!(error = %e, request_id = %id, "cannot forget the request id");
+                    }
+                }
+                return;
+            }
+            Err(e) => RecordedOutcome::Refused {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+        };
+        let recorded = Recorded {
+            at_ms: now_ms(),
+            fingerprint,
+            outcome,
+        };
+        if let Err(e) = store
+            .record_request(id, &recorded)
+            .and_then(|()| store.flush())
+        {
+            tracing::warn!(error = %e, request_id = %id, "cannot record the request's outcome");
+        }
+    }
+
+    /// The answer recorded for a request id. A command never runs twice:
+    /// a transition without a recorded end is answered as such.
+    fn replay(&self, outcome: RecordedOutcome) -> Result<Reply> {
+        let store = &self.store;
+        Ok(match outcome {
+            RecordedOutcome::Transition { id, finished } => {
+                // Its end as recorded under the id, else the history's
+                // entry (records from before the end was kept there).
+                let t = match finished {
+                    Some(t) => Some(*t),
+                    None => store.transition(id)?,
+                };
+                let t = match t {
+                    Some(t) if t.outcome != Outcome::Running => t,
+                    _ => {
+                        return Err(Error::refused(
+                            Reason::OutcomeUnknown,
+                            format!("this request id started transition #{id}, whose end was never recorded (the store failed it); it is not run again: see `ctl status` and `ctl history`, and use a new request id to act"),
+                        ))
+                    }
+                };
+                match t.outcome {
+                    Outcome::Aborted => {
+                        return Err(Error::refused(
+                            Reason::TransitionAborted,
+                            format!("this request id started transition #{id}, which the agent's stop cut short before it took effect; it is not run again: use a new request id to run it"),
+                        ))
+                    }
+                    Outcome::Failed => {
+                        return Err(Error::Recorded {
+                            reason: t.error_reason.unwrap_or(Reason::Internal),
+                            message: t.error.unwrap_or_default(),
+                        })
+                    }
+                    Outcome::Ok | Outcome::Running => {}
+                }
+                match (t.kind, &t.to, &t.from) {
+                    (TransitionKind::Stage, Some(version), _) => Reply::Staged {
+                        release: store
+                            .release(version)?
+                            .ok_or_else(|| Error::UnknownVersion(version.clone()))?,
+                        already_staged: false,
+                    },
+                    // Answered before the removal was recorded: the record
+                    // is gone with it.
+                    (TransitionKind::Remove, _, Some(_)) => Reply::Removed {
+                        release: None,
+                        collected: Vec::new(),
+                    },
+                    _ => Reply::Switched {
+                        transition: Some(t),
+                        plan: None,
+                        unchanged: false,
+                    },
+                }
+            }
+            RecordedOutcome::Unchanged => Reply::Switched {
+                transition: None,
+                plan: None,
+                unchanged: true,
+            },
+            RecordedOutcome::Staged {
+                version,
+                already_staged,
+            } => Reply::Staged {
+                release: store
+                    .release(&version)?
+                    .ok_or(Error::UnknownVersion(version))?,
+                already_staged,
+            },
+            RecordedOutcome::Removed { release, collected } => Reply::Removed {
+                release: Some(*release),
+                collected,
+            },
+            RecordedOutcome::Refused { reason, message } => {
+                return Err(Error::Recorded { reason, message })
+            }
+        })
+    }
+
     /// Announces release state changes (after they were committed).
     pub fn announce(&self, changed: &[Release]) {
         for release in changed {
@@ -247,4 +418,17 @@ impl Drop for Guard<'_> {
             }
         }
     }
+}
+
+/// Refusals a retry may well not meet: not recorded under the request id.
+fn is_transient(e: &Error) -> bool {
+    matches!(
+        e.reason(),
+        Reason::QuiesceTimeout
+            | Reason::StoreUnavailable
+            | Reason::DiskFull
+            | Reason::ShuttingDown
+            | Reason::RollbackPending
+            | Reason::Internal
+    )
 }

@@ -6,11 +6,14 @@
 //! commands go over a channel to one thread ([`actor`]) that applies them
 //! one at a time, asking the pure state machine ([`machine`]) what each may
 //! do, doing the work (the [`switch`] executor, the [`catalog`] of staged
-//! releases, [`checkpoint`]s), journalling it ([`journal`]) and applying
-//! the outcome back to the machine. Events leave on a broadcast. Reads
+//! releases and their artifacts, the [`canary`], [`checkpoint`]s, every
+//! call into a release on a lane of [`calls`]), journalling it
+//! ([`journal`], which also answers a retried request id) and applying the
+//! outcome back to the machine. Events leave on a broadcast. Reads
 //! (`status`, `history`, `watch`) never wait for the actor: they read the
 //! store and the published [`View`]. The [`soak`] watcher calls plugin
-//! health checks outside the actor, with a timeout, and sends verdicts in.
+//! health checks outside the actor, with a timeout, and sends verdicts in;
+//! the actor acts on them ([`soaking`]).
 
 use std::sync::{mpsc, Arc};
 
@@ -30,12 +33,15 @@ use crate::store::Store;
 
 mod actor;
 mod boot;
+mod calls;
+mod canary;
 mod catalog;
 mod checkpoint;
 mod handoff;
 mod journal;
 mod machine;
 mod soak;
+mod soaking;
 mod switch;
 
 pub(crate) use boot::embedded_sha256;

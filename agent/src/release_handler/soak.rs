@@ -3,11 +3,11 @@
 //! actor, which decides (roll back, make permanent, go on).
 //!
 //! The health check is plugin code: it runs here, outside the actor, on a
-//! blocking thread with a time limit (`--health-timeout`). A check that
-//! does not answer in time is a failed check, and a hung one cannot hold
-//! up `ctl rollback`, which the actor keeps taking meanwhile, nor the
-//! checks of another instance — of the same version too: what is being
-//! checked is marked by instance. An instance with a call stuck past the
+//! plugin-call lane of its own ([`super::calls`]) with a time limit
+//! (`--health-timeout`). A check that does not answer in time is a failed
+//! check, and a hung one cannot hold up `ctl rollback`, which the actor
+//! keeps taking meanwhile, nor the checks of another instance — of the
+//! same version too: what is being checked is marked by instance. An instance with a call stuck past the
 //! request timeout is unhealthy without asking it. While an automatic
 //! rollback is pending, the watcher keeps ticking the actor so it retries.
 
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use nine9s_manifest::Version;
 
+use super::calls::Lane;
 use super::{Engine, Job, Soak};
 
 /// How often the soaking release is looked at.
@@ -61,6 +62,9 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
     // The canary's, apart: a hung check of a canary must not hold up the
     // soak of its release once promoted.
     let checking_canary: Checking = Arc::default();
+    // Each on a lane of its own, for the same reason.
+    let lane = Lane::new("nine9s-health");
+    let canary_lane = Lane::new("nine9s-canary-health");
     loop {
         tokio::select! {
             () = &mut stopped => return,
@@ -68,7 +72,7 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
         }
         let verdict = match engine.shared.view().soak {
             Soak::Soaking { version, until_ms } => {
-                look(&engine, version, until_ms, &checking).await
+                look(&engine, version, until_ms, &checking, &lane).await
             }
             // The actor retries the rollback when its back-off allows.
             Soak::RollingBack { version, .. } => Some(Verdict {
@@ -83,7 +87,7 @@ pub async fn watch(engine: Engine, stopped: impl Future<Output = ()>) {
                 return;
             }
         }
-        if let Some(failure) = look_at_canary(&engine, &checking_canary).await {
+        if let Some(failure) = look_at_canary(&engine, &checking_canary, &canary_lane).await {
             if engine.send(Job::CanaryFailed(failure)).is_err() {
                 return;
             }
@@ -111,6 +115,7 @@ async fn look(
     version: Version,
     until_ms: i64,
     checking: &Checking,
+    lane: &Lane,
 ) -> Option<Verdict> {
     let active = engine.runtime().active();
     if active.version != version || !start_check(checking, active.id()) {
@@ -121,7 +126,7 @@ async fn look(
     let done = Arc::clone(checking);
     let instance = Arc::clone(&active);
     drop(active);
-    let health = judge(config, instance, counters, done).await;
+    let health = judge(config, instance, counters, done, lane).await;
     Some(Verdict {
         version,
         until_ms,
@@ -131,7 +136,11 @@ async fn look(
 
 /// One look at the canary, if there is one and it is not being checked
 /// already: `Some` if it is unhealthy.
-async fn look_at_canary(engine: &Engine, checking: &Checking) -> Option<CanaryFailure> {
+async fn look_at_canary(
+    engine: &Engine,
+    checking: &Checking,
+    lane: &Lane,
+) -> Option<CanaryFailure> {
     let canary = engine.runtime().canary()?;
     let id = canary.loaded.id();
     if !start_check(checking, id) {
@@ -141,14 +150,14 @@ async fn look_at_canary(engine: &Engine, checking: &Checking) -> Option<CanaryFa
     let counters = canary.loaded.counters();
     let instance = Arc::clone(&canary.loaded);
     drop(canary);
-    let health = judge(config, instance, counters, Arc::clone(checking)).await;
+    let health = judge(config, instance, counters, Arc::clone(checking), lane).await;
     health.err().map(|reason| CanaryFailure {
         instance: id,
         reason,
     })
 }
 
-/// Calls `instance`'s health check on a blocking thread with the time
+/// Calls `instance`'s health check on `lane` with the time
 /// limit, then its share of failed requests: `Err(why)` if unhealthy. A
 /// call stuck past the request timeout is enough: the check is not asked.
 /// `checking` names the instance while its check runs.
@@ -157,6 +166,7 @@ async fn judge(
     instance: Arc<crate::runtime::Loaded>,
     counters: crate::runtime::Counters,
     checking: Checking,
+    lane: &Lane,
 ) -> Result<(), String> {
     let id = instance.id();
     let unmark = move || {
@@ -176,19 +186,19 @@ async fn judge(
                 .map_or(0, |limit| limit.as_millis())
         ));
     }
-    let check = tokio::task::spawn_blocking(move || {
+    let check = lane.call_async(config.health_timeout, move || {
         let result = instance.instance.health();
         unmark();
         result
     });
-    let health = match tokio::time::timeout(config.health_timeout, check).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(format!("health check failed: {e}")),
-        Ok(Err(e)) => Err(format!("health check crashed: {e}")),
-        Err(_) => Err(format!(
+    let health = match check.await {
+        Ok(Some(Ok(()))) => Ok(()),
+        Ok(Some(Err(e))) => Err(format!("health check failed: {e}")),
+        Ok(None) => Err(format!(
             "health check did not answer within {} ms",
             config.health_timeout.as_millis()
         )),
+        Err(e) => Err(format!("health check crashed: {e}")),
     };
     health.and_then(|()| {
         if counters.served < MIN_REQUESTS_FOR_RATE {

@@ -10,26 +10,22 @@
 //! reopens on the instance that served. Hooks after `switch` run on the
 //! serving instance; `drain` waits for the old instance to be released and
 //! `unload` drops it (its `stop`, `destroy` and `dlclose`, within
-//! [`STOP_TIMEOUT`]; the host checks its library is unmapped). A dry run
+//! [`super::calls::STOP_TIMEOUT`]; the host checks its library is unmapped). A dry run
 //! is the disposable rehearsal alone, with every hook of the plan tried on
 //! its trial instance: the serving worker never maps the target.
 //!
-//! Every call the engine makes into a release runs on its
-//! [`PluginThread`], each with a deadline ([`Actor::call_plugin`]); a call
-//! past its deadline keeps that thread, and the next call gets a new one.
-//! If the *serving* instance is the one that does not return (its snapshot
-//! hangs), it is watched a while longer ([`WEDGED_AFTER`]); if it never
-//! returns, the worker exits and the supervisor starts a new one on the
-//! permanent release with its last checkpoint, as after a crash.
+//! Every call into a release's code runs on the engine's plugin-call lane
+//! with a deadline ([`super::calls`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nine9s_host::{CallError, Library};
 use nine9s_manifest::{Step, Version};
 
 use super::actor::Actor;
+use super::calls::{watch_wedged, Called, REHEARSAL_TIMEOUT};
 use super::handoff::{carry_between, restore_carry, unrestorable, Carry};
 use super::{CarriedState, PlanReport, StateSource};
 use crate::error::{Error, Reason, Result};
@@ -37,30 +33,6 @@ use crate::failpoint::crash_point;
 use crate::model::{now_ms, Release, Snapshot};
 use crate::probe::{Carried, Failure, Rehearsal, Report, Stage};
 use crate::runtime::{drain, Loaded, SwitchError};
-
-/// Longest a rehearsal (migration, init, hooks and health check on the
-/// trial instance) may take before the switch is refused.
-pub const REHEARSAL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Longest an instance's `stop`, `destroy` and its library's unload may
-/// take before the engine stops waiting for them.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long the serving instance may stay inside a call abandoned behind
-/// the gate before it counts as wedged and the worker is replaced.
-const WEDGED_AFTER: Duration = Duration::from_secs(10);
-
-/// The worker's exit code when it leaves because its serving instance is
-/// wedged (EX_SOFTWARE): the supervisor starts another.
-const EXIT_WEDGED: i32 = 70;
-
-/// A call into a release, as its deadline found it.
-pub(super) enum Called<T> {
-    Done(T),
-    /// Still running on an abandoned thread; its result, if it ever ends,
-    /// comes here.
-    Expired(mpsc::Receiver<T>),
-}
 
 /// A switch that happened.
 pub(super) struct Executed {
@@ -170,7 +142,8 @@ impl Actor {
             crash_point("switch:quiesced");
             let fresh = Arc::clone(&library);
             let instance = match self
-                .call_plugin(REHEARSAL_TIMEOUT, move || fresh.instantiate(None))?
+                .calls
+                .call(REHEARSAL_TIMEOUT, move || fresh.instantiate(None))?
             {
                 Called::Done(made) => made.map_err(|e| plugin_error(&target.version, "init", e))?,
                 Called::Expired(_) => {
@@ -207,7 +180,7 @@ impl Actor {
                         ))
                     } else {
                         let serving = Arc::clone(old);
-                        match self.call_plugin(gate_timeout, move || serving.take_snapshot())? {
+                        match self.calls.call(gate_timeout, move || serving.take_snapshot())? {
                             Called::Done(left) => {
                                 left.map_err(|e| plugin_error(&old.version, "snapshot", e))
                             }
@@ -281,7 +254,7 @@ impl Actor {
                         Ok((next, start, state))
                     };
                     let left_time = gate_timeout.saturating_sub(closed_at.elapsed());
-                    match self.call_plugin(left_time, restore)? {
+                    match self.calls.call(left_time, restore)? {
                         Called::Done(restored) => {
                             let (next, start, state) = restored?;
                             if state_is_left {
@@ -355,29 +328,13 @@ impl Actor {
                             .block_on(drain(old, self.shared.config.drain_grace));
                     }
                 }
-                Step::Unload => self.unload(old.take()),
+                Step::Unload => self.calls.unload(old.take()),
                 // Never after `switch` (the manifest refuses such a plan).
                 Step::Load | Step::Migrate | Step::Switch => {}
             }
         }
         // A plan without `unload` still lets the old release go.
-        self.unload(old);
-    }
-
-    /// Lets go of an instance on the plugin thread: if this was the last
-    /// reference, its `stop`, `destroy` and its library's unload run there,
-    /// within [`STOP_TIMEOUT`] (past it, they are left to that thread, and
-    /// the library stays loaded).
-    pub(super) fn unload(&self, loaded: Option<Arc<Loaded>>) {
-        let Some(loaded) = loaded else { return };
-        let version = loaded.version.clone();
-        match self.call_plugin(STOP_TIMEOUT, move || drop(loaded)) {
-            Ok(Called::Done(())) => {}
-            Ok(Called::Expired(_)) => {
-                tracing::error!(%version, "the release's stop (or destroy) did not return within {} s: it is left running, and its library loaded", STOP_TIMEOUT.as_secs())
-            }
-            Err(e) => tracing::error!(%version, error = %e, "cannot let go of the old instance"),
-        }
+        self.calls.unload(old);
     }
 
     /// Runs a hook on the serving instance, on the plugin thread with the
@@ -386,7 +343,7 @@ impl Actor {
     fn hook_after_switch(&self, name: &str) -> Result<()> {
         let serving = self.shared.runtime.active();
         let hook = name.to_owned();
-        let called = self.call_plugin(REHEARSAL_TIMEOUT, move || {
+        let called = self.calls.call(REHEARSAL_TIMEOUT, move || {
             serving
                 .instance
                 .hook(&hook)
@@ -398,35 +355,6 @@ impl Actor {
                 Reason::Internal,
                 format!("it did not finish within {} s", REHEARSAL_TIMEOUT.as_secs()),
             )),
-        }
-    }
-
-    /// Runs `call` (plugin code) on the plugin thread and waits at most
-    /// `limit` for it. Past it, the thread is abandoned to the call (the
-    /// next call gets a new one), and the call's result, if it ever ends,
-    /// comes on the receiver returned.
-    pub(super) fn call_plugin<T: Send + 'static>(
-        &self,
-        limit: Duration,
-        call: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<Called<T>> {
-        let (tx, rx) = mpsc::channel();
-        self.plugin_thread.run(Box::new(move || {
-            let _ = tx.send(call());
-        }))?;
-        match rx.recv_timeout(limit) {
-            Ok(done) => Ok(Called::Done(done)),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                self.plugin_thread.abandon();
-                Ok(Called::Expired(rx))
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                self.plugin_thread.abandon();
-                Err(Error::refused(
-                    Reason::Internal,
-                    "the plugin thread ended in the middle of a call",
-                ))
-            }
         }
     }
 
@@ -472,8 +400,7 @@ impl Actor {
     ) -> Result<(Option<Snapshot>, Rehearsal)> {
         // The disposable process opens it by path: whatever it runs, the
         // serving worker loads only the descriptor it hashes itself.
-        super::catalog::verified(&self.artifacts, target)?;
-        let path = self.artifacts.path(&target.sha256);
+        let path = self.catalog.verified(target)?;
         let (restored, state) = match source {
             StateSource::Snapshot => {
                 let mut snapshot = self.stored_snapshot(target)?;
@@ -483,14 +410,16 @@ impl Actor {
             }
             StateSource::Migrate if report.plan.steps.contains(&Step::Migrate) => {
                 let serving = Arc::clone(active);
-                let taken =
-                    match self.call_plugin(REHEARSAL_TIMEOUT, move || serving.take_snapshot())? {
-                        Called::Done(taken) => taken,
-                        Called::Expired(_) => Err(CallError::Failed(format!(
-                            "its snapshot did not finish within {} s",
-                            REHEARSAL_TIMEOUT.as_secs()
-                        ))),
-                    };
+                let taken = match self
+                    .calls
+                    .call(REHEARSAL_TIMEOUT, move || serving.take_snapshot())?
+                {
+                    Called::Done(taken) => taken,
+                    Called::Expired(_) => Err(CallError::Failed(format!(
+                        "its snapshot did not finish within {} s",
+                        REHEARSAL_TIMEOUT.as_secs()
+                    ))),
+                };
                 let bytes = taken.map_err(|e| plugin_error(&active.version, "snapshot", e))?;
                 (
                     None,
@@ -551,7 +480,7 @@ impl Actor {
         source: StateSource,
         report: &PlanReport,
     ) -> Result<Prepared> {
-        let library = super::catalog::open(&self.artifacts, target)?;
+        let library = self.catalog.open(target)?;
         let snapshot = match source {
             StateSource::Snapshot => Some(self.stored_snapshot(target)?),
             StateSource::Migrate => None,
@@ -586,7 +515,7 @@ impl Actor {
         let library = Arc::clone(&loaded.library);
         let version = target.version.clone();
         let hooks = hooks.to_vec();
-        let called = self.call_plugin(REHEARSAL_TIMEOUT, move || -> Result<()> {
+        let called = self.calls.call(REHEARSAL_TIMEOUT, move || -> Result<()> {
             let plugin = plugin_error;
             let run = || -> Result<()> {
                 let state = match stored {
@@ -629,50 +558,6 @@ impl Actor {
                 ),
             )),
         }
-    }
-}
-
-/// The thread the engine's own plugin calls (rehearsals, hooks after a
-/// switch) run on, with a time limit, kept from one switch to the next (a
-/// thread per switch would come and go thousands of times); replaced when
-/// a call hangs in plugin code.
-#[derive(Default)]
-pub(super) struct PluginThread {
-    worker: std::cell::RefCell<Option<std::sync::mpsc::Sender<Job>>>,
-}
-
-/// One rehearsal, as the thread runs it.
-type Job = Box<dyn FnOnce() + Send>;
-
-impl PluginThread {
-    pub(super) fn run(&self, job: Job) -> Result<()> {
-        let mut worker = self.worker.borrow_mut();
-        if worker.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            std::thread::Builder::new()
-                .name("nine9s-plugin-calls".into())
-                .spawn(move || {
-                    // Ends when the engine lets go of the sender.
-                    while let Ok(job) = rx.recv() {
-                        job();
-                    }
-                })
-                .map_err(Error::io("cannot start the rehearsal thread"))?;
-            *worker = Some(tx);
-        }
-        let sent = worker.as_ref().map(|tx| tx.send(job));
-        if !matches!(sent, Some(Ok(()))) {
-            *worker = None;
-            return Err(Error::refused(
-                Reason::Internal,
-                "the rehearsal thread is gone; the next switch starts a new one",
-            ));
-        }
-        Ok(())
-    }
-
-    pub(super) fn abandon(&self) {
-        self.worker.borrow_mut().take();
     }
 }
 
@@ -739,25 +624,6 @@ fn failed(
         Stage::Snapshot => "snapshot",
     };
     plugin_error(&target.version, during, CallError::Failed(failure.error))
-}
-
-/// The serving instance did not return from a call abandoned behind the
-/// gate. If it does not within [`WEDGED_AFTER`] either, it is wedged: the
-/// worker exits, and the supervisor starts another on the permanent
-/// release with its last checkpoint, as after a crash.
-pub(super) fn watch_wedged<T: Send + 'static>(serving: &Loaded, late: mpsc::Receiver<T>) {
-    let version = serving.version.clone();
-    let watched = std::thread::Builder::new()
-        .name("nine9s-wedged".into())
-        .spawn(move || {
-            if late.recv_timeout(WEDGED_AFTER).is_err() {
-                tracing::error!(%version, "the serving instance has not returned from a call for {} s: it is wedged; this worker exits, and the supervisor starts another on the permanent release with its last checkpoint", WEDGED_AFTER.as_secs());
-                std::process::exit(EXIT_WEDGED);
-            }
-        });
-    if let Err(e) = watched {
-        tracing::error!(error = %e, "cannot watch the abandoned call");
-    }
 }
 
 /// What the rehearsal found the library to be, for the report.
