@@ -246,10 +246,12 @@ impl Access {
         let path = admin_token_path(data_dir);
         let token = match crate::datadir::read_secret(&path) {
             Ok(text) => text.trim().to_owned(),
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(crate::datadir::DataDirError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 create_admin_token(&path)?
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if token.len() < MIN_TOKEN {
             return Err(Error::refused(

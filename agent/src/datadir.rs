@@ -29,7 +29,6 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::error::{Error, Reason};
 use crate::worker_user::WorkerUser;
 
 /// The entries of the data dir the agent makes, and what each is.
@@ -39,6 +38,34 @@ const ENTRIES: [(&str, Expect); 4] = [
     ("artifacts", Expect::WorkDir),
     ("standby.json", Expect::File),
 ];
+
+/// Why the data dir, or a file a flag names, cannot be used. A leaf: the
+/// agent's `Error` wraps it (`Error::DataDir`), and every refusal here is
+/// the operator's to fix (the agent exits 2).
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error(transparent)]
+    Unsafe(#[from] UnsafePath),
+    /// The `--worker-user` cannot pass a directory on the way.
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DataDirError {
+    /// Wraps an I/O error with what was being done.
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataDirError {
+        let context = context.into();
+        move |source| DataDirError::Io { context, source }
+    }
+}
+
+type Error = DataDirError;
 
 /// A path the agent refuses to use, and why.
 #[derive(Debug, thiserror::Error)]
@@ -323,7 +350,7 @@ pub(crate) const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
 
 /// Reads a secret of the data dir (the admin token) without following a
 /// symlink, checking the file opened (not the path) is the agent's own and
-/// owner-only. A missing file is an `Error::Io` of kind `NotFound`.
+/// owner-only. A missing file is a `DataDirError::Io` of kind `NotFound`.
 pub(crate) fn read_secret(path: &Path) -> Result<String, Error> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
@@ -480,17 +507,14 @@ fn reachable(dir: &Path, worker: &WorkerUser) -> Result<(), Error> {
         let meta = std::fs::metadata(path)
             .map_err(Error::io(format!("cannot inspect {}", path.display())))?;
         if !searchable(Facts::of(&meta), worker) {
-            return Err(Error::refused(
-                Reason::InvalidArgument,
-                format!(
+            return Err(Error::Unreachable(format!(
                     "the --worker-user {} cannot reach the data dir {}: {} (mode {:04o}, owned by {}) does not let it through. Give others the search bit (chmod o+x), or choose a data dir under directories it can pass",
                     worker.name,
                     dir.display(),
                     path.display(),
                     meta.mode() & 0o7777,
                     user(meta.uid()),
-                ),
-            ));
+            )));
         }
     }
     Ok(())

@@ -5,6 +5,7 @@
 use nine9s_host::{CallError, LoadError};
 use nine9s_manifest::{ManifestError, Version};
 
+use crate::datadir::DataDirError;
 pub use crate::reason::Reason;
 use crate::store::StoreError;
 
@@ -55,10 +56,11 @@ pub enum Error {
     ExpectedActive { expected: Version, active: Version },
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A path another local user could have made or changed: the agent
-    /// does not start.
+    /// The data dir or a file a flag names cannot be used (another local
+    /// user could have made or changed it; the worker user cannot reach
+    /// it): the agent does not start.
     #[error(transparent)]
-    UnsafePath(#[from] crate::datadir::UnsafePath),
+    DataDir(#[from] DataDirError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -96,7 +98,11 @@ impl Error {
             Error::QuiesceTimeout { .. } => Reason::QuiesceTimeout,
             Error::ExpectedActive { .. } => Reason::ExpectedActiveMismatch,
             Error::Store(_) => Reason::StoreUnavailable,
-            Error::UnsafePath(_) => Reason::InvalidArgument,
+            Error::DataDir(DataDirError::Io { source, .. }) if is_disk_full(source) => {
+                Reason::DiskFull
+            }
+            Error::DataDir(DataDirError::Io { .. }) => Reason::Internal,
+            Error::DataDir(_) => Reason::InvalidArgument,
             Error::Io { source, .. } if is_disk_full(source) => Reason::DiskFull,
             Error::Io { .. } => Reason::Internal,
         }

@@ -428,7 +428,7 @@ fn supervise(args: Args) -> ! {
         None => nine9s_agent::local::bind(&args.data_dir, worker_user.as_ref(), LOCAL_SOCKET_WAIT)
             .unwrap_or_else(|e| {
                 eprintln!("agent: error: {e}");
-                std::process::exit(1);
+                std::process::exit(exit_code(&e));
             }),
     };
     tracing::info!("ctl on this machine: {}", ctl_command(&args.data_dir));
@@ -579,14 +579,20 @@ fn worker(args: Args) -> ! {
     runtime.shutdown_timeout(Duration::from_millis(100));
     if let Err(e) = result {
         eprintln!("agent: error: {e}");
-        // An unsafe path is the operator's to fix, like a bad flag.
-        let unsafe_path = matches!(
-            e.downcast_ref::<nine9s_agent::Error>(),
-            Some(nine9s_agent::Error::UnsafePath(_))
-        );
-        std::process::exit(if unsafe_path { 2 } else { 1 });
+        std::process::exit(e.downcast_ref().map_or(1, exit_code));
     }
     std::process::exit(0);
+}
+
+/// How the agent exits on `error`: 2 for a data dir that is unsafe or
+/// that the worker user cannot reach (the operator's to fix, like a bad
+/// flag), 1 for anything else.
+fn exit_code(error: &nine9s_agent::Error) -> i32 {
+    use nine9s_agent::datadir::DataDirError;
+    match error {
+        nine9s_agent::Error::DataDir(DataDirError::Unsafe(_) | DataDirError::Unreachable(_)) => 2,
+        _ => 1,
+    }
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

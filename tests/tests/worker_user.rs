@@ -243,7 +243,7 @@ fn a_worker_user_needs_a_root_agent() {
 }
 
 /// A data dir the worker user cannot reach is refused with the directory
-/// in the way named.
+/// in the way named, as the operator's to fix (exit 2, as an unsafe path).
 #[test]
 fn a_data_dir_the_worker_user_cannot_reach_is_refused() {
     if !is_root() {
@@ -259,7 +259,7 @@ fn a_data_dir_the_worker_user_cannot_reach_is_refused() {
         .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
         .args(["--worker-user", "nobody"]);
     let (code, stderr) = refusal(command, &dir.path().join("log"));
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("cannot reach the data dir")
             && stderr.contains(&dir.path().display().to_string()),
