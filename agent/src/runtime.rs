@@ -18,8 +18,10 @@
 //! gate), so no call into the old instance can run after the snapshot, and
 //! no state change is lost or counted twice.
 //!
-//! A switch that carries no state holds nothing: the new instance is
-//! active at once, and the old one finishes the calls it has.
+//! A switch from a release that keeps no state, carrying none, holds
+//! nothing: the new instance is active at once, and the old one finishes
+//! the calls it has. (From a release that keeps state the gate closes even
+//! when none crosses: its snapshot must see every call.)
 //!
 //! A canary is a second instance beside the active one that serves a
 //! [`Split`] of the requests (a share by weight, or those with a header).

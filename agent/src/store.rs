@@ -1,6 +1,9 @@
 //! Everything the agent persists, in one sled database: the releases it
-//! knows, the history of transitions, and state snapshots. The only module
-//! that knows about sled; the rest of the agent sees domain types.
+//! knows, the history of transitions, state snapshots, the events `Watch`
+//! replays, the outcomes of request ids, and a few facts about the store
+//! itself (the clean-stop mark, boot attempts, the canary serving). The
+//! only module that knows about sled; the rest of the agent sees domain
+//! types.
 //!
 //! Durability: sled flushes on its own only every 500 ms, so every write
 //! that must survive a crash is followed by [`Store::flush`] before the
@@ -369,8 +372,9 @@ impl Store {
     }
 
     /// Drops the oldest transitions beyond the number kept. Ids are
-    /// consecutive and only the oldest are ever removed, so the count is
-    /// the span of ids (sled's `len` would walk the whole tree).
+    /// consecutive (each is the last one's plus one, and the last is never
+    /// dropped) and only the oldest are ever removed, so the count is the
+    /// span of ids (sled's `len` would walk the whole tree).
     fn trim_history(&self) -> Result<()> {
         let t = self.trees()?;
         let Some((first, _)) = t.history.first()? else {

@@ -15,7 +15,8 @@
 //! wait for it, a checkpoint is not skipped for it) but as *stuck*, which
 //! fails a soak or a canary, until it returns — if ever. Its thread stays
 //! held; the engine replaces the worker once it has switched away from an
-//! instance with stuck calls.
+//! instance with stuck calls and the active release is permanent with no
+//! canary (a new worker comes back on the permanent release).
 //!
 //! A call that has run long on a data-plane thread also hands its
 //! instance's later calls off those threads (`block_in_place`, as for a

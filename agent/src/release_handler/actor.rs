@@ -245,8 +245,9 @@ impl Actor {
                 }
                 _ => self.switch_to(direction, &version, permanence, source, dry_run, &origin),
             },
-            // With a canary, a rollback drops it: the active release was
-            // never left.
+            // With a canary, a rollback drops it and does no more: a
+            // canary runs only beside the permanent release, so the active
+            // release was never left, and no state crossed to come back.
             Command::Rollback { dry_run, .. } if self.shared.runtime.canary().is_some() => {
                 self.drop_canary(dry_run, None, &origin)
             }
