@@ -181,6 +181,36 @@ fn a_failing_canary_is_dropped_by_the_health_gate() {
     );
 }
 
+/// A canary with a call stuck past the request timeout fails its health
+/// gate, and the worker is replaced to reclaim the stuck call's thread,
+/// with no command needed to set it off.
+#[test]
+fn a_canary_dropped_for_a_stuck_call_has_its_worker_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--request-timeout", "500ms"]);
+    assert_eq!(stage_fixture(&agent, "canary").code, 0);
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary-header", "x-canary"])
+        .ok();
+    let worker = agent.worker_pid();
+    let mut client = Client::connect(agent.http).unwrap();
+    let stuck = client.get_with("/stuck", &[("x-canary", "yes")]).unwrap();
+    assert_eq!(stuck.status, 504, "{stuck:?}");
+    assert!(eventually(Duration::from_secs(10), || agent.status()
+        ["canary"]
+        .is_null()));
+    assert_eq!(agent.release_state("0.1.5"), "failed");
+    agent.new_worker(worker);
+    assert_eq!(agent.get("/").release, "0.1.0");
+    assert!(
+        agent
+            .log()
+            .contains("a new worker takes over from this one to reclaim their threads"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[test]
 fn a_fresh_canary_is_judged_while_a_hung_check_of_an_earlier_one_of_its_version_runs() {
     let dir = tempfile::tempdir().unwrap();

@@ -83,7 +83,10 @@ impl Actor {
                     self.soak(verdict);
                     self.reclaim_stuck();
                 }
-                Job::CanaryFailed(failure) => self.canary_failed(failure),
+                Job::CanaryFailed(failure) => {
+                    self.canary_failed(failure);
+                    self.reclaim_stuck();
+                }
                 Job::Checkpoint => {
                     if let Err(skipped) = self.checkpoint() {
                         self.fail_soak_for(&skipped);

@@ -1,7 +1,8 @@
 //! Test fixture nine9s 0.1.5: keeps no state, like 0.1.0, so it can serve
 //! as a canary beside it. `GET /` answers `Hello canary !`; `GET /fail`
 //! answers 500, which a canary's error rate counts; after `GET
-//! /hang-health` this instance's next health check hangs for a minute.
+//! /hang-health` this instance's next health check hangs for a minute;
+//! `GET /stuck` never returns.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,9 @@ impl Plugin for Canary {
                 self.hang_next_check.store(true, Ordering::SeqCst);
                 Response::text("the next health check hangs")
             }
+            "/stuck" => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
             _ => Response::not_found(),
         }
     }
