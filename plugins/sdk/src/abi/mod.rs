@@ -339,3 +339,162 @@ pub struct PluginApi {
 // SAFETY: the table is immutable after construction and its slices point
 // to `'static` string literals, so sharing it between threads is sound.
 unsafe impl Sync for PluginApi {}
+
+/// The version of the ABI of a release that serves requests itself, as a
+/// service: `handle` is never called; the host hands each request to the
+/// instance's [`Port`] and the release answers it when it likes, from any
+/// of its own threads, streaming both bodies. The table is a
+/// [`ServiceApi`] (a [`PluginApi`] whose `handle` is never called, then
+/// `attach`), and [`FEATURE_STOP`] is required.
+///
+/// Threads: every call on an instance (`create`, `attach`, `snapshot`,
+/// `health`, `hook`, `stop`, `destroy`) comes on the instance's *home
+/// thread*, a host thread that lives as long as the instance and never
+/// runs anything else: whatever the release's code leaves on the thread it
+/// runs on (a runtime entered, thread-local destructors) goes with it. The
+/// host's data plane never runs release code. `stop` comes after the host
+/// has closed the port ([`PortApi::wait_events`] returns 0 from then on),
+/// and returns once every thread the instance started has ended; the host
+/// then calls `destroy`, ends the home thread, and only then may unload
+/// the library.
+///
+/// Memory: nothing changes owner through the port. What the host lends
+/// (a request head) stays valid until `request_done`; what the release
+/// passes (`send_*`) is copied before the call returns.
+pub const ABI_VERSION_SERVICE: u32 = 3;
+
+/// [`PortApi`]: not now; the event named comes when it is possible.
+pub const STATUS_PENDING: i32 = 3;
+/// [`PortApi::read_body`]: the request body is over.
+pub const STATUS_END: i32 = 4;
+/// [`PortApi`]: the call is over for the host (cancelled: the client went
+/// away, its time ran out, the old release's drain ended) or unknown. Stop
+/// working on it and call `request_done`.
+pub const STATUS_GONE: i32 = 5;
+
+/// A new call: read its head with [`PortApi::request_head`].
+pub const EVENT_REQUEST: u32 = 1;
+/// More of the request body (or its end) can be read.
+pub const EVENT_READABLE: u32 = 2;
+/// The response has room for more data.
+pub const EVENT_WRITABLE: u32 = 4;
+/// The call was cancelled: every later call on it answers [`STATUS_GONE`].
+pub const EVENT_CANCELLED: u32 = 8;
+
+/// [`RawRequestHead::body_len`], [`PortApi::send_head`]: a body whose
+/// length is not known ahead.
+pub const BODY_LEN_UNKNOWN: u64 = u64::MAX;
+
+/// Events for one call, as [`PortApi::wait_events`] gives them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortEvent {
+    pub call: u64,
+    /// `EVENT_*` bits.
+    pub events: u32,
+}
+
+/// A request's head, lent by the host until the call's `request_done`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawRequestHead {
+    pub method: Slice,
+    /// The path, percent-encoded as it came, without the query.
+    pub path: Slice,
+    pub query: Slice,
+    pub headers: *const Header,
+    pub header_count: usize,
+    /// 10, 11 or 20 for HTTP/1.0, 1.1, 2.
+    pub version: u32,
+    /// The client's address, `ip:port`.
+    pub remote: Slice,
+    /// 0 for no body, its length, or [`BODY_LEN_UNKNOWN`].
+    pub body_len: u64,
+}
+
+/// What an instance of an [`ABI_VERSION_SERVICE`] release is served
+/// through. Every function may be called from any thread of the release,
+/// never blocks except `wait_events`, and reports a call the host no longer
+/// knows as [`STATUS_GONE`]. It lives until `stop` returns.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Port {
+    /// `size_of::<Port>()` of the host that made it.
+    pub size: u32,
+    /// Passed back to every function.
+    pub context: *const c_void,
+    pub api: *const PortApi,
+}
+
+// SAFETY: the host keeps the port alive and unchanged until `stop`
+// returns, and its functions may be called from any thread.
+unsafe impl Send for Port {}
+// SAFETY: as above.
+unsafe impl Sync for Port {}
+
+/// The host's functions behind a [`Port`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct PortApi {
+    /// `size_of::<PortApi>()` of the host: entries added later go at the
+    /// end.
+    pub size: u32,
+    /// Blocks until events are pending, writes at most `max` of them to
+    /// `out` (each call's bits together) and returns how many; 0 once the
+    /// port is closed. Meant for one thread of the release that hands the
+    /// events on.
+    pub wait_events:
+        unsafe extern "C" fn(context: *const c_void, out: *mut PortEvent, max: usize) -> usize,
+    /// Lends the call's head ([`STATUS_OK`]), valid until `request_done`.
+    pub request_head:
+        unsafe extern "C" fn(context: *const c_void, call: u64, out: *mut RawRequestHead) -> i32,
+    /// Copies up to `cap` bytes of the request body into `dst` and writes
+    /// how many to `read`: [`STATUS_OK`] (at least one byte),
+    /// [`STATUS_PENDING`] (none yet: [`EVENT_READABLE`] follows),
+    /// [`STATUS_END`] (the body is over), [`STATUS_GONE`]; [`STATUS_ERROR`]
+    /// if the client's body broke off.
+    pub read_body: unsafe extern "C" fn(
+        context: *const c_void,
+        call: u64,
+        dst: *mut u8,
+        cap: usize,
+        read: *mut usize,
+    ) -> i32,
+    /// The response's status and headers (a block as [`encode_header`]
+    /// makes), and its body's length or [`BODY_LEN_UNKNOWN`]. Once.
+    pub send_head: unsafe extern "C" fn(
+        context: *const c_void,
+        call: u64,
+        status: u16,
+        headers: Slice,
+        body_len: u64,
+    ) -> i32,
+    /// Queues a chunk of the response body (copied): [`STATUS_OK`], or
+    /// [`STATUS_PENDING`] if the response is full (nothing was taken:
+    /// [`EVENT_WRITABLE`] follows).
+    pub send_data: unsafe extern "C" fn(context: *const c_void, call: u64, data: Slice) -> i32,
+    /// Ends the response, with trailers (a header block; empty for none).
+    pub send_end: unsafe extern "C" fn(context: *const c_void, call: u64, trailers: Slice) -> i32,
+    /// Ends the call in error: before the head, the client is answered 500
+    /// with `reason` logged; after it, the response breaks off.
+    pub abort: unsafe extern "C" fn(context: *const c_void, call: u64, reason: Slice),
+    /// The release is done with the call: its head is no longer used, and
+    /// a response not ended counts as aborted. Always the last call on it.
+    pub request_done: unsafe extern "C" fn(context: *const c_void, call: u64),
+}
+
+/// The table an [`ABI_VERSION_SERVICE`] library exports through
+/// [`API_SYMBOL`]: `plugin.abi_version` is 3 and `plugin.size` is
+/// `size_of::<ServiceApi>()`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ServiceApi {
+    pub plugin: PluginApi,
+    /// Hands an instance its [`Port`], once, before any request; the port
+    /// stays valid until `stop` returns.
+    pub attach:
+        unsafe extern "C" fn(instance: *const c_void, port: *const Port, err: *mut Buffer) -> i32,
+}
+
+// SAFETY: as for `PluginApi`: immutable, with `'static` slices.
+unsafe impl Sync for ServiceApi {}
