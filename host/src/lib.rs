@@ -26,12 +26,15 @@
 mod allocator;
 mod descriptor;
 mod error;
+mod home;
 mod host_table;
 mod library;
 mod maps;
+mod port;
 pub mod sandbox;
 
 pub use allocator::{limit_malloc_arenas, unmap_large_blocks};
 pub use error::{CallError, LoadError};
 pub use library::{Instance, Library, Request, Response, ABI_VERSIONS};
 pub use maps::lingering;
+pub use port::{Broken, Call, Closed, Frame, RequestHead, ResponseHead};

@@ -1,7 +1,9 @@
 //! [`Library`]: one opened plugin library; [`Instance`]: one running
 //! instance of its plugin. A library speaks ABI version 2 or 1 (frozen,
-//! `nine9s_sdk::abi::v1`): both are loaded, and the difference stays in
-//! this file.
+//! `nine9s_sdk::abi::v1`), answering each request through `handle`, or 3:
+//! a service, which takes requests through its instance's [`Port`] and
+//! whose instance calls all run on its home thread (`home`). All three are
+//! loaded, and the difference stays in this file.
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -17,17 +19,19 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use libloading::os::unix::{Library as DlLibrary, RTLD_LOCAL, RTLD_NOW};
 use nine9s_sdk::abi::{
-    decode_headers, v1, Buffer, Header, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION,
-    ABI_VERSION_SYMBOL, API_SYMBOL, FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
-    TEXT_PLAIN_BLOCK,
+    decode_headers, v1, Buffer, Header, PluginApi, RawRequest, RawResponse, ServiceApi, Slice,
+    ABI_VERSION, ABI_VERSION_SERVICE, ABI_VERSION_SYMBOL, API_SYMBOL, FEATURE_STOP, STATUS_ERROR,
+    STATUS_OK, STATUS_PANIC, TEXT_PLAIN_BLOCK,
 };
 
+use crate::home::Home;
 use crate::host_table::host_table;
 use crate::maps::{forget_released, is_mapped, note_released_but_mapped};
+use crate::port::{Call, Closed, Port, RequestHead};
 use crate::{CallError, LoadError};
 
 /// The ABI versions this host loads.
-pub const ABI_VERSIONS: [u32; 2] = [v1::ABI_VERSION, ABI_VERSION];
+pub const ABI_VERSIONS: [u32; 3] = [v1::ABI_VERSION, ABI_VERSION, ABI_VERSION_SERVICE];
 
 /// Request headers passed on the stack; a request with more takes one
 /// allocation.
@@ -59,6 +63,8 @@ pub struct Response {
 enum Table {
     V1(NonNull<v1::PluginApi>),
     V2(NonNull<PluginApi>),
+    /// A service: the v2 table, then `attach`.
+    V3(NonNull<ServiceApi>),
 }
 
 /// The entries versions 1 and 2 have alike, read once from either table:
@@ -216,7 +222,7 @@ impl Library {
                 expected: ABI_VERSIONS.to_vec(),
             });
         }
-        // SAFETY: a library of ABI version 1 or 2 exports this symbol as
+        // SAFETY: a library of ABI version 1, 2 or 3 exports this symbol as
         // `extern "C" fn() -> *const` its table (the SDK's macro), which
         // only returns the address of a static and cannot unwind.
         let table = unsafe {
@@ -248,6 +254,28 @@ impl Library {
                 (t, t.name.as_bytes(), t.version.as_bytes())
             };
             (Table::V1(table), shared!(t), name, version, t.state_version)
+        } else if found == ABI_VERSION_SERVICE {
+            let table = table.cast::<ServiceApi>();
+            // SAFETY: a v3 table begins as a v2 one, with its size.
+            let size = unsafe { table.cast::<u32>().add(1).read() } as usize;
+            if size < size_of::<ServiceApi>() {
+                return Err(bad(format!(
+                    "a version 3 table of {size} bytes is shorter than the {} this agent reads",
+                    size_of::<ServiceApi>()
+                )));
+            }
+            // SAFETY: a v3 table as long as `ServiceApi` at least, valid
+            // while `dl` is open; name and version are `'static`.
+            let (t, name, version) = unsafe {
+                let t = &table.as_ref().plugin;
+                (t, t.name.as_bytes(), t.version.as_bytes())
+            };
+            if t.features & FEATURE_STOP == 0 {
+                return Err(bad(
+                    "a version 3 table must have stop (FEATURE_STOP): a service's threads are joined before it is unloaded".into(),
+                ));
+            }
+            (Table::V3(table), shared!(t), name, version, t.state_version)
         } else {
             let table = table.cast::<PluginApi>();
             // SAFETY: a v2 table begins with its size: read it before
@@ -290,21 +318,40 @@ impl Library {
         self.table.expect("checked in open")
     }
 
-    /// The v2 table, or `None` for a v1 library.
+    /// The v2 table (a service's begins with one), or `None` for a v1
+    /// library.
     fn v2(&self) -> Option<&PluginApi> {
         match self.table() {
             // SAFETY: checked in `check_abi`; static data of the library,
             // which stays open as long as `self` lives.
             Table::V2(t) => Some(unsafe { t.as_ref() }),
+            // SAFETY: as above.
+            Table::V3(t) => Some(unsafe { &t.as_ref().plugin }),
             Table::V1(_) => None,
         }
+    }
+
+    /// The service table, for a library of ABI version 3.
+    fn v3(&self) -> Option<&ServiceApi> {
+        match self.table() {
+            // SAFETY: checked in `check_abi`; static data of the library,
+            // which stays open as long as `self` lives.
+            Table::V3(t) => Some(unsafe { t.as_ref() }),
+            Table::V1(_) | Table::V2(_) => None,
+        }
+    }
+
+    /// Whether the release serves as a service (ABI version 3): requests
+    /// go to its instances' ports, never through `handle`.
+    pub fn is_service(&self) -> bool {
+        self.v3().is_some()
     }
 
     fn v1(&self) -> Option<&v1::PluginApi> {
         match self.table() {
             // SAFETY: as in `v2`.
             Table::V1(t) => Some(unsafe { t.as_ref() }),
-            Table::V2(_) => None,
+            Table::V2(_) | Table::V3(_) => None,
         }
     }
 
@@ -353,6 +400,9 @@ impl Library {
 
     /// Starts an instance, from a snapshot of [`Self::state_version`] or fresh.
     pub fn instantiate(self: &Arc<Self>, state: Option<&[u8]>) -> Result<Instance, CallError> {
+        if self.is_service() {
+            return self.instantiate_service(state);
+        }
         let slice = state.map(Slice::new);
         let state_ptr = slice
             .as_ref()
@@ -377,7 +427,71 @@ impl Library {
         Ok(Instance {
             library: Arc::clone(self),
             ptr,
+            service: None,
         })
+    }
+
+    /// A service's instance: its home thread started, `create` and
+    /// `attach` run there, its port open.
+    fn instantiate_service(self: &Arc<Self>, state: Option<&[u8]>) -> Result<Instance, CallError> {
+        let home = Home::start(&self.version)
+            .map_err(|e| CallError::Failed(format!("cannot start the instance's thread: {e}")))?;
+        let mut service = Service {
+            home,
+            port: Port::new(),
+        };
+        let state = state.map(<[u8]>::to_vec);
+        let library = Arc::clone(self);
+        let created = service.home.run(move || -> Result<Instance, CallError> {
+            let slice = state.as_deref().map(Slice::new);
+            let state_ptr = slice
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s as *const Slice);
+            let table = library.v2().expect("a service has a v2 table");
+            let mut out: *mut c_void = std::ptr::null_mut();
+            let mut err = Buffer::EMPTY;
+            // SAFETY: as for v2 in `instantiate`, on the home thread.
+            let status = unsafe {
+                (table.create)(host_table(&library.version), state_ptr, &mut out, &mut err)
+            };
+            library.finish(status, err)?;
+            let ptr = NonNull::new(out)
+                .ok_or_else(|| CallError::Failed("plugin created a null instance".into()))?;
+            Ok(Instance {
+                library: Arc::clone(&library),
+                ptr,
+                service: None,
+            })
+        });
+        let mut instance = match created.and_then(|made| made) {
+            Ok(instance) => instance,
+            Err(e) => {
+                service.home.end();
+                return Err(e);
+            }
+        };
+        instance.service = Some(service);
+        let attach = self.v3().expect("a service").attach;
+        let port = SendPtr(
+            instance
+                .service
+                .as_ref()
+                .expect("set")
+                .port
+                .raw()
+                .cast_mut()
+                .cast(),
+        );
+        // Dropped on failure: stopped and destroyed on its home thread.
+        instance.on_home(move |library, ptr| {
+            let port = port;
+            let mut err = Buffer::EMPTY;
+            // SAFETY: a live instance; the port outlives its `stop` (the
+            // instance holds it, and closes it only before `stop`).
+            let status = unsafe { attach(ptr, port.0.cast_const().cast(), &mut err) };
+            library.finish(status, err)
+        })??;
+        Ok(instance)
     }
 
     /// Turns a status into a result, freeing the error buffer.
@@ -420,7 +534,7 @@ const COPIED_BODY: usize = 16 * 1024;
 
 /// The headers of a v2 response block. `content-type: text/plain` alone
 /// (the SDK's constant block) needs no parsing.
-fn response_headers(block: &[u8]) -> Result<HeaderMap, CallError> {
+pub(crate) fn response_headers(block: &[u8]) -> Result<HeaderMap, CallError> {
     let mut headers = HeaderMap::new();
     if block == TEXT_PLAIN_BLOCK {
         headers.insert(
@@ -527,7 +641,22 @@ fn unregister_open(path: &Path) -> usize {
 pub struct Instance {
     library: Arc<Library>,
     ptr: NonNull<c_void>,
+    /// A service's home thread and port.
+    service: Option<Service>,
 }
+
+struct Service {
+    home: Home,
+    port: Arc<Port>,
+}
+
+/// A pointer moved to the home thread, which uses it while its sender
+/// waits for the call to end.
+struct SendPtr(*mut c_void);
+
+// SAFETY: the pointer is used only during a call the sending thread waits
+// for, and the instance it points to is `Send + Sync` (see `Instance`).
+unsafe impl Send for SendPtr {}
 
 // SAFETY: the instance is a `Box<P>` with `P: Plugin: Send + Sync` (the SDK
 // requires it), only ever used through the plugin's `&self` methods.
@@ -550,6 +679,11 @@ impl Instance {
 
     /// Answers one request.
     pub fn handle(&self, request: &Request<'_>) -> Result<Response, CallError> {
+        if self.service.is_some() {
+            return Err(CallError::Failed(
+                "a service takes requests through its port, not handle".into(),
+            ));
+        }
         match (self.library.v1(), self.library.v2()) {
             (Some(t), _) => self.handle_v1(t, request),
             (_, Some(t)) => self.handle_v2(t, request),
@@ -665,64 +799,112 @@ impl Instance {
         })
     }
 
+    /// Runs `f` with the library and the instance: on its home thread for
+    /// a service, here otherwise.
+    fn on_home<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Library, *mut c_void) -> T + Send + 'static,
+    ) -> Result<T, CallError> {
+        match &self.service {
+            None => Ok(f(&self.library, self.ptr.as_ptr())),
+            Some(service) => {
+                let library = Arc::clone(&self.library);
+                let ptr = SendPtr(self.ptr.as_ptr());
+                service.home.run(move || {
+                    let ptr = ptr;
+                    f(&library, ptr.0)
+                })
+            }
+        }
+    }
+
     /// The state to hand over, encoded as the library's state version.
     pub fn snapshot(&self) -> Result<Vec<u8>, CallError> {
-        let lib = &self.library;
-        let snapshot = lib.shared().snapshot;
-        let mut out = Buffer::EMPTY;
-        let mut err = Buffer::EMPTY;
-        // SAFETY: live instance; `out` and `err` are writable.
-        let status = unsafe { snapshot(self.ptr.as_ptr(), &mut out, &mut err) };
-        lib.finish(status, err)?;
-        Ok(lib.take(out))
+        self.on_home(|lib, ptr| {
+            let snapshot = lib.shared().snapshot;
+            let mut out = Buffer::EMPTY;
+            let mut err = Buffer::EMPTY;
+            // SAFETY: live instance; `out` and `err` are writable.
+            let status = unsafe { snapshot(ptr, &mut out, &mut err) };
+            lib.finish(status, err)?;
+            Ok(lib.take(out))
+        })?
     }
 
     /// The plugin's own health check.
     pub fn health(&self) -> Result<(), CallError> {
-        let lib = &self.library;
-        let health = lib.shared().health;
-        let mut err = Buffer::EMPTY;
-        // SAFETY: live instance; `err` is writable.
-        let status = unsafe { health(self.ptr.as_ptr(), &mut err) };
-        lib.finish(status, err)
+        self.on_home(|lib, ptr| {
+            let health = lib.shared().health;
+            let mut err = Buffer::EMPTY;
+            // SAFETY: live instance; `err` is writable.
+            let status = unsafe { health(ptr, &mut err) };
+            lib.finish(status, err)
+        })?
     }
 
     /// Runs a named hook of the plugin (a step of an upgrade plan).
     pub fn hook(&self, name: &str) -> Result<(), CallError> {
-        let lib = &self.library;
-        let hook = lib.shared().hook;
-        let mut err = Buffer::EMPTY;
-        // SAFETY: live instance; `name` borrowed for the call; `err` is writable.
-        let status = unsafe { hook(self.ptr.as_ptr(), Slice::new(name.as_bytes()), &mut err) };
-        lib.finish(status, err)
+        let name = name.to_owned();
+        self.on_home(move |lib, ptr| {
+            let hook = lib.shared().hook;
+            let mut err = Buffer::EMPTY;
+            // SAFETY: live instance; `name` borrowed for the call; `err` is writable.
+            let status = unsafe { hook(ptr, Slice::new(name.as_bytes()), &mut err) };
+            lib.finish(status, err)
+        })?
     }
 
-    /// Asks the plugin to join the threads this instance started, if its
-    /// table has the entry (v2 with `FEATURE_STOP`).
-    fn stop(&self) -> Result<(), CallError> {
-        let lib = &self.library;
-        let Some(table) = lib.v2() else {
-            return Ok(());
-        };
-        if table.features & FEATURE_STOP == 0 {
-            return Ok(());
-        }
-        let mut err = Buffer::EMPTY;
-        // SAFETY: live instance with no call in flight (it is being
-        // dropped); `err` is writable; the entry is within the table.
-        let status = unsafe { (table.stop)(self.ptr.as_ptr(), &mut err) };
-        lib.finish(status, err)
+    /// Hands a request to a service's instance; `None` if the release is
+    /// not a service.
+    pub fn submit(&self, head: RequestHead) -> Option<Result<Call, Closed>> {
+        Some(self.service.as_ref()?.port.submit(head))
     }
+
+    /// A service's calls not finished yet (0 for any other release).
+    pub fn open_calls(&self) -> usize {
+        self.service.as_ref().map_or(0, |s| s.port.open_calls())
+    }
+
+    /// Cancels a service's calls still open, for `why`; how many.
+    pub fn cancel_calls(&self, why: &'static str) -> usize {
+        self.service.as_ref().map_or(0, |s| s.port.cancel_all(why))
+    }
+}
+
+/// Asks the plugin to join the threads its instance started, if its table
+/// has the entry (v2 with `FEATURE_STOP`, every v3), then destroys it.
+fn stop_and_destroy(lib: &Library, ptr: *mut c_void) {
+    let stopped = match lib.v2() {
+        Some(table) if table.features & FEATURE_STOP != 0 => {
+            let mut err = Buffer::EMPTY;
+            // SAFETY: live instance with no call in flight (it is being
+            // dropped); `err` is writable; the entry is within the table.
+            let status = unsafe { (table.stop)(ptr, &mut err) };
+            lib.finish(status, err)
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = stopped {
+        tracing::warn!(version = %lib.version, error = %e, "the release's stop failed");
+    }
+    let destroy = lib.shared().destroy;
+    // SAFETY: `ptr` came from this library's `create` and is destroyed
+    // exactly once, here; the library is still open (the caller holds it).
+    unsafe { destroy(ptr) };
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            tracing::warn!(version = %self.library.version, error = %e, "the release's stop failed");
+        // A service's port closes first: its release stops taking events,
+        // and the agent's side of every call still open ends.
+        if let Some(service) = &self.service {
+            service.port.close();
         }
-        let destroy = self.library.shared().destroy;
-        // SAFETY: `ptr` came from this library's `create` and is destroyed
-        // exactly once, here; the library is still open (we hold an Arc).
-        unsafe { destroy(self.ptr.as_ptr()) };
+        if let Err(e) = self.on_home(stop_and_destroy) {
+            tracing::error!(version = %self.library.version, error = %e, "cannot stop the release's instance");
+        }
+        if let Some(service) = &mut self.service {
+            service.home.end();
+        }
     }
 }
