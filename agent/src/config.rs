@@ -15,6 +15,7 @@ pub mod defaults {
     pub const SOAK: Duration = Duration::from_secs(5);
     pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
     pub const GATE_TIMEOUT: Duration = Duration::from_secs(1);
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,6 +65,10 @@ pub struct Config {
     /// unloaded by whoever lets go last. Calls stuck past the request
     /// timeout are not waited for: they hold it until they return.
     pub drain_grace: Duration,
+    /// How long a switch's `drain` step lets the old release of a service
+    /// finish the requests it has under way (long responses, streams);
+    /// those left then are cancelled.
+    pub drain_timeout: Duration,
     /// On SIGTERM, how long in-flight requests get to finish.
     pub shutdown_grace: Duration,
     /// Old releases kept for downgrades; older ones are removed.
@@ -179,6 +184,7 @@ impl Config {
             quiesce_timeout: defaults::QUIESCE_TIMEOUT,
             gate_timeout: defaults::GATE_TIMEOUT,
             drain_grace: Duration::from_secs(2),
+            drain_timeout: defaults::DRAIN_TIMEOUT,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             keep_old: defaults::KEEP_OLD as usize,
             keep_history: defaults::KEEP_HISTORY as usize,

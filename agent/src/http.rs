@@ -17,9 +17,10 @@
 //! within `--http-body-timeout`. hyper has a single timer for the first
 //! two waits, so each connection's [`Watchdog`] keeps them apart.
 //!
-//! Bodies are buffered whole before the release sees them (the ABI takes
-//! a slice; streaming waits for a streaming ABI), so what they may take
-//! together is bounded too: the [`Budget`] (`--max-buffered-bodies`) is
+//! A release that is a service (ABI v3) gets its requests with their
+//! bodies streaming, and streams its responses (`streaming.rs`). For any
+//! other release, bodies are buffered whole before it sees them (its ABI
+//! takes a slice), so what they may take together is bounded too: the [`Budget`] (`--max-buffered-bodies`) is
 //! reserved as a body's buffer grows (all of it up front when the request
 //! says its `Content-Length`) and given back when the request ends. A
 //! request whose body would go beyond it is answered 503 with
@@ -42,7 +43,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -56,6 +57,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 
 use crate::config::Limits;
 use crate::runtime::Runtime;
+use crate::streaming::Body as ResponseBody;
 use crate::stuck::{Board, Call, Client, Throttled};
 
 /// While draining, how long a connection may sit idle before it is closed:
@@ -221,6 +223,7 @@ async fn connection(
     call: Arc<Call>,
 ) {
     let _ = stream.set_nodelay(true);
+    let remote = stream.peer_addr().ok();
     let io = Watched {
         inner: stream,
         watchdog: Arc::clone(&watchdog),
@@ -232,24 +235,32 @@ async fn connection(
         // own count is shared by every thread, this one by this connection.
         let served = Arc::new((runtime, Arc::clone(&watchdog), call, budget));
         let body_limits = (limits.max_body, limits.http_body_timeout);
+        let streaming = crate::streaming::Limits {
+            max_body: limits.max_body,
+            body_timeout: limits.http_body_timeout,
+            request_timeout: limits.request_timeout,
+        };
         service_fn(move |request| {
             let served = Arc::clone(&served);
             async move {
                 let (runtime, watchdog, call, budget) = &*served;
-                let _busy = watchdog.request();
-                let mut response =
+                let busy = watchdog.request();
+                let request = if runtime.serves_services() {
+                    match crate::streaming::offer(runtime, request, remote, streaming).await {
+                        Ok(response) => return Ok(drained(watchdog, hold(response, busy))),
+                        Err(request) => request,
+                    }
+                } else {
+                    request
+                };
+                let response =
                     answer(runtime, request, body_limits, budget, watchdog, call).await?;
-                if watchdog.draining.load(Ordering::Relaxed) {
-                    // The client learns at a request boundary that this
-                    // connection ends, and opens another for its next one.
-                    response
-                        .headers_mut()
-                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Ok::<_, Unanswered>(response)
+                drop(busy);
+                Ok::<_, Unanswered>(drained(watchdog, response.map(Either::Left)))
             }
         })
     };
+
     let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     // Tells whether the agent began to stop without registering a waker:
@@ -482,6 +493,25 @@ impl Watchdog {
     }
 }
 
+/// Tells the client at a request boundary that this connection ends if
+/// the agent is stopping: it opens another for its next request.
+fn drained(watchdog: &Watchdog, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+    if watchdog.draining.load(Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A streamed response keeps its request under way until it is sent.
+fn hold(mut response: Response<ResponseBody>, busy: Busy) -> Response<ResponseBody> {
+    if let Either::Right(streamed) = response.body_mut() {
+        streamed.hold(busy);
+    }
+    response
+}
+
 /// A request under way; when it ends, the connection is idle again.
 struct Busy(Arc<Watchdog>);
 
@@ -671,11 +701,7 @@ async fn answer(
             let mut headers = reply.headers;
             // The framing and the connection are the agent's: a release
             // that set them could desynchronise the client's connection.
-            if headers.keys().any(|name| CONNECTION_HEADERS.contains(name)) {
-                for name in CONNECTION_HEADERS {
-                    headers.remove(name);
-                }
-            }
+            strip_connection_headers(&mut headers);
             let mut response = Response::new(Full::new(reply.body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
@@ -806,6 +832,15 @@ impl Reserved {
 impl Drop for Reserved {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Removes the headers a release may not set (see [`CONNECTION_HEADERS`]).
+pub(crate) fn strip_connection_headers(headers: &mut hyper::HeaderMap) {
+    if headers.keys().any(|name| CONNECTION_HEADERS.contains(name)) {
+        for name in CONNECTION_HEADERS {
+            headers.remove(name);
+        }
     }
 }
 

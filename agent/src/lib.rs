@@ -41,6 +41,7 @@ mod reason;
 mod release_handler;
 mod runtime;
 mod store;
+mod streaming;
 mod stuck;
 pub mod supervisor;
 mod tls;

@@ -70,6 +70,11 @@ struct Args {
     /// How long in-flight requests get on shutdown (up to 1h).
     #[arg(long, default_value = shown(defaults::SHUTDOWN_GRACE), value_parser = up_to_an_hour)]
     shutdown_grace: Duration,
+    /// How long the old release of a service (ABI v3) may finish the
+    /// requests it has under way after a switch (streams, long responses);
+    /// those left are then cancelled (up to 1h).
+    #[arg(long, default_value = shown(defaults::DRAIN_TIMEOUT), value_parser = up_to_an_hour)]
+    drain_timeout: Duration,
     /// How long a switch waits for in-flight calls on the old release (up to 1h).
     #[arg(long, default_value = shown(defaults::QUIESCE_TIMEOUT), value_parser = positive_up_to_an_hour)]
     quiesce_timeout: Duration,
@@ -624,6 +629,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.soak = args.soak;
     config.checkpoint_every = args.checkpoint_every;
     config.shutdown_grace = args.shutdown_grace;
+    config.drain_timeout = args.drain_timeout;
     config.quiesce_timeout = args.quiesce_timeout;
     config.gate_timeout = args.gate_timeout;
     config.health_timeout = args.health_timeout;
@@ -842,6 +848,7 @@ mod tests {
                 args.soak,
                 args.checkpoint_every,
                 args.shutdown_grace,
+                args.drain_timeout,
                 args.quiesce_timeout,
                 args.gate_timeout,
                 args.health_timeout,
@@ -854,6 +861,7 @@ mod tests {
                 config.soak,
                 config.checkpoint_every,
                 config.shutdown_grace,
+                config.drain_timeout,
                 config.quiesce_timeout,
                 config.gate_timeout,
                 config.health_timeout,

@@ -33,6 +33,13 @@
 //! [`Totals`] by status code (what `/metrics` reads) are atomics sharded
 //! by thread.
 //!
+//! A release that serves as a service (ABI v3) is not called here: a
+//! request is *handed* to its instance ([`Runtime::submit`]), counted in
+//! flight only while it is handed over, and its response comes later
+//! (`streaming.rs`). The gate and the quiesce above hold for the hand-over
+//! alone: a switch never waits for a service's requests under way, which
+//! finish on the old instance (its drain).
+//!
 //! A call runs inline on the thread that serves its connection, and tells
 //! the connection's [`Call`] record when it begins and ends: a call past
 //! `--request-timeout` is abandoned by the watchdog (`stuck.rs`), which
@@ -49,7 +56,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::header::{HeaderName, HeaderValue};
-use nine9s_host::{CallError, Instance, Request, Response};
+use nine9s_host::{CallError, Instance, Request, RequestHead, Response};
 use nine9s_manifest::Version;
 use tokio::sync::Notify;
 
@@ -68,6 +75,8 @@ pub struct Loaded {
     pub instance: Instance,
     /// The handler may block: calls hand the thread's other work elsewhere.
     blocking: bool,
+    /// A service (ABI v3): requests are handed to it ([`Runtime::submit`]).
+    service: bool,
     /// One of its calls ran long on a data-plane thread: its calls are
     /// handed off those threads from then on, as if it were `blocking`.
     offload: AtomicBool,
@@ -79,7 +88,9 @@ pub struct Loaded {
     /// A snapshot of it is running (one abandoned past its deadline may
     /// run on): no second one is started beside it.
     snapshotting: AtomicBool,
-    shards: [Shard; SHARDS],
+    /// Shared with the requests handed to a service, which count their
+    /// outcome when it comes ([`Tally`]) without holding the instance.
+    shards: Arc<[Shard; SHARDS]>,
 }
 
 /// Counter shards per instance. Every request bumps counters; threads that
@@ -210,6 +221,7 @@ impl Loaded {
     pub fn new(version: Version, blocking: bool, instance: Instance) -> Loaded {
         static IDS: AtomicU64 = AtomicU64::new(1);
         let totals = totals(&version);
+        let service = instance.library().is_service();
         Loaded {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             label: totals.label,
@@ -217,6 +229,7 @@ impl Loaded {
             version,
             instance,
             blocking,
+            service,
             offload: AtomicBool::new(false),
             stuck: AtomicI64::new(0),
             timed_out: AtomicU64::new(0),
@@ -260,6 +273,11 @@ impl Loaded {
         self.snapshotting.load(Ordering::SeqCst)
     }
 
+    /// Whether requests are handed to it rather than called.
+    pub fn is_service(&self) -> bool {
+        self.service
+    }
+
     /// Unique in the process: tells two instances of one version apart.
     pub fn id(&self) -> u64 {
         self.id
@@ -271,6 +289,42 @@ impl Loaded {
             .iter()
             .map(|s| s.in_flight.load(Ordering::SeqCst))
             .sum()
+    }
+}
+
+/// What handing a request to a service gave.
+pub enum Submitted {
+    /// Handed over: the call, and where its outcome is counted.
+    Call(nine9s_host::Call, Tally),
+    /// The release to serve it is not a service: it is served whole.
+    NotAService,
+    /// The instance was stopping (its port closed) as the request came.
+    Closed(&'static str),
+}
+
+/// Where the outcome of a request handed to a service is counted: its
+/// instance's counters and its version's totals, without the instance.
+pub struct Tally {
+    shards: Arc<[Shard; SHARDS]>,
+    shard: usize,
+    totals: &'static Totals,
+    /// The version that serves it.
+    pub label: &'static str,
+}
+
+impl Tally {
+    /// Counts the request as served with `status` (what the client got);
+    /// `panicked`: the release's handler panicked.
+    pub fn count(&self, status: u16, panicked: bool) {
+        let shard = &self.shards[self.shard];
+        shard.served.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            shard.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if panicked {
+            shard.panics.fetch_add(1, Ordering::Relaxed);
+        }
+        self.totals.count(self.shard, status);
     }
 }
 
@@ -324,11 +378,10 @@ pub enum Split {
 }
 
 impl Split {
-    fn picks(&self, request: &Request<'_>) -> bool {
+    fn picks(&self, headers: &hyper::HeaderMap) -> bool {
         match self {
             Split::Weight(permille) => random_permille() < *permille,
-            Split::Header { name, value } => request
-                .headers
+            Split::Header { name, value } => headers
                 .get_all(name)
                 .iter()
                 .any(|v| value.as_ref().is_none_or(|want| want == v)),
@@ -474,7 +527,7 @@ impl Runtime {
         let mine = my_shard();
         if self.has_canary.load(Ordering::Relaxed) {
             let canary = self.canary.load();
-            if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(request)) {
+            if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(request.headers)) {
                 // A canary keeps no state: no switch waits for its calls.
                 canary.loaded.shards[mine]
                     .in_flight
@@ -498,6 +551,74 @@ impl Runtime {
             self.gate.wait_open().await;
         };
         self.call(&loaded, mine, request, call)
+    }
+
+    /// Whether a request may go to a service now (the active release or
+    /// the canary is one): if so it is offered to [`Runtime::submit`]
+    /// before its body is read.
+    pub fn serves_services(&self) -> bool {
+        self.active.load().service
+            || (self.has_canary.load(Ordering::Relaxed)
+                && self
+                    .canary
+                    .load()
+                    .as_ref()
+                    .is_some_and(|c| c.loaded.service))
+    }
+
+    /// Hands a request to the service that is to serve it (the canary if
+    /// it picks the request, else the active instance, past the gate as
+    /// [`Runtime::handle`] goes), counted in flight while it is handed
+    /// over.
+    pub async fn submit(&self, head: RequestHead) -> Submitted {
+        let mine = my_shard();
+        if self.has_canary.load(Ordering::Relaxed) {
+            let canary = self.canary.load();
+            if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(&head.headers)) {
+                canary.loaded.shards[mine]
+                    .in_flight
+                    .fetch_add(1, Ordering::SeqCst);
+                return self.hand_over(&canary.loaded, mine, head);
+            }
+        }
+        let loaded = loop {
+            let loaded = self.active.load();
+            loaded.shards[mine].in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
+                break loaded;
+            }
+            drop(InFlight {
+                shard: &loaded.shards[mine],
+                gate: &self.gate,
+            });
+            drop(loaded);
+            self.gate.wait_open().await;
+        };
+        self.hand_over(&loaded, mine, head)
+    }
+
+    /// Submits `head` to `loaded`, counted in flight on its shard `mine`
+    /// until it is handed over.
+    fn hand_over(&self, loaded: &Loaded, mine: usize, head: RequestHead) -> Submitted {
+        let _counted = InFlight {
+            shard: &loaded.shards[mine],
+            gate: &self.gate,
+        };
+        if !loaded.service {
+            return Submitted::NotAService;
+        }
+        match loaded.instance.submit(head) {
+            Some(Ok(call)) => Submitted::Call(
+                call,
+                Tally {
+                    shards: Arc::clone(&loaded.shards),
+                    shard: mine,
+                    totals: loaded.totals,
+                    label: loaded.label,
+                },
+            ),
+            Some(Err(nine9s_host::Closed)) | None => Submitted::Closed(loaded.label),
+        }
     }
 
     /// Calls `loaded` with a request already counted in flight on its

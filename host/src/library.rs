@@ -865,6 +865,14 @@ impl Instance {
         self.service.as_ref().map_or(0, |s| s.port.open_calls())
     }
 
+    /// Waits up to `timeout` until a service has no call open; whether it
+    /// has none (always, for any other release).
+    pub fn wait_calls(&self, timeout: std::time::Duration) -> bool {
+        self.service
+            .as_ref()
+            .is_none_or(|s| s.port.wait_idle(timeout))
+    }
+
     /// Cancels a service's calls still open, for `why`; how many.
     pub fn cancel_calls(&self, why: &'static str) -> usize {
         self.service.as_ref().map_or(0, |s| s.port.cancel_all(why))

@@ -93,6 +93,8 @@ pub struct Port {
     state: Mutex<PortState>,
     /// Signalled when events are queued or the port closes.
     ready: Condvar,
+    /// Signalled when the last open call is done.
+    idle: Condvar,
     /// What the release is handed: points at `self` and the C functions.
     raw: abi::Port,
 }
@@ -188,6 +190,7 @@ impl Port {
         Arc::new_cyclic(|me: &std::sync::Weak<Port>| Port {
             state: Mutex::new(PortState::default()),
             ready: Condvar::new(),
+            idle: Condvar::new(),
             raw: abi::Port {
                 size: std::mem::size_of::<abi::Port>() as u32,
                 context: me.as_ptr().cast(),
@@ -231,6 +234,18 @@ impl Port {
     /// Calls the release has not finished.
     pub fn open_calls(&self) -> usize {
         self.state.lock().calls.len()
+    }
+
+    /// Waits up to `timeout` until no call is open; whether none is.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut state = self.state.lock();
+        while !state.calls.is_empty() {
+            if self.idle.wait_until(&mut state, deadline).timed_out() {
+                return state.calls.is_empty();
+            }
+        }
+        true
     }
 
     /// Cancels every call still open, for `why`; how many.
@@ -696,9 +711,14 @@ unsafe extern "C" fn request_done(context: *const c_void, id: u64) {
     // SAFETY: the release passes its port's context.
     unsafe {
         on_port(context, (), |port| {
-            let Some(call) = port.state.lock().calls.remove(&id) else {
+            let mut calls = port.state.lock();
+            let Some(call) = calls.calls.remove(&id) else {
                 return;
             };
+            if calls.calls.is_empty() {
+                port.idle.notify_all();
+            }
+            drop(calls);
             let mut state = call.state.lock();
             state.done = true;
             state.wake_host();

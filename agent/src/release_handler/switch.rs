@@ -324,6 +324,7 @@ impl Actor {
                 }
                 Step::Drain => {
                     if let Some(old) = &old {
+                        finish_calls(old, self.shared.config.drain_timeout);
                         self.tokio
                             .block_on(drain(old, self.shared.config.drain_grace));
                     }
@@ -559,6 +560,25 @@ impl Actor {
             )),
         }
     }
+}
+
+/// Lets the old instance of a service finish the requests it has under
+/// way, up to `timeout` (`--drain-timeout`), and cancels those left: its
+/// unload would cut them anyway. (Its requests never hold the instance:
+/// only its port's open calls tell.)
+fn finish_calls(old: &Loaded, timeout: Duration) {
+    if !old.is_service() || old.instance.wait_calls(timeout) {
+        return;
+    }
+    let cancelled = old
+        .instance
+        .cancel_calls("the old release's drain ended (--drain-timeout)");
+    tracing::warn!(
+        version = %old.version,
+        cancelled,
+        timeout_ms = timeout.as_millis() as u64,
+        "requests still under way on the old release when --drain-timeout ended were cancelled"
+    );
 }
 
 /// What a call that overran the gate's time says.
