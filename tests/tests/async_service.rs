@@ -1,0 +1,330 @@
+//! A release that is a service (ABI v3, issue 19): the sample `myservice`
+//! (an axum router through the SDK's adapter) served by the real agent —
+//! handlers that await do not hold the agent's threads, responses stream
+//! as they are produced, request bodies stream in as they arrive, and an
+//! upgrade with requests and streams under way fails none of them and
+//! carries the count; upgrade cycles leave one library mapped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use nine9s_tests::{eventually, library, release_dir, stage_dir, Agent};
+
+/// An agent on myservice 0.1.0, with room for many connections from the
+/// test's one address.
+fn agent(dir: &std::path::Path, extra: &[&str]) -> Agent {
+    let bootstrap = release_dir("myservice-0.1.0");
+    let mut args = vec![
+        "--bootstrap",
+        bootstrap.to_str().unwrap(),
+        "--max-connections-per-client",
+        "4000",
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&dir.join("data"), &args)
+}
+
+fn stage_0_2_0(agent: &Agent) {
+    stage_dir(
+        agent,
+        &release_dir("myservice-0.2.0"),
+        &library("myservice_0_2_0"),
+    );
+}
+
+/// A response read off the wire: status, headers, and the body as it came
+/// (chunked bodies decoded).
+struct Streamed {
+    reader: BufReader<TcpStream>,
+    status: u16,
+    release: String,
+    chunked: bool,
+    length: Option<usize>,
+}
+
+impl Streamed {
+    /// Sends `head` (and `body`) and reads the response's head.
+    fn send(addr: SocketAddr, head: &str, body: &[u8]) -> Streamed {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        writer.write_all(head.as_bytes()).unwrap();
+        writer.write_all(body).unwrap();
+        Streamed::head(BufReader::new(stream))
+    }
+
+    fn head(mut reader: BufReader<TcpStream>) -> Streamed {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let (mut release, mut chunked, mut length) = (String::new(), false, None);
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            match name.to_ascii_lowercase().as_str() {
+                "x-nine9s-release" => release = value.trim().to_owned(),
+                "transfer-encoding" => chunked = value.contains("chunked"),
+                "content-length" => length = value.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        Streamed {
+            reader,
+            status,
+            release,
+            chunked,
+            length,
+        }
+    }
+
+    /// The next chunk of a chunked body (`None` at its end).
+    fn chunk(&mut self) -> Option<Vec<u8>> {
+        assert!(self.chunked, "not a chunked response");
+        let mut size = String::new();
+        self.reader.read_line(&mut size).unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        let mut chunk = vec![0; size];
+        self.reader.read_exact(&mut chunk).unwrap();
+        let mut crlf = [0; 2];
+        self.reader.read_exact(&mut crlf).unwrap();
+        if size == 0 {
+            return None;
+        }
+        Some(chunk)
+    }
+
+    /// The whole body.
+    fn body(mut self) -> Vec<u8> {
+        if let Some(length) = self.length {
+            let mut body = vec![0; length];
+            self.reader.read_exact(&mut body).unwrap();
+            return body;
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = self.chunk() {
+            body.extend(chunk);
+        }
+        body
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> Streamed {
+    Streamed::send(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"),
+        b"",
+    )
+}
+
+fn text(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let response = get(addr, path);
+    let (status, release) = (response.status, response.release.clone());
+    (
+        status,
+        release,
+        String::from_utf8(response.body()).unwrap(),
+    )
+}
+
+/// `--max-connections-per-client` connections at once need as many file
+/// descriptors in this process.
+fn enough_descriptors() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum.map(|m| m.min(16_384)).or(Some(16_384));
+    let _ = setrlimit(Resource::Nofile, limit);
+}
+
+/// 1,000 requests that each await 500 ms in the release are all answered
+/// within a 20 s request timeout: handlers that await hold no thread of
+/// the agent's (two data-plane threads taking them one at a time would
+/// need over four minutes).
+#[test]
+fn a_thousand_requests_awaiting_at_once_are_all_answered() {
+    enough_descriptors();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["--request-timeout", "20s"]);
+    let addr = agent.http;
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let statuses: Vec<u16> = runtime.block_on(async move {
+        let requests = (0..1000).map(|_| {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream
+                    .write_all(b"GET /sleep/500 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut response = Vec::new();
+                stream.read_to_end(&mut response).await.unwrap();
+                let response = String::from_utf8_lossy(&response);
+                response
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0)
+            })
+        });
+        let mut statuses = Vec::new();
+        for request in requests.collect::<Vec<_>>() {
+            statuses.push(request.await.unwrap());
+        }
+        statuses
+    });
+    let wall = started.elapsed();
+    let answered = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(answered, 1000, "statuses: {statuses:?}\n{}", agent.log());
+    eprintln!("1,000 requests awaiting 500 ms each: {wall:?} wall");
+}
+
+/// A stream's first line arrives while the rest is still being produced
+/// (the whole of `/stream/1000` takes 10 s), and a response the client
+/// drops is cancelled without disturbing the next.
+#[test]
+fn a_stream_is_received_as_it_is_produced() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    let mut stream = get(agent.http, "/stream/1000");
+    assert_eq!((stream.status, stream.release.as_str()), (200, "0.1.0"));
+    assert!(stream.chunked, "a stream has no length ahead");
+    let started = Instant::now();
+    stream
+        .reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let first = stream.chunk().expect("a first chunk");
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("line 1"),
+        "{first:?}"
+    );
+    eprintln!("first line after {:?}", started.elapsed());
+    drop(stream);
+    let (status, _, body) = text(agent.http, "/stream/3");
+    assert_eq!(status, 200);
+    assert_eq!(body.lines().count(), 3, "{body}");
+}
+
+/// A request body is echoed back as it arrives: each piece comes back
+/// before the next is sent, 4 MiB in all, byte for byte.
+#[test]
+fn an_upload_is_echoed_as_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    let stream = TcpStream::connect(agent.http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    writer
+        .write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let piece: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut send = |bytes: &[u8]| {
+        writer
+            .write_all(format!("{:x}\r\n", bytes.len()).as_bytes())
+            .unwrap();
+        writer.write_all(bytes).unwrap();
+        writer.write_all(b"\r\n").unwrap();
+    };
+    send(&piece);
+    let mut response = Streamed::head(BufReader::new(stream));
+    assert_eq!(response.status, 200);
+    let mut echoed = 0;
+    for round in 0..64 {
+        // What was sent comes back before anything more is sent.
+        let mut got = Vec::new();
+        while got.len() < piece.len() {
+            got.extend(response.chunk().expect("the echo of what was sent"));
+        }
+        assert_eq!(got, piece, "round {round}");
+        echoed += got.len();
+        if round < 63 {
+            send(&piece);
+        }
+    }
+    send(b"");
+    assert_eq!(response.chunk(), None);
+    assert_eq!(echoed, 4 * 1024 * 1024);
+}
+
+/// An upgrade to 0.2.0 while 100 requests await and 10 streams run on
+/// 0.1.0: every one of them completes on 0.1.0, new requests go to 0.2.0
+/// at once, and the count crosses.
+#[test]
+fn an_upgrade_with_requests_and_streams_under_way_fails_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    for _ in 0..5 {
+        assert_eq!(text(agent.http, "/").0, 200);
+    }
+    stage_0_2_0(&agent);
+    let addr = agent.http;
+    let sleepers: Vec<_> = (0..100)
+        .map(|_| std::thread::spawn(move || text(addr, "/sleep/2000")))
+        .collect();
+    let streams: Vec<_> = (0..10)
+        .map(|_| std::thread::spawn(move || text(addr, "/stream/100")))
+        .collect();
+    // Under way before the upgrade: the release counts its open requests
+    // only through the agent's status, so wait until the first stream
+    // line has certainly been sent by reading one more stream ourselves.
+    let mut probe = get(addr, "/stream/100");
+    assert!(probe.chunk().is_some());
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let (status, release, _) = text(addr, "/count");
+    assert_eq!((status, release.as_str()), (200, "0.2.0"));
+    for sleeper in sleepers {
+        let (status, release, _) = sleeper.join().unwrap();
+        assert_eq!((status, release.as_str()), (200, "0.1.0"));
+    }
+    for stream in streams {
+        let (status, release, body) = stream.join().unwrap();
+        assert_eq!((status, release.as_str()), (200, "0.1.0"));
+        assert_eq!(body.lines().count(), 100, "a stream was cut: {body}");
+    }
+    assert_eq!(text(addr, "/count").2.trim(), "5");
+    drop(probe);
+}
+
+/// 20 upgrade and downgrade cycles between the two versions: one library
+/// mapped in the worker at the end, and none lingering.
+#[test]
+fn upgrade_cycles_leave_one_library_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    stage_0_2_0(&agent);
+    for _ in 0..20 {
+        agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+        assert_eq!(text(agent.http, "/").1, "0.2.0");
+        agent
+            .ctl(&["downgrade", "--to", "0.1.0", "--permanent"])
+            .ok();
+        assert_eq!(text(agent.http, "/").1, "0.1.0");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || agent.mapped_artifacts().len() == 1),
+        "{:?}",
+        agent.mapped_artifacts()
+    );
+    let status = agent.status();
+    let libraries = status["libraries"].as_array().unwrap();
+    assert!(
+        libraries.iter().all(|l| l["lingering"] != true),
+        "{libraries:?}"
+    );
+    assert_eq!(text(agent.http, "/count").2.trim(), "40");
+}
