@@ -10,6 +10,8 @@
 //! closed). At the cap, a newcomer is taken from the backlog and held
 //! while the connection idle longest is closed between requests for it
 //! ([`Board::shed_idle`]); with none idle, newcomers wait in the backlog.
+//! The accept loop is the one every listener shares ([`incoming::accept`]);
+//! [`Admission`] is what the data plane tells it.
 //! A request's headers must arrive within `--http-header-timeout` of its
 //! first byte (slowloris), and a connection with no request under way and
 //! no byte of a new one is closed after `--http-idle-timeout` (counted from
@@ -36,6 +38,7 @@
 //! limit (`stuck.rs`).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -56,6 +59,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 
 use crate::config::Limits;
+use crate::incoming::{self, Seats};
 use crate::runtime::Runtime;
 use crate::streaming::Body as ResponseBody;
 use crate::stuck::{Board, Call, Client, Throttled};
@@ -111,7 +115,9 @@ pub async fn serve(
     let budget = Arc::new(Budget::new(limits.max_buffered_bodies));
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
-    while let Some((stream, client, permit)) = admit(&listener, &board, shutdown.as_mut()).await {
+    while let Some((stream, client, permit)) =
+        incoming::accept("HTTP", &listener, &Admission(&board), shutdown.as_mut()).await
+    {
         let runtime = Arc::clone(&runtime);
         let limits = limits.clone();
         let stopping = stopping.clone();
@@ -144,40 +150,24 @@ pub async fn serve(
     }
 }
 
-/// The next data-plane connection, counted for its client address, with
-/// its slot; `None` once `shutdown` resolves. Below the cap, a slot first,
-/// then the connection, as [`accept`]. At the cap, a newcomer is accepted
-/// all the same and held (one connection beyond the cap at most) while an
-/// idle connection is told to close for it, until a slot frees. A
-/// newcomer from an address that holds `--max-connections-per-client`
-/// already is answered 503 and closed.
-async fn admit(
-    listener: &TcpListener,
-    board: &Arc<Board>,
-    mut shutdown: Pin<&mut impl Future<Output = ()>>,
-) -> Option<(TcpStream, Client, OwnedSemaphorePermit)> {
-    let slots = &board.slots;
-    loop {
-        let newcomer = tokio::select! {
-            biased;
-            () = shutdown.as_mut() => return None,
-            permit = Arc::clone(slots).acquire_owned() => {
-                let permit = permit.expect("never closed");
-                tokio::select! {
-                    accepted = listener.accept() => accepted.map(|(s, peer)| (s, peer, Some(permit))),
-                    () = shutdown.as_mut() => return None,
-                }
-            }
-            accepted = listener.accept() => accepted.map(|(s, peer)| (s, peer, None)),
-        };
-        let (stream, peer, permit) = match newcomer {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+/// The data plane's slots as its accept loop ([`incoming::accept`]) sees
+/// them. Below the cap, a newcomer takes a slot at once. At the cap, it is
+/// accepted all the same and held (one connection beyond the cap at most:
+/// the loop takes no other meanwhile) while an idle connection is told to
+/// close for it, until a slot frees. A newcomer from an address that holds
+/// `--max-connections-per-client` already is answered 503 and closed.
+struct Admission<'a>(&'a Arc<Board>);
+
+impl Seats for Admission<'_> {
+    /// The connection, counted for its client address, with its slot.
+    type Seated = (TcpStream, Client, OwnedSemaphorePermit);
+
+    /// Always: at the cap, the newcomer is held rather than left in the
+    /// backlog.
+    async fn room(&self) {}
+
+    async fn seat(&self, stream: TcpStream, peer: SocketAddr) -> Option<Self::Seated> {
+        let board = self.0;
         let Some(client) = board.client(peer.ip()) else {
             // Nothing is read: the answer goes out at once, and the close.
             let _ = stream.try_write(TOO_MANY_CONNECTIONS);
@@ -188,9 +178,9 @@ async fn admit(
                     "a client address already holds --max-connections-per-client connections: a new one from it was answered 503 and closed ({refused} so far)"
                 );
             }
-            continue;
+            return None;
         };
-        if let Some(permit) = permit {
+        if let Ok(permit) = Arc::clone(&board.slots).try_acquire_owned() {
             return Some((stream, client, permit));
         }
         loop {
@@ -201,8 +191,7 @@ async fn admit(
             }
             tokio::select! {
                 biased;
-                () = shutdown.as_mut() => return None,
-                permit = Arc::clone(slots).acquire_owned() => {
+                permit = Arc::clone(&board.slots).acquire_owned() => {
                     return Some((stream, client, permit.expect("never closed")));
                 }
                 () = tokio::time::sleep(SHED_RETRY) => {}

@@ -12,6 +12,12 @@
 //! handshake cannot hold the owner out; on the open listeners the oldest
 //! proven one gives way too. Only when every slot is held by a proven
 //! connection of the control plane do new ones wait in the listen backlog.
+//!
+//! The accept loop itself ([`accept`]) is every listener's, the data
+//! plane's too (`http.rs`): wait until a newcomer may be taken from the
+//! backlog, take it, give it a slot (or turn it away) as its listener's
+//! [`Seats`] say, hear the stop throughout, and retry an accept that fails
+//! after a pause.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -34,6 +40,63 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 /// From accept to the end of the first request's headers.
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener's slots as its accept loop ([`accept`]) sees them.
+pub trait Seats {
+    /// A connection with its slot.
+    type Seated;
+
+    /// Returns once a newcomer may be taken from the backlog (until then
+    /// it waits there).
+    async fn room(&self);
+
+    /// Gives `stream`, just accepted, its slot, waiting for one if need
+    /// be; `None` if it was turned away.
+    async fn seat(&self, stream: TcpStream, peer: SocketAddr) -> Option<Self::Seated>;
+}
+
+/// The next connection on `listener` (`what` in the log) with its slot;
+/// `None` once `stop` resolves. Nothing is accepted before `seats` have
+/// room. An accept that fails (out of file descriptors, say) is logged and
+/// retried after a pause.
+pub async fn accept<S: Seats>(
+    what: &str,
+    listener: &TcpListener,
+    seats: &S,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+) -> Option<S::Seated> {
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.as_mut() => return None,
+            () = seats.room() => {}
+        }
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = stop.as_mut() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+        };
+        tokio::select! {
+            biased;
+            () = stop.as_mut() => return None,
+            seated = seats.seat(stream, peer) => {
+                if seated.is_some() {
+                    return seated;
+                }
+            }
+        }
+    }
+}
+
+/// The pause after an accept that failed.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// The slots of one listener.
 pub struct Slots {
@@ -146,57 +209,27 @@ impl Slots {
         false
     }
 
-    /// Waits, until `stop` resolves, for `ready` to say yes; woken each
-    /// time a slot is given back.
-    async fn until(
-        &self,
-        ready: impl Fn(&Slots) -> bool,
-        mut stop: Pin<&mut impl Future<Output = ()>>,
-    ) -> bool {
+    /// Returns once `ready` says yes; woken each time a slot is given back.
+    async fn until(&self, ready: impl Fn(&Slots) -> bool) {
         loop {
+            // Created before the look: a slot given back after it wakes it.
             let freed = self.freed.notified();
             if ready(self) {
-                return true;
+                return;
             }
-            tokio::select! {
-                () = freed => {}
-                () = stop.as_mut() => return false,
-            }
+            freed.await;
         }
     }
 
     /// The next connection on `listener`, in a slot of its own; `None` once
     /// `stop` resolves. Nothing is accepted while no slot can be had: the
-    /// connection waits in the listen backlog. An accept that fails (out of
-    /// file descriptors, say) is logged and retried after a pause.
+    /// connection waits in the listen backlog.
     pub async fn accept(
         self: &Arc<Self>,
         listener: &TcpListener,
-        mut stop: Pin<&mut impl Future<Output = ()>>,
+        stop: Pin<&mut impl Future<Output = ()>>,
     ) -> Option<Connection> {
-        loop {
-            if !self.until(Slots::admissible, stop.as_mut()).await {
-                return None;
-            }
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "{} accept failed", self.what);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                () = stop.as_mut() => return None,
-            };
-            if !self.until(Slots::make_room, stop.as_mut()).await {
-                return None;
-            }
-            // Without TCP_NODELAY a gRPC reply's trailers wait ~40 ms for
-            // the client's delayed ACK.
-            let _ = stream.set_nodelay(true);
-            return Some(self.admit(stream, peer));
-        }
+        accept(self.what, listener, self, stop).await
     }
 
     fn admit(self: &Arc<Self>, inner: TcpStream, peer: SocketAddr) -> Connection {
@@ -234,11 +267,25 @@ impl Slots {
     /// Waits up to `within` for every connection to be gone.
     pub async fn drained(&self, within: Duration) {
         let empty = |slots: &Slots| slots.held().slots.is_empty();
-        let _ = tokio::time::timeout(
-            within,
-            self.until(empty, std::pin::pin!(std::future::pending())),
-        )
-        .await;
+        let _ = tokio::time::timeout(within, self.until(empty)).await;
+    }
+}
+
+impl Seats for Arc<Slots> {
+    type Seated = Connection;
+
+    /// A slot free, or one that may be made by eviction.
+    async fn room(&self) {
+        self.until(Slots::admissible).await;
+    }
+
+    /// Once a slot is free (the connection told to give way has gone).
+    async fn seat(&self, stream: TcpStream, peer: SocketAddr) -> Option<Connection> {
+        self.until(Slots::make_room).await;
+        // Without TCP_NODELAY a gRPC reply's trailers wait ~40 ms for
+        // the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        Some(self.admit(stream, peer))
     }
 }
 

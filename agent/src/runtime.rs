@@ -40,6 +40,10 @@
 //! alone: a switch never waits for a service's requests under way, which
 //! finish on the old instance (its drain).
 //!
+//! Every wait here is woken by what it waits for — the last call in flight
+//! on an instance ending, the last other handle to an instance let go —
+//! never by polling, and each has a deadline.
+//!
 //! A call runs inline on the thread that serves its connection, and tells
 //! the connection's [`Call`] record when it begins and ends: a call past
 //! `--request-timeout` is abandoned by the watchdog (`stuck.rs`), which
@@ -48,6 +52,7 @@
 //! quiesce above: it may still be running in the old instance when a
 //! switch snapshots it — it is not waited for, and the switch says so.
 
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -62,9 +67,60 @@ use tokio::sync::Notify;
 
 use crate::stuck::Call;
 
-/// One instance of a release, with its request counters.
+/// A handle to one instance of a release: what the runtime hands out as
+/// `Arc<Loaded>`, and derefs to the instance ([`Core`]). The runtime's
+/// handle to the active instance (or the canary's) is shared by every
+/// request and reader of it; [`Runtime::resident`] makes one for each
+/// call; whoever takes an instance out of service gets one of its own
+/// ([`Switched::old`], a canary replaced or cleared), and [`released`]
+/// waits until that is the only one left. When the last clone of any other
+/// handle goes, its drop says so.
 #[derive(Debug)]
 pub struct Loaded {
+    // Declared first, so dropped first: the instance is let go of before
+    // `let_go` tells the waiter, which then finds it let go of.
+    core: Arc<Core>,
+    let_go: LetGo,
+}
+
+/// Wakes [`released`] when the handle it is part of has let go.
+#[derive(Debug)]
+struct LetGo(Arc<Notify>);
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
+}
+
+impl Loaded {
+    pub fn new(version: Version, blocking: bool, instance: Instance) -> Loaded {
+        Loaded::around(Arc::new(Core::new(version, blocking, instance)))
+    }
+
+    fn around(core: Arc<Core>) -> Loaded {
+        let let_go = LetGo(Arc::clone(&core.let_go));
+        Loaded { core, let_go }
+    }
+
+    /// Another handle to the same instance.
+    fn another(&self) -> Loaded {
+        Loaded::around(Arc::clone(&self.core))
+    }
+}
+
+impl Deref for Loaded {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// One instance of a release, with its request counters: what every
+/// [`Loaded`] handle to it reaches.
+#[derive(Debug)]
+pub struct Core {
     /// Unique in the process: which instance is active, in one atomic.
     id: u64,
     pub version: Version,
@@ -88,9 +144,77 @@ pub struct Loaded {
     /// A snapshot of it is running (one abandoned past its deadline may
     /// run on): no second one is started beside it.
     snapshotting: AtomicBool,
+    calls: Calls,
+    /// Told each time a handle to it lets go (the handles hold it).
+    let_go: Arc<Notify>,
+}
+
+/// The calls in flight on an instance, counted by thread, and the waits
+/// for them to end.
+#[derive(Debug, Default)]
+struct Calls {
     /// Shared with the requests handed to a service, which count their
     /// outcome when it comes ([`Tally`]) without holding the instance.
     shards: Arc<[Shard; SHARDS]>,
+    /// Waits under way: while there is one, a call that ends looks whether
+    /// it was the last, and if so tells them.
+    watchers: AtomicUsize,
+    /// Wakes those waits.
+    ended: Notify,
+}
+
+impl Calls {
+    /// Counts a call in flight on `shard`; [`InFlight`] counts it out.
+    fn begin(&self, shard: usize) {
+        self.shards[shard].in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Calls in flight now.
+    fn in_flight(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Waits, up to `deadline`, until no call is in flight; whether that
+    /// moment came. It holds no call back: calls may begin while it waits.
+    async fn idle_by(&self, deadline: Instant) -> bool {
+        // Counted before the count is read, so a call that ends after the
+        // read sees the wait (all in sequentially consistent order).
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        let _watching = Watching(&self.watchers);
+        until(&self.ended, deadline, || self.in_flight() == 0).await
+    }
+}
+
+/// A wait for the calls to end, counted while it lasts (cancelled too).
+struct Watching<'a>(&'a AtomicUsize);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits, up to `deadline`, until `done` says yes, looking again each time
+/// `notify` wakes it; whether it did.
+async fn until(notify: &Notify, deadline: Instant, done: impl Fn() -> bool) -> bool {
+    loop {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        // Registered before the look: a change after it wakes this wait.
+        woken.as_mut().enable();
+        if done() {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline.into(), woken)
+            .await
+            .is_err()
+        {
+            return done();
+        }
+    }
 }
 
 /// Counter shards per instance. Every request bumps counters; threads that
@@ -217,12 +341,12 @@ pub struct Counters {
     pub timed_out: u64,
 }
 
-impl Loaded {
-    pub fn new(version: Version, blocking: bool, instance: Instance) -> Loaded {
+impl Core {
+    fn new(version: Version, blocking: bool, instance: Instance) -> Core {
         static IDS: AtomicU64 = AtomicU64::new(1);
         let totals = totals(&version);
         let service = instance.library().is_service();
-        Loaded {
+        Core {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             label: totals.label,
             totals,
@@ -234,13 +358,15 @@ impl Loaded {
             stuck: AtomicI64::new(0),
             timed_out: AtomicU64::new(0),
             snapshotting: AtomicBool::new(false),
-            shards: Default::default(),
+            calls: Calls::default(),
+            let_go: Arc::new(Notify::new()),
         }
     }
 
     pub fn counters(&self) -> Counters {
         let sum = |field: fn(&Shard) -> &AtomicU64| -> u64 {
-            self.shards
+            self.calls
+                .shards
                 .iter()
                 .map(|s| field(s).load(Ordering::Relaxed))
                 .sum()
@@ -281,14 +407,6 @@ impl Loaded {
     /// Unique in the process: tells two instances of one version apart.
     pub fn id(&self) -> u64 {
         self.id
-    }
-
-    /// Calls on this instance now.
-    fn in_flight(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.in_flight.load(Ordering::SeqCst))
-            .sum()
     }
 }
 
@@ -336,7 +454,8 @@ pub struct Handled {
 
 /// What a switch did.
 pub struct Switched {
-    /// The instance that served before; the caller drains and drops it.
+    /// The instance that served before, in a handle of the caller's own:
+    /// it drains it ([`drain`]) and drops it.
     pub old: Arc<Loaded>,
     /// How long new requests were held: from closing the gate until it
     /// opened again (zero for `replace`, which never closes it).
@@ -362,7 +481,7 @@ pub struct Runtime {
     /// Whether there is one: a load that spares requests reading `canary`.
     has_canary: AtomicBool,
     /// Every instance still alive, serving or draining (for `status`).
-    resident: Mutex<Vec<Weak<Loaded>>>,
+    resident: Mutex<Vec<Weak<Core>>>,
 }
 
 /// Which requests a canary serves.
@@ -440,14 +559,23 @@ pub struct Canary {
     pub split: Split,
 }
 
+impl Canary {
+    /// The canary with a handle of its own to its instance, for the caller
+    /// that takes it out of service ([`released`] waits on that handle).
+    fn taken_out(&self) -> Arc<Canary> {
+        Arc::new(Canary {
+            loaded: Arc::new(self.loaded.another()),
+            split: self.split.clone(),
+        })
+    }
+}
+
 /// What holds new requests back while a switch carries state.
 #[derive(Default)]
 struct Gate {
     closed: AtomicBool,
     /// Wakes the requests held at the gate.
     opened: Notify,
-    /// Wakes a switch waiting for calls in flight to end.
-    left: Notify,
 }
 
 impl Gate {
@@ -493,15 +621,20 @@ impl Drop for Closed<'_> {
 
 /// A call counted in flight on an instance; counted out when dropped.
 struct InFlight<'a> {
-    shard: &'a Shard,
-    gate: &'a Gate,
+    calls: &'a Calls,
+    shard: usize,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.shard.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if self.gate.is_closed() {
-            self.gate.left.notify_one();
+        let calls = self.calls;
+        calls.shards[self.shard]
+            .in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+        // Summing the shards only while someone waits: the request path
+        // reads no other thread's shard otherwise.
+        if calls.watchers.load(Ordering::SeqCst) > 0 && calls.in_flight() == 0 {
+            calls.ended.notify_waiters();
         }
     }
 }
@@ -510,7 +643,7 @@ impl Runtime {
     pub fn new(first: Loaded) -> Runtime {
         let first = Arc::new(first);
         Runtime {
-            resident: Mutex::new(vec![Arc::downgrade(&first)]),
+            resident: Mutex::new(vec![Arc::downgrade(&first.core)]),
             active_id: AtomicU64::new(first.id),
             active: ArcSwap::new(first),
             gate: Gate::default(),
@@ -529,23 +662,21 @@ impl Runtime {
             let canary = self.canary.load();
             if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(request.headers)) {
                 // A canary keeps no state: no switch waits for its calls.
-                canary.loaded.shards[mine]
-                    .in_flight
-                    .fetch_add(1, Ordering::SeqCst);
+                canary.loaded.calls.begin(mine);
                 return self.call(&canary.loaded, mine, request, call);
             }
         }
         let loaded = loop {
             let loaded = self.active.load();
-            loaded.shards[mine].in_flight.fetch_add(1, Ordering::SeqCst);
+            loaded.calls.begin(mine);
             if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
                 break loaded;
             }
             // A switch is under way or just happened: step back, wait for
             // it, and go to whatever is active then.
             drop(InFlight {
-                shard: &loaded.shards[mine],
-                gate: &self.gate,
+                calls: &loaded.calls,
+                shard: mine,
             });
             drop(loaded);
             self.gate.wait_open().await;
@@ -575,21 +706,19 @@ impl Runtime {
         if self.has_canary.load(Ordering::Relaxed) {
             let canary = self.canary.load();
             if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(&head.headers)) {
-                canary.loaded.shards[mine]
-                    .in_flight
-                    .fetch_add(1, Ordering::SeqCst);
+                canary.loaded.calls.begin(mine);
                 return self.hand_over(&canary.loaded, mine, head);
             }
         }
         let loaded = loop {
             let loaded = self.active.load();
-            loaded.shards[mine].in_flight.fetch_add(1, Ordering::SeqCst);
+            loaded.calls.begin(mine);
             if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
                 break loaded;
             }
             drop(InFlight {
-                shard: &loaded.shards[mine],
-                gate: &self.gate,
+                calls: &loaded.calls,
+                shard: mine,
             });
             drop(loaded);
             self.gate.wait_open().await;
@@ -599,10 +728,10 @@ impl Runtime {
 
     /// Submits `head` to `loaded`, counted in flight on its shard `mine`
     /// until it is handed over.
-    fn hand_over(&self, loaded: &Loaded, mine: usize, head: RequestHead) -> Submitted {
+    fn hand_over(&self, loaded: &Core, mine: usize, head: RequestHead) -> Submitted {
         let _counted = InFlight {
-            shard: &loaded.shards[mine],
-            gate: &self.gate,
+            calls: &loaded.calls,
+            shard: mine,
         };
         if !loaded.service {
             return Submitted::NotAService;
@@ -611,7 +740,7 @@ impl Runtime {
             Some(Ok(call)) => Submitted::Call(
                 call,
                 Tally {
-                    shards: Arc::clone(&loaded.shards),
+                    shards: Arc::clone(&loaded.calls.shards),
                     shard: mine,
                     totals: loaded.totals,
                     label: loaded.label,
@@ -626,15 +755,15 @@ impl Runtime {
     /// watchdog abandoned it meanwhile, and did both.
     fn call(
         &self,
-        loaded: &Loaded,
+        loaded: &Core,
         mine: usize,
         request: &Request<'_>,
         call: &Call,
     ) -> Option<Handled> {
-        let shard = &loaded.shards[mine];
+        let shard = &loaded.calls.shards[mine];
         let counted = InFlight {
-            shard,
-            gate: &self.gate,
+            calls: &loaded.calls,
+            shard: mine,
         };
         let offloaded = loaded.blocking || loaded.offload.load(Ordering::Relaxed);
         call.begin(loaded.id, mine, offloaded);
@@ -685,17 +814,18 @@ impl Runtime {
     pub fn abandon(&self, id: u64, shard: usize) -> Option<&'static str> {
         // The call holds its instance: it is resident.
         let loaded = self.resident().into_iter().find(|l| l.id == id)?;
-        let counts = &loaded.shards[shard % SHARDS];
+        let shard = shard % SHARDS;
+        let counts = &loaded.calls.shards[shard];
         // Stuck before out of flight: a switch that sees the call gone
         // sees it stuck.
         loaded.stuck.fetch_add(1, Ordering::SeqCst);
         loaded.timed_out.fetch_add(1, Ordering::Relaxed);
         counts.served.fetch_add(1, Ordering::Relaxed);
         counts.errors.fetch_add(1, Ordering::Relaxed);
-        loaded.totals.count(shard % SHARDS, 504);
+        loaded.totals.count(shard, 504);
         drop(InFlight {
-            shard: counts,
-            gate: &self.gate,
+            calls: &loaded.calls,
+            shard,
         });
         Some(loaded.label)
     }
@@ -716,19 +846,21 @@ impl Runtime {
     }
 
     /// Starts serving `split` of the requests with `loaded`; the canary
-    /// before it, if any, is returned (it finishes its calls in flight).
+    /// before it, if any, is returned (it finishes its calls in flight) in
+    /// a handle of the caller's own.
     pub fn set_canary(&self, loaded: Loaded, split: Split) -> Option<Arc<Canary>> {
         let loaded = Arc::new(loaded);
         self.remember(&loaded);
         let before = self.canary.swap(Some(Arc::new(Canary { loaded, split })));
         self.has_canary.store(true, Ordering::Relaxed);
-        before
+        before.map(|before| before.taken_out())
     }
 
     /// Stops the canary: every request goes to the active instance again.
+    /// The canary is returned in a handle of the caller's own.
     pub fn clear_canary(&self) -> Option<Arc<Canary>> {
         self.has_canary.store(false, Ordering::Relaxed);
-        self.canary.swap(None)
+        self.canary.swap(None).map(|before| before.taken_out())
     }
 
     /// The canary, if there is one.
@@ -744,20 +876,9 @@ impl Runtime {
     /// Closes the gate and waits, up to `deadline`, until no call is in
     /// flight on `loaded`; `None` (the gate open again) if that moment did
     /// not come.
-    async fn quiesce(&self, loaded: &Loaded, deadline: Instant) -> Option<Closed<'_>> {
+    async fn quiesce(&self, loaded: &Core, deadline: Instant) -> Option<Closed<'_>> {
         let closed = self.gate.close();
-        loop {
-            let left = self.gate.left.notified();
-            tokio::pin!(left);
-            left.as_mut().enable();
-            if loaded.in_flight() == 0 {
-                return Some(closed);
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() || tokio::time::timeout(remaining, left).await.is_err() {
-                return (loaded.in_flight() == 0).then_some(closed);
-            }
-        }
+        loaded.calls.idle_by(deadline).await.then_some(closed)
     }
 
     /// Runs `f` on the active instance at a moment with no request in
@@ -774,14 +895,16 @@ impl Runtime {
             let loaded = self.active.load_full();
             {
                 let _closed = self.gate.close();
-                if loaded.in_flight() == 0 {
+                if loaded.calls.in_flight() == 0 {
                     return Some(f(&loaded));
                 }
             }
-            if Instant::now() >= deadline {
+            // With the gate open again, until the calls of the moment have
+            // ended; then a look behind the gate again (one may have begun
+            // meanwhile).
+            if Instant::now() >= deadline || !loaded.calls.idle_by(deadline).await {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -802,7 +925,7 @@ impl Runtime {
         self.install(next);
         drop(closed);
         Ok(Switched {
-            old,
+            old: Arc::new(old.another()),
             wait: asked.elapsed(),
         })
     }
@@ -816,11 +939,9 @@ impl Runtime {
         let deadline = Instant::now() + timeout;
         let old = self.active.load_full();
         self.install(Arc::new(next));
-        while old.in_flight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        old.calls.idle_by(deadline).await;
         Switched {
-            old,
+            old: Arc::new(old.another()),
             wait: Duration::ZERO,
         }
     }
@@ -837,7 +958,12 @@ impl Runtime {
     pub fn resident(&self) -> Vec<Arc<Loaded>> {
         let mut list = self.resident.lock();
         list.retain(|w| w.strong_count() > 0);
-        let mut alive: Vec<Arc<Loaded>> = list.iter().rev().filter_map(Weak::upgrade).collect();
+        let mut alive: Vec<Arc<Loaded>> = list
+            .iter()
+            .rev()
+            .filter_map(Weak::upgrade)
+            .map(|core| Arc::new(Loaded::around(core)))
+            .collect();
         drop(list);
         // The active one first: a canary remembered since is not it.
         let active = self.active_id.load(Ordering::SeqCst);
@@ -848,11 +974,12 @@ impl Runtime {
     fn remember(&self, loaded: &Arc<Loaded>) {
         let mut list = self.resident.lock();
         list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(loaded));
+        list.push(Arc::downgrade(&loaded.core));
     }
 }
 
-/// Waits, up to `grace`, until nobody but the caller holds `old`; the
+/// Waits, up to `grace`, until no handle to `old` is left but the caller's
+/// own (what [`Runtime::switch`] and [`Runtime::replace`] return); the
 /// caller then drops it, which releases its library. Requests never hold it
 /// past their call (a response body still being sent holds the library,
 /// not the instance), so what this waits for is a `status` call looking
@@ -870,19 +997,17 @@ pub async fn drain(old: &Arc<Loaded>, grace: Duration) {
     }
 }
 
-/// Waits, up to `grace`, until nobody but the caller holds `shared`
-/// (requests still in it let go of it when their call ends); whether that
-/// came. Then the caller's drop is the last, on the caller's thread: an
-/// instance's `stop` and its library's unload never run on a request's.
-pub async fn released<T>(shared: &Arc<T>, grace: Duration) -> bool {
-    let deadline = Instant::now() + grace;
-    while Arc::strong_count(shared) > 1 {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    true
+/// Waits, up to `grace`, until `loaded` is the only handle left to its
+/// instance — the caller's own, taken out of service (requests still in it
+/// let go of it when their call ends; each other handle says so as it
+/// goes); whether that came. Then the caller's drop is the last, on the
+/// caller's thread: an instance's `stop` and its library's unload never
+/// run on a request's.
+pub async fn released(loaded: &Loaded, grace: Duration) -> bool {
+    until(&loaded.let_go.0, Instant::now() + grace, || {
+        Arc::strong_count(&loaded.core) == 1
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -903,5 +1028,50 @@ mod tests {
         // One block per version, found again.
         assert!(std::ptr::eq(totals, super::totals(&version)));
         assert!(all_totals().iter().any(|t| std::ptr::eq(*t, totals)));
+    }
+
+    /// Ends the call counted on `shard`, as a request does.
+    fn end(calls: &Calls, shard: usize) {
+        drop(InFlight { calls, shard });
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_the_calls_is_woken_by_the_last_one_ending() {
+        let calls = Arc::new(Calls::default());
+        calls.begin(0);
+        calls.begin(5);
+        // A deadline no test waits for: only the last call's end wakes it.
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let waiting = tokio::spawn({
+            let calls = Arc::clone(&calls);
+            async move { calls.idle_by(deadline).await }
+        });
+        while calls.watchers.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        end(&calls, 0);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one call is still in flight");
+        end(&calls, 5);
+        let idle = tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .expect("woken when the last call ended")
+            .unwrap();
+        assert!(idle);
+        assert_eq!(calls.watchers.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_the_calls_gives_up_at_its_deadline() {
+        let calls = Calls::default();
+        calls.begin(2);
+        let asked = Instant::now();
+        let within = Duration::from_millis(50);
+        assert!(!calls.idle_by(asked + within).await);
+        assert!(asked.elapsed() >= within);
+        assert_eq!(calls.watchers.load(Ordering::SeqCst), 0);
+        // With no call in flight it returns at once, deadline passed or not.
+        end(&calls, 2);
+        assert!(calls.idle_by(asked).await);
     }
 }

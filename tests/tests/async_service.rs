@@ -127,11 +127,7 @@ fn get(addr: SocketAddr, path: &str) -> Streamed {
 fn text(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let response = get(addr, path);
     let (status, release) = (response.status, response.release.clone());
-    (
-        status,
-        release,
-        String::from_utf8(response.body()).unwrap(),
-    )
+    (status, release, String::from_utf8(response.body()).unwrap())
 }
 
 /// `--max-connections-per-client` connections at once need as many file
@@ -316,7 +312,8 @@ fn upgrade_cycles_leave_one_library_mapped() {
         assert_eq!(text(agent.http, "/").1, "0.1.0");
     }
     assert!(
-        eventually(Duration::from_secs(10), || agent.mapped_artifacts().len() == 1),
+        eventually(Duration::from_secs(10), || agent.mapped_artifacts().len()
+            == 1),
         "{:?}",
         agent.mapped_artifacts()
     );

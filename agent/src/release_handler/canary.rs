@@ -155,7 +155,7 @@ impl Actor {
             if canary.loaded.stuck() == 0
                 && !self
                     .tokio
-                    .block_on(crate::runtime::released(&canary, grace))
+                    .block_on(crate::runtime::released(&canary.loaded, grace))
             {
                 tracing::warn!(version = %canary.loaded.version, "drain grace over with the canary still serving a call");
             }
