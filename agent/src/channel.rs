@@ -4,7 +4,8 @@
 //! handed to the worker beside its listeners. It carries what a signal
 //! cannot: which worker is ready to take over, the socket a serving worker
 //! hands its state over on (passed as `SCM_RIGHTS`), and how a
-//! self-upgrade failed.
+//! self-upgrade failed. What a worker is told once, as it starts, comes on
+//! a socket of its own (`birth.rs`).
 //!
 //! The sockets a process inherits are named in `LISTEN_FDNAMES` and come
 //! after its listeners in `LISTEN_FDS`; [`Inherited::take`] picks them out.
@@ -35,9 +36,10 @@ pub const ADOPTED_CHANNEL: &str = "nine9s-adopted-channel";
 /// next image across a re-execution.
 pub const CONTROL: &str = "nine9s-control";
 pub const ADOPTED_STDERR: &str = "nine9s-adopted-stderr";
-/// Under `--worker-user`: a worker's end of the socket its supervisor
-/// hands it the tokens' digests and the TLS files on (`worker_user.rs`).
-pub const SECRETS: &str = "nine9s-secrets";
+/// A worker's end of the socket its supervisor writes its start message
+/// on, or the supervisor's next image's end of the one its previous image
+/// wrote its adoption on (`birth.rs`).
+pub const BIRTH: &str = "nine9s-birth";
 
 /// The largest message: a failed restart with its stderr lines.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -164,7 +166,7 @@ fn receive(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<Messag
 }
 
 /// The sockets of [`CHANNEL`], [`STATE`], [`ADOPTED_CHANNEL`],
-/// [`ADOPTED_STDERR`], [`CONTROL`] and [`SECRETS`] this process was given,
+/// [`ADOPTED_STDERR`], [`CONTROL`] and [`BIRTH`] this process was given,
 /// if any.
 #[derive(Default)]
 pub struct Inherited {
@@ -173,7 +175,7 @@ pub struct Inherited {
     pub state: Option<OwnedFd>,
     pub adopted_channel: Option<OwnedFd>,
     pub adopted_stderr: Option<OwnedFd>,
-    pub secrets: Option<OwnedFd>,
+    pub birth: Option<OwnedFd>,
     /// How many of the passed fds were these.
     pub count: usize,
 }
@@ -190,7 +192,7 @@ impl Inherited {
                 ADOPTED_CHANNEL => (&mut inherited.adopted_channel, SocketType::SEQPACKET),
                 ADOPTED_STDERR => (&mut inherited.adopted_stderr, SocketType::STREAM),
                 CONTROL => (&mut inherited.control, SocketType::STREAM),
-                SECRETS => (&mut inherited.secrets, SocketType::STREAM),
+                BIRTH => (&mut inherited.birth, SocketType::STREAM),
                 _ => continue,
             };
             let fd = fds

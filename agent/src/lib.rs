@@ -22,6 +22,7 @@
 
 mod access;
 mod artifacts;
+pub mod birth;
 pub mod channel;
 mod config;
 mod control;

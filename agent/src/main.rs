@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use nine9s_agent::birth::WorkerBirth;
 use nine9s_agent::channel::Inherited;
 use nine9s_agent::worker_user::WorkerUser;
 use nine9s_agent::{defaults, Agent, Bootstrap, Config, Http, Limits, TlsFiles};
@@ -451,6 +452,7 @@ fn supervise(args: Args) -> ! {
         control,
         adopted_channel: listeners.inherited.adopted_channel,
         adopted_stderr: listeners.inherited.adopted_stderr,
+        birth: listeners.inherited.birth,
         worker_user,
         secrets: paths(&args),
     };
@@ -536,18 +538,35 @@ fn bind(address: SocketAddr, what: &str) -> Result<StdListener, String> {
 /// The worker: dies with its supervisor, serves on the inherited
 /// listeners, says READY=1 once it serves.
 fn worker(args: Args) -> ! {
-    if let Some(supervisor) = std::env::var("NINE9S_SUPERVISOR_PID")
-        .ok()
-        .and_then(|p| p.parse::<i32>().ok())
-    {
-        let _ =
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
-        // The supervisor may have died before the line above.
-        if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(supervisor) {
-            eprintln!("agent worker: the supervisor {supervisor} is gone");
+    let mut listeners = listeners(&args).unwrap_or_else(|e| {
+        eprintln!("agent: error: {e}");
+        std::process::exit(1);
+    });
+    let birth = match (
+        listeners.inherited.birth.take(),
+        &listeners.inherited.channel,
+    ) {
+        (Some(socket), _) => {
+            let _ = rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ));
+            // Checked after the line above: a supervisor that died before
+            // it is no longer this process's parent, and is refused.
+            let birth = nine9s_agent::birth::worker(socket).unwrap_or_else(|e| {
+                eprintln!("agent worker: error: {e}");
+                std::process::exit(1);
+            });
+            Some(birth)
+        }
+        // A supervisor's channel without a start message: a supervisor
+        // from before the start message, whose word is not taken.
+        (None, Some(_)) => {
+            eprintln!("agent worker: error: started by a supervisor that sent no start message (nine9s-birth): restart the agent with this binary");
             std::process::exit(1);
         }
-    }
+        // Started by hand: no supervisor.
+        (None, None) => None,
+    };
     if let Some(user) = worker_user(&args) {
         // The supervisor made this process USER before the exec; nothing
         // it runs gains privileges again (a set-user-ID binary, say).
@@ -578,7 +597,7 @@ fn worker(args: Args) -> ! {
             std::process::exit(1);
         }
     };
-    let result = runtime.block_on(run(args));
+    let result = runtime.block_on(run(args, listeners, birth));
     // A data-plane thread may still be inside a slow plugin call: don't
     // wait for it past the grace period that already passed.
     runtime.shutdown_timeout(Duration::from_millis(100));
@@ -600,7 +619,11 @@ fn exit_code(error: &nine9s_agent::Error) -> i32 {
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(
+    args: Args,
+    listeners: Listeners,
+    birth: Option<WorkerBirth>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = shutdown_signal()?;
     let Listeners {
         http,
@@ -608,7 +631,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         health,
         inherited,
-    } = listeners(&args)?;
+    } = listeners;
     check_plaintext(&args, grpc.local_addr()?);
     let listener = |l: StdListener| {
         l.set_nonblocking(true)?;
@@ -637,8 +660,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.keep_history = args.keep_history as usize;
     config.max_error_rate = args.max_error_rate;
     config.require_signed = args.require_signed;
-    config.handed = match (inherited.secrets, &config.worker_user) {
-        (Some(socket), Some(_)) => Some(nine9s_agent::worker_user::receive(socket)?),
+    // What the supervisor said at the start (`birth.rs`); nothing, for a
+    // worker started by hand.
+    config.supervisor_pid = birth.as_ref().map(|birth| birth.supervisor);
+    let birth = birth.unwrap_or_default();
+    config.previous_exit = birth.previous_exit;
+    config.worker_restarts = birth.restarts;
+    config.failed_restart = birth.failed_restart;
+    config.handed = match (birth.secrets, &config.worker_user) {
+        (Some(handed), Some(_)) => Some(handed),
         (None, Some(_)) => {
             return Err(
                 "--worker-user: this worker was not handed its secrets by a supervisor".into(),
@@ -668,18 +698,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         request_timeout: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
     };
 
-    config.previous_exit = std::env::var("NINE9S_PREVIOUS_EXIT").ok();
-    config.supervisor_pid = std::env::var("NINE9S_SUPERVISOR_PID")
-        .ok()
-        .and_then(|p| p.parse().ok());
-    config.worker_restarts = std::env::var("NINE9S_WORKER_RESTARTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    config.failed_restart = std::env::var("NINE9S_FAILED_RESTART")
-        .ok()
-        .and_then(|json| serde_json::from_str(&json).ok());
-    if std::env::var_os("NINE9S_HANDOVER").is_some() {
+    if birth.store_wait {
         // The worker before this one still holds the store: it lets go
         // once its requests are done, within its shutdown grace.
         config.store_wait = config.shutdown_grace + Duration::from_secs(10);

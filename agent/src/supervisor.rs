@@ -15,9 +15,9 @@
 //!
 //! - A worker that dies is replaced at once; connections that arrive
 //!   meanwhile wait in the kernel's backlog, since the sockets never close.
-//!   The next worker is told how the last one ended (`NINE9S_PREVIOUS_EXIT`)
-//!   so the release current at the time is failed with that cause, and how
-//!   many workers were replaced so far (`NINE9S_WORKER_RESTARTS`, for
+//!   The next worker is told in its start message (`birth.rs`) how the
+//!   last one ended, so the release current at the time is failed with
+//!   that cause, and how many workers were replaced so far (for
 //!   `nine9s_worker_restarts_total`). Workers that die before they serve
 //!   are restarted with back-off; the store counts their boot attempts, and
 //!   the worker falls back to the release permanent before.
@@ -37,10 +37,11 @@
 //!   threads) does the same handover to a new worker from the binary that
 //!   serves, not the one on disk.
 //! - SIGUSR2 re-executes the supervisor itself from the binary on disk,
-//!   keeping its pid, the listeners and the serving worker — once that
-//!   binary has checked the flags (`agent FLAGS check`, within
-//!   [`CHECK_LIMIT`]); a binary that cannot is refused, and the serving
-//!   worker told why.
+//!   keeping its pid, the listeners and the serving worker (named to the
+//!   new image in a start message of its own, and adopted only as this
+//!   process's child) — once that binary has checked the flags (`agent
+//!   FLAGS check`, within [`CHECK_LIMIT`]); a binary that cannot is
+//!   refused, and the serving worker told why.
 //! - SIGTERM or Ctrl-C stops the workers and then the supervisor, with the
 //!   serving worker's exit code. The worker dies with the supervisor,
 //!   whatever kills it (`PR_SET_PDEATHSIG`, set by the worker on the thread
@@ -49,7 +50,7 @@
 //! Under `--worker-user USER` (`worker_user.rs`) the supervisor stays
 //! root and starts every worker as USER (its gid, no supplementary groups,
 //! no capabilities left), handing it the tokens' digests and the TLS
-//! files on an inherited socket. Such a worker cannot signal its
+//! files in its start message. Such a worker cannot signal its
 //! supervisor: it asks for a new worker with `NINE9S_RESTART=disk` (as
 //! SIGHUP) or `NINE9S_RESTART=same` (as SIGUSR1) on the notify socket,
 //! heeded like READY=1 only from the current worker's pid.
@@ -85,6 +86,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
+use crate::birth::{self, Adoption, Birth, WorkerBirth};
 use crate::channel::{self, Channel, Message};
 use crate::process::FailedRestart;
 use crate::worker_user::WorkerUser;
@@ -126,6 +128,9 @@ pub struct Supervisor {
     /// the previous image had them.
     pub adopted_channel: Option<OwnedFd>,
     pub adopted_stderr: Option<OwnedFd>,
+    /// After a re-execution: the socket the previous image wrote which
+    /// worker to adopt on (`birth.rs`).
+    pub birth: Option<OwnedFd>,
     /// `--worker-user`: whom workers run as.
     pub worker_user: Option<WorkerUser>,
     /// The paths of what the supervisor reads for workers under
@@ -716,7 +721,6 @@ impl Supervisor {
             .arg("check")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_FDNAMES")
-            .env_remove("NINE9S_ADOPT_WORKER")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -763,8 +767,9 @@ impl Supervisor {
     /// Replaces this process's image with `binary` (the one just checked,
     /// still at the path), keeping its pid, the listeners (passed as
     /// `LISTEN_FDS`), the count of restarts and the serving worker, which
-    /// stays its child (`NINE9S_ADOPT_WORKER`), with its channel and
-    /// stderr. Only returns if that failed.
+    /// stays its child (named in an [`Adoption`] on the new image's
+    /// `nine9s-birth` socket), with its channel and stderr. Only returns
+    /// if that failed.
     fn reexec(&self, binary: &OwnedFd, worker: &Worker, restarts: u64) -> std::io::Error {
         use std::os::unix::process::CommandExt as _;
         tracing::info!(
@@ -785,12 +790,19 @@ impl Supervisor {
             }
         }
         let mut command = std::process::Command::new(&self.exe);
-        command
-            .args(&self.args)
-            .env_remove("LISTEN_PID")
-            .env("NINE9S_ADOPT_WORKER", worker.pid.to_string())
-            .env("NINE9S_WORKER_RESTARTS", restarts.to_string());
-        let mut extras = Vec::new();
+        command.args(&self.args).env_remove("LISTEN_PID");
+        // Written whole now: this end closes with the exec, and the new
+        // image reads to the end.
+        let adoption = Birth::Supervisor(Adoption {
+            worker: worker.pid,
+            restarts,
+        });
+        let mut extras = match birth::pair()
+            .and_then(|(here, there)| birth::write_now(&adoption, here).map(|()| there))
+        {
+            Ok(there) => vec![(channel::BIRTH, there)],
+            Err(e) => return e,
+        };
         let passed = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
         if let Some(channel) = &worker.channel {
             match passed(channel.as_fd()) {
@@ -811,18 +823,17 @@ impl Supervisor {
     }
 
     /// The worker a previous image of this supervisor was running, and the
-    /// restarts it counted, if this one was re-executed (SIGUSR2).
+    /// restarts it counted, if this one was re-executed (SIGUSR2): as its
+    /// start message says, once that worker is seen to be this process's
+    /// child.
     fn adopted(&mut self) -> std::io::Result<Option<(Worker, u64)>> {
-        let Some(pid) = std::env::var("NINE9S_ADOPT_WORKER")
-            .ok()
-            .and_then(|p| p.parse().ok())
-        else {
+        let Some(socket) = self.birth.take() else {
             return Ok(None);
         };
-        let restarts = std::env::var("NINE9S_WORKER_RESTARTS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        let Adoption {
+            worker: pid,
+            restarts,
+        } = birth::adoption(socket).map_err(std::io::Error::other)?;
         let worker = Worker {
             child: None,
             pid,
@@ -852,51 +863,41 @@ impl Supervisor {
             .args(&self.args)
             .arg("worker")
             .env_remove("LISTEN_PID")
-            .env_remove("NINE9S_ADOPT_WORKER")
-            .env_remove("NINE9S_HANDOVER")
-            .env_remove("NINE9S_PREVIOUS_EXIT")
-            .env_remove("NINE9S_FAILED_RESTART")
             .env("NOTIFY_SOCKET", notify)
-            .env("NINE9S_SUPERVISOR_PID", std::process::id().to_string())
-            .env("NINE9S_WORKER_RESTARTS", start.restarts.to_string())
             .kill_on_drop(true);
-        if let Some(how) = &start.previous_exit {
-            command.env("NINE9S_PREVIOUS_EXIT", how);
-        }
-        if start.store_wait {
-            command.env("NINE9S_HANDOVER", "1");
-        }
-        if let Some(failed) = &start.failed_restart {
-            command.env(
-                "NINE9S_FAILED_RESTART",
-                serde_json::to_string(failed).map_err(std::io::Error::other)?,
-            );
-        }
-        let (channel_here, channel_there) = channel::pair()?;
-        let (stderr_here, stderr_there) = UnixStream::pair()?;
-        command.stderr(Stdio::from(OwnedFd::from(stderr_there)));
-        let mut extras = vec![(channel::CHANNEL, channel_there)];
-        extras.extend(start.state.map(|state| (channel::STATE, state)));
         // Read as root now, as the worker read them itself before: a
         // tokens file changed since the last worker is taken.
         let secrets = match &self.worker_user {
             Some(user) => {
                 let handed = crate::worker_user::gather(&self.secrets)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                let (here, there) = UnixStream::pair()?;
-                extras.push((channel::SECRETS, OwnedFd::from(there)));
                 // setgid, setgroups(0) and setuid in the child before the
                 // exec: no capabilities survive them.
                 command.gid(user.gid).uid(user.uid);
-                Some((handed, OwnedFd::from(here)))
+                Some(handed)
             }
             None => None,
         };
+        let told = Birth::Worker(Box::new(WorkerBirth {
+            supervisor: std::process::id(),
+            restarts: start.restarts,
+            previous_exit: start.previous_exit,
+            failed_restart: start.failed_restart,
+            store_wait: start.store_wait,
+            secrets,
+        }));
+        let (channel_here, channel_there) = channel::pair()?;
+        let (stderr_here, stderr_there) = UnixStream::pair()?;
+        let (birth_here, birth_there) = birth::pair()?;
+        command.stderr(Stdio::from(OwnedFd::from(stderr_there)));
+        let mut extras = vec![
+            (channel::CHANNEL, channel_there),
+            (channel::BIRTH, birth_there),
+        ];
+        extras.extend(start.state.map(|state| (channel::STATE, state)));
         self.pass_fds(command.as_std_mut(), extras)?;
         let child = command.spawn()?;
-        if let Some((handed, socket)) = secrets {
-            crate::worker_user::hand(&handed, socket)?;
-        }
+        birth::hand(&told, birth_here)?;
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, "worker started");
         Ok(Worker {

@@ -4,10 +4,10 @@
 //! `no_new_privs`. A release's code then has USER's rights, not root's:
 //! it cannot read the secrets that decide who drives the agent. The
 //! supervisor reads them (the tokens file or `DATA/admin.token`, both
-//! root's and owner-only) and hands each worker only what it needs, on a
-//! socket it inherits (`nine9s-secrets` in `LISTEN_FDNAMES`): the tokens'
-//! sha256 digests (a tokens file of `sha256:HEX` lines) and the TLS
-//! files' contents. A digest is no token: a release that reads its
+//! root's and owner-only) and hands each worker only what it needs, in its
+//! start message on a socket it inherits (`birth.rs`): the tokens' sha256
+//! digests (a tokens file of `sha256:HEX` lines) and the TLS files'
+//! contents. A digest is no token: a release that reads its
 //! worker's memory learns none. The TLS key is another matter: the worker
 //! serves with it, so it is in the worker's memory, where a release can
 //! read it — under `--worker-user` a release cannot read the key's file,
@@ -18,21 +18,12 @@
 //! `artifacts` — all the worker writes, the standby hint included — are
 //! USER's (`datadir.rs`).
 
-use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use crate::config::Config;
-use crate::error::{Error, Reason, Result};
-
-/// The most a worker reads of what its supervisor hands it.
-const MAX_HANDED: u64 = 4 * 1024 * 1024;
-
-/// How long the supervisor waits for a worker to take what it hands it.
-const HAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+use crate::error::{Error, Result};
 
 /// The user workers run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,34 +131,6 @@ pub fn gather(config: &Config) -> Result<Handed> {
     })
 }
 
-/// Writes `handed` on the supervisor's end of a worker's secrets socket,
-/// in the background (the worker reads it as it starts), then closes it.
-pub fn hand(handed: &Handed, socket: OwnedFd) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(handed).map_err(std::io::Error::other)?;
-    let socket = std::os::unix::net::UnixStream::from(socket);
-    socket.set_nonblocking(true)?;
-    let mut socket = tokio::net::UnixStream::from_std(socket)?;
-    tokio::spawn(async move {
-        let written = tokio::time::timeout(HAND_LIMIT, socket.write_all(&bytes)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::warn!("a worker did not take its secrets; it will not start");
-        }
-    });
-    Ok(())
-}
-
-/// Reads what the supervisor handed this worker, to the socket's end.
-pub fn receive(socket: OwnedFd) -> Result<Handed> {
-    let context = "cannot read the secrets the supervisor hands this worker";
-    let mut bytes = Vec::new();
-    std::os::unix::net::UnixStream::from(socket)
-        .take(MAX_HANDED)
-        .read_to_end(&mut bytes)
-        .map_err(Error::io(context))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::refused(Reason::InvalidArgument, format!("{context}: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,27 +149,5 @@ mod tests {
         assert_eq!(lookup_in("nobody", PASSWD).map(|u| u.uid), Some(65534));
         assert_eq!(lookup_in("mallory", PASSWD), None);
         assert_eq!(lookup_in("", PASSWD), None);
-    }
-
-    #[tokio::test]
-    async fn what_is_handed_arrives_whole() {
-        let (here, there) = std::os::unix::net::UnixStream::pair().unwrap();
-        let handed = Handed {
-            tokens: "ci deploy sha256:00\n".into(),
-            source: "tokens".into(),
-            tls: Some(TlsPem {
-                cert: "CERT".into(),
-                key: "KEY".repeat(100_000),
-                client_ca: None,
-            }),
-        };
-        hand(&handed, here.into()).unwrap();
-        let got = tokio::task::spawn_blocking(move || receive(there.into()))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.tokens, handed.tokens);
-        assert_eq!(got.tls.unwrap().key.len(), 300_000);
-        assert!(!format!("{handed:?}").contains("KEY"));
     }
 }

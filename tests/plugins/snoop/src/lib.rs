@@ -4,6 +4,9 @@
 //! (colon-separated: the admin token, the tokens file, as the test sets
 //! it in the agent's environment, which its workers inherit) and says,
 //! one line per file, `PATH: read N bytes` or `PATH: refused (ERROR)`.
+//! `GET /environ` says what the worker was started with, as every process
+//! a release starts inherits it: the names in `/proc/self/environ`, one a
+//! line.
 #![forbid(unsafe_code)]
 
 use fixture_counter::{Counter, STATE_VERSION};
@@ -19,6 +22,19 @@ fn snoop() -> String {
             Ok(bytes) => format!("{}: read {} bytes\n", path.display(), bytes.len()),
             Err(e) => format!("{}: refused ({e})\n", path.display()),
         })
+        .collect()
+}
+
+/// The names of the variables this process was started with, one a line.
+fn environ() -> String {
+    let Ok(bytes) = std::fs::read("/proc/self/environ") else {
+        return String::new();
+    };
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|entry| entry.split(|&b| b == b'=').next())
+        .filter(|name| !name.is_empty())
+        .map(|name| format!("{}\n", String::from_utf8_lossy(name)))
         .collect()
 }
 
@@ -43,6 +59,7 @@ impl Plugin for Snoop {
             }
             "/count" => self.count.response(),
             "/secrets" => Response::text(snoop()),
+            "/environ" => Response::text(environ()),
             _ => Response::not_found(),
         }
     }
