@@ -1,7 +1,9 @@
 //! The generic `extern "C"` functions behind [`crate::export_plugin!`].
 //! Each one runs plugin code inside `catch_unwind`, so no panic unwinds
-//! into the host.
+//! into the host. The service exports (`service/instance.rs`) share its
+//! panic catching, `free` and migrations.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::ffi::c_void;
@@ -12,7 +14,7 @@ use crate::abi::{
     encode_header, Buffer, Header, HostApi, PluginApi, RawRequest, RawResponse, Slice, ABI_VERSION,
     FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC, TEXT_PLAIN_BLOCK,
 };
-use crate::{find_path, Headers, Plugin, Request};
+use crate::{find_path, Headers, Migration, Plugin, Request};
 
 /// Exports a [`Plugin`] implementation as a nine9s release library.
 ///
@@ -81,7 +83,12 @@ fn install_panic_hook() {
     if HOOK_INSTALLED.load(Ordering::Acquire) || HOOK_INSTALLED.swap(true, Ordering::AcqRel) {
         return;
     }
-    std::panic::set_hook(Box::new(|info| {
+    // The SDK's own tests still print their failures.
+    #[cfg(test)]
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        #[cfg(test)]
+        previous(info);
         let mut at = [0u8; 96];
         let mut len = 0;
         if let Some(location) = info.location() {
@@ -93,22 +100,26 @@ fn install_panic_hook() {
     }));
 }
 
+/// `panicked at FILE:LINE: MESSAGE` for a panic caught on this thread
+/// (where comes from this library's panic hook).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".to_owned());
+    let (at, len) = PANIC_AT.with(Cell::get);
+    let at = String::from_utf8_lossy(&at[..len]).into_owned();
+    format!("panicked at {at}: {what}")
+}
+
 /// Runs `f`; a panic or an error is written to `err` and turned into a status.
-fn guarded(err: *mut Buffer, f: impl FnOnce() -> Result<(), String>) -> i32 {
+pub(crate) fn guarded(err: *mut Buffer, f: impl FnOnce() -> Result<(), String>) -> i32 {
     install_panic_hook();
     let (status, message) = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => return STATUS_OK,
         Ok(Err(message)) => (STATUS_ERROR, message),
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string payload".to_owned());
-            let (at, len) = PANIC_AT.with(Cell::get);
-            let at = String::from_utf8_lossy(&at[..len]).into_owned();
-            (STATUS_PANIC, format!("panicked at {at}: {what}"))
-        }
+        Err(payload) => (STATUS_PANIC, panic_message(&*payload)),
     };
     if !err.is_null() {
         // SAFETY: the host passes a valid, writable `Buffer` for the error.
@@ -234,7 +245,17 @@ unsafe extern "C" fn snapshot<P: Plugin>(
 }
 
 unsafe extern "C" fn can_migrate<P: Plugin>(from: u32, to: u32) -> bool {
-    catch_unwind(|| find_path(P::migrations(), from, to).is_some()).unwrap_or(false)
+    can_migrate_with(P::migrations, from, to)
+}
+
+/// `can_migrate` for a release whose migrations `migrations` gives (a
+/// [`Plugin`] or a service).
+pub(crate) fn can_migrate_with(
+    migrations: fn() -> &'static [Migration],
+    from: u32,
+    to: u32,
+) -> bool {
+    catch_unwind(|| find_path(migrations(), from, to).is_some()).unwrap_or(false)
 }
 
 /// # Safety
@@ -246,8 +267,24 @@ unsafe extern "C" fn migrate<P: Plugin>(
     out: *mut Buffer,
     err: *mut Buffer,
 ) -> i32 {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { migrate_with(P::migrations, from, to, state, out, err) }
+}
+
+/// `migrate` for a release whose migrations `migrations` gives.
+///
+/// # Safety
+/// `state` is valid for this call; `out` and `err` are writable.
+pub(crate) unsafe fn migrate_with(
+    migrations: fn() -> &'static [Migration],
+    from: u32,
+    to: u32,
+    state: Slice,
+    out: *mut Buffer,
+    err: *mut Buffer,
+) -> i32 {
     guarded(err, || {
-        let path = find_path(P::migrations(), from, to)
+        let path = find_path(migrations(), from, to)
             .ok_or_else(|| format!("no migration from state version {from} to {to}"))?;
         // SAFETY: the host borrows the state bytes to us for this call.
         let mut current = unsafe { state.as_bytes() }.to_vec();
@@ -291,7 +328,7 @@ unsafe extern "C" fn stop<P: Plugin>(instance: *const c_void, err: *mut Buffer) 
 
 /// # Safety
 /// `buffer` was made by this library and is freed once.
-unsafe extern "C" fn free(buffer: Buffer) {
+pub(crate) unsafe extern "C" fn free(buffer: Buffer) {
     // SAFETY: the host returns each buffer we allocated exactly once.
     drop(unsafe { buffer.into_vec() });
 }

@@ -25,6 +25,11 @@
 //!
 //! [`host`] is what the agent offers a plugin: logging through the agent's
 //! own logs (with the release's version) and a monotonic clock.
+//!
+//! With the feature `tower`, `service` makes a release of any tower
+//! service (an axum `Router`) on a tokio runtime of the release's own, with
+//! streaming bodies: `service::AsyncPlugin` and `export_service!` (ABI
+//! version 3).
 // The workspace denies unsafe code; this crate is one of the two allowed
 // to have it (ARCHITECTURE.md), each block with its SAFETY comment.
 #![allow(unsafe_code)]
@@ -33,6 +38,8 @@ pub mod abi;
 mod export;
 pub mod host;
 mod migrate;
+#[cfg(feature = "tower")]
+pub mod service;
 
 use std::borrow::Cow;
 
@@ -230,4 +237,6 @@ pub trait Plugin: Sized + Send + Sync + 'static {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::export::api;
+    #[cfg(feature = "tower")]
+    pub use crate::service::instance::{service_api, Release};
 }
