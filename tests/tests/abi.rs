@@ -50,7 +50,7 @@ fn a_release_built_for_abi_v1_loads_serves_and_survives_a_restart() {
     let data = dir.path().join("data");
     let agent = Agent::start(&data, &[]);
     let info = agent.json(&["info"]);
-    assert_eq!(info["abi_versions"], serde_json::json!([1, 2]));
+    assert_eq!(info["abi_versions"], serde_json::json!([1, 2, 3]));
     let staged = stage_fixture(&agent, "abi-v1");
     assert_eq!(staged.code, 0, "{staged:?}");
     agent.ctl(&["upgrade", "--to", "0.4.1", "--permanent"]).ok();
