@@ -325,3 +325,65 @@ fn upgrade_cycles_leave_one_library_mapped() {
     );
     assert_eq!(text(agent.http, "/count").2.trim(), "40");
 }
+
+/// The next line of a streamed body as the sample sends them (`line K of
+/// N`), or `None` once the stream ended — whole, or cut off.
+fn next_line(stream: &mut Streamed) -> Option<String> {
+    let mut size = String::new();
+    match stream.reader.read_line(&mut size) {
+        Ok(0) | Err(_) => return None,
+        Ok(_) => {}
+    }
+    let size = usize::from_str_radix(size.trim(), 16).ok()?;
+    if size == 0 {
+        return None;
+    }
+    let mut chunk = vec![0; size + 2];
+    stream.reader.read_exact(&mut chunk).ok()?;
+    chunk.truncate(size);
+    Some(String::from_utf8(chunk).unwrap())
+}
+
+/// An upgrade answers while a stream on the old release still runs (it
+/// runs on for as long as --drain-timeout allows): the engine does not
+/// wait for it, and a downgrade right after is not held up either.
+#[test]
+fn a_long_stream_holds_up_no_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    stage_0_2_0(&agent);
+    let mut stream = get(agent.http, "/stream/2000");
+    assert!(next_line(&mut stream).is_some());
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    agent
+        .ctl(&["downgrade", "--to", "0.1.0", "--permanent"])
+        .ok();
+    let line = next_line(&mut stream).expect("the stream runs on after both switches");
+    assert!(!line.contains("2000 of 2000"), "{line}");
+    assert_eq!(text(agent.http, "/").1, "0.1.0");
+}
+
+/// A stream still running on the old release when --drain-timeout ends is
+/// cut, and the agent says so.
+#[test]
+fn a_stream_past_the_drain_timeout_is_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["--drain-timeout", "1s"]);
+    stage_0_2_0(&agent);
+    let mut stream = get(agent.http, "/stream/3000");
+    assert!(next_line(&mut stream).is_some());
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let mut lines = 1;
+    while next_line(&mut stream).is_some() {
+        lines += 1;
+    }
+    assert!(lines < 3000, "the stream ran to its end");
+    assert!(
+        eventually(Duration::from_secs(10), || agent.log().contains(
+            "requests still under way on the old release when its drain ended were cancelled"
+        )),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(text(agent.http, "/").1, "0.2.0");
+}

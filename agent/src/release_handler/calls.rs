@@ -13,6 +13,10 @@
 //! supervisor starts a new one on the permanent release with its last
 //! checkpoint, as after a crash.
 //!
+//! A service's old instance (ABI v3) is retired off the actor
+//! ([`PluginCalls::retire`]): its requests under way may stream for as long
+//! as `--drain-timeout`, and `ctl rollback` must not wait for them.
+//!
 //! Requests are not called here: the data plane calls `handle` itself
 //! (`runtime`), and `stuck` answers a request past its time limit. What
 //! such calls leave behind — threads held by calls abandoned past the
@@ -166,6 +170,8 @@ fn ended_mid_call() -> Error {
 /// behind.
 pub(super) struct PluginCalls {
     lane: Lane,
+    /// Where retired services are stopped and unloaded.
+    retiring: Arc<Lane>,
     /// Calls stuck past the request timeout in instances the engine has
     /// let go of: their threads stay held until a new worker takes over.
     abandoned: u64,
@@ -175,6 +181,7 @@ impl PluginCalls {
     pub(super) fn new() -> PluginCalls {
         PluginCalls {
             lane: Lane::new("nine9s-plugin-calls"),
+            retiring: Arc::new(Lane::new("nine9s-retire")),
             abandoned: 0,
         }
     }
@@ -202,6 +209,46 @@ impl PluginCalls {
             }
             Err(e) => tracing::error!(%version, error = %e, "cannot let go of the old instance"),
         }
+    }
+
+    /// Retires a service's old instance in the background, on `tokio`: its
+    /// requests under way finish, up to `finish` (the plan's drain; zero
+    /// without one), and those left then are cancelled; then, once others
+    /// let go of it (up to `grace`), its `stop` and unload run on the
+    /// retiring lane within [`STOP_TIMEOUT`].
+    pub(super) fn retire(
+        &self,
+        tokio: &tokio::runtime::Handle,
+        old: Arc<Loaded>,
+        finish: Duration,
+        grace: Duration,
+    ) {
+        let lane = Arc::clone(&self.retiring);
+        tokio.spawn(async move {
+            let waiting = Arc::clone(&old);
+            // A wait on the port's own signal: no release code runs here.
+            let finished = tokio::task::spawn_blocking(move || waiting.instance.wait_calls(finish))
+                .await
+                .unwrap_or(false);
+            if !finished {
+                let cancelled = old
+                    .instance
+                    .cancel_calls("the old release's drain ended (--drain-timeout)");
+                tracing::warn!(
+                    version = %old.version,
+                    cancelled,
+                    drain_timeout_ms = finish.as_millis() as u64,
+                    "requests still under way on the old release when its drain ended were cancelled"
+                );
+            }
+            crate::runtime::drain(&old, grace).await;
+            let version = old.version.clone();
+            match lane.call_async(STOP_TIMEOUT, move || drop(old)).await {
+                Ok(Some(())) => tracing::debug!(%version, "old release retired"),
+                Ok(None) => tracing::error!(%version, "the release's stop (or destroy) did not return within {} s: it is left running, and its library loaded", STOP_TIMEOUT.as_secs()),
+                Err(e) => tracing::error!(%version, error = %e, "cannot let go of the old instance"),
+            }
+        });
     }
 
     /// Counts `stuck` request calls abandoned in an instance the engine

@@ -311,6 +311,9 @@ impl Actor {
     /// The steps after `switch`, once the switch is committed: hooks on the
     /// serving instance, `drain` and `unload` of the old one.
     pub(super) fn finish_plan(&self, executed: Executed, report: &mut PlanReport) {
+        // A service's old instance drains and unloads in the background:
+        // its streams may run for --drain-timeout.
+        let service = executed.old.is_service();
         let mut old = Some(executed.old);
         for step in &executed.rest {
             match step {
@@ -322,9 +325,9 @@ impl Actor {
                             .push(format!("hook {name} after the switch failed: {e}"));
                     }
                 }
+                Step::Drain | Step::Unload if service => {}
                 Step::Drain => {
                     if let Some(old) = &old {
-                        finish_calls(old, self.shared.config.drain_timeout);
                         self.tokio
                             .block_on(drain(old, self.shared.config.drain_grace));
                     }
@@ -334,8 +337,20 @@ impl Actor {
                 Step::Load | Step::Migrate | Step::Switch => {}
             }
         }
-        // A plan without `unload` still lets the old release go.
-        self.calls.unload(old);
+        match old {
+            Some(old) if service => {
+                let config = &self.shared.config;
+                let finish = if executed.rest.contains(&Step::Drain) {
+                    config.drain_timeout
+                } else {
+                    Duration::ZERO
+                };
+                self.calls
+                    .retire(&self.tokio, old, finish, config.drain_grace);
+            }
+            // A plan without `unload` still lets the old release go.
+            old => self.calls.unload(old),
+        }
     }
 
     /// Runs a hook on the serving instance, on the plugin thread with the
@@ -560,25 +575,6 @@ impl Actor {
             )),
         }
     }
-}
-
-/// Lets the old instance of a service finish the requests it has under
-/// way, up to `timeout` (`--drain-timeout`), and cancels those left: its
-/// unload would cut them anyway. (Its requests never hold the instance:
-/// only its port's open calls tell.)
-fn finish_calls(old: &Loaded, timeout: Duration) {
-    if !old.is_service() || old.instance.wait_calls(timeout) {
-        return;
-    }
-    let cancelled = old
-        .instance
-        .cancel_calls("the old release's drain ended (--drain-timeout)");
-    tracing::warn!(
-        version = %old.version,
-        cancelled,
-        timeout_ms = timeout.as_millis() as u64,
-        "requests still under way on the old release when --drain-timeout ended were cancelled"
-    );
 }
 
 /// What a call that overran the gate's time says.
