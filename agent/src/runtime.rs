@@ -372,7 +372,9 @@ impl Core {
                 .sum()
         };
         Counters {
-            in_flight: sum(|s| &s.in_flight),
+            // A service's requests are in flight only while handed over;
+            // under way, they are its port's open calls.
+            in_flight: sum(|s| &s.in_flight) + self.instance.open_calls() as u64,
             served: sum(|s| &s.served),
             errors: sum(|s| &s.errors),
             panics: sum(|s| &s.panics),

@@ -396,3 +396,39 @@ fn a_stream_past_the_drain_timeout_is_cancelled() {
     );
     assert_eq!(text(agent.http, "/").1, "0.2.0");
 }
+
+/// A request the old release still serves after a switch took its state
+/// may change that state; the change does not cross, and the agent says
+/// so when it retires the old release.
+#[test]
+fn a_change_to_the_old_state_after_the_switch_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    let staged = nine9s_tests::stage_fixture(&agent, "late-writer");
+    assert_eq!(staged.code, 0, "{staged:?}");
+    agent.ctl(&["upgrade", "--to", "0.1.9", "--permanent"]).ok();
+    stage_0_2_0(&agent);
+    let addr = agent.http;
+    let late = std::thread::spawn(move || text(addr, "/late/1500"));
+    // Under way on 0.1.9 before the switch, as the status says.
+    assert!(
+        eventually(Duration::from_secs(10), || agent.status()["libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["version"] == "0.1.9" && l["in_flight"] == 1)),
+        "the late request never got under way: {}",
+        agent.status()
+    );
+    agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
+    let (status, release, body) = late.join().unwrap();
+    assert_eq!((status, release.as_str()), (200, "0.1.9"), "{body}");
+    assert!(
+        eventually(Duration::from_secs(20), || agent
+            .log()
+            .contains("changed that state: those changes were not carried")),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(text(addr, "/count").2.trim(), "0");
+}

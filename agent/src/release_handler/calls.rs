@@ -27,6 +27,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Reason, Result};
@@ -216,10 +217,16 @@ impl PluginCalls {
     /// without one), and those left then are cancelled; then, once others
     /// let go of it (up to `grace`), its `stop` and unload run on the
     /// retiring lane within [`STOP_TIMEOUT`].
+    ///
+    /// `left`: the sha256 of its state as the switch took it. Requests it
+    /// still served after that may have changed its state, and those
+    /// changes did not cross: its state is taken again before it stops,
+    /// and a difference is reported, never lost without a word.
     pub(super) fn retire(
         &self,
         tokio: &tokio::runtime::Handle,
         old: Arc<Loaded>,
+        left: Option<[u8; 32]>,
         finish: Duration,
         grace: Duration,
     ) {
@@ -240,6 +247,21 @@ impl PluginCalls {
                     drain_timeout_ms = finish.as_millis() as u64,
                     "requests still under way on the old release when its drain ended were cancelled"
                 );
+            }
+            if let Some(left) = left {
+                let checked = Arc::clone(&old);
+                let after = lane.call_async(STOP_TIMEOUT, move || checked.take_snapshot()).await;
+                match after {
+                    Ok(Some(Ok(state))) if <[u8; 32]>::from(Sha256::digest(&state)) != left => {
+                        tracing::error!(
+                            version = %old.version,
+                            "requests the old release served after the switch took its state changed that state: those changes were not carried to the release that serves now (a service should refuse writes once it has handed its state over)"
+                        );
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => tracing::warn!(version = %old.version, error = %e, "cannot check whether the old release's state changed after the switch"),
+                    Ok(None) | Err(_) => tracing::warn!(version = %old.version, "the old release's snapshot did not return: whether its state changed after the switch is unknown"),
+                }
             }
             crate::runtime::drain(&old, grace).await;
             let version = old.version.clone();

@@ -19,6 +19,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use sha2::Digest as _;
 use std::time::Duration;
 
 use nine9s_host::{CallError, Library};
@@ -46,6 +48,10 @@ pub(super) struct Executed {
     pub abandoned: u64,
     /// The instance that served before, to drain and unload.
     old: Arc<Loaded>,
+    /// The sha256 of the old instance's state as the switch took it, for
+    /// a service whose requests under way may still change it (see
+    /// `PluginCalls::retire`).
+    left: Option<[u8; 32]>,
     /// The plan's steps after `switch`.
     rest: Vec<Step>,
 }
@@ -299,7 +305,13 @@ impl Actor {
         // The snapshot of the release just left must be durable before the
         // transition is acknowledged.
         let stored = stored.and_then(|()| store.flush());
+        let left = taken
+            .iter()
+            .find(|s| s.version == switched.old.version)
+            .filter(|_| switched.old.is_service())
+            .map(|s| sha2::Sha256::digest(&s.bytes).into());
         Ok(Executed {
+            left,
             wait: switched.wait,
             unrecorded: stored.err(),
             abandoned: switched.old.stuck(),
@@ -346,7 +358,7 @@ impl Actor {
                     Duration::ZERO
                 };
                 self.calls
-                    .retire(&self.tokio, old, finish, config.drain_grace);
+                    .retire(&self.tokio, old, executed.left, finish, config.drain_grace);
             }
             // A plan without `unload` still lets the old release go.
             old => self.calls.unload(old),
