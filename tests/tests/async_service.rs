@@ -432,3 +432,34 @@ fn a_change_to_the_old_state_after_the_switch_is_reported() {
     );
     assert_eq!(text(addr, "/count").2.trim(), "0");
 }
+
+/// A client that goes away while its request awaits cancels the request:
+/// the release drops its handler, and the call is no longer under way.
+#[test]
+fn a_client_that_goes_away_cancels_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    let in_flight = || {
+        agent.status()["libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["in_flight"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let mut stream = TcpStream::connect(agent.http).unwrap();
+    stream
+        .write_all(b"GET /sleep/600000 HTTP/1.1\r\nhost: t\r\n\r\n")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || in_flight() == 1),
+        "{}",
+        agent.status()
+    );
+    drop(stream);
+    assert!(
+        eventually(Duration::from_secs(20), || in_flight() == 0),
+        "the request awaits on after its client left: {}",
+        agent.status()
+    );
+}
