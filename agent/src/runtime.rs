@@ -412,6 +412,22 @@ impl Core {
     }
 }
 
+/// Where a request went in ([`Runtime::enter`]): a read of the canary or
+/// of the active instance, which holds no count shared between threads.
+enum Entered {
+    Canary(arc_swap::Guard<Option<Arc<Canary>>>),
+    Active(arc_swap::Guard<Arc<Loaded>>),
+}
+
+impl Entered {
+    fn loaded(&self) -> &Loaded {
+        match self {
+            Entered::Canary(canary) => &canary.as_ref().expect("picked").loaded,
+            Entered::Active(loaded) => loaded,
+        }
+    }
+}
+
 /// What handing a request to a service gave.
 pub enum Submitted {
     /// Handed over: the call, and where its outcome is counted.
@@ -660,19 +676,28 @@ impl Runtime {
     /// connection).
     pub async fn handle(&self, request: &Request<'_>, call: &Call) -> Option<Handled> {
         let mine = my_shard();
+        let entered = self.enter(mine, request.headers).await;
+        self.call(entered.loaded(), mine, request, call)
+    }
+
+    /// The instance a request with `headers` goes to, with the request
+    /// counted in flight on its shard `mine`: the canary if it picks the
+    /// request, else the active instance once the gate is open.
+    async fn enter(&self, mine: usize, headers: &hyper::HeaderMap) -> Entered {
         if self.has_canary.load(Ordering::Relaxed) {
             let canary = self.canary.load();
-            if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(request.headers)) {
+            if canary.as_ref().is_some_and(|c| c.split.picks(headers)) {
                 // A canary keeps no state: no switch waits for its calls.
-                canary.loaded.calls.begin(mine);
-                return self.call(&canary.loaded, mine, request, call);
+                let entered = Entered::Canary(canary);
+                entered.loaded().calls.begin(mine);
+                return entered;
             }
         }
-        let loaded = loop {
+        loop {
             let loaded = self.active.load();
             loaded.calls.begin(mine);
             if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
-                break loaded;
+                return Entered::Active(loaded);
             }
             // A switch is under way or just happened: step back, wait for
             // it, and go to whatever is active then.
@@ -682,8 +707,7 @@ impl Runtime {
             });
             drop(loaded);
             self.gate.wait_open().await;
-        };
-        self.call(&loaded, mine, request, call)
+        }
     }
 
     /// Whether a request may go to a service now (the active release or
@@ -705,27 +729,8 @@ impl Runtime {
     /// over.
     pub async fn submit(&self, head: RequestHead) -> Submitted {
         let mine = my_shard();
-        if self.has_canary.load(Ordering::Relaxed) {
-            let canary = self.canary.load();
-            if let Some(canary) = canary.as_ref().filter(|c| c.split.picks(&head.headers)) {
-                canary.loaded.calls.begin(mine);
-                return self.hand_over(&canary.loaded, mine, head);
-            }
-        }
-        let loaded = loop {
-            let loaded = self.active.load();
-            loaded.calls.begin(mine);
-            if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
-                break loaded;
-            }
-            drop(InFlight {
-                calls: &loaded.calls,
-                shard: mine,
-            });
-            drop(loaded);
-            self.gate.wait_open().await;
-        };
-        self.hand_over(&loaded, mine, head)
+        let entered = self.enter(mine, &head.headers).await;
+        self.hand_over(entered.loaded(), mine, head)
     }
 
     /// Submits `head` to `loaded`, counted in flight on its shard `mine`
