@@ -250,6 +250,17 @@ impl Collector for Live {
                 ConstCounter::new(n).encode(requests.encode_family(&labels)?)?;
             }
         }
+        let mut cancelled = encoder.encode_descriptor(
+            "drain_cancelled_requests",
+            "Requests a service release still had under way on an old instance when its drain (--drain-timeout) ended, cancelled; by its version.",
+            None,
+            MetricType::Counter,
+        )?;
+        for totals in runtime::all_totals() {
+            let labels = [("release", totals.label)];
+            ConstCounter::new(totals.drain_cancelled())
+                .encode(cancelled.encode_family(&labels)?)?;
+        }
         // The active instance first, then the draining ones.
         let resident = self.runtime.resident();
         if let Some(active) = resident.first() {

@@ -261,6 +261,9 @@ pub struct Totals {
     /// The version as text.
     pub label: &'static str,
     shards: [CodeShard; SHARDS],
+    /// Requests of a service still under way on an old instance of the
+    /// version when its drain ended, cancelled.
+    drain_cancelled: AtomicU64,
 }
 
 impl std::fmt::Debug for Totals {
@@ -316,9 +319,17 @@ fn totals(version: &Version) -> &'static Totals {
     let leaked: &'static Totals = Box::leak(Box::new(Totals {
         label: Box::leak(text.into_boxed_str()),
         shards: std::array::from_fn(|_| CodeShard(std::array::from_fn(|_| AtomicU64::new(0)))),
+        drain_cancelled: AtomicU64::new(0),
     }));
     all.push(leaked);
     leaked
+}
+
+impl Totals {
+    /// Requests cancelled when a drain of the version ended.
+    pub fn drain_cancelled(&self) -> u64 {
+        self.drain_cancelled.load(Ordering::Relaxed)
+    }
 }
 
 /// The totals of every version loaded since the process started.
@@ -399,6 +410,18 @@ impl Core {
     /// Whether a snapshot of it is running (an earlier one that overran).
     pub fn snapshotting(&self) -> bool {
         self.snapshotting.load(Ordering::SeqCst)
+    }
+
+    /// Cancels a service's requests still under way as its drain ends;
+    /// how many (counted for `/metrics`).
+    pub fn cancel_at_drain_end(&self) -> usize {
+        let cancelled = self
+            .instance
+            .cancel_calls("the old release's drain ended (--drain-timeout)");
+        self.totals
+            .drain_cancelled
+            .fetch_add(cancelled as u64, Ordering::Relaxed);
+        cancelled
     }
 
     /// Whether requests are handed to it rather than called.

@@ -377,7 +377,10 @@ fn a_long_stream_holds_up_no_command() {
 #[test]
 fn a_stream_past_the_drain_timeout_is_cancelled() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = agent(dir.path(), &["--drain-timeout", "1s"]);
+    let agent = agent(
+        dir.path(),
+        &["--drain-timeout", "1s", "--metrics", "127.0.0.1:0"],
+    );
     stage_0_2_0(&agent);
     let mut stream = get(agent.http, "/stream/3000");
     assert!(next_line(&mut stream).is_some());
@@ -395,6 +398,21 @@ fn a_stream_past_the_drain_timeout_is_cancelled() {
         agent.log()
     );
     assert_eq!(text(agent.http, "/").1, "0.2.0");
+    let metrics = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("metrics served on /metrics"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("address="))
+        })
+        .and_then(|a| a.parse().ok())
+        .expect("the metrics address in the log");
+    let (_, _, scraped) = text(metrics, "/metrics");
+    assert!(
+        scraped.contains("nine9s_drain_cancelled_requests_total{release=\"0.1.0\"} 1"),
+        "{scraped}"
+    );
 }
 
 /// A request the old release still serves after a switch took its state

@@ -238,9 +238,7 @@ impl PluginCalls {
                 .await
                 .unwrap_or(false);
             if !finished {
-                let cancelled = old
-                    .instance
-                    .cancel_calls("the old release's drain ended (--drain-timeout)");
+                let cancelled = old.cancel_at_drain_end();
                 tracing::warn!(
                     version = %old.version,
                     cancelled,
