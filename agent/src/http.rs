@@ -84,7 +84,8 @@ pub const RELEASE_HEADER: &str = "x-nine9s-release";
 
 /// [`RELEASE_HEADER`] parsed once: a name given as text is checked again
 /// on every insert.
-const RELEASE: hyper::header::HeaderName = hyper::header::HeaderName::from_static(RELEASE_HEADER);
+pub(crate) const RELEASE: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static(RELEASE_HEADER);
 
 /// Headers a release's response may not set: the agent frames the
 /// response and manages the connection (RFC 9110 §7.6.1, RFC 9112 §6).

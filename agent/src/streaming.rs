@@ -199,10 +199,9 @@ fn whole(status: StatusCode, text: String) -> Response<Body> {
 }
 
 fn labelled(mut response: Response<Body>, version: &'static str) -> Response<Body> {
-    response.headers_mut().insert(
-        crate::http::RELEASE_HEADER,
-        HeaderValue::from_static(version),
-    );
+    response
+        .headers_mut()
+        .insert(crate::http::RELEASE, HeaderValue::from_static(version));
     response
 }
 

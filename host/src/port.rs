@@ -258,15 +258,9 @@ impl Port {
     /// `wait_events` returns 0, and every call still open ends for the
     /// agent (a response under way breaks off).
     pub fn close(&self) {
-        let calls: Vec<Arc<Shared>> = {
-            let mut state = self.state.lock();
-            state.closed = true;
-            state.calls.values().cloned().collect()
-        };
+        self.state.lock().closed = true;
         self.ready.notify_all();
-        for call in calls {
-            self.cancel(&call, "the release's instance stopped");
-        }
+        self.cancel_all("the release's instance stopped");
     }
 
     /// Marks `call` cancelled and tells both sides; false if it was over.
