@@ -33,6 +33,7 @@ pub mod defaults {
     pub const MAX_BODY: u64 = 16 * 1024 * 1024;
     pub const MAX_BUFFERED_BODIES: u64 = 256 * 1024 * 1024;
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const HTTP2_MAX_STREAMS: u32 = 100;
 }
 
 /// Which release an empty data directory starts on.
@@ -86,6 +87,8 @@ pub struct Config {
     pub tokens: Option<PathBuf>,
     /// TLS (and mTLS) for the control plane.
     pub tls: Option<TlsFiles>,
+    /// TLS for the data plane (`--http-tls-cert`, `--http-tls-key`).
+    pub http_tls: Option<HttpTlsFiles>,
     /// Directory of `*.pub` ed25519 keys whose release signatures are trusted.
     pub trusted_keys: Option<PathBuf>,
     /// Refuse releases without a trusted signature.
@@ -114,6 +117,14 @@ pub struct Config {
     pub store_wait: Duration,
 }
 
+/// The data plane's certificate chain and key (PEM), read again when
+/// they change (`http_tls.rs`).
+#[derive(Debug, Clone)]
+pub struct HttpTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// What a stranger (or a broken client) can make the agent hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -134,6 +145,9 @@ pub struct Limits {
     pub max_connections_per_client: usize,
     /// Open control-plane connections; beyond, new ones wait in the backlog.
     pub max_control_connections: usize,
+    /// Requests (streams) under way on one HTTP/2 connection; the client
+    /// is told so in its settings and a stream beyond is refused.
+    pub http2_max_streams: u32,
     /// How long a request body may take to arrive.
     pub http_body_timeout: Duration,
     /// Largest request body handed to a release.
@@ -156,6 +170,7 @@ impl Default for Limits {
             max_connections: defaults::MAX_CONNECTIONS as usize,
             max_connections_per_client: defaults::MAX_CONNECTIONS_PER_CLIENT as usize,
             max_control_connections: defaults::MAX_CONTROL_CONNECTIONS as usize,
+            http2_max_streams: defaults::HTTP2_MAX_STREAMS,
             http_body_timeout: defaults::HTTP_BODY_TIMEOUT,
             max_body: defaults::MAX_BODY as usize,
             max_buffered_bodies: defaults::MAX_BUFFERED_BODIES as usize,
@@ -193,6 +208,7 @@ impl Config {
             health_timeout: defaults::HEALTH_TIMEOUT,
             tokens: None,
             tls: None,
+            http_tls: None,
             trusted_keys: None,
             require_signed: false,
             worker_user: None,

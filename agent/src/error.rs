@@ -132,3 +132,15 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `e` and its sources, `: `-separated, as `anyhow`'s `{:#}` prints them:
+/// for a message that must say what went wrong underneath.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        why.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    why
+}

@@ -1,7 +1,19 @@
-//! The data plane: HTTP/1.1 on hyper, every request answered by the active
-//! release through the [`Runtime`]. The listener is never closed by an
-//! upgrade; only shutdown stops it, and then in-flight requests get a
-//! grace period to finish.
+//! The data plane: HTTP/1.1 and HTTP/2 on hyper, every request answered
+//! by the active release through the [`Runtime`]. The listener is never
+//! closed by an upgrade; only shutdown stops it, and then in-flight
+//! requests get a grace period to finish.
+//!
+//! Both protocols share the port: HTTP/2 in cleartext with prior
+//! knowledge (a client that opens with the HTTP/2 preface), or over TLS
+//! (`--http-tls-cert`, `http_tls.rs`) as ALPN picks. An HTTP/2 connection
+//! carries at most `--http2-max-streams` requests at once (the client is
+//! told in its settings); clients that reset streams as fast as they open
+//! them, or that send more than [`H2_MAX_HEADER_LIST`] bytes of headers,
+//! are refused by hyper's limits set here. The connection limits, the
+//! header and idle timeouts, and the body limits below hold for both; on
+//! HTTP/2 the header clock runs until the preface is in, and the idle
+//! clock whenever no request is under way (frames such as pings do not
+//! restart it).
 //!
 //! What a client can hold is bounded: at most `--max-connections` open
 //! connections (so the data plane never takes the file descriptors the
@@ -49,16 +61,17 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use nine9s_host::CallError;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 
 use crate::config::Limits;
+use crate::http_tls::HttpTls;
 use crate::incoming::{self, Seats};
 use crate::runtime::Runtime;
 use crate::streaming::Body as ResponseBody;
@@ -78,6 +91,23 @@ const SHED_RETRY: Duration = Duration::from_millis(250);
 /// What a newcomer beyond `--max-connections-per-client` is told before its
 /// connection is closed.
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 46\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many connections from this client address\n";
+
+/// How an HTTP/2 connection opens (RFC 9113 §3.4): what tells it from
+/// HTTP/1.1 on a cleartext connection.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Bytes of one request's header list on HTTP/2 (HPACK-decoded); a
+/// request with more is refused with 431.
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+
+/// Streams an HTTP/2 client may reset before the agent has even taken
+/// them, at once; beyond, the connection is closed with `ENHANCE_YOUR_CALM`
+/// (the "rapid reset" attack, CVE-2023-44487).
+const H2_MAX_PENDING_RESETS: usize = 20;
+
+/// Streams the agent may have to reset for a client's protocol errors on
+/// one connection; beyond, the connection is closed (CVE-2025-8671).
+const H2_MAX_ERROR_RESETS: usize = 256;
 
 /// Header naming the release that answered.
 pub const RELEASE_HEADER: &str = "x-nine9s-release";
@@ -108,6 +138,7 @@ pub async fn serve(
     listener: TcpListener,
     runtime: Arc<Runtime>,
     board: Arc<Board>,
+    tls: Option<Arc<HttpTls>>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -115,19 +146,30 @@ pub async fn serve(
     let slots = Arc::clone(&board.slots);
     let budget = Arc::new(Budget::new(limits.max_buffered_bodies));
     let (stop, stopping) = watch::channel(false);
+    if let Some(tls) = &tls {
+        let mut stopping = stopping.clone();
+        tokio::spawn(Arc::clone(tls).watch(async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        }));
+    }
     tokio::pin!(shutdown);
     while let Some((stream, client, permit)) =
         incoming::accept("HTTP", &listener, &Admission(&board), shutdown.as_mut()).await
     {
-        let runtime = Arc::clone(&runtime);
         let limits = limits.clone();
         let stopping = stopping.clone();
-        let budget = Arc::clone(&budget);
         let watchdog = Arc::new(Watchdog::new());
         let registered = board.register(&stream, client, Arc::clone(&watchdog));
+        let served = Arc::new(Served {
+            runtime: Arc::clone(&runtime),
+            board: Arc::clone(&board),
+            watchdog,
+            call: Arc::clone(&registered.call),
+            budget: Arc::clone(&budget),
+        });
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let call = Arc::clone(&registered.call);
-            connection(stream, runtime, &limits, budget, stopping, watchdog, call).await;
+            connection(stream, tls, served, &limits, stopping).await;
             if registered.call.rescued() {
                 // Given back when its call was abandoned.
                 permit.forget();
@@ -201,39 +243,81 @@ impl Seats for Admission<'_> {
     }
 }
 
-/// Serves one connection until it ends, times out, is told to make room
-/// for a newcomer, or shutdown lets its last request finish.
+/// What a connection's requests are served with. One reference per
+/// connection, cloned per request: the runtime's own count is shared by
+/// every thread, this one by this connection.
+struct Served {
+    runtime: Arc<Runtime>,
+    board: Arc<Board>,
+    watchdog: Arc<Watchdog>,
+    /// The connection's call on the board (an HTTP/1.1 request's).
+    call: Arc<Call>,
+    budget: Arc<Budget>,
+}
+
+/// Serves one connection (after its TLS handshake, with `tls`) until it
+/// ends, times out, is told to make room for a newcomer, or shutdown lets
+/// its last request finish.
 async fn connection(
     stream: TcpStream,
-    runtime: Arc<Runtime>,
+    tls: Option<Arc<HttpTls>>,
+    served: Arc<Served>,
     limits: &Limits,
-    budget: Arc<Budget>,
-    mut stopping: watch::Receiver<bool>,
-    watchdog: Arc<Watchdog>,
-    call: Arc<Call>,
+    stopping: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let remote = stream.peer_addr().ok();
     let io = Watched {
         inner: stream,
-        watchdog: Arc::clone(&watchdog),
-        call: Arc::clone(&call),
+        watchdog: Arc::clone(&served.watchdog),
+        call: Arc::clone(&served.call),
         fresh: true,
     };
+    let Some(tls) = tls else {
+        return drive(io, remote, served, limits, stopping).await;
+    };
+    // The handshake is the first thing a client sends: it has the header
+    // timeout, as a request's first line would.
+    match tokio::time::timeout(limits.http_header_timeout, tls.acceptor().accept(io)).await {
+        Ok(Ok(io)) => {
+            if io.get_ref().1.alpn_protocol() == Some(b"h2") {
+                served.watchdog.multiplexed();
+            }
+            drive(io, remote, served, limits, stopping).await;
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!("TLS handshake too slow"),
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (as the client opens) on `io`.
+async fn drive<I>(
+    io: I,
+    remote: Option<SocketAddr>,
+    served: Arc<Served>,
+    limits: &Limits,
+    mut stopping: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let watchdog = Arc::clone(&served.watchdog);
     let service = {
-        // One reference per connection, cloned per request: the runtime's
-        // own count is shared by every thread, this one by this connection.
-        let served = Arc::new((runtime, Arc::clone(&watchdog), call, budget));
         let body_limits = (limits.max_body, limits.http_body_timeout);
         let streaming = crate::streaming::Limits {
             max_body: limits.max_body,
             body_timeout: limits.http_body_timeout,
             request_timeout: limits.request_timeout,
         };
-        service_fn(move |request| {
+        service_fn(move |request: Request<Incoming>| {
             let served = Arc::clone(&served);
             async move {
-                let (runtime, watchdog, call, budget) = &*served;
+                let Served {
+                    runtime,
+                    board,
+                    watchdog,
+                    call,
+                    budget,
+                } = &*served;
                 let busy = watchdog.request();
                 let request = if runtime.serves_services() {
                     match crate::streaming::offer(runtime, request, remote, streaming).await {
@@ -243,6 +327,11 @@ async fn connection(
                 } else {
                     request
                 };
+                // An HTTP/2 request is a call of its own on the board: the
+                // connection has others under way.
+                let stream = (request.version() == hyper::Version::HTTP_2)
+                    .then(|| board.register_stream(call));
+                let call = stream.as_ref().map_or(&**call, |s| &*s.call);
                 let response =
                     answer(runtime, request, body_limits, budget, watchdog, call).await?;
                 drop(busy);
@@ -251,7 +340,15 @@ async fn connection(
         })
     };
 
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_streams)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     // Tells whether the agent began to stop without registering a waker:
     // `stopping` is the one that does.
@@ -317,6 +414,12 @@ async fn connection(
                 // `Connection: close`; one that stays idle is closed below.
                 draining = true;
                 watchdog.draining.store(true, Ordering::Relaxed);
+                if watchdog.is_multiplexed() {
+                    // HTTP/2 says so itself (GOAWAY): the requests under
+                    // way finish, the client opens no more on it.
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             Wake::Shed => {
                 // Told between requests, or just as one began: hyper
@@ -348,7 +451,7 @@ enum Unanswered {
 
 /// What woke a connection's task.
 enum Wake {
-    Ended(hyper::Result<()>),
+    Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
     Stopping,
     /// Its slot is wanted for a newcomer.
     Shed,
@@ -377,6 +480,9 @@ pub(crate) struct Watchdog {
     shed: AtomicBool,
     /// Wakes the connection's task once `shed` is set.
     shed_signal: Notify,
+    /// The connection speaks HTTP/2: bytes read are frames of any kind,
+    /// not the start of a request.
+    multiplexed: AtomicBool,
 }
 
 impl Watchdog {
@@ -390,7 +496,19 @@ impl Watchdog {
             peer_closed: AtomicBool::new(false),
             shed: AtomicBool::new(false),
             shed_signal: Notify::new(),
+            multiplexed: AtomicBool::new(false),
         }
+    }
+
+    /// The connection turned out to be HTTP/2: its preface is in.
+    fn multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+        self.pending.store(0, Ordering::Relaxed);
+        self.mark();
+    }
+
+    fn is_multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
     }
 
     /// How long the connection has been idle, if it is and has not been
@@ -417,6 +535,9 @@ impl Watchdog {
     }
 
     fn read(&self, bytes: usize) {
+        if self.is_multiplexed() {
+            return;
+        }
         if bytes > 0 && self.pending.fetch_add(bytes as u64, Ordering::Relaxed) == 0 {
             // The first byte of a request: its header clock starts.
             self.mark();
@@ -486,7 +607,8 @@ impl Watchdog {
 /// Tells the client at a request boundary that this connection ends if
 /// the agent is stopping: it opens another for its next request.
 fn drained(watchdog: &Watchdog, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
-    if watchdog.draining.load(Ordering::Relaxed) {
+    // On HTTP/2, GOAWAY says it (see `Wake::Stopping`).
+    if watchdog.draining.load(Ordering::Relaxed) && !watchdog.is_multiplexed() {
         response
             .headers_mut()
             .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
@@ -532,6 +654,9 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
+        if self.fresh && buf.filled()[before..].starts_with(H2_PREFACE) {
+            self.watchdog.multiplexed();
+        }
         self.watchdog.read(read);
         if read > 0 && std::mem::take(&mut self.fresh) {
             // A connection taken from the backlog is read before the driver

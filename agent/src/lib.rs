@@ -32,6 +32,7 @@ mod failpoint;
 mod gate;
 mod handover;
 mod http;
+mod http_tls;
 mod incoming;
 pub mod local;
 mod metrics;
@@ -57,9 +58,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 pub use access::admin_token_path;
-pub use config::{defaults, Bootstrap, Config, Limits, TlsFiles};
+pub use config::{defaults, Bootstrap, Config, HttpTlsFiles, Limits, TlsFiles};
 pub use error::Error;
 pub use http::RELEASE_HEADER;
+pub use http_tls::check as check_http_tls;
 use nine9s_manifest::signature::TrustedKeys;
 use release_handler::Engine;
 
@@ -92,6 +94,7 @@ pub struct Agent {
     engine: Engine,
     access: Arc<access::Access>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    http_tls: Option<Arc<http_tls::HttpTls>>,
     keys: Option<Arc<TrustedKeys>>,
     /// Always `Some` until `run` or `drop` takes it.
     control: Option<tokio::runtime::Runtime>,
@@ -106,13 +109,14 @@ impl Drop for Agent {
     }
 }
 
-/// What a worker loads before the store: the tokens, TLS, trusted keys and
-/// the control plane's runtime. A self-upgrade's new worker has it all
+/// What a worker loads before the store: the tokens, both planes' TLS,
+/// trusted keys and the control plane's runtime. A self-upgrade's new worker has it all
 /// before the serving one stops.
 struct Prepared {
     config: Config,
     access: Arc<access::Access>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    http_tls: Option<Arc<http_tls::HttpTls>>,
     keys: Option<Arc<TrustedKeys>>,
     control: tokio::runtime::Runtime,
 }
@@ -143,6 +147,19 @@ impl Prepared {
                 ))
             }
         };
+        // A certificate that does not load stops this worker before it
+        // serves: a self-upgrade's old worker keeps serving.
+        let http_tls = match &config.http_tls {
+            Some(files) => Some(Arc::new(
+                http_tls::HttpTls::load(files.cert.clone(), files.key.clone()).map_err(|e| {
+                    Error::refused(
+                        error::Reason::InvalidArgument,
+                        format!("--http-tls-cert, --http-tls-key: {}", error::chain(&e)),
+                    )
+                })?,
+            )),
+            None => None,
+        };
         let keys = match &config.trusted_keys {
             Some(dir) => Some(Arc::new(TrustedKeys::read_dir(dir).map_err(|e| {
                 Error::refused(
@@ -164,6 +181,7 @@ impl Prepared {
             config,
             access,
             tls,
+            http_tls,
             keys,
             control,
         })
@@ -176,6 +194,7 @@ impl Prepared {
             config,
             access,
             tls,
+            http_tls,
             keys,
             control,
         } = self;
@@ -189,6 +208,7 @@ impl Prepared {
                 engine,
                 access,
                 tls,
+                http_tls,
                 keys,
                 control: Some(control),
             }),
@@ -231,6 +251,7 @@ impl Agent {
                     http,
                     Arc::clone(&preloaded.runtime),
                     &prepared.config,
+                    prepared.http_tls.clone(),
                     prepared.control.handle(),
                 );
                 // No connection was accepted in between: at most this long
@@ -281,6 +302,7 @@ impl Agent {
         let engine = agent.engine.clone();
         let access = Arc::clone(&agent.access);
         let tls = agent.tls.take();
+        let http_tls = agent.http_tls.take();
         let keys = agent.keys.take();
         drop(agent);
         let address = grpc
@@ -302,6 +324,7 @@ impl Agent {
                 listener,
                 Arc::clone(engine.runtime()),
                 engine.config(),
+                http_tls,
                 control.handle(),
             ),
             Http::Serving(serving) => serving,
@@ -573,6 +596,7 @@ impl DataPlane {
         listener: TcpListener,
         runtime: Arc<runtime::Runtime>,
         config: &Config,
+        tls: Option<Arc<http_tls::HttpTls>>,
         control: &tokio::runtime::Handle,
     ) -> DataPlane {
         let board = Arc::new(stuck::Board::new(
@@ -585,6 +609,7 @@ impl DataPlane {
             listener,
             Arc::clone(&runtime),
             Arc::clone(&board),
+            tls,
             config.limits.clone(),
             async move {
                 let _ = stopped.wait_for(|stop| *stop).await;

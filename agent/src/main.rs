@@ -28,7 +28,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use nine9s_agent::birth::WorkerBirth;
 use nine9s_agent::channel::Inherited;
 use nine9s_agent::worker_user::WorkerUser;
-use nine9s_agent::{defaults, Agent, Bootstrap, Config, Http, Limits, TlsFiles};
+use nine9s_agent::{defaults, Agent, Bootstrap, Config, Http, HttpTlsFiles, Limits, TlsFiles};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -145,6 +145,18 @@ struct Args {
     /// one address, raise it to --max-connections.
     #[arg(long, default_value_t = defaults::MAX_CONNECTIONS_PER_CLIENT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections_per_client: u32,
+    /// Requests (streams) under way at once on one HTTP/2 connection
+    /// (1 to 1000); the client is told in the connection's settings.
+    #[arg(long = "http2-max-streams", default_value_t = defaults::HTTP2_MAX_STREAMS, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    http2_max_streams: u32,
+    /// Serve the data plane over TLS with this certificate chain (PEM),
+    /// HTTP/2 and HTTP/1.1 by ALPN. A changed file is taken within a second
+    /// for new connections; open ones keep theirs.
+    #[arg(long, requires = "http_tls_key")]
+    http_tls_cert: Option<PathBuf>,
+    /// The private key of --http-tls-cert (PEM).
+    #[arg(long, requires = "http_tls_cert")]
+    http_tls_key: Option<PathBuf>,
     /// Logs on stderr as `text`, or `json`: one object per line, with the
     /// transition a line belongs to.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -692,6 +704,7 @@ async fn run(
         max_connections,
         max_connections_per_client: args.max_connections_per_client as usize,
         max_control_connections: args.max_control_connections as usize,
+        http2_max_streams: args.http2_max_streams,
         http_body_timeout: args.http_body_timeout,
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         max_buffered_bodies: usize::try_from(args.max_buffered_bodies).unwrap_or(usize::MAX),
@@ -752,6 +765,11 @@ fn paths(args: &Args) -> Config {
             key,
             client_ca: args.client_ca.clone(),
         });
+    config.http_tls = args
+        .http_tls_cert
+        .clone()
+        .zip(args.http_tls_key.clone())
+        .map(|(cert, key)| HttpTlsFiles { cert, key });
     config.trusted_keys = args.trusted_keys.clone();
     config.worker_user = worker_user(args);
     config
@@ -794,9 +812,16 @@ fn worker_user(args: &Args) -> Option<WorkerUser> {
 /// Refuses (exit 2) a data dir, tokens file, TLS key or trusted key
 /// another local user could have made or changed.
 fn check_paths(args: &Args) {
-    if let Err(e) = nine9s_agent::datadir::check(&paths(args)) {
+    let config = paths(args);
+    if let Err(e) = nine9s_agent::datadir::check(&config) {
         eprintln!("agent: error: {e}");
         std::process::exit(2);
+    }
+    if let Some(files) = &config.http_tls {
+        if let Err(why) = nine9s_agent::check_http_tls(files) {
+            eprintln!("agent: error: {why}");
+            std::process::exit(2);
+        }
     }
 }
 
@@ -899,6 +924,7 @@ mod tests {
                 args.max_control_connections as usize,
                 args.max_connections as usize,
                 args.max_connections_per_client as usize,
+                args.http2_max_streams as usize,
                 args.max_body as usize,
                 args.max_buffered_bodies as usize,
             ],
@@ -909,6 +935,7 @@ mod tests {
                 limits.max_control_connections,
                 limits.max_connections,
                 limits.max_connections_per_client,
+                limits.http2_max_streams as usize,
                 limits.max_body,
                 limits.max_buffered_bodies,
             ]

@@ -26,6 +26,14 @@
 //! wakes an idle one every tick: tokio leaves the I/O driver to whichever
 //! worker parks next, which a thread inside a call never does.
 //!
+//! On HTTP/2 a connection carries many requests at once, each a call of
+//! its own on the board. The 504 cannot go on the stream of a call past
+//! the limit (the task that would send it is the one the call holds), nor
+//! on the socket under the other streams: the connection is shut instead,
+//! and its clients retry its other requests on a new one. A service's
+//! requests (ABI v3) never hold a thread and are not on the board: the
+//! request time limit answers them on their own stream (`streaming.rs`).
+//!
 //! The claim is one compare-and-swap on the call's state word, against the
 //! one the call makes when it returns: exactly one of the two counts the
 //! call out.
@@ -122,7 +130,9 @@ impl Throttled {
 /// whether it is idle and closes it when told to.
 struct Entry {
     call: Arc<Call>,
-    watchdog: Arc<Watchdog>,
+    /// `None` for a request of an HTTP/2 connection, which is on the
+    /// board itself.
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 /// A connection's call under way, as the watchdog sees it.
@@ -134,7 +144,10 @@ pub struct Call {
     target: AtomicU64,
     /// The connection's socket, duplicated, for the watchdog's answer
     /// (only with a time limit).
-    socket: Option<std::net::TcpStream>,
+    socket: Option<Arc<std::net::TcpStream>>,
+    /// A request of an HTTP/2 connection: past the limit, its connection
+    /// is shut (see the module's doc), and keeps its slot until it ends.
+    stream: bool,
     /// The last write to the socket left bytes unsent: a 504 written now
     /// would land in the middle of the response before.
     unflushed: AtomicBool,
@@ -147,7 +160,8 @@ pub struct Registered {
     board: Arc<Board>,
     key: usize,
     pub call: Arc<Call>,
-    _client: Client,
+    /// `None` for a request of an HTTP/2 connection.
+    _client: Option<Client>,
 }
 
 impl Drop for Registered {
@@ -211,7 +225,10 @@ impl Board {
         let calls = self.calls.lock();
         let idlest = calls
             .iter()
-            .filter_map(|(_, entry)| Some((entry.watchdog.sheddable()?, &entry.watchdog)))
+            .filter_map(|(_, entry)| {
+                let watchdog = entry.watchdog.as_ref()?;
+                Some((watchdog.sheddable()?, watchdog))
+            })
             .filter(|(idle, _)| *idle >= SHED_AFTER)
             .max_by_key(|(idle, _)| *idle);
         match idlest {
@@ -236,15 +253,24 @@ impl Board {
                 .try_clone_to_owned()
                 .map_err(|e| tracing::debug!(error = %e, "cannot duplicate a connection's socket: a call past the time limit on it goes unanswered"))
                 .ok()
-                .map(std::net::TcpStream::from)
+                .map(|socket| Arc::new(std::net::TcpStream::from(socket)))
         });
-        let call = Arc::new(Call {
-            state: AtomicU64::new(IDLE),
-            target: AtomicU64::new(0),
-            socket,
-            unflushed: AtomicBool::new(false),
-            rescued: AtomicBool::new(false),
-        });
+        self.enter(Call::new(socket, false), Some(watchdog), Some(client))
+    }
+
+    /// Puts a request of the HTTP/2 connection whose call is `connection`
+    /// on the board, until it is answered.
+    pub fn register_stream(self: &Arc<Self>, connection: &Call) -> Registered {
+        self.enter(Call::new(connection.socket.clone(), true), None, None)
+    }
+
+    fn enter(
+        self: &Arc<Self>,
+        call: Call,
+        watchdog: Option<Arc<Watchdog>>,
+        client: Option<Client>,
+    ) -> Registered {
+        let call = Arc::new(call);
         let key = self.calls.lock().insert(Entry {
             call: Arc::clone(&call),
             watchdog,
@@ -259,6 +285,17 @@ impl Board {
 }
 
 impl Call {
+    fn new(socket: Option<Arc<std::net::TcpStream>>, stream: bool) -> Call {
+        Call {
+            state: AtomicU64::new(IDLE),
+            target: AtomicU64::new(0),
+            socket,
+            stream,
+            unflushed: AtomicBool::new(false),
+            rescued: AtomicBool::new(false),
+        }
+    }
+
     /// A call into instance `id`, counted in flight on its `shard`, begins.
     pub fn begin(&self, id: u64, shard: usize, offloaded: bool) {
         let target = (id & ID_MASK)
@@ -300,6 +337,10 @@ impl Call {
     /// its buffer is not written.
     fn answer(&self, label: &str, limit: Duration) {
         let Some(socket) = &self.socket else { return };
+        if self.stream {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            return;
+        }
         if !self.unflushed.load(Ordering::Relaxed) {
             let body = format!(
                 "release {label} did not answer within {} ms\n",
@@ -310,7 +351,7 @@ impl Call {
                 body.len(),
                 crate::http::RELEASE_HEADER,
             );
-            if let Err(e) = (&*socket).write_all(response.as_bytes()) {
+            if let Err(e) = (&**socket).write_all(response.as_bytes()) {
                 tracing::debug!(error = %e, "cannot answer a call past the time limit");
             }
         }
@@ -396,6 +437,14 @@ pub async fn watch(
             let shard = ((target >> SHARD_SHIFT) & 0x7f) as usize;
             let label = runtime.abandon(target & ID_MASK, shard);
             call.answer(label.unwrap_or("unknown"), limit);
+            if call.stream {
+                tracing::warn!(
+                    version = label.unwrap_or("unknown"),
+                    timeout_ms = ms(limit),
+                    "a call ran past the request timeout on an HTTP/2 connection: the connection was shut (its other requests with it), and the call abandoned (its thread stays held until it returns or the worker is replaced)"
+                );
+                continue;
+            }
             call.rescued.store(true, Ordering::Relaxed);
             // The connection keeps its slot until the call returns, if it
             // does: the slot is given back now, and forgotten then.
@@ -414,13 +463,7 @@ mod tests {
     use super::*;
 
     fn call() -> Call {
-        Call {
-            state: AtomicU64::new(IDLE),
-            target: AtomicU64::new(0),
-            socket: None,
-            unflushed: AtomicBool::new(false),
-            rescued: AtomicBool::new(false),
-        }
+        Call::new(None, false)
     }
 
     #[test]

@@ -48,15 +48,12 @@ pub fn server_config(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> Resul
     tonic::transport::Server::builder()
         .tls_config(config.clone())
         .map_err(|e| {
-            let mut why = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                why.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
             Error::refused(
                 Reason::InvalidArgument,
-                format!("--tls-cert, --tls-key, --client-ca: {why}"),
+                format!(
+                    "--tls-cert, --tls-key, --client-ca: {}",
+                    crate::error::chain(&e)
+                ),
             )
         })?;
     Ok(config)

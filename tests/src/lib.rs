@@ -465,6 +465,9 @@ pub fn self_signed_localhost(dir: &Path) -> (PathBuf, PathBuf) {
         .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
         .args(["-subj", "/CN=localhost"])
         .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // A server's certificate, which a client may trust as itself
+        // (webpki refuses a CA's as a server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
