@@ -167,8 +167,8 @@ struct Args {
     /// Bytes of HTTP request bodies held in memory at once, all requests
     /// together (at least --max-body, up to 64GiB; suffixes KiB, MiB, GiB).
     /// A request whose body would go beyond is answered 503 with
-    /// Retry-After; requests already reading theirs are unaffected. Bodies
-    /// are buffered whole until releases can take them as a stream.
+    /// Retry-After; requests already reading theirs are unaffected. A
+    /// service (ABI v3) gets its bodies as they arrive: none is buffered.
     #[arg(long, default_value = shown_size(defaults::MAX_BUFFERED_BODIES), value_parser = size)]
     max_buffered_bodies: u64,
     /// How long a release may take to answer an HTTP request (10ms to 1h;
