@@ -318,6 +318,10 @@ async fn drive<I>(
                     call,
                     budget,
                 } = &*served;
+                if request.version() == hyper::Version::HTTP_2 && !watchdog.is_multiplexed() {
+                    // Its preface came in pieces, or over TLS without ALPN.
+                    watchdog.multiplexed();
+                }
                 let busy = watchdog.request();
                 let request = if runtime.serves_services() {
                     match crate::streaming::offer(runtime, request, remote, streaming).await {
