@@ -645,7 +645,7 @@ struct Watched {
     inner: TcpStream,
     watchdog: Arc<Watchdog>,
     call: Arc<Call>,
-    /// Nothing was read from it yet.
+    /// What the client sent before the first read has not all been read.
     fresh: bool,
 }
 
@@ -658,20 +658,29 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
-        if self.fresh && buf.filled()[before..].starts_with(H2_PREFACE) {
+        if self.fresh
+            && !self.watchdog.is_multiplexed()
+            && buf.filled()[before..].starts_with(H2_PREFACE)
+        {
             self.watchdog.multiplexed();
         }
         self.watchdog.read(read);
-        if read > 0 && std::mem::take(&mut self.fresh) {
+        if read > 0 && self.fresh {
             // A connection taken from the backlog is read before the driver
             // has heard of it, so a FIN that came after the request is not
             // known yet (once it is, hyper sees the EOF itself before it
-            // calls the service): a peek (one system call per connection)
-            // tells.
+            // calls the service): a peek tells, once what the client sent
+            // has been read (the first read, which tells HTTP/1.1 from
+            // HTTP/2, takes only the preface's length).
             let mut byte = [0u8; 1];
             let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-            if matches!(rustix::net::recv(&self.inner, &mut byte, flags), Ok((_, 0))) {
-                self.watchdog.peer_closed.store(true, Ordering::Relaxed);
+            match rustix::net::recv(&self.inner, &mut byte, flags) {
+                Ok((_, 0)) => {
+                    self.watchdog.peer_closed.store(true, Ordering::Relaxed);
+                    self.fresh = false;
+                }
+                Ok(_) => {}
+                Err(_) => self.fresh = false,
             }
         }
         polled
