@@ -503,3 +503,90 @@ fn a_stuck_call_on_http2_shuts_its_connection_and_others_are_served() {
         .map(|l| l["stuck"].clone());
     assert_eq!(stuck, Some(serde_json::json!(1)), "{}", agent.status());
 }
+
+/// One HTTP/2 frame (RFC 9113 §4.1).
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A GET of `path`'s header block: indexed `:method GET` and `:scheme
+/// http`, then `:authority` and `:path` as literals without indexing
+/// (RFC 7541), so that no block depends on another.
+fn get_block(path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86];
+    for (index, value) in [(0x01, "localhost"), (0x04, path)] {
+        block.push(index);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+#[test]
+fn a_client_that_opens_more_streams_than_it_was_told_has_them_refused() {
+    use std::io::{Read, Write};
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const END_STREAM_AND_HEADERS: u8 = 0x5;
+    const REFUSED_STREAM: u32 = 0x7;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = service_agent(dir.path(), &["--http2-max-streams", "3"]);
+    let mut tcp = std::net::TcpStream::connect(agent.http).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // A client that ignores the limit: four requests at once, each asking
+    // for a minute's wait, without reading the agent's settings first.
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    for stream in [1, 3, 5, 7] {
+        out.extend(frame(
+            HEADERS,
+            END_STREAM_AND_HEADERS,
+            stream,
+            &get_block("/sleep/60000"),
+        ));
+    }
+    tcp.write_all(&out).unwrap();
+    // The agent's answer: frame by frame, until the fourth stream's fate.
+    let mut refused = None;
+    while refused.is_none() {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head)
+            .expect("the agent said nothing of stream 7");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        tcp.read_exact(&mut payload).unwrap();
+        match head[3] {
+            SETTINGS if head[4] & 1 == 0 => tcp.write_all(&frame(SETTINGS, 1, 0, &[])).unwrap(),
+            RST_STREAM => {
+                let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                assert_eq!(stream, 7, "stream {stream} reset with code {code}");
+                refused = Some(code);
+            }
+            GOAWAY => panic!("the agent closed the connection instead: {payload:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(refused, Some(REFUSED_STREAM));
+    // The three within the limit are under way on the release.
+    let in_flight = || {
+        agent.status()["libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["active"] == true)
+            .map(|l| l["in_flight"].clone())
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || in_flight()
+            == Some(serde_json::json!(3))),
+        "{:?}",
+        in_flight()
+    );
+}
