@@ -297,6 +297,30 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<Fetched> {
     })
 }
 
+/// A connection opened ahead of its requests: `--sleepers` opens all of
+/// its connections before any sends.
+pub struct Held(Connection);
+
+impl Held {
+    pub async fn open(addr: SocketAddr) -> anyhow::Result<Held> {
+        Connection::open(addr)
+            .await
+            .map(Held)
+            .map_err(|e| anyhow::anyhow!("connect: {e:?}"))
+    }
+
+    /// `GET path` on it, whatever the status: the status and the body.
+    pub async fn get(&mut self, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+        let response = self
+            .0
+            .exchange(&request_bytes(addr, path))
+            .await
+            .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+        let body = String::from_utf8(response.body).context("response body is not UTF-8")?;
+        Ok((response.status, body))
+    }
+}
+
 /// One `GET` on a fresh connection that the server must end without a
 /// response (closed or reset: the process serving it died); an error if
 /// it answers, or neither answers nor closes within [`REQUEST_TIMEOUT`].

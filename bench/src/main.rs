@@ -12,15 +12,19 @@
 //! agent restart` under load; with `--bad-binary`, to a binary that cannot
 //! start), the stalled-upload measure
 //! (`--stalled-uploads N`), the fleet rollout (`--rollout N`: `ctl rollout`
-//! over N agents) and the hidden `--bare-server` mode, and the
+//! over N agents), the async release's figures (`--service`: CPU per
+//! request and throughput against the same router bare; `--sleepers N`:
+//! N requests sleeping at once; `--stream-gib X`: one large response
+//! against bare) and the hidden `--bare-server` mode, and the
 //! exit codes: 0 when the run completed, 1 when a correctness target
 //! failed (in the crash loop: an iteration ended inconsistent; with worker
 //! crashes: a connection refused or a crash not recovered from; with
 //! self-upgrades: a request failed or refused, counts not exact, or a
 //! restart not done — or, to a bad binary, not reported failed with the
 //! same worker serving; with a rollout: it did not converge, or a request
-//! failed or was refused), 2 on bad flags or when the run could not be set up
-//! or finished.
+//! failed or was refused; with `--service`: a request failed or refused,
+//! or `/count` not exact; with `--sleepers`: a request not answered), 2 on
+//! bad flags or when the run could not be set up or finished.
 // serde_json::json! of the report nests deeper than the default allows.
 #![recursion_limit = "256"]
 #![forbid(unsafe_code)]
@@ -34,6 +38,9 @@ mod report;
 mod rollout;
 mod run;
 mod selfupgrade;
+mod service;
+mod sleepers;
+mod stream;
 mod uploads;
 mod workercrash;
 
@@ -46,6 +53,9 @@ const USAGE: &str = "usage: nine9s-bench [--short] [--connections N] [--seconds 
        nine9s-bench --self-upgrades N [--connections C] [--bad-binary]
        nine9s-bench --stalled-uploads N [--upload-mib M]
        nine9s-bench --rollout N
+       nine9s-bench --service [--connections N] [--seconds S]
+       nine9s-bench --sleepers [N]
+       nine9s-bench --stream-gib [X]
 
 Build first: cargo build --release --workspace
   --short          CI smoke run: 16 connections, 3 s phases, 50 cycles
@@ -81,7 +91,31 @@ Build first: cargo build --release --workspace
                    keep-alive connection on every fifth, and `ctl rollout`
                    of 0.2.0 with --soak 1s --max-parallel 10; wall time
                    (target: 10 s for 50), phases, failed and refused
-                   requests (must be 0)";
+                   requests (must be 0)
+  --service        instead of the bench: the README's async release
+                   myservice 0.1.0 through the agent and the same router
+                   served bare by hyper (a child), N (default 32)
+                   connections loading GET / on each in turns, S (default
+                   10) seconds each; CPU per request of the serving process
+                   (target: at most 1.15x bare), throughput (target: at
+                   least 0.90x bare), 0 failed, 0 refused, /count exact
+  --sleepers [N]   instead of the bench: N (default 10000) connections to
+                   the agent serving myservice 0.1.0, all opened first,
+                   then GET /sleep/1000 on each at once; all answered (must
+                   be), wall time to the last answer (target: 1.5 s), the
+                   worker's memory before and after (raises the open-file
+                   limit; below 2N + 4096 files, the agent runs with
+                   --request-timeout 0: one descriptor per connection)
+  --stream-gib [X] instead of the bench: X GiB (default 1) in one response
+                   (GET /bytes/N of the fixture tests/plugins/bytes)
+                   through the agent and from the same router bare, three
+                   times each in turns; bytes per second of each (target:
+                   the agent at least 0.8x bare) and CPU seconds per GiB";
+
+/// `--sleepers` without a number.
+const DEFAULT_SLEEPERS: usize = 10_000;
+/// `--stream-gib` without a number.
+const DEFAULT_STREAM_GIB: f64 = 1.0;
 
 /// What one run measures.
 #[derive(Debug, Clone)]
@@ -99,9 +133,12 @@ enum Mode {
     SelfUpgrades(selfupgrade::Options),
     StalledUploads(uploads::Options),
     Rollout(rollout::Options),
-    /// The baseline server, run as a child of the bench so that the bare
+    Service(service::Options),
+    Sleepers(sleepers::Options),
+    Stream(stream::Options),
+    /// A baseline server, run as a child of the bench so that the bare
     /// server and the agent both sit in a process of their own.
-    BareServer,
+    BareServer(bare::Baseline),
     Help,
 }
 
@@ -128,7 +165,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        Mode::BareServer => match runtime.block_on(bare::serve()) {
+        Mode::BareServer(baseline) => match runtime.block_on(bare::serve(baseline)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("nine9s-bench --bare-server: {e:#}");
@@ -169,19 +206,25 @@ fn main() -> ExitCode {
             drop(runtime);
             finish("--rollout", outcome)
         }
+        Mode::Service(options) => {
+            let outcome = runtime.block_on(interruptible(service::service(options)));
+            drop(runtime);
+            finish("--service", outcome)
+        }
+        Mode::Sleepers(options) => {
+            let outcome = runtime.block_on(interruptible(sleepers::sleepers(options)));
+            drop(runtime);
+            finish("--sleepers", outcome)
+        }
+        Mode::Stream(options) => {
+            let outcome = runtime.block_on(interruptible(stream::stream(options)));
+            drop(runtime);
+            figures("--stream-gib", outcome)
+        }
         Mode::StalledUploads(options) => {
             let outcome = runtime.block_on(interruptible(uploads::stalled_uploads(options)));
             drop(runtime);
-            match outcome {
-                Ok(json) => {
-                    println!("{json}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("nine9s-bench --stalled-uploads: error: {e:#}");
-                    ExitCode::from(2)
-                }
-            }
+            figures("--stalled-uploads", outcome)
         }
         Mode::Bench(options) => {
             let outcome = runtime.block_on(interruptible(run::bench(options)));
@@ -226,6 +269,21 @@ fn finish(mode: &str, outcome: anyhow::Result<report::Outcome>) -> ExitCode {
     }
 }
 
+/// Prints the JSON line of a mode that measures with no correctness
+/// target of its own.
+fn figures(mode: &str, outcome: anyhow::Result<String>) -> ExitCode {
+    match outcome {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nine9s-bench {mode}: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Runs `work` unless SIGINT or SIGTERM comes first; then `work` is
 /// dropped, which kills the processes it started.
 async fn interruptible<T>(
@@ -252,12 +310,24 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut upload_mib = None;
     let mut rollout = None;
     let mut bad_binary = false;
+    let mut service = false;
+    let mut sleepers = None;
+    let mut stream_gib = None;
+    // Every flag given, for the modes that take only a few.
+    let mut given = Vec::new();
     let mut args = args.peekable();
     if args.peek().is_some_and(|a| a == "--bare-server") {
         args.next();
+        let baseline = match args.next() {
+            None => bare::Baseline::Hello,
+            Some(name) => bare::Baseline::parse(&name)
+                .ok_or_else(|| format!("--bare-server serves myservice or bytes, not {name:?}"))?,
+        };
         return match args.next() {
-            None => Ok(Mode::BareServer),
-            Some(extra) => Err(format!("--bare-server takes no arguments, got {extra:?}")),
+            None => Ok(Mode::BareServer(baseline)),
+            Some(extra) => Err(format!(
+                "--bare-server takes one argument at most, got {extra:?}"
+            )),
         };
     }
     while let Some(arg) = args.next() {
@@ -265,6 +335,28 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.into())),
             _ => (arg, None),
         };
+        given.push(flag.clone());
+        // The value of a flag whose value may be left out: inline, or the
+        // next argument unless that is a flag.
+        let optional = |args: &mut std::iter::Peekable<_>| {
+            inline
+                .clone()
+                .or_else(|| args.next_if(|next: &String| !next.starts_with('-')))
+        };
+        if flag == "--sleepers" {
+            sleepers = Some(match optional(&mut args) {
+                Some(text) => number::<usize>(&flag, &text)?,
+                None => DEFAULT_SLEEPERS,
+            });
+            continue;
+        }
+        if flag == "--stream-gib" {
+            stream_gib = Some(match optional(&mut args) {
+                Some(text) => number::<f64>(&flag, &text)?,
+                None => DEFAULT_STREAM_GIB,
+            });
+            continue;
+        }
         let mut value = || {
             inline
                 .clone()
@@ -284,9 +376,51 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--upload-mib" => upload_mib = Some(number::<usize>(&flag, &value()?)?),
             "--rollout" => rollout = Some(number::<usize>(&flag, &value()?)?),
             "--bad-binary" => bad_binary = true,
+            "--service" => service = true,
             "-h" | "--help" => return Ok(Mode::Help),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    let only = |mode: &str, allowed: &[&str]| {
+        if given
+            .iter()
+            .all(|f| f == mode || allowed.contains(&f.as_str()))
+        {
+            Ok(())
+        } else if allowed.is_empty() {
+            Err(format!("{mode} takes no other flag"))
+        } else {
+            Err(format!(
+                "{mode} takes no other flag than {}",
+                allowed.join(", ")
+            ))
+        }
+    };
+    if service {
+        only("--service", &["--connections", "--seconds"])?;
+        let connections = connections.unwrap_or(32);
+        let seconds = seconds.unwrap_or(10.0);
+        if connections == 0 || !(seconds > 0.0 && seconds.is_finite()) {
+            return Err("--connections and --seconds must be above 0".into());
+        }
+        return Ok(Mode::Service(service::Options {
+            connections,
+            phase: Duration::from_secs_f64(seconds),
+        }));
+    }
+    if let Some(sleepers) = sleepers {
+        only("--sleepers", &[])?;
+        if !(1..=100_000).contains(&sleepers) {
+            return Err("--sleepers takes 1 to 100000".into());
+        }
+        return Ok(Mode::Sleepers(sleepers::Options { sleepers }));
+    }
+    if let Some(gib) = stream_gib {
+        only("--stream-gib", &[])?;
+        if !(gib > 0.0 && gib <= 64.0) {
+            return Err("--stream-gib takes above 0 to 64".into());
+        }
+        return Ok(Mode::Stream(stream::Options { gib }));
     }
     if bad_binary && self_upgrades.is_none() {
         return Err("--bad-binary goes with --self-upgrades".into());
@@ -389,4 +523,59 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
     text.parse()
         .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> Result<Mode, String> {
+        parse(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn the_async_modes_take_their_number_or_the_default() {
+        for (args, expected) in [
+            (&["--sleepers"][..], 10_000),
+            (&["--sleepers", "500"], 500),
+            (&["--sleepers=7"], 7),
+        ] {
+            match parsed(args) {
+                Ok(Mode::Sleepers(options)) => assert_eq!(options.sleepers, expected),
+                _ => panic!("{args:?} is not --sleepers {expected}"),
+            }
+        }
+        assert!(matches!(parsed(&["--stream-gib"]), Ok(Mode::Stream(o)) if o.gib == 1.0));
+        assert!(matches!(parsed(&["--stream-gib", "0.5"]), Ok(Mode::Stream(o)) if o.gib == 0.5));
+        assert!(matches!(
+            parsed(&["--service", "--seconds", "3"]),
+            Ok(Mode::Service(o)) if o.connections == 32 && o.phase == Duration::from_secs(3)
+        ));
+        assert!(matches!(
+            parsed(&["--bare-server", "bytes"]),
+            Ok(Mode::BareServer(bare::Baseline::Bytes))
+        ));
+        assert!(matches!(
+            parsed(&["--bare-server"]),
+            Ok(Mode::BareServer(bare::Baseline::Hello))
+        ));
+    }
+
+    #[test]
+    fn the_async_modes_refuse_other_flags_and_each_other() {
+        for args in [
+            &["--sleepers", "--seconds", "3"][..],
+            &["--sleepers", "0"],
+            &["--sleepers", "many"],
+            &["--stream-gib", "0"],
+            &["--stream-gib", "--connections", "3"],
+            &["--service", "--cycles", "3"],
+            &["--service", "--sleepers"],
+            &["--rollout", "5", "--service"],
+            &["--bare-server", "hello"],
+            &["--bare-server", "bytes", "extra"],
+        ] {
+            assert!(parsed(args).is_err(), "{args:?} was taken");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The processes the bench drives: finding the built binaries, plugin
 //! libraries and release directories; starting and stopping the agent and
-//! the bare server; running `ctl`; reading the agent's memory, CPU time and
-//! mapped libraries from `/proc`. Every child is killed when its handle is
+//! the bare server; running `ctl`; reading the agent's memory, CPU time,
+//! mapped libraries and HTTP connections from `/proc`; raising the
+//! open-file limit. Every child is killed when its handle is
 //! dropped, so an error or a panic leaves no process behind.
 //!
 //! The pid the bench spawns is the agent's **supervisor**, which holds the
@@ -13,6 +14,7 @@
 //! a killed agent also waits until its worker is gone, since the next
 //! agent on the same data dir needs the store's lock it held.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -26,6 +28,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
+
+use crate::bare::Baseline;
 
 const BUILD_FIRST: &str = "build first: cargo build --release --workspace";
 /// Boot writes the embedded release and opens the store; generous for a
@@ -93,8 +97,26 @@ impl Layout {
     /// `(release directory, library)` of the test fixture nine9s 0.2.8
     /// (`tests/plugins/segfault`), whose `GET /crash` segfaults the worker.
     pub fn segfault_release(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
-        let release_dir = self.root.join("tests/plugins/segfault");
-        let library = self.dir.join("libfixture_segfault.so");
+        self.built("tests/plugins/segfault", "libfixture_segfault.so")
+    }
+
+    /// `(release directory, library)` of the README's async release
+    /// myservice 0.1.0.
+    pub fn myservice_release(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.built("plugins/myservice-0.1.0", "libmyservice_0_1_0.so")
+    }
+
+    /// `(release directory, library)` of the bench fixture `bytes`
+    /// (`tests/plugins/bytes`), whose `GET /bytes/{n}` streams n bytes.
+    pub fn bytes_release(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.built("tests/plugins/bytes", "libfixture_bytes.so")
+    }
+
+    /// The release directory `dir` of the workspace and the library the
+    /// build put next to the bench, both there.
+    fn built(&self, dir: &str, library: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let release_dir = self.root.join(dir);
+        let library = self.dir.join(library);
         for path in [release_dir.join("release.toml"), library.clone()] {
             if !path.is_file() {
                 bail!("{} is missing; {BUILD_FIRST}", path.display());
@@ -338,6 +360,41 @@ impl AgentProcess {
         cpu_time(self.worker_pid()?)
     }
 
+    /// The HTTP connections the worker has accepted and holds open: its
+    /// sockets (`/proc/PID/fd`) that `/proc/PID/net/tcp` shows established
+    /// on the HTTP port.
+    pub fn http_connections(&self) -> anyhow::Result<usize> {
+        let pid = self.worker_pid()?;
+        let path = format!("/proc/{pid}/fd");
+        let held: HashSet<String> = std::fs::read_dir(&path)
+            .with_context(|| format!("reading {path}"))?
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter_map(|target| {
+                let inode = target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?;
+                Some(inode.to_owned())
+            })
+            .collect();
+        let path = format!("/proc/{pid}/net/tcp");
+        let table = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let port = format!(":{:04X}", self.http.port());
+        // sl, local address, remote address, state, queues, timer,
+        // retransmits, uid, timeout, inode; state 01 is ESTABLISHED.
+        Ok(table
+            .lines()
+            .skip(1)
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .filter(|fields| {
+                fields.len() > 9
+                    && fields[1].ends_with(&port)
+                    && fields[3] == "01"
+                    && held.contains(fields[9])
+            })
+            .count())
+    }
+
     /// The worker's resident memory in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let path = format!("/proc/{}/status", self.worker_pid()?);
@@ -493,6 +550,56 @@ pub async fn start_in_temp(
     Ok((temp, agent))
 }
 
+/// Starts the agent with `release` (`(directory, library)`) as its
+/// bootstrap, from a copy of both in a new temporary directory, so that it
+/// serves the library the bench names rather than whichever build is
+/// newest; `extra` flags besides.
+pub async fn start_bootstrapped(
+    layout: &Layout,
+    what: &str,
+    release: &(PathBuf, PathBuf),
+    extra: &[&str],
+) -> anyhow::Result<(tempfile::TempDir, AgentProcess)> {
+    let temp = tempfile::Builder::new()
+        .prefix(&format!("nine9s-{what}-"))
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let (dir, library) = release;
+    let bootstrap = temp.path().join("release");
+    std::fs::create_dir(&bootstrap)?;
+    for (from, name) in [
+        (
+            dir.join("release.toml"),
+            Some(std::ffi::OsStr::new("release.toml")),
+        ),
+        (library.clone(), library.file_name()),
+    ] {
+        let name = name.ok_or_else(|| anyhow!("{} has no file name", from.display()))?;
+        std::fs::copy(&from, bootstrap.join(name))
+            .with_context(|| format!("cannot copy {}", from.display()))?;
+    }
+    crate::run::progress(format_args!(
+        "starting {} on {}",
+        layout.agent.display(),
+        dir.display()
+    ));
+    let mut flags = vec![
+        "--bootstrap",
+        bootstrap
+            .to_str()
+            .context("a temporary path is not UTF-8")?,
+    ];
+    flags.extend_from_slice(extra);
+    let agent = AgentProcess::start_with(&layout.agent, temp.path(), READY_TIMEOUT, &flags).await?;
+    crate::run::progress(format_args!(
+        "agent ready: http={} grpc={}, supervisor {}",
+        agent.http,
+        agent.grpc,
+        agent.supervisor_pid()
+    ));
+    Ok((temp, agent))
+}
+
 /// [`start_in_temp`] from a copy of the agent binary in the temporary
 /// directory (returned), which the caller may then replace: what a
 /// self-upgrade runs.
@@ -525,16 +632,22 @@ pub fn log_tail(log: &Path) -> String {
     format!("agent log ({}), last lines:\n{tail}", log.display())
 }
 
-/// The baseline server: the bench's own binary under `--bare-server`.
+/// A baseline server: the bench's own binary under `--bare-server`.
 pub struct BareServer {
     child: Child,
     pub addr: SocketAddr,
 }
 
 impl BareServer {
+    /// The `Hello world!` server.
     pub async fn start(bench: &Path) -> anyhow::Result<BareServer> {
+        BareServer::start_as(bench, Baseline::Hello).await
+    }
+
+    pub async fn start_as(bench: &Path, baseline: Baseline) -> anyhow::Result<BareServer> {
         let mut child = Command::new(bench)
             .arg("--bare-server")
+            .args(baseline.arg())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -578,6 +691,29 @@ impl BareServer {
         }
         Ok(())
     }
+}
+
+/// Raises this process's open-file limit (which the agent it starts
+/// inherits) towards `wanted`: the hard limit too when privileged, else
+/// the soft one to the hard one. The limit it ends at.
+pub fn raise_open_files(wanted: u64) -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let hard = getrlimit(Resource::Nofile).maximum;
+    let target = hard.map(|hard| hard.max(wanted));
+    let to = |limit: Option<u64>| {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit,
+                maximum: limit,
+            },
+        )
+    };
+    if to(target).is_err() {
+        // Unprivileged: as far as the hard limit goes.
+        let _ = to(hard);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 /// A gRPC client of the agent, with its admin token.

@@ -1,7 +1,8 @@
 //! The run, step by step: start the agent, stage 0.2.0 and 0.3.0 with
 //! `ctl`, upgrade to 0.2.0, then the three load phases (bare server and
 //! agent steady, in turns; agent while cycling), the `ctl` cycles and the final `/count`.
-//! The agent is stopped on every path out of here.
+//! The agent is stopped on every path out of here. The load in turns
+//! ([`in_turns`]) is `--service`'s too.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -63,26 +64,22 @@ async fn measure(
     control.switch(Direction::Upgrade, "0.2.0").await?;
     progress(format_args!("upgraded to 0.2.0"));
 
-    // The bare server and the agent take turns, in slices: the machine's
-    // speed drifts over seconds (other tenants, frequency), and a ratio of
-    // two phases run one after the other measures the drift too.
     let bare = BareServer::start(&layout.bench).await?;
-    let slice = options.phase / SLICES;
     progress(format_args!(
-        "phases a and b: bare server {} and agent on 0.2.0 in turns of {slice:?}, {} connections, {:?} each",
-        bare.addr, options.connections, options.phase
+        "phases a and b: bare server {} and agent on 0.2.0 in turns of {:?}, {} connections, {:?} each",
+        bare.addr,
+        options.phase / SLICES,
+        options.connections,
+        options.phase
     ));
-    let (mut bare_load, mut steady_load) = (load::Tally::default(), load::Tally::default());
-    let (mut bare_cpu, mut agent_cpu) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..SLICES {
-        let before = bare.cpu()?;
-        bare_load.absorb(steady(bare.addr, options.connections, slice).await);
-        bare_cpu += bare.cpu()? - before;
-        let before = agent.cpu()?;
-        steady_load.absorb(steady(agent.http, options.connections, slice).await);
-        agent_cpu += agent.cpu()? - before;
-    }
+    let turns = in_turns(&bare, agent, options.connections, options.phase, "/").await?;
     bare.stop().await?;
+    let Turns {
+        bare: bare_load,
+        agent: steady_load,
+        bare_cpu,
+        agent_cpu,
+    } = turns;
     log_phase("a", &bare_load);
     log_phase("b", &steady_load);
     let rss_before = agent.rss_kib()?;
@@ -137,14 +134,54 @@ async fn measure(
     })
 }
 
+/// What the bare server and the agent did under the same load in turns.
+pub struct Turns {
+    pub bare: load::Tally,
+    pub agent: load::Tally,
+    /// CPU time of the bare server and of the agent's worker during their
+    /// turns.
+    pub bare_cpu: Duration,
+    pub agent_cpu: Duration,
+}
+
+/// `GET path` on `connections` keep-alive connections for `phase` on each
+/// of the bare server and the agent, in turns of [`SLICES`] slices: the
+/// machine's speed drifts over seconds (other tenants, frequency), and a
+/// ratio of two phases run one after the other measures the drift too.
+pub async fn in_turns(
+    bare: &BareServer,
+    agent: &AgentProcess,
+    connections: usize,
+    phase: Duration,
+    path: &str,
+) -> anyhow::Result<Turns> {
+    let slice = phase / SLICES;
+    let (mut bare_load, mut agent_load) = (load::Tally::default(), load::Tally::default());
+    let (mut bare_cpu, mut agent_cpu) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..SLICES {
+        let before = bare.cpu()?;
+        bare_load.absorb(steady(bare.addr, connections, slice, path).await);
+        bare_cpu += bare.cpu()? - before;
+        let before = agent.cpu()?;
+        agent_load.absorb(steady(agent.http, connections, slice, path).await);
+        agent_cpu += agent.cpu()? - before;
+    }
+    Ok(Turns {
+        bare: bare_load,
+        agent: agent_load,
+        bare_cpu,
+        agent_cpu,
+    })
+}
+
 /// Load on `addr` for `length`.
-async fn steady(addr: SocketAddr, connections: usize, length: Duration) -> load::Tally {
-    let load = Load::start(addr, connections);
+async fn steady(addr: SocketAddr, connections: usize, length: Duration, path: &str) -> load::Tally {
+    let load = Load::start_on(addr, connections, path);
     tokio::time::sleep(length).await;
     load.stop().await
 }
 
-fn log_phase(name: &str, tally: &load::Tally) {
+pub fn log_phase(name: &str, tally: &load::Tally) {
     progress(format_args!(
         "phase {name} done: {:.0} req/s, {} ok, {} failed, {} refused in {:.1} s",
         tally.rps(),
