@@ -43,6 +43,25 @@ pub fn bin_dir() -> &'static Path {
             // rebuilt the workspace's crates and some dependencies, and
             // the next test build rebuilt them back.
             .args(["build", "--workspace", "--all-targets", "--quiet"]);
+        // What cargo set for this test (its package's name, version and
+        // manifest dir, ...) is watched by a build script (ring's):
+        // inherited, the outer `cargo test` and this build would each
+        // rebuild half the dependencies after the other.
+        let set_for_the_test = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ];
+        for (name, _) in std::env::vars_os() {
+            if let Some(name) = name.to_str() {
+                if set_for_the_test.iter().any(|p| name.starts_with(p)) {
+                    cargo.env_remove(name);
+                }
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
