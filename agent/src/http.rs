@@ -324,6 +324,10 @@ async fn drive<I>(
                 }
                 let busy = watchdog.request();
                 let request = if runtime.serves_services() {
+                    // As in `answer`: a request whose client has gone is not handed on.
+                    if watchdog.peer_closed.load(Ordering::Relaxed) {
+                        return Err(Unanswered::ClientGone);
+                    }
                     match crate::streaming::offer(runtime, request, remote, streaming).await {
                         Ok(response) => return Ok(drained(watchdog, hold(response, busy))),
                         Err(request) => request,

@@ -2,8 +2,10 @@
 //! instance of its plugin. A library speaks ABI version 2 or 1 (frozen,
 //! `nine9s_sdk::abi::v1`), answering each request through `handle`, or 3:
 //! a service, which takes requests through its instance's [`Port`] and
-//! whose instance calls all run on its home thread (`home`). All three are
-//! loaded, and the difference stays in this file.
+//! whose instance calls all run on its home thread (`home`), and its
+//! migrations on a thread of their own: a service's code never runs on a
+//! thread of the agent's that lives on. All three are loaded, and the
+//! difference stays in this file.
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -383,19 +385,50 @@ impl Library {
     /// Whether this library knows a chain of migrations between two state versions.
     pub fn can_migrate(&self, from: u32, to: u32) -> bool {
         let can_migrate = self.shared().can_migrate;
-        // SAFETY: an SDK export; it catches panics and touches no caller memory.
-        unsafe { can_migrate(from, to) }
+        self.off_thread(|| {
+            // SAFETY: an SDK export; it catches panics and touches no caller memory.
+            unsafe { can_migrate(from, to) }
+        })
     }
 
     /// Migrates a state snapshot from one state version to another.
     pub fn migrate(&self, from: u32, to: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
         let migrate = self.shared().migrate;
-        let mut out = Buffer::EMPTY;
-        let mut err = Buffer::EMPTY;
-        // SAFETY: `state` is borrowed for the call; `out` and `err` are writable.
-        let status = unsafe { migrate(from, to, Slice::new(state), &mut out, &mut err) };
-        self.finish(status, err)?;
-        Ok(self.take(out))
+        self.off_thread(|| {
+            let mut out = Buffer::EMPTY;
+            let mut err = Buffer::EMPTY;
+            // SAFETY: `state` is borrowed for the call; `out` and `err` are writable.
+            let status = unsafe { migrate(from, to, Slice::new(state), &mut out, &mut err) };
+            self.finish(status, err)?;
+            Ok(self.take(out))
+        })
+    }
+
+    /// Runs `f`, code of the library's own that belongs to no instance:
+    /// for a service, on a thread of its own joined before this returns,
+    /// as its instances' calls run on their home thread (`home.rs`) — the
+    /// code may leave thread-local destructors on the thread it runs on,
+    /// and glibc keeps the library mapped while that thread lives: on the
+    /// caller's (an agent thread that lives on), for good.
+    fn off_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        if !self.is_service() {
+            return f();
+        }
+        // Taken back if no thread can be had: run here rather than not at all.
+        let job = Mutex::new(Some(f));
+        let run = || job.lock().take().map(|f| f());
+        std::thread::scope(|scope| {
+            let ran = std::thread::Builder::new()
+                .name("n9s-migrate".into())
+                .spawn_scoped(scope, run)
+                .ok()
+                .and_then(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                });
+            ran.or_else(run).expect("the job runs once")
+        })
     }
 
     /// Starts an instance, from a snapshot of [`Self::state_version`] or fresh.

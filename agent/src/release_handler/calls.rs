@@ -213,8 +213,9 @@ impl PluginCalls {
     }
 
     /// Retires a service's old instance in the background, on `tokio`: its
-    /// requests under way finish, up to `finish` (the plan's drain; zero
-    /// without one), and those left then are cancelled; then, once others
+    /// requests under way finish, up to `finish` (`--drain-timeout`,
+    /// whether the plan has a `drain` step or not), and those left then
+    /// are cancelled; then, once others
     /// let go of it (up to `grace`), its `stop` and unload run on the
     /// retiring lane within [`STOP_TIMEOUT`].
     ///

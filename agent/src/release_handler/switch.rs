@@ -350,15 +350,18 @@ impl Actor {
             }
         }
         match old {
+            // Its requests and streams under way finish on the old code up
+            // to --drain-timeout whatever the plan says: a plan without
+            // `drain` must not cut a client off mid-response.
             Some(old) if service => {
                 let config = &self.shared.config;
-                let finish = if executed.rest.contains(&Step::Drain) {
-                    config.drain_timeout
-                } else {
-                    Duration::ZERO
-                };
-                self.calls
-                    .retire(&self.tokio, old, executed.left, finish, config.drain_grace);
+                self.calls.retire(
+                    &self.tokio,
+                    old,
+                    executed.left,
+                    config.drain_timeout,
+                    config.drain_grace,
+                );
             }
             // A plan without `unload` still lets the old release go.
             old => self.calls.unload(old),
