@@ -316,6 +316,17 @@ impl Agent {
         self.json(&["status"])
     }
 
+    /// The active library's line of `status`.
+    pub fn active_library(&self) -> serde_json::Value {
+        self.status()["libraries"]
+            .as_array()
+            .expect("an array of libraries")
+            .iter()
+            .find(|l| l["active"] == true)
+            .cloned()
+            .expect("an active library")
+    }
+
     /// A release's lifecycle state (`ctl releases`), or "absent".
     pub fn release_state(&self, version: &str) -> String {
         self.release(version).map_or_else(

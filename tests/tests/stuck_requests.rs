@@ -14,17 +14,6 @@ use nine9s_tests::{
     eventually, get, kill, on_0_2_0, stage_fixture, stage_sample, Agent, Load, Reply,
 };
 
-/// The active library's line of `status`.
-fn active_library(agent: &Agent) -> serde_json::Value {
-    agent.status()["libraries"]
-        .as_array()
-        .expect("an array of libraries")
-        .iter()
-        .find(|l| l["active"] == true)
-        .cloned()
-        .expect("an active library")
-}
-
 /// Asserts `reply` is the watchdog's answer for `release`.
 fn assert_timed_out(reply: &Reply, release: &str) {
     assert_eq!(
@@ -61,7 +50,7 @@ fn a_stuck_request_is_answered_504_and_other_requests_are_still_served() {
             "after {n} stuck calls"
         );
     }
-    let library = active_library(&agent);
+    let library = agent.active_library();
     assert_eq!(
         (
             &library["stuck"],
@@ -127,7 +116,7 @@ fn ctl_rollback_switches_away_from_a_stuck_call_and_the_worker_is_replaced_with_
     let worker = agent.worker_pid();
     let load = Load::start(agent.http, "/", 4);
     assert_timed_out(&get(agent.http, "/stuck"), "0.2.9");
-    assert_eq!(active_library(&agent)["stuck"], 1);
+    assert_eq!(agent.active_library()["stuck"], 1);
 
     let rollback = agent.json(&["rollback"]);
     let transition = &rollback["transition"];
