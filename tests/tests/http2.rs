@@ -276,9 +276,15 @@ fn a_client_resetting_streams_as_fast_as_it_opens_them_is_cut_off() {
             .or_else(|| ended.unwrap().err().map(|e| e.to_string()))
             .unwrap_or_default();
         eprintln!("cut off after {opened} streams: {why}");
+        assert!(opened < 20_000, "never cut off: {why:?}");
+        // The agent says why in a GOAWAY, then closes; a client still
+        // writing may hear of the close first (its unread GOAWAY goes with
+        // the reset).
         assert!(
-            why.contains("excessive load") || why.contains("too_many_resets"),
-            "the connection ended without telling why: {why:?}"
+            ["excessive load", "too_many_resets", "broken pipe", "reset"]
+                .iter()
+                .any(|said| why.contains(said)),
+            "the connection ended otherwise: {why:?}"
         );
         // Others are served meanwhile.
         let (other, _connection) = h2c(addr).await;
