@@ -2,10 +2,14 @@
 //! of requests by weight, or those with a header, beside the active
 //! release; `ctl promote` finishes the switch, `ctl rollback` drops the
 //! canary, the health gate drops a failing one by itself (a new one of a
-//! version whose earlier canary's check hangs too: issue 16), and a
-//! release that keeps state is refused a canary.
+//! version whose earlier canary's check hangs too: issue 16), a release
+//! that keeps state is refused a canary, and a canary that is a service
+//! lets its streams finish, up to --drain-timeout, however it ends (issue
+//! 19).
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use nine9s_tests::{eventually, stage_fixture, stage_sample, Agent, Client};
@@ -371,4 +375,178 @@ fn a_canary_dropped_by_a_worker_crash_gets_its_end_in_the_history() {
         .filter(|t| t["kind"] == "rollback")
         .count();
     assert_eq!(rollbacks, 1);
+}
+
+/// An agent on the embedded 0.1.0 (with `extra` flags) and the fixture
+/// `canary-service` 0.1.6 as a canary for the requests with `x-canary: 1`:
+/// a service (ABI v3) that keeps no state.
+fn service_canary(dir: &std::path::Path, extra: &[&str]) -> Agent {
+    let agent = Agent::start(&dir.join("data"), extra);
+    assert_eq!(stage_fixture(&agent, "canary-service").code, 0);
+    agent
+        .ctl(&["upgrade", "--to", "0.1.6", "--canary-header", "x-canary=1"])
+        .ok();
+    agent
+}
+
+/// `GET /stream/{lines}` to the canary, its first line read: a stream
+/// under way on the canary's instance.
+struct Stream {
+    reader: BufReader<TcpStream>,
+    lines: usize,
+}
+
+impl Stream {
+    fn open(agent: &Agent, lines: usize) -> Stream {
+        let stream = TcpStream::connect(agent.http).unwrap();
+        // An upper bound only: a line comes every 10 ms.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        write!(
+            reader.get_mut(),
+            "GET /stream/{lines} HTTP/1.1\r\nhost: test\r\nx-canary: 1\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            assert_ne!(reader.read_line(&mut head).unwrap(), 0, "{head}");
+        }
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("x-nine9s-release: 0.1.6\r\n"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        let mut stream = Stream { reader, lines: 0 };
+        assert!(stream.next_line(), "the stream ended at once");
+        stream
+    }
+
+    /// Reads the next line (`line K of N`); false once the stream ended,
+    /// whole or cut off.
+    fn next_line(&mut self) -> bool {
+        let mut size = String::new();
+        if !matches!(self.reader.read_line(&mut size), Ok(n) if n > 0) {
+            return false;
+        }
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return false;
+        };
+        if size == 0 {
+            return false;
+        }
+        let mut chunk = vec![0; size + 2];
+        if self.reader.read_exact(&mut chunk).is_err() {
+            return false;
+        }
+        self.lines += 1;
+        let line = String::from_utf8_lossy(&chunk[..size]).into_owned();
+        assert!(
+            line.starts_with(&format!("line {} of ", self.lines)),
+            "{line}"
+        );
+        true
+    }
+
+    /// The number of lines received by the stream's end.
+    fn finish(mut self) -> usize {
+        while self.next_line() {}
+        self.lines
+    }
+}
+
+/// Whether an instance of `version` is still loaded (serving, or retiring
+/// in the background).
+fn resident(agent: &Agent, version: &str) -> bool {
+    agent.status()["libraries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["version"] == version)
+}
+
+/// Issue 19: a canary that is a service, replaced by another canary and
+/// then dropped by `ctl rollback`, lets the streams under way on it run to
+/// their end (up to --drain-timeout) — they were cut at once, the
+/// instance stopped under them.
+#[test]
+fn a_service_canary_replaced_or_dropped_lets_its_streams_finish() {
+    // 10 s each, at a line every 10 ms: under way still when the command
+    // that ends the canary returns, on a loaded machine too.
+    const LINES: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = service_canary(dir.path(), &["--drain-timeout", "5m"]);
+    let replaced = Stream::open(&agent, LINES);
+    agent
+        .ctl(&["upgrade", "--to", "0.1.6", "--canary-header", "x-canary=1"])
+        .ok();
+    let dropped = Stream::open(&agent, LINES);
+    agent.ctl(&["rollback"]).ok();
+    assert!(agent.status()["canary"].is_null());
+    assert_eq!(
+        answered(&agent, "/", &[("x-canary", "1")], 5),
+        HashMap::from([("0.1.0".to_owned(), 5)])
+    );
+    assert_eq!(
+        (replaced.finish(), dropped.finish()),
+        (LINES, LINES),
+        "lines of the replaced and of the dropped canary's streams: cut"
+    );
+    // Retired once its streams ended.
+    assert!(
+        eventually(Duration::from_secs(30), || !resident(&agent, "0.1.6")),
+        "{}",
+        agent.status()
+    );
+    assert!(!agent.log().contains("when its drain ended were cancelled"));
+}
+
+/// A promotion starts an instance of the canary's release of its own: the
+/// canary's instance is retired, and a stream under way on it runs to its
+/// end.
+#[test]
+fn a_service_canary_promoted_lets_its_streams_finish() {
+    const LINES: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = service_canary(dir.path(), &["--drain-timeout", "5m"]);
+    let stream = Stream::open(&agent, LINES);
+    agent.ctl(&["promote"]).ok();
+    let status = agent.status();
+    assert!(status["canary"].is_null(), "{status}");
+    assert_eq!(status["active_version"], "0.1.6");
+    assert_eq!(agent.get("/").release, "0.1.6");
+    assert_eq!(
+        stream.finish(),
+        LINES,
+        "the promoted canary's stream was cut"
+    );
+}
+
+/// A stream still under way on a dropped service canary when
+/// --drain-timeout ends is cancelled, logged and counted, as on an old
+/// release after a switch.
+#[test]
+fn a_service_canary_stream_past_the_drain_timeout_is_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = service_canary(
+        dir.path(),
+        &["--drain-timeout", "1s", "--metrics", "127.0.0.1:0"],
+    );
+    // 30 s: far past the drain timeout.
+    let stream = Stream::open(&agent, 3000);
+    agent.ctl(&["rollback"]).ok();
+    assert!(stream.finish() < 3000, "the stream ran to its end");
+    assert!(
+        eventually(Duration::from_secs(30), || agent.log().contains(
+            "requests still under way on the old release when its drain ended were cancelled"
+        )),
+        "{}",
+        agent.log()
+    );
+    let metrics = agent.ready_address("metrics").unwrap();
+    let scraped = nine9s_tests::get(metrics, "/metrics").body;
+    assert!(
+        scraped.contains(r#"nine9s_drain_cancelled_requests_total{release="0.1.6"} 1"#),
+        "{scraped}"
+    );
 }

@@ -13,7 +13,8 @@
 //! supervisor starts a new one on the permanent release with its last
 //! checkpoint, as after a crash.
 //!
-//! A service's old instance (ABI v3) is retired off the actor
+//! A service's instance (ABI v3) taken out of service — the old one after
+//! a switch, or a canary let go of — is retired off the actor
 //! ([`PluginCalls::retire`]): its requests under way may stream for as long
 //! as `--drain-timeout`, and `ctl rollback` must not wait for them.
 //!
@@ -212,7 +213,8 @@ impl PluginCalls {
         }
     }
 
-    /// Retires a service's old instance in the background, on `tokio`: its
+    /// Retires a service's old instance (after a switch, or a canary's)
+    /// in the background, on `tokio`: its
     /// requests under way finish, up to `finish` (`--drain-timeout`,
     /// whether the plan has a `drain` step or not), and those left then
     /// are cancelled; then, once others

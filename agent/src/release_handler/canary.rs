@@ -3,7 +3,11 @@
 //! dropped by `ctl rollback` or by the health gate (its release failed),
 //! finished by a switch to its release. The runtime holds the instance
 //! and routes the split; the store records which canary serves, so a
-//! start after a crash closes its history row.
+//! start after a crash closes its history row. However it ends (dropped,
+//! replaced, or by a switch, its promotion too: the switch starts an
+//! instance of its own), a canary that is a service lets its requests and
+//! streams under way finish as an old active instance does
+//! (`let_go_of`).
 
 use std::sync::Arc;
 
@@ -146,10 +150,27 @@ impl Actor {
     /// Drops a canary taken out of the runtime here, once its calls in
     /// flight are done (within the drain grace): its instance's `stop` and
     /// its library's unload run on the plugin thread, with a deadline,
-    /// never on a request's.
+    /// never on a request's. A service is retired in the background like
+    /// an old active instance (`PluginCalls::retire`): its requests and
+    /// streams under way finish on it up to `--drain-timeout`.
     pub(super) fn let_go_of(&self, canary: Option<Arc<crate::runtime::Canary>>) {
         if let Some(canary) = canary {
-            let grace = self.shared.config.drain_grace;
+            let config = &self.shared.config;
+            if canary.loaded.is_service() {
+                // A canary keeps no state: nothing to check after its
+                // requests end.
+                let loaded = Arc::clone(&canary.loaded);
+                drop(canary);
+                self.calls.retire(
+                    &self.tokio,
+                    loaded,
+                    None,
+                    config.drain_timeout,
+                    config.drain_grace,
+                );
+                return;
+            }
+            let grace = config.drain_grace;
             // Calls stuck past the request timeout hold it for as long as
             // they run: no wait ends sooner, and the last of them lets go.
             if canary.loaded.stuck() == 0
