@@ -544,8 +544,18 @@ fn listeners(args: &Args) -> Result<Listeners, String> {
 }
 
 fn bind(address: SocketAddr, what: &str) -> Result<StdListener, String> {
-    StdListener::bind(address).map_err(|e| format!("cannot listen for {what} on {address}: {e}"))
+    let listener = StdListener::bind(address)
+        .map_err(|e| format!("cannot listen for {what} on {address}: {e}"))?;
+    // std listens with a backlog of 128: a burst beyond it while no worker
+    // accepts (one is replaced, or taking over) would have its handshakes
+    // dropped and retried a second later. The kernel caps it at somaxconn.
+    rustix::net::listen(&listener, LISTEN_BACKLOG)
+        .map_err(|e| format!("cannot listen for {what} on {address}: {e}"))?;
+    Ok(listener)
 }
+
+/// Connections a listener queues while none is accepted.
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// The worker: dies with its supervisor, serves on the inherited
 /// listeners, says READY=1 once it serves.

@@ -330,3 +330,46 @@ fn a_body_budget_that_cannot_hold_one_body_or_is_no_size_is_a_usage_error() {
     }
     assert!(!dir.path().join("data").exists(), "started anyway");
 }
+
+#[test]
+fn a_burst_of_connections_while_the_worker_takes_none_waits_in_the_backlog() {
+    const BURST: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &["--max-connections-per-client", "1000"],
+    );
+    let worker = agent.worker_pid();
+    // While the worker accepts nothing, as while it is replaced, the
+    // handshakes complete in the kernel, up to the listen backlog.
+    nine9s_tests::kill("STOP", worker);
+    let mut connected = Vec::new();
+    let mut failed = None;
+    for _ in 0..BURST {
+        match TcpStream::connect_timeout(&agent.http, Duration::from_secs(2)) {
+            Ok(stream) => connected.push(stream),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    nine9s_tests::kill("CONT", worker);
+    assert!(
+        failed.is_none(),
+        "connection {} of {BURST} did not complete: {failed:?}",
+        connected.len() + 1
+    );
+    // Once it accepts again, every one of them is served.
+    for mut stream in connected {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
