@@ -145,6 +145,7 @@ pub async fn serve(
 ) {
     let slots = Arc::clone(&board.slots);
     let budget = Arc::new(Budget::new(limits.max_buffered_bodies));
+    let protocols = Arc::new(protocols(&limits));
     let (stop, stopping) = watch::channel(false);
     if let Some(tls) = &tls {
         let mut stopping = stopping.clone();
@@ -168,8 +169,9 @@ pub async fn serve(
             budget: Arc::clone(&budget),
         });
         let tls = tls.clone();
+        let protocols = Arc::clone(&protocols);
         tokio::spawn(async move {
-            connection(stream, tls, served, &limits, stopping).await;
+            connection(stream, tls, &protocols, served, &limits, stopping).await;
             if registered.call.rescued() {
                 // Given back when its call was abandoned.
                 permit.forget();
@@ -243,6 +245,22 @@ impl Seats for Admission<'_> {
     }
 }
 
+/// HTTP/1.1 and HTTP/2 as every connection speaks them.
+type Protocols = auto::Builder<TokioExecutor>;
+
+/// The protocols' settings, made once: HTTP/2's limits.
+fn protocols(limits: &Limits) -> Protocols {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_streams)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
+    builder
+}
+
 /// What a connection's requests are served with. One reference per
 /// connection, cloned per request: the runtime's own count is shared by
 /// every thread, this one by this connection.
@@ -261,6 +279,7 @@ struct Served {
 async fn connection(
     stream: TcpStream,
     tls: Option<Arc<HttpTls>>,
+    protocols: &Protocols,
     served: Arc<Served>,
     limits: &Limits,
     stopping: watch::Receiver<bool>,
@@ -274,7 +293,7 @@ async fn connection(
         fresh: true,
     };
     let Some(tls) = tls else {
-        return drive(io, remote, served, limits, stopping).await;
+        return drive(io, remote, protocols, served, limits, stopping).await;
     };
     // The handshake is the first thing a client sends: it has the header
     // timeout, as a request's first line would.
@@ -283,7 +302,7 @@ async fn connection(
             if io.get_ref().1.alpn_protocol() == Some(b"h2") {
                 served.watchdog.multiplexed();
             }
-            drive(io, remote, served, limits, stopping).await;
+            drive(io, remote, protocols, served, limits, stopping).await;
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!("TLS handshake too slow"),
@@ -294,6 +313,7 @@ async fn connection(
 async fn drive<I>(
     io: I,
     remote: Option<SocketAddr>,
+    protocols: &Protocols,
     served: Arc<Served>,
     limits: &Limits,
     mut stopping: watch::Receiver<bool>,
@@ -348,15 +368,7 @@ async fn drive<I>(
         })
     };
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.http2_max_streams)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let conn = protocols.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     // Tells whether the agent began to stop without registering a waker:
     // `stopping` is the one that does.
