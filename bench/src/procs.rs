@@ -492,6 +492,23 @@ impl AgentProcess {
 
     /// SIGTERM, then waits for the clean shutdown (the supervisor stops
     /// its workers and waits for them); SIGKILL if it hangs.
+    /// Stops the agent after a measurement, with its log's tail on stderr
+    /// if the measurement failed: the measurement, and how the agent
+    /// exited (for the report).
+    pub async fn finish<T>(self, measured: anyhow::Result<T>) -> anyhow::Result<(T, String)> {
+        if measured.is_err() {
+            eprintln!("{}", self.log_tail());
+        }
+        crate::run::progress(format_args!("stopping the agent"));
+        let stopped = self.stop().await;
+        let measured = measured?;
+        let exit = match stopped {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        Ok((measured, exit))
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<ExitStatus> {
         // `kill(1)` because the bench forbids the unsafe a direct kill(2) needs.
         let signalled = Command::new("kill")

@@ -34,16 +34,7 @@ pub async fn bench(options: Options) -> anyhow::Result<Report> {
         agent.http, agent.grpc
     ));
     let measured = measure(&layout, &agent, &options).await;
-    if measured.is_err() {
-        eprintln!("{}", agent.log_tail());
-    }
-    progress(format_args!("stopping the agent"));
-    let stopped = agent.stop().await;
-    let figures = measured?;
-    let agent_exit = match stopped {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let (figures, agent_exit) = agent.finish(measured).await?;
     Ok(Report::new(&options, &figures, agent_exit))
 }
 

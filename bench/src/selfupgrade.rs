@@ -106,16 +106,7 @@ pub async fn self_upgrades(options: Options) -> anyhow::Result<Outcome> {
     // The directory lives until the agent has stopped.
     let (_temp, agent, binary) = procs::start_copy_in_temp(&layout, "self-upgrades").await?;
     let measured = measure(&layout, &agent, &binary, &options).await;
-    if measured.is_err() {
-        eprintln!("{}", agent.log_tail());
-    }
-    progress(format_args!("stopping the agent"));
-    let stopped = agent.stop().await;
-    let (mut restarts, tally, count_reported) = measured?;
-    let agent_exit = match stopped {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let ((mut restarts, tally, count_reported), agent_exit) = agent.finish(measured).await?;
 
     let counts_exact = count_reported == Some(tally.ok);
     let all_restarts = restarts.error.is_none() && restarts.done == options.restarts;

@@ -54,16 +54,7 @@ pub async fn service(options: Options) -> anyhow::Result<Outcome> {
         Ok((turns, count))
     }
     .await;
-    if measured.is_err() {
-        eprintln!("{}", agent.log_tail());
-    }
-    progress(format_args!("stopping the agent"));
-    let stopped = agent.stop().await;
-    let (turns, count) = measured?;
-    let agent_exit = match stopped {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let ((turns, count), agent_exit) = agent.finish(measured).await?;
     Ok(report(&options, &turns, count, agent_exit))
 }
 

@@ -78,16 +78,7 @@ pub async fn sleepers(options: Options) -> anyhow::Result<Outcome> {
     }
     let (_temp, agent) = procs::start_bootstrapped(&layout, "sleepers", &release, &flags).await?;
     let measured = measure(&agent, n).await;
-    if measured.is_err() {
-        eprintln!("{}", agent.log_tail());
-    }
-    progress(format_args!("stopping the agent"));
-    let stopped = agent.stop().await;
-    let figures = measured?;
-    let agent_exit = match stopped {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let (figures, agent_exit) = agent.finish(measured).await?;
     Ok(report(n, time_limit, figures, agent_exit))
 }
 

@@ -77,16 +77,7 @@ pub async fn stream(options: Options) -> anyhow::Result<String> {
         anyhow::Ok((bare_side, agent_side))
     }
     .await;
-    if measured.is_err() {
-        eprintln!("{}", agent.log_tail());
-    }
-    progress(format_args!("stopping the agent"));
-    let stopped = agent.stop().await;
-    let (bare, through) = measured?;
-    let agent_exit = match stopped {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let ((bare, through), agent_exit) = agent.finish(measured).await?;
     let (bare_rate, agent_rate) = (
         bare.bytes_per_second(bytes),
         through.bytes_per_second(bytes),

@@ -78,16 +78,7 @@ pub async fn worker_crashes(options: Options) -> anyhow::Result<Outcome> {
     // The directory lives until the agent has stopped.
     let (_temp, agent) = procs::start_in_temp(&layout, "worker-crashes").await?;
     let measured = measure(&layout, &agent, &segfault, &options).await;
-    if measured.is_err() {
-        eprintln!("{}", agent.log_tail());
-    }
-    progress(format_args!("stopping the agent"));
-    let stopped = agent.stop().await;
-    let (mut crashes, tally, status) = measured?;
-    let agent_exit = match stopped {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let ((mut crashes, tally, status), agent_exit) = agent.finish(measured).await?;
 
     let previous_exit = status.agent.map(|a| a.previous_exit).unwrap_or_default();
     if crashes.done > 0 && !previous_exit.contains("SIGSEGV") {
