@@ -227,7 +227,11 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
             }
         }
         Command::Upgrade(switch) => switch_to(agent, output, "upgrade", switch).await?,
-        Command::Promote { wait, request } => promote(agent, output, wait, request).await?,
+        Command::Promote {
+            wait,
+            force,
+            request,
+        } => promote(agent, output, wait, force, request).await?,
         Command::Downgrade(switch) => switch_to(agent, output, "downgrade", switch).await?,
         Command::Rollback {
             state,
@@ -242,6 +246,8 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 request_id: id(&request.request),
                 expected_active: expected(&request),
                 reason: request.request.reason.unwrap_or_default(),
+                force: request.force,
+                lease: String::new(),
             };
             let reply = agent
                 .call("rollback", request, |mut c, r| async move {
@@ -261,6 +267,8 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 request_id: id(&request.request),
                 expected_active: expected(&request),
                 reason: request.request.reason.unwrap_or_default(),
+                force: request.force,
+                lease: String::new(),
             };
             let what = format!("making {version} permanent");
             let reply = agent
@@ -281,6 +289,8 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
                 request_id: id(&request.request),
                 expected_active: expected(&request),
                 reason: request.request.reason.unwrap_or_default(),
+                force: request.force,
+                lease: String::new(),
             };
             let what = format!("removing {version}");
             let reply = agent
@@ -545,6 +555,7 @@ async fn promote(
     agent: &Agent,
     output: Output,
     wait: bool,
+    force: bool,
     request: Request,
 ) -> Result<(), Failure> {
     let now = status(agent).await?;
@@ -577,6 +588,7 @@ async fn promote(
         request: Checked {
             request,
             expect_active: Some(active),
+            force,
         },
     };
     switch_to(agent, output, word, switch).await
@@ -642,6 +654,8 @@ fn transition(switch: &Switch) -> pb::TransitionRequest {
             }),
             (None, None) => None,
         },
+        force: switch.request.force,
+        lease: String::new(),
     }
 }
 

@@ -331,6 +331,9 @@ enum Command {
         /// `upgrade --wait`).
         #[arg(long)]
         wait: bool,
+        /// Promote even though a fleet rollout holds the agent.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         request: Request,
     },
@@ -450,6 +453,10 @@ struct Checked {
     /// Refuse (exit 1, changing nothing) unless this version is active.
     #[arg(long, value_name = "VERSION", value_parser = version)]
     expect_active: Option<semver::Version>,
+    /// Run it even though a fleet rollout holds the agent (`ctl rollout
+    /// status` shows which); recorded in the agent's history.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]

@@ -82,6 +82,8 @@ pub fn event_kind_name(kind: EventKind) -> &'static str {
         EventKind::AgentStarted => "agent_started",
         EventKind::CheckpointSkipped => "checkpoint_skipped",
         EventKind::AgentRestartFailed => "agent_restart_failed",
+        EventKind::LeaseTaken => "lease_taken",
+        EventKind::LeaseReleased => "lease_released",
         EventKind::Unspecified => "unknown",
     }
 }

@@ -745,6 +745,7 @@ impl Rollout<'_> {
             request_id: plan::request_id(&self.rollout_id, Step::Rollback, &node.address),
             expected_active: self.target.clone(),
             reason: format!("rollout {} halted: {why}", self.rollout_id),
+            ..Default::default()
         };
         match node
             .agent
