@@ -396,6 +396,13 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the log says `text` within 10 s: the worker's lines reach
+    /// the file through its supervisor, a moment after what they tell of
+    /// (a response sent first, say) on a busy machine.
+    pub fn logged(&self, text: &str) -> bool {
+        eventually(Duration::from_secs(10), || self.log().contains(text))
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(mut self) -> i32 {
         let pid = self.child.id().to_string();

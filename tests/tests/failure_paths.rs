@@ -934,7 +934,7 @@ fn a_serving_instance_whose_snapshot_never_returns_is_replaced_with_its_last_che
     hello(&agent, 1);
     let new = agent.new_worker(old);
     assert_ne!(new, old);
-    assert!(agent.log().contains("it is wedged"), "{}", agent.log());
+    assert!(agent.logged("it is wedged"), "{}", agent.log());
     assert_eq!(agent.status()["active_version"], "0.2.8");
     // Its last checkpoint: what was counted before the snapshot hung.
     assert_eq!(agent.get("/count").body, "2");

@@ -1394,7 +1394,7 @@ fn a_permanent_artifact_changed_on_disk_is_not_loaded_at_boot() {
     assert_eq!(agent.get("/").release, "0.1.0");
     let status = agent.status();
     assert_eq!(status["permanent_version"], "0.1.0", "{status}");
-    assert!(agent.log().contains("changed on disk"), "{}", agent.log());
+    assert!(agent.logged("changed on disk"), "{}", agent.log());
     assert!(!agent.mapped_artifacts().iter().any(|p| p.contains(&sha)));
 }
 
@@ -1781,6 +1781,6 @@ fn a_release_answering_no_final_status_gets_its_client_a_502() {
         let line = status_line(&agent, &format!("/status?code={code}"));
         assert!(line.starts_with("HTTP/1.1 502"), "{code}: {line:?}");
     }
-    assert!(agent.log().contains("no final HTTP status"));
+    assert!(agent.logged("no final HTTP status"));
     assert_eq!(agent.get("/count").status, 200);
 }

@@ -101,7 +101,7 @@ fn a_panicking_handler_fails_one_request_and_the_agent_keeps_serving() {
         );
     }
     assert_eq!(agent.get("/count").status, 200, "other routes still work");
-    assert!(agent.log().contains("release panicked handling a request"));
+    assert!(agent.logged("release panicked handling a request"));
 
     let library = library_of(&agent, "0.2.1").expect("0.2.1 is loaded");
     assert_eq!(library["active"], true, "{library}");
@@ -147,7 +147,7 @@ fn a_panicking_handler_fails_one_request_and_the_agent_keeps_serving() {
     // glibc never unmaps one with thread-local destructors.
     assert_eq!(settled(), outcome, "status: {}", agent.status());
     if outcome == Some("lingering") {
-        assert!(agent.log().contains("library released but still mapped"));
+        assert!(agent.logged("library released but still mapped"));
     }
 }
 
@@ -174,7 +174,7 @@ fn a_library_that_cannot_be_unmapped_is_reported_as_lingering() {
         (&true.into(), &false.into()),
         "{library}"
     );
-    assert!(agent.log().contains("library released but still mapped"));
+    assert!(agent.logged("library released but still mapped"));
     assert_eq!(agent.get("/").body, "Hello world!");
 
     // Issue 16, defect 12: once its file was deleted (the release removed,
