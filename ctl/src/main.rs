@@ -29,8 +29,12 @@
 //!   few retries.
 //! - 4: `--wait` saw the release fail its soak and the agent roll it back;
 //!   `rollout` halted and rolled back.
+//! - 5: `rollout` (or `rollout undo`): another rollout holds some of the
+//!   agents (the line names it); nothing was done.
+//! - 6: `rollout` converged on every agent but those it skipped within
+//!   `--max-unavailable` (the line names them).
 //!
-//! With `--output json`, a failure (exit 1, 3 or 4) that printed nothing
+//! With `--output json`, a failure (exit 1, 3, 4, 5 or 6) that printed nothing
 //! else prints `{"error": {"kind", "message", "reason", "exit_code"}}` on
 //! stdout besides its line on stderr; usage errors (exit 2) are text.
 //!
@@ -146,9 +150,10 @@ struct Cli {
 enum Top {
     #[command(flatten)]
     Agent(Command),
-    /// Roll a release out to several agents: stage it everywhere, upgrade a
+    /// Roll a release out to several agents: stage it everywhere, switch a
     /// canary, then the rest in waves; halt and roll back on the first
-    /// failure.
+    /// failure. `rollout undo`, `rollout status` and `rollout history`
+    /// act on the fleet's rollouts.
     ///
     /// The agents are `--agent URL` given once per agent (with the global
     /// credentials), or `--fleet FILE`: TOML `[[agent]]` tables with
@@ -157,16 +162,22 @@ enum Top {
     /// paths are relative to the file). The first agent that needs the
     /// release is the canary.
     ///
-    /// Every upgrade is conditional on the release the rollout found
-    /// active, and every command carries a request id derived from the
-    /// rollout id, so running the same command again after an interruption
-    /// resumes the rollout without acting twice. The rollout id is derived
-    /// from the release, the version and the agents; `--rollout-id` starts
-    /// a new rollout of the same release (after a halt, say).
+    /// The target may be newer or older than what an agent runs: it is
+    /// upgraded or downgraded. A rollout holds every agent with a lease
+    /// while it runs: a second rollout over any of them is refused (exit
+    /// 5), and so are single-agent switches without --force. Every switch
+    /// is conditional on the release the rollout found active, and every
+    /// command carries a request id derived from the rollout id and its
+    /// attempt, so running the same command again after an interruption
+    /// resumes the attempt without acting twice, and running it again
+    /// after it ended (halted, undone) is a new attempt. The rollout id is
+    /// derived from the release, the version and the agents' canonical
+    /// addresses.
     ///
     /// Exit codes: 0 converged; 4 halted and rolled back; 3 some agent
-    /// could not be reached; 1 otherwise (a stage refused, a rollback that
-    /// failed); 2 bad usage.
+    /// could not be reached; 5 another rollout holds some agent (nothing
+    /// done); 6 converged but for skipped agents (--max-unavailable); 1
+    /// otherwise (a stage refused, a rollback that failed); 2 bad usage.
     #[command(
         after_help = "Examples:\n  ctl rollout --to 0.2.0 --release-dir plugins/nine9s-0.2.0 --fleet fleet.toml --max-parallel 5 --soak 30s\n  ctl rollout --to 0.2.0 --release-dir plugins/nine9s-0.2.0 --agent http://10.0.0.1:50051 --agent http://10.0.0.2:50051 --token-file deploy.token --dry-run\n  ctl --output json rollout --to 0.2.0 --release-dir rel --fleet fleet.toml   # a report for scripts"
     )]
@@ -176,24 +187,54 @@ enum Top {
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct RolloutArgs {
-    /// The version to roll out.
-    #[arg(long, value_name = "VERSION", value_parser = version)]
-    to: semver::Version,
+    #[command(subcommand)]
+    action: Option<RolloutAction>,
+    #[command(flatten)]
+    start: StartRollout,
+}
+
+impl RolloutArgs {
+    /// The fleet file, whichever action names it.
+    fn fleet(&self) -> Option<&std::path::Path> {
+        match &self.action {
+            None => self.start.fleet.as_deref(),
+            Some(
+                RolloutAction::Undo(UndoArgs { fleet, .. })
+                | RolloutAction::Status { fleet }
+                | RolloutAction::History { fleet },
+            ) => fleet.as_deref(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct StartRollout {
+    /// The version to roll out: newer or older than what the agents run
+    /// (each is upgraded or downgraded, with its plan and state migration).
+    #[arg(long, value_name = "VERSION", value_parser = version, required = true)]
+    to: Option<semver::Version>,
     /// The release directory (release.toml, and release.sig if signed).
-    #[arg(long, value_name = "DIR")]
-    release_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required = true)]
+    release_dir: Option<PathBuf>,
     /// The library to upload, instead of looking it up.
     #[arg(long, value_name = "PATH")]
     library: Option<PathBuf>,
     /// The agents, from a TOML file (instead of --agent).
     #[arg(long, value_name = "FILE")]
     fleet: Option<PathBuf>,
-    /// Agents upgraded at once after the canary (and rolled back at once
+    /// Agents switched at once after the canary (and rolled back at once
     /// after a halt).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     max_parallel: u16,
-    /// The soak of every upgrade (default: each agent's own).
+    /// Agents (a number, or a percentage of the fleet) that may be skipped
+    /// when they cannot be reached or refuse the release, instead of
+    /// stopping the rollout; exit 6 names them, and running the rollout
+    /// again picks them up.
+    #[arg(long, value_name = "N|P%", default_value = "0")]
+    max_unavailable: rollout::Budget,
+    /// The soak of every switch (default: each agent's own).
     #[arg(long, value_name = "DURATION", value_parser = soak)]
     soak: Option<Duration>,
     /// How long one agent's verdict may take before the rollout halts.
@@ -211,6 +252,72 @@ struct RolloutArgs {
     /// change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Take over the agents another rollout holds (an abandoned one);
+    /// recorded on each agent.
+    #[arg(long)]
+    force: bool,
+    /// After a halt, leave the release staged on the agents that were
+    /// never switched to it (by default it is removed: that needs the
+    /// admin role, else it stays, and the summary says so).
+    #[arg(long)]
+    keep_staged: bool,
+}
+
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// Return every agent a rollout switched to the release it had before
+    /// (read from each agent's history), permanent at once, and remove
+    /// the release where it was only staged.
+    ///
+    /// The rollout is the newest any agent recorded, or --rollout-id.
+    /// Exit codes as for a rollout: 0 undone; 5 another rollout holds
+    /// some agent; 3 some agent could not be reached; 1 a switch back
+    /// failed.
+    #[command(
+        after_help = "Examples:\n  ctl rollout undo --fleet fleet.toml\n  ctl rollout undo --fleet fleet.toml --rollout-id 0.2.0-3f2a9c41d0e7"
+    )]
+    Undo(UndoArgs),
+    /// Each agent's active release and soak, and every rollout holding
+    /// some agent: its id, owner, step, agents done / pending / skipped,
+    /// the soak left, and whether its ctl still renews it.
+    #[command(
+        after_help = "Examples:\n  ctl rollout status --fleet fleet.toml\n  ctl --output json rollout status --fleet fleet.toml"
+    )]
+    Status {
+        /// The agents, from a TOML file (instead of --agent).
+        #[arg(long, value_name = "FILE")]
+        fleet: Option<PathBuf>,
+    },
+    /// Past rollouts of the fleet, newest first, from the records each
+    /// agent keeps (its last 100).
+    #[command(after_help = "Examples:\n  ctl rollout history --fleet fleet.toml")]
+    History {
+        /// The agents, from a TOML file (instead of --agent).
+        #[arg(long, value_name = "FILE")]
+        fleet: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct UndoArgs {
+    /// The agents, from a TOML file (instead of --agent).
+    #[arg(long, value_name = "FILE")]
+    fleet: Option<PathBuf>,
+    /// The rollout to undo (default: the newest any agent recorded).
+    #[arg(long, value_name = "ID", value_parser = rollout_id)]
+    rollout_id: Option<String>,
+    /// Agents switched back at once.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    max_parallel: u16,
+    /// Why: recorded in every agent's history (at most 1024 characters).
+    #[arg(long, value_name = "TEXT", value_parser = reason)]
+    reason: Option<String>,
+    /// Take over the agents another rollout holds.
+    #[arg(long)]
+    force: bool,
+    /// Leave the release staged where the rollout never switched to it.
+    #[arg(long)]
+    keep_staged: bool,
 }
 
 /// The commands that need no agent.
@@ -653,7 +760,7 @@ fn request_id(text: &str) -> Result<String, String> {
 /// Credentials or TLS files that do not go together, agents that cannot
 /// be listed: the same exit (2) and format as the usage errors clap finds
 /// itself.
-fn usage_error(usage: String) -> ! {
+pub fn usage_error(usage: String) -> ! {
     Cli::command()
         .error(clap::error::ErrorKind::ValueValidation, usage)
         .exit()
@@ -720,6 +827,10 @@ pub enum Failure {
     Unreachable(anyhow::Error),
     /// `--wait`: the release failed its soak and was rolled back.
     RolledBack(anyhow::Error),
+    /// Another rollout holds some agent: nothing was done.
+    Leased(anyhow::Error),
+    /// A rollout converged on every agent but those it skipped.
+    Skipped(anyhow::Error),
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -748,7 +859,7 @@ async fn main() {
             // the NINE9S_DATA_DIR in the environment.
             (true, false) => {}
             (false, _) => {
-                if data_dir_typed && matches!(cli.command, Top::Rollout(ref args) if args.fleet.is_some()) {
+                if data_dir_typed && matches!(cli.command, Top::Rollout(ref args) if args.fleet().is_some()) {
                     usage_error("--data-dir and --fleet do not go together: a rollout's agents are in the fleet file".into());
                 }
                 cli.agent = vec![format!("unix:{}", local::path(dir).display())];
@@ -767,20 +878,51 @@ async fn main() {
             Ok(())
         }
         Top::Rollout(args) => {
-            let nodes = fleet(&cli.agent, agent_typed, args.fleet.as_deref(), &cli.access)
+            let nodes = fleet(&cli.agent, agent_typed, args.fleet(), &cli.access)
                 .unwrap_or_else(|usage| usage_error(usage));
-            let settings = rollout::Settings {
-                to: args.to,
-                release_dir: args.release_dir,
-                library: args.library,
-                max_parallel: usize::from(args.max_parallel),
-                soak: args.soak,
-                timeout: args.timeout,
-                rollout_id: args.rollout_id,
-                reason: args.reason,
-                dry_run: args.dry_run,
-            };
-            rollout::run(nodes, settings, cli.output).await
+            // Recorded with the rollout on every agent, for people.
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            match args.action {
+                None => {
+                    let start = args.start;
+                    let (Some(to), Some(release_dir)) = (start.to, start.release_dir) else {
+                        usage_error("ctl rollout needs --to and --release-dir".into())
+                    };
+                    let settings = rollout::Settings {
+                        to,
+                        release_dir,
+                        library: start.library,
+                        max_parallel: usize::from(start.max_parallel),
+                        max_unavailable: start.max_unavailable,
+                        soak: start.soak,
+                        timeout: start.timeout,
+                        rollout_id: start.rollout_id,
+                        reason: start.reason,
+                        dry_run: start.dry_run,
+                        force: start.force,
+                        keep_staged: start.keep_staged,
+                        command,
+                    };
+                    rollout::run(nodes, settings, cli.output).await
+                }
+                Some(RolloutAction::Undo(undo)) => {
+                    let settings = rollout::undo::Settings {
+                        rollout_id: undo.rollout_id,
+                        max_parallel: usize::from(undo.max_parallel),
+                        reason: undo.reason,
+                        force: undo.force,
+                        keep_staged: undo.keep_staged,
+                        command,
+                    };
+                    rollout::undo::run(nodes, settings, cli.output).await
+                }
+                Some(RolloutAction::Status { .. }) => {
+                    rollout::status::status_of(nodes, cli.output).await
+                }
+                Some(RolloutAction::History { .. }) => {
+                    rollout::status::history(nodes, cli.output).await
+                }
+            }
         }
         Top::Agent(command) => {
             let [url] = cli.agent.as_slice() else {
@@ -816,6 +958,8 @@ async fn main() {
                 Failure::Failed { error, reason } => (1, "failed", error, reason),
                 Failure::Unreachable(error) => (3, "unreachable", error, None),
                 Failure::RolledBack(error) => (4, "rolled_back", error, None),
+                Failure::Leased(error) => (5, "leased", error, None),
+                Failure::Skipped(error) => (6, "skipped", error, None),
             };
             match &reason {
                 Some(reason) => eprintln!("ctl: error: {error:#} [{reason}]"),

@@ -89,7 +89,7 @@ pub fn event_kind_name(kind: EventKind) -> &'static str {
 }
 
 /// Prints rows with every column padded to its widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -120,7 +120,7 @@ fn ms(us: u64) -> String {
 }
 
 /// RFC 3339 UTC (`2026-11-26T03:20:00Z`) from milliseconds since the epoch.
-fn time(ms: i64) -> String {
+pub fn time(ms: i64) -> String {
     match u64::try_from(ms) {
         Ok(ms) => humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
@@ -603,7 +603,7 @@ pub fn failed_restart(f: &pb::FailedRestart) -> String {
 }
 
 /// Now, in milliseconds since the epoch (0 if the clock is before it).
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -25,6 +25,7 @@
 //! here; `credentials` reads them, before the first call.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -140,6 +141,53 @@ pub fn parse(text: &str, base: &Path) -> Result<Vec<Member>, String> {
     Ok(members)
 }
 
+/// The address of an agent as a rollout names it, whatever the spelling:
+/// `scheme://IP:PORT` with the host resolved (its lowest IPv4 address if
+/// it has one: `localhost` is `127.0.0.1`), or `unix:` and the socket's
+/// absolute path with its directories' links resolved. An address that
+/// does not resolve stays as given, its host lowercased; it cannot be
+/// reached anyway, and the rollout says so.
+pub async fn canonical(address: &str) -> String {
+    if let Some(path) = crate::local::socket_path(address) {
+        return format!("unix:{}", real_path(&path).display());
+    }
+    let Ok(uri) = address.parse::<tonic::transport::Uri>() else {
+        return address.to_owned();
+    };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return address.to_owned();
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let resolved = tokio::net::lookup_host((host, port))
+        .await
+        .map(|found| lowest(found.map(|a| a.ip())));
+    match resolved {
+        Ok(Some(IpAddr::V6(ip))) => format!("{scheme}://[{ip}]:{port}"),
+        Ok(Some(ip)) => format!("{scheme}://{ip}:{port}"),
+        _ => format!("{scheme}://{}:{port}", host.to_ascii_lowercase()),
+    }
+}
+
+/// The lowest IPv4 address, else the lowest.
+fn lowest(ips: impl Iterator<Item = IpAddr>) -> Option<IpAddr> {
+    ips.min_by_key(|ip| (ip.is_ipv6(), *ip))
+}
+
+/// `path` absolute, with the links of its directory resolved (the socket
+/// itself may not exist: its agent may be down).
+fn real_path(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|dir| dir.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
+}
+
 const FILE_KEYS: [&str; 4] = ["token_file", "ca", "cert", "key"];
 
 fn refuse_unknown(table: &toml::Table) -> Result<(), String> {
@@ -232,6 +280,27 @@ mod tests {
         .contains("used twice"));
         assert!(err("[[agent]]\nname = \"\"\naddress = \"http://a:1\"").contains("name"));
         assert!(err("[[agent]]\nname = \"x\"").contains("address"));
+    }
+
+    #[tokio::test]
+    async fn one_agent_has_one_canonical_address_however_spelt() {
+        let ip = canonical("http://127.0.0.1:50051").await;
+        assert_eq!(ip, "http://127.0.0.1:50051");
+        assert_eq!(canonical("http://localhost:50051").await, ip);
+        assert_eq!(canonical("http://LOCALHOST:50051/").await, ip);
+        assert_eq!(
+            canonical("https://[::1]:50051").await,
+            "https://[::1]:50051"
+        );
+        assert_eq!(canonical("http://127.0.0.1").await, "http://127.0.0.1:80");
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let via_link = canonical(&format!("unix:{}/link/control.sock", dir.path().display())).await;
+        let direct = canonical(&format!("unix:{}/control.sock", real.display())).await;
+        assert_eq!(via_link, direct);
+        assert!(direct.starts_with("unix:/"), "{direct}");
     }
 
     proptest! {

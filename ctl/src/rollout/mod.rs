@@ -1,30 +1,48 @@
 //! `ctl rollout`: one release onto a fleet of agents, the way a careful
-//! person would do it by hand, and resumable.
+//! person would do it by hand, resumable, and one rollout at a time.
 //!
-//! 1. *Survey*: every agent's status. One that cannot be reached stops the
-//!    rollout before anything is changed anywhere (exit 3).
-//! 2. *Stage* the release on every agent that does not run it yet, all of
-//!    them before any upgrade: a release one agent refuses (a signature it
+//! 1. *Records*: every agent's rollout records (`lease::records`) say
+//!    which attempt of this rollout this run is — an interrupted one
+//!    still holding some agent is resumed, else the next — and whether
+//!    another rollout holds some agent: then nothing is done (exit 5).
+//! 2. *Leases*: this attempt takes every agent's lease, renews it while it
+//!    runs (with its progress, for `ctl rollout status` from anywhere) and
+//!    gives it back at the end with its outcome (`ctl rollout history`).
+//! 3. *Survey*: every agent's status.
+//! 4. *Stage* the release on every agent that does not run it yet, all of
+//!    them before any switch: a release one agent refuses (a signature it
 //!    does not trust, a full disk) stops the rollout with nothing switched.
-//! 3. *Canary*: upgrade one agent and wait for the soak's verdict.
-//! 4. *Waves* of `--max-parallel` agents, each upgraded and awaited.
-//! 5. On the first failure (a refused upgrade, a failed soak, an agent
+//! 5. *Canary*: switch one agent — an upgrade or a downgrade, whichever
+//!    way the target lies from what it runs — and wait for the soak's
+//!    verdict.
+//! 6. *Waves* of `--max-parallel` agents, each switched and awaited.
+//! 7. On the first failure (a refused switch, a failed soak, an agent
 //!    lost, a verdict that does not come within `--timeout`): *halt*, and
 //!    roll back every agent this rollout switched, in waves of the same
-//!    width (exit 4; 3 if some agent could not be reached).
+//!    width (exit 4; 3 if some agent could not be reached), then remove
+//!    the release it staged from the agents that never switched to it
+//!    (unless `--keep-staged`).
 //!
-//! Every upgrade is conditional (`expected_active`: the release the survey
+//! Up to `--max-unavailable` agents that cannot be reached, or refuse the
+//! release, are *skipped* instead of stopping everything (exit 6 when the
+//! rest converged); running the rollout again picks them up.
+//!
+//! Every switch is conditional (`expected_active`: the release the survey
 //! found) and every command carries a request id derived from the rollout
-//! id (`plan::request_id`). The rollout id is derived from the release,
-//! the target version and the set of agents, so running the same command
-//! again after an interruption resumes it: agents on the target are
-//! skipped or awaited, and a command that did reach an agent is answered
-//! with its recorded outcome instead of being run twice. `--rollout-id`
-//! starts a new rollout of the same release (after a halt, say).
+//! id and the attempt (`plan::request_id`). The rollout id is derived from
+//! the release, the target version and the agents' canonical addresses,
+//! so running the same command again after an interruption resumes it:
+//! agents on the target are skipped or awaited, and a command that did
+//! reach an agent is answered with its recorded outcome instead of being
+//! run twice. Running it again after it ended is a new attempt.
 
 pub mod fleet;
+mod lease;
 mod plan;
 mod progress;
+mod report;
+pub mod status;
+pub mod undo;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,16 +51,17 @@ use anyhow::anyhow;
 use futures_util::future::join_all;
 use futures_util::stream::{self, StreamExt};
 use nine9s_proto as pb;
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::commands::{self, status, Release};
 use crate::rpc::Agent;
 use crate::{follow, json, render, Failure, Output};
-use plan::{Found, Step};
+use lease::Leases;
+use plan::{Attempt, Found, Step};
 use progress::Progress;
+use report::{Outcome, Phases, Report, Track};
 
-pub use plan::MAX_ROLLOUT_ID;
+pub use plan::{Budget, MAX_ROLLOUT_ID};
 
 /// Uploads at once while staging: they are the heavy part of a rollout
 /// (a few MB to each agent), and staging changes nothing that serves.
@@ -50,6 +69,8 @@ const STAGE_PARALLEL: usize = 8;
 
 /// The reason code of a conditional command whose condition failed.
 const EXPECTED_ACTIVE_MISMATCH: &str = "EXPECTED_ACTIVE_MISMATCH";
+/// The reason code of a role too weak for the call.
+const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
 
 /// One agent of the fleet.
 pub struct Node {
@@ -64,94 +85,19 @@ pub struct Settings {
     pub release_dir: PathBuf,
     pub library: Option<PathBuf>,
     pub max_parallel: usize,
+    pub max_unavailable: Budget,
     pub soak: Option<Duration>,
     /// How long one agent's verdict may take.
     pub timeout: Duration,
     pub rollout_id: Option<String>,
     pub reason: Option<String>,
     pub dry_run: bool,
-}
-
-/// How the rollout ended for one agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Outcome {
-    /// Nothing done yet (and with `--dry-run`, nothing done at all).
-    Pending,
-    /// The target was already permanent there.
-    AlreadyThere,
-    /// Upgraded, and permanent after its soak.
-    Upgraded,
-    /// Its upgrade was refused, or it did not become permanent.
-    Failed,
-    /// The health gate rolled the target back during its soak.
-    FailedSoak,
-    /// Upgraded, then rolled back by the halt.
-    RolledBack,
-    /// The rollout halted before its turn.
-    NotReached,
-    /// It could not be reached.
-    Unreachable,
-    /// The halt's rollback of it failed: it may still run the target.
-    RollbackFailed,
-}
-
-/// One agent in the summary (and the JSON document).
-#[derive(Debug, Clone, Serialize)]
-struct Track {
-    name: String,
-    address: String,
-    /// The active release when the rollout found it.
-    before: Option<String>,
-    /// The active release when the rollout ended.
-    after: Option<String>,
-    outcome: Outcome,
-    /// Why it failed, was not reached or was rolled back.
-    error: Option<String>,
-    /// The agent's reason code with `error`, when it sent one.
-    reason: Option<String>,
-    /// The request id of its upgrade.
-    request_id: String,
-    /// This rollout made the target active there (now or in an earlier
-    /// run): a halt rolls it back.
-    #[serde(skip)]
-    ours: bool,
-    #[serde(skip)]
-    found: Option<Found>,
-    /// The last event id when the agent was surveyed.
-    #[serde(skip)]
-    last_event: u64,
-}
-
-/// The document `--output json` prints, and what the summary shows.
-#[derive(Debug, Serialize)]
-struct Report {
-    rollout_id: String,
-    version: String,
-    sha256: String,
-    /// `converged`, `planned` (`--dry-run`), `halted` (and rolled back),
-    /// `unreachable` (some agent could not be reached), or `failed` (a
-    /// stage was refused, or a rollback failed).
-    outcome: &'static str,
-    /// The failure that stopped the rollout.
-    halted_by: Option<String>,
-    /// Indexes into `agents`: the canary, then the waves.
-    canary: Option<usize>,
-    waves: Vec<Vec<usize>>,
-    elapsed_ms: u64,
-    /// Where the time went.
-    phases: Phases,
-    agents: Vec<Track>,
-}
-
-/// Milliseconds spent in each phase (0: not reached).
-#[derive(Debug, Default, Serialize)]
-struct Phases {
-    survey_ms: u64,
-    stage_ms: u64,
-    canary_ms: u64,
-    waves_ms: u64,
-    rollback_ms: u64,
+    /// Take the agents' leases from whichever rollout holds them.
+    pub force: bool,
+    /// After a halt, leave the release staged where it was never switched to.
+    pub keep_staged: bool,
+    /// The command line, recorded with the rollout for people.
+    pub command: String,
 }
 
 /// The milliseconds since `*since`, which becomes now.
@@ -162,7 +108,7 @@ fn lap(since: &mut Instant) -> u64 {
 }
 
 /// A failure of one agent's step.
-struct StepError {
+pub struct StepError {
     error: String,
     reason: Option<String>,
     unreachable: bool,
@@ -176,6 +122,7 @@ impl StepError {
             Failure::Failed { error, reason } => (error, reason, false, false),
             Failure::Unreachable(error) => (error, None, true, false),
             Failure::RolledBack(error) => (error, None, false, true),
+            Failure::Leased(error) | Failure::Skipped(error) => (error, None, false, false),
         };
         StepError {
             error: format!("{error:#}"),
@@ -193,6 +140,25 @@ impl StepError {
             soak: false,
         }
     }
+
+    fn is(&self, reason: &str) -> bool {
+        self.reason.as_deref() == Some(reason)
+    }
+}
+
+/// Each node's canonical address (`fleet::canonical`), or the two names
+/// of one agent listed twice under different spellings.
+pub async fn canonical_keys(nodes: &[Node]) -> Result<Vec<String>, String> {
+    let keys = join_all(nodes.iter().map(|n| fleet::canonical(&n.address))).await;
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(j) = keys[..i].iter().position(|k| k == key) {
+            return Err(format!(
+                "{} and {} are the same agent ({key}): list it once",
+                nodes[j].name, nodes[i].name
+            ));
+        }
+    }
+    Ok(keys)
 }
 
 pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result<(), Failure> {
@@ -210,61 +176,51 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
     }
     let signature = commands::read_signature(&settings.release_dir)?.map(|(text, _)| text);
     let target = settings.to.to_string();
-    let addresses: Vec<&str> = nodes.iter().map(|n| n.address.as_str()).collect();
-    let rollout_id = settings
-        .rollout_id
-        .clone()
-        .unwrap_or_else(|| plan::default_rollout_id(&target, &release.sha256, &addresses));
+    let keys = canonical_keys(&nodes)
+        .await
+        .unwrap_or_else(|e| crate::usage_error(format!("the fleet: {e}")));
+    let rollout_id = settings.rollout_id.clone().unwrap_or_else(|| {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        plan::default_rollout_id(&target, &release.sha256, &keys)
+    });
     let progress = Progress::new(nodes.iter().map(|n| n.name.clone()).collect());
-    progress.note(&format!(
-        "rollout {rollout_id}: {} {target} (sha256 {}) to {} agent(s), waves of {}",
-        release.manifest.name,
-        render::short_sha(&release.sha256),
-        nodes.len(),
-        settings.max_parallel
-    ));
-    let rollout = Rollout {
+    let mut tracks: Vec<Track> = nodes
+        .iter()
+        .map(|n| Track::new(&n.name, &n.address, String::new()))
+        .collect();
+    let mut run = Run {
         nodes: &nodes,
+        keys: &keys,
         settings: &settings,
         release: &release,
         signature,
         target,
         rollout_id,
+        attempt: Attempt {
+            number: 1,
+            resumed: false,
+        },
         progress: &progress,
+        budget: settings.max_unavailable.of(nodes.len()),
+        skipped: 0,
+        staged_here: vec![false; nodes.len()],
+        ours: vec![false; nodes.len()],
+        found: vec![None; nodes.len()],
+        last_event: vec![0; nodes.len()],
     };
-    let mut tracks: Vec<Track> = nodes
-        .iter()
-        .map(|n| Track {
-            name: n.name.clone(),
-            address: n.address.clone(),
-            before: None,
-            after: None,
-            outcome: Outcome::Pending,
-            error: None,
-            reason: None,
-            request_id: plan::request_id(&rollout.rollout_id, Step::Upgrade, &n.address),
-            ours: false,
-            found: None,
-            last_event: 0,
-        })
-        .collect();
     let mut phases = Phases::default();
-    let ended = rollout.drive(&mut tracks, &mut phases).await;
+    let ended = run.drive(&mut tracks, &mut phases).await;
     if !settings.dry_run {
-        rollout.read_after(&mut tracks).await;
+        run.read_after(&mut tracks).await;
     }
     progress.finish();
-    let plan = plan::plan(
-        &tracks
-            .iter()
-            .map(|t| t.found.unwrap_or(Found::Elsewhere))
-            .collect::<Vec<_>>(),
-        &tracks.iter().map(|t| t.ours).collect::<Vec<_>>(),
-        settings.max_parallel,
-    );
+    let plan = run.plan(&tracks);
     let report = Report {
-        rollout_id: rollout.rollout_id.clone(),
-        version: rollout.target.clone(),
+        rollout_id: run.rollout_id.clone(),
+        attempt: run.attempt.number,
+        resumed: run.attempt.resumed,
+        action: "rollout",
+        version: run.target.clone(),
         sha256: release.sha256.clone(),
         outcome: ended.word(),
         halted_by: ended.why().map(str::to_owned),
@@ -276,15 +232,20 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
     };
     match output {
         Output::Json => json::print(&report),
-        Output::Table => summary(&report),
+        Output::Table => report::summary(&report),
     }
     ended.into_result(&report)
 }
 
-/// How the rollout as a whole ended.
-enum Ended {
+/// How a run as a whole ended.
+pub enum Ended {
+    /// Every agent not skipped is on the target.
     Converged,
     Planned,
+    /// Another rollout holds some agent: nothing was done.
+    Leased {
+        why: String,
+    },
     /// Stopped before any switch: nothing to roll back (`unreachable`:
     /// because an agent could not be reached).
     Stopped {
@@ -298,176 +259,397 @@ enum Ended {
         unreachable: bool,
         clean: bool,
     },
+    /// `undo`: every agent it switched is back (`clean`: and nothing failed).
+    Undone,
 }
 
 impl Ended {
-    fn word(&self) -> &'static str {
+    pub fn word(&self) -> &'static str {
         match self {
             Ended::Converged => "converged",
             Ended::Planned => "planned",
+            Ended::Undone => "undone",
+            Ended::Leased { .. } => "leased",
             Ended::Stopped {
                 unreachable: true, ..
             }
             | Ended::Halted {
                 unreachable: true, ..
             } => "unreachable",
-            Ended::Halted { clean: false, .. } | Ended::Stopped { .. } => "failed",
+            Ended::Stopped { .. } => "stopped",
+            Ended::Halted { clean: false, .. } => "failed",
             Ended::Halted { .. } => "halted",
         }
     }
 
-    fn why(&self) -> Option<&str> {
+    pub fn why(&self) -> Option<&str> {
         match self {
-            Ended::Converged | Ended::Planned => None,
-            Ended::Stopped { why, .. } | Ended::Halted { why, .. } => Some(why),
+            Ended::Converged | Ended::Planned | Ended::Undone => None,
+            Ended::Leased { why } | Ended::Stopped { why, .. } | Ended::Halted { why, .. } => {
+                Some(why)
+            }
         }
     }
 
-    /// The exit: 0 converged, 3 some agent could not be reached, 4 halted
-    /// and rolled back, 1 otherwise.
-    fn into_result(self, report: &Report) -> Result<(), Failure> {
-        let id = &report.rollout_id;
+    /// The exit: 0 converged (or undone); 6 converged but for skipped
+    /// agents; 5 another rollout holds some agent; 3 some agent could not
+    /// be reached; 4 halted and rolled back; 1 otherwise.
+    pub fn into_result(self, report: &Report) -> Result<(), Failure> {
+        let id = format!("rollout {} (attempt {})", report.rollout_id, report.attempt);
+        let skipped: Vec<&str> = report
+            .agents
+            .iter()
+            .filter(|t| t.outcome == Outcome::Skipped)
+            .map(|t| t.name.as_str())
+            .collect();
         match self {
-            Ended::Converged | Ended::Planned => Ok(()),
+            Ended::Converged if !skipped.is_empty() => Err(Failure::Skipped(anyhow!(
+                "{id} converged but for {} skipped agent(s): {}; run it again to pick them up",
+                skipped.len(),
+                skipped.join(", ")
+            ))),
+            Ended::Converged | Ended::Planned | Ended::Undone => Ok(()),
+            Ended::Leased { why } => Err(Failure::Leased(anyhow!("{id}: nothing done: {why}"))),
             Ended::Stopped {
                 why,
                 unreachable: true,
             } => Err(Failure::Unreachable(anyhow!(
-                "rollout {id} stopped before switching any agent: {why}"
+                "{id} stopped before switching any agent: {why}"
             ))),
             Ended::Stopped { why, .. } => {
-                Err(anyhow!("rollout {id} stopped before switching any agent: {why}").into())
+                Err(anyhow!("{id} stopped before switching any agent: {why}").into())
             }
             Ended::Halted {
                 why,
                 unreachable: true,
                 ..
             } => Err(Failure::Unreachable(anyhow!(
-                "rollout {id} halted: {why}; see the summary for each agent"
+                "{id} halted: {why}; see the summary for each agent"
             ))),
             Ended::Halted {
                 why, clean: true, ..
             } => Err(Failure::RolledBack(anyhow!(
-                "rollout {id} halted and rolled back: {why}"
+                "{id} halted and rolled back: {why}"
             ))),
             Ended::Halted { why, .. } => Err(anyhow!(
-                "rollout {id} halted, and some rollbacks failed: {why}; see the summary"
+                "{id} halted, and some rollbacks failed: {why}; see the summary"
             )
             .into()),
         }
     }
 }
 
-struct Rollout<'a> {
+/// One run of `ctl rollout`: what it was asked, and what it learnt of
+/// each agent on the way.
+struct Run<'a> {
     nodes: &'a [Node],
+    /// Canonical addresses: the agents' keys in request ids.
+    keys: &'a [String],
     settings: &'a Settings,
     release: &'a Release,
     signature: Option<String>,
     target: String,
     rollout_id: String,
+    attempt: Attempt,
     progress: &'a Progress,
+    /// Agents that may be skipped, and how many were.
+    budget: usize,
+    skipped: usize,
+    /// This run's stage put the release there (not an earlier stage).
+    staged_here: Vec<bool>,
+    /// This rollout made the target active there (now or in an earlier
+    /// run of this attempt): a halt rolls it back.
+    ours: Vec<bool>,
+    found: Vec<Option<Found>>,
+    /// The last event id when the agent was surveyed.
+    last_event: Vec<u64>,
 }
 
-impl Rollout<'_> {
-    async fn drive(&self, tracks: &mut [Track], phases: &mut Phases) -> Ended {
+impl Run<'_> {
+    fn request_id(&self, step: Step, i: usize) -> String {
+        plan::request_id(&self.rollout_id, self.attempt.number, step, &self.keys[i])
+    }
+
+    fn plan(&self, tracks: &[Track]) -> plan::Plan {
+        let found: Vec<Found> = (0..tracks.len())
+            .filter(|&i| tracks[i].outcome != Outcome::Skipped)
+            .map(|i| self.found[i].unwrap_or(Found::Elsewhere))
+            .collect();
+        let index: Vec<usize> = (0..tracks.len())
+            .filter(|&i| tracks[i].outcome != Outcome::Skipped)
+            .collect();
+        let ours: Vec<bool> = index.iter().map(|&i| self.ours[i]).collect();
+        let plan = plan::plan(&found, &ours, self.settings.max_parallel);
+        plan::Plan {
+            canary: plan.canary.map(|c| index[c]),
+            waves: plan
+                .waves
+                .into_iter()
+                .map(|w| w.into_iter().map(|i| index[i]).collect())
+                .collect(),
+        }
+    }
+
+    /// Skips agent `i` for `e` if the budget allows: `true` if it did.
+    fn skip(&mut self, tracks: &mut [Track], i: usize, e: &StepError) -> bool {
+        if self.skipped >= self.budget {
+            return false;
+        }
+        self.skipped += 1;
+        let track = &mut tracks[i];
+        track.outcome = Outcome::Skipped;
+        track.error = Some(e.error.clone());
+        track.reason = e.reason.clone();
+        self.progress.done(i, format!("skipped: {}", e.error));
+        true
+    }
+
+    fn live(&self, tracks: &[Track]) -> Vec<usize> {
+        (0..tracks.len())
+            .filter(|&i| tracks[i].outcome != Outcome::Skipped)
+            .collect()
+    }
+
+    async fn drive(&mut self, tracks: &mut [Track], phases: &mut Phases) -> Ended {
         let mut clock = Instant::now();
-        // 1. Survey.
-        let surveys = join_all((0..self.nodes.len()).map(|i| self.survey(i))).await;
+        // 1. The records: which attempt, and who holds the agents.
+        let records = join_all(self.nodes.iter().map(lease::records)).await;
         let mut lost = Vec::new();
-        let mut refused = Vec::new();
-        for (track, survey) in tracks.iter_mut().zip(surveys) {
-            match survey {
-                Ok(found) => {
-                    track.before = Some(found.active);
-                    track.ours = found.ours;
-                    track.last_event = found.last_event;
-                    if found.found == Found::Permanent {
-                        track.outcome = Outcome::AlreadyThere;
+        let mut held_by_others = Vec::new();
+        let mut seen = Vec::new();
+        for (i, result) in records.into_iter().enumerate() {
+            match result {
+                Ok(reply) => {
+                    if let Some(holder) = &reply.holder {
+                        if holder.rollout_id != self.rollout_id {
+                            held_by_others.push((i, holder.clone()));
+                        }
+                        seen.push((holder.rollout_id.clone(), holder.attempt, true));
                     }
-                    track.found = Some(found.found);
+                    seen.extend(
+                        reply
+                            .ended
+                            .iter()
+                            .map(|r| (r.rollout_id.clone(), r.attempt, false)),
+                    );
                 }
-                Err(e) => {
-                    let list = if e.unreachable {
-                        &mut lost
-                    } else {
-                        &mut refused
-                    };
-                    list.push(format!("{}: {}", track.name, e.error));
-                    fail(track, e);
+                Err(f) => {
+                    let e = StepError::from_failure(f);
+                    if e.unreachable && self.skip(tracks, i, &e) {
+                        continue;
+                    }
+                    lost.push(format!("{}: {}", tracks[i].name, e.error));
+                    fail(&mut tracks[i], e);
                 }
             }
         }
-        if !lost.is_empty() || !refused.is_empty() {
-            let unreachable = !lost.is_empty();
-            lost.extend(refused);
-            not_reached(
-                tracks,
-                "the rollout stopped: not every agent could be surveyed",
-            );
+        self.attempt = plan::attempt(
+            &self.rollout_id,
+            seen.iter().map(|(id, n, held)| (id.as_str(), *n, *held)),
+        );
+        for i in 0..tracks.len() {
+            tracks[i].request_id = self.request_id(Step::Switch, i);
+        }
+        self.progress.note(&format!(
+            "rollout {} (attempt {}{}): {} {} (sha256 {}) to {} agent(s), waves of {}",
+            self.rollout_id,
+            self.attempt.number,
+            if self.attempt.resumed {
+                ", resumed"
+            } else {
+                ""
+            },
+            self.release.manifest.name,
+            self.target,
+            render::short_sha(&self.release.sha256),
+            self.nodes.len(),
+            self.settings.max_parallel
+        ));
+        if !lost.is_empty() {
+            not_reached(tracks, "the rollout stopped: not every agent could be read");
             return Ended::Stopped {
-                why: format!("the survey failed on {}", lost.join("; ")),
-                unreachable,
+                why: format!("reading the rollout records failed on {}", lost.join("; ")),
+                unreachable: true,
             };
         }
-        phases.survey_ms = lap(&mut clock);
-        let found: Vec<Found> = tracks.iter().filter_map(|t| t.found).collect();
-        let ours: Vec<bool> = tracks.iter().map(|t| t.ours).collect();
-        let plan = plan::plan(&found, &ours, self.settings.max_parallel);
-        if self.settings.dry_run {
-            for (i, track) in tracks.iter().enumerate() {
-                self.progress.done(
-                    i,
-                    format!("found {}", track.before.as_deref().unwrap_or("?")),
-                );
+        if !held_by_others.is_empty() && !self.settings.force {
+            let mut why = Vec::new();
+            for (i, holder) in &held_by_others {
+                tracks[*i].error = Some(format!("held by rollout {}", lease::holder(holder)));
+                tracks[*i].reason = Some(lease::LEASE_HELD.into());
+                why.push(format!(
+                    "{} is held by rollout {}{}",
+                    tracks[*i].name,
+                    lease::holder(holder),
+                    expiry(holder)
+                ));
             }
-            return Ended::Planned;
+            not_reached(tracks, "another rollout holds some agent");
+            return Ended::Leased {
+                why: format!(
+                    "{}: wait for it to end, run it again to resume it, `ctl rollout undo --rollout-id {}` it, or take the agents over with --force",
+                    why.join("; "),
+                    held_by_others[0].1.rollout_id
+                ),
+            };
+        }
+        if self.settings.dry_run {
+            return self.survey_and_plan(tracks, phases, &mut clock).await;
         }
 
-        // 2. Stage everywhere the target is not active.
+        // 2. Leases, kept alive while the rest runs, then given back.
+        let leases = Leases::new(
+            self.nodes,
+            pb::RolloutRecord {
+                rollout_id: self.rollout_id.clone(),
+                attempt: self.attempt.number,
+                version: self.target.clone(),
+                step: "taking the leases".into(),
+                agents_total: self.nodes.len() as u32,
+                command: self.settings.command.clone(),
+                ..Default::default()
+            },
+        );
+        let (stop, stopped) = watch::channel(false);
+        let (ended, ()) = tokio::join!(
+            async {
+                let ended = self.held(tracks, phases, &mut clock, &leases).await;
+                stop.send_replace(true);
+                ended
+            },
+            leases.renew_until(stopped)
+        );
+        for (i, e) in leases.give_back(ended.word()).await {
+            self.progress.note(&format!(
+                "rollout: {} keeps this rollout's lease (it could not be given back: {}); running the rollout again, or undoing it, frees it",
+                self.nodes[i].name, e.error
+            ));
+        }
+        ended
+    }
+
+    /// The rollout under its leases.
+    async fn held(
+        &mut self,
+        tracks: &mut [Track],
+        phases: &mut Phases,
+        clock: &mut Instant,
+        leases: &Leases<'_>,
+    ) -> Ended {
+        let live = self.live(tracks);
+        let force = self.settings.force;
+        let taken = join_all(
+            live.iter()
+                .map(|&i| async move { (i, leases.take(i, force).await) }),
+        )
+        .await;
+        let mut lost = Vec::new();
+        for (i, result) in taken {
+            let Err(e) = result else { continue };
+            if e.is(lease::LEASE_HELD) {
+                // Taken by another rollout since the records were read.
+                let why = format!("{}: {}", tracks[i].name, e.error);
+                fail(&mut tracks[i], e);
+                not_reached(tracks, "another rollout holds some agent");
+                return Ended::Leased { why };
+            }
+            if e.unreachable && self.skip(tracks, i, &e) {
+                continue;
+            }
+            lost.push(format!("{}: {}", tracks[i].name, e.error));
+            fail(&mut tracks[i], e);
+        }
+        if !lost.is_empty() {
+            not_reached(tracks, "the rollout stopped: not every agent could be held");
+            return Ended::Stopped {
+                why: format!("taking the leases failed on {}", lost.join("; ")),
+                unreachable: true,
+            };
+        }
+        leases.update(|r| r.step = "surveying".into());
+        if let Err(ended) = self.survey(tracks).await {
+            return ended;
+        }
+        phases.survey_ms = lap(clock);
+        let plan = self.plan(tracks);
+
+        // Stage everywhere the target is not active.
+        leases.update(|r| r.step = "staging".into());
         let to_stage: Vec<usize> = (0..tracks.len())
-            .filter(|&i| tracks[i].found == Some(Found::Elsewhere))
+            .filter(|&i| {
+                tracks[i].outcome != Outcome::Skipped && self.found[i] == Some(Found::Elsewhere)
+            })
             .collect();
-        let staged: Vec<(usize, Result<(), StepError>)> = stream::iter(to_stage)
-            .map(|i| async move { (i, self.stage(i).await) })
+        let this = &*self;
+        let staged: Vec<(usize, Result<bool, StepError>)> = stream::iter(to_stage)
+            .map(|i| async move { (i, this.stage(i).await) })
             .buffer_unordered(STAGE_PARALLEL)
             .collect()
             .await;
-        phases.stage_ms = lap(&mut clock);
+        phases.stage_ms = lap(clock);
         let mut stopped = None;
         for (i, result) in staged {
-            if let Err(e) = result {
-                let unreachable = e.unreachable;
-                let why = format!("staging on {}: {}", tracks[i].name, e.error);
-                fail(&mut tracks[i], e);
-                let first = stopped.get_or_insert((why, unreachable));
-                first.1 |= unreachable;
+            match result {
+                Ok(here) => self.staged_here[i] = here,
+                Err(e) => {
+                    if self.skip(tracks, i, &e) {
+                        continue;
+                    }
+                    let unreachable = e.unreachable;
+                    let why = format!("staging on {}: {}", tracks[i].name, e.error);
+                    fail(&mut tracks[i], e);
+                    let first = stopped.get_or_insert((why, unreachable));
+                    first.1 |= unreachable;
+                }
             }
         }
         if let Some((why, unreachable)) = stopped {
             not_reached(tracks, "the rollout stopped while staging");
+            self.clean_up(tracks, leases).await;
             return Ended::Stopped { why, unreachable };
         }
+        // Skipped while staging: out of the plan.
+        let plan = if self.skipped > 0 {
+            self.plan(tracks)
+        } else {
+            plan
+        };
 
-        // 3 and 4. The canary, then the waves, while nothing failed.
+        // The canary, then the waves, while nothing failed.
         let (halt, _) = watch::channel(false);
         let mut failure: Option<(String, bool)> = None;
-        let order = plan.canary.map(|c| vec![c]).into_iter().chain(plan.waves);
-        for (n, wave) in order.enumerate() {
-            if n == 0 && plan.canary.is_some() {
+        let waves = plan.waves.len();
+        let order: Vec<Vec<usize>> = plan
+            .canary
+            .map(|c| vec![c])
+            .into_iter()
+            .chain(plan.waves)
+            .collect();
+        for (n, wave) in order.into_iter().enumerate() {
+            let is_canary = n == 0 && plan.canary.is_some();
+            let step = if is_canary {
                 self.progress
                     .note(&format!("canary: {}", tracks[wave[0]].name));
-            }
+                format!("canary {}", tracks[wave[0]].name)
+            } else {
+                let k = if plan.canary.is_some() { n } else { n + 1 };
+                format!("wave {k} of {waves}")
+            };
+            let soak_until = self
+                .settings
+                .soak
+                .map_or(0, |s| render::now_ms() + s.as_millis() as i64);
+            leases.update(|r| {
+                r.step = step;
+                r.soak_until_ms = soak_until;
+                self.count(tracks, r);
+            });
+            let this = &*self;
             let results = join_all(wave.iter().map(|&i| {
-                let track = &tracks[i];
-                let (found, last_event, before, ours) = (
-                    track.found,
-                    track.last_event,
-                    track.before.clone(),
-                    track.ours,
-                );
                 let halt = &halt;
+                let before = tracks[i].before.clone();
                 async move {
-                    let result = self.switch(i, found, ours, last_event, before, halt).await;
+                    let result = this.switch(i, before, halt).await;
                     if let Err(e) = &result {
                         if !e.1.halted {
                             halt.send_replace(true);
@@ -478,16 +660,16 @@ impl Rollout<'_> {
             }))
             .await;
             for (i, result) in results {
-                let track = &mut tracks[i];
                 match result {
                     Ok(()) => {
-                        track.ours = true;
-                        track.outcome = Outcome::Upgraded;
+                        self.ours[i] = true;
+                        tracks[i].outcome = Outcome::Upgraded;
                         self.progress
                             .done(i, format!("{} is permanent", self.target));
                     }
                     Err((ours, e)) => {
-                        track.ours |= ours;
+                        self.ours[i] |= ours;
+                        let track = &mut tracks[i];
                         if e.halted {
                             track.outcome = Outcome::NotReached;
                             track.error = Some("the rollout halted during its soak".into());
@@ -506,29 +688,41 @@ impl Rollout<'_> {
                     }
                 }
             }
-            if n == 0 && plan.canary.is_some() {
-                phases.canary_ms = lap(&mut clock);
+            leases.update(|r| {
+                r.soak_until_ms = 0;
+                self.count(tracks, r);
+            });
+            if is_canary {
+                phases.canary_ms = lap(clock);
             }
             if failure.is_some() {
                 break;
             }
         }
-        phases.waves_ms = lap(&mut clock);
+        phases.waves_ms = lap(clock);
         let Some((why, unreachable)) = failure else {
             return Ended::Converged;
         };
+        not_reached(tracks, "the rollout halted before its turn");
+        // Nothing was switched (the canary's switch was refused): nothing
+        // to roll back.
+        if !self.ours.iter().any(|&o| o) {
+            self.clean_up(tracks, leases).await;
+            return Ended::Stopped { why, unreachable };
+        }
 
-        // 5. Halt: everyone this rollout switched goes back.
+        // Halt: everyone this rollout switched goes back.
+        leases.update(|r| r.step = "rolling back".into());
         self.progress
             .note(&format!("rollout: halted: {why}; rolling back"));
-        not_reached(tracks, "the rollout halted before its turn");
-        let back: Vec<usize> = (0..tracks.len()).filter(|&i| tracks[i].ours).collect();
+        let back: Vec<usize> = (0..tracks.len()).filter(|&i| self.ours[i]).collect();
         let mut clean = true;
-        for wave in back.chunks(self.settings.max_parallel.max(1)) {
+        let this = &*self;
+        for wave in back.chunks(this.settings.max_parallel.max(1)) {
             let why = why.as_str();
             let results = join_all(
                 wave.iter()
-                    .map(|&i| async move { (i, self.roll_back(i, why).await) }),
+                    .map(|&i| async move { (i, this.roll_back(i, why).await) }),
             )
             .await;
             for (i, result) in results {
@@ -553,7 +747,8 @@ impl Rollout<'_> {
                 }
             }
         }
-        phases.rollback_ms = lap(&mut clock);
+        phases.rollback_ms = lap(clock);
+        self.clean_up(tracks, leases).await;
         Ended::Halted {
             why,
             unreachable,
@@ -561,8 +756,93 @@ impl Rollout<'_> {
         }
     }
 
+    /// The progress counts of the record the leases carry.
+    fn count(&self, tracks: &[Track], record: &mut pb::RolloutRecord) {
+        let count =
+            |f: &dyn Fn(Outcome) -> bool| tracks.iter().filter(|t| f(t.outcome)).count() as u32;
+        record.agents_done = count(&|o| matches!(o, Outcome::Upgraded | Outcome::AlreadyThere));
+        record.agents_skipped = count(&|o| o == Outcome::Skipped);
+        record.agents_pending = record
+            .agents_total
+            .saturating_sub(record.agents_done + record.agents_skipped);
+    }
+
+    /// `--dry-run`: the survey, then the plan; nothing held or changed.
+    async fn survey_and_plan(
+        &mut self,
+        tracks: &mut [Track],
+        phases: &mut Phases,
+        clock: &mut Instant,
+    ) -> Ended {
+        if let Err(ended) = self.survey(tracks).await {
+            return ended;
+        }
+        phases.survey_ms = lap(clock);
+        for (i, track) in tracks.iter().enumerate() {
+            if track.outcome != Outcome::Skipped {
+                self.progress.done(
+                    i,
+                    format!("found {}", track.before.as_deref().unwrap_or("?")),
+                );
+            }
+        }
+        Ended::Planned
+    }
+
+    /// Reads where every agent stands; `Err` when the rollout must stop.
+    async fn survey(&mut self, tracks: &mut [Track]) -> Result<(), Ended> {
+        let live = self.live(tracks);
+        let this = &*self;
+        let surveys = join_all(
+            live.iter()
+                .map(|&i| async move { (i, this.survey_one(i).await) }),
+        )
+        .await;
+        let mut lost = Vec::new();
+        let mut refused = Vec::new();
+        for (i, survey) in surveys {
+            match survey {
+                Ok(found) => {
+                    let track = &mut tracks[i];
+                    track.before = Some(found.active);
+                    self.ours[i] = found.ours;
+                    self.last_event[i] = found.last_event;
+                    if found.found == Found::Permanent {
+                        track.outcome = Outcome::AlreadyThere;
+                    }
+                    self.found[i] = Some(found.found);
+                }
+                Err(e) => {
+                    if e.unreachable && self.skip(tracks, i, &e) {
+                        continue;
+                    }
+                    let list = if e.unreachable {
+                        &mut lost
+                    } else {
+                        &mut refused
+                    };
+                    list.push(format!("{}: {}", tracks[i].name, e.error));
+                    fail(&mut tracks[i], e);
+                }
+            }
+        }
+        if lost.is_empty() && refused.is_empty() {
+            return Ok(());
+        }
+        let unreachable = !lost.is_empty();
+        lost.extend(refused);
+        not_reached(
+            tracks,
+            "the rollout stopped: not every agent could be surveyed",
+        );
+        Err(Ended::Stopped {
+            why: format!("the survey failed on {}", lost.join("; ")),
+            unreachable,
+        })
+    }
+
     /// Where agent `i` stands.
-    async fn survey(&self, i: usize) -> Result<Survey, StepError> {
+    async fn survey_one(&self, i: usize) -> Result<Survey, StepError> {
         let node = &self.nodes[i];
         self.progress.say(i, "reading its status");
         let status = status(&node.agent).await.map_err(StepError::from_failure)?;
@@ -573,10 +853,10 @@ impl Rollout<'_> {
         } else {
             Found::Soaking
         };
-        // Whether this rollout switched it, in a run that was interrupted:
+        // Whether this attempt switched it, in a run that was interrupted:
         // then a halt must roll it back too.
-        let ours = found != Found::Elsewhere && {
-            let id = plan::request_id(&self.rollout_id, Step::Upgrade, &node.address);
+        let ours = found != Found::Elsewhere && self.attempt.resumed && {
+            let id = self.request_id(Step::Switch, i);
             last_transitions(node, 100)
                 .await?
                 .iter()
@@ -598,7 +878,9 @@ impl Rollout<'_> {
         })
     }
 
-    async fn stage(&self, i: usize) -> Result<(), StepError> {
+    /// Stages the release on agent `i`: `true` if this stage put it there
+    /// (it was not staged before).
+    async fn stage(&self, i: usize) -> Result<bool, StepError> {
         let node = &self.nodes[i];
         self.progress.say(
             i,
@@ -611,24 +893,22 @@ impl Rollout<'_> {
         let chunks = commands::stage_chunks(
             self.release,
             self.signature.clone(),
-            plan::request_id(&self.rollout_id, Step::Stage, &node.address),
+            self.request_id(Step::Stage, i),
             self.reason(),
         );
-        commands::stage(&node.agent, self.release, chunks, None)
+        let reply = commands::stage(&node.agent, self.release, chunks, None)
             .await
             .map_err(StepError::from_failure)?;
         self.progress.say(i, format!("staged {}", self.target));
-        Ok(())
+        Ok(!reply.already_staged)
     }
 
-    /// Upgrades agent `i` (unless it is soaking already) and waits for the
-    /// verdict. `Err` says whether the target was made active there.
+    /// Switches agent `i` to the target (unless it is soaking there
+    /// already) and waits for the verdict. `Err` says whether the target
+    /// was made active there.
     async fn switch(
         &self,
         i: usize,
-        found: Option<Found>,
-        ours_before: bool,
-        mut after: u64,
         before: Option<String>,
         halt: &watch::Sender<bool>,
     ) -> Result<(), (bool, SwitchError)> {
@@ -636,7 +916,8 @@ impl Rollout<'_> {
         let mut halted = halt.subscribe();
         // An agent found soaking was switched by whoever switched it: this
         // rollout if the survey says so.
-        let soaking = found == Some(Found::Soaking);
+        let soaking = self.found[i] == Some(Found::Soaking);
+        let mut after = self.last_event[i];
         let error = |ours, e: StepError| {
             (
                 ours,
@@ -666,37 +947,50 @@ impl Rollout<'_> {
                     },
                 ));
             }
-            self.progress
-                .say(i, format!("upgrading to {}", self.target));
+            let down = before
+                .as_deref()
+                .and_then(|b| semver::Version::parse(b).ok())
+                .is_some_and(|b| self.settings.to < b);
+            let word = if down { "downgrade" } else { "upgrade" };
+            self.progress.say(i, format!("{word} to {}", self.target));
             let request = pb::TransitionRequest {
                 version: self.target.clone(),
                 permanence: pb::Permanence::Soak.into(),
                 soak_ms: self.settings.soak.map_or(0, |d| d.as_millis() as u64),
-                dry_run: false,
-                request_id: plan::request_id(&self.rollout_id, Step::Upgrade, &node.address),
+                request_id: self.request_id(Step::Switch, i),
                 expected_active: before.unwrap_or_default(),
                 reason: self.reason(),
+                lease: self.rollout_id.clone(),
                 ..Default::default()
             };
-            let what = format!("upgrade to {}", self.target);
-            let reply = node
-                .agent
-                .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
-                .await
-                // A transport failure after every retry: the agent may have
-                // acted, so a halt tries to roll it back.
-                .map_err(|f| {
-                    let e = StepError::from_failure(f);
-                    let maybe = e.unreachable;
-                    error(maybe, e)
-                })?;
+            let what = format!("{word} to {}", self.target);
+            let reply = if down {
+                node.agent
+                    .call(
+                        &what,
+                        request,
+                        |mut c, r| async move { c.downgrade(r).await },
+                    )
+                    .await
+            } else {
+                node.agent
+                    .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
+                    .await
+            }
+            // A transport failure after every retry: the agent may have
+            // acted, so a halt tries to roll it back.
+            .map_err(|f| {
+                let e = StepError::from_failure(f);
+                let maybe = e.unreachable;
+                error(maybe, e)
+            })?;
             if let Some(t) = &reply.transition {
                 if t.id <= last_transition {
                     return Err(error(
                         false,
                         StepError::local(format!(
-                            "this rollout upgraded it once already (transition #{}), and {} has been left since; \
-                             give a new --rollout-id to roll it out again",
+                            "this attempt of the rollout switched it once already (transition #{}), and {} has been left since; \
+                             once this attempt ends, running the rollout again starts a new one",
                             t.id, self.target
                         )),
                     ));
@@ -705,7 +999,7 @@ impl Rollout<'_> {
         }
         self.progress.say(i, format!("{} soaking", self.target));
         // Switched here now, or found soaking: then ours if the survey says.
-        let ours = !soaking || ours_before;
+        let ours = !soaking || self.ours[i];
         let verdict = follow::until_permanent(
             &node.agent,
             &self.target,
@@ -728,7 +1022,7 @@ impl Rollout<'_> {
         }
     }
 
-    /// The id of the newest transition, to tell a replayed upgrade (an
+    /// The id of the newest transition, to tell a replayed switch (an
     /// outcome recorded in an earlier run) from one done now.
     async fn last_transition(&self, node: &Node) -> Result<u64, StepError> {
         Ok(last_transitions(node, 1).await?.last().map_or(0, |t| t.id))
@@ -741,10 +1035,10 @@ impl Rollout<'_> {
         self.progress.say(i, "rolling back");
         let request = pb::RollbackRequest {
             state: pb::StateSource::Migrate.into(),
-            dry_run: false,
-            request_id: plan::request_id(&self.rollout_id, Step::Rollback, &node.address),
+            request_id: self.request_id(Step::Rollback, i),
             expected_active: self.target.clone(),
             reason: format!("rollout {} halted: {why}", self.rollout_id),
+            lease: self.rollout_id.clone(),
             ..Default::default()
         };
         match node
@@ -760,6 +1054,34 @@ impl Rollout<'_> {
                 ..
             }) if reason == EXPECTED_ACTIVE_MISMATCH => Ok(None),
             Err(f) => Err(StepError::from_failure(f)),
+        }
+    }
+
+    /// After a halt or a stop: removes the release from the agents where
+    /// this run staged it and that never switched to it, unless
+    /// `--keep-staged`.
+    async fn clean_up(&self, tracks: &mut [Track], leases: &Leases<'_>) {
+        if self.settings.keep_staged {
+            return;
+        }
+        let never: Vec<usize> = (0..tracks.len())
+            .filter(|&i| self.staged_here[i] && !self.ours[i])
+            .collect();
+        if never.is_empty() {
+            return;
+        }
+        leases.update(|r| r.step = "removing the staged release".into());
+        let results = join_all(never.iter().map(|&i| {
+            remove_staged(
+                &self.nodes[i],
+                &self.target,
+                self.request_id(Step::Remove, i),
+                &self.rollout_id,
+            )
+        }))
+        .await;
+        for (i, note) in never.into_iter().zip(results) {
+            tracks[i].cleanup = Some(note);
         }
     }
 
@@ -779,7 +1101,61 @@ impl Rollout<'_> {
     }
 }
 
-/// The agent's `limit` newest transitions, oldest first.
+/// Removes `version`, staged on `node` by a rollout that halted or was
+/// undone before switching it there; says what became of it.
+async fn remove_staged(node: &Node, version: &str, request_id: String, rollout: &str) -> String {
+    let request = pb::RemoveRequest {
+        version: version.to_owned(),
+        request_id,
+        reason: format!("rollout {rollout} did not switch this agent to it"),
+        lease: rollout.to_owned(),
+        ..Default::default()
+    };
+    match node
+        .agent
+        .call(
+            "removing the staged release",
+            request,
+            |mut c, r| async move { c.remove(r).await },
+        )
+        .await
+    {
+        Ok(_) => format!("removed the staged {version}"),
+        Err(Failure::Failed {
+            reason: Some(reason),
+            ..
+        }) if reason == PERMISSION_DENIED => {
+            format!("{version} left staged: removing a release needs the admin role")
+        }
+        Err(f) => format!(
+            "{version} left staged: {}",
+            StepError::from_failure(f).error
+        ),
+    }
+}
+
+/// How long ago the holder last renewed its lease, or that it expired.
+fn expiry(holder: &pb::RolloutRecord) -> String {
+    let now = render::now_ms();
+    if holder.expires_at_ms <= now {
+        format!(
+            ", whose lease expired {} ago (its ctl stopped renewing it)",
+            render::seconds((now - holder.expires_at_ms) as u64)
+        )
+    } else {
+        format!(", at its {}", or_unknown(&holder.step))
+    }
+}
+
+fn or_unknown(text: &str) -> &str {
+    if text.is_empty() {
+        "start"
+    } else {
+        text
+    }
+}
+
+/// The agent's `limit` newest transitions (0: all), oldest first.
 async fn last_transitions(node: &Node, limit: u32) -> Result<Vec<pb::Transition>, StepError> {
     let history = node
         .agent
@@ -824,95 +1200,5 @@ fn not_reached(tracks: &mut [Track], why: &str) {
     for track in tracks.iter_mut().filter(|t| t.outcome == Outcome::Pending) {
         track.outcome = Outcome::NotReached;
         track.error = Some(why.to_owned());
-    }
-}
-
-/// The table at the end, on stdout.
-fn summary(report: &Report) {
-    let rows: Vec<[String; 5]> = report
-        .agents
-        .iter()
-        .map(|t| {
-            [
-                t.name.clone(),
-                t.before.clone().unwrap_or_else(|| "?".into()),
-                match (&t.after, report.outcome) {
-                    (_, "planned") => "-".into(),
-                    (Some(after), _) => after.clone(),
-                    (None, _) => "?".into(),
-                },
-                serde_json::to_value(t.outcome)
-                    .ok()
-                    .and_then(|v| v.as_str().map(|s| s.replace('_', " ")))
-                    .unwrap_or_default(),
-                t.error.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    let header = ["AGENT", "BEFORE", "AFTER", "OUTCOME", "NOTE"];
-    let width = |c: usize| {
-        rows.iter()
-            .map(|r| r[c].chars().count())
-            .chain([header[c].len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let widths = [width(0), width(1), width(2), width(3)];
-    let line = |r: [&str; 5]| {
-        let text = format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3]
-        );
-        outln!("{}", text.trim_end());
-    };
-    if report.outcome == "planned" {
-        let name = |i: usize| report.agents[i].name.as_str();
-        match report.canary {
-            Some(c) => outln!("canary: {}", name(c)),
-            None => outln!("canary: done in an earlier run"),
-        }
-        for (n, wave) in report.waves.iter().enumerate() {
-            let names: Vec<&str> = wave.iter().map(|&i| name(i)).collect();
-            outln!("wave {}: {}", n + 1, names.join(", "));
-        }
-    }
-    line(header);
-    for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
-    }
-    let on_target = report
-        .agents
-        .iter()
-        .filter(|t| t.after.as_deref() == Some(report.version.as_str()))
-        .count();
-    let took = render::seconds(report.elapsed_ms);
-    match report.outcome {
-        "converged" => outln!(
-            "rollout {}: converged: {} of {} agents run {} (permanent), in {took}",
-            report.rollout_id,
-            on_target,
-            report.agents.len(),
-            report.version
-        ),
-        "planned" => outln!(
-            "rollout {}: dry run: nothing was changed",
-            report.rollout_id
-        ),
-        outcome => outln!(
-            "rollout {}: {outcome}: {}; {} of {} agents run {}, after {took}",
-            report.rollout_id,
-            report.halted_by.as_deref().unwrap_or(""),
-            on_target,
-            report.agents.len(),
-            report.version
-        ),
     }
 }

@@ -1,8 +1,10 @@
 //! The pure part of a rollout, tested without agents: from what each agent
-//! was found running, who is the canary and what the waves are; and the
-//! request ids, derived from the rollout so that running the same rollout
-//! again sends the same ids (the agents answer what they already did
-//! instead of acting twice).
+//! was found running, who is the canary and what the waves are; which
+//! attempt of the rollout this run is, from the records the agents keep;
+//! the unavailability budget; and the request ids, derived from the
+//! rollout and its attempt so that resuming an interrupted attempt sends
+//! the same ids (the agents answer what they already did instead of acting
+//! twice) while a new attempt (after a halt or an undo) acts anew.
 
 use sha2::{Digest, Sha256};
 
@@ -59,31 +61,127 @@ pub fn plan(found: &[Found], ours: &[bool], max_parallel: usize) -> Plan {
     }
 }
 
+/// Which attempt of rollout `id` a run is, from every record of it the
+/// agents keep (`(rollout id, attempt, held)`: held while its lease is):
+/// an attempt some agent is still held by resumes (`resumed`); otherwise
+/// the next one after every attempt that ended.
+pub fn attempt<'a>(id: &str, records: impl IntoIterator<Item = (&'a str, u32, bool)>) -> Attempt {
+    let mut ended = 0;
+    let mut held = None;
+    for (rollout, attempt, holds) in records {
+        if rollout != id {
+            continue;
+        }
+        if holds {
+            held = held.max(Some(attempt));
+        } else {
+            ended = ended.max(attempt);
+        }
+    }
+    match held {
+        Some(number) => Attempt {
+            number,
+            resumed: true,
+        },
+        None => Attempt {
+            number: ended.saturating_add(1),
+            resumed: false,
+        },
+    }
+}
+
+/// Which attempt a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first.
+    pub number: u32,
+    /// An interrupted attempt taken up again.
+    pub resumed: bool,
+}
+
+/// How many agents a rollout may leave behind (unreachable, or refusing
+/// the release), each skipped and reported instead of halting everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Budget {
+    /// None: the first agent that cannot be reached stops the rollout.
+    #[default]
+    None,
+    /// At most this many.
+    Count(usize),
+    /// This share of the fleet, rounded down (`--max-unavailable 10%`).
+    Percent(u8),
+}
+
+impl Budget {
+    /// The agents of a fleet of `total` that may be skipped.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Budget::None => 0,
+            Budget::Count(n) => n,
+            Budget::Percent(p) => total * usize::from(p) / 100,
+        }
+    }
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Budget, String> {
+        let bad = || format!("{text:?} is not a number of agents (5) or a percentage (10%)");
+        match text.strip_suffix('%') {
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(if p == 0 {
+                    Budget::None
+                } else {
+                    Budget::Percent(p)
+                }),
+                _ => Err(format!("{text:?}: a percentage is 0% to 100%")),
+            },
+            None => match text.parse::<usize>().map_err(|_| bad())? {
+                0 => Ok(Budget::None),
+                n if n <= super::fleet::MAX_AGENTS => Ok(Budget::Count(n)),
+                _ => Err(format!(
+                    "{text}: a fleet has at most {} agents",
+                    super::fleet::MAX_AGENTS
+                )),
+            },
+        }
+    }
+}
+
 /// The steps that carry a request id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Stage,
-    Upgrade,
+    /// An upgrade or a downgrade to the target.
+    Switch,
     Rollback,
+    /// `ctl rollout undo`: back to the release an agent had before.
+    Undo,
+    /// Removing the release staged on an agent that never switched to it.
+    Remove,
 }
 
 impl Step {
     fn word(self) -> &'static str {
         match self {
             Step::Stage => "stage",
-            Step::Upgrade => "upgrade",
+            Step::Switch => "switch",
             Step::Rollback => "rollback",
+            Step::Undo => "undo",
+            Step::Remove => "remove",
         }
     }
 }
 
-/// The longest `--rollout-id`: with the prefix, the step and the agent's
-/// key, a request id stays within the agent's 128 characters.
+/// The longest `--rollout-id`: with the prefix, the attempt, the step and
+/// the agent's key, a request id stays within the agent's 128 characters.
 pub const MAX_ROLLOUT_ID: usize = 64;
 
 /// The rollout's id when none is given: the same for the same release
-/// bytes, target version and set of agents, so that running the same
-/// command again resumes the rollout.
+/// bytes, target version and set of agents (their canonical addresses:
+/// `fleet::canonical`), so that running the same command again resumes
+/// the rollout.
 pub fn default_rollout_id(version: &str, sha256: &str, addresses: &[&str]) -> String {
     let mut sorted = addresses.to_vec();
     sorted.sort_unstable();
@@ -98,10 +196,32 @@ pub fn default_rollout_id(version: &str, sha256: &str, addresses: &[&str]) -> St
     format!("{version}-{}", &hex::encode(hash.finalize())[..12])
 }
 
-/// The request id of `step` on the agent at `address` in rollout `rollout`.
-pub fn request_id(rollout: &str, step: Step, address: &str) -> String {
+/// The request id of `step` on the agent at (canonical) `address` in
+/// attempt `attempt` of rollout `rollout`.
+pub fn request_id(rollout: &str, attempt: u32, step: Step, address: &str) -> String {
     let key = &hex::encode(Sha256::digest(address.as_bytes()))[..10];
-    format!("rollout-{rollout}-{}-{key}", step.word())
+    format!("{}{}-{key}", prefix(rollout, attempt), step.word())
+}
+
+/// What every request id of attempt `attempt` of `rollout` starts with.
+pub fn prefix(rollout: &str, attempt: u32) -> String {
+    format!("rollout-{rollout}-a{attempt}-")
+}
+
+/// The rollout a request id belongs to, if a rollout sent it: whether
+/// `request_id` is `step`'s in some attempt of `rollout`.
+pub fn sent_by(request_id: &str, rollout: &str, step: Step) -> bool {
+    let Some(rest) = request_id.strip_prefix(&format!("rollout-{rollout}-a")) else {
+        return false;
+    };
+    let Some((attempt, rest)) = rest.split_once('-') else {
+        return false;
+    };
+    !attempt.is_empty()
+        && attempt.bytes().all(|b| b.is_ascii_digit())
+        && rest
+            .strip_prefix(step.word())
+            .is_some_and(|key| key.starts_with('-'))
 }
 
 #[cfg(test)]
@@ -151,16 +271,70 @@ mod tests {
         );
         assert_ne!(id, default_rollout_id("0.2.0", "ab", &["http://a:1"]));
         let long = "x".repeat(MAX_ROLLOUT_ID);
-        let request = request_id(&long, Step::Rollback, "https://[::1]:50051");
+        let request = request_id(&long, u32::MAX, Step::Rollback, "https://[::1]:50051");
         assert!(request.len() <= 128, "{request}");
         assert_ne!(
-            request_id(&id, Step::Upgrade, "http://a:1"),
-            request_id(&id, Step::Upgrade, "http://b:1")
+            request_id(&id, 1, Step::Switch, "http://a:1"),
+            request_id(&id, 1, Step::Switch, "http://b:1")
         );
         assert_ne!(
-            request_id(&id, Step::Upgrade, "http://a:1"),
-            request_id(&id, Step::Rollback, "http://a:1")
+            request_id(&id, 1, Step::Switch, "http://a:1"),
+            request_id(&id, 1, Step::Rollback, "http://a:1")
         );
+        assert_ne!(
+            request_id(&id, 1, Step::Switch, "http://a:1"),
+            request_id(&id, 2, Step::Switch, "http://a:1")
+        );
+    }
+
+    #[test]
+    fn a_request_id_tells_its_rollout_and_step() {
+        let id = request_id("0.2.0-abc", 12, Step::Switch, "http://a:1");
+        assert!(sent_by(&id, "0.2.0-abc", Step::Switch));
+        assert!(!sent_by(&id, "0.2.0-abc", Step::Undo));
+        assert!(!sent_by(&id, "0.2.0", Step::Switch));
+        assert!(!sent_by(&id, "0.2.0-ab", Step::Switch));
+        assert!(!sent_by(
+            "rollout-0.2.0-abc-a-switch-x",
+            "0.2.0-abc",
+            Step::Switch
+        ));
+        assert!(!sent_by("deploy-42", "0.2.0-abc", Step::Switch));
+    }
+
+    #[test]
+    fn the_attempt_resumes_a_held_lease_or_follows_the_last() {
+        let first = attempt("r", []);
+        assert_eq!((first.number, first.resumed), (1, false));
+        let after_halt = attempt("r", [("r", 1, false), ("other", 7, false)]);
+        assert_eq!((after_halt.number, after_halt.resumed), (2, false));
+        // Killed during attempt 3: some agents still held by it.
+        let killed = attempt("r", [("r", 2, false), ("r", 3, true), ("r", 1, false)]);
+        assert_eq!((killed.number, killed.resumed), (3, true));
+        assert_eq!(attempt("r", [("other", 4, true)]).number, 1);
+    }
+
+    #[test]
+    fn budgets_parse_and_apply() {
+        assert_eq!("2".parse(), Ok(Budget::Count(2)));
+        assert_eq!("0".parse(), Ok(Budget::None));
+        assert_eq!("10%".parse(), Ok(Budget::Percent(10)));
+        assert_eq!("0%".parse(), Ok(Budget::None));
+        for bad in [
+            "",
+            "-1",
+            "101%",
+            "x%",
+            "1.5",
+            "99999999999999999999",
+            "10001",
+        ] {
+            assert!(bad.parse::<Budget>().is_err(), "{bad}");
+        }
+        assert_eq!(Budget::Percent(10).of(50), 5);
+        assert_eq!(Budget::Percent(10).of(9), 0);
+        assert_eq!(Budget::Count(3).of(2), 3);
+        assert_eq!(Budget::None.of(100), 0);
     }
 
     fn found() -> impl Strategy<Value = Found> {
