@@ -541,8 +541,17 @@ async fn switch_to(
             .into());
         }
     }
-    let line =
-        follow::until_permanent(agent, &target, before.last_event_id, switch.timeout).await?;
+    let countdown = follow::Countdown::new(&target);
+    let line = follow::until_permanent(
+        agent,
+        &target,
+        before.last_event_id,
+        switch.timeout,
+        &|left| countdown.tick(left),
+    )
+    .await;
+    drop(countdown);
+    let line = line?;
     if output == Output::Table {
         outln!("{line}");
     }

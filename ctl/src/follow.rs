@@ -118,14 +118,16 @@ pub async fn watch(agent: &Agent, after: u64, output: Output) -> Result<(), Fail
 /// `--wait`: follows the events after `after` until `target` is permanent
 /// (Ok, with the line to print) or left: rolled back by the health gate
 /// (`Failure::RolledBack`), or switched away from, or given up on at a
-/// restart (`Failure::Failed`).
+/// restart (`Failure::Failed`). `soaking` hears the soak's time left as
+/// the agent reports it (about once a second).
 pub async fn until_permanent(
     agent: &Agent,
     target: &str,
     after: u64,
     timeout: Option<Duration>,
+    soaking: &dyn Fn(Duration),
 ) -> Result<String, Failure> {
-    let follow = follow(agent, target, after);
+    let follow = follow(agent, target, after, soaking);
     match timeout {
         None => follow.await,
         Some(limit) => tokio::time::timeout(limit, follow)
@@ -140,7 +142,12 @@ pub async fn until_permanent(
     }
 }
 
-async fn follow(agent: &Agent, target: &str, after: u64) -> Result<String, Failure> {
+async fn follow(
+    agent: &Agent,
+    target: &str,
+    after: u64,
+    soaking: &dyn Fn(Duration),
+) -> Result<String, Failure> {
     let mut events = Events::after(agent, after);
     // Why the release failed, once it did: the automatic rollback follows.
     let mut failed: Option<String> = None;
@@ -157,6 +164,9 @@ async fn follow(agent: &Agent, target: &str, after: u64) -> Result<String, Failu
                 }
                 _ => {}
             },
+            EventKind::SoakStarted | EventKind::SoakProgress if about_target => {
+                soaking(Duration::from_millis(event.soak_remaining_ms));
+            }
             EventKind::SoakFailed if about_target => {
                 failed = Some(or(&event.message, "it failed its soak"));
             }
@@ -206,6 +216,63 @@ fn or(text: &str, default: &str) -> String {
         default.to_owned()
     } else {
         text.to_owned()
+    }
+}
+
+/// How often a plain line tells the soak's time left, when stderr is no
+/// terminal (a terminal gets one live line).
+const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// What `--wait` shows on stderr while a soak runs: a live countdown on a
+/// terminal, else a plain line when the soak starts and every 10 s.
+pub struct Countdown {
+    target: String,
+    bar: Option<indicatif::ProgressBar>,
+    last_line: std::cell::Cell<Option<Instant>>,
+}
+
+impl Countdown {
+    pub fn new(target: &str) -> Countdown {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Countdown {
+            target: target.to_owned(),
+            bar,
+            last_line: std::cell::Cell::new(None),
+        }
+    }
+
+    pub fn tick(&self, left: Duration) {
+        let line = format!(
+            "{} soaking: {} left",
+            self.target,
+            render::seconds(left.as_millis() as u64)
+        );
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None => {
+                if self
+                    .last_line
+                    .get()
+                    .is_none_or(|t| t.elapsed() >= PLAIN_EVERY)
+                {
+                    self.last_line.set(Some(Instant::now()));
+                    eprintln!("ctl: {line}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Countdown {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 

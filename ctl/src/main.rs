@@ -203,7 +203,8 @@ impl RolloutArgs {
             Some(
                 RolloutAction::Undo(UndoArgs { fleet, .. })
                 | RolloutAction::Status { fleet }
-                | RolloutAction::History { fleet },
+                | RolloutAction::History { fleet }
+                | RolloutAction::Resume { fleet },
             ) => fleet.as_deref(),
         }
     }
@@ -234,6 +235,12 @@ struct StartRollout {
     /// again picks them up.
     #[arg(long, value_name = "N|P%", default_value = "0")]
     max_unavailable: rollout::Budget,
+    /// Steps, comma-separated: how many agents (`1`) or what share of the
+    /// fleet (`20%`) run the target once the step is done, and pauses
+    /// between them (`pause 10m`, or `pause` until `ctl rollout resume`).
+    /// Default: one canary, then the rest in waves.
+    #[arg(long, value_name = "STEPS", value_parser = rollout::parse_steps)]
+    steps: Option<Vec<rollout::StepSpec>>,
     /// The soak of every switch (default: each agent's own).
     #[arg(long, value_name = "DURATION", value_parser = soak)]
     soak: Option<Duration>,
@@ -284,6 +291,13 @@ enum RolloutAction {
         after_help = "Examples:\n  ctl rollout status --fleet fleet.toml\n  ctl --output json rollout status --fleet fleet.toml"
     )]
     Status {
+        /// The agents, from a TOML file (instead of --agent).
+        #[arg(long, value_name = "FILE")]
+        fleet: Option<PathBuf>,
+    },
+    /// Let a rollout paused by `--steps ...,pause,...` go on.
+    #[command(after_help = "Examples:\n  ctl rollout resume --fleet fleet.toml")]
+    Resume {
         /// The agents, from a TOML file (instead of --agent).
         #[arg(long, value_name = "FILE")]
         fleet: Option<PathBuf>,
@@ -894,6 +908,7 @@ async fn main() {
                         library: start.library,
                         max_parallel: usize::from(start.max_parallel),
                         max_unavailable: start.max_unavailable,
+                        steps: start.steps.unwrap_or_default(),
                         soak: start.soak,
                         timeout: start.timeout,
                         rollout_id: start.rollout_id,
@@ -919,6 +934,7 @@ async fn main() {
                 Some(RolloutAction::Status { .. }) => {
                     rollout::status::status_of(nodes, cli.output).await
                 }
+                Some(RolloutAction::Resume { .. }) => rollout::resume(nodes, cli.output).await,
                 Some(RolloutAction::History { .. }) => {
                     rollout::status::history(nodes, cli.output).await
                 }

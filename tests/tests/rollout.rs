@@ -1,8 +1,12 @@
 //! `ctl rollout` over several real agents on 127.0.0.1: a rollout that
 //! converges (and does nothing when run again), one halted by a release
-//! that fails its soak on one agent (everyone back, the history says why),
-//! one interrupted by killing ctl and resumed without acting twice, and
-//! the ways a fleet can be given wrong.
+//! that fails its soak on one agent (everyone back, the history says why,
+//! the release it staged removed where it never ran), one interrupted by
+//! killing ctl and resumed without acting twice under its lease, the
+//! fleet rolled up and back down with its state, undone and rolled out
+//! again, a second rollout refused while the first holds the agents (and
+//! seen from another process), an agent down within `--max-unavailable`,
+//! and the ways a fleet can be given wrong.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -94,6 +98,22 @@ fn run(args: &[String]) -> (Ctl, Value) {
     (ctl, report)
 }
 
+/// `ctl --output json ARGS`: its document, whatever the exit.
+fn ctl_json(args: &[&str]) -> Value {
+    let mut all = vec!["--output".to_owned(), "json".to_owned()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    run(&all).1
+}
+
+/// Every agent's /count, as a number.
+fn counts(fleet: &Fleet) -> Vec<u64> {
+    fleet
+        .agents
+        .iter()
+        .map(|a| a.get("/count").body.trim().parse().expect("a count"))
+        .collect()
+}
+
 fn outcomes(report: &Value) -> Vec<String> {
     report["agents"]
         .as_array()
@@ -143,7 +163,7 @@ fn a_rollout_converges_and_running_it_again_changes_nothing() {
         assert_eq!(upgrades[0]["request_id"], reported["request_id"]);
         let id = upgrades[0]["request_id"].as_str().unwrap();
         assert!(
-            id.starts_with(&format!("rollout-{rollout_id}-upgrade-")),
+            id.starts_with(&format!("rollout-{rollout_id}-a1-switch-")),
             "{id}"
         );
         assert_eq!(upgrades[0]["reason"], format!("rollout {rollout_id}"));
@@ -163,6 +183,7 @@ fn a_rollout_converges_and_running_it_again_changes_nothing() {
     let (ctl, report) = run(&args);
     assert_eq!(ctl.code, 0, "{ctl:#?}");
     assert_eq!(report["rollout_id"], rollout_id.as_str());
+    assert_eq!(report["attempt"], 3, "the third run is the third attempt");
     assert_eq!(outcomes(&report), ["already_there"; 4]);
     let after: Vec<usize> = fleet.agents.iter().map(|a| a.history().len()).collect();
     assert_eq!(before, after, "running the rollout again acted");
@@ -217,8 +238,30 @@ fn a_failed_soak_halts_the_rollout_and_everyone_goes_back() {
     let gate = transitions(&history, "rollback", "0.1.0");
     assert_eq!(gate.len(), 1, "{history:#?}");
     assert_eq!(gate[0]["automatic"], true);
-    // The last agent was never switched.
+    // The last agent was never switched: the release the rollout staged
+    // there is gone again; where it ran, it stays (failed or old).
     assert!(transitions(&fleet.agents[3].history(), "upgrade", "0.6.0").is_empty());
+    assert!(fleet.agents[3].release("0.6.0").is_none(), "left staged");
+    assert!(
+        report["agents"][3]["cleanup"]
+            .as_str()
+            .unwrap()
+            .contains("removed"),
+        "{report:#}"
+    );
+    assert!(fleet.agents[0].release("0.6.0").is_some());
+    // The rollout left its record on every agent, and holds none.
+    let history = ctl_json(&[
+        "rollout",
+        "history",
+        "--fleet",
+        fleet.file.to_str().unwrap(),
+    ]);
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
+    assert_eq!(history[0]["outcome"], "halted");
+    assert_eq!(history[0]["agents"].as_array().unwrap().len(), 4);
+    let status = ctl_json(&["rollout", "status", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(status["rollouts"], serde_json::json!([]), "{status:#}");
 }
 
 #[test]
@@ -242,10 +285,25 @@ fn an_interrupted_rollout_resumes_without_acting_twice() {
     first.kill().unwrap();
     first.wait().unwrap();
     assert_eq!(fleet.agents[3].status()["active_version"], "0.1.0");
+    // The killed rollout still holds the agents: a switch by hand is
+    // refused, changing nothing, unless forced.
+    let by_hand = fleet.agents[3].ctl(&["upgrade", "--to", "0.2.0", "--dry-run"]);
+    assert_eq!(by_hand.code, 0, "a dry run changes nothing: {by_hand:#?}");
+    let by_hand = fleet.agents[3].ctl(&["rollback"]);
+    assert_eq!(by_hand.code, 1, "{by_hand:#?}");
+    assert!(by_hand.stderr.contains("[LEASED]"), "{by_hand:#?}");
+    assert!(by_hand.stderr.contains("--force"), "{by_hand:#?}");
+    let held = ctl_json(&["rollout", "status", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(held["rollouts"].as_array().unwrap().len(), 1, "{held:#}");
+    assert_eq!(held["rollouts"][0]["attempt"], 1);
 
     let (ctl, report) = run(&args);
     assert_eq!(ctl.code, 0, "{ctl:#?}");
     assert_eq!(report["outcome"], "converged");
+    assert_eq!(
+        (&report["attempt"], &report["resumed"]),
+        (&1.into(), &true.into())
+    );
     let outcomes = outcomes(&report);
     assert_eq!(outcomes[0], "already_there");
     assert!(
@@ -327,4 +385,278 @@ fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
         assert!(agent.release("0.2.0").is_none(), "staged despite the halt");
         assert_eq!(agent.status()["active_version"], "0.1.0");
     }
+}
+
+#[test]
+fn the_fleet_rolls_up_and_back_down_with_its_state_undoes_and_rolls_out_again() {
+    let fleet = fleet(3);
+    let fast = ["--max-parallel", "3", "--soak", "300ms"];
+    let (ctl, _) = run(&rollout_args(&fleet.file, "0.2.0", &fast));
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    for (n, agent) in fleet.agents.iter().enumerate() {
+        for _ in 0..=n {
+            assert_eq!(agent.get("/").status, 200);
+        }
+    }
+    assert_eq!(counts(&fleet), [1, 2, 3]);
+    let (ctl, up) = run(&rollout_args(&fleet.file, "0.3.0", &fast));
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(counts(&fleet), [1, 2, 3], "the counts went up with 0.3.0");
+
+    // Back down to 0.2.0: each agent downgrades, its state migrated down.
+    let (ctl, down) = run(&rollout_args(&fleet.file, "0.2.0", &fast));
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(down["outcome"], "converged");
+    assert_ne!(down["rollout_id"], up["rollout_id"]);
+    assert_eq!(outcomes(&down), ["upgraded"; 3]);
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent_version"], "0.2.0");
+        let history = agent.history();
+        assert_eq!(transitions(&history, "downgrade", "0.2.0").len(), 1);
+    }
+    assert_eq!(counts(&fleet), [1, 2, 3], "the counts came back down");
+
+    // Undo the last rollout: every agent back on 0.3.0, as it was.
+    let undo = ctl_json(&["rollout", "undo", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(undo["outcome"], "undone", "{undo:#}");
+    assert_eq!(undo["rollout_id"], down["rollout_id"]);
+    assert_eq!(outcomes(&undo), ["undone"; 3]);
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert_eq!(status["active_version"], "0.3.0");
+        assert_eq!(status["permanent_version"], "0.3.0");
+    }
+    assert_eq!(counts(&fleet), [1, 2, 3]);
+    // Undoing again finds nothing left to undo, and changes nothing.
+    let again = ctl_json(&["rollout", "undo", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(again["outcome"], "undone", "{again:#}");
+    assert_eq!(outcomes(&again), ["untouched"; 3]);
+
+    // The same rollout down, again: a new attempt, with ids of its own
+    // (the first rollout to 0.2.0 had the same release and fleet: the
+    // same rollout, attempt 1).
+    let (ctl, redo) = run(&rollout_args(&fleet.file, "0.2.0", &fast));
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(redo["rollout_id"], down["rollout_id"]);
+    assert_eq!(down["attempt"], 2);
+    assert_eq!(redo["attempt"], 5, "up, down, undo, undo again, down again");
+    assert_eq!(outcomes(&redo), ["upgraded"; 3]);
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent_version"], "0.2.0");
+        let history = agent.history();
+        assert_eq!(transitions(&history, "downgrade", "0.2.0").len(), 2);
+        // No request id refused for reuse anywhere.
+        assert!(history
+            .iter()
+            .all(|t| t["error_reason"] != "REQUEST_ID_REUSED"));
+    }
+    let past = ctl_json(&[
+        "rollout",
+        "history",
+        "--fleet",
+        fleet.file.to_str().unwrap(),
+    ]);
+    let seen: Vec<(&str, u64)> = past
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap(),
+                r["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("converged", 5),
+            ("undone", 4),
+            ("undone", 3),
+            ("converged", 2),
+            ("converged", 1),
+            ("converged", 1)
+        ],
+        "{past:#}"
+    );
+}
+
+#[test]
+fn a_second_rollout_is_refused_while_the_first_holds_the_agents() {
+    let fleet = fleet(2);
+    let first = ctl_command(&rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &["--max-parallel", "1", "--soak", "3s"],
+    ))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Seen from another process: the first rollout holds both agents.
+    let file = fleet.file.to_str().unwrap();
+    let mut status = Value::Null;
+    assert!(eventually(Duration::from_secs(60), || {
+        status = ctl_json(&["rollout", "status", "--fleet", file]);
+        status["agents"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|a| !a["lease"].is_null()))
+    }));
+    let holder = status["rollouts"][0].clone();
+    assert_eq!(holder["version"], "0.2.0", "{status:#}");
+    assert_eq!(holder["agents_total"], 2);
+    assert!(
+        holder["owner"].as_str().unwrap().starts_with("local:"),
+        "{holder:#}"
+    );
+
+    // Another rollout (another version) over the same agents: refused
+    // before it changes anything, naming the holder.
+    let (ctl, second) = run(&rollout_args(&fleet.file, "0.3.0", &[]));
+    assert_eq!(ctl.code, 5, "{ctl:#?}");
+    assert_eq!(second["outcome"], "leased");
+    let holder_id = holder["rollout_id"].as_str().unwrap();
+    assert!(ctl.stderr.contains(holder_id), "{ctl:#?}");
+    for agent in &fleet.agents {
+        assert!(
+            agent.release("0.3.0").is_none(),
+            "staged by the refused rollout"
+        );
+    }
+
+    // The first goes on and converges.
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:#?}");
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent_version"], "0.2.0");
+    }
+    // Free again: the second one now runs.
+    let (ctl, _) = run(&rollout_args(&fleet.file, "0.3.0", &["--soak", "300ms"]));
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+}
+
+#[test]
+fn an_unreachable_agent_within_the_budget_is_skipped_and_the_rest_converge() {
+    let fleet = fleet(3);
+    let dir = fleet.file.parent().unwrap();
+    let gone_url = format!("unix:{}", dir.join("gone/control.sock").display());
+    let mut text = std::fs::read_to_string(&fleet.file).unwrap();
+    text.push_str(&format!(
+        "[[agent]]\nname = \"gone\"\naddress = \"{gone_url}\"\n"
+    ));
+    let with_gone = dir.join("with-gone.toml");
+    std::fs::write(&with_gone, text).unwrap();
+    let (ctl, report) = run(&rollout_args(
+        &with_gone,
+        "0.2.0",
+        &[
+            "--max-parallel",
+            "3",
+            "--soak",
+            "300ms",
+            "--max-unavailable",
+            "1",
+        ],
+    ));
+    assert_eq!(ctl.code, 6, "{ctl:#?}");
+    assert_eq!(report["outcome"], "converged");
+    assert_eq!(
+        outcomes(&report),
+        ["upgraded", "upgraded", "upgraded", "skipped"]
+    );
+    assert!(ctl.stderr.contains("gone"), "{ctl:#?}");
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent_version"], "0.2.0");
+        // Nothing was rolled back.
+        assert!(transitions(&agent.history(), "rollback", "0.1.0").is_empty());
+    }
+    // A percentage of the fleet: 25% of 4 is one agent.
+    let (ctl, _) = run(&rollout_args(
+        &with_gone,
+        "0.3.0",
+        &[
+            "--max-unavailable",
+            "25%",
+            "--soak",
+            "300ms",
+            "--max-parallel",
+            "3",
+        ],
+    ));
+    assert_eq!(ctl.code, 6, "{ctl:#?}");
+    // Bad budgets are usage errors.
+    let out = ctl_command(&rollout_args(
+        &with_gone,
+        "0.3.0",
+        &["--max-unavailable", "101%"],
+    ))
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_step_pauses_until_resumed_from_another_process() {
+    let fleet = fleet(4);
+    let file = fleet.file.to_str().unwrap();
+    let rollout = ctl_command(&rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &[
+            "--steps",
+            "1,pause,100%",
+            "--soak",
+            "300ms",
+            "--max-parallel",
+            "3",
+        ],
+    ))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Paused after its first step: the canary alone runs 0.2.0.
+    let mut status = Value::Null;
+    assert!(eventually(Duration::from_secs(60), || {
+        status = ctl_json(&["rollout", "status", "--fleet", file]);
+        status["rollouts"][0]["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("paused"))
+    }));
+    let active: Vec<String> = fleet
+        .agents
+        .iter()
+        .map(|a| a.status()["active_version"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(active, ["0.2.0", "0.1.0", "0.1.0", "0.1.0"], "{status:#}");
+    assert_eq!(status["rollouts"][0]["agents_done"], 1, "{status:#}");
+    assert_eq!(status["rollouts"][0]["agents_pending"], 3, "{status:#}");
+
+    let resumed = ctl_command(&[
+        "rollout".into(),
+        "resume".into(),
+        "--fleet".into(),
+        file.into(),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(resumed.status.code(), Some(0), "{resumed:#?}");
+    let out = rollout.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:#?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcomes(&report), ["upgraded"; 4]);
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent_version"], "0.2.0");
+    }
+    // Nothing is paused any more: resuming again says so.
+    let again = ctl_command(&[
+        "rollout".into(),
+        "resume".into(),
+        "--fleet".into(),
+        file.into(),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to resume"));
 }

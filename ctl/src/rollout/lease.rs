@@ -6,6 +6,7 @@
 //! `ctl rollout history` reads. The agent enforces the lease; this side
 //! only keeps it alive and says how far the rollout got.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -14,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 
 use super::{Node, StepError};
-use crate::Failure;
+use crate::{json, Failure, Output};
 
 /// How long a lease holds without renewal: a rollout whose ctl was killed
 /// shows as expired this long after (its agents stay held until it is
@@ -22,6 +23,18 @@ use crate::Failure;
 pub const TTL: Duration = Duration::from_secs(30);
 /// Renewed this often, and at once when the progress changes.
 const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// While paused until `ctl rollout resume`, the lease is renewed this
+/// rarely and for this long, so that the resume's word (in the record's
+/// step) is not overwritten before it is read; how often it is looked for.
+const PAUSED_TTL: Duration = Duration::from_secs(3600);
+const PAUSED_RENEW_EVERY: Duration = Duration::from_secs(1200);
+const RESUME_POLL: Duration = Duration::from_secs(1);
+
+/// The step `ctl rollout resume` writes into a paused rollout's record:
+/// the paused rollout reads it and goes on.
+pub const RESUME_REQUESTED: &str = "resume requested";
+/// How a rollout paused until resumed says so in its step.
+pub const PAUSED: &str = "paused until `ctl rollout resume`";
 
 /// The reason code of a lease another rollout holds.
 pub const LEASE_HELD: &str = "LEASE_HELD";
@@ -34,6 +47,8 @@ pub struct Leases<'a> {
     /// Which agents this run holds.
     held: Mutex<Vec<bool>>,
     changed: Notify,
+    /// Paused until resumed: the renewals stop (see `PAUSED_TTL`).
+    paused: AtomicBool,
 }
 
 impl<'a> Leases<'a> {
@@ -43,6 +58,7 @@ impl<'a> Leases<'a> {
             record: Mutex::new(record),
             held: Mutex::new(vec![false; nodes.len()]),
             changed: Notify::new(),
+            paused: AtomicBool::new(false),
         }
     }
 
@@ -50,7 +66,7 @@ impl<'a> Leases<'a> {
     /// with `force`, from another rollout. Refused with `LEASE_HELD` when
     /// another rollout holds it.
     pub async fn take(&self, i: usize, force: bool) -> Result<pb::RolloutRecord, StepError> {
-        let reply = self.call(i, false, force).await?;
+        let reply = self.call(i, false, force, TTL).await?;
         self.held.lock()[i] = true;
         Ok(reply.record.unwrap_or_default())
     }
@@ -69,12 +85,59 @@ impl<'a> Leases<'a> {
                 _ = tokio::time::sleep(RENEW_EVERY) => {}
                 _ = self.changed.notified() => {}
             }
-            let held: Vec<usize> = self.held_now();
+            if self.paused.load(Ordering::Relaxed) {
+                continue;
+            }
             // A renewal that fails is tried again at the next one: the
             // lease lasts TTL, three renewals. One taken over by force
             // refuses this rollout's commands on that agent by itself.
-            join_all(held.into_iter().map(|i| self.call(i, false, false))).await;
+            self.renew_all(TTL).await;
         }
+    }
+
+    async fn renew_all(&self, ttl: Duration) {
+        let held = self.held_now();
+        join_all(held.into_iter().map(|i| self.call(i, false, false, ttl))).await;
+    }
+
+    /// Waits until `ctl rollout resume` asks this rollout to go on: it
+    /// writes `RESUME_REQUESTED` into the record on the agents.
+    pub async fn until_resumed(&self) {
+        self.record.lock().step = PAUSED.into();
+        self.paused.store(true, Ordering::Relaxed);
+        self.renew_all(PAUSED_TTL).await;
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(RESUME_POLL).await;
+            if renewed.elapsed() >= PAUSED_RENEW_EVERY {
+                // Look once more first: a resume just written stays read.
+                if self.resume_requested().await {
+                    break;
+                }
+                self.renew_all(PAUSED_TTL).await;
+                renewed = tokio::time::Instant::now();
+            }
+            if self.resume_requested().await {
+                break;
+            }
+        }
+        self.paused.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether some held agent's record says a resume was requested.
+    async fn resume_requested(&self) -> bool {
+        let id = self.record.lock().rollout_id.clone();
+        for i in self.held_now() {
+            if let Ok(records) = records(&self.nodes[i]).await {
+                if records
+                    .holder
+                    .is_some_and(|h| h.rollout_id == id && h.step.starts_with(RESUME_REQUESTED))
+                {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Gives every held lease back, ending the rollout's record there with
@@ -83,7 +146,7 @@ impl<'a> Leases<'a> {
     pub async fn give_back(&self, outcome: &str) -> Vec<(usize, StepError)> {
         self.update(|r| outcome.clone_into(&mut r.outcome));
         let held = self.held_now();
-        let results = join_all(held.iter().map(|&i| self.call(i, true, false))).await;
+        let results = join_all(held.iter().map(|&i| self.call(i, true, false, TTL))).await;
         let mut failed = Vec::new();
         for (i, result) in held.into_iter().zip(results) {
             match result {
@@ -104,10 +167,11 @@ impl<'a> Leases<'a> {
         i: usize,
         release: bool,
         force: bool,
+        ttl: Duration,
     ) -> Result<pb::LeaseReply, StepError> {
         let request = pb::LeaseRequest {
             record: Some(self.record.lock().clone()),
-            ttl_ms: TTL.as_millis() as u64,
+            ttl_ms: ttl.as_millis() as u64,
             release,
             force,
         };
@@ -148,4 +212,73 @@ pub fn holder(record: &pb::RolloutRecord) -> String {
             &record.owner
         }
     )
+}
+
+/// `ctl rollout resume`: tells the rollout paused on these agents to go
+/// on, by writing `RESUME_REQUESTED` into its record on every agent it
+/// holds (under its own rollout id, which takes the lease again).
+pub async fn resume(nodes: Vec<Node>, output: Output) -> Result<(), Failure> {
+    let read = join_all(nodes.iter().map(records)).await;
+    let mut paused: Option<pb::RolloutRecord> = None;
+    let mut held = Vec::new();
+    for (i, result) in read.into_iter().enumerate() {
+        let Some(record) = result?.holder else {
+            continue;
+        };
+        if let Some(seen) = &paused {
+            if (&seen.rollout_id, seen.attempt) != (&record.rollout_id, record.attempt) {
+                return Err(anyhow::anyhow!(
+                    "two rollouts hold these agents ({} and {}): resume one at a time, with a fleet of its agents",
+                    holder(seen),
+                    holder(&record)
+                )
+                .into());
+            }
+        }
+        held.push(i);
+        paused = Some(record);
+    }
+    let Some(record) = paused else {
+        return Err(anyhow::anyhow!("no rollout holds these agents: nothing to resume").into());
+    };
+    if record.step != PAUSED && !record.step.starts_with(RESUME_REQUESTED) {
+        return Err(anyhow::anyhow!(
+            "rollout {} is not paused (it is at: {})",
+            holder(&record),
+            record.step
+        )
+        .into());
+    }
+    let mut word = record.clone();
+    word.step = RESUME_REQUESTED.into();
+    let results = join_all(held.iter().map(|&i| {
+        let request = pb::LeaseRequest {
+            record: Some(word.clone()),
+            ttl_ms: PAUSED_TTL.as_millis() as u64,
+            release: false,
+            force: false,
+        };
+        nodes[i].agent.call(
+            "asking the rollout to go on",
+            request,
+            |mut c, r| async move { c.lease(r).await },
+        )
+    }))
+    .await;
+    let told = results.iter().filter(|r| r.is_ok()).count();
+    if told == 0 {
+        return Err(results
+            .into_iter()
+            .find_map(Result::err)
+            .unwrap_or_else(|| anyhow::anyhow!("no agent could be told").into()));
+    }
+    match output {
+        Output::Json => json::print(&word),
+        Output::Table => outln!(
+            "rollout {} goes on (told {told} of {} agent(s) it holds)",
+            holder(&record),
+            held.len()
+        ),
+    }
+    Ok(())
 }

@@ -61,7 +61,8 @@ use plan::{Attempt, Found, Step};
 use progress::Progress;
 use report::{Outcome, Phases, Report, Track};
 
-pub use plan::{Budget, MAX_ROLLOUT_ID};
+pub use lease::resume;
+pub use plan::{parse_steps, Budget, StepSpec, MAX_ROLLOUT_ID};
 
 /// Uploads at once while staging: they are the heavy part of a rollout
 /// (a few MB to each agent), and staging changes nothing that serves.
@@ -86,6 +87,8 @@ pub struct Settings {
     pub library: Option<PathBuf>,
     pub max_parallel: usize,
     pub max_unavailable: Budget,
+    /// `--steps`: the fleet cut into steps, with pauses.
+    pub steps: Vec<StepSpec>,
     pub soak: Option<Duration>,
     /// How long one agent's verdict may take.
     pub timeout: Duration,
@@ -205,6 +208,7 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
         skipped: 0,
         staged_here: vec![false; nodes.len()],
         ours: vec![false; nodes.len()],
+        switched: vec![false; nodes.len()],
         found: vec![None; nodes.len()],
         last_event: vec![0; nodes.len()],
     };
@@ -360,6 +364,9 @@ struct Run<'a> {
     /// This rollout made the target active there (now or in an earlier
     /// run of this attempt): a halt rolls it back.
     ours: Vec<bool>,
+    /// The target was made active there in this run (and may have been
+    /// rolled back since, by the halt or the health gate).
+    switched: Vec<bool>,
     found: Vec<Option<Found>>,
     /// The last event id when the agent was surveyed.
     last_event: Vec<u64>,
@@ -447,8 +454,8 @@ impl Run<'_> {
             &self.rollout_id,
             seen.iter().map(|(id, n, held)| (id.as_str(), *n, *held)),
         );
-        for i in 0..tracks.len() {
-            tracks[i].request_id = self.request_id(Step::Switch, i);
+        for (i, track) in tracks.iter_mut().enumerate() {
+            track.request_id = self.request_id(Step::Switch, i);
         }
         self.progress.note(&format!(
             "rollout {} (attempt {}{}): {} {} (sha256 {}) to {} agent(s), waves of {}",
@@ -615,88 +622,112 @@ impl Run<'_> {
             plan
         };
 
-        // The canary, then the waves, while nothing failed.
+        // The stages — the canary, then the waves, cut into --steps with
+        // their pauses — while nothing failed.
         let (halt, _) = watch::channel(false);
         let mut failure: Option<(String, bool)> = None;
-        let waves = plan.waves.len();
-        let order: Vec<Vec<usize>> = plan
-            .canary
-            .map(|c| vec![c])
-            .into_iter()
-            .chain(plan.waves)
-            .collect();
-        for (n, wave) in order.into_iter().enumerate() {
-            let is_canary = n == 0 && plan.canary.is_some();
-            let step = if is_canary {
-                self.progress
-                    .note(&format!("canary: {}", tracks[wave[0]].name));
-                format!("canary {}", tracks[wave[0]].name)
-            } else {
-                let k = if plan.canary.is_some() { n } else { n + 1 };
-                format!("wave {k} of {waves}")
+        let done = tracks
+            .iter()
+            .filter(|t| t.outcome == Outcome::AlreadyThere)
+            .count();
+        let stages = plan::stages(
+            &plan,
+            &self.settings.steps,
+            tracks.len(),
+            done,
+            self.settings.max_parallel,
+        );
+        let switches = stages
+            .iter()
+            .filter(|s| matches!(s, plan::Stage::Switch(_)))
+            .count();
+        let mut k = 0;
+        'stages: for stage in stages {
+            let waves = match stage {
+                plan::Stage::Pause(pause) => {
+                    self.pause(pause, leases).await;
+                    continue;
+                }
+                plan::Stage::Switch(waves) => waves,
             };
-            let soak_until = self
-                .settings
-                .soak
-                .map_or(0, |s| render::now_ms() + s.as_millis() as i64);
-            leases.update(|r| {
-                r.step = step;
-                r.soak_until_ms = soak_until;
-                self.count(tracks, r);
-            });
-            let this = &*self;
-            let results = join_all(wave.iter().map(|&i| {
-                let halt = &halt;
-                let before = tracks[i].before.clone();
-                async move {
-                    let result = this.switch(i, before, halt).await;
-                    if let Err(e) = &result {
-                        if !e.1.halted {
-                            halt.send_replace(true);
+            k += 1;
+            let count = waves.len();
+            for (n, wave) in waves.into_iter().enumerate() {
+                let is_canary = k == 1 && wave.len() == 1 && plan.canary == Some(wave[0]);
+                let step = if is_canary {
+                    self.progress
+                        .note(&format!("canary: {}", tracks[wave[0]].name));
+                    format!("canary {}", tracks[wave[0]].name)
+                } else if self.settings.steps.is_empty() {
+                    format!("wave {} of {count}", n + 1)
+                } else {
+                    format!("step {k} of {switches}, wave {} of {count}", n + 1)
+                };
+                let soak_until = self
+                    .settings
+                    .soak
+                    .map_or(0, |s| render::now_ms() + s.as_millis() as i64);
+                leases.update(|r| {
+                    r.step = step;
+                    r.soak_until_ms = soak_until;
+                    self.count(tracks, r);
+                });
+                let this = &*self;
+                let results = join_all(wave.iter().map(|&i| {
+                    let halt = &halt;
+                    let before = tracks[i].before.clone();
+                    async move {
+                        let result = this.switch(i, before, halt).await;
+                        if let Err(e) = &result {
+                            if !e.1.halted {
+                                halt.send_replace(true);
+                            }
+                        }
+                        (i, result)
+                    }
+                }))
+                .await;
+                for (i, result) in results {
+                    match result {
+                        Ok(()) => {
+                            self.ours[i] = true;
+                            self.switched[i] = true;
+                            tracks[i].outcome = Outcome::Upgraded;
+                            self.progress
+                                .done(i, format!("{} is permanent", self.target));
+                        }
+                        Err((ours, e)) => {
+                            self.ours[i] |= ours;
+                            self.switched[i] |= ours || e.error.soak;
+                            let track = &mut tracks[i];
+                            if e.halted {
+                                track.outcome = Outcome::NotReached;
+                                track.error = Some("the rollout halted during its soak".into());
+                                continue;
+                            }
+                            let why = format!("{}: {}", track.name, e.error.error);
+                            self.progress.say(i, format!("failed: {}", e.error.error));
+                            let unreachable = e.error.unreachable;
+                            let soak = e.error.soak;
+                            fail(track, e.error);
+                            if soak {
+                                track.outcome = Outcome::FailedSoak;
+                            }
+                            let first = failure.get_or_insert((why, unreachable));
+                            first.1 |= unreachable;
                         }
                     }
-                    (i, result)
                 }
-            }))
-            .await;
-            for (i, result) in results {
-                match result {
-                    Ok(()) => {
-                        self.ours[i] = true;
-                        tracks[i].outcome = Outcome::Upgraded;
-                        self.progress
-                            .done(i, format!("{} is permanent", self.target));
-                    }
-                    Err((ours, e)) => {
-                        self.ours[i] |= ours;
-                        let track = &mut tracks[i];
-                        if e.halted {
-                            track.outcome = Outcome::NotReached;
-                            track.error = Some("the rollout halted during its soak".into());
-                            continue;
-                        }
-                        let why = format!("{}: {}", track.name, e.error.error);
-                        self.progress.say(i, format!("failed: {}", e.error.error));
-                        let unreachable = e.error.unreachable;
-                        let soak = e.error.soak;
-                        fail(track, e.error);
-                        if soak {
-                            track.outcome = Outcome::FailedSoak;
-                        }
-                        let first = failure.get_or_insert((why, unreachable));
-                        first.1 |= unreachable;
-                    }
+                leases.update(|r| {
+                    r.soak_until_ms = 0;
+                    self.count(tracks, r);
+                });
+                if is_canary {
+                    phases.canary_ms = lap(clock);
                 }
-            }
-            leases.update(|r| {
-                r.soak_until_ms = 0;
-                self.count(tracks, r);
-            });
-            if is_canary {
-                phases.canary_ms = lap(clock);
-            }
-            if failure.is_some() {
-                break;
+                if failure.is_some() {
+                    break 'stages;
+                }
             }
         }
         phases.waves_ms = lap(clock);
@@ -706,7 +737,7 @@ impl Run<'_> {
         not_reached(tracks, "the rollout halted before its turn");
         // Nothing was switched (the canary's switch was refused): nothing
         // to roll back.
-        if !self.ours.iter().any(|&o| o) {
+        if !self.switched.iter().any(|&s| s) {
             self.clean_up(tracks, leases).await;
             return Ended::Stopped { why, unreachable };
         }
@@ -753,6 +784,31 @@ impl Run<'_> {
             why,
             unreachable,
             clean,
+        }
+    }
+
+    /// A pause between steps: `pause` long, or until `ctl rollout resume`.
+    async fn pause(&self, pause: Option<Duration>, leases: &Leases<'_>) {
+        match pause {
+            Some(pause) => {
+                let until = render::now_ms() + pause.as_millis() as i64;
+                leases.update(|r| {
+                    r.step = format!("paused for {}", humantime::format_duration(pause));
+                    r.soak_until_ms = until;
+                });
+                self.progress.note(&format!(
+                    "rollout: paused for {}",
+                    humantime::format_duration(pause)
+                ));
+                tokio::time::sleep(pause).await;
+            }
+            None => {
+                self.progress.note(
+                    "rollout: paused; `ctl rollout resume` (with the same --fleet or --agent) goes on",
+                );
+                leases.until_resumed().await;
+                self.progress.note("rollout: resumed");
+            }
         }
     }
 
@@ -1000,11 +1056,22 @@ impl Run<'_> {
         self.progress.say(i, format!("{} soaking", self.target));
         // Switched here now, or found soaking: then ours if the survey says.
         let ours = !soaking || self.ours[i];
+        let soaking = |left: Duration| {
+            self.progress.soak(
+                i,
+                format!(
+                    "{} soaking: {} left",
+                    self.target,
+                    render::seconds(left.as_millis() as u64)
+                ),
+            );
+        };
         let verdict = follow::until_permanent(
             &node.agent,
             &self.target,
             after,
             Some(self.settings.timeout),
+            &soaking,
         );
         tokio::select! {
             verdict = verdict => match verdict {
@@ -1065,7 +1132,7 @@ impl Run<'_> {
             return;
         }
         let never: Vec<usize> = (0..tracks.len())
-            .filter(|&i| self.staged_here[i] && !self.ours[i])
+            .filter(|&i| self.staged_here[i] && !self.ours[i] && !self.switched[i])
             .collect();
         if never.is_empty() {
             return;

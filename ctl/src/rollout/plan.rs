@@ -1,10 +1,13 @@
 //! The pure part of a rollout, tested without agents: from what each agent
-//! was found running, who is the canary and what the waves are; which
+//! was found running, who is the canary and what the waves are, cut into
+//! `--steps` with pauses between them; which
 //! attempt of the rollout this run is, from the records the agents keep;
 //! the unavailability budget; and the request ids, derived from the
 //! rollout and its attempt so that resuming an interrupted attempt sends
 //! the same ids (the agents answer what they already did instead of acting
 //! twice) while a new attempt (after a halt or an undo) acts anew.
+
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -59,6 +62,135 @@ pub fn plan(found: &[Found], ours: &[bool], max_parallel: usize) -> Plan {
         canary,
         waves: rest.chunks(max_parallel).map(<[usize]>::to_vec).collect(),
     }
+}
+
+/// One item of `--steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepSpec {
+    /// Switch agents until this many of the fleet run the target (`3`).
+    Agents(usize),
+    /// ... this share of the fleet, rounded up (`20%`).
+    Percent(u8),
+    /// Wait this long (`pause 5m`), or until `ctl rollout resume` (`pause`).
+    Pause(Option<Duration>),
+}
+
+/// The longest pause with a duration: a week, as a soak.
+const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `--steps`: comma-separated counts of agents (`1`), shares of the fleet
+/// (`20%`) and pauses (`pause`, `pause 30s`), each count more than the
+/// one before.
+pub fn parse_steps(text: &str) -> Result<Vec<StepSpec>, String> {
+    let mut steps = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let step = if let Some(rest) = item.strip_prefix("pause") {
+            let rest = rest.trim();
+            if rest.is_empty() {
+                StepSpec::Pause(None)
+            } else {
+                let pause = nine9s_manifest::parse_duration(rest)
+                    .map_err(|e| format!("step {item:?}: {e}"))?;
+                if pause.is_zero() || pause > MAX_PAUSE {
+                    return Err(format!(
+                        "step {item:?}: a pause is above zero and at most 7 days"
+                    ));
+                }
+                StepSpec::Pause(Some(pause))
+            }
+        } else if let Some(p) = item.strip_suffix('%') {
+            match p.parse::<u8>() {
+                Ok(p @ 1..=100) => StepSpec::Percent(p),
+                _ => return Err(format!("step {item:?}: a share is 1% to 100%")),
+            }
+        } else {
+            match item.parse::<usize>() {
+                Ok(n @ 1..=super::fleet::MAX_AGENTS) => StepSpec::Agents(n),
+                _ => {
+                    return Err(format!(
+                        "step {item:?} is not a number of agents (3), a share of the fleet (20%), `pause` or `pause DURATION`"
+                    ))
+                }
+            }
+        };
+        steps.push(step);
+    }
+    if !steps.iter().any(|s| !matches!(s, StepSpec::Pause(_))) {
+        return Err("--steps needs at least one count of agents or share of the fleet".into());
+    }
+    Ok(steps)
+}
+
+/// What a rollout does in order: switch groups of agents, pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    /// These agents, in waves (each at once, one wave after the other).
+    Switch(Vec<Vec<usize>>),
+    Pause(Option<Duration>),
+}
+
+/// The plan as stages. Without steps: the canary alone, then the waves.
+/// With steps, the agents to switch — the canary first, then the others
+/// in fleet order — are cut where each step's count of agents on the
+/// target (of `total`, counting `done`: already there) is reached, in
+/// waves of `max_parallel`; what is left after the last step is a last
+/// stage. Pauses stand where they are written, except before any switch
+/// or after the last one.
+pub fn stages(
+    plan: &Plan,
+    steps: &[StepSpec],
+    total: usize,
+    done: usize,
+    max_parallel: usize,
+) -> Vec<Stage> {
+    let max_parallel = max_parallel.max(1);
+    let waves = |agents: &[usize]| -> Vec<Vec<usize>> {
+        agents.chunks(max_parallel).map(<[usize]>::to_vec).collect()
+    };
+    let order: Vec<usize> = plan
+        .canary
+        .into_iter()
+        .chain(plan.waves.iter().flatten().copied())
+        .collect();
+    if steps.is_empty() {
+        let mut stages: Vec<Stage> = plan
+            .canary
+            .map(|c| Stage::Switch(vec![vec![c]]))
+            .into_iter()
+            .collect();
+        if !plan.waves.is_empty() {
+            stages.push(Stage::Switch(plan.waves.clone()));
+        }
+        return stages;
+    }
+    let mut stages = Vec::new();
+    let mut next = 0;
+    for step in steps {
+        let goal = match *step {
+            StepSpec::Pause(pause) => {
+                // A pause before anything switched, or after the last
+                // agent, waits for nothing.
+                if next > 0 && next < order.len() {
+                    stages.push(Stage::Pause(pause));
+                }
+                continue;
+            }
+            StepSpec::Agents(n) => n,
+            StepSpec::Percent(p) => (total * usize::from(p)).div_ceil(100),
+        };
+        let upto = goal.saturating_sub(done).min(order.len());
+        if upto > next {
+            stages.push(Stage::Switch(waves(&order[next..upto])));
+            next = upto;
+        }
+    }
+    if next < order.len() {
+        stages.push(Stage::Switch(waves(&order[next..])));
+    }
+    // Two pauses in a row (a step that switched nobody): the first is
+    // kept, as written first.
+    stages.dedup_by(|b, a| matches!((a, b), (Stage::Pause(_), Stage::Pause(_))));
+    stages
 }
 
 /// Which attempt of rollout `id` a run is, from every record of it the
@@ -337,6 +469,62 @@ mod tests {
         assert_eq!(Budget::None.of(100), 0);
     }
 
+    #[test]
+    fn steps_parse_and_cut_the_fleet() {
+        use StepSpec::*;
+        assert_eq!(
+            parse_steps("1, pause 30s,20%,pause,100%").unwrap(),
+            [
+                Agents(1),
+                Pause(Some(Duration::from_secs(30))),
+                Percent(20),
+                Pause(None),
+                Percent(100)
+            ]
+        );
+        for bad in [
+            "", "pause", "0", "101%", "0%", "x", "pause 0s", "pause 8d", "1,,2", "10001",
+        ] {
+            assert!(parse_steps(bad).is_err(), "{bad}");
+        }
+        // Ten agents, none on the target: the canary, then up to 5, then
+        // the rest, a pause after the canary.
+        let plan = plan(&[Elsewhere; 10], &[false; 10], 2);
+        let steps = parse_steps("1,pause 1m,50%,pause").unwrap();
+        assert_eq!(
+            stages(&plan, &steps, 10, 0, 2),
+            [
+                Stage::Switch(vec![vec![0]]),
+                Stage::Pause(Some(Duration::from_secs(60))),
+                Stage::Switch(vec![vec![1, 2], vec![3, 4]]),
+                Stage::Pause(None),
+                Stage::Switch(vec![vec![5, 6], vec![7, 8], vec![9]]),
+            ]
+        );
+        // Without steps: the canary alone, then the waves.
+        assert_eq!(
+            stages(&plan, &[], 10, 0, 4),
+            [
+                Stage::Switch(vec![vec![0]]),
+                Stage::Switch(vec![
+                    vec![1, 2],
+                    vec![3, 4],
+                    vec![5, 6],
+                    vec![7, 8],
+                    vec![9]
+                ]),
+            ]
+        );
+        // Run again with 5 of 10 there: 50% is behind it, and so is the
+        // pause after it (running it again is the go-ahead).
+        let found = [[Permanent; 5], [Elsewhere; 5]].concat();
+        let resumed = super::plan(&found, &[true; 10], 5);
+        assert_eq!(
+            stages(&resumed, &steps, 10, 5, 5),
+            [Stage::Switch(vec![vec![5, 6, 7, 8, 9]])]
+        );
+    }
+
     fn found() -> impl Strategy<Value = Found> {
         prop_oneof![Just(Permanent), Just(Soaking), Just(Elsewhere)]
     }
@@ -365,6 +553,40 @@ mod tests {
             prop_assert!(after_canary.windows(2).all(|w| w[0] < w[1]));
             let done_by_us = (0..found.len()).any(|i| found[i] == Permanent && ours[i]);
             prop_assert_eq!(plan.canary.is_some(), !pending.is_empty() && !done_by_us);
+        }
+
+        /// Whatever the steps, every agent of the plan is switched exactly
+        /// once, in the plan's order, no wave wider than asked, and no
+        /// pause before the first switch or after the last.
+        #[test]
+        fn steps_switch_every_agent_once_in_order(
+            n in 0usize..30,
+            done in 0usize..5,
+            max in 1usize..6,
+            steps in prop::collection::vec(prop_oneof![
+                (1usize..40).prop_map(StepSpec::Agents),
+                (1u8..=100).prop_map(StepSpec::Percent),
+                Just(StepSpec::Pause(None)),
+            ], 0..8),
+        ) {
+            let found = [vec![Permanent; done], vec![Elsewhere; n]].concat();
+            let plan = plan(&found, &vec![false; found.len()], max);
+            let stages = stages(&plan, &steps, found.len(), done, max);
+            let switched: Vec<usize> = stages.iter().flat_map(|s| match s {
+                Stage::Switch(waves) => {
+                    waves.iter().flatten().copied().collect()
+                }
+                Stage::Pause(_) => Vec::new(),
+            }).collect();
+            let order: Vec<usize> = plan.canary.into_iter().chain(plan.waves.concat()).collect();
+            prop_assert_eq!(switched, order);
+            for stage in &stages {
+                if let Stage::Switch(waves) = stage {
+                    prop_assert!(waves.iter().all(|w| !w.is_empty() && w.len() <= max));
+                }
+            }
+            prop_assert!(!matches!(stages.first(), Some(Stage::Pause(_))));
+            prop_assert!(!matches!(stages.last(), Some(Stage::Pause(_))));
         }
     }
 }

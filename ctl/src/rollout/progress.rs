@@ -4,14 +4,21 @@
 //! summary (or the JSON document) at the end.
 
 use std::io::IsTerminal;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// How often a plain line tells an agent's soak time left.
+const PLAIN_SOAK_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Progress {
     names: Vec<String>,
     /// One bar per agent, when stderr is a terminal.
     bars: Option<(MultiProgress, Vec<ProgressBar>)>,
+    /// When each agent's soak was last told on a plain line.
+    soak_told: Mutex<Vec<Option<Instant>>>,
 }
 
 impl Progress {
@@ -35,7 +42,25 @@ impl Progress {
                 .collect();
             (multi, bars)
         });
-        Progress { names, bars }
+        let soak_told = Mutex::new(vec![None; names.len()]);
+        Progress {
+            names,
+            bars,
+            soak_told,
+        }
+    }
+
+    /// Agent `i`'s soak goes on (about once a second): its live line
+    /// counts down; a plain line says so every 10 s.
+    pub fn soak(&self, i: usize, what: String) {
+        if self.bars.is_none() {
+            let mut told = self.soak_told.lock();
+            if told[i].is_some_and(|t| t.elapsed() < PLAIN_SOAK_EVERY) {
+                return;
+            }
+            told[i] = Some(Instant::now());
+        }
+        self.say(i, what);
     }
 
     /// Agent `i`'s line now says `what`.

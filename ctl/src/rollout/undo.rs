@@ -1,5 +1,5 @@
 //! `ctl rollout undo`: every agent a rollout switched goes back to the
-//! release it had before — read from the agent's own history (the first
+//! release it had before — read from the agent's own history (the last
 //! switch that rollout made there, in any attempt) — and the release it
 //! staged where it never switched is removed (unless `--keep-staged`).
 //!
@@ -203,7 +203,7 @@ struct Undo<'a> {
 /// Where an agent stands against the rollout being undone.
 struct Found {
     active: String,
-    /// The release it had before the rollout's first switch there, if the
+    /// The release it had before the rollout's last switch there, if the
     /// rollout switched it.
     before: Option<String>,
     /// The rollout staged its release there and it is only staged.
@@ -329,7 +329,7 @@ impl Undo<'_> {
         self.progress.say(i, "reading its history");
         let now = status(&node.agent).await.map_err(StepError::from_failure)?;
         let history = last_transitions(node, 0).await?;
-        let first_switch = history.iter().find(|t| {
+        let last_switch = history.iter().rev().find(|t| {
             t.result() == pb::TransitionResult::Ok
                 && t.to_version == self.version
                 && matches!(
@@ -350,7 +350,7 @@ impl Undo<'_> {
                 .any(|r| r.version == self.version && r.state() == pb::ReleaseState::Staged);
         Ok(Found {
             active: now.active_version,
-            before: first_switch.map(|t| t.from_version.clone()),
+            before: last_switch.map(|t| t.from_version.clone()),
             staged_only,
         })
     }
