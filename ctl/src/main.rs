@@ -239,8 +239,8 @@ struct StartRollout {
     /// fleet (`20%`) run the target once the step is done, and pauses
     /// between them (`pause 10m`, or `pause` until `ctl rollout resume`).
     /// Default: one canary, then the rest in waves.
-    #[arg(long, value_name = "STEPS", value_parser = rollout::parse_steps)]
-    steps: Option<Vec<rollout::StepSpec>>,
+    #[arg(long, value_name = "STEPS")]
+    steps: Option<rollout::Steps>,
     /// The soak of every switch (default: each agent's own).
     #[arg(long, value_name = "DURATION", value_parser = soak)]
     soak: Option<Duration>,
@@ -908,7 +908,7 @@ async fn main() {
                         library: start.library,
                         max_parallel: usize::from(start.max_parallel),
                         max_unavailable: start.max_unavailable,
-                        steps: start.steps.unwrap_or_default(),
+                        steps: start.steps.map(|s| s.0).unwrap_or_default(),
                         soak: start.soak,
                         timeout: start.timeout,
                         rollout_id: start.rollout_id,

@@ -62,7 +62,7 @@ use progress::Progress;
 use report::{Outcome, Phases, Report, Track};
 
 pub use lease::resume;
-pub use plan::{parse_steps, Budget, StepSpec, MAX_ROLLOUT_ID};
+pub use plan::{Budget, StepSpec, Steps, MAX_ROLLOUT_ID};
 
 /// Uploads at once while staging: they are the heavy part of a rollout
 /// (a few MB to each agent), and staging changes nothing that serves.

@@ -75,6 +75,18 @@ pub enum StepSpec {
     Pause(Option<Duration>),
 }
 
+/// `--steps` as clap holds it (a `Vec` would be taken for many values).
+#[derive(Debug, Clone)]
+pub struct Steps(pub Vec<StepSpec>);
+
+impl std::str::FromStr for Steps {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Steps, String> {
+        parse_steps(text).map(Steps)
+    }
+}
+
 /// The longest pause with a duration: a week, as a soak.
 const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
 
