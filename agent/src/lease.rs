@@ -63,7 +63,8 @@ pub struct Agents {
 pub struct Rollout {
     #[serde(flatten)]
     pub report: Report,
-    /// Who took the lease (the caller's identity).
+    /// Who took the lease (the caller's identity; a renewal of the same
+    /// attempt keeps it, another attempt's takes its own).
     pub owner: String,
     /// When the lease was first taken (kept across renewals and attempts).
     pub started_at_ms: i64,
@@ -263,24 +264,30 @@ impl Table {
             force,
             owner,
         } = take;
-        let (started_at_ms, taken_from, taken) = match self.holder.take() {
-            None => (now_ms, None, Taken::Fresh),
-            Some(held) if held.report.id == report.id => {
-                let taken = if held.report.attempt == report.attempt {
-                    Taken::Renewed
-                } else {
-                    Taken::Resumed {
-                        from_attempt: held.report.attempt,
-                    }
-                };
-                (held.started_at_ms, held.taken_from, taken)
-            }
+        let (started_at_ms, taken_from, taken, owner) = match self.holder.take() {
+            None => (now_ms, None, Taken::Fresh, owner),
+            // Renewed by anyone (`ctl rollout resume` writes into a paused
+            // rollout's record): it is still its taker's.
+            Some(held) if held.report.id == report.id && held.report.attempt == report.attempt => (
+                held.started_at_ms,
+                held.taken_from,
+                Taken::Renewed,
+                held.owner,
+            ),
+            Some(held) if held.report.id == report.id => (
+                held.started_at_ms,
+                held.taken_from,
+                Taken::Resumed {
+                    from_attempt: held.report.attempt,
+                },
+                owner,
+            ),
             Some(mut held) if force => {
                 held.report.outcome = TAKEN_OVER.to_owned();
                 held.ended_at_ms = Some(now_ms);
                 let from = held.tag();
                 self.end(held.clone());
-                (now_ms, Some(from), Taken::ByForce(Box::new(held)))
+                (now_ms, Some(from), Taken::ByForce(Box::new(held)), owner)
             }
             Some(held) => {
                 let refused = LeaseError::Held {
@@ -485,8 +492,13 @@ mod tests {
     fn the_same_rollout_resumes_keeping_when_it_started() {
         let mut table = Table::default();
         table.take(take("a", 1, false), 1_000).unwrap();
-        let (renewed, taken) = table.take(take("a", 1, false), 5_000).unwrap();
+        let by_ops = Take {
+            owner: "ops".into(),
+            ..take("a", 1, false)
+        };
+        let (renewed, taken) = table.take(by_ops, 5_000).unwrap();
         assert_eq!(taken, Taken::Renewed);
+        assert_eq!(renewed.owner, "ci");
         let (resumed, taken) = table.take(take("a", 2, false), 90_000).unwrap();
         assert_eq!(taken, Taken::Resumed { from_attempt: 1 });
         assert_eq!(
