@@ -34,9 +34,9 @@ const MAX_NAME: usize = 64;
 /// What an identity may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// Status, releases, history, watch, info.
+    /// Status, releases, history, watch, info, rollouts.
     Read,
-    /// Stage, upgrade, downgrade, rollback, make-permanent.
+    /// Stage, upgrade, downgrade, rollback, make-permanent, lease.
     Deploy,
     /// Remove, and everything else.
     Admin,

@@ -26,6 +26,7 @@ use crate::artifacts::{self, Reservation, Reservations, Upload};
 use crate::error::{Error, Reason};
 use crate::gate::{identity, Gate, MAX_STAGE_MESSAGE};
 use crate::incoming::Slots;
+use crate::lease::{self, Admitted, Rollout};
 use crate::model::{Event, EventKind, Outcome, Release, ReleaseState, Transition, TransitionKind};
 use crate::release_handler::{
     check_service, embedded_sha256, inspect, CarriedState, Command, Direction, Engine, Meta,
@@ -39,6 +40,13 @@ const MAX_ARTIFACT: u64 = 512 * 1024 * 1024;
 const MAX_SOAK: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_REQUEST_ID: usize = 128;
 const MAX_REASON: usize = 1024;
+/// A rollout's record, as `Lease` takes it.
+const MAX_ROLLOUT_ID: usize = 64;
+const MAX_STEP: usize = 256;
+const MAX_OUTCOME: usize = 64;
+const MAX_COMMAND: usize = 1024;
+/// How long a lease may hold without a renewal.
+const LEASE_TTL: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
 /// Largest history page.
 const MAX_PAGE: u32 = 1000;
 /// `Watch` streams one identity may have open at once.
@@ -110,6 +118,16 @@ pub fn status(error: Error) -> Status {
         Error::Load { version, .. } | Error::Plugin { version, .. } => {
             metadata.insert("version".to_owned(), version.to_string());
         }
+        Error::Lease(refused) => {
+            if let Some(holder) = refused.holder() {
+                metadata.insert("rollout_id".to_owned(), holder.report.id.clone());
+                metadata.insert("owner".to_owned(), holder.owner.clone());
+                metadata.insert("expires_at_ms".to_owned(), holder.expires_at_ms.to_string());
+            }
+            if let Some(lease) = refused.lease() {
+                metadata.insert("lease".to_owned(), lease.to_owned());
+            }
+        }
         _ => {}
     }
     let code = code(reason);
@@ -177,7 +195,9 @@ fn code(reason: Reason) -> Code {
         | Reason::CanaryWithState
         | Reason::CanaryWhileCurrent
         | Reason::OutcomeUnknown
-        | Reason::TransitionAborted => Code::FailedPrecondition,
+        | Reason::TransitionAborted
+        | Reason::LeaseHeld
+        | Reason::Leased => Code::FailedPrecondition,
         Reason::ChecksumMismatch => Code::DataLoss,
         Reason::UploadStalled => Code::DeadlineExceeded,
         Reason::QuiesceTimeout | Reason::StoreUnavailable | Reason::ShuttingDown => {
@@ -204,9 +224,11 @@ fn parse_version(field: &str, text: &str) -> Result<Version, Status> {
 }
 
 /// A mutating request: it carries a request id, an expected active
-/// release and a reason.
+/// release and a reason, and (a switching command) the rollout lease it
+/// is sent under and whether it is forced past another's.
 trait Mutating {
     fn fields(&self) -> (&str, &str, &str);
+    fn lease(&self) -> Lease<'_>;
 }
 
 macro_rules! mutating {
@@ -215,8 +237,22 @@ macro_rules! mutating {
             fn fields(&self) -> (&str, &str, &str) {
                 (&self.request_id, &self.expected_active, &self.reason)
             }
+
+            fn lease(&self) -> Lease<'_> {
+                Lease {
+                    rollout_id: &self.lease,
+                    force: self.force,
+                }
+            }
         }
     )*};
+}
+
+/// A switching command's `lease` and `force` fields.
+#[derive(Clone, Copy)]
+struct Lease<'a> {
+    rollout_id: &'a str,
+    force: bool,
 }
 
 mutating!(
@@ -280,6 +316,73 @@ fn deadline(metadata: &MetadataMap) -> Option<Instant> {
         _ => return None,
     };
     Instant::now().checked_add(timeout)
+}
+
+/// A rollout id (`record.rollout_id`, or a command's `lease`), checked.
+fn rollout_id(field: &str, id: &str) -> Result<String, Status> {
+    if id.is_empty() || id.len() > MAX_ROLLOUT_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(format!(
+            "{field}: a rollout id is 1 to {MAX_ROLLOUT_ID} printable ASCII characters without spaces"
+        )));
+    }
+    Ok(id.to_owned())
+}
+
+/// The fields of a `RolloutRecord` the rollout sets, checked; those the
+/// agent sets are ignored.
+fn rollout_report(record: &pb::RolloutRecord) -> Result<lease::Report, Status> {
+    let id = rollout_id("record.rollout_id", &record.rollout_id)?;
+    if record.attempt == 0 {
+        return Err(invalid("record.attempt: attempts count from 1"));
+    }
+    let version = parse_version("record.version", &record.version)?;
+    for (field, text, max) in [
+        ("record.step", &record.step, MAX_STEP),
+        ("record.outcome", &record.outcome, MAX_OUTCOME),
+        ("record.command", &record.command, MAX_COMMAND),
+    ] {
+        if text.chars().count() > max {
+            return Err(invalid(format!("{field} is over {max} characters")));
+        }
+    }
+    Ok(lease::Report {
+        id,
+        attempt: record.attempt,
+        version,
+        step: record.step.clone(),
+        outcome: record.outcome.clone(),
+        agents: lease::Agents {
+            total: record.agents_total,
+            done: record.agents_done,
+            pending: record.agents_pending,
+            skipped: record.agents_skipped,
+        },
+        soak_until_ms: record.soak_until_ms,
+        command: record.command.clone(),
+    })
+}
+
+fn rollout_pb(rollout: &Rollout) -> pb::RolloutRecord {
+    let report = &rollout.report;
+    pb::RolloutRecord {
+        rollout_id: report.id.clone(),
+        attempt: report.attempt,
+        version: report.version.to_string(),
+        owner: rollout.owner.clone(),
+        started_at_ms: rollout.started_at_ms,
+        updated_at_ms: rollout.updated_at_ms,
+        expires_at_ms: rollout.expires_at_ms,
+        ended_at_ms: rollout.ended_at_ms.unwrap_or(0),
+        step: report.step.clone(),
+        outcome: report.outcome.clone(),
+        agents_total: report.agents.total,
+        agents_done: report.agents.done,
+        agents_pending: report.agents.pending,
+        agents_skipped: report.agents.skipped,
+        soak_until_ms: report.soak_until_ms,
+        taken_from: rollout.taken_from.clone().unwrap_or_default(),
+        command: report.command.clone(),
+    }
 }
 
 fn permanence(request: &pb::TransitionRequest) -> Result<Permanence, Status> {
@@ -457,6 +560,43 @@ impl ControlService {
         self.engine.command(command, meta).await.map_err(status)
     }
 
+    /// A switching command (Upgrade, Downgrade — canaries included —,
+    /// Rollback, MakePermanent, Remove): checked against the rollout lease
+    /// here, the one place, then run. While a rollout holds the lease it
+    /// is refused (LEASED) unless it is sent under that rollout's lease or
+    /// forced; a forced one says so in its reason, for the history. A dry
+    /// run changes nothing and is never refused. What the agent does on
+    /// its own (soak verdicts, health-gated rollbacks) never comes here.
+    async fn switching(
+        &self,
+        command: Command,
+        mut meta: Meta,
+        lease: Lease<'_>,
+    ) -> Result<Reply, Status> {
+        let sent_under = match lease.rollout_id {
+            "" => None,
+            id => Some(rollout_id("lease", id)?),
+        };
+        if !command.dry_run() {
+            let admitted = self
+                .engine
+                .admit_command(sent_under.as_deref(), lease.force, command.name())
+                .map_err(status)?;
+            if let Admitted::Forced(holder) = admitted {
+                let note = format!(
+                    "(forced past rollout {}'s lease, attempt {} by {})",
+                    holder.report.id, holder.report.attempt, holder.owner
+                );
+                tracing::warn!(command = command.name(), identity = ?meta.identity, "{note}");
+                meta.reason = Some(match meta.reason.take() {
+                    Some(reason) => format!("{reason} {note}"),
+                    None => note,
+                });
+            }
+        }
+        self.command(command, meta).await
+    }
+
     /// Upgrade and Downgrade: the same request, another direction.
     async fn switch(
         &self,
@@ -466,6 +606,7 @@ impl ControlService {
         let identity = identity(&request)?;
         let meta_in = meta_of(&request, identity)?;
         let request = request.into_inner();
+        let lease = request.lease();
         let version = parse_version("version", &request.version)?;
         self.check_trusted(&version)?;
         let command = match &request.canary {
@@ -498,7 +639,7 @@ impl ControlService {
                 },
             },
         };
-        let reply = self.command(command, meta_in).await?;
+        let reply = self.switching(command, meta_in, lease).await?;
         Ok(Response::new(transition_reply(reply)))
     }
 }
@@ -722,12 +863,13 @@ impl Control for ControlService {
         let r = request.get_ref();
         let source = state_source(r.state)?;
         let reply = self
-            .command(
+            .switching(
                 Command::Rollback {
                     source,
                     dry_run: r.dry_run,
                 },
                 meta,
+                r.lease(),
             )
             .await?;
         Ok(Response::new(transition_reply(reply)))
@@ -743,7 +885,7 @@ impl Control for ControlService {
         let version = parse_version("version", &r.version)?;
         self.check_trusted(&version)?;
         let reply = self
-            .command(Command::MakePermanent { version }, meta)
+            .switching(Command::MakePermanent { version }, meta, r.lease())
             .await?;
         Ok(Response::new(transition_reply(reply)))
     }
@@ -756,8 +898,9 @@ impl Control for ControlService {
         let meta = meta_of(&request, identity)?;
         let r = request.get_ref();
         let version = parse_version("version", &r.version)?;
-        let Reply::Removed { release, collected } =
-            self.command(Command::Remove { version }, meta).await?
+        let Reply::Removed { release, collected } = self
+            .switching(Command::Remove { version }, meta, r.lease())
+            .await?
         else {
             return Err(Status::internal("Remove answered with another reply"));
         };
@@ -916,6 +1059,55 @@ impl Control for ControlService {
             started_at_ms: self.engine.started_at_ms(),
             pid: std::process::id(),
             process: Some(self.process()),
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let identity = identity(&request)?;
+        let r = request.into_inner();
+        let Some(record) = &r.record else {
+            return Err(invalid(
+                "record: the rollout taking or giving back the lease is missing",
+            ));
+        };
+        let report = rollout_report(record)?;
+        // A flush: off the async threads' way.
+        let record = if r.release {
+            tokio::task::block_in_place(|| self.engine.give_back_lease(report))
+        } else {
+            if !LEASE_TTL.contains(&r.ttl_ms) {
+                return Err(invalid(format!(
+                    "ttl_ms {} is out of range: a lease holds 1 s to 1 hour without a renewal ({} to {} ms)",
+                    r.ttl_ms,
+                    LEASE_TTL.start(),
+                    LEASE_TTL.end()
+                )));
+            }
+            let take = lease::Take {
+                report,
+                ttl_ms: r.ttl_ms as i64,
+                force: r.force,
+                owner: identity.name,
+            };
+            tokio::task::block_in_place(|| self.engine.take_lease(take)).map(Some)
+        }
+        .map_err(status)?;
+        Ok(Response::new(pb::LeaseReply {
+            record: record.as_ref().map(rollout_pb),
+        }))
+    }
+
+    async fn rollouts(
+        &self,
+        _request: Request<pb::RolloutsRequest>,
+    ) -> Result<Response<pb::RolloutsReply>, Status> {
+        let (holder, ended) = self.engine.rollouts();
+        Ok(Response::new(pb::RolloutsReply {
+            holder: holder.as_ref().map(rollout_pb),
+            ended: ended.iter().map(rollout_pb).collect(),
         }))
     }
 
@@ -1247,6 +1439,8 @@ fn event_pb(event: &Event) -> pb::Event {
         EventKind::AgentStarted => pb::EventKind::AgentStarted,
         EventKind::CheckpointSkipped => pb::EventKind::CheckpointSkipped,
         EventKind::AgentRestartFailed => pb::EventKind::AgentRestartFailed,
+        EventKind::LeaseTaken => pb::EventKind::LeaseTaken,
+        EventKind::LeaseReleased => pb::EventKind::LeaseReleased,
     };
     pb::Event {
         id: event.id,

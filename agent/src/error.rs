@@ -6,6 +6,7 @@ use nine9s_host::{CallError, LoadError};
 use nine9s_manifest::{ManifestError, Version};
 
 use crate::datadir::DataDirError;
+use crate::lease::LeaseError;
 pub use crate::reason::Reason;
 use crate::store::StoreError;
 
@@ -56,6 +57,9 @@ pub enum Error {
     ExpectedActive { expected: Version, active: Version },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A rollout holds the agent's lease.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     /// The data dir or a file a flag names cannot be used (another local
     /// user could have made or changed it; the worker user cannot reach
     /// it): the agent does not start.
@@ -98,6 +102,8 @@ impl Error {
             Error::QuiesceTimeout { .. } => Reason::QuiesceTimeout,
             Error::ExpectedActive { .. } => Reason::ExpectedActiveMismatch,
             Error::Store(_) => Reason::StoreUnavailable,
+            Error::Lease(LeaseError::Held { .. }) => Reason::LeaseHeld,
+            Error::Lease(LeaseError::Leased { .. }) => Reason::Leased,
             Error::DataDir(DataDirError::Io { source, .. }) if is_disk_full(source) => {
                 Reason::DiskFull
             }

@@ -39,9 +39,13 @@ const PREFIX: &str = "/nine9s.control.v1.Control/";
 fn method(path: &str) -> (Role, usize) {
     match path.strip_prefix(PREFIX).unwrap_or("") {
         "Stage" => (Role::Deploy, MAX_STAGE_MESSAGE),
-        "Upgrade" | "Downgrade" | "Rollback" | "MakePermanent" => (Role::Deploy, MAX_MESSAGE),
+        "Upgrade" | "Downgrade" | "Rollback" | "MakePermanent" | "Lease" => {
+            (Role::Deploy, MAX_MESSAGE)
+        }
         "Remove" | "RestartAgent" => (Role::Admin, MAX_MESSAGE),
-        "Status" | "ListReleases" | "History" | "Watch" | "AgentInfo" => (Role::Read, MAX_MESSAGE),
+        "Status" | "ListReleases" | "History" | "Watch" | "AgentInfo" | "Rollouts" => {
+            (Role::Read, MAX_MESSAGE)
+        }
         _ => (Role::Read, MAX_MESSAGE),
     }
 }

@@ -34,6 +34,7 @@ mod handover;
 mod http;
 mod http_tls;
 mod incoming;
+mod lease;
 pub mod local;
 mod metrics;
 mod model;

@@ -199,6 +199,10 @@ pub enum EventKind {
     CheckpointSkipped,
     /// A self-upgrade failed; the agent goes on serving.
     AgentRestartFailed,
+    /// A rollout took the agent's lease (not a renewal).
+    LeaseTaken,
+    /// A rollout gave the agent's lease back.
+    LeaseReleased,
 }
 
 impl Event {

@@ -78,6 +78,11 @@ pub enum Reason {
     TooManyWatches,
     /// A `Watch` stream whose client did not read its events in time.
     WatcherTooSlow,
+    /// Another rollout holds the agent's lease (taking it).
+    LeaseHeld,
+    /// A switching command refused while a rollout holds the agent's lease
+    /// (it is not that rollout's, and not forced).
+    Leased,
     Internal,
 }
 
@@ -122,6 +127,8 @@ impl Reason {
             Reason::Busy => "BUSY",
             Reason::TooManyWatches => "TOO_MANY_WATCHES",
             Reason::WatcherTooSlow => "WATCHER_TOO_SLOW",
+            Reason::LeaseHeld => "LEASE_HELD",
+            Reason::Leased => "LEASED",
             Reason::Internal => "INTERNAL",
         }
     }

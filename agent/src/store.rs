@@ -1,7 +1,8 @@
 //! Everything the agent persists, in one sled database: the releases it
 //! knows, the history of transitions, state snapshots, the events `Watch`
-//! replays, the outcomes of request ids, and a few facts about the store
-//! itself (the clean-stop mark, boot attempts, the canary serving). The
+//! replays, the outcomes of request ids, the rollout lease and the
+//! rollouts that held it, and a few facts about the store itself (the
+//! clean-stop mark, boot attempts, the canary serving). The
 //! only module that knows about sled; the rest of the agent sees domain
 //! types.
 //!
@@ -20,6 +21,7 @@ use nine9s_manifest::Version;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::lease::{Rollout, ENDED_KEPT};
 use crate::model::{
     Event, EventKind, Outcome, Recorded, RecordedOutcome, Release, Snapshot, Transition,
 };
@@ -86,6 +88,9 @@ struct Trees {
     requests: sled::Tree,
     /// Small facts about the store itself (whether the last stop was clean).
     meta: sled::Tree,
+    /// The rollout holding the lease ([`LEASE_HOLDER`]) and the ended
+    /// ones ([`ENDED_ROLLOUTS`]).
+    rollouts: sled::Tree,
 }
 
 impl Trees {
@@ -107,6 +112,7 @@ impl Trees {
             events: db.open_tree("events")?,
             requests: db.open_tree("requests")?,
             meta: db.open_tree("meta")?,
+            rollouts: db.open_tree("rollouts")?,
             db,
         })
     }
@@ -126,6 +132,17 @@ const BOOTING: &[u8] = b"booting";
 
 /// `meta` key: the version of the canary serving, while one does.
 const CANARY: &[u8] = b"canary";
+
+/// `rollouts` key of the rollout holding the lease, while one does.
+const LEASE_HOLDER: &[u8] = b"holder";
+
+/// `rollouts` key prefix of ended rollouts, each under a big-endian
+/// number that grows: oldest first.
+const ENDED_ROLLOUTS: &[u8] = b"ended/";
+
+fn ended_key(n: u64) -> Vec<u8> {
+    [ENDED_ROLLOUTS, &n.to_be_bytes()].concat()
+}
 
 impl Store {
     pub fn open(dir: &Path, history_kept: usize) -> Result<Store> {
@@ -606,6 +623,64 @@ impl Store {
             .transpose()
     }
 
+    /// The rollout holding the lease, and the ended ones, newest first.
+    pub fn rollouts(&self) -> Result<(Option<Rollout>, Vec<Rollout>)> {
+        let t = self.trees()?;
+        let holder = t
+            .rollouts
+            .get(LEASE_HOLDER)?
+            .map(|v| Ok::<_, StoreError>(serde_json::from_slice(&v)?))
+            .transpose()?;
+        let ended = t
+            .rollouts
+            .scan_prefix(ENDED_ROLLOUTS)
+            .values()
+            .rev()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect::<Result<_>>()?;
+        Ok((holder, ended))
+    }
+
+    /// Writes the lease's holder (`None`: nobody holds it) and the
+    /// rollouts that just ended (oldest first) in one transaction, keeps
+    /// the last [`ENDED_KEPT`] ended ones, and flushes: a lease outlives
+    /// any crash after it was answered.
+    pub fn write_rollouts(&self, holder: Option<&Rollout>, ended: &[Rollout]) -> Result<()> {
+        let t = self.trees()?;
+        let holder = holder.map(serde_json::to_vec).transpose()?;
+        // One writer at a time (the engine's lease lock): the last number
+        // read now is the last there is.
+        let last = match t.rollouts.scan_prefix(ENDED_ROLLOUTS).keys().next_back() {
+            Some(key) => key_id(&key?[ENDED_ROLLOUTS.len()..])?,
+            None => 0,
+        };
+        let ended = (last + 1..)
+            .zip(ended)
+            .map(|(n, r)| Ok((ended_key(n), serde_json::to_vec(r)?)))
+            .collect::<Result<Vec<_>>>()?;
+        t.rollouts
+            .transaction(|tree| {
+                match &holder {
+                    Some(record) => tree.insert(LEASE_HOLDER, record.as_slice())?,
+                    None => tree.remove(LEASE_HOLDER)?,
+                };
+                for (key, record) in &ended {
+                    tree.insert(key.as_slice(), record.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        let kept: Vec<_> = t
+            .rollouts
+            .scan_prefix(ENDED_ROLLOUTS)
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for old in kept.iter().take(kept.len().saturating_sub(ENDED_KEPT)) {
+            t.rollouts.remove(old)?;
+        }
+        self.flush()
+    }
+
     /// Records a clean stop, durably.
     pub fn mark_stopped(&self) -> Result<()> {
         let t = self.trees()?;
@@ -951,6 +1026,52 @@ mod tests {
         let store = Store::open_waiting(dir.path(), 5, std::time::Duration::from_secs(2)).unwrap();
         assert_eq!(record(&store, 3), [5, 6, 7]);
         assert_eq!(event_ids(&store), [3, 4, 5, 6, 7]);
+    }
+
+    fn rollout(id: &str, ended_at_ms: Option<i64>) -> Rollout {
+        Rollout {
+            report: crate::lease::Report {
+                id: id.into(),
+                attempt: 1,
+                version: Version::new(0, 2, 0),
+                step: "wave 1 of 2".into(),
+                outcome: String::new(),
+                agents: crate::lease::Agents::default(),
+                soak_until_ms: 0,
+                command: String::new(),
+            },
+            owner: "ci".into(),
+            started_at_ms: 1,
+            updated_at_ms: 2,
+            expires_at_ms: 3,
+            ended_at_ms,
+            taken_from: None,
+        }
+    }
+
+    #[test]
+    fn the_lease_and_the_last_ended_rollouts_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = rollout("b", None);
+        {
+            let store = Store::open(dir.path(), 100).unwrap();
+            for n in 0..(ENDED_KEPT as i64 + 5) {
+                store
+                    .write_rollouts(None, &[rollout(&format!("r{n}"), Some(n))])
+                    .unwrap();
+            }
+            store
+                .write_rollouts(Some(&holder), &[rollout("a", Some(1000))])
+                .unwrap();
+        }
+        let store = reopen(dir.path());
+        let (kept, ended) = store.rollouts().unwrap();
+        assert_eq!(kept, Some(holder));
+        assert_eq!(ended.len(), ENDED_KEPT);
+        assert_eq!(ended[0].report.id, "a");
+        assert_eq!(ended[1].report.id, format!("r{}", ENDED_KEPT + 4));
+        store.write_rollouts(None, &[]).unwrap();
+        assert_eq!(store.rollouts().unwrap().0, None);
     }
 
     #[test]

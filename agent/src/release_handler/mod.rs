@@ -13,7 +13,8 @@
 //! (`status`, `history`, `watch`) never wait for the actor: they read the
 //! store and the published [`View`]. The [`soak`] watcher calls plugin
 //! health checks outside the actor, with a timeout, and sends verdicts in;
-//! the actor acts on them ([`soaking`]).
+//! the actor acts on them ([`soaking`]). Beside the actor, the engine
+//! holds the rollout lease ([`leases`]), which switches nothing.
 
 use std::sync::{mpsc, Arc};
 
@@ -39,6 +40,7 @@ mod catalog;
 mod checkpoint;
 mod handoff;
 mod journal;
+mod leases;
 mod machine;
 mod soak;
 mod soaking;
@@ -104,7 +106,26 @@ pub enum Command {
 }
 
 impl Command {
-    fn dry_run(&self) -> bool {
+    /// What it is called, as ctl says it, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Stage(_) => "stage",
+            Command::Switch {
+                direction: Direction::Up,
+                ..
+            } => "upgrade",
+            Command::Switch {
+                direction: Direction::Down,
+                ..
+            } => "downgrade",
+            Command::Rollback { .. } => "rollback",
+            Command::MakePermanent { .. } => "make-permanent",
+            Command::Remove { .. } => "remove",
+            Command::Canary { .. } => "canary",
+        }
+    }
+
+    pub fn dry_run(&self) -> bool {
         matches!(
             self,
             Command::Switch { dry_run: true, .. } | Command::Rollback { dry_run: true, .. }
@@ -255,6 +276,7 @@ struct Shared {
     started: Instant,
     started_at_ms: i64,
     view: Mutex<View>,
+    leases: leases::Leases,
 }
 
 impl Shared {
@@ -316,6 +338,7 @@ impl Engine {
     ) -> Result<Engine> {
         let booted = boot::boot(config, preloaded)?;
         let failed_restart = booted.config.failed_restart.clone();
+        let leases = leases::Leases::load(&booted.journal.store)?;
         let shared = Arc::new(Shared {
             config: booted.config,
             journal: booted.journal,
@@ -328,6 +351,7 @@ impl Engine {
                 store_error: None,
                 last_checkpoint_ms: None,
             }),
+            leases,
         });
         let (jobs, inbox) = mpsc::channel();
         let actor = actor::Actor::new(
