@@ -49,6 +49,8 @@ fn fleet(n: usize) -> Fleet {
 fn rollout_args(fleet: &Path, version: &str, extra: &[&str]) -> Vec<String> {
     let (dir, lib) = if version == "0.6.0" {
         (fixture_dir("unhealthy"), library("fixture_unhealthy"))
+    } else if version == "0.7.0" {
+        (fixture_dir("init-fails"), library("fixture_init_fails"))
     } else {
         (
             release_dir(&format!("nine9s-{version}")),
@@ -659,4 +661,33 @@ fn a_step_pauses_until_resumed_from_another_process() {
     .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to resume"));
+}
+
+#[test]
+fn a_switch_refused_on_the_canary_stops_the_rollout_with_nothing_switched() {
+    let fleet = fleet(2);
+    let fast = ["--max-parallel", "2", "--soak", "300ms"];
+    assert_eq!(run(&rollout_args(&fleet.file, "0.2.0", &fast)).0.code, 0);
+    // 0.7.0's init panics when handed 0.2.0's state: its load fails.
+    let (ctl, report) = run(&rollout_args(&fleet.file, "0.7.0", &fast));
+    assert_eq!(
+        ctl.code, 1,
+        "nothing was switched, so nothing rolled back: {ctl:#?}"
+    );
+    assert_eq!(report["outcome"], "stopped");
+    assert_eq!(outcomes(&report), ["failed", "not_reached"]);
+    assert!(
+        ctl.stderr.contains("stopped before switching any agent"),
+        "{ctl:#?}"
+    );
+    for (agent, reported) in fleet
+        .agents
+        .iter()
+        .zip(report["agents"].as_array().unwrap())
+    {
+        assert_eq!(agent.status()["active_version"], "0.2.0");
+        assert!(transitions(&agent.history(), "rollback", "0.2.0").is_empty());
+        // Staged by this rollout and never switched to: removed again.
+        assert!(agent.release("0.7.0").is_none(), "{reported:#}");
+    }
 }
