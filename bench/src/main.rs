@@ -92,6 +92,10 @@ Build first: cargo build --release --workspace
                    of 0.2.0 with --soak 1s --max-parallel 10; wall time
                    (target: 10 s for 50), phases, failed and refused
                    requests (must be 0)
+  --rollout-steps STEPS
+                   with --rollout: ctl rollout --steps STEPS
+  --rollout-down K with --rollout: K more agents in the fleet that are not
+                   running, skipped under --max-unavailable K
   --service        instead of the bench: the README's async release
                    myservice 0.1.0 through the agent and the same router
                    served bare by hyper (a child), N (default 32)
@@ -309,6 +313,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     let mut stalled = None;
     let mut upload_mib = None;
     let mut rollout = None;
+    let mut rollout_steps = None;
+    let mut rollout_down = None;
     let mut bad_binary = false;
     let mut service = false;
     let mut sleepers = None;
@@ -375,6 +381,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             "--stalled-uploads" => stalled = Some(number::<usize>(&flag, &value()?)?),
             "--upload-mib" => upload_mib = Some(number::<usize>(&flag, &value()?)?),
             "--rollout" => rollout = Some(number::<usize>(&flag, &value()?)?),
+            "--rollout-steps" => rollout_steps = Some(value()?),
+            "--rollout-down" => rollout_down = Some(number::<usize>(&flag, &value()?)?),
             "--bad-binary" => bad_binary = true,
             "--service" => service = true,
             "-h" | "--help" => return Ok(Mode::Help),
@@ -425,6 +433,9 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
     if bad_binary && self_upgrades.is_none() {
         return Err("--bad-binary goes with --self-upgrades".into());
     }
+    if rollout.is_none() && (rollout_steps.is_some() || rollout_down.is_some()) {
+        return Err("--rollout-steps and --rollout-down go with --rollout".into());
+    }
     if let Some(agents) = rollout {
         let others = [
             crash_loop.is_some(),
@@ -445,7 +456,15 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Mode, String> {
         if !(1..=500).contains(&agents) {
             return Err("--rollout takes 1 to 500 agents".into());
         }
-        return Ok(Mode::Rollout(rollout::Options { agents }));
+        let down = rollout_down.unwrap_or(0);
+        if down > agents {
+            return Err("--rollout-down takes at most as many agents as --rollout".into());
+        }
+        return Ok(Mode::Rollout(rollout::Options {
+            agents,
+            steps: rollout_steps,
+            down,
+        }));
     }
     if let Some(uploads) = stalled {
         if short

@@ -4,7 +4,10 @@
 //! `--soak 1s --max-parallel 10`: stage everywhere, a canary, then waves.
 //! The figures are ctl's wall time and its phases, and the load's failed
 //! and refused requests (must be 0); the target is the whole rollout in
-//! 10 s for 50 agents.
+//! 10 s for 50 agents. `--rollout-steps STEPS` gives ctl `--steps`;
+//! `--rollout-down K` lists K more agents in the fleet that are not
+//! running, with `--max-unavailable K`: they are skipped (ctl exits 6)
+//! and every other agent converges.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,10 @@ const LOADED_AGENTS: usize = 10;
 
 pub struct Options {
     pub agents: usize,
+    /// ctl's `--steps`.
+    pub steps: Option<String>,
+    /// Agents in the fleet file that do not run.
+    pub down: usize,
 }
 
 pub async fn rollout(options: Options) -> anyhow::Result<Outcome> {
@@ -59,6 +66,18 @@ pub async fn rollout(options: Options) -> anyhow::Result<Outcome> {
             "[[agent]]\nname = \"agent-{i}\"\naddress = \"{}\"\n",
             agent.local(),
         ));
+        // The agents that are down sit among the others, spread evenly.
+        if options.down > 0 && i % (agents.len() / options.down).max(1) == 0 {
+            let gone = toml.matches("name = \"down-").count();
+            if gone < options.down {
+                toml.push_str(&format!(
+                    "[[agent]]\nname = \"down-{gone}\"\naddress = \"unix:{}\"\n",
+                    temp.path()
+                        .join(format!("down-{gone}/control.sock"))
+                        .display()
+                ));
+            }
+        }
     }
     std::fs::write(&fleet, toml)?;
 
@@ -68,8 +87,16 @@ pub async fn rollout(options: Options) -> anyhow::Result<Outcome> {
         .map(|agent| Load::start(agent.http, 1))
         .collect();
     let (release_dir, library) = &layout.releases[0];
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(steps) = &options.steps {
+        extra.extend(["--steps".into(), steps.clone()]);
+    }
+    if options.down > 0 {
+        extra.extend(["--max-unavailable".into(), options.down.to_string()]);
+    }
     progress(format_args!(
-        "ctl rollout --to 0.2.0 --soak {SOAK} --max-parallel {MAX_PARALLEL}"
+        "ctl rollout --to 0.2.0 --soak {SOAK} --max-parallel {MAX_PARALLEL} {}",
+        extra.join(" ")
     ));
     let wall = Instant::now();
     let ctl = tokio::process::Command::new(&layout.ctl)
@@ -81,6 +108,7 @@ pub async fn rollout(options: Options) -> anyhow::Result<Outcome> {
         .arg("--fleet")
         .arg(&fleet)
         .args(["--soak", SOAK, "--max-parallel", MAX_PARALLEL])
+        .args(&extra)
         .env_remove("NINE9S_AGENT")
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -104,19 +132,28 @@ pub async fn rollout(options: Options) -> anyhow::Result<Outcome> {
     let on_target = report["agents"]
         .as_array()
         .map_or(0, |a| a.iter().filter(|a| a["after"] == "0.2.0").count());
-    if !ctl.status.success() {
+    let skipped = report["agents"].as_array().map_or(0, |a| {
+        a.iter().filter(|a| a["outcome"] == "skipped").count()
+    });
+    // With agents down, ctl says it skipped them: exit 6.
+    let expected = if options.down > 0 { 6 } else { 0 };
+    if ctl.status.code() != Some(expected) {
         bail!(
             "ctl rollout exited {:?}: {}",
             ctl.status.code(),
             report["halted_by"]
         );
     }
-    let converged = report["outcome"] == "converged" && on_target == agents.len();
+    let converged =
+        report["outcome"] == "converged" && on_target == agents.len() && skipped == options.down;
     let json = json!({
         "mode": "rollout",
         "agents": agents.len(),
         "soak": SOAK,
         "max_parallel": MAX_PARALLEL.parse::<u32>().unwrap_or(0),
+        "steps": options.steps,
+        "down": options.down,
+        "skipped": skipped,
         "wall_s": round(wall.as_secs_f64(), 2),
         "target_wall_s": TARGET.as_secs(),
         "within_target": wall <= TARGET,
