@@ -21,8 +21,11 @@ use crate::{json, Failure, Output};
 /// shows as expired this long after (its agents stay held until it is
 /// resumed, undone or taken over).
 pub const TTL: Duration = Duration::from_secs(30);
-/// Renewed this often, and at once when the progress changes.
+/// Renewed this often, and soon when the progress changes: at most once
+/// a second then, so that a burst of changes (a wave's agents finishing)
+/// costs each agent one write of its store.
 const RENEW_EVERY: Duration = Duration::from_secs(10);
+const RENEW_AFTER_CHANGE: Duration = Duration::from_secs(1);
 /// While paused until `ctl rollout resume`, the lease is renewed this
 /// rarely and for this long, so that the resume's word (in the record's
 /// step) is not overwritten before it is read; how often it is looked for.
@@ -80,10 +83,16 @@ impl<'a> Leases<'a> {
     /// Keeps every held lease alive until `stop` turns true.
     pub async fn renew_until(&self, mut stop: watch::Receiver<bool>) {
         loop {
-            tokio::select! {
+            let changed = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(RENEW_EVERY) => {}
-                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(RENEW_EVERY) => false,
+                _ = self.changed.notified() => true,
+            };
+            if changed {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(RENEW_AFTER_CHANGE) => {}
+                }
             }
             if self.paused.load(Ordering::Relaxed) {
                 continue;
