@@ -100,6 +100,20 @@ fn run(args: &[String]) -> (Ctl, Value) {
     (ctl, report)
 }
 
+/// The fleet's file with one more agent, `gone`, that is not there (no
+/// socket: a freed TCP port could be taken by another test's agent).
+fn with_gone(fleet: &Fleet) -> PathBuf {
+    let dir = fleet.file.parent().unwrap();
+    let gone_url = format!("unix:{}", dir.join("gone/control.sock").display());
+    let mut text = std::fs::read_to_string(&fleet.file).unwrap();
+    text.push_str(&format!(
+        "[[agent]]\nname = \"gone\"\naddress = \"{gone_url}\"\n"
+    ));
+    let with_gone = dir.join("with-gone.toml");
+    std::fs::write(&with_gone, text).unwrap();
+    with_gone
+}
+
 /// `ctl --output json ARGS`: its document, whatever the exit.
 fn ctl_json(args: &[&str]) -> Value {
     let mut all = vec!["--output".to_owned(), "json".to_owned()];
@@ -366,16 +380,8 @@ fn a_fleet_given_wrong_is_refused_and_an_unreachable_agent_stops_everything() {
     assert_eq!(status.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&status.stderr).contains("only `ctl rollout`"));
 
-    // A third agent that is not there (no socket: a freed TCP port could
-    // be taken by another test's agent meanwhile): nothing is staged or
-    // switched.
-    let gone_url = format!("unix:{}", dir.join("gone/control.sock").display());
-    let mut text = std::fs::read_to_string(&fleet.file).unwrap();
-    text.push_str(&format!(
-        "[[agent]]\nname = \"gone\"\naddress = \"{gone_url}\"\n"
-    ));
-    let with_gone = dir.join("with-gone.toml");
-    std::fs::write(&with_gone, text).unwrap();
+    // A third agent that is not there: nothing is staged or switched.
+    let with_gone = with_gone(&fleet);
     let (ctl, report) = run(&rollout_args(&with_gone, "0.2.0", &[]));
     assert_eq!(ctl.code, 3, "{ctl:#?}");
     assert_eq!(report["outcome"], "unreachable");
@@ -540,14 +546,7 @@ fn a_second_rollout_is_refused_while_the_first_holds_the_agents() {
 #[test]
 fn an_unreachable_agent_within_the_budget_is_skipped_and_the_rest_converge() {
     let fleet = fleet(3);
-    let dir = fleet.file.parent().unwrap();
-    let gone_url = format!("unix:{}", dir.join("gone/control.sock").display());
-    let mut text = std::fs::read_to_string(&fleet.file).unwrap();
-    text.push_str(&format!(
-        "[[agent]]\nname = \"gone\"\naddress = \"{gone_url}\"\n"
-    ));
-    let with_gone = dir.join("with-gone.toml");
-    std::fs::write(&with_gone, text).unwrap();
+    let with_gone = with_gone(&fleet);
     let (ctl, report) = run(&rollout_args(
         &with_gone,
         "0.2.0",

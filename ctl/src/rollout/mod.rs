@@ -1003,10 +1003,7 @@ impl Run<'_> {
                     },
                 ));
             }
-            let down = before
-                .as_deref()
-                .and_then(|b| semver::Version::parse(b).ok())
-                .is_some_and(|b| self.settings.to < b);
+            let down = downward(before.as_deref().unwrap_or_default(), &self.target);
             let word = if down { "downgrade" } else { "upgrade" };
             self.progress.say(i, format!("{word} to {}", self.target));
             let request = pb::TransitionRequest {
@@ -1019,27 +1016,15 @@ impl Run<'_> {
                 lease: self.rollout_id.clone(),
                 ..Default::default()
             };
-            let what = format!("{word} to {}", self.target);
-            let reply = if down {
-                node.agent
-                    .call(
-                        &what,
-                        request,
-                        |mut c, r| async move { c.downgrade(r).await },
-                    )
-                    .await
-            } else {
-                node.agent
-                    .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
-                    .await
-            }
-            // A transport failure after every retry: the agent may have
-            // acted, so a halt tries to roll it back.
-            .map_err(|f| {
-                let e = StepError::from_failure(f);
-                let maybe = e.unreachable;
-                error(maybe, e)
-            })?;
+            let reply = transition(node, down, &format!("{word} to {}", self.target), request)
+                .await
+                // A transport failure after every retry: the agent may have
+                // acted, so a halt tries to roll it back.
+                .map_err(|f| {
+                    let e = StepError::from_failure(f);
+                    let maybe = e.unreachable;
+                    error(maybe, e)
+                })?;
             if let Some(t) = &reply.transition {
                 if t.id <= last_transition {
                     return Err(error(
@@ -1165,6 +1150,37 @@ impl Run<'_> {
             .reason
             .clone()
             .unwrap_or_else(|| format!("rollout {}", self.rollout_id))
+    }
+}
+
+/// Whether switching from `from` to `to` is a downgrade (else an
+/// upgrade: the agent refuses it if it is not one).
+fn downward(from: &str, to: &str) -> bool {
+    match (semver::Version::parse(from), semver::Version::parse(to)) {
+        (Ok(from), Ok(to)) => to < from,
+        _ => false,
+    }
+}
+
+/// `request` as an Upgrade, or a Downgrade if `down`.
+async fn transition(
+    node: &Node,
+    down: bool,
+    what: &str,
+    request: pb::TransitionRequest,
+) -> Result<pb::TransitionReply, Failure> {
+    if down {
+        node.agent
+            .call(
+                what,
+                request,
+                |mut c, r| async move { c.downgrade(r).await },
+            )
+            .await
+    } else {
+        node.agent
+            .call(what, request, |mut c, r| async move { c.upgrade(r).await })
+            .await
     }
 }
 

@@ -22,7 +22,10 @@ use super::lease::{self, Leases};
 use super::plan::{self, Step};
 use super::progress::Progress;
 use super::report::{self, Outcome, Phases, Report, Track};
-use super::{canonical_keys, fail, last_transitions, remove_staged, Ended, Node, StepError};
+use super::{
+    canonical_keys, downward, fail, last_transitions, remove_staged, transition, Ended, Node,
+    StepError,
+};
 use crate::commands::status;
 use crate::{json, Failure, Output};
 
@@ -358,13 +361,7 @@ impl Undo<'_> {
     /// Switches agent `i` back to `before`, permanent at once.
     async fn back(&self, i: usize, before: &str) -> Result<(), StepError> {
         let node = &self.nodes[i];
-        let down = match (
-            semver::Version::parse(before),
-            semver::Version::parse(&self.version),
-        ) {
-            (Ok(before), Ok(target)) => before < target,
-            _ => true,
-        };
+        let down = downward(&self.version, before);
         let word = if down { "downgrade" } else { "upgrade" };
         self.progress.say(i, format!("{word} back to {before}"));
         let request = pb::TransitionRequest {
@@ -380,20 +377,9 @@ impl Undo<'_> {
             lease: self.rollout_id.clone(),
             ..Default::default()
         };
-        let what = format!("{word} back to {before}");
-        let reply = if down {
-            node.agent
-                .call(
-                    &what,
-                    request,
-                    |mut c, r| async move { c.downgrade(r).await },
-                )
-                .await
-        } else {
-            node.agent
-                .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
-                .await
-        };
-        reply.map(|_| ()).map_err(StepError::from_failure)
+        transition(node, down, &format!("{word} back to {before}"), request)
+            .await
+            .map(|_| ())
+            .map_err(StepError::from_failure)
     }
 }
