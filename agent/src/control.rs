@@ -973,6 +973,19 @@ impl Control for ControlService {
             store_error: status.store_error.unwrap_or_default(),
             last_checkpoint_ms: status.last_checkpoint_ms.unwrap_or(0),
             agent: Some(self.process()),
+            served: crate::runtime::all_totals()
+                .into_iter()
+                .map(|totals| {
+                    let served = totals.served();
+                    pb::VersionServed {
+                        version: totals.label.to_owned(),
+                        requests: served.requests,
+                        errors: served.errors,
+                        p50_us: served.p50_us.unwrap_or(u64::MAX),
+                        p99_us: served.p99_us.unwrap_or(u64::MAX),
+                    }
+                })
+                .collect(),
             canary: self.engine.runtime().canary().map(|canary| {
                 let counters = canary.loaded.counters();
                 pb::Canary {

@@ -253,14 +253,25 @@ pub(crate) fn answerable(status: u16) -> bool {
     (200..=599).contains(&status)
 }
 
-/// A version's responses by status code, for the whole life of the
-/// process: kept after its instances are unloaded, since a counter that
-/// went down would read as a restart to Prometheus. One per version ever
-/// loaded (32 KiB each), like its label.
+/// The upper bounds of the latency buckets, in microseconds; a last
+/// bucket takes what is slower (and calls abandoned past the request
+/// timeout).
+const LATENCY_BOUNDS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// A version's responses by status code, and how long they took, for the
+/// whole life of the process: kept after its instances are unloaded, since
+/// a counter that went down would read as a restart to Prometheus, and a
+/// rollout compares a new release's latency with the one it replaced. One
+/// per version ever loaded (33 KiB each), like its label.
 pub struct Totals {
     /// The version as text.
     pub label: &'static str,
     shards: [CodeShard; SHARDS],
+    latency: [LatencyShard; SHARDS],
     /// Requests of a service still under way on an old instance of the
     /// version when its drain ended, cancelled.
     drain_cancelled: AtomicU64,
@@ -278,8 +289,73 @@ impl std::fmt::Debug for Totals {
 #[repr(align(64))]
 struct CodeShard([AtomicU64; CODES]);
 
+/// One thread's share of a version's latency buckets.
+#[repr(align(64))]
+struct LatencyShard([AtomicU64; LATENCY_BUCKETS]);
+
+/// What a version served, for comparing two releases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    pub requests: u64,
+    /// Answered 5xx (panics and calls past the request timeout included).
+    pub errors: u64,
+    /// The 50th and 99th percentiles of the time to the response's head,
+    /// as the upper bound of the bucket they fall in (`None`: beyond the
+    /// last bound, 10 s); 0 when nothing was served.
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
 impl Totals {
-    fn count(&self, shard: usize, status: u16) {
+    /// Counts a response with `status`, whose head took `took` (`None`:
+    /// a call abandoned past the request timeout).
+    fn count(&self, shard: usize, status: u16, took: Option<Duration>) {
+        let micros = took.map_or(u64::MAX, |t| {
+            u64::try_from(t.as_micros()).unwrap_or(u64::MAX)
+        });
+        let bucket = LATENCY_BOUNDS_US.partition_point(|&bound| bound < micros);
+        self.latency[shard].0[bucket].fetch_add(1, Ordering::Relaxed);
+        self.count_status(shard, status);
+    }
+
+    /// What the version served: requests, errors and latency percentiles.
+    pub fn served(&self) -> Served {
+        let mut buckets = [0u64; LATENCY_BUCKETS];
+        for shard in &self.latency {
+            for (sum, n) in buckets.iter_mut().zip(&shard.0) {
+                *sum += n.load(Ordering::Relaxed);
+            }
+        }
+        let requests: u64 = buckets.iter().sum();
+        let errors = self
+            .responses()
+            .iter()
+            .filter(|(code, _)| code.is_none_or(|c| c >= 500))
+            .map(|(_, n)| n)
+            .sum();
+        let quantile = |q: f64| -> Option<u64> {
+            if requests == 0 {
+                return Some(0);
+            }
+            let rank = (requests as f64 * q).ceil() as u64;
+            let mut seen = 0;
+            for (i, n) in buckets.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return LATENCY_BOUNDS_US.get(i).copied();
+                }
+            }
+            None
+        };
+        Served {
+            requests,
+            errors,
+            p50_us: quantile(0.50),
+            p99_us: quantile(0.99),
+        }
+    }
+
+    fn count_status(&self, shard: usize, status: u16) {
         let slot = if (FIRST_CODE..=LAST_CODE).contains(&status) {
             usize::from(status - FIRST_CODE)
         } else {
@@ -319,6 +395,7 @@ fn totals(version: &Version) -> &'static Totals {
     let leaked: &'static Totals = Box::leak(Box::new(Totals {
         label: Box::leak(text.into_boxed_str()),
         shards: std::array::from_fn(|_| CodeShard(std::array::from_fn(|_| AtomicU64::new(0)))),
+        latency: std::array::from_fn(|_| LatencyShard(std::array::from_fn(|_| AtomicU64::new(0)))),
         drain_cancelled: AtomicU64::new(0),
     }));
     all.push(leaked);
@@ -467,6 +544,8 @@ pub struct Tally {
     shards: Arc<[Shard; SHARDS]>,
     shard: usize,
     totals: &'static Totals,
+    /// When the request was handed over.
+    started: Instant,
     /// The version that serves it.
     pub label: &'static str,
 }
@@ -483,7 +562,8 @@ impl Tally {
         if panicked {
             shard.panics.fetch_add(1, Ordering::Relaxed);
         }
-        self.totals.count(self.shard, status);
+        self.totals
+            .count(self.shard, status, Some(self.started.elapsed()));
     }
 }
 
@@ -766,6 +846,7 @@ impl Runtime {
         if !loaded.service {
             return Submitted::NotAService;
         }
+        let started = Instant::now();
         match loaded.instance.submit(head) {
             Some(Ok(call)) => Submitted::Call(
                 call,
@@ -773,6 +854,7 @@ impl Runtime {
                     shards: Arc::clone(&loaded.calls.shards),
                     shard: mine,
                     totals: loaded.totals,
+                    started,
                     label: loaded.label,
                 },
             ),
@@ -797,6 +879,7 @@ impl Runtime {
         };
         let offloaded = loaded.blocking || loaded.offload.load(Ordering::Relaxed);
         call.begin(loaded.id, mine, offloaded);
+        let started = Instant::now();
         let result = if offloaded {
             // Still counted in flight, so a switch still waits for this call.
             tokio::task::block_in_place(|| loaded.instance.handle(request))
@@ -830,7 +913,7 @@ impl Runtime {
             Ok(_) => 502,
             Err(_) => 500,
         };
-        loaded.totals.count(mine, status);
+        loaded.totals.count(mine, status, Some(started.elapsed()));
         Some(Handled {
             version: loaded.label,
             result,
@@ -852,7 +935,7 @@ impl Runtime {
         loaded.timed_out.fetch_add(1, Ordering::Relaxed);
         counts.served.fetch_add(1, Ordering::Relaxed);
         counts.errors.fetch_add(1, Ordering::Relaxed);
-        loaded.totals.count(shard, 504);
+        loaded.totals.count(shard, 504, None);
         drop(InFlight {
             calls: &loaded.calls,
             shard,
@@ -1045,16 +1128,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn latency_percentiles_are_the_bounds_of_their_buckets() {
+        let totals = totals(&"0.0.2-latency-test".parse().unwrap());
+        assert_eq!(
+            totals.served(),
+            Served {
+                p50_us: Some(0),
+                p99_us: Some(0),
+                ..Served::default()
+            }
+        );
+        // 98 fast, one at 3 ms, one abandoned past the request timeout.
+        for i in 0..98 {
+            totals.count(i % SHARDS, 200, Some(Duration::from_micros(90)));
+        }
+        totals.count(0, 200, Some(Duration::from_millis(3)));
+        let served = totals.served();
+        assert_eq!((served.p50_us, served.p99_us), (Some(100), Some(5_000)));
+        totals.count(1, 504, None);
+        totals.count(1, 504, None);
+        let served = totals.served();
+        assert_eq!((served.requests, served.errors), (101, 2));
+        assert_eq!(served.p99_us, None, "past the last bound");
+    }
+
+    #[test]
     fn totals_count_each_code_and_lump_the_rest_as_other() {
         let version: Version = "0.0.1-totals-test".parse().unwrap();
         let totals = totals(&version);
         for (shard, status) in [(0, 200), (5, 200), (1, 404), (2, 599), (3, 600), (4, 999)] {
-            totals.count(shard, status);
+            totals.count(shard, status, Some(Duration::from_micros(80)));
         }
         assert_eq!(
             totals.responses(),
             [(Some(200), 2), (Some(404), 1), (Some(599), 1), (None, 2)]
         );
+        // 599 and the statuses out of range are errors.
+        let served = totals.served();
+        assert_eq!((served.requests, served.errors), (6, 3));
+        assert_eq!((served.p50_us, served.p99_us), (Some(100), Some(100)));
         // One block per version, found again.
         assert!(std::ptr::eq(totals, super::totals(&version)));
         assert!(all_totals().iter().any(|t| std::ptr::eq(*t, totals)));

@@ -241,6 +241,20 @@ struct StartRollout {
     /// Default: one canary, then the rest in waves.
     #[arg(long, value_name = "STEPS")]
     steps: Option<rollout::Steps>,
+    /// The analysis after each step (the canary is the first): on every
+    /// agent the step switched, the new release's error rate may exceed
+    /// the one of the release it replaced there by at most this many
+    /// percentage points, else the rollout halts and rolls back. Judged
+    /// once each has served 100 requests there.
+    #[arg(long, value_name = "PCT", default_value = "1%", value_parser = share)]
+    max_error_increase: f64,
+    /// ... and its p99 latency be at most this many times the old one's
+    /// (or within 10 ms of it).
+    #[arg(long, value_name = "RATIO", default_value = "2", value_parser = ratio)]
+    max_p99_ratio: f64,
+    /// No analysis between steps: each agent's soak alone decides.
+    #[arg(long, conflicts_with_all = ["max_error_increase", "max_p99_ratio"])]
+    no_analysis: bool,
     /// The soak of every switch (default: each agent's own).
     #[arg(long, value_name = "DURATION", value_parser = soak)]
     soak: Option<Duration>,
@@ -678,6 +692,25 @@ fn agent_url(text: &str) -> Result<String, String> {
     }
 }
 
+/// A share in percent (`1%`, `0.5%`), 0% to 100%, as a fraction.
+fn share(text: &str) -> Result<f64, String> {
+    let number = text
+        .strip_suffix('%')
+        .ok_or_else(|| format!("{text:?} is not a percentage (e.g. 1%)"))?;
+    match number.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p / 100.0),
+        _ => Err(format!("{text:?}: a percentage is 0% to 100%")),
+    }
+}
+
+/// A ratio of 1 to 1000 (`2`, `1.5`).
+fn ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (1.0..=1000.0).contains(&r) => Ok(r),
+        _ => Err(format!("{text:?}: a ratio is a number from 1 to 1000")),
+    }
+}
+
 /// A duration above zero and at most 7 days.
 fn bounded_duration(text: &str) -> Result<Duration, String> {
     // Any number above 7 days in milliseconds (the smallest unit) is too
@@ -909,6 +942,10 @@ async fn main() {
                         max_parallel: usize::from(start.max_parallel),
                         max_unavailable: start.max_unavailable,
                         steps: start.steps.map(|s| s.0).unwrap_or_default(),
+                        gate: (!start.no_analysis).then_some(rollout::Gate {
+                            max_error_increase: start.max_error_increase,
+                            max_p99_ratio: start.max_p99_ratio,
+                        }),
                         soak: start.soak,
                         timeout: start.timeout,
                         rollout_id: start.rollout_id,
@@ -1011,6 +1048,19 @@ mod tests {
         assert!(soak("").is_err());
         assert!(timeout("604800000ms").is_ok());
         assert!(timeout("604800001ms").is_err());
+    }
+
+    #[test]
+    fn shares_and_ratios_are_bounded() {
+        assert_eq!(share("1%"), Ok(0.01));
+        assert_eq!(share("0%"), Ok(0.0));
+        for bad in ["1", "-1%", "101%", "NaN%", "inf%", "%"] {
+            assert!(share(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ratio("1.5"), Ok(1.5));
+        for bad in ["0.5", "NaN", "inf", "1001", "x"] {
+            assert!(ratio(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

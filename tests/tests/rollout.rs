@@ -51,6 +51,8 @@ fn rollout_args(fleet: &Path, version: &str, extra: &[&str]) -> Vec<String> {
         (fixture_dir("unhealthy"), library("fixture_unhealthy"))
     } else if version == "0.7.0" {
         (fixture_dir("init-fails"), library("fixture_init_fails"))
+    } else if version == "0.2.6" {
+        (fixture_dir("slow"), library("fixture_slow"))
     } else {
         (
             release_dir(&format!("nine9s-{version}")),
@@ -689,4 +691,49 @@ fn a_switch_refused_on_the_canary_stops_the_rollout_with_nothing_switched() {
         // Staged by this rollout and never switched to: removed again.
         assert!(agent.release("0.7.0").is_none(), "{reported:#}");
     }
+}
+
+#[test]
+fn a_step_whose_release_is_slower_than_the_old_fails_its_analysis_and_rolls_back() {
+    let fleet = fleet(2);
+    // Clients of /slow?ms=30 on both agents: 0.1.0 answers 404 at once,
+    // 0.2.6 after 30 ms. Healthy either way: only the analysis sees it.
+    let loads: Vec<Load> = fleet
+        .agents
+        .iter()
+        .map(|a| Load::start(a.http, "/slow?ms=30", 2))
+        .collect();
+    // The old release has served enough to compare with.
+    assert!(eventually(Duration::from_secs(30), || {
+        fleet.agents.iter().all(|a| {
+            a.status()["served"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|v| v["version"] == "0.1.0" && v["requests"].as_u64() >= Some(100))
+            })
+        })
+    }));
+    let (ctl, report) = run(&rollout_args(
+        &fleet.file,
+        "0.2.6",
+        &["--steps", "1,100%", "--soak", "4s"],
+    ));
+    for load in loads {
+        load.stop();
+    }
+    assert_eq!(ctl.code, 4, "{ctl:#?}");
+    assert_eq!(report["outcome"], "halted");
+    assert_eq!(outcomes(&report), ["failed_analysis", "not_reached"]);
+    let analysis = report["agents"][0]["analysis"].as_str().unwrap();
+    assert!(analysis.contains("p99"), "{analysis}");
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert_eq!(status["active_version"], "0.1.0", "{status:#}");
+        assert_eq!(status["permanent_version"], "0.1.0", "{status:#}");
+    }
+    let history = fleet.agents[0].history();
+    let back = transitions(&history, "rollback", "0.1.0");
+    assert_eq!(back.len(), 1);
+    assert!(back[0]["reason"].as_str().unwrap().contains("analysis"));
+    // The agent never switched has the release removed again.
+    assert!(fleet.agents[1].release("0.2.6").is_none());
 }

@@ -62,7 +62,7 @@ use progress::Progress;
 use report::{Outcome, Phases, Report, Track};
 
 pub use lease::resume;
-pub use plan::{Budget, StepSpec, Steps, MAX_ROLLOUT_ID};
+pub use plan::{Budget, Gate, StepSpec, Steps, MAX_ROLLOUT_ID};
 
 /// Uploads at once while staging: they are the heavy part of a rollout
 /// (a few MB to each agent), and staging changes nothing that serves.
@@ -89,6 +89,8 @@ pub struct Settings {
     pub max_unavailable: Budget,
     /// `--steps`: the fleet cut into steps, with pauses.
     pub steps: Vec<StepSpec>,
+    /// The analysis after each step (`None`: `--no-analysis`).
+    pub gate: Option<plan::Gate>,
     pub soak: Option<Duration>,
     /// How long one agent's verdict may take.
     pub timeout: Duration,
@@ -652,6 +654,7 @@ impl Run<'_> {
             };
             k += 1;
             let count = waves.len();
+            let switching: Vec<usize> = waves.concat();
             for (n, wave) in waves.into_iter().enumerate() {
                 let is_canary = k == 1 && wave.len() == 1 && plan.canary == Some(wave[0]);
                 let step = if is_canary {
@@ -729,6 +732,13 @@ impl Run<'_> {
                     break 'stages;
                 }
             }
+            if let Some(gate) = self.settings.gate {
+                leases.update(|r| r.step = format!("analysis of step {k} of {switches}"));
+                failure = self.analyse(tracks, &switching, gate).await;
+                if failure.is_some() {
+                    break 'stages;
+                }
+            }
         }
         phases.waves_ms = lap(clock);
         let Some((why, unreachable)) = failure else {
@@ -760,7 +770,10 @@ impl Run<'_> {
                 let track = &mut tracks[i];
                 match result {
                     Ok(Some(to)) => {
-                        track.outcome = Outcome::RolledBack;
+                        // One that failed its analysis keeps saying so.
+                        if track.outcome != Outcome::FailedAnalysis {
+                            track.outcome = Outcome::RolledBack;
+                        }
                         self.progress.done(i, format!("rolled back to {to}"));
                     }
                     // Not on the target any more: the health gate was first.
@@ -785,6 +798,59 @@ impl Run<'_> {
             unreachable,
             clean,
         }
+    }
+
+    /// The analysis after a step: on each agent it switched, the target
+    /// against the release it replaced there (`Gate::judge`). The first
+    /// failure, if any, halts the rollout.
+    async fn analyse(
+        &self,
+        tracks: &mut [Track],
+        agents: &[usize],
+        gate: plan::Gate,
+    ) -> Option<(String, bool)> {
+        let read = join_all(agents.iter().map(|&i| status(&self.nodes[i].agent))).await;
+        let mut failure = None;
+        for (&i, status) in agents.iter().zip(read) {
+            let track = &mut tracks[i];
+            let status = match status {
+                Ok(status) => status,
+                Err(f) => {
+                    let e = StepError::from_failure(f);
+                    let why = format!(
+                        "{}: the analysis could not read it: {}",
+                        track.name, e.error
+                    );
+                    let unreachable = e.unreachable;
+                    fail(track, e);
+                    failure.get_or_insert((why, unreachable));
+                    continue;
+                }
+            };
+            let sample = |version: Option<&str>| {
+                status
+                    .served
+                    .iter()
+                    .find(|s| Some(s.version.as_str()) == version)
+                    .map_or(plan::Sample::default(), |s| plan::Sample {
+                        requests: s.requests,
+                        errors: s.errors,
+                        p99_us: s.p99_us,
+                    })
+            };
+            let verdict = gate.judge(sample(Some(&self.target)), sample(track.before.as_deref()));
+            match verdict {
+                Ok(note) => track.analysis = Some(note),
+                Err(why) => {
+                    self.progress.say(i, format!("failed its analysis: {why}"));
+                    track.analysis = Some(why.clone());
+                    track.outcome = Outcome::FailedAnalysis;
+                    track.error = Some(format!("analysis: {why}"));
+                    failure.get_or_insert((format!("{}: analysis: {why}", track.name), false));
+                }
+            }
+        }
+        failure
     }
 
     /// A pause between steps: `pause` long, or until `ctl rollout resume`.

@@ -205,6 +205,79 @@ pub fn stages(
     stages
 }
 
+/// What a release served on one agent, as its status tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sample {
+    pub requests: u64,
+    pub errors: u64,
+    /// `u64::MAX`: beyond the agent's last bucket.
+    pub p99_us: u64,
+}
+
+/// The analysis after each step: how much worse than the release it
+/// replaced a new one may do on the same agent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gate {
+    /// Its error rate at most this much above the old one's (0.01: one
+    /// percentage point).
+    pub max_error_increase: f64,
+    /// Its p99 latency at most this many times the old one's, or else
+    /// within `P99_SLACK_US` of it.
+    pub max_p99_ratio: f64,
+}
+
+/// Requests each release must have served for the analysis to judge.
+pub const MIN_REQUESTS: u64 = 100;
+/// A p99 this close to the old one passes whatever the ratio: the agent's
+/// buckets are coarse (100 µs, 250 µs, ...), and a few milliseconds more
+/// on a fast service are no regression to halt a rollout for.
+pub const P99_SLACK_US: u64 = 10_000;
+
+impl Gate {
+    /// The verdict on `new` against `old`: `Ok` with what was compared
+    /// (or why nothing could be), `Err` with why the step fails.
+    pub fn judge(&self, new: Sample, old: Sample) -> Result<String, String> {
+        if new.requests < MIN_REQUESTS || old.requests < MIN_REQUESTS {
+            return Ok(format!(
+                "not judged: {} requests on the new release, {} on the old (at least {MIN_REQUESTS} each)",
+                new.requests, old.requests
+            ));
+        }
+        let rate = |s: Sample| s.errors as f64 / s.requests as f64;
+        let (new_rate, old_rate) = (rate(new), rate(old));
+        let p99 = |us: u64| {
+            if us == u64::MAX {
+                "over 10 s".to_owned()
+            } else {
+                format!("{:.1} ms", us as f64 / 1000.0)
+            }
+        };
+        let compared = format!(
+            "error rate {:.2}% against {:.2}%, p99 {} against {}",
+            new_rate * 100.0,
+            old_rate * 100.0,
+            p99(new.p99_us),
+            p99(old.p99_us)
+        );
+        if new_rate > old_rate + self.max_error_increase {
+            return Err(format!(
+                "{compared}: the error rate is more than {:.2} points above the old release's",
+                self.max_error_increase * 100.0
+            ));
+        }
+        let allowed = (old.p99_us as f64 * self.max_p99_ratio)
+            .max(old.p99_us.saturating_add(P99_SLACK_US) as f64);
+        if new.p99_us as f64 > allowed {
+            return Err(format!(
+                "{compared}: the p99 is more than {}x the old release's (and {} ms above it)",
+                self.max_p99_ratio,
+                P99_SLACK_US / 1000
+            ));
+        }
+        Ok(compared)
+    }
+}
+
 /// Which attempt of rollout `id` a run is, from every record of it the
 /// agents keep (`(rollout id, attempt, held)`: held while its lease is):
 /// an attempt some agent is still held by resumes (`resumed`); otherwise
@@ -535,6 +608,38 @@ mod tests {
             stages(&resumed, &steps, 10, 5, 5),
             [Stage::Switch(vec![vec![5, 6, 7, 8, 9]])]
         );
+    }
+
+    #[test]
+    fn the_gate_compares_a_new_release_with_the_old_one() {
+        let gate = Gate {
+            max_error_increase: 0.01,
+            max_p99_ratio: 2.0,
+        };
+        let sample = |requests, errors, p99_us| Sample {
+            requests,
+            errors,
+            p99_us,
+        };
+        let old = sample(1000, 10, 1_000);
+        assert!(gate.judge(sample(1000, 15, 2_500), old).is_ok());
+        // Two points more errors.
+        let why = gate.judge(sample(1000, 31, 1_000), old).unwrap_err();
+        assert!(why.contains("error rate 3.10% against 1.00%"), "{why}");
+        // 50 ms against 1 ms; 5 ms against 1 ms is within the slack.
+        assert!(gate.judge(sample(1000, 0, 50_000), old).is_err());
+        assert!(gate.judge(sample(1000, 0, 5_000), old).is_ok());
+        assert!(gate.judge(sample(1000, 0, u64::MAX), old).is_err());
+        // 300 ms against 100 ms: more than twice, and 10 ms above.
+        assert!(gate
+            .judge(sample(1000, 0, 250_000), sample(1000, 0, 100_000))
+            .is_err());
+        // Too few requests on either side: not judged.
+        let note = gate.judge(sample(99, 99, u64::MAX), old).unwrap();
+        assert!(note.starts_with("not judged"), "{note}");
+        assert!(gate
+            .judge(sample(1000, 999, u64::MAX), sample(5, 0, 100))
+            .is_ok());
     }
 
     fn found() -> impl Strategy<Value = Found> {

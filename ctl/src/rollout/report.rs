@@ -21,6 +21,9 @@ pub enum Outcome {
     Failed,
     /// The health gate rolled the target back during its soak.
     FailedSoak,
+    /// Permanent, but worse than the release it replaced (the analysis
+    /// after its step): rolled back by the halt.
+    FailedAnalysis,
     /// Switched, then rolled back by the halt.
     RolledBack,
     /// The run halted before its turn.
@@ -58,6 +61,8 @@ pub struct Track {
     /// What became of the release staged there, when the run halted or
     /// was undone: removed, or why it stayed.
     pub cleanup: Option<String>,
+    /// The analysis after its step: what it compared, or why it failed.
+    pub analysis: Option<String>,
 }
 
 impl Track {
@@ -72,6 +77,7 @@ impl Track {
             reason: None,
             request_id,
             cleanup: None,
+            analysis: None,
         }
     }
 
