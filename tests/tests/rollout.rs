@@ -116,6 +116,15 @@ fn with_gone(fleet: &Fleet) -> PathBuf {
     with_gone
 }
 
+/// ctl with `args` running in the background, its output kept.
+fn spawn(args: &[String]) -> std::process::Child {
+    ctl_command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// `ctl --output json ARGS`: its document, whatever the exit.
 fn ctl_json(args: &[&str]) -> Value {
     let mut all = vec!["--output".to_owned(), "json".to_owned()];
@@ -290,11 +299,7 @@ fn an_interrupted_rollout_resumes_without_acting_twice() {
         "0.2.0",
         &["--max-parallel", "1", "--soak", "1s"],
     );
-    let mut first = ctl_command(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn(&args);
     // Killed while the second agent soaks.
     let second = &fleet.agents[1];
     assert!(eventually(Duration::from_secs(60), || {
@@ -494,15 +499,11 @@ fn the_fleet_rolls_up_and_back_down_with_its_state_undoes_and_rolls_out_again() 
 #[test]
 fn a_second_rollout_is_refused_while_the_first_holds_the_agents() {
     let fleet = fleet(2);
-    let first = ctl_command(&rollout_args(
+    let first = spawn(&rollout_args(
         &fleet.file,
         "0.2.0",
         &["--max-parallel", "1", "--soak", "3s"],
-    ))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     // Seen from another process: the first rollout holds both agents.
     let file = fleet.file.to_str().unwrap();
     let mut status = Value::Null;
@@ -602,7 +603,7 @@ fn an_unreachable_agent_within_the_budget_is_skipped_and_the_rest_converge() {
 fn a_step_pauses_until_resumed_from_another_process() {
     let fleet = fleet(4);
     let file = fleet.file.to_str().unwrap();
-    let rollout = ctl_command(&rollout_args(
+    let rollout = spawn(&rollout_args(
         &fleet.file,
         "0.2.0",
         &[
@@ -613,11 +614,7 @@ fn a_step_pauses_until_resumed_from_another_process() {
             "--max-parallel",
             "3",
         ],
-    ))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     // Paused after its first step: the canary alone runs 0.2.0.
     let mut status = Value::Null;
     assert!(eventually(Duration::from_secs(60), || {
@@ -736,4 +733,77 @@ fn a_step_whose_release_is_slower_than_the_old_fails_its_analysis_and_rolls_back
     assert!(back[0]["reason"].as_str().unwrap().contains("analysis"));
     // The agent never switched has the release removed again.
     assert!(fleet.agents[1].release("0.2.6").is_none());
+}
+
+#[test]
+fn a_skipped_agent_is_picked_up_when_the_rollout_runs_again() {
+    let mut fleet = fleet(3);
+    let dir = fleet.file.parent().unwrap().to_owned();
+    // edge-3 is down while the rollout runs.
+    assert_eq!(fleet.agents.pop().unwrap().terminate(), 0);
+    let args = rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &["--soak", "300ms", "--max-unavailable", "1"],
+    );
+    let (ctl, first) = run(&args);
+    assert_eq!(ctl.code, 6, "{ctl:#?}");
+    assert_eq!(outcomes(&first), ["upgraded", "upgraded", "skipped"]);
+    // Back up (on its local socket, where the fleet file says), and the
+    // same command again: only edge-3 is switched.
+    fleet.agents.push(Agent::start(&dir.join("agent-2"), &[]));
+    let (ctl, again) = run(&args);
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(again["rollout_id"], first["rollout_id"]);
+    assert_eq!(again["attempt"], 2);
+    assert_eq!(
+        outcomes(&again),
+        ["already_there", "already_there", "upgraded"]
+    );
+    assert_eq!(fleet.agents[2].status()["permanent_version"], "0.2.0");
+}
+
+#[test]
+fn a_killed_rollout_is_taken_over_by_another_only_with_force() {
+    let fleet = fleet(2);
+    let mut first = spawn(&rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &["--max-parallel", "1", "--soak", "30s"],
+    ));
+    // Killed while its canary soaks.
+    assert!(eventually(Duration::from_secs(60), || {
+        fleet.agents[0].status()["active_version"] == "0.2.0"
+    }));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (ctl, refused) = run(&rollout_args(&fleet.file, "0.3.0", &["--soak", "300ms"]));
+    assert_eq!(ctl.code, 5, "{ctl:#?}");
+    assert_eq!(refused["outcome"], "leased");
+    let (ctl, forced) = run(&rollout_args(
+        &fleet.file,
+        "0.3.0",
+        &["--soak", "300ms", "--force"],
+    ));
+    assert_eq!(ctl.code, 0, "{ctl:#?}");
+    assert_eq!(forced["outcome"], "converged");
+    for agent in &fleet.agents {
+        assert_eq!(agent.status()["permanent_version"], "0.3.0");
+    }
+    // Each agent's records say whose lease the forced rollout took.
+    let past = ctl_json(&[
+        "rollout",
+        "history",
+        "--fleet",
+        fleet.file.to_str().unwrap(),
+    ]);
+    let newest = &past[0];
+    assert_eq!(newest["rollout_id"], forced["rollout_id"], "{past:#}");
+    assert!(
+        newest["taken_from"]
+            .as_str()
+            .is_some_and(|t| t.contains("attempt 1")),
+        "{past:#}"
+    );
+    assert_eq!(past[1]["outcome"], "taken over", "{past:#}");
 }
