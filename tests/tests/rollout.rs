@@ -632,14 +632,17 @@ fn a_step_pauses_until_resumed_from_another_process() {
     assert_eq!(status["rollouts"][0]["agents_done"], 1, "{status:#}");
     assert_eq!(status["rollouts"][0]["agents_pending"], 3, "{status:#}");
 
-    let resumed = ctl_command(&[
-        "rollout".into(),
-        "resume".into(),
-        "--fleet".into(),
-        file.into(),
-    ])
-    .output()
-    .unwrap();
+    let resume = || {
+        ctl_command(&[
+            "rollout".into(),
+            "resume".into(),
+            "--fleet".into(),
+            file.into(),
+        ])
+        .output()
+        .unwrap()
+    };
+    let resumed = resume();
     assert_eq!(resumed.status.code(), Some(0), "{resumed:#?}");
     let out = rollout.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:#?}");
@@ -649,14 +652,7 @@ fn a_step_pauses_until_resumed_from_another_process() {
         assert_eq!(agent.status()["permanent_version"], "0.2.0");
     }
     // Nothing is paused any more: resuming again says so.
-    let again = ctl_command(&[
-        "rollout".into(),
-        "resume".into(),
-        "--fleet".into(),
-        file.into(),
-    ])
-    .output()
-    .unwrap();
+    let again = resume();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to resume"));
 }

@@ -265,7 +265,7 @@ pub enum Ended {
         unreachable: bool,
         clean: bool,
     },
-    /// `undo`: every agent it switched is back (`clean`: and nothing failed).
+    /// `undo`: every agent it switched is back.
     Undone,
 }
 
@@ -1185,22 +1185,16 @@ impl Run<'_> {
         let never: Vec<usize> = (0..tracks.len())
             .filter(|&i| self.staged_here[i] && !self.ours[i] && !self.switched[i])
             .collect();
-        if never.is_empty() {
-            return;
-        }
-        leases.update(|r| r.step = "removing the staged release".into());
-        let results = join_all(never.iter().map(|&i| {
-            remove_staged(
-                &self.nodes[i],
-                &self.target,
-                self.request_id(Step::Remove, i),
-                &self.rollout_id,
-            )
-        }))
+        remove_staged(
+            self.nodes,
+            &never,
+            &self.target,
+            &self.rollout_id,
+            |i| self.request_id(Step::Remove, i),
+            tracks,
+            leases,
+        )
         .await;
-        for (i, note) in never.into_iter().zip(results) {
-            tracks[i].cleanup = Some(note);
-        }
     }
 
     /// Every agent's active release now, for the summary.
@@ -1250,36 +1244,51 @@ async fn transition(
     }
 }
 
-/// Removes `version`, staged on `node` by a rollout that halted or was
-/// undone before switching it there; says what became of it.
-async fn remove_staged(node: &Node, version: &str, request_id: String, rollout: &str) -> String {
-    let request = pb::RemoveRequest {
-        version: version.to_owned(),
-        request_id,
-        reason: format!("rollout {rollout} did not switch this agent to it"),
-        lease: rollout.to_owned(),
-        ..Default::default()
-    };
-    match node
-        .agent
-        .call(
+/// Removes `version` from the agents `never` (where a rollout that halted
+/// or was undone staged it and never switched to it), each track saying
+/// what became of it there.
+async fn remove_staged(
+    nodes: &[Node],
+    never: &[usize],
+    version: &str,
+    rollout: &str,
+    request_id: impl Fn(usize) -> String,
+    tracks: &mut [Track],
+    leases: &Leases<'_>,
+) {
+    if never.is_empty() {
+        return;
+    }
+    leases.update(|r| r.step = "removing the staged release".into());
+    let results = join_all(never.iter().map(|&i| {
+        let request = pb::RemoveRequest {
+            version: version.to_owned(),
+            request_id: request_id(i),
+            reason: format!("rollout {rollout} did not switch this agent to it"),
+            lease: rollout.to_owned(),
+            ..Default::default()
+        };
+        nodes[i].agent.call(
             "removing the staged release",
             request,
             |mut c, r| async move { c.remove(r).await },
         )
-        .await
-    {
-        Ok(_) => format!("removed the staged {version}"),
-        Err(Failure::Failed {
-            reason: Some(reason),
-            ..
-        }) if reason == PERMISSION_DENIED => {
-            format!("{version} left staged: removing a release needs the admin role")
-        }
-        Err(f) => format!(
-            "{version} left staged: {}",
-            StepError::from_failure(f).error
-        ),
+    }))
+    .await;
+    for (&i, result) in never.iter().zip(results) {
+        tracks[i].cleanup = Some(match result {
+            Ok(_) => format!("removed the staged {version}"),
+            Err(Failure::Failed {
+                reason: Some(reason),
+                ..
+            }) if reason == PERMISSION_DENIED => {
+                format!("{version} left staged: removing a release needs the admin role")
+            }
+            Err(f) => format!(
+                "{version} left staged: {}",
+                StepError::from_failure(f).error
+            ),
+        });
     }
 }
 

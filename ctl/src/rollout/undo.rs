@@ -300,20 +300,17 @@ impl Undo<'_> {
                 r.agents_pending = r.agents_pending.saturating_sub(wave.len() as u32);
             });
         }
-        if !self.settings.keep_staged && !remove.is_empty() {
-            leases.update(|r| r.step = "removing the staged release".into());
-            let notes = join_all(remove.iter().map(|&i| {
-                remove_staged(
-                    &self.nodes[i],
-                    &self.version,
-                    self.request_id(Step::Remove, i),
-                    &self.rollout_id,
-                )
-            }))
+        if !self.settings.keep_staged {
+            remove_staged(
+                self.nodes,
+                &remove,
+                &self.version,
+                &self.rollout_id,
+                |i| self.request_id(Step::Remove, i),
+                tracks,
+                leases,
+            )
             .await;
-            for (i, note) in remove.into_iter().zip(notes) {
-                tracks[i].cleanup = Some(note);
-            }
         }
         if failed.is_empty() {
             Ended::Undone
