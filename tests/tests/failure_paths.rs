@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nine9s_proto::{Event, EventKind, WatchRequest};
 use nine9s_tests::{
-    eventually, hello, on_0_2_0, stage_fixture, stage_sample, Agent, Api, SmallDisk,
+    eventually, hello, on_0_2_0, reason, stage_fixture, stage_sample, Agent, Api, SmallDisk,
 };
 use tokio_stream::StreamExt;
 
@@ -478,7 +478,41 @@ fn a_full_disk_loses_nothing_and_the_agent_recovers_by_itself() {
     let data = disk.path().join("data");
     // No periodic checkpoint in the way: the test decides what writes when.
     let agent = on_0_2_0(&data, &["--checkpoint-every", "1d"], 3);
+    // The test holds the agent's lease as a rollout would: its renewals
+    // are the harmless writes below, and its commands go under it.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut api = runtime.block_on(agent.api());
+    let lease = |release: bool| nine9s_proto::LeaseRequest {
+        record: Some(nine9s_proto::RolloutRecord {
+            rollout_id: "disk-test".into(),
+            attempt: 1,
+            version: "0.2.0".into(),
+            agents_total: 1,
+            outcome: if release {
+                "converged".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        }),
+        ttl_ms: 600_000,
+        release,
+        ..Default::default()
+    };
+    runtime.block_on(api.lease(lease(false))).unwrap();
     disk.fill();
+    // The store's file still ends in a partly written page that small
+    // flushed writes fit in (every event is flushed as it is emitted, so
+    // nothing waits in memory to overflow it): renewals of the lease, each
+    // flushed, use it up until the store refuses one.
+    runtime.block_on(async {
+        for _ in 0..10_000 {
+            if api.lease(lease(false)).await.is_err() {
+                return;
+            }
+        }
+        panic!("the store took 10,000 writes on a full disk");
+    });
 
     // Staging checks the free space first, and leaves nothing behind.
     let out = stage_sample_result(&agent, "0.3.0");
@@ -494,16 +528,26 @@ fn a_full_disk_loses_nothing_and_the_agent_recovers_by_itself() {
     // A transition that cannot be journalled: refused, and the store is
     // marked failed. Serving goes on, other transitions are refused with a
     // clear reason.
-    let out = agent.ctl(&["remove", "0.1.0"]);
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("STORE_UNAVAILABLE"), "{}", out.stderr);
+    let refused = runtime
+        .block_on(api.remove(nine9s_proto::RemoveRequest {
+            version: "0.1.0".into(),
+            lease: "disk-test".into(),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(reason(&refused), "STORE_UNAVAILABLE", "{refused:?}");
     assert_ne!(agent.status()["store_error"], "");
-    let out = agent.ctl(&["downgrade", "--to", "0.1.0"]);
-    assert_eq!(out.code, 1, "{out:?}");
+    let refused = runtime
+        .block_on(api.downgrade(nine9s_proto::TransitionRequest {
+            version: "0.1.0".into(),
+            lease: "disk-test".into(),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(reason(&refused), "STORE_UNAVAILABLE", "{refused:?}");
     assert!(
-        out.stderr.contains("STORE_UNAVAILABLE") && out.stderr.contains("keeps serving 0.2.0"),
-        "{}",
-        out.stderr
+        refused.message().contains("keeps serving 0.2.0"),
+        "{refused:?}"
     );
     hello(&agent, 2);
     assert_eq!(agent.get("/").body, "Hello world 2 !");
@@ -513,6 +557,7 @@ fn a_full_disk_loses_nothing_and_the_agent_recovers_by_itself() {
     disk.free();
     stage_sample(&agent, "0.3.0");
     assert_eq!(agent.status()["store_error"], "");
+    runtime.block_on(api.lease(lease(true))).unwrap();
     assert_eq!(
         agent.release_state("0.1.0"),
         "old",

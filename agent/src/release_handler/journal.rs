@@ -101,11 +101,18 @@ impl Journal {
         self.running.lock().clone()
     }
 
-    /// Records an event and tells watchers. An event that cannot be
+    /// Records an event, durably, then tells watchers: a watcher never
+    /// sees an event that a crash could take back (sled writes to disk
+    /// every 500 ms unless flushed, and a follower that resumes after an id
+    /// it saw must find the same events there). An event that cannot be
     /// recorded is logged and still broadcast: watching must not fail a
     /// transition.
     pub fn emit(&self, event: Event) {
-        let event = match self.store.record_event(event.clone()) {
+        let recorded = self
+            .store
+            .record_event(event.clone())
+            .and_then(|recorded| self.store.flush().map(|()| recorded));
+        let event = match recorded {
             Ok(recorded) => recorded,
             Err(e) => {
                 tracing::warn!(error = %e, kind = ?event.kind, "cannot record an event");
