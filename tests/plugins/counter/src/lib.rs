@@ -27,17 +27,22 @@ impl Counter {
         Ok(Counter(AtomicU64::new(count)))
     }
 
-    pub fn hit(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    /// Counts one; the count after it.
+    pub fn hit(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 
     /// The answer to `GET /count`.
     pub fn response(&self) -> Response {
-        Response::text(self.0.load(Ordering::Relaxed).to_string())
+        Response::text(self.count().to_string())
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
-        self.0.load(Ordering::Relaxed).to_le_bytes().to_vec()
+        self.count().to_le_bytes().to_vec()
     }
 }
 

@@ -2,29 +2,23 @@
 //! a little-endian u64); `GET /late/{ms}` waits ms milliseconds, then
 //! counts — after a switch that came meanwhile took the state.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::Router;
+use fixture_counter::Counter;
 use nine9s_sdk::service::{AsyncPlugin, HttpService};
 
 pub struct App;
 
-pub struct Counter(AtomicU64);
-
 impl AsyncPlugin for App {
-    const STATE_VERSION: u32 = 1;
+    const STATE_VERSION: u32 = fixture_counter::STATE_VERSION;
     type State = Counter;
 
     fn restore(state: Option<&[u8]>) -> Result<Counter, String> {
-        let count = match state {
-            None => 0,
-            Some(bytes) => u64::from_le_bytes(bytes.try_into().map_err(|_| "not 8 bytes")?),
-        };
-        Ok(Counter(AtomicU64::new(count)))
+        Counter::restore(state)
     }
 
     fn service(state: Arc<Counter>) -> HttpService {
@@ -37,17 +31,17 @@ impl AsyncPlugin for App {
     }
 
     fn snapshot(state: &Counter) -> Vec<u8> {
-        state.0.load(Ordering::Relaxed).to_le_bytes().to_vec()
+        state.snapshot()
     }
 }
 
 async fn count(State(counter): State<Arc<Counter>>) -> String {
-    format!("{}\n", counter.0.load(Ordering::Relaxed))
+    format!("{}\n", counter.count())
 }
 
 async fn late(State(counter): State<Arc<Counter>>, Path(ms): Path<u64>) -> String {
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    let count = counter.0.fetch_add(1, Ordering::Relaxed) + 1;
+    let count = counter.hit();
     format!("counted late: {count}\n")
 }
 
