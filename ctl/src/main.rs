@@ -238,7 +238,14 @@ struct StartRollout {
     /// Steps, comma-separated: how many agents (`1`) or what share of the
     /// fleet (`20%`) run the target once the step is done, and pauses
     /// between them (`pause 10m`, or `pause` until `ctl rollout resume`).
-    /// Default: one canary, then the rest in waves.
+    /// `canary W%` (W as `ctl upgrade --canary` takes it) first serves the
+    /// target to W of the requests beside the active release on the next
+    /// step's agents, through the pause after it; then the canary is
+    /// judged against the active release on each agent (as the analysis
+    /// below) and promoted by that step, or dropped and the rollout halts.
+    /// Only for releases that keep no state, as any canary. E.g. `canary
+    /// 10%,pause 5m,1,20%,100%`. Default: one canary agent, then the rest
+    /// in waves.
     #[arg(long, value_name = "STEPS")]
     steps: Option<rollout::Steps>,
     /// The analysis after each step (the canary is the first): on every
@@ -627,7 +634,7 @@ struct Switch {
     #[arg(
         long,
         value_name = "PERCENT",
-        value_parser = canary_weight,
+        value_parser = rollout::canary_weight,
         conflicts_with_all = ["canary_header", "soak", "permanent", "no_permanent", "dry_run", "wait"]
     )]
     canary: Option<u16>,
@@ -750,19 +757,6 @@ fn reason(text: &str) -> Result<String, String> {
         0..=1024 => Ok(text.to_owned()),
         n => Err(format!("{n} characters; at most 1024")),
     }
-}
-
-/// `10%`, `0.5%` or `10`: per mille, 1 to 1000.
-fn canary_weight(text: &str) -> Result<u16, String> {
-    let number = text.trim().trim_end_matches('%');
-    let percent: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a percentage (e.g. 10%)"))?;
-    let permille = (percent * 10.0).round();
-    if !(1.0..=1000.0).contains(&permille) || (percent * 10.0 - permille).abs() > 1e-6 {
-        return Err(format!("{text:?}: from 0.1% to 100%, in steps of 0.1%"));
-    }
-    Ok(permille as u16)
 }
 
 /// `NAME` or `NAME=VALUE`.
@@ -1075,13 +1069,13 @@ mod tests {
         assert!(agent_url("ftp://x").is_err());
         assert!(agent_url("not a url").is_err());
         assert!(request_id("deploy-42").is_ok());
-        assert_eq!(canary_weight("10%"), Ok(100));
-        assert_eq!(canary_weight("0.5%"), Ok(5));
-        assert_eq!(canary_weight("100"), Ok(1000));
-        assert!(canary_weight("0%").is_err());
-        assert!(canary_weight("0.05%").is_err());
-        assert!(canary_weight("101%").is_err());
-        assert!(canary_weight("ten").is_err());
+        assert_eq!(rollout::canary_weight("10%"), Ok(100));
+        assert_eq!(rollout::canary_weight("0.5%"), Ok(5));
+        assert_eq!(rollout::canary_weight("100"), Ok(1000));
+        assert!(rollout::canary_weight("0%").is_err());
+        assert!(rollout::canary_weight("0.05%").is_err());
+        assert!(rollout::canary_weight("101%").is_err());
+        assert!(rollout::canary_weight("ten").is_err());
         assert_eq!(
             canary_header("X-Canary=1"),
             Ok(("x-canary".into(), "1".into()))

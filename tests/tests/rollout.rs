@@ -6,13 +6,18 @@
 //! fleet rolled up and back down with its state, undone and rolled out
 //! again, a second rollout refused while the first holds the agents (and
 //! seen from another process), an agent down within `--max-unavailable`,
-//! and the ways a fleet can be given wrong.
+//! a `canary W%` step (both releases served on one agent, the run killed
+//! and taken up mid-canary, then promoted; a canary failing its analysis
+//! dropped and the rollout halted), and the ways a fleet can be given
+//! wrong.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nine9s_tests::{bin_dir, eventually, fixture_dir, library, release_dir, Agent, Ctl, Load};
+use nine9s_tests::{
+    bin_dir, eventually, fixture_dir, library, release_dir, Agent, Client, Ctl, Load,
+};
 use serde_json::Value;
 
 /// `n` agents on the embedded 0.1.0, and a fleet file naming them
@@ -24,9 +29,14 @@ struct Fleet {
 }
 
 fn fleet(n: usize) -> Fleet {
+    fleet_with(n, &[])
+}
+
+/// As `fleet`, each agent started with `extra` flags.
+fn fleet_with(n: usize, extra: &[&str]) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let agents: Vec<Agent> = (0..n)
-        .map(|i| Agent::start(&dir.path().join(format!("agent-{i}")), &[]))
+        .map(|i| Agent::start(&dir.path().join(format!("agent-{i}")), extra))
         .collect();
     let mut toml = String::from("# written by the rollout tests\n");
     for (i, agent) in agents.iter().enumerate() {
@@ -53,6 +63,8 @@ fn rollout_args(fleet: &Path, version: &str, extra: &[&str]) -> Vec<String> {
         (fixture_dir("init-fails"), library("fixture_init_fails"))
     } else if version == "0.2.6" {
         (fixture_dir("slow"), library("fixture_slow"))
+    } else if version == "0.1.5" {
+        (fixture_dir("canary"), library("fixture_canary"))
     } else {
         (
             release_dir(&format!("nine9s-{version}")),
@@ -802,4 +814,233 @@ fn a_killed_rollout_is_taken_over_by_another_only_with_force() {
         "{past:#}"
     );
     assert_eq!(past[1]["outcome"], "taken over", "{past:#}");
+}
+
+/// Waits until the rollout `child` runs is paused in its canary step, as
+/// `rollout status` shows it from another process, in a record renewed
+/// after `after` (an RFC 3339 time, as the record says it: a killed
+/// run's record is left behind); the status then.
+fn paused_in_canary(
+    fleet: &Fleet,
+    child: &mut std::process::Child,
+    weight: &str,
+    after: &str,
+) -> Value {
+    let file = fleet.file.to_str().unwrap();
+    let mut status = Value::Null;
+    let step = format!("canary {weight}: paused until `ctl rollout resume`");
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            if let Some(exit) = child.try_wait().unwrap() {
+                panic!("the rollout ended ({exit}) before its canary step paused");
+            }
+            status = ctl_json(&["rollout", "status", "--fleet", file]);
+            let record = &status["rollouts"][0];
+            record["step"] == step.as_str()
+                && record["updated_at"].as_str().is_some_and(|t| t > after)
+        }),
+        "{status:#}"
+    );
+    status
+}
+
+fn resume(fleet: &Fleet) {
+    let out = ctl_command(&[
+        "rollout".into(),
+        "resume".into(),
+        "--fleet".into(),
+        fleet.file.to_str().unwrap().into(),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:#?}");
+}
+
+/// What `version` served on `agent`, from its status: (requests, errors).
+fn served(agent: &Agent, version: &str) -> (u64, u64) {
+    agent.status()["served"]
+        .as_array()
+        .and_then(|s| s.iter().find(|v| v["version"] == version))
+        .map_or((0, 0), |v| {
+            (
+                v["requests"].as_u64().unwrap_or(0),
+                v["errors"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+#[test]
+fn a_canary_step_serves_both_releases_survives_a_killed_run_and_is_promoted() {
+    // 0.1.0 and 0.1.5 keep no state: a canary of one beside the other is
+    // allowed.
+    let fleet = fleet(2);
+    let args = rollout_args(
+        &fleet.file,
+        "0.1.5",
+        &[
+            "--steps",
+            "canary 50%,pause,1,100%",
+            "--soak",
+            "300ms",
+            "--max-parallel",
+            "2",
+        ],
+    );
+    let mut first = spawn(&args);
+    let status = paused_in_canary(&fleet, &mut first, "50%", "");
+    assert_eq!(status["rollouts"][0]["agents_done"], 0, "{status:#}");
+    let (edge1, edge2) = (&fleet.agents[0], &fleet.agents[1]);
+    let now = edge1.status();
+    assert_eq!(now["active_version"], "0.1.0", "{now:#}");
+    assert_eq!(now["permanent_version"], "0.1.0", "{now:#}");
+    assert_eq!(now["canary"]["version"], "0.1.5", "{now:#}");
+    assert_eq!(now["canary"]["split"]["permille"], 500, "{now:#}");
+    assert!(edge2.status()["canary"].is_null());
+
+    // Killed mid-canary: the same command again takes the canary up where
+    // it stands (its request answered, not run again) and waits its
+    // pause again.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = ctl_json(&["rollout", "status", "--fleet", fleet.file.to_str().unwrap()]);
+    let left = killed["rollouts"][0]["updated_at"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut second = spawn(&args);
+    paused_in_canary(&fleet, &mut second, "50%", &left);
+    let canaries: Vec<Value> = edge1
+        .history()
+        .into_iter()
+        .filter(|t| t["kind"] == "canary")
+        .collect();
+    assert_eq!(canaries.len(), 1, "{canaries:#?}");
+    let rollout_id = status["rollouts"][0]["rollout_id"].as_str().unwrap();
+    let id = canaries[0]["request_id"].as_str().unwrap();
+    assert!(
+        id.starts_with(&format!("rollout-{rollout_id}-a1-canary0-")),
+        "{id}"
+    );
+
+    // Both releases answer on edge-1, each counted apart.
+    let mut client = Client::connect(edge1.http).unwrap();
+    let mut by_release = std::collections::HashMap::<String, u64>::new();
+    for _ in 0..40 {
+        let reply = client.get("/").unwrap();
+        assert_eq!(reply.status, 200);
+        *by_release.entry(reply.release).or_default() += 1;
+    }
+    drop(client);
+    let canary = by_release.get("0.1.5").copied().unwrap_or(0);
+    assert!(canary > 0 && canary < 40, "{by_release:?}");
+    assert_eq!(served(edge1, "0.1.5"), (canary, 0));
+    assert!(served(edge1, "0.1.0").0 >= 40 - canary);
+    assert_eq!(edge1.status()["canary"]["served"], canary);
+
+    resume(&fleet);
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:#?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&report["attempt"], &report["resumed"]),
+        (&1.into(), &true.into())
+    );
+    assert_eq!(outcomes(&report), ["upgraded"; 2]);
+    // Too few requests to judge: the canary passes its analysis unjudged.
+    let judged = report["agents"][0]["canary_analysis"].as_str().unwrap();
+    assert!(judged.starts_with("not judged"), "{judged}");
+    assert!(report["agents"][1]["canary_analysis"].is_null());
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert_eq!(status["permanent_version"], "0.1.5", "{status:#}");
+        assert!(status["canary"].is_null(), "{status:#}");
+        let history = agent.history();
+        assert_eq!(transitions(&history, "upgrade", "0.1.5").len(), 1);
+    }
+    assert_eq!(transitions(&edge1.history(), "canary", "0.1.5").len(), 1);
+    assert!(transitions(&edge2.history(), "canary", "0.1.5").is_empty());
+    // The canary's count carried on through its promotion.
+    for _ in 0..10 {
+        assert_eq!(edge1.get("/").release, "0.1.5");
+    }
+    assert_eq!(served(edge1, "0.1.5"), (canary + 10, 0));
+}
+
+#[test]
+fn a_canary_step_failing_its_analysis_is_dropped_and_the_rollout_halts() {
+    // The agents' own gate never drops a canary for its errors
+    // (`--max-error-rate 1`): only the rollout's analysis judges it.
+    let fleet = fleet_with(2, &["--max-error-rate", "1"]);
+    let edge1 = &fleet.agents[0];
+    // GET /fail: 0.1.0 answers 404, its canary 0.1.5 answers 500.
+    let load = Load::start(edge1.http, "/fail", 2);
+    let mut rollout = spawn(&rollout_args(
+        &fleet.file,
+        "0.1.5",
+        &["--steps", "canary 50%,pause,1,100%", "--soak", "300ms"],
+    ));
+    paused_in_canary(&fleet, &mut rollout, "50%", "");
+    // Enough served by each, beside the other, to judge.
+    assert!(eventually(Duration::from_secs(60), || {
+        served(edge1, "0.1.5").0 >= 100 && served(edge1, "0.1.0").0 >= 100
+    }));
+    resume(&fleet);
+    let out = rollout.wait_with_output().unwrap();
+    load.stop();
+    assert_eq!(out.status.code(), Some(4), "{out:#?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "halted", "{report:#}");
+    assert_eq!(outcomes(&report), ["failed_analysis", "not_reached"]);
+    let analysis = report["agents"][0]["canary_analysis"].as_str().unwrap();
+    assert!(analysis.contains("error rate 100.00%"), "{analysis}");
+    assert!(
+        report["halted_by"]
+            .as_str()
+            .unwrap()
+            .contains("canary 50% analysis"),
+        "{report:#}"
+    );
+    // The canary is gone, no agent runs 0.1.5, and it is staged nowhere.
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert!(status["canary"].is_null(), "{status:#}");
+        assert_eq!(status["active_version"], "0.1.0", "{status:#}");
+        assert_eq!(status["permanent_version"], "0.1.0", "{status:#}");
+        assert!(transitions(&agent.history(), "upgrade", "0.1.5").is_empty());
+        assert!(agent.release("0.1.5").is_none(), "left staged");
+    }
+    let history = edge1.history();
+    let dropped = transitions(&history, "rollback", "0.1.0");
+    assert_eq!(dropped.len(), 1, "{history:#?}");
+    assert_eq!(dropped[0]["from_version"], "0.1.5");
+    let reason = dropped[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("halted") && reason.contains("analysis"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn undoing_a_rollout_killed_mid_canary_drops_its_canary() {
+    let fleet = fleet(2);
+    let mut killed = spawn(&rollout_args(
+        &fleet.file,
+        "0.1.5",
+        &["--steps", "canary 10%,pause,1,100%"],
+    ));
+    paused_in_canary(&fleet, &mut killed, "10%", "");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(fleet.agents[0].status()["canary"]["version"], "0.1.5");
+    let undo = ctl_json(&["rollout", "undo", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(undo["outcome"], "undone", "{undo:#}");
+    assert_eq!(outcomes(&undo), ["canary_dropped", "untouched"]);
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert!(status["canary"].is_null(), "{status:#}");
+        assert_eq!(status["permanent_version"], "0.1.0", "{status:#}");
+        assert!(agent.release("0.1.5").is_none(), "left staged");
+    }
+    let status = ctl_json(&["rollout", "status", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(status["rollouts"], serde_json::json!([]), "{status:#}");
 }

@@ -36,7 +36,8 @@ const RESUME_POLL: Duration = Duration::from_secs(1);
 /// The step `ctl rollout resume` writes into a paused rollout's record:
 /// the paused rollout reads it and goes on.
 pub const RESUME_REQUESTED: &str = "resume requested";
-/// How a rollout paused until resumed says so in its step.
+/// How a rollout paused until resumed says so in its step (at its end:
+/// `canary 10%: paused until ...` while a canary step waits).
 pub const PAUSED: &str = "paused until `ctl rollout resume`";
 
 /// The reason code of a lease another rollout holds.
@@ -110,9 +111,10 @@ impl<'a> Leases<'a> {
     }
 
     /// Waits until `ctl rollout resume` asks this rollout to go on: it
-    /// writes `RESUME_REQUESTED` into the record on the agents.
-    pub async fn until_resumed(&self) {
-        self.record.lock().step = PAUSED.into();
+    /// writes `RESUME_REQUESTED` into the record on the agents. `label`
+    /// starts the step people see (`canary 10%: `).
+    pub async fn until_resumed(&self, label: &str) {
+        self.record.lock().step = format!("{label}{PAUSED}");
         self.paused.store(true, Ordering::Relaxed);
         self.renew_all(PAUSED_TTL).await;
         let mut renewed = tokio::time::Instant::now();
@@ -250,7 +252,7 @@ pub async fn resume(nodes: Vec<Node>, output: Output) -> Result<(), Failure> {
     let Some(record) = paused else {
         return Err(anyhow::anyhow!("no rollout holds these agents: nothing to resume").into());
     };
-    if record.step != PAUSED && !record.step.starts_with(RESUME_REQUESTED) {
+    if !record.step.ends_with(PAUSED) && !record.step.starts_with(RESUME_REQUESTED) {
         return Err(anyhow::anyhow!(
             "rollout {} is not paused (it is at: {})",
             holder(&record),

@@ -16,12 +16,22 @@
 //!    way the target lies from what it runs — and wait for the soak's
 //!    verdict.
 //! 6. *Waves* of `--max-parallel` agents, each switched and awaited.
-//! 7. On the first failure (a refused switch, a failed soak, an agent
-//!    lost, a verdict that does not come within `--timeout`): *halt*, and
-//!    roll back every agent this rollout switched, in waves of the same
-//!    width (exit 4; 3 if some agent could not be reached), then remove
-//!    the release it staged from the agents that never switched to it
-//!    (unless `--keep-staged`).
+//!    With `--steps`, the waves are cut into steps with pauses between
+//!    them, each followed by an analysis; a `canary W%` step first runs
+//!    the target as an in-process canary beside the active release on the
+//!    next step's agents, through its pauses, judges it against the
+//!    active release on each of them, and that step's switch promotes it
+//!    (conditional on the canary still running: `expected_canary`).
+//! 7. On the first failure (a refused switch, a failed soak or analysis,
+//!    an agent lost, a verdict that does not come within `--timeout`):
+//!    *halt*, drop the canaries it started, and roll back every agent
+//!    this rollout switched, in waves of the same width (exit 4; 3 if
+//!    some agent could not be reached), then remove the release it staged
+//!    from the agents that never switched to it (unless `--keep-staged`).
+//!
+//! An agent found running this rollout's canary (a run killed during a
+//! canary step) takes it up where it stands: the canary's request is
+//! answered with what the agent did, and its pauses are waited again.
 //!
 //! Up to `--max-unavailable` agents that cannot be reached, or refuse the
 //! release, are *skipped* instead of stopping everything (exit 6 when the
@@ -62,7 +72,7 @@ use progress::Progress;
 use report::{Outcome, Phases, Report, Track};
 
 pub use lease::resume;
-pub use plan::{Budget, Gate, StepSpec, Steps, MAX_ROLLOUT_ID};
+pub use plan::{canary_weight, Budget, Gate, StepSpec, Steps, MAX_ROLLOUT_ID};
 
 /// Uploads at once while staging: they are the heavy part of a rollout
 /// (a few MB to each agent), and staging changes nothing that serves.
@@ -211,6 +221,7 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
         staged_here: vec![false; nodes.len()],
         ours: vec![false; nodes.len()],
         switched: vec![false; nodes.len()],
+        canaried: vec![false; nodes.len()],
         found: vec![None; nodes.len()],
         last_event: vec![0; nodes.len()],
     };
@@ -369,6 +380,10 @@ struct Run<'a> {
     /// The target was made active there in this run (and may have been
     /// rolled back since, by the halt or the health gate).
     switched: Vec<bool>,
+    /// This rollout started the target as a canary there (in this run, or
+    /// in an earlier run of this attempt) and has not dropped it: the
+    /// next switch promotes it, a halt drops it.
+    canaried: Vec<bool>,
     found: Vec<Option<Found>>,
     /// The last event id when the agent was surveyed.
     last_event: Vec<u64>,
@@ -644,14 +659,46 @@ impl Run<'_> {
             .filter(|s| matches!(s, plan::Stage::Switch(_)))
             .count();
         let mut k = 0;
+        // The canary serving now (its agents, its weight): judged before
+        // the next stage, once its pauses are over.
+        let mut canary: Option<(Vec<usize>, u16)> = None;
         'stages: for stage in stages {
-            let waves = match stage {
+            let (waves, starts) = match stage {
                 plan::Stage::Pause(pause) => {
-                    self.pause(pause, leases).await;
+                    let label = canary
+                        .as_ref()
+                        .map(|(_, permille)| format!("canary {}", plan::weight(*permille)));
+                    self.pause(pause, label, leases).await;
                     continue;
                 }
-                plan::Stage::Switch(waves) => waves,
+                plan::Stage::Switch(waves) => (waves, None),
+                plan::Stage::Canary {
+                    waves,
+                    permille,
+                    step,
+                } => (waves, Some((permille, step))),
             };
+            if let Some((agents, permille)) = canary.take() {
+                if let Some(gate) = self.settings.gate {
+                    let label = format!("canary {}", plan::weight(permille));
+                    leases.update(|r| r.step = format!("analysis of {label}"));
+                    failure = self.analyse_canary(tracks, &agents, gate, &label).await;
+                    if failure.is_some() {
+                        break 'stages;
+                    }
+                }
+            }
+            if let Some((permille, step)) = starts {
+                let agents = waves.concat();
+                failure = self
+                    .start_canaries(tracks, waves, permille, step, leases)
+                    .await;
+                if failure.is_some() {
+                    break 'stages;
+                }
+                canary = Some((agents, permille));
+                continue;
+            }
             k += 1;
             let count = waves.len();
             let switching: Vec<usize> = waves.concat();
@@ -745,19 +792,20 @@ impl Run<'_> {
             return Ended::Converged;
         };
         not_reached(tracks, "the rollout halted before its turn");
-        // Nothing was switched (the canary's switch was refused): nothing
-        // to roll back.
-        if !self.switched.iter().any(|&s| s) {
+        // Nothing was switched (the canary's switch was refused) and no
+        // canary started: nothing to roll back.
+        if !self.switched.iter().any(|&s| s) && !self.canaried.iter().any(|&c| c) {
             self.clean_up(tracks, leases).await;
             return Ended::Stopped { why, unreachable };
         }
 
-        // Halt: everyone this rollout switched goes back.
+        // Halt: every canary this rollout started is dropped, everyone it
+        // switched goes back.
         leases.update(|r| r.step = "rolling back".into());
         self.progress
             .note(&format!("rollout: halted: {why}; rolling back"));
+        let mut clean = self.drop_canaries(tracks, &why).await;
         let back: Vec<usize> = (0..tracks.len()).filter(|&i| self.ours[i]).collect();
-        let mut clean = true;
         let this = &*self;
         for wave in back.chunks(this.settings.max_parallel.max(1)) {
             let why = why.as_str();
@@ -853,26 +901,234 @@ impl Run<'_> {
         failure
     }
 
-    /// A pause between steps: `pause` long, or until `ctl rollout resume`.
-    async fn pause(&self, pause: Option<Duration>, leases: &Leases<'_>) {
+    /// A canary step: the target starts as a canary of `permille` beside
+    /// the active release on `waves`' agents, wave after wave, where it
+    /// is not active yet. The first failure, if any, halts the rollout.
+    async fn start_canaries(
+        &mut self,
+        tracks: &mut [Track],
+        waves: Vec<Vec<usize>>,
+        permille: u16,
+        step: usize,
+        leases: &Leases<'_>,
+    ) -> Option<(String, bool)> {
+        let weight = plan::weight(permille);
+        let count = waves.iter().map(Vec::len).sum::<usize>();
+        leases.update(|r| r.step = format!("canary {weight} on {count} agent(s)"));
+        self.progress
+            .note(&format!("rollout: canary {weight} on {count} agent(s)"));
+        let mut failure = None;
+        for wave in waves {
+            let this = &*self;
+            let results = join_all(
+                wave.iter()
+                    .filter(|&&i| this.found[i] == Some(Found::Elsewhere))
+                    .map(|&i| {
+                        let before = tracks[i].before.clone().unwrap_or_default();
+                        async move { (i, this.start_canary(i, before, permille, step).await) }
+                    }),
+            )
+            .await;
+            for (i, result) in results {
+                match result {
+                    Ok(()) => {
+                        self.canaried[i] = true;
+                        self.progress
+                            .say(i, format!("{} serves {weight} as a canary", self.target));
+                    }
+                    Err(e) => {
+                        let why = format!("{}: canary {weight}: {}", tracks[i].name, e.error);
+                        self.progress.say(i, format!("failed: {}", e.error));
+                        let unreachable = e.unreachable;
+                        // A transport failure after every retry: the agent
+                        // may have started it, so a halt tries to drop it.
+                        self.canaried[i] |= unreachable;
+                        fail(&mut tracks[i], e);
+                        let first = failure.get_or_insert((why, unreachable));
+                        first.1 |= unreachable;
+                    }
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        failure
+    }
+
+    /// Starts the target as a canary of `permille` on agent `i`, beside
+    /// `before` (conditional on it being active still).
+    async fn start_canary(
+        &self,
+        i: usize,
+        before: String,
+        permille: u16,
+        step: usize,
+    ) -> Result<(), StepError> {
+        let what = format!("starting the canary of {}", self.target);
+        self.progress.say(i, what.clone());
+        let request = pb::TransitionRequest {
+            version: self.target.clone(),
+            canary: Some(pb::CanarySplit {
+                permille: u32::from(permille),
+                ..Default::default()
+            }),
+            request_id: self.request_id(Step::Canary(step), i),
+            expected_active: before,
+            reason: self.reason(),
+            lease: self.rollout_id.clone(),
+            ..Default::default()
+        };
+        self.nodes[i]
+            .agent
+            .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
+            .await
+            .map(|_| ())
+            .map_err(StepError::from_failure)
+    }
+
+    /// The analysis of a canary step once its pauses are over: on each
+    /// agent running it, the canary against the active release beside it
+    /// (`Gate::judge`); a canary the agent's health gate dropped fails.
+    /// The first failure, if any, halts the rollout.
+    async fn analyse_canary(
+        &self,
+        tracks: &mut [Track],
+        agents: &[usize],
+        gate: plan::Gate,
+        label: &str,
+    ) -> Option<(String, bool)> {
+        let agents: Vec<usize> = agents
+            .iter()
+            .copied()
+            .filter(|&i| self.canaried[i])
+            .collect();
+        let read = join_all(agents.iter().map(|&i| status(&self.nodes[i].agent))).await;
+        let mut failure = None;
+        for (&i, status) in agents.iter().zip(read) {
+            let track = &mut tracks[i];
+            let status = match status {
+                Ok(status) => status,
+                Err(f) => {
+                    let e = StepError::from_failure(f);
+                    let why = format!(
+                        "{}: the analysis of its {label} could not read it: {}",
+                        track.name, e.error
+                    );
+                    let unreachable = e.unreachable;
+                    fail(track, e);
+                    failure.get_or_insert((why, unreachable));
+                    continue;
+                }
+            };
+            if status.canary.as_ref().map(|c| c.version.as_str()) != Some(self.target.as_str()) {
+                let why = format!(
+                    "its {label} of {} runs no more: the agent's health gate dropped it (its history says why)",
+                    self.target
+                );
+                self.progress.say(i, format!("failed: {why}"));
+                track.outcome = Outcome::FailedSoak;
+                track.error = Some(why.clone());
+                failure.get_or_insert((format!("{}: {why}", track.name), false));
+                continue;
+            }
+            let sample = |version: &str| {
+                status.served.iter().find(|s| s.version == version).map_or(
+                    plan::Sample::default(),
+                    |s| plan::Sample {
+                        requests: s.requests,
+                        errors: s.errors,
+                        p99_us: s.p99_us,
+                    },
+                )
+            };
+            match gate.judge(sample(&self.target), sample(&status.active_version)) {
+                Ok(note) => track.canary_analysis = Some(note),
+                Err(why) => {
+                    self.progress
+                        .say(i, format!("its {label} failed its analysis: {why}"));
+                    track.canary_analysis = Some(why.clone());
+                    track.outcome = Outcome::FailedAnalysis;
+                    track.error = Some(format!("{label} analysis: {why}"));
+                    failure
+                        .get_or_insert((format!("{}: {label} analysis: {why}", track.name), false));
+                }
+            }
+        }
+        failure
+    }
+
+    /// After a halt: drops the canary this rollout started wherever it
+    /// was not promoted. `false` if some drop failed.
+    async fn drop_canaries(&mut self, tracks: &mut [Track], why: &str) -> bool {
+        let agents: Vec<usize> = (0..tracks.len())
+            .filter(|&i| self.canaried[i] && !self.ours[i])
+            .collect();
+        let this = &*self;
+        let results = join_all(agents.iter().map(|&i| async move {
+            let reason = format!("rollout {} halted: {why}", this.rollout_id);
+            let request_id = this.request_id(Step::DropCanary, i);
+            let result = drop_canary(
+                &this.nodes[i],
+                &this.target,
+                request_id,
+                reason,
+                &this.rollout_id,
+            )
+            .await;
+            (i, result)
+        }))
+        .await;
+        let mut clean = true;
+        for (i, result) in results {
+            let track = &mut tracks[i];
+            match result {
+                Ok(dropped) => {
+                    self.canaried[i] = false;
+                    if !matches!(track.outcome, Outcome::FailedAnalysis | Outcome::FailedSoak) {
+                        track.outcome = Outcome::CanaryDropped;
+                    }
+                    self.progress.done(
+                        i,
+                        if dropped {
+                            format!("the canary of {} was dropped", self.target)
+                        } else {
+                            format!("no canary of {} runs", self.target)
+                        },
+                    );
+                }
+                Err(e) => {
+                    clean = false;
+                    self.progress
+                        .done(i, format!("dropping the canary failed: {}", e.error));
+                    fail(track, e);
+                    track.outcome = Outcome::RollbackFailed;
+                }
+            }
+        }
+        clean
+    }
+
+    /// A pause between steps: `pause` long, or until `ctl rollout resume`;
+    /// `label`: what runs meanwhile (a canary), for the step people see.
+    async fn pause(&self, pause: Option<Duration>, label: Option<String>, leases: &Leases<'_>) {
+        let label = label.map_or_else(String::new, |l| format!("{l}: "));
         match pause {
             Some(pause) => {
                 let until = render::now_ms() + pause.as_millis() as i64;
+                let step = format!("{label}paused for {}", humantime::format_duration(pause));
+                self.progress.note(&format!("rollout: {step}"));
                 leases.update(|r| {
-                    r.step = format!("paused for {}", humantime::format_duration(pause));
+                    r.step = step;
                     r.soak_until_ms = until;
                 });
-                self.progress.note(&format!(
-                    "rollout: paused for {}",
-                    humantime::format_duration(pause)
-                ));
                 tokio::time::sleep(pause).await;
             }
             None => {
-                self.progress.note(
-                    "rollout: paused; `ctl rollout resume` (with the same --fleet or --agent) goes on",
-                );
-                leases.until_resumed().await;
+                self.progress.note(&format!(
+                    "rollout: {label}paused; `ctl rollout resume` (with the same --fleet or --agent) goes on"
+                ));
+                leases.until_resumed(&label).await;
                 self.progress.note("rollout: resumed");
             }
         }
@@ -928,6 +1184,7 @@ impl Run<'_> {
                     let track = &mut tracks[i];
                     track.before = Some(found.active);
                     self.ours[i] = found.ours;
+                    self.canaried[i] = found.canary;
                     self.last_event[i] = found.last_event;
                     if found.found == Found::Permanent {
                         track.outcome = Outcome::AlreadyThere;
@@ -984,6 +1241,23 @@ impl Run<'_> {
                 .iter()
                 .any(|t| t.request_id == id)
         };
+        // Whether it runs the canary this attempt started, in a run that
+        // was interrupted during a canary step: then the next switch
+        // promotes it, and a halt drops it.
+        let canary = found == Found::Elsewhere
+            && self.attempt.resumed
+            && status
+                .canary
+                .as_ref()
+                .is_some_and(|c| c.version == self.target)
+            && {
+                let prefix = plan::prefix(&self.rollout_id, self.attempt.number);
+                last_transitions(node, 100).await?.iter().any(|t| {
+                    t.kind() == pb::TransitionKind::Canary
+                        && t.request_id.starts_with(&prefix)
+                        && plan::canary_sent_by(&t.request_id, &self.rollout_id)
+                })
+            };
         self.progress.say(
             i,
             match found {
@@ -996,6 +1270,7 @@ impl Run<'_> {
             active: status.active_version,
             found,
             ours,
+            canary,
             last_event: status.last_event_id,
         })
     }
@@ -1078,6 +1353,14 @@ impl Run<'_> {
                 soak_ms: self.settings.soak.map_or(0, |d| d.as_millis() as u64),
                 request_id: self.request_id(Step::Switch, i),
                 expected_active: before.unwrap_or_default(),
+                // The promotion of the canary this rollout started: only
+                // if it still runs (the agent's health gate may have
+                // dropped it).
+                expected_canary: if self.canaried[i] {
+                    self.target.clone()
+                } else {
+                    String::new()
+                },
                 reason: self.reason(),
                 lease: self.rollout_id.clone(),
                 ..Default::default()
@@ -1183,7 +1466,9 @@ impl Run<'_> {
             return;
         }
         let never: Vec<usize> = (0..tracks.len())
-            .filter(|&i| self.staged_here[i] && !self.ours[i] && !self.switched[i])
+            .filter(|&i| {
+                self.staged_here[i] && !self.ours[i] && !self.switched[i] && !self.canaried[i]
+            })
             .collect();
         remove_staged(
             self.nodes,
@@ -1292,6 +1577,46 @@ async fn remove_staged(
     }
 }
 
+/// Drops the canary of `version` on `node` if it still serves there: a
+/// rollback, which with a canary drops it and does nothing else,
+/// conditional on the release active beside it. `Ok(false)` if no canary
+/// of `version` runs there (dropped already).
+async fn drop_canary(
+    node: &Node,
+    version: &str,
+    request_id: String,
+    reason: String,
+    rollout: &str,
+) -> Result<bool, StepError> {
+    let now = status(&node.agent).await.map_err(StepError::from_failure)?;
+    if now.canary.as_ref().map(|c| c.version.as_str()) != Some(version) {
+        return Ok(false);
+    }
+    let request = pb::RollbackRequest {
+        request_id,
+        expected_active: now.active_version,
+        reason,
+        lease: rollout.to_owned(),
+        ..Default::default()
+    };
+    match node
+        .agent
+        .call(
+            &format!("dropping the canary of {version}"),
+            request,
+            |mut c, r| async move { c.rollback(r).await },
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(Failure::Failed {
+            reason: Some(reason),
+            ..
+        }) if reason == EXPECTED_ACTIVE_MISMATCH => Ok(false),
+        Err(f) => Err(StepError::from_failure(f)),
+    }
+}
+
 /// How long ago the holder last renewed its lease, or that it expired.
 fn expiry(holder: &pb::RolloutRecord) -> String {
     let now = render::now_ms();
@@ -1335,6 +1660,8 @@ struct Survey {
     active: String,
     found: Found,
     ours: bool,
+    /// It runs the canary of the target this attempt started.
+    canary: bool,
     last_event: u64,
 }
 

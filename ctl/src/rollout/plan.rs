@@ -1,6 +1,7 @@
 //! The pure part of a rollout, tested without agents: from what each agent
 //! was found running, who is the canary and what the waves are, cut into
-//! `--steps` with pauses between them; which
+//! `--steps` with pauses between them and in-process canaries before them;
+//! which
 //! attempt of the rollout this run is, from the records the agents keep;
 //! the unavailability budget; and the request ids, derived from the
 //! rollout and its attempt so that resuming an interrupted attempt sends
@@ -73,6 +74,33 @@ pub enum StepSpec {
     Percent(u8),
     /// Wait this long (`pause 5m`), or until `ctl rollout resume` (`pause`).
     Pause(Option<Duration>),
+    /// Before the next count's agents switch, serve the target beside
+    /// their active release to this share of requests, in per mille
+    /// (`canary 10%`: 100), through the pauses written after it; the
+    /// count's switch then promotes it.
+    Canary(u16),
+}
+
+/// `10%`, `0.5%` or `10`: a canary's weight in per mille, 1 to 1000 (as
+/// `ctl upgrade --canary` and `--steps 'canary 10%'` take it).
+pub fn canary_weight(text: &str) -> Result<u16, String> {
+    let number = text.trim().trim_end_matches('%');
+    let percent: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a percentage (e.g. 10%)"))?;
+    let permille = (percent * 10.0).round();
+    if !(1.0..=1000.0).contains(&permille) || (percent * 10.0 - permille).abs() > 1e-6 {
+        return Err(format!("{text:?}: from 0.1% to 100%, in steps of 0.1%"));
+    }
+    Ok(permille as u16)
+}
+
+/// A canary's weight for people: `10%`, `0.5%`.
+pub fn weight(permille: u16) -> String {
+    match permille % 10 {
+        0 => format!("{}%", permille / 10),
+        tenth => format!("{}.{tenth}%", permille / 10),
+    }
 }
 
 /// `--steps` as clap holds it (a `Vec` would be taken for many values).
@@ -91,12 +119,20 @@ impl std::str::FromStr for Steps {
 const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `--steps`: comma-separated counts of agents (`1`), shares of the fleet
-/// (`20%`) and pauses (`pause`, `pause 30s`), each count more than the
-/// one before.
+/// (`20%`), pauses (`pause`, `pause 30s`) and canaries (`canary 10%`),
+/// each canary followed by a pause, then by the count whose agents run it.
 pub fn parse_steps(text: &str) -> Result<Vec<StepSpec>, String> {
     let mut steps = Vec::new();
     for item in text.split(',').map(str::trim) {
-        let step = if let Some(rest) = item.strip_prefix("pause") {
+        let step = if let Some(rest) = item.strip_prefix("canary") {
+            let weight = rest.trim();
+            if weight.is_empty() || weight == rest {
+                return Err(format!(
+                    "step {item:?}: a canary step is `canary WEIGHT` (canary 10%)"
+                ));
+            }
+            StepSpec::Canary(canary_weight(weight).map_err(|e| format!("step {item:?}: {e}"))?)
+        } else if let Some(rest) = item.strip_prefix("pause") {
             let rest = rest.trim();
             if rest.is_empty() {
                 StepSpec::Pause(None)
@@ -120,25 +156,63 @@ pub fn parse_steps(text: &str) -> Result<Vec<StepSpec>, String> {
                 Ok(n @ 1..=super::fleet::MAX_AGENTS) => StepSpec::Agents(n),
                 _ => {
                     return Err(format!(
-                        "step {item:?} is not a number of agents (3), a share of the fleet (20%), `pause` or `pause DURATION`"
+                        "step {item:?} is not a number of agents (3), a share of the fleet (20%), `pause`, `pause DURATION` or `canary WEIGHT`"
                     ))
                 }
             }
         };
         steps.push(step);
     }
-    if !steps.iter().any(|s| !matches!(s, StepSpec::Pause(_))) {
+    if !steps.iter().any(is_count) {
         return Err("--steps needs at least one count of agents or share of the fleet".into());
+    }
+    // A canary runs on the agents of the count after it, and is judged
+    // after the pause between them: without one it would be judged (on
+    // nothing) the moment it started.
+    for (n, step) in steps.iter().enumerate() {
+        let StepSpec::Canary(permille) = *step else {
+            continue;
+        };
+        let rest = &steps[n + 1..];
+        let Some(count) = rest.iter().position(is_count) else {
+            return Err(format!(
+                "step \"canary {}\" needs a count of agents or a share of the fleet after it: the agents it runs on",
+                weight(permille)
+            ));
+        };
+        if !rest[..count]
+            .iter()
+            .any(|s| matches!(s, StepSpec::Pause(_)))
+        {
+            return Err(format!(
+                "step \"canary {}\" needs a pause after it (`pause 5m`, or `pause`): how long it serves before its analysis",
+                weight(permille)
+            ));
+        }
     }
     Ok(steps)
 }
 
-/// What a rollout does in order: switch groups of agents, pause.
+/// A step that switches agents: a count or a share.
+fn is_count(step: &StepSpec) -> bool {
+    matches!(step, StepSpec::Agents(_) | StepSpec::Percent(_))
+}
+
+/// What a rollout does in order: switch groups of agents, pause, start
+/// canaries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stage {
     /// These agents, in waves (each at once, one wave after the other).
     Switch(Vec<Vec<usize>>),
     Pause(Option<Duration>),
+    /// The target as a canary of `permille` beside the active release on
+    /// these agents (in waves), which the next `Switch` promotes. `step`:
+    /// the step's index in `--steps`, which its request ids carry.
+    Canary {
+        waves: Vec<Vec<usize>>,
+        permille: u16,
+        step: usize,
+    },
 }
 
 /// The plan as stages. Without steps: the canary alone, then the waves.
@@ -146,8 +220,9 @@ pub enum Stage {
 /// in fleet order — are cut where each step's count of agents on the
 /// target (of `total`, counting `done`: already there) is reached, in
 /// waves of `max_parallel`; what is left after the last step is a last
-/// stage. Pauses stand where they are written, except before any switch
-/// or after the last one.
+/// stage. A canary step runs on the agents of the next count (none if
+/// that count switches nobody). Pauses stand where they are written,
+/// except before any switch or canary, or after the last switch.
 pub fn stages(
     plan: &Plan,
     steps: &[StepSpec],
@@ -175,25 +250,47 @@ pub fn stages(
         }
         return stages;
     }
+    // How far a count step reaches in `order`.
+    let upto = |step: &StepSpec| -> Option<usize> {
+        let goal = match *step {
+            StepSpec::Agents(n) => n,
+            StepSpec::Percent(p) => (total * usize::from(p)).div_ceil(100),
+            StepSpec::Pause(_) | StepSpec::Canary(_) => return None,
+        };
+        Some(goal.saturating_sub(done).min(order.len()))
+    };
     let mut stages = Vec::new();
     let mut next = 0;
-    for step in steps {
-        let goal = match *step {
+    // A canary runs: its pauses are its time to serve.
+    let mut canary = false;
+    for (n, step) in steps.iter().enumerate() {
+        match *step {
             StepSpec::Pause(pause) => {
                 // A pause before anything switched, or after the last
                 // agent, waits for nothing.
-                if next > 0 && next < order.len() {
+                if canary || (next > 0 && next < order.len()) {
                     stages.push(Stage::Pause(pause));
                 }
-                continue;
             }
-            StepSpec::Agents(n) => n,
-            StepSpec::Percent(p) => (total * usize::from(p)).div_ceil(100),
-        };
-        let upto = goal.saturating_sub(done).min(order.len());
-        if upto > next {
-            stages.push(Stage::Switch(waves(&order[next..upto])));
-            next = upto;
+            StepSpec::Canary(permille) => {
+                let to = steps[n + 1..].iter().find_map(upto).unwrap_or(next);
+                if to > next {
+                    stages.push(Stage::Canary {
+                        waves: waves(&order[next..to]),
+                        permille,
+                        step: n,
+                    });
+                    canary = true;
+                }
+            }
+            StepSpec::Agents(_) | StepSpec::Percent(_) => {
+                let to = upto(step).unwrap_or(next);
+                if to > next {
+                    stages.push(Stage::Switch(waves(&order[next..to])));
+                    next = to;
+                    canary = false;
+                }
+            }
         }
     }
     if next < order.len() {
@@ -377,16 +474,22 @@ pub enum Step {
     Undo,
     /// Removing the release staged on an agent that never switched to it.
     Remove,
+    /// Starting the canary of the `--steps` item at this index.
+    Canary(usize),
+    /// Dropping the canary this rollout started (a halt, an undo).
+    DropCanary,
 }
 
 impl Step {
-    fn word(self) -> &'static str {
+    fn word(self) -> String {
         match self {
-            Step::Stage => "stage",
-            Step::Switch => "switch",
-            Step::Rollback => "rollback",
-            Step::Undo => "undo",
-            Step::Remove => "remove",
+            Step::Stage => "stage".into(),
+            Step::Switch => "switch".into(),
+            Step::Rollback => "rollback".into(),
+            Step::Undo => "undo".into(),
+            Step::Remove => "remove".into(),
+            Step::Canary(n) => format!("canary{n}"),
+            Step::DropCanary => "drop".into(),
         }
     }
 }
@@ -428,17 +531,25 @@ pub fn prefix(rollout: &str, attempt: u32) -> String {
 /// The rollout a request id belongs to, if a rollout sent it: whether
 /// `request_id` is `step`'s in some attempt of `rollout`.
 pub fn sent_by(request_id: &str, rollout: &str, step: Step) -> bool {
-    let Some(rest) = request_id.strip_prefix(&format!("rollout-{rollout}-a")) else {
-        return false;
-    };
-    let Some((attempt, rest)) = rest.split_once('-') else {
-        return false;
-    };
-    !attempt.is_empty()
-        && attempt.bytes().all(|b| b.is_ascii_digit())
-        && rest
-            .strip_prefix(step.word())
-            .is_some_and(|key| key.starts_with('-'))
+    after_attempt(request_id, rollout)
+        .and_then(|rest| rest.strip_prefix(step.word().as_str()))
+        .is_some_and(|key| key.starts_with('-'))
+}
+
+/// Whether `request_id` started a canary of some step, in some attempt of
+/// `rollout`.
+pub fn canary_sent_by(request_id: &str, rollout: &str) -> bool {
+    after_attempt(request_id, rollout)
+        .and_then(|rest| rest.strip_prefix("canary"))
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What follows `rollout-ID-aN-` in a request id of `rollout`.
+fn after_attempt<'a>(request_id: &'a str, rollout: &str) -> Option<&'a str> {
+    let rest = request_id.strip_prefix(&format!("rollout-{rollout}-a"))?;
+    let (attempt, rest) = rest.split_once('-')?;
+    (!attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit())).then_some(rest)
 }
 
 #[cfg(test)]
@@ -611,6 +722,93 @@ mod tests {
     }
 
     #[test]
+    fn canary_steps_parse_and_run_on_the_next_steps_agents() {
+        use StepSpec::*;
+        let minute = Some(Duration::from_secs(60));
+        assert_eq!(
+            parse_steps("canary 10%, pause 1m,2,50%").unwrap(),
+            [Canary(100), Pause(minute), Agents(2), Percent(50)]
+        );
+        assert_eq!(
+            parse_steps("canary 0.5%,pause,canary 25%,pause 1m,1").unwrap(),
+            [
+                Canary(5),
+                Pause(None),
+                Canary(250),
+                Pause(minute),
+                Agents(1)
+            ]
+        );
+        for bad in [
+            "canary",
+            "canary ",
+            "canary10%",
+            "canary 0%",
+            "canary 101%",
+            "canary 0.05%",
+            "canary ten",
+            // No pause to serve in, no agents to run on.
+            "canary 10%,1",
+            "canary 10%,pause",
+            "1,canary 10%,pause 1m",
+        ] {
+            assert!(parse_steps(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            (weight(100), weight(5), weight(1000), weight(1)),
+            ("10%".into(), "0.5%".into(), "100%".into(), "0.1%".into())
+        );
+
+        // Ten agents: a canary on the first two, promoted by `2`.
+        let plan = plan(&[Elsewhere; 10], &[false; 10], 2);
+        let steps = parse_steps("canary 10%,pause 1m,2,50%").unwrap();
+        assert_eq!(
+            stages(&plan, &steps, 10, 0, 2),
+            [
+                Stage::Canary {
+                    waves: vec![vec![0, 1]],
+                    permille: 100,
+                    step: 0
+                },
+                Stage::Pause(minute),
+                Stage::Switch(vec![vec![0, 1]]),
+                Stage::Switch(vec![vec![2, 3], vec![4]]),
+                Stage::Switch(vec![vec![5, 6], vec![7, 8], vec![9]]),
+            ]
+        );
+        // Run again with 5 of 10 there: the first canary's agents are done
+        // (so is it, and its pause); the second runs on the rest.
+        let found = [[Permanent; 5], [Elsewhere; 5]].concat();
+        let resumed = super::plan(&found, &[true; 10], 5);
+        let steps = parse_steps("canary 1%,pause,50%,canary 20%,pause,100%").unwrap();
+        assert_eq!(
+            stages(&resumed, &steps, 10, 5, 5),
+            [
+                Stage::Canary {
+                    waves: vec![vec![5, 6, 7, 8, 9]],
+                    permille: 200,
+                    step: 3
+                },
+                Stage::Pause(None),
+                Stage::Switch(vec![vec![5, 6, 7, 8, 9]]),
+            ]
+        );
+
+        // Each canary step's request ids are its own.
+        let id = request_id("r", 1, Step::Canary(0), "http://a:1");
+        assert_ne!(id, request_id("r", 1, Step::Canary(3), "http://a:1"));
+        assert!(canary_sent_by(&id, "r"));
+        assert!(sent_by(&id, "r", Step::Canary(0)));
+        assert!(!sent_by(&id, "r", Step::Canary(3)));
+        assert!(!canary_sent_by(&id, "r2"));
+        assert!(!canary_sent_by(
+            &request_id("r", 1, Step::Switch, "http://a:1"),
+            "r"
+        ));
+        assert!(!canary_sent_by("rollout-r-a1-canary-x", "r"));
+    }
+
+    #[test]
     fn the_gate_compares_a_new_release_with_the_old_one() {
         let gate = Gate {
             max_error_increase: 0.01,
@@ -684,6 +882,7 @@ mod tests {
                 (1usize..40).prop_map(StepSpec::Agents),
                 (1u8..=100).prop_map(StepSpec::Percent),
                 Just(StepSpec::Pause(None)),
+                (1u16..=1000).prop_map(StepSpec::Canary),
             ], 0..8),
         ) {
             let found = [vec![Permanent; done], vec![Elsewhere; n]].concat();
@@ -693,7 +892,7 @@ mod tests {
                 Stage::Switch(waves) => {
                     waves.iter().flatten().copied().collect()
                 }
-                Stage::Pause(_) => Vec::new(),
+                Stage::Pause(_) | Stage::Canary { .. } => Vec::new(),
             }).collect();
             let order: Vec<usize> = plan.canary.into_iter().chain(plan.waves.concat()).collect();
             prop_assert_eq!(switched, order);
@@ -703,7 +902,22 @@ mod tests {
                 }
             }
             prop_assert!(!matches!(stages.first(), Some(Stage::Pause(_))));
-            prop_assert!(!matches!(stages.last(), Some(Stage::Pause(_))));
+            let last_switches = matches!(stages.last(), None | Some(Stage::Switch(_)));
+            prop_assert!(last_switches);
+            // A canary runs on exactly the agents the next switch
+            // promotes, with only pauses and canaries between them.
+            for (n, stage) in stages.iter().enumerate() {
+                if let Stage::Canary { waves, permille, step } = stage {
+                    prop_assert!(waves.iter().all(|w| !w.is_empty() && w.len() <= max));
+                    prop_assert!((1..=1000).contains(permille));
+                    prop_assert_eq!(steps[*step], StepSpec::Canary(*permille));
+                    let promoted = stages[n + 1..].iter().find_map(|s| match s {
+                        Stage::Switch(waves) => Some(waves.concat()),
+                        _ => None,
+                    });
+                    prop_assert_eq!(Some(waves.concat()), promoted);
+                }
+            }
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum Outcome {
     Skipped,
     /// The halt's rollback of it failed: it may still run the target.
     RollbackFailed,
+    /// It served the target as a canary, dropped by the halt (or the
+    /// undo) before its promotion.
+    CanaryDropped,
     /// `undo`: back on the release it had before the rollout.
     Undone,
     /// `undo`: the rollout never switched it, or it left the target since.
@@ -63,6 +66,9 @@ pub struct Track {
     pub cleanup: Option<String>,
     /// The analysis after its step: what it compared, or why it failed.
     pub analysis: Option<String>,
+    /// The analysis of its canary step (`canary 10%`), before its switch:
+    /// the canary against the active release beside it.
+    pub canary_analysis: Option<String>,
 }
 
 impl Track {
@@ -78,6 +84,7 @@ impl Track {
             request_id,
             cleanup: None,
             analysis: None,
+            canary_analysis: None,
         }
     }
 

@@ -1,7 +1,9 @@
 //! `ctl rollout undo`: every agent a rollout switched goes back to the
 //! release it had before — read from the agent's own history (the last
-//! switch that rollout made there, in any attempt) — and the release it
-//! staged where it never switched is removed (unless `--keep-staged`).
+//! switch that rollout made there, in any attempt) — the canary it
+//! started where it never promoted it (a run killed during a canary step)
+//! is dropped, and the release it staged where it never switched is
+//! removed (unless `--keep-staged`).
 //!
 //! The undo is an attempt of the rollout like any other: it takes the
 //! agents' leases under the rollout's id (so it takes over an interrupted
@@ -23,8 +25,8 @@ use super::plan::{self, Step};
 use super::progress::Progress;
 use super::report::{self, Outcome, Phases, Report, Track};
 use super::{
-    canonical_keys, downward, fail, last_transitions, remove_staged, transition, Ended, Node,
-    StepError,
+    canonical_keys, downward, drop_canary, fail, last_transitions, remove_staged, transition,
+    Ended, Node, StepError,
 };
 use crate::commands::status;
 use crate::{json, Failure, Output};
@@ -211,6 +213,8 @@ struct Found {
     before: Option<String>,
     /// The rollout staged its release there and it is only staged.
     staged_only: bool,
+    /// It runs the rollout's release as a canary the rollout started.
+    canary: bool,
 }
 
 impl Undo<'_> {
@@ -242,6 +246,7 @@ impl Undo<'_> {
         let found = join_all((0..self.nodes.len()).map(|i| self.find(i))).await;
         let mut back = Vec::new();
         let mut remove = Vec::new();
+        let mut drop = Vec::new();
         let mut failed = Vec::new();
         for (i, result) in found.into_iter().enumerate() {
             let track = &mut tracks[i];
@@ -250,6 +255,7 @@ impl Undo<'_> {
                     track.before = Some(found.active.clone());
                     match found.before {
                         Some(before) if found.active == self.version => back.push((i, before)),
+                        _ if found.canary => drop.push(i),
                         _ => {
                             track.outcome = Outcome::Untouched;
                             self.progress.done(
@@ -272,6 +278,35 @@ impl Undo<'_> {
                 Err(e) => {
                     failed.push(format!("{}: {}", track.name, e.error));
                     fail(track, e);
+                }
+            }
+        }
+        // Canaries first: dropping one is quick, and lets its release be
+        // removed below.
+        let dropped = join_all(drop.iter().map(|&i| {
+            drop_canary(
+                &self.nodes[i],
+                &self.version,
+                self.request_id(Step::DropCanary, i),
+                format!("undo of rollout {}", self.rollout_id),
+                &self.rollout_id,
+            )
+        }))
+        .await;
+        for (&i, result) in drop.iter().zip(dropped) {
+            let track = &mut tracks[i];
+            match result {
+                Ok(_) => {
+                    track.outcome = Outcome::CanaryDropped;
+                    self.progress
+                        .done(i, format!("the canary of {} was dropped", self.version));
+                }
+                Err(e) => {
+                    failed.push(format!("{}: {}", track.name, e.error));
+                    self.progress
+                        .done(i, format!("dropping the canary failed: {}", e.error));
+                    fail(track, e);
+                    remove.retain(|&r| r != i);
                 }
             }
         }
@@ -348,10 +383,20 @@ impl Undo<'_> {
                 .releases
                 .iter()
                 .any(|r| r.version == self.version && r.state() == pb::ReleaseState::Staged);
+        let canary = now
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.version == self.version)
+            && history.iter().any(|t| {
+                t.kind() == pb::TransitionKind::Canary
+                    && t.to_version == self.version
+                    && plan::canary_sent_by(&t.request_id, &self.rollout_id)
+            });
         Ok(Found {
             active: now.active_version,
             before: last_switch.map(|t| t.from_version.clone()),
             staged_only,
+            canary,
         })
     }
 
