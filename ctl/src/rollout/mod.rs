@@ -1613,7 +1613,15 @@ async fn drop_canary(
             reason: Some(reason),
             ..
         }) if reason == EXPECTED_ACTIVE_MISMATCH => Ok(false),
-        Err(f) => Err(StepError::from_failure(f)),
+        // The health gate may have dropped it between the two calls: the
+        // rollback then had no canary to drop, and was refused as one of
+        // the active release (when there is nothing to go back to).
+        Err(f) => match status(&node.agent).await {
+            Ok(now) if now.canary.as_ref().map(|c| c.version.as_str()) != Some(version) => {
+                Ok(false)
+            }
+            _ => Err(StepError::from_failure(f)),
+        },
     }
 }
 

@@ -340,7 +340,9 @@ impl Gate {
                 new.requests, old.requests
             ));
         }
-        let rate = |s: Sample| s.errors as f64 / s.requests as f64;
+        // The agent's two counters are read apart: a moment's errors
+        // above the requests is no rate above 100%.
+        let rate = |s: Sample| s.errors.min(s.requests) as f64 / s.requests as f64;
         let (new_rate, old_rate) = (rate(new), rate(old));
         let p99 = |us: u64| {
             if us == u64::MAX {
@@ -833,6 +835,8 @@ mod tests {
             .judge(sample(1000, 0, 250_000), sample(1000, 0, 100_000))
             .is_err());
         // Too few requests on either side: not judged.
+        let why = gate.judge(sample(1000, 1003, 1_000), old).unwrap_err();
+        assert!(why.contains("error rate 100.00%"), "{why}");
         let note = gate.judge(sample(99, 99, u64::MAX), old).unwrap();
         assert!(note.starts_with("not judged"), "{note}");
         assert!(gate
