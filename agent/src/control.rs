@@ -867,6 +867,10 @@ impl Control for ControlService {
                 Command::Rollback {
                     source,
                     dry_run: r.dry_run,
+                    expected_canary: match r.expected_canary.as_str() {
+                        "" => None,
+                        text => Some(parse_version("expected_canary", text)?),
+                    },
                 },
                 meta,
                 r.lease(),

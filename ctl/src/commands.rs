@@ -239,8 +239,10 @@ pub async fn run(agent: &Agent, output: Output, command: Command) -> Result<(), 
             request,
             // The target of a rollback is permanent at once: nothing to wait for.
             wait: _,
+            expect_canary,
         } => {
             let request = pb::RollbackRequest {
+                expected_canary: expect_canary.map(|v| v.to_string()).unwrap_or_default(),
                 state: pb::StateSource::from(state).into(),
                 dry_run,
                 request_id: id(&request.request),

@@ -464,6 +464,11 @@ enum Command {
         /// Accepted for symmetry with upgrade: the target is permanent at once.
         #[arg(long, conflicts_with = "dry_run")]
         wait: bool,
+        /// Only drop the canary of VERSION: refused, with nothing rolled
+        /// back, if it is not the canary any more (the health gate or
+        /// someone else dropped it first).
+        #[arg(long, value_name = "VERSION")]
+        expect_canary: Option<semver::Version>,
     },
     /// Finish the canary's switch: upgrade (or downgrade) to the canary's
     /// release, which then soaks as any switch does.

@@ -326,6 +326,39 @@ async fn a_promotion_of_a_canary_that_is_gone_is_refused() {
     assert!(agent.status()["canary"].is_null());
 }
 
+/// What a rollout sends to drop its canary: a rollback that drops the
+/// canary of that version, and is refused, changing nothing, once it is
+/// not the canary any more. Without the condition, a drop that raced the
+/// health gate's rolled the active release back instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drop_of_a_canary_that_is_gone_is_refused_and_rolls_nothing_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path());
+    let drop_it = nine9s_proto::RollbackRequest {
+        expected_canary: "0.1.5".into(),
+        ..Default::default()
+    };
+    agent
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary", "50%"])
+        .ok();
+    agent.api().await.rollback(drop_it.clone()).await.unwrap();
+    assert!(agent.status()["canary"].is_null());
+    assert_eq!(agent.status()["active_version"], "0.1.0");
+
+    // 0.1.5 current, 0.1.0 to roll back to, and no canary: the same drop
+    // is refused and 0.1.5 keeps serving.
+    agent.ctl(&["upgrade", "--to", "0.1.5"]).ok();
+    let refused = agent.api().await.rollback(drop_it).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    assert_eq!(nine9s_tests::reason(&refused), "EXPECTED_CANARY_MISMATCH");
+    assert_eq!(agent.status()["active_version"], "0.1.5");
+    // ctl says the same.
+    let out = agent.ctl(&["rollback", "--expect-canary", "0.1.5"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("EXPECTED_CANARY_MISMATCH"), "{out:?}");
+    assert_eq!(agent.status()["active_version"], "0.1.5");
+}
+
 /// Issue 16, defect 11: a canary dropped by a worker crash left its
 /// `canary` history row without a row closing it.
 #[test]

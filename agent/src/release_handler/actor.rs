@@ -248,6 +248,19 @@ impl Actor {
                 }
                 _ => self.switch_to(direction, &version, permanence, source, dry_run, &origin),
             },
+            Command::Rollback {
+                expected_canary: Some(expected),
+                dry_run,
+                ..
+            } => match self.shared.runtime.canary() {
+                Some(canary) if canary.loaded.version == expected => {
+                    self.drop_canary(dry_run, None, &origin)
+                }
+                _ => Err(Error::refused(
+                    Reason::ExpectedCanaryMismatch,
+                    format!("{expected} is not the canary (any more): it may have been dropped already, by `ctl rollback` or by the health gate; nothing was rolled back"),
+                )),
+            },
             // With a canary, a rollback drops it and does no more: a
             // canary runs only beside the permanent release, so the active
             // release was never left, and no state crossed to come back.
@@ -255,7 +268,9 @@ impl Actor {
                 self.drop_canary(dry_run, None, &origin)
             }
             Command::Canary { version, split } => self.start_canary(&version, split, &origin),
-            Command::Rollback { source, dry_run } => {
+            Command::Rollback {
+                source, dry_run, ..
+            } => {
                 self.lifecycle.rollback_target().and_then(|target| {
                     self.switch_kind(
                         TransitionKind::Rollback,

@@ -90,6 +90,8 @@ pub enum Command {
     Rollback {
         source: StateSource,
         dry_run: bool,
+        /// Refused unless this version is the canary (a drop of it).
+        expected_canary: Option<Version>,
     },
     MakePermanent {
         version: Version,
@@ -149,7 +151,11 @@ impl Command {
             } => format!(
                 "{direction} {version} {permanence:?} {source:?} {expected:?} {expected_canary:?}"
             ),
-            Command::Rollback { source, .. } => format!("rollback {source:?} {expected:?}"),
+            Command::Rollback {
+                source,
+                expected_canary,
+                ..
+            } => format!("rollback {source:?} {expected:?} {expected_canary:?}"),
             Command::MakePermanent { version } => format!("make-permanent {version} {expected:?}"),
             Command::Remove { version } => format!("remove {version} {expected:?}"),
             Command::Canary { version, split } => format!("canary {version} {split} {expected:?}"),

@@ -80,6 +80,7 @@ const STAGE_PARALLEL: usize = 8;
 
 /// The reason code of a conditional command whose condition failed.
 const EXPECTED_ACTIVE_MISMATCH: &str = "EXPECTED_ACTIVE_MISMATCH";
+const EXPECTED_CANARY_MISMATCH: &str = "EXPECTED_CANARY_MISMATCH";
 /// The reason code of a role too weak for the call.
 const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
 
@@ -1597,6 +1598,8 @@ async fn drop_canary(
         expected_active: now.active_version,
         reason,
         lease: rollout.to_owned(),
+        // Never the active release's rollback, if the canary went meanwhile.
+        expected_canary: version.to_owned(),
         ..Default::default()
     };
     match node
@@ -1612,10 +1615,11 @@ async fn drop_canary(
         Err(Failure::Failed {
             reason: Some(reason),
             ..
-        }) if reason == EXPECTED_ACTIVE_MISMATCH => Ok(false),
-        // The health gate may have dropped it between the two calls: the
-        // rollback then had no canary to drop, and was refused as one of
-        // the active release (when there is nothing to go back to).
+        }) if reason == EXPECTED_ACTIVE_MISMATCH || reason == EXPECTED_CANARY_MISMATCH => Ok(false),
+        // An agent older than `expected_canary` may have had its canary
+        // dropped by its health gate between the two calls: the rollback
+        // then had none to drop, and was refused as one of the active
+        // release (when there is nothing to go back to).
         Err(f) => match status(&node.agent).await {
             Ok(now) if now.canary.as_ref().map(|c| c.version.as_str()) != Some(version) => {
                 Ok(false)
