@@ -259,7 +259,8 @@ struct StartRollout {
     /// (or within 10 ms of it).
     #[arg(long, value_name = "RATIO", default_value = "2", value_parser = ratio)]
     max_p99_ratio: f64,
-    /// No analysis between steps: each agent's soak alone decides.
+    /// No analysis between steps: each agent's soak alone decides, and
+    /// the canaries of `canary W%` steps are promoted unjudged.
     #[arg(long, conflicts_with_all = ["max_error_increase", "max_p99_ratio"])]
     no_analysis: bool,
     /// The soak of every switch (default: each agent's own).

@@ -8,15 +8,17 @@
 //! seen from another process), an agent down within `--max-unavailable`,
 //! a `canary W%` step (both releases served on one agent, the run killed
 //! and taken up mid-canary, then promoted; a canary failing its analysis
-//! dropped and the rollout halted), and the ways a fleet can be given
-//! wrong.
+//! dropped and the rollout halted; judged on what served during it; one
+//! the agent drops ending its pause; one a re-run that stops early drops;
+//! one of a release that keeps state stopping before any switch), and the
+//! ways a fleet can be given wrong.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nine9s_tests::{
-    bin_dir, eventually, fixture_dir, library, release_dir, Agent, Client, Ctl, Load,
+    bin_dir, eventually, fixture_dir, library, release_dir, stage_dir, Agent, Client, Ctl, Load,
 };
 use serde_json::Value;
 
@@ -34,9 +36,16 @@ fn fleet(n: usize) -> Fleet {
 
 /// As `fleet`, each agent started with `extra` flags.
 fn fleet_with(n: usize, extra: &[&str]) -> Fleet {
+    fleet_each(&vec![extra; n])
+}
+
+/// As `fleet`, one agent for each item of `flags`, started with them.
+fn fleet_each(flags: &[&[&str]]) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
-    let agents: Vec<Agent> = (0..n)
-        .map(|i| Agent::start(&dir.path().join(format!("agent-{i}")), extra))
+    let agents: Vec<Agent> = flags
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| Agent::start(&dir.path().join(format!("agent-{i}")), extra))
         .collect();
     let mut toml = String::from("# written by the rollout tests\n");
     for (i, agent) in agents.iter().enumerate() {
@@ -1058,4 +1067,190 @@ fn undoing_a_rollout_killed_mid_canary_drops_its_canary() {
     }
     let status = ctl_json(&["rollout", "status", "--fleet", fleet.file.to_str().unwrap()]);
     assert_eq!(status["rollouts"], serde_json::json!([]), "{status:#}");
+}
+
+#[test]
+fn a_canary_step_judges_what_each_release_served_during_it() {
+    // The agent's own gate never drops a canary for its errors.
+    let fleet = fleet_with(1, &["--max-error-rate", "1"]);
+    let edge1 = &fleet.agents[0];
+    // An earlier canary of 0.1.5, by hand, that failed all its requests:
+    // they stay in the agent's `served` for 0.1.5.
+    stage_dir(edge1, &fixture_dir("canary"), &library("fixture_canary"));
+    edge1
+        .ctl(&["upgrade", "--to", "0.1.5", "--canary", "100%"])
+        .ok();
+    let mut client = Client::connect(edge1.http).unwrap();
+    for _ in 0..100 {
+        assert_eq!(client.get("/fail").unwrap().status, 500);
+    }
+    drop(client);
+    edge1.ctl(&["rollback"]).ok();
+    assert!(edge1.status()["canary"].is_null());
+    assert_eq!(served(edge1, "0.1.5"), (100, 100));
+
+    let mut rollout = spawn(&rollout_args(
+        &fleet.file,
+        "0.1.5",
+        &["--steps", "canary 50%,pause,1", "--soak", "300ms"],
+    ));
+    paused_in_canary(&fleet, &mut rollout, "50%", "");
+    // Served since the canary started: at least 100 by each, all fine.
+    let active_before = served(edge1, "0.1.0").0;
+    let load = Load::start(edge1.http, "/", 1);
+    assert!(eventually(Duration::from_secs(60), || {
+        let status = edge1.status();
+        status["canary"]["served"].as_u64().unwrap_or(0) >= 100
+            && served(edge1, "0.1.0").0 >= active_before + 100
+    }));
+    load.stop();
+    resume(&fleet);
+    let out = rollout.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:#?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcomes(&report), ["upgraded"]);
+    let analysis = report["agents"][0]["canary_analysis"].as_str().unwrap();
+    assert!(
+        analysis.starts_with("error rate 0.00% against 0.00%"),
+        "{analysis}"
+    );
+    assert_eq!(edge1.status()["permanent_version"], "0.1.5");
+}
+
+#[test]
+fn a_canary_the_agent_drops_during_its_pause_ends_the_step_at_once() {
+    // The agent's gate drops a canary whose error rate is over 5% (its
+    // default): GET /fail is a 500 from 0.1.5.
+    let fleet = fleet(2);
+    let edge1 = &fleet.agents[0];
+    let mut rollout = spawn(&rollout_args(
+        &fleet.file,
+        "0.1.5",
+        &["--steps", "canary 50%,pause,1,100%", "--soak", "300ms"],
+    ));
+    paused_in_canary(&fleet, &mut rollout, "50%", "");
+    let load = Load::start(edge1.http, "/fail", 1);
+    // Paused until resumed, which nobody asks: it ends by itself once the
+    // canary is gone.
+    let ended = eventually(Duration::from_secs(60), || {
+        rollout.try_wait().unwrap().is_some()
+    });
+    load.stop();
+    if !ended {
+        rollout.kill().unwrap();
+        rollout.wait().unwrap();
+        panic!("the rollout went on waiting on a canary its agent had dropped");
+    }
+    let out = rollout.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:#?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "halted", "{report:#}");
+    assert_eq!(
+        outcomes(&report),
+        ["failed_soak", "not_reached"],
+        "{report:#}"
+    );
+    assert!(
+        report["halted_by"]
+            .as_str()
+            .unwrap()
+            .contains("the agent's health gate dropped the canary"),
+        "{report:#}"
+    );
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert!(status["canary"].is_null(), "{status:#}");
+        assert_eq!(status["permanent_version"], "0.1.0", "{status:#}");
+    }
+    // Dropped once, by the agent: the rollout found nothing to drop.
+    let history = edge1.history();
+    assert_eq!(
+        transitions(&history, "rollback", "0.1.0").len(),
+        1,
+        "{history:#?}"
+    );
+    assert!(fleet.agents[1].release("0.1.5").is_none(), "left staged");
+}
+
+#[test]
+fn a_rerun_that_stops_early_drops_the_canary_a_killed_run_left() {
+    // edge-2 takes signed releases only: it refuses the unsigned 0.1.5.
+    let keys = tempfile::tempdir().unwrap();
+    let made = nine9s_tests::ctl(
+        "http://127.0.0.1:1",
+        &["keygen", "--out", keys.path().join("k").to_str().unwrap()],
+    );
+    assert_eq!(made.code, 0, "{made:?}");
+    let trusted = keys.path().join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    std::fs::copy(keys.path().join("k/nine9s.pub"), trusted.join("team.pub")).unwrap();
+    let fleet = fleet_each(&[
+        &[],
+        &[
+            "--trusted-keys",
+            trusted.to_str().unwrap(),
+            "--require-signed",
+        ],
+    ]);
+    let edge1 = &fleet.agents[0];
+    let args = |extra: &[&str]| {
+        let mut all = vec!["--steps", "canary 50%,pause,1,100%"];
+        all.extend_from_slice(extra);
+        rollout_args(&fleet.file, "0.1.5", &all)
+    };
+    // Skipping edge-2 (--max-unavailable 1), it runs its canary on edge-1,
+    // and is killed there.
+    let mut first = spawn(&args(&["--max-unavailable", "1"]));
+    paused_in_canary(&fleet, &mut first, "50%", "");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(edge1.status()["canary"]["version"], "0.1.5");
+
+    // Run again without the budget: it stops at edge-2's stage, before
+    // any switch, and drops the canary it had left.
+    let (ctl, report) = run(&args(&[]));
+    assert_eq!(ctl.code, 1, "{ctl:#?}");
+    assert_eq!(report["outcome"], "stopped", "{report:#}");
+    assert_eq!(report["resumed"], true, "{report:#}");
+    assert_eq!(
+        outcomes(&report),
+        ["canary_dropped", "failed"],
+        "{report:#}"
+    );
+    for agent in &fleet.agents {
+        let status = agent.json(&["status"]);
+        assert!(status["canary"].is_null(), "{status:#}");
+        assert_eq!(status["active_version"], "0.1.0", "{status:#}");
+    }
+    let history = edge1.history();
+    let dropped = transitions(&history, "rollback", "0.1.0");
+    assert_eq!(dropped.len(), 1, "{history:#?}");
+    assert_eq!(dropped[0]["from_version"], "0.1.5");
+    let status = ctl_json(&["rollout", "status", "--fleet", fleet.file.to_str().unwrap()]);
+    assert_eq!(status["rollouts"], serde_json::json!([]), "{status:#}");
+}
+
+#[test]
+fn a_canary_step_of_a_release_that_keeps_state_stops_before_any_switch() {
+    // 0.2.0 keeps state: no canary of it on edge-2, and edge-1, the step
+    // before, is not switched either.
+    let fleet = fleet(2);
+    let (ctl, report) = run(&rollout_args(
+        &fleet.file,
+        "0.2.0",
+        &["--steps", "1,canary 50%,pause 1s,100%", "--soak", "300ms"],
+    ));
+    assert_eq!(ctl.code, 1, "{ctl:#?}");
+    assert_eq!(report["outcome"], "stopped", "{report:#}");
+    let why = report["halted_by"].as_str().unwrap();
+    assert!(
+        why.contains("edge-2 for its canary 50%: 0.2.0 keeps state (state version 1)"),
+        "{why}"
+    );
+    for agent in &fleet.agents {
+        let status = agent.status();
+        assert_eq!(status["active_version"], "0.1.0", "{status:#}");
+        assert!(transitions(&agent.history(), "upgrade", "0.2.0").is_empty());
+        assert!(agent.release("0.2.0").is_none(), "left staged");
+    }
 }

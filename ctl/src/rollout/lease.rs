@@ -112,10 +112,12 @@ impl<'a> Leases<'a> {
 
     /// Waits until `ctl rollout resume` asks this rollout to go on: it
     /// writes `RESUME_REQUESTED` into the record on the agents. `label`
-    /// starts the step people see (`canary 10%: `).
+    /// starts the step people see (`canary 10%: `). Dropped before then
+    /// (a canary step cut short), the renewals go on as before.
     pub async fn until_resumed(&self, label: &str) {
         self.record.lock().step = format!("{label}{PAUSED}");
         self.paused.store(true, Ordering::Relaxed);
+        let _unpause = Unpause(&self.paused);
         self.renew_all(PAUSED_TTL).await;
         let mut renewed = tokio::time::Instant::now();
         loop {
@@ -132,7 +134,6 @@ impl<'a> Leases<'a> {
                 break;
             }
         }
-        self.paused.store(false, Ordering::Relaxed);
     }
 
     /// Whether some held agent's record says a resume was requested.
@@ -196,6 +197,16 @@ impl<'a> Leases<'a> {
             .call(what, request, |mut c, r| async move { c.lease(r).await })
             .await
             .map_err(StepError::from_failure)
+    }
+}
+
+/// Ends a pause until resumed however its wait ends: the renewals start
+/// again.
+struct Unpause<'a>(&'a AtomicBool);
+
+impl Drop for Unpause<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 

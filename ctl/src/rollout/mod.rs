@@ -29,9 +29,13 @@
 //!    some agent could not be reached), then remove the release it staged
 //!    from the agents that never switched to it (unless `--keep-staged`).
 //!
-//! An agent found running this rollout's canary (a run killed during a
-//! canary step) takes it up where it stands: the canary's request is
-//! answered with what the agent did, and its pauses are waited again.
+//! An agent found running a canary this rollout started, in any attempt
+//! (a run killed during a canary step), takes it up where it stands: the
+//! canary's request is answered with what the agent did (a new attempt
+//! starts it anew), and its pauses are waited again; a run that stops
+//! before any switch (a stage refused, an agent lost at the survey) drops
+//! it. A canary step checks after staging that neither release keeps
+//! state, and during its pauses that its canaries still serve.
 //!
 //! Up to `--max-unavailable` agents that cannot be reached, or refuse the
 //! release, are *skipped* instead of stopping everything (exit 6 when the
@@ -77,6 +81,9 @@ pub use plan::{canary_weight, Budget, Gate, StepSpec, Steps, MAX_ROLLOUT_ID};
 /// Uploads at once while staging: they are the heavy part of a rollout
 /// (a few MB to each agent), and staging changes nothing that serves.
 const STAGE_PARALLEL: usize = 8;
+
+/// How often a canary step's pause looks whether its canaries still serve.
+const CANARY_POLL: Duration = Duration::from_secs(1);
 
 /// The reason code of a conditional command whose condition failed.
 const EXPECTED_ACTIVE_MISMATCH: &str = "EXPECTED_ACTIVE_MISMATCH";
@@ -223,6 +230,10 @@ pub async fn run(nodes: Vec<Node>, settings: Settings, output: Output) -> Result
         ours: vec![false; nodes.len()],
         switched: vec![false; nodes.len()],
         canaried: vec![false; nodes.len()],
+        canary_base: vec![plan::Sample::default(); nodes.len()],
+        target_base: vec![plan::Sample::default(); nodes.len()],
+        active_state: vec![0; nodes.len()],
+        target_state: vec![0; nodes.len()],
         found: vec![None; nodes.len()],
         last_event: vec![0; nodes.len()],
     };
@@ -382,9 +393,20 @@ struct Run<'a> {
     /// rolled back since, by the halt or the health gate).
     switched: Vec<bool>,
     /// This rollout started the target as a canary there (in this run, or
-    /// in an earlier run of this attempt) and has not dropped it: the
-    /// next switch promotes it, a halt drops it.
+    /// in an earlier one, of any attempt) and has not dropped it: the
+    /// next switch promotes it, a halt or an early stop drops it.
     canaried: Vec<bool>,
+    /// What the active release had served when the canary beside it was
+    /// started (or found running): its analysis counts from there.
+    canary_base: Vec<plan::Sample>,
+    /// What the target had served when this run switched to it there (an
+    /// earlier canary of it, or an earlier attempt's switch, served under
+    /// the same version): a step's analysis counts from there.
+    target_base: Vec<plan::Sample>,
+    /// The state version of the release active there (survey), and of the
+    /// target (its stage): a canary needs both 0.
+    active_state: Vec<u32>,
+    target_state: Vec<u32>,
     found: Vec<Option<Found>>,
     /// The last event id when the agent was surveyed.
     last_event: Vec<u64>,
@@ -592,8 +614,8 @@ impl Run<'_> {
             };
         }
         leases.update(|r| r.step = "surveying".into());
-        if let Err(ended) = self.survey(tracks).await {
-            return ended;
+        if let Err((why, unreachable)) = self.survey(tracks).await {
+            return self.stop(tracks, leases, why, unreachable).await;
         }
         phases.survey_ms = lap(clock);
         let plan = self.plan(tracks);
@@ -606,7 +628,7 @@ impl Run<'_> {
             })
             .collect();
         let this = &*self;
-        let staged: Vec<(usize, Result<bool, StepError>)> = stream::iter(to_stage)
+        let staged: Vec<(usize, Result<Staged, StepError>)> = stream::iter(to_stage)
             .map(|i| async move { (i, this.stage(i).await) })
             .buffer_unordered(STAGE_PARALLEL)
             .collect()
@@ -615,7 +637,10 @@ impl Run<'_> {
         let mut stopped = None;
         for (i, result) in staged {
             match result {
-                Ok(here) => self.staged_here[i] = here,
+                Ok(staged) => {
+                    self.staged_here[i] = staged.here;
+                    self.target_state[i] = staged.state_version;
+                }
                 Err(e) => {
                     if self.skip(tracks, i, &e) {
                         continue;
@@ -630,8 +655,7 @@ impl Run<'_> {
         }
         if let Some((why, unreachable)) = stopped {
             not_reached(tracks, "the rollout stopped while staging");
-            self.clean_up(tracks, leases).await;
-            return Ended::Stopped { why, unreachable };
+            return self.stop(tracks, leases, why, unreachable).await;
         }
         // Skipped while staging: out of the plan.
         let plan = if self.skipped > 0 {
@@ -642,8 +666,6 @@ impl Run<'_> {
 
         // The stages — the canary, then the waves, cut into --steps with
         // their pauses — while nothing failed.
-        let (halt, _) = watch::channel(false);
-        let mut failure: Option<(String, bool)> = None;
         let done = tracks
             .iter()
             .filter(|t| t.outcome == Outcome::AlreadyThere)
@@ -655,6 +677,107 @@ impl Run<'_> {
             done,
             self.settings.max_parallel,
         );
+        if let Some(why) = self.stateful_canaries(tracks, &stages) {
+            not_reached(tracks, "the rollout stopped before its first switch");
+            return self.stop(tracks, leases, why, false).await;
+        }
+        let failure = self
+            .run_stages(tracks, phases, clock, leases, &plan, stages)
+            .await;
+        phases.waves_ms = lap(clock);
+        let Some((why, unreachable)) = failure else {
+            return Ended::Converged;
+        };
+        not_reached(tracks, "the rollout halted before its turn");
+        // Nothing was switched (the canary's switch was refused) and no
+        // canary started: nothing to roll back.
+        if !self.switched.iter().any(|&s| s) && !self.canaried.iter().any(|&c| c) {
+            return self.stop(tracks, leases, why, unreachable).await;
+        }
+        self.halt(tracks, phases, clock, leases, why, unreachable)
+            .await
+    }
+
+    /// Stops the rollout before any switch: the canaries of this rollout
+    /// found running (a run killed during a canary step) are dropped, and
+    /// the release this run staged is removed where it never ran.
+    async fn stop(
+        &mut self,
+        tracks: &mut [Track],
+        leases: &Leases<'_>,
+        why: String,
+        unreachable: bool,
+    ) -> Ended {
+        let clean = !self.canaried.iter().any(|&c| c) || {
+            leases.update(|r| r.step = "dropping the canaries".into());
+            self.progress
+                .note(&format!("rollout: stopped: {why}; dropping its canaries"));
+            self.drop_canaries(tracks, &why).await
+        };
+        self.clean_up(tracks, leases).await;
+        if clean {
+            Ended::Stopped { why, unreachable }
+        } else {
+            Ended::Halted {
+                why,
+                unreachable,
+                clean,
+            }
+        }
+    }
+
+    /// Why the canary steps of `stages` cannot run, if they cannot: the
+    /// agent refuses a canary of a release that keeps state, or beside
+    /// one (`CANARY_WITH_STATE`), and a rollout that found out at its
+    /// canary step would have switched the agents before it.
+    fn stateful_canaries(&self, tracks: &[Track], stages: &[plan::Stage]) -> Option<String> {
+        let mut stateful = Vec::new();
+        for stage in stages {
+            let plan::Stage::Canary {
+                waves, permille, ..
+            } = stage
+            else {
+                continue;
+            };
+            for &i in waves.iter().flatten() {
+                if self.found[i] != Some(Found::Elsewhere) {
+                    continue;
+                }
+                let active = tracks[i].before.as_deref().unwrap_or("?");
+                for (version, state) in [
+                    (self.target.as_str(), self.target_state[i]),
+                    (active, self.active_state[i]),
+                ] {
+                    if state != 0 {
+                        stateful.push(format!(
+                            "{} for its canary {}: {version} keeps state (state version {state})",
+                            tracks[i].name,
+                            plan::weight(*permille)
+                        ));
+                    }
+                }
+            }
+        }
+        (!stateful.is_empty()).then(|| {
+            format!(
+                "a canary step needs releases that keep no state on both sides (a canary would serve with a copy of the state of its own): {}; run it without its canary steps",
+                stateful.join("; ")
+            )
+        })
+    }
+
+    /// The stages in order — switches, pauses, canaries and the analysis
+    /// after each — until one fails: that failure, if any.
+    async fn run_stages(
+        &mut self,
+        tracks: &mut [Track],
+        phases: &mut Phases,
+        clock: &mut Instant,
+        leases: &Leases<'_>,
+        plan: &plan::Plan,
+        stages: Vec<plan::Stage>,
+    ) -> Option<(String, bool)> {
+        let (halt, _) = watch::channel(false);
         let switches = stages
             .iter()
             .filter(|s| matches!(s, plan::Stage::Switch(_)))
@@ -663,13 +786,28 @@ impl Run<'_> {
         // The canary serving now (its agents, its weight): judged before
         // the next stage, once its pauses are over.
         let mut canary: Option<(Vec<usize>, u16)> = None;
-        'stages: for stage in stages {
+        for stage in stages {
             let (waves, starts) = match stage {
                 plan::Stage::Pause(pause) => {
                     let label = canary
                         .as_ref()
                         .map(|(_, permille)| format!("canary {}", plan::weight(*permille)));
-                    self.pause(pause, label, leases).await;
+                    let serving: Vec<usize> = canary
+                        .iter()
+                        .flat_map(|(agents, _)| agents)
+                        .copied()
+                        .filter(|&i| self.canaried[i])
+                        .collect();
+                    let gone = self.pause(pause, label.clone(), &serving, leases).await;
+                    let label = label.unwrap_or_default();
+                    let mut failure = None;
+                    for i in gone {
+                        let why = self.canary_gone(&mut tracks[i], i, &label);
+                        failure.get_or_insert(why);
+                    }
+                    if failure.is_some() {
+                        return failure;
+                    }
                     continue;
                 }
                 plan::Stage::Switch(waves) => (waves, None),
@@ -680,22 +818,26 @@ impl Run<'_> {
                 } => (waves, Some((permille, step))),
             };
             if let Some((agents, permille)) = canary.take() {
+                let label = format!("canary {}", plan::weight(permille));
                 if let Some(gate) = self.settings.gate {
-                    let label = format!("canary {}", plan::weight(permille));
                     leases.update(|r| r.step = format!("analysis of {label}"));
-                    failure = self.analyse_canary(tracks, &agents, gate, &label).await;
+                    let failure = self.analyse_canary(tracks, &agents, gate, &label).await;
                     if failure.is_some() {
-                        break 'stages;
+                        return failure;
                     }
+                } else {
+                    self.progress.note(&format!(
+                        "rollout: {label} not judged (--no-analysis): the next step promotes it unjudged"
+                    ));
                 }
             }
             if let Some((permille, step)) = starts {
                 let agents = waves.concat();
-                failure = self
+                let failure = self
                     .start_canaries(tracks, waves, permille, step, leases)
                     .await;
                 if failure.is_some() {
-                    break 'stages;
+                    return failure;
                 }
                 canary = Some((agents, permille));
                 continue;
@@ -714,94 +856,110 @@ impl Run<'_> {
                 } else {
                     format!("step {k} of {switches}, wave {} of {count}", n + 1)
                 };
-                let soak_until = self
-                    .settings
-                    .soak
-                    .map_or(0, |s| render::now_ms() + s.as_millis() as i64);
-                leases.update(|r| {
-                    r.step = step;
-                    r.soak_until_ms = soak_until;
-                    self.count(tracks, r);
-                });
-                let this = &*self;
-                let results = join_all(wave.iter().map(|&i| {
-                    let halt = &halt;
-                    let before = tracks[i].before.clone();
-                    async move {
-                        let result = this.switch(i, before, halt).await;
-                        if let Err(e) = &result {
-                            if !e.1.halted {
-                                halt.send_replace(true);
-                            }
-                        }
-                        (i, result)
-                    }
-                }))
-                .await;
-                for (i, result) in results {
-                    match result {
-                        Ok(()) => {
-                            self.ours[i] = true;
-                            self.switched[i] = true;
-                            tracks[i].outcome = Outcome::Upgraded;
-                            self.progress
-                                .done(i, format!("{} is permanent", self.target));
-                        }
-                        Err((ours, e)) => {
-                            self.ours[i] |= ours;
-                            self.switched[i] |= ours || e.error.soak;
-                            let track = &mut tracks[i];
-                            if e.halted {
-                                track.outcome = Outcome::NotReached;
-                                track.error = Some("the rollout halted during its soak".into());
-                                continue;
-                            }
-                            let why = format!("{}: {}", track.name, e.error.error);
-                            self.progress.say(i, format!("failed: {}", e.error.error));
-                            let unreachable = e.error.unreachable;
-                            let soak = e.error.soak;
-                            fail(track, e.error);
-                            if soak {
-                                track.outcome = Outcome::FailedSoak;
-                            }
-                            let first = failure.get_or_insert((why, unreachable));
-                            first.1 |= unreachable;
-                        }
-                    }
-                }
-                leases.update(|r| {
-                    r.soak_until_ms = 0;
-                    self.count(tracks, r);
-                });
+                let failure = self.switch_wave(tracks, &wave, step, &halt, leases).await;
                 if is_canary {
                     phases.canary_ms = lap(clock);
                 }
                 if failure.is_some() {
-                    break 'stages;
+                    return failure;
                 }
             }
             if let Some(gate) = self.settings.gate {
                 leases.update(|r| r.step = format!("analysis of step {k} of {switches}"));
-                failure = self.analyse(tracks, &switching, gate).await;
+                let failure = self.analyse(tracks, &switching, gate).await;
                 if failure.is_some() {
-                    break 'stages;
+                    return failure;
                 }
             }
         }
-        phases.waves_ms = lap(clock);
-        let Some((why, unreachable)) = failure else {
-            return Ended::Converged;
-        };
-        not_reached(tracks, "the rollout halted before its turn");
-        // Nothing was switched (the canary's switch was refused) and no
-        // canary started: nothing to roll back.
-        if !self.switched.iter().any(|&s| s) && !self.canaried.iter().any(|&c| c) {
-            self.clean_up(tracks, leases).await;
-            return Ended::Stopped { why, unreachable };
-        }
+        None
+    }
 
-        // Halt: every canary this rollout started is dropped, everyone it
-        // switched goes back.
+    /// Switches the agents of one wave at once (`step`: what the leases
+    /// say meanwhile) and waits for their verdicts; the first failure, if
+    /// any, which cuts its siblings' soaks short (`halt`).
+    async fn switch_wave(
+        &mut self,
+        tracks: &mut [Track],
+        wave: &[usize],
+        step: String,
+        halt: &watch::Sender<bool>,
+        leases: &Leases<'_>,
+    ) -> Option<(String, bool)> {
+        let soak_until = self
+            .settings
+            .soak
+            .map_or(0, |s| render::now_ms() + s.as_millis() as i64);
+        leases.update(|r| {
+            r.step = step;
+            r.soak_until_ms = soak_until;
+            self.count(tracks, r);
+        });
+        let this = &*self;
+        let results = join_all(wave.iter().map(|&i| {
+            let before = tracks[i].before.clone();
+            async move {
+                let result = this.switch(i, before, halt).await;
+                if let Err(e) = &result {
+                    if !e.1.halted {
+                        halt.send_replace(true);
+                    }
+                }
+                (i, result)
+            }
+        }))
+        .await;
+        let mut failure: Option<(String, bool)> = None;
+        for (i, result) in results {
+            match result {
+                Ok(base) => {
+                    self.target_base[i] = base;
+                    self.ours[i] = true;
+                    self.switched[i] = true;
+                    tracks[i].outcome = Outcome::Upgraded;
+                    self.progress
+                        .done(i, format!("{} is permanent", self.target));
+                }
+                Err((ours, e)) => {
+                    self.ours[i] |= ours;
+                    self.switched[i] |= ours || e.error.soak;
+                    let track = &mut tracks[i];
+                    if e.halted {
+                        track.outcome = Outcome::NotReached;
+                        track.error = Some("the rollout halted during its soak".into());
+                        continue;
+                    }
+                    let why = format!("{}: {}", track.name, e.error.error);
+                    self.progress.say(i, format!("failed: {}", e.error.error));
+                    let unreachable = e.error.unreachable;
+                    let soak = e.error.soak;
+                    fail(track, e.error);
+                    if soak {
+                        track.outcome = Outcome::FailedSoak;
+                    }
+                    let first = failure.get_or_insert((why, unreachable));
+                    first.1 |= unreachable;
+                }
+            }
+        }
+        leases.update(|r| {
+            r.soak_until_ms = 0;
+            self.count(tracks, r);
+        });
+        failure
+    }
+
+    /// The halt: every canary this rollout started is dropped, everyone it
+    /// switched goes back, in waves of `--max-parallel`.
+    async fn halt(
+        &mut self,
+        tracks: &mut [Track],
+        phases: &mut Phases,
+        clock: &mut Instant,
+        leases: &Leases<'_>,
+        why: String,
+        unreachable: bool,
+    ) -> Ended {
         leases.update(|r| r.step = "rolling back".into());
         self.progress
             .note(&format!("rollout: halted: {why}; rolling back"));
@@ -850,56 +1008,104 @@ impl Run<'_> {
     }
 
     /// The analysis after a step: on each agent it switched, the target
-    /// against the release it replaced there (`Gate::judge`). The first
-    /// failure, if any, halts the rollout.
+    /// since its switch against the release it replaced there
+    /// (`Gate::judge`). The first failure, if any, halts the rollout.
     async fn analyse(
         &self,
         tracks: &mut [Track],
         agents: &[usize],
         gate: plan::Gate,
     ) -> Option<(String, bool)> {
-        let read = join_all(agents.iter().map(|&i| status(&self.nodes[i].agent))).await;
         let mut failure = None;
-        for (&i, status) in agents.iter().zip(read) {
+        for (i, status) in self
+            .read_for_analysis(tracks, agents, "the analysis", &mut failure)
+            .await
+        {
             let track = &mut tracks[i];
-            let status = match status {
-                Ok(status) => status,
+            let old = plan::Sample::of(&status, track.before.as_deref().unwrap_or_default());
+            let new = plan::Sample::of(&status, &self.target).since(self.target_base[i]);
+            let verdict = gate.judge(new, old);
+            self.verdict(track, i, None, verdict, &mut failure);
+        }
+        failure
+    }
+
+    /// Each of `agents`' status, for an analysis (`of`: which, for
+    /// people); an agent that cannot be read fails it, into `failure`.
+    async fn read_for_analysis(
+        &self,
+        tracks: &mut [Track],
+        agents: &[usize],
+        of: &str,
+        failure: &mut Option<(String, bool)>,
+    ) -> Vec<(usize, pb::StatusReply)> {
+        let read = join_all(agents.iter().map(|&i| status(&self.nodes[i].agent))).await;
+        let mut statuses = Vec::new();
+        for (&i, status) in agents.iter().zip(read) {
+            match status {
+                Ok(status) => statuses.push((i, status)),
                 Err(f) => {
+                    let track = &mut tracks[i];
                     let e = StepError::from_failure(f);
-                    let why = format!(
-                        "{}: the analysis could not read it: {}",
-                        track.name, e.error
-                    );
+                    let why = format!("{}: {of} could not read it: {}", track.name, e.error);
                     let unreachable = e.unreachable;
                     fail(track, e);
                     failure.get_or_insert((why, unreachable));
-                    continue;
-                }
-            };
-            let sample = |version: Option<&str>| {
-                status
-                    .served
-                    .iter()
-                    .find(|s| Some(s.version.as_str()) == version)
-                    .map_or(plan::Sample::default(), |s| plan::Sample {
-                        requests: s.requests,
-                        errors: s.errors,
-                        p99_us: s.p99_us,
-                    })
-            };
-            let verdict = gate.judge(sample(Some(&self.target)), sample(track.before.as_deref()));
-            match verdict {
-                Ok(note) => track.analysis = Some(note),
-                Err(why) => {
-                    self.progress.say(i, format!("failed its analysis: {why}"));
-                    track.analysis = Some(why.clone());
-                    track.outcome = Outcome::FailedAnalysis;
-                    track.error = Some(format!("analysis: {why}"));
-                    failure.get_or_insert((format!("{}: analysis: {why}", track.name), false));
                 }
             }
         }
-        failure
+        statuses
+    }
+
+    /// Agent `i`'s verdict, in its track: the analysis of its step, or of
+    /// the canary step `canary` (`canary 10%`); a failure goes into
+    /// `failure` unless one is there already.
+    fn verdict(
+        &self,
+        track: &mut Track,
+        i: usize,
+        canary: Option<&str>,
+        verdict: Result<String, String>,
+        failure: &mut Option<(String, bool)>,
+    ) {
+        let slot = match canary {
+            Some(_) => &mut track.canary_analysis,
+            None => &mut track.analysis,
+        };
+        match verdict {
+            Ok(note) => *slot = Some(note),
+            Err(why) => {
+                *slot = Some(why.clone());
+                let what =
+                    canary.map_or_else(|| "analysis".to_owned(), |l| format!("{l} analysis"));
+                self.progress.say(i, format!("failed its {what}: {why}"));
+                track.outcome = Outcome::FailedAnalysis;
+                track.error = Some(format!("{what}: {why}"));
+                failure.get_or_insert((format!("{}: {what}: {why}", track.name), false));
+            }
+        }
+    }
+
+    /// Whether `status` shows the target serving as a canary.
+    fn runs_canary(&self, status: &pb::StatusReply) -> bool {
+        status
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.version == self.target)
+    }
+
+    /// Agent `i`'s canary of the step `label` runs no more (its health
+    /// gate dropped it): in its track; the failure it is.
+    fn canary_gone(&self, track: &mut Track, i: usize, label: &str) -> (String, bool) {
+        let why = format!(
+            "its {label} of {} runs no more: the agent's health gate dropped the canary (its history says why)",
+            self.target
+        );
+        self.progress.say(i, format!("failed: {why}"));
+        track.outcome = Outcome::FailedSoak;
+        track.error = Some(why.clone());
+        track.canary_analysis = Some(why.clone());
+        (format!("{}: {why}", track.name), false)
     }
 
     /// A canary step: the target starts as a canary of `permille` beside
@@ -914,10 +1120,11 @@ impl Run<'_> {
         leases: &Leases<'_>,
     ) -> Option<(String, bool)> {
         let weight = plan::weight(permille);
+        let label = format!("canary {weight}");
         let count = waves.iter().map(Vec::len).sum::<usize>();
-        leases.update(|r| r.step = format!("canary {weight} on {count} agent(s)"));
+        leases.update(|r| r.step = format!("{label} on {count} agent(s)"));
         self.progress
-            .note(&format!("rollout: canary {weight} on {count} agent(s)"));
+            .note(&format!("rollout: {label} on {count} agent(s)"));
         let mut failure = None;
         for wave in waves {
             let this = &*self;
@@ -932,13 +1139,24 @@ impl Run<'_> {
             .await;
             for (i, result) in results {
                 match result {
-                    Ok(()) => {
+                    Ok(started) => {
                         self.canaried[i] = true;
-                        self.progress
-                            .say(i, format!("{} serves {weight} as a canary", self.target));
+                        match started {
+                            Some(base) => {
+                                self.canary_base[i] = base;
+                                self.progress
+                                    .say(i, format!("{} serves {weight} as a canary", self.target));
+                            }
+                            // Answered (a replayed start too), yet not
+                            // serving: the health gate was first.
+                            None => {
+                                let why = self.canary_gone(&mut tracks[i], i, &label);
+                                failure.get_or_insert(why);
+                            }
+                        }
                     }
                     Err(e) => {
-                        let why = format!("{}: canary {weight}: {}", tracks[i].name, e.error);
+                        let why = format!("{}: {label}: {}", tracks[i].name, e.error);
                         self.progress.say(i, format!("failed: {}", e.error));
                         let unreachable = e.unreachable;
                         // A transport failure after every retry: the agent
@@ -958,14 +1176,17 @@ impl Run<'_> {
     }
 
     /// Starts the target as a canary of `permille` on agent `i`, beside
-    /// `before` (conditional on it being active still).
+    /// `before` (conditional on it being active still), and reads whether
+    /// it serves: then what the active release had served (the analysis
+    /// counts from there), `None` if it does not (the agent's health gate
+    /// dropped it, or a start recorded in an earlier run was replayed).
     async fn start_canary(
         &self,
         i: usize,
         before: String,
         permille: u16,
         step: usize,
-    ) -> Result<(), StepError> {
+    ) -> Result<Option<plan::Sample>, StepError> {
         let what = format!("starting the canary of {}", self.target);
         self.progress.say(i, what.clone());
         let request = pb::TransitionRequest {
@@ -980,18 +1201,22 @@ impl Run<'_> {
             lease: self.rollout_id.clone(),
             ..Default::default()
         };
-        self.nodes[i]
-            .agent
+        let agent = &self.nodes[i].agent;
+        agent
             .call(&what, request, |mut c, r| async move { c.upgrade(r).await })
             .await
-            .map(|_| ())
-            .map_err(StepError::from_failure)
+            .map_err(StepError::from_failure)?;
+        let now = status(agent).await.map_err(StepError::from_failure)?;
+        Ok(self
+            .runs_canary(&now)
+            .then(|| plan::Sample::of(&now, &now.active_version)))
     }
 
     /// The analysis of a canary step once its pauses are over: on each
     /// agent running it, the canary against the active release beside it
-    /// (`Gate::judge`); a canary the agent's health gate dropped fails.
-    /// The first failure, if any, halts the rollout.
+    /// (`Gate::judge`), each from what it served since the canary started
+    /// (the p99s since the worker started); a canary the agent's health
+    /// gate dropped fails. The first failure, if any, halts the rollout.
     async fn analyse_canary(
         &self,
         tracks: &mut [Track],
@@ -1004,63 +1229,41 @@ impl Run<'_> {
             .copied()
             .filter(|&i| self.canaried[i])
             .collect();
-        let read = join_all(agents.iter().map(|&i| status(&self.nodes[i].agent))).await;
         let mut failure = None;
-        for (&i, status) in agents.iter().zip(read) {
+        let of = format!("the analysis of its {label}");
+        for (i, status) in self
+            .read_for_analysis(tracks, &agents, &of, &mut failure)
+            .await
+        {
             let track = &mut tracks[i];
-            let status = match status {
-                Ok(status) => status,
-                Err(f) => {
-                    let e = StepError::from_failure(f);
-                    let why = format!(
-                        "{}: the analysis of its {label} could not read it: {}",
-                        track.name, e.error
-                    );
-                    let unreachable = e.unreachable;
-                    fail(track, e);
-                    failure.get_or_insert((why, unreachable));
-                    continue;
-                }
-            };
-            if status.canary.as_ref().map(|c| c.version.as_str()) != Some(self.target.as_str()) {
-                let why = format!(
-                    "its {label} of {} runs no more: the agent's health gate dropped it (its history says why)",
-                    self.target
-                );
-                self.progress.say(i, format!("failed: {why}"));
-                track.outcome = Outcome::FailedSoak;
-                track.error = Some(why.clone());
-                failure.get_or_insert((format!("{}: {why}", track.name), false));
+            let Some(canary) = status.canary.as_ref().filter(|_| self.runs_canary(&status)) else {
+                let why = self.canary_gone(track, i, label);
+                failure.get_or_insert(why);
                 continue;
-            }
-            let sample = |version: &str| {
-                status.served.iter().find(|s| s.version == version).map_or(
-                    plan::Sample::default(),
-                    |s| plan::Sample {
-                        requests: s.requests,
-                        errors: s.errors,
-                        p99_us: s.p99_us,
-                    },
-                )
             };
-            match gate.judge(sample(&self.target), sample(&status.active_version)) {
-                Ok(note) => track.canary_analysis = Some(note),
-                Err(why) => {
-                    self.progress
-                        .say(i, format!("its {label} failed its analysis: {why}"));
-                    track.canary_analysis = Some(why.clone());
-                    track.outcome = Outcome::FailedAnalysis;
-                    track.error = Some(format!("{label} analysis: {why}"));
-                    failure
-                        .get_or_insert((format!("{}: {label} analysis: {why}", track.name), false));
-                }
+            let new = plan::Sample {
+                requests: canary.served,
+                errors: canary.errors,
+                p99_us: plan::Sample::of(&status, &self.target).p99_us,
+            };
+            let old = plan::Sample::of(&status, &status.active_version).since(self.canary_base[i]);
+            if !new.enough() || !old.enough() {
+                self.progress.note(&format!(
+                    "rollout: {}: its {label} is not judged ({} requests on the canary, {} on {} beside it; at least {} each): the next step promotes it unjudged",
+                    track.name,
+                    new.requests,
+                    old.requests,
+                    status.active_version,
+                    plan::MIN_REQUESTS
+                ));
             }
+            self.verdict(track, i, Some(label), gate.judge(new, old), &mut failure);
         }
         failure
     }
 
-    /// After a halt: drops the canary this rollout started wherever it
-    /// was not promoted. `false` if some drop failed.
+    /// After a halt or an early stop: drops the canary this rollout
+    /// started wherever it was not promoted. `false` if some drop failed.
     async fn drop_canaries(&mut self, tracks: &mut [Track], why: &str) -> bool {
         let agents: Vec<usize> = (0..tracks.len())
             .filter(|&i| self.canaried[i] && !self.ours[i])
@@ -1084,19 +1287,20 @@ impl Run<'_> {
         for (i, result) in results {
             let track = &mut tracks[i];
             match result {
-                Ok(dropped) => {
+                Ok(true) => {
                     self.canaried[i] = false;
                     if !matches!(track.outcome, Outcome::FailedAnalysis | Outcome::FailedSoak) {
                         track.outcome = Outcome::CanaryDropped;
                     }
-                    self.progress.done(
-                        i,
-                        if dropped {
-                            format!("the canary of {} was dropped", self.target)
-                        } else {
-                            format!("no canary of {} runs", self.target)
-                        },
-                    );
+                    self.progress
+                        .done(i, format!("the canary of {} was dropped", self.target));
+                }
+                // Gone already (the health gate, or a promotion refused
+                // for it): the track says what happened.
+                Ok(false) => {
+                    self.canaried[i] = false;
+                    self.progress
+                        .done(i, format!("no canary of {} runs", self.target));
                 }
                 Err(e) => {
                     clean = false;
@@ -1112,25 +1316,64 @@ impl Run<'_> {
 
     /// A pause between steps: `pause` long, or until `ctl rollout resume`;
     /// `label`: what runs meanwhile (a canary), for the step people see.
-    async fn pause(&self, pause: Option<Duration>, label: Option<String>, leases: &Leases<'_>) {
+    /// Cut short when the canary stops serving on one of `canaries` (the
+    /// agent's health gate dropped it): those agents, else none.
+    async fn pause(
+        &self,
+        pause: Option<Duration>,
+        label: Option<String>,
+        canaries: &[usize],
+        leases: &Leases<'_>,
+    ) -> Vec<usize> {
         let label = label.map_or_else(String::new, |l| format!("{l}: "));
-        match pause {
-            Some(pause) => {
-                let until = render::now_ms() + pause.as_millis() as i64;
-                let step = format!("{label}paused for {}", humantime::format_duration(pause));
-                self.progress.note(&format!("rollout: {step}"));
-                leases.update(|r| {
-                    r.step = step;
-                    r.soak_until_ms = until;
-                });
-                tokio::time::sleep(pause).await;
+        let paused = async {
+            match pause {
+                Some(pause) => {
+                    let until = render::now_ms() + pause.as_millis() as i64;
+                    let step = format!("{label}paused for {}", humantime::format_duration(pause));
+                    self.progress.note(&format!("rollout: {step}"));
+                    leases.update(|r| {
+                        r.step = step;
+                        r.soak_until_ms = until;
+                    });
+                    tokio::time::sleep(pause).await;
+                }
+                None => {
+                    self.progress.note(&format!(
+                        "rollout: {label}paused; `ctl rollout resume` (with the same --fleet or --agent) goes on"
+                    ));
+                    leases.until_resumed(&label).await;
+                    self.progress.note("rollout: resumed");
+                }
             }
-            None => {
-                self.progress.note(&format!(
-                    "rollout: {label}paused; `ctl rollout resume` (with the same --fleet or --agent) goes on"
-                ));
-                leases.until_resumed(&label).await;
-                self.progress.note("rollout: resumed");
+        };
+        tokio::select! {
+            () = paused => Vec::new(),
+            gone = self.canaries_gone(canaries) => {
+                leases.update(|r| r.soak_until_ms = 0);
+                gone
+            }
+        }
+    }
+
+    /// Looks at the canaries of `agents` every `CANARY_POLL` until some
+    /// stop serving: those agents. Never, with no agents; an agent that
+    /// cannot be read is looked at again at the next poll.
+    async fn canaries_gone(&self, agents: &[usize]) -> Vec<usize> {
+        if agents.is_empty() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(CANARY_POLL).await;
+            let read = join_all(agents.iter().map(|&i| status(&self.nodes[i].agent))).await;
+            let gone: Vec<usize> = agents
+                .iter()
+                .zip(read)
+                .filter(|(_, now)| now.as_ref().is_ok_and(|now| !self.runs_canary(now)))
+                .map(|(&i, _)| i)
+                .collect();
+            if !gone.is_empty() {
+                return gone;
             }
         }
     }
@@ -1153,8 +1396,8 @@ impl Run<'_> {
         phases: &mut Phases,
         clock: &mut Instant,
     ) -> Ended {
-        if let Err(ended) = self.survey(tracks).await {
-            return ended;
+        if let Err((why, unreachable)) = self.survey(tracks).await {
+            return Ended::Stopped { why, unreachable };
         }
         phases.survey_ms = lap(clock);
         for (i, track) in tracks.iter().enumerate() {
@@ -1168,8 +1411,9 @@ impl Run<'_> {
         Ended::Planned
     }
 
-    /// Reads where every agent stands; `Err` when the rollout must stop.
-    async fn survey(&mut self, tracks: &mut [Track]) -> Result<(), Ended> {
+    /// Reads where every agent stands; `Err` when the rollout must stop:
+    /// why, and whether because some agent could not be reached.
+    async fn survey(&mut self, tracks: &mut [Track]) -> Result<(), (String, bool)> {
         let live = self.live(tracks);
         let this = &*self;
         let surveys = join_all(
@@ -1186,6 +1430,7 @@ impl Run<'_> {
                     track.before = Some(found.active);
                     self.ours[i] = found.ours;
                     self.canaried[i] = found.canary;
+                    self.active_state[i] = found.state_version;
                     self.last_event[i] = found.last_event;
                     if found.found == Found::Permanent {
                         track.outcome = Outcome::AlreadyThere;
@@ -1215,10 +1460,10 @@ impl Run<'_> {
             tracks,
             "the rollout stopped: not every agent could be surveyed",
         );
-        Err(Ended::Stopped {
-            why: format!("the survey failed on {}", lost.join("; ")),
+        Err((
+            format!("the survey failed on {}", lost.join("; ")),
             unreachable,
-        })
+        ))
     }
 
     /// Where agent `i` stands.
@@ -1242,23 +1487,22 @@ impl Run<'_> {
                 .iter()
                 .any(|t| t.request_id == id)
         };
-        // Whether it runs the canary this attempt started, in a run that
-        // was interrupted during a canary step: then the next switch
-        // promotes it, and a halt drops it.
+        // Whether it runs a canary this rollout started, in any attempt (a
+        // run interrupted during a canary step, or stopped before it could
+        // drop it): then the next switch promotes it (or the canary step
+        // starts it anew), and a halt or an early stop drops it.
         let canary = found == Found::Elsewhere
-            && self.attempt.resumed
-            && status
-                .canary
-                .as_ref()
-                .is_some_and(|c| c.version == self.target)
-            && {
-                let prefix = plan::prefix(&self.rollout_id, self.attempt.number);
-                last_transitions(node, 100).await?.iter().any(|t| {
-                    t.kind() == pb::TransitionKind::Canary
-                        && t.request_id.starts_with(&prefix)
-                        && plan::canary_sent_by(&t.request_id, &self.rollout_id)
-                })
-            };
+            && self.runs_canary(&status)
+            && last_transitions(node, 100).await?.iter().any(|t| {
+                t.kind() == pb::TransitionKind::Canary
+                    && t.to_version == self.target
+                    && plan::canary_sent_by(&t.request_id, &self.rollout_id)
+            });
+        let state_version = status
+            .releases
+            .iter()
+            .find(|r| r.version == status.active_version)
+            .map_or(0, |r| r.state_version);
         self.progress.say(
             i,
             match found {
@@ -1272,13 +1516,13 @@ impl Run<'_> {
             found,
             ours,
             canary,
+            state_version,
             last_event: status.last_event_id,
         })
     }
 
-    /// Stages the release on agent `i`: `true` if this stage put it there
-    /// (it was not staged before).
-    async fn stage(&self, i: usize) -> Result<bool, StepError> {
+    /// Stages the release on agent `i`.
+    async fn stage(&self, i: usize) -> Result<Staged, StepError> {
         let node = &self.nodes[i];
         self.progress.say(
             i,
@@ -1298,24 +1542,29 @@ impl Run<'_> {
             .await
             .map_err(StepError::from_failure)?;
         self.progress.say(i, format!("staged {}", self.target));
-        Ok(!reply.already_staged)
+        Ok(Staged {
+            here: !reply.already_staged,
+            state_version: reply.release.map_or(0, |r| r.state_version),
+        })
     }
 
     /// Switches agent `i` to the target (unless it is soaking there
-    /// already) and waits for the verdict. `Err` says whether the target
-    /// was made active there.
+    /// already) and waits for the verdict: `Ok` with what the target had
+    /// served there before the switch (the step's analysis counts from
+    /// there). `Err` says whether the target was made active there.
     async fn switch(
         &self,
         i: usize,
         before: Option<String>,
         halt: &watch::Sender<bool>,
-    ) -> Result<(), (bool, SwitchError)> {
+    ) -> Result<plan::Sample, (bool, SwitchError)> {
         let node = &self.nodes[i];
         let mut halted = halt.subscribe();
         // An agent found soaking was switched by whoever switched it: this
         // rollout if the survey says so.
         let soaking = self.found[i] == Some(Found::Soaking);
         let mut after = self.last_event[i];
+        let mut base = plan::Sample::default();
         let error = |ours, e: StepError| {
             (
                 ours,
@@ -1330,6 +1579,7 @@ impl Run<'_> {
                 .await
                 .map_err(|f| error(false, StepError::from_failure(f)))?;
             after = status.last_event_id;
+            base = plan::Sample::of(&status, &self.target);
             let last_transition = self
                 .last_transition(node)
                 .await
@@ -1410,7 +1660,7 @@ impl Run<'_> {
         );
         tokio::select! {
             verdict = verdict => match verdict {
-                Ok(_) => Ok(()),
+                Ok(_) => Ok(base),
                 Err(f) => {
                     let e = StepError::from_failure(f);
                     // Rolled back by the health gate: not active any more.
@@ -1580,8 +1830,11 @@ async fn remove_staged(
 
 /// Drops the canary of `version` on `node` if it still serves there: a
 /// rollback, which with a canary drops it and does nothing else,
-/// conditional on the release active beside it. `Ok(false)` if no canary
-/// of `version` runs there (dropped already).
+/// conditional on that canary still serving (`expected_canary`: never
+/// the active release's rollback, if the canary went meanwhile) beside
+/// the release active now (`expected_active`). `Ok(false)` if no canary
+/// of `version` runs there (dropped already, by the health gate or by
+/// hand): nothing was dropped.
 async fn drop_canary(
     node: &Node,
     version: &str,
@@ -1598,7 +1851,6 @@ async fn drop_canary(
         expected_active: now.active_version,
         reason,
         lease: rollout.to_owned(),
-        // Never the active release's rollback, if the canary went meanwhile.
         expected_canary: version.to_owned(),
         ..Default::default()
     };
@@ -1672,9 +1924,19 @@ struct Survey {
     active: String,
     found: Found,
     ours: bool,
-    /// It runs the canary of the target this attempt started.
+    /// It runs a canary of the target this rollout started.
     canary: bool,
+    /// The state version of its active release.
+    state_version: u32,
     last_event: u64,
+}
+
+/// The release staged on one agent.
+struct Staged {
+    /// This stage put it there (it was not staged before).
+    here: bool,
+    /// Its state version, as the agent read it.
+    state_version: u32,
 }
 
 /// A failed switch, or one cut short by the halt.

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use nine9s_proto as pb;
 use sha2::{Digest, Sha256};
 
 /// Where an agent stands relative to the rollout's target version, as read
@@ -311,6 +312,47 @@ pub struct Sample {
     pub p99_us: u64,
 }
 
+impl From<&pb::VersionServed> for Sample {
+    fn from(served: &pb::VersionServed) -> Sample {
+        Sample {
+            requests: served.requests,
+            errors: served.errors,
+            p99_us: served.p99_us,
+        }
+    }
+}
+
+impl Sample {
+    /// What `version` served, from an agent's status (none: nothing).
+    pub fn of(status: &pb::StatusReply, version: &str) -> Sample {
+        status
+            .served
+            .iter()
+            .find(|s| s.version == version)
+            .map_or(Sample::default(), Sample::from)
+    }
+
+    /// The requests and errors since `base` was read; all of them if the
+    /// counters went back (a new worker counts from zero). The p99 stays
+    /// the one since the worker started: the agent keeps no histogram per
+    /// moment.
+    pub fn since(self, base: Sample) -> Sample {
+        if self.requests < base.requests || self.errors < base.errors {
+            return self;
+        }
+        Sample {
+            requests: self.requests - base.requests,
+            errors: self.errors - base.errors,
+            p99_us: self.p99_us,
+        }
+    }
+
+    /// Enough requests for the analysis to judge.
+    pub fn enough(self) -> bool {
+        self.requests >= MIN_REQUESTS
+    }
+}
+
 /// The analysis after each step: how much worse than the release it
 /// replaced a new one may do on the same agent.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -334,7 +376,7 @@ impl Gate {
     /// The verdict on `new` against `old`: `Ok` with what was compared
     /// (or why nothing could be), `Err` with why the step fails.
     pub fn judge(&self, new: Sample, old: Sample) -> Result<String, String> {
-        if new.requests < MIN_REQUESTS || old.requests < MIN_REQUESTS {
+        if !new.enough() || !old.enough() {
             return Ok(format!(
                 "not judged: {} requests on the new release, {} on the old (at least {MIN_REQUESTS} each)",
                 new.requests, old.requests
@@ -842,6 +884,41 @@ mod tests {
         assert!(gate
             .judge(sample(1000, 999, u64::MAX), sample(5, 0, 100))
             .is_ok());
+    }
+
+    #[test]
+    fn a_sample_since_a_base_counts_what_came_after() {
+        let then = Sample {
+            requests: 500,
+            errors: 5,
+            p99_us: 1_000,
+        };
+        let now = Sample {
+            requests: 650,
+            errors: 8,
+            p99_us: 2_500,
+        };
+        let since = now.since(then);
+        assert_eq!(
+            (since.requests, since.errors, since.p99_us),
+            (150, 3, 2_500)
+        );
+        assert!(
+            since.enough()
+                && !now
+                    .since(Sample {
+                        requests: 600,
+                        ..then
+                    })
+                    .enough()
+        );
+        // A new worker counts from zero: all it counted.
+        let restarted = Sample {
+            requests: 20,
+            errors: 0,
+            p99_us: 100,
+        };
+        assert_eq!(restarted.since(then), restarted);
     }
 
     fn found() -> impl Strategy<Value = Found> {

@@ -246,7 +246,7 @@ impl Undo<'_> {
         let found = join_all((0..self.nodes.len()).map(|i| self.find(i))).await;
         let mut back = Vec::new();
         let mut remove = Vec::new();
-        let mut drop = Vec::new();
+        let mut canaries = Vec::new();
         let mut failed = Vec::new();
         for (i, result) in found.into_iter().enumerate() {
             let track = &mut tracks[i];
@@ -255,7 +255,7 @@ impl Undo<'_> {
                     track.before = Some(found.active.clone());
                     match found.before {
                         Some(before) if found.active == self.version => back.push((i, before)),
-                        _ if found.canary => drop.push(i),
+                        _ if found.canary => canaries.push(i),
                         _ => {
                             track.outcome = Outcome::Untouched;
                             self.progress.done(
@@ -283,7 +283,7 @@ impl Undo<'_> {
         }
         // Canaries first: dropping one is quick, and lets its release be
         // removed below.
-        let dropped = join_all(drop.iter().map(|&i| {
+        let dropped = join_all(canaries.iter().map(|&i| {
             drop_canary(
                 &self.nodes[i],
                 &self.version,
@@ -293,13 +293,19 @@ impl Undo<'_> {
             )
         }))
         .await;
-        for (&i, result) in drop.iter().zip(dropped) {
+        for (&i, result) in canaries.iter().zip(dropped) {
             let track = &mut tracks[i];
             match result {
-                Ok(_) => {
+                Ok(true) => {
                     track.outcome = Outcome::CanaryDropped;
                     self.progress
                         .done(i, format!("the canary of {} was dropped", self.version));
+                }
+                // Gone since it was found: the health gate was first.
+                Ok(false) => {
+                    track.outcome = Outcome::Untouched;
+                    self.progress
+                        .done(i, format!("no canary of {} runs", self.version));
                 }
                 Err(e) => {
                     failed.push(format!("{}: {}", track.name, e.error));
