@@ -968,6 +968,7 @@ impl Control for ControlService {
                     lingering: l.lingering,
                     stuck: l.counters.stuck,
                     timed_out: l.counters.timed_out,
+                    connections: l.counters.connections,
                 })
                 .collect(),
             uptime_ms: status.uptime.as_millis() as u64,

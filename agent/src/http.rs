@@ -49,8 +49,9 @@
 //! connection is on the [`Board`] with its call, for the request time
 //! limit (`stuck.rs`).
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -65,7 +66,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use nine9s_host::CallError;
+use nine9s_host::{CallError, ConnectionLimits, Returned};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
@@ -286,8 +287,16 @@ async fn connection(
 ) {
     let _ = stream.set_nodelay(true);
     let remote = stream.peer_addr().ok();
+    let (stream, unread) = match tls {
+        Some(_) => (stream, Bytes::new()),
+        None => match release_serves(stream, remote, &served, limits, &stopping).await {
+            Some(agent_serves) => agent_serves,
+            None => return,
+        },
+    };
     let io = Watched {
         inner: stream,
+        unread,
         watchdog: Arc::clone(&served.watchdog),
         call: Arc::clone(&served.call),
         fresh: true,
@@ -307,6 +316,95 @@ async fn connection(
         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!("TLS handshake too slow"),
     }
+}
+
+/// While the active release serves its connections itself, a plain
+/// HTTP/1.1 connection is the release's: handed over, given back at each
+/// switch and handed to whichever release serves then. Its first bytes
+/// tell HTTP/1.1 from HTTP/2's preface (which the agent serves). The socket comes back here, with what was
+/// read of it and not served, once the agent is to serve it (HTTP/2, a
+/// release that does not serve connections, a canary, the agent
+/// stopping); `None` once the connection has ended.
+async fn release_serves(
+    mut stream: TcpStream,
+    remote: Option<SocketAddr>,
+    served: &Served,
+    limits: &Limits,
+    stopping: &watch::Receiver<bool>,
+) -> Option<(TcpStream, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    if !served.runtime.release_serves_connections() {
+        return Some((stream, Bytes::new()));
+    }
+    // Until its first byte, a new connection is idle, as the agent holds
+    // its own.
+    let mut first = bytes::BytesMut::with_capacity(4096);
+    match tokio::time::timeout(limits.http_idle_timeout, stream.read_buf(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return None,
+    }
+    let mut unread = first.freeze();
+    let preface = &H2_PREFACE[..unread.len().min(H2_PREFACE.len())];
+    if unread.starts_with(preface) || peer_closed(&stream) {
+        // The agent serves HTTP/2, and does not answer a client that has
+        // gone already.
+        return Some((stream, unread));
+    }
+    // Never shed for a newcomer while the release holds it: the agent
+    // could not close it between requests.
+    let _held = served.watchdog.request();
+    let remote = remote.map(|r| r.to_string()).unwrap_or_default();
+    let connection_limits = ConnectionLimits {
+        header_timeout: limits.http_header_timeout,
+        idle_timeout: limits.http_idle_timeout,
+        body_timeout: limits.http_body_timeout,
+        request_timeout: limits.request_timeout,
+        max_body: limits.max_body as u64,
+    };
+    let mut stopping = stopping.clone();
+    loop {
+        if *stopping.borrow_and_update() {
+            return Some((stream, unread));
+        }
+        let socket = OwnedFd::from(stream.into_std().ok()?);
+        let handed = match served
+            .runtime
+            .hand_connection(socket, unread, remote.clone(), connection_limits)
+            .await
+        {
+            Ok(handed) => handed,
+            Err((socket, unread)) => return Some((tokio_stream(socket)?, unread)),
+        };
+        let back = tokio::select! {
+            back = poll_fn(|cx| handed.poll_back(cx)) => back,
+            () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                // Back at their request boundaries, for the agent to drain.
+                served.runtime.take_connections_back();
+                poll_fn(|cx| handed.poll_back(cx)).await
+            }
+        };
+        match back {
+            Returned::Closed => return None,
+            Returned::Back { fd, unread: rest } => {
+                stream = tokio_stream(fd)?;
+                unread = rest;
+            }
+        }
+    }
+}
+
+/// A socket back on the agent's runtime.
+fn tokio_stream(socket: OwnedFd) -> Option<TcpStream> {
+    let socket = std::net::TcpStream::from(socket);
+    socket.set_nonblocking(true).ok()?;
+    TcpStream::from_std(socket).ok()
+}
+
+/// Whether the client has closed its side (a FIN waits to be read).
+fn peer_closed(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(stream, &mut byte, flags), Ok((_, 0)))
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (as the client opens) on `io`.
@@ -656,9 +754,11 @@ impl Drop for Busy {
 }
 
 /// The socket, telling the watchdog about every read, and the call record
-/// whether every write went out.
+/// whether every write went out. What was read of it before it came here
+/// (`unread`) is read first.
 struct Watched {
     inner: TcpStream,
+    unread: Bytes,
     watchdog: Arc<Watchdog>,
     call: Arc<Call>,
     /// What the client sent before the first read has not all been read.
@@ -672,7 +772,13 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = if self.unread.is_empty() {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            Poll::Ready(Ok(()))
+        };
         let read = buf.filled().len() - before;
         if self.fresh
             && !self.watchdog.is_multiplexed()

@@ -52,7 +52,9 @@
 //! quiesce above: it may still be running in the old instance when a
 //! switch snapshots it — it is not waited for, and the switch says so.
 
+use std::future::poll_fn;
 use std::ops::Deref;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -60,8 +62,9 @@ use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue};
-use nine9s_host::{CallError, Instance, Request, RequestHead, Response};
+use nine9s_host::{CallError, ConnectionLimits, Handed, Instance, Request, RequestHead, Response};
 use nine9s_manifest::Version;
 use tokio::sync::Notify;
 
@@ -427,6 +430,8 @@ pub struct Counters {
     pub stuck: u64,
     /// Calls past the request timeout, answered 504.
     pub timed_out: u64,
+    /// Connections the release serves itself.
+    pub connections: u64,
 }
 
 impl Core {
@@ -434,6 +439,13 @@ impl Core {
         static IDS: AtomicU64 = AtomicU64::new(1);
         let totals = totals(&version);
         let service = instance.library().is_service();
+        let calls = Calls::default();
+        if let Some(port) = instance.connections_port() {
+            port.set_meter(Arc::new(ConnectionMeter {
+                shards: Arc::clone(&calls.shards),
+                totals,
+            }));
+        }
         Core {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             label: totals.label,
@@ -446,7 +458,7 @@ impl Core {
             stuck: AtomicI64::new(0),
             timed_out: AtomicU64::new(0),
             snapshotting: AtomicBool::new(false),
-            calls: Calls::default(),
+            calls,
             let_go: Arc::new(Notify::new()),
         }
     }
@@ -461,13 +473,18 @@ impl Core {
         };
         Counters {
             // A service's requests are in flight only while handed over;
-            // under way, they are its port's open calls.
-            in_flight: sum(|s| &s.in_flight) + self.instance.open_calls() as u64,
+            // under way, they are its port's open calls, and the requests
+            // on the connections it serves.
+            in_flight: sum(|s| &s.in_flight) + self.instance.requests_under_way() as u64,
             served: sum(|s| &s.served),
             errors: sum(|s| &s.errors),
             panics: sum(|s| &s.panics),
             stuck: self.stuck(),
             timed_out: self.timed_out.load(Ordering::Relaxed),
+            connections: self
+                .instance
+                .connections_port()
+                .map_or(0, |port| port.connections() as u64),
         }
     }
 
@@ -525,6 +542,26 @@ impl Entered {
             Entered::Canary(canary) => &canary.as_ref().expect("picked").loaded,
             Entered::Active(loaded) => loaded,
         }
+    }
+}
+
+/// Counts the requests a service answers on the connections it serves
+/// itself, as [`Tally`] counts those handed to it one by one.
+struct ConnectionMeter {
+    shards: Arc<[Shard; SHARDS]>,
+    totals: &'static Totals,
+}
+
+impl nine9s_host::Meter for ConnectionMeter {
+    fn request_ended(&self, status: u16, took: Duration) {
+        // On one of the release's threads: its own shard, as any thread.
+        let mine = my_shard();
+        let shard = &self.shards[mine];
+        shard.served.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            shard.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.totals.count(mine, status, Some(took));
     }
 }
 
@@ -958,6 +995,56 @@ impl Runtime {
         }
     }
 
+    /// Hands a plain HTTP/1.1 connection to the active release if it
+    /// serves connections itself and no canary shares the traffic, past
+    /// the gate as a request goes (counted in flight while it is handed
+    /// over, so a switch's yield finds it on the port); the socket back
+    /// otherwise.
+    pub async fn hand_connection(
+        &self,
+        fd: OwnedFd,
+        unread: Bytes,
+        remote: String,
+        limits: ConnectionLimits,
+    ) -> Result<Handed, (OwnedFd, Bytes)> {
+        let mine = my_shard();
+        loop {
+            if self.has_canary.load(Ordering::Relaxed) {
+                return Err((fd, unread));
+            }
+            let loaded = self.active.load();
+            let Some(port) = loaded.instance.connections_port() else {
+                return Err((fd, unread));
+            };
+            loaded.calls.begin(mine);
+            let _counted = InFlight {
+                calls: &loaded.calls,
+                shard: mine,
+            };
+            if !self.gate.is_closed() && self.active_id.load(Ordering::SeqCst) == loaded.id {
+                return port.hand(fd, unread, remote, limits);
+            }
+            drop(_counted);
+            drop(loaded);
+            self.gate.wait_open().await;
+        }
+    }
+
+    /// Whether a new connection goes to the active release: it serves
+    /// connections itself, and no canary shares the traffic.
+    pub fn release_serves_connections(&self) -> bool {
+        !self.has_canary.load(Ordering::Relaxed)
+            && self.active.load().instance.connections_port().is_some()
+    }
+
+    /// Asks the active release for the connections it serves back, for
+    /// the agent to serve (a canary beside it, or the agent stopping).
+    pub fn take_connections_back(&self) {
+        if let Some(port) = self.active.load().instance.connections_port() {
+            port.yield_connections();
+        }
+    }
+
     /// Starts serving `split` of the requests with `loaded`; the canary
     /// before it, if any, is returned (it finishes its calls in flight) in
     /// a handle of the caller's own.
@@ -966,6 +1053,9 @@ impl Runtime {
         self.remember(&loaded);
         let before = self.canary.swap(Some(Arc::new(Canary { loaded, split })));
         self.has_canary.store(true, Ordering::Relaxed);
+        // Each request of theirs is to be split from now on: the agent
+        // serves them.
+        self.take_connections_back();
         before.map(|before| before.taken_out())
     }
 
@@ -1034,6 +1124,18 @@ impl Runtime {
         let Some(closed) = self.quiesce(&old, asked + timeout).await else {
             return Err(SwitchError::Quiesce);
         };
+        // No request may start on the old instance's connections after
+        // its snapshot: they stop reading new ones first.
+        if let Some(port) = old.instance.connections_port() {
+            port.yield_connections();
+            let yielded = poll_fn(|cx| port.poll_yielded(cx));
+            if tokio::time::timeout_at((asked + timeout).into(), yielded)
+                .await
+                .is_err()
+            {
+                return Err(SwitchError::Quiesce);
+            }
+        }
         let next = Arc::new(prepare(&old).map_err(SwitchError::Prepare)?);
         self.install(next);
         drop(closed);
@@ -1052,6 +1154,10 @@ impl Runtime {
         let deadline = Instant::now() + timeout;
         let old = self.active.load_full();
         self.install(Arc::new(next));
+        // Its connections come back, for the new instance.
+        if let Some(port) = old.instance.connections_port() {
+            port.yield_connections();
+        }
         old.calls.idle_by(deadline).await;
         Switched {
             old: Arc::new(old.another()),

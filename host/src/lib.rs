@@ -24,6 +24,7 @@
 #![allow(unsafe_code)]
 
 mod allocator;
+mod connections;
 mod descriptor;
 mod error;
 mod home;
@@ -34,7 +35,8 @@ mod port;
 pub mod sandbox;
 
 pub use allocator::{limit_malloc_arenas, unmap_large_blocks};
+pub use connections::{ConnectionLimits, Handed, Meter, Returned};
 pub use error::{CallError, LoadError};
 pub use library::{Instance, Library, Request, Response, ABI_VERSIONS};
 pub use maps::lingering;
-pub use port::{Broken, Call, Closed, Frame, RequestHead, ResponseHead};
+pub use port::{Broken, Call, Closed, Frame, Port, RequestHead, ResponseHead};

@@ -22,8 +22,8 @@ use http::HeaderMap;
 use libloading::os::unix::{Library as DlLibrary, RTLD_LOCAL, RTLD_NOW};
 use nine9s_sdk::abi::{
     decode_headers, v1, Buffer, Header, PluginApi, RawRequest, RawResponse, ServiceApi, Slice,
-    ABI_VERSION, ABI_VERSION_SERVICE, ABI_VERSION_SYMBOL, API_SYMBOL, FEATURE_STOP, STATUS_ERROR,
-    STATUS_OK, STATUS_PANIC, TEXT_PLAIN_BLOCK,
+    ABI_VERSION, ABI_VERSION_SERVICE, ABI_VERSION_SYMBOL, API_SYMBOL, FEATURE_CONNECTIONS,
+    FEATURE_STOP, STATUS_ERROR, STATUS_OK, STATUS_PANIC, TEXT_PLAIN_BLOCK,
 };
 
 use crate::home::Home;
@@ -349,6 +349,13 @@ impl Library {
         self.v3().is_some()
     }
 
+    /// Whether the release serves the HTTP/1.1 connections handed to it
+    /// itself (a service with `FEATURE_CONNECTIONS`).
+    pub fn serves_connections(&self) -> bool {
+        self.v3()
+            .is_some_and(|t| t.plugin.features & FEATURE_CONNECTIONS != 0)
+    }
+
     fn v1(&self) -> Option<&v1::PluginApi> {
         match self.table() {
             // SAFETY: as in `v2`.
@@ -471,7 +478,7 @@ impl Library {
             .map_err(|e| CallError::Failed(format!("cannot start the instance's thread: {e}")))?;
         let mut service = Service {
             home,
-            port: Port::new(),
+            port: Port::new(self.serves_connections()),
         };
         let state = state.map(<[u8]>::to_vec);
         let library = Arc::clone(self);
@@ -906,9 +913,30 @@ impl Instance {
             .is_none_or(|s| s.port.wait_idle(timeout))
     }
 
-    /// Cancels a service's calls still open, for `why`; how many.
+    /// Cancels a service's calls still open, for `why`; how many, with
+    /// the requests under way on the connections it serves (cut when the
+    /// instance stops).
     pub fn cancel_calls(&self, why: &'static str) -> usize {
-        self.service.as_ref().map_or(0, |s| s.port.cancel_all(why))
+        self.service.as_ref().map_or(0, |s| {
+            s.port.cancel_all(why) + s.port.connection_requests() as usize
+        })
+    }
+
+    /// The service's port, if it serves connections: where the agent
+    /// hands them ([`Port::hand`]) and asks them back.
+    pub fn connections_port(&self) -> Option<&Arc<Port>> {
+        self.service
+            .as_ref()
+            .map(|s| &s.port)
+            .filter(|port| port.serves_connections)
+    }
+
+    /// Requests under way: calls not finished, and requests on the
+    /// connections it serves.
+    pub fn requests_under_way(&self) -> usize {
+        self.service.as_ref().map_or(0, |s| {
+            s.port.open_calls() + s.port.connection_requests() as usize
+        })
     }
 }
 

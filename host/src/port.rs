@@ -31,8 +31,13 @@ use parking_lot::{Condvar, Mutex};
 
 use nine9s_sdk::abi::{
     self, Header, PortApi, PortEvent, RawRequestHead, Slice, BODY_LEN_UNKNOWN, EVENT_CANCELLED,
-    EVENT_READABLE, EVENT_REQUEST, EVENT_WRITABLE, STATUS_END, STATUS_ERROR, STATUS_GONE,
-    STATUS_OK, STATUS_PENDING,
+    EVENT_CONNECTION, EVENT_READABLE, EVENT_REQUEST, EVENT_WRITABLE, EVENT_YIELD, STATUS_END,
+    STATUS_ERROR, STATUS_GONE, STATUS_OK, STATUS_PENDING,
+};
+
+use crate::connections::{
+    connection_done, connection_yielded, request_begun, request_ended, settle, take_connection,
+    Requests, Table,
 };
 
 use crate::library::response_headers;
@@ -90,11 +95,15 @@ pub struct Closed;
 
 /// One instance's port.
 pub struct Port {
-    state: Mutex<PortState>,
+    pub(crate) state: Mutex<PortState>,
     /// Signalled when events are queued or the port closes.
-    ready: Condvar,
-    /// Signalled when the last open call is done.
-    idle: Condvar,
+    pub(crate) ready: Condvar,
+    /// Signalled when the last open call or connection is done.
+    pub(crate) idle: Condvar,
+    /// Its release serves connections (`FEATURE_CONNECTIONS`).
+    pub(crate) serves_connections: bool,
+    /// The requests under way on those connections.
+    pub(crate) requests: Requests,
     /// What the release is handed: points at `self` and the C functions.
     raw: abi::Port,
 }
@@ -106,17 +115,19 @@ unsafe impl Send for Port {}
 unsafe impl Sync for Port {}
 
 #[derive(Default)]
-struct PortState {
-    closed: bool,
+pub(crate) struct PortState {
+    pub(crate) closed: bool,
     next: u64,
     /// Calls the release has not said `request_done` of.
-    calls: HashMap<u64, Arc<Shared>>,
+    pub(crate) calls: HashMap<u64, Arc<Shared>>,
     /// Calls with events the release has not taken, in order.
     queue: VecDeque<u64>,
+    /// The connections handed to the release.
+    pub(crate) connections: Table,
 }
 
 /// A call, as both sides see it.
-struct Shared {
+pub(crate) struct Shared {
     id: u64,
     head: LentHead,
     state: Mutex<CallState>,
@@ -183,14 +194,23 @@ static PORT_API: PortApi = PortApi {
     send_end,
     abort,
     request_done,
+    take_connection,
+    connection_yielded,
+    connection_done,
+    request_begun,
+    request_ended,
 };
 
 impl Port {
-    pub fn new() -> Arc<Port> {
+    /// A port; `serves_connections`: its release takes connections
+    /// ([`Port::hand`]).
+    pub fn new(serves_connections: bool) -> Arc<Port> {
         Arc::new_cyclic(|me: &std::sync::Weak<Port>| Port {
             state: Mutex::new(PortState::default()),
             ready: Condvar::new(),
             idle: Condvar::new(),
+            serves_connections,
+            requests: Requests::default(),
             raw: abi::Port {
                 size: std::mem::size_of::<abi::Port>() as u32,
                 context: me.as_ptr().cast(),
@@ -236,13 +256,15 @@ impl Port {
         self.state.lock().calls.len()
     }
 
-    /// Waits up to `timeout` until no call is open; whether none is.
+    /// Waits up to `timeout` until no call is open and the release holds
+    /// no connection; whether that came.
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
+        let idle = |state: &PortState| state.calls.is_empty() && state.connections.held() == 0;
         let mut state = self.state.lock();
-        while !state.calls.is_empty() {
+        while !idle(&state) {
             if self.idle.wait_until(&mut state, deadline).timed_out() {
-                return state.calls.is_empty();
+                return idle(&state);
             }
         }
         true
@@ -258,8 +280,14 @@ impl Port {
     /// `wait_events` returns 0, and every call still open ends for the
     /// agent (a response under way breaks off).
     pub fn close(&self) {
-        self.state.lock().closed = true;
+        let ended = {
+            let mut state = self.state.lock();
+            state.closed = true;
+            state.connections.close_all()
+        };
         self.ready.notify_all();
+        self.idle.notify_all();
+        settle(ended);
         self.cancel_all("the release's instance stopped");
     }
 
@@ -456,7 +484,11 @@ impl CallState {
 ///
 /// # Safety
 /// `context` must be the `context` of a live port's `abi::Port`.
-unsafe fn on_port<T>(context: *const c_void, fallback: T, f: impl FnOnce(&Port) -> T) -> T {
+pub(crate) unsafe fn on_port<T>(
+    context: *const c_void,
+    fallback: T,
+    f: impl FnOnce(&Port) -> T,
+) -> T {
     // SAFETY: the caller's contract: the port outlives every call the
     // release makes (until its `stop` returns, and the instance holds it).
     let port = unsafe { &*context.cast::<Port>() };
@@ -506,6 +538,25 @@ unsafe extern "C" fn wait_events(context: *const c_void, out: *mut PortEvent, ma
                         out.add(n).write(PortEvent { call: id, events });
                         n += 1;
                     }
+                }
+                let table = &mut state.connections;
+                while n < max {
+                    let events = if std::mem::take(&mut table.yield_pending) {
+                        PortEvent {
+                            call: 0,
+                            events: EVENT_YIELD,
+                        }
+                    } else if let Some(id) = table.queue.pop_front() {
+                        PortEvent {
+                            call: id,
+                            events: EVENT_CONNECTION,
+                        }
+                    } else {
+                        break;
+                    };
+                    // SAFETY: as above.
+                    out.add(n).write(events);
+                    n += 1;
                 }
                 if n > 0 {
                     return n;
@@ -757,7 +808,7 @@ mod tests {
 
     #[test]
     fn a_call_goes_round_with_its_head_body_and_streamed_response() {
-        let port = Port::new();
+        let port = Port::new(false);
         let call = port.submit(head()).unwrap();
         let got = events(&port);
         assert_eq!((got.len(), got[0].events), (1, EVENT_REQUEST));
@@ -855,7 +906,7 @@ mod tests {
 
     #[test]
     fn a_dropped_call_is_cancelled_and_a_closed_port_takes_nothing() {
-        let port = Port::new();
+        let port = Port::new(false);
         let call = port.submit(head()).unwrap();
         let id = events(&port)[0].call;
         drop(call);
@@ -884,7 +935,7 @@ mod tests {
 
     #[test]
     fn a_waiting_release_thread_wakes_for_a_request() {
-        let port = Port::new();
+        let port = Port::new(false);
         let waiter = {
             let port = Arc::clone(&port);
             std::thread::spawn(move || events(&port))

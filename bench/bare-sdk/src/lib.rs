@@ -14,6 +14,8 @@ pub mod service {
     /// goes; the rest keeps the SDK's signatures so a release's impl fits.
     pub trait AsyncPlugin: 'static {
         const STATE_VERSION: u32 = 0;
+        /// The bare server's runtime has its I/O driver anyway.
+        const ENABLE_IO: bool = false;
         type State: Send + Sync + 'static;
         fn restore(state: Option<&[u8]>) -> Result<Self::State, String>;
         fn service(state: Arc<Self::State>) -> HttpService;

@@ -284,6 +284,13 @@ unsafe impl Send for HostApi {}
 /// threads an instance started.
 pub const FEATURE_STOP: u64 = 1;
 
+/// Feature bit of an [`ABI_VERSION_SERVICE`] release: it serves the
+/// HTTP/1.1 connections the host hands it ([`EVENT_CONNECTION`]) itself,
+/// on its own runtime, instead of taking their requests one by one
+/// through the port. Only with a host whose [`PortApi`] has
+/// `take_connection`.
+pub const FEATURE_CONNECTIONS: u64 = 2;
+
 /// The table a plugin exports through [`API_SYMBOL`]. Every function
 /// catches panics and reports them as [`STATUS_PANIC`]; every `err`
 /// buffer is filled only when the status is not [`STATUS_OK`].
@@ -380,6 +387,14 @@ pub const EVENT_READABLE: u32 = 2;
 pub const EVENT_WRITABLE: u32 = 4;
 /// The call was cancelled: every later call on it answers [`STATUS_GONE`].
 pub const EVENT_CANCELLED: u32 = 8;
+/// [`PortEvent::call`] is a connection, the release's to serve
+/// ([`FEATURE_CONNECTIONS`]): take it with `take_connection`.
+pub const EVENT_CONNECTION: u32 = 16;
+/// With [`PortEvent::call`] 0: the release must start no new request on
+/// any connection it took (saying so of each with `connection_yielded`),
+/// and give each back with `connection_done` once its requests under way
+/// are answered. Connections handed over after it are taken as before.
+pub const EVENT_YIELD: u32 = 32;
 
 /// [`RawRequestHead::body_len`], [`PortApi::send_head`]: a body whose
 /// length is not known ahead.
@@ -481,6 +496,53 @@ pub struct PortApi {
     /// The release is done with the call: its head is no longer used, and
     /// a response not ended counts as aborted. Always the last call on it.
     pub request_done: unsafe extern "C" fn(context: *const c_void, call: u64),
+    /// Takes connection `connection` ([`EVENT_CONNECTION`]): its socket is
+    /// the release's from [`STATUS_OK`] on. [`STATUS_GONE`] if the host
+    /// took it back meanwhile (an [`EVENT_YIELD`] came first).
+    pub take_connection: unsafe extern "C" fn(
+        context: *const c_void,
+        connection: u64,
+        out: *mut RawConnection,
+    ) -> i32,
+    /// After [`EVENT_YIELD`]: no new request will start on `connection`.
+    pub connection_yielded: unsafe extern "C" fn(context: *const c_void, connection: u64),
+    /// The release is done with `connection`: `fd` is -1 if it closed it
+    /// (the client left, a limit, the end of its last response), or the
+    /// socket given back at a request boundary, with `unread` the bytes
+    /// read from it and not served (copied). Always the last call on it.
+    pub connection_done:
+        unsafe extern "C" fn(context: *const c_void, connection: u64, fd: i32, unread: Slice),
+    /// A request began on a connection the release serves.
+    pub request_begun: unsafe extern "C" fn(context: *const c_void),
+    /// ... and ended, answered with `status` after `micros` (the client
+    /// got the whole response, or went away: 499).
+    pub request_ended: unsafe extern "C" fn(context: *const c_void, status: u16, micros: u64),
+}
+
+/// A connection the host hands over ([`PortApi::take_connection`]): the
+/// socket, what was read of it and not served yet, and the limits its
+/// requests are held to, as the host holds its own.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawConnection {
+    /// A connected TCP socket, the release's from now on: it closes it or
+    /// gives it back.
+    pub fd: i32,
+    /// Bytes already read from it, to be served first; lent until
+    /// `connection_done`.
+    pub unread: Slice,
+    /// The client's address, `ip:port`; lent until `connection_done`.
+    pub remote: Slice,
+    /// From the first byte of a request to the end of its headers.
+    pub header_timeout_ms: u64,
+    /// With no request under way and no byte of a new one.
+    pub idle_timeout_ms: u64,
+    /// Between two pieces of a request body.
+    pub body_timeout_ms: u64,
+    /// Until a response's head; 0: none.
+    pub request_timeout_ms: u64,
+    /// The largest request body.
+    pub max_body: u64,
 }
 
 /// The table an [`ABI_VERSION_SERVICE`] library exports through

@@ -12,11 +12,13 @@ use std::thread::JoinHandle;
 use tokio::runtime::{Handle, Runtime};
 
 use super::call::{CallCell, CallTask, Registry};
+use super::connection::{self, Serving};
 use super::port::PortLink;
 use super::{AsyncPlugin, HttpService};
 use crate::abi::{
     Buffer, HostApi, PluginApi, Port, PortEvent, RawRequest, RawResponse, ServiceApi, Slice,
-    ABI_VERSION_SERVICE, EVENT_REQUEST, FEATURE_STOP,
+    ABI_VERSION_SERVICE, EVENT_CONNECTION, EVENT_REQUEST, EVENT_YIELD, FEATURE_CONNECTIONS,
+    FEATURE_STOP,
 };
 use crate::export::{can_migrate_with, free, guarded, migrate_with, panic_message};
 
@@ -33,7 +35,12 @@ pub const fn service_api<R: Release>() -> ServiceApi {
         plugin: PluginApi {
             abi_version: ABI_VERSION_SERVICE,
             size: std::mem::size_of::<ServiceApi>() as u32,
-            features: FEATURE_STOP,
+            // Connections need the runtime's I/O driver.
+            features: if <R::Plugin as AsyncPlugin>::ENABLE_IO {
+                FEATURE_STOP | FEATURE_CONNECTIONS
+            } else {
+                FEATURE_STOP
+            },
             name: Slice::from_static(R::NAME),
             version: Slice::from_static(R::VERSION),
             state_version: <R::Plugin as AsyncPlugin>::STATE_VERSION,
@@ -59,6 +66,8 @@ const EVENT_BATCH: usize = 64;
 struct Instance<P: AsyncPlugin> {
     /// The dispatcher thread's name.
     dispatcher_name: String,
+    /// What its responses are labelled with (`x-nine9s-release`).
+    release: http::HeaderValue,
     port: Arc<PortLink>,
     registry: Arc<Registry>,
     /// Taken apart by `stop`.
@@ -99,6 +108,8 @@ impl<P: AsyncPlugin> Instance<P> {
         let (service, state) = built?;
         Ok(Instance {
             dispatcher_name: format!("{name}-port"),
+            release: http::HeaderValue::from_str(version)
+                .map_err(|_| format!("the version {version:?} is no header value"))?,
             port: Arc::new(PortLink::new()),
             registry: Arc::new(Registry::default()),
             live: Mutex::new(Live {
@@ -138,9 +149,10 @@ impl<P: AsyncPlugin> Instance<P> {
             .take()
             .ok_or("the instance is attached already")?;
         let (port, registry) = (self.port.clone(), self.registry.clone());
+        let release = self.release.clone();
         let dispatcher = std::thread::Builder::new()
             .name(self.dispatcher_name.clone())
-            .spawn(move || dispatch(&port, &registry, &runtime, &service))
+            .spawn(move || dispatch(&port, &registry, &runtime, &service, release))
             .map_err(|e| format!("cannot start the release's dispatcher thread: {e}"))?;
         live.dispatcher = Some(dispatcher);
         Ok(())
@@ -203,9 +215,18 @@ fn dispatch(
     registry: &Arc<Registry>,
     runtime: &Handle,
     service: &HttpService,
+    release: http::HeaderValue,
 ) {
     // Whatever this thread drops, it drops inside the runtime.
     let _inside = runtime.enter();
+    // Told to the connections the release serves; dropped as the port
+    // closes, which ends them.
+    let (yielded, _) = tokio::sync::watch::channel(false);
+    let serving = Serving {
+        port: Arc::clone(port),
+        service: service.clone(),
+        release,
+    };
     let mut events = [PortEvent::default(); EVENT_BATCH];
     loop {
         let n = port.wait_events(&mut events);
@@ -213,6 +234,24 @@ fn dispatch(
             return;
         }
         for event in &events[..n] {
+            if event.events & EVENT_YIELD != 0 {
+                yielded.send_replace(true);
+                continue;
+            }
+            if event.events & EVENT_CONNECTION != 0 {
+                if let Some(taken) = port.take_connection(event.call) {
+                    // SAFETY: just written by the host, its slices lent
+                    // until `connection_done`.
+                    let taken = unsafe { connection::Taken::copied(&taken) };
+                    runtime.spawn(connection::serve(
+                        event.call,
+                        taken,
+                        serving.clone(),
+                        yielded.subscribe(),
+                    ));
+                }
+                continue;
+            }
             if event.events & EVENT_REQUEST != 0 {
                 start_call(event.call, port, registry, runtime, service);
             }

@@ -25,7 +25,10 @@
 //! `http::Request` (its body a [`Body`] read from the host as the handler
 //! polls it), calls the service and streams the response back, with
 //! backpressure both ways; a call the host cancels has its handler
-//! dropped. `stop` ends the dispatcher, cancels the calls left, drops the
+//! dropped. With [`AsyncPlugin::ENABLE_IO`], the host also hands the
+//! release plain HTTP/1.1 connections: each is a task serving it with
+//! hyper, its requests going straight to the service, until a yield gives
+//! it back (`connection.rs`). `stop` ends the dispatcher, cancels the calls left, drops the
 //! service and the state and then the runtime, which joins every thread of
 //! it: none is left when the library is unloaded.
 //!
@@ -37,6 +40,7 @@
 
 mod body;
 mod call;
+mod connection;
 pub(crate) mod instance;
 mod port;
 #[cfg(test)]
@@ -70,11 +74,14 @@ pub trait AsyncPlugin: 'static {
     /// the release keeps no state: nothing is carried into or out of it.
     const STATE_VERSION: u32 = 0;
 
-    /// Whether the runtime gets tokio's I/O driver (sockets: a database
-    /// client), as the release's own tokio features allow (`net`). Off, the
-    /// runtime has timers only. A tokio with the `signal` or `process`
-    /// feature adds a process-wide pipe to the driver that this library's
-    /// copy of tokio never closes: two descriptors per load.
+    /// Whether the runtime gets tokio's I/O driver: the release then
+    /// serves the plain HTTP/1.1 connections the agent hands it itself
+    /// (no thread woken between the socket and the handler: as cheap as a
+    /// bare server), and may open sockets of its own (a database client).
+    /// Off, the runtime has timers only and every request comes through
+    /// the agent. A tokio with the `signal` or `process` feature adds a
+    /// process-wide pipe to the driver that this library's copy of tokio
+    /// never closes: two descriptors per load.
     const ENABLE_IO: bool = false;
 
     /// What the service shares between its requests (a counter, a pool).
@@ -120,6 +127,13 @@ pub trait AsyncPlugin: 'static {
 /// body included, on the call's task.
 type Exchange = Pin<Box<dyn Future<Output = Result<(), call::Failure>> + Send>>;
 
+/// A response's body, its types erased (on a connection the release serves).
+type ResponseBody = Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send>>;
+
+/// The service's answer to one request on a connection the release serves.
+type Responding =
+    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, BoxError>> + Send>>;
+
 /// A tower service of `http` requests whose body is a [`Body`], with its
 /// types erased: what [`AsyncPlugin::service`] returns.
 pub struct HttpService(Box<dyn ErasedService>);
@@ -147,6 +161,11 @@ impl HttpService {
     fn exchange(self, call: call::Call) -> Exchange {
         self.0.exchange(call)
     }
+
+    /// Its answer to a request read on a connection the release serves.
+    fn respond(self, request: http::Request<Body>) -> Responding {
+        self.0.respond(request)
+    }
 }
 
 impl Clone for HttpService {
@@ -165,6 +184,7 @@ impl std::fmt::Debug for HttpService {
 trait ErasedService: Send {
     fn clone_box(&self) -> Box<dyn ErasedService>;
     fn exchange(self: Box<Self>, call: call::Call) -> Exchange;
+    fn respond(self: Box<Self>, request: http::Request<Body>) -> Responding;
 }
 
 struct Typed<S>(S);
@@ -186,6 +206,48 @@ where
 
     fn exchange(self: Box<Self>, call: call::Call) -> Exchange {
         Box::pin(call::exchange(self.0, call))
+    }
+
+    fn respond(self: Box<Self>, request: http::Request<Body>) -> Responding {
+        let mut service = self.0;
+        Box::pin(async move {
+            let boxed = |e: S::Error| -> BoxError { e.into() };
+            std::future::poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(boxed)?;
+            let response = service.call(request).await.map_err(boxed)?;
+            Ok(response.map(|body| Box::pin(ErrorsBoxed(Box::pin(body))) as ResponseBody))
+        })
+    }
+}
+
+/// A body whose errors are boxed.
+struct ErrorsBoxed<B>(Pin<Box<B>>);
+
+impl<B> http_body::Body for ErrorsBoxed<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.0
+            .as_mut()
+            .poll_frame(cx)
+            .map_err(|e| -> BoxError { e.into() })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
     }
 }
 

@@ -8,7 +8,9 @@ use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::sync::{PoisonError, RwLock};
 
-use crate::abi::{Port, PortApi, PortEvent, RawRequestHead, Slice, STATUS_GONE, STATUS_OK};
+use crate::abi::{
+    Port, PortApi, PortEvent, RawConnection, RawRequestHead, Slice, STATUS_GONE, STATUS_OK,
+};
 
 /// The host's functions and their context.
 #[derive(Clone, Copy)]
@@ -153,6 +155,50 @@ impl PortLink {
         self.with((), |api, context| {
             // SAFETY: the reason is borrowed for the call, which copies it.
             unsafe { (api.abort)(context, call, Slice::new(reason.as_bytes())) }
+        })
+    }
+
+    /// Takes connection `id`: its socket is the release's from `Ok` on.
+    pub(crate) fn take_connection(&self, id: u64) -> Option<RawConnection> {
+        self.with(None, |api, context| {
+            let mut taken = MaybeUninit::<RawConnection>::uninit();
+            // SAFETY: `taken` is writable; the host fills it when it answers OK.
+            match unsafe { (api.take_connection)(context, id, taken.as_mut_ptr()) } {
+                // SAFETY: written by the host, as its status says.
+                STATUS_OK => Some(unsafe { taken.assume_init() }),
+                _ => None,
+            }
+        })
+    }
+
+    pub(crate) fn connection_yielded(&self, id: u64) {
+        // SAFETY: a plain call of the host's.
+        self.with((), |api, context| unsafe {
+            (api.connection_yielded)(context, id)
+        })
+    }
+
+    /// Gives connection `id` up: closed (`fd` -1) or given back, with the
+    /// bytes read and not served. Whether the host took it: if not (the
+    /// port closed), the socket is still the caller's to close.
+    pub(crate) fn connection_done(&self, id: u64, fd: i32, unread: &[u8]) -> bool {
+        self.with(false, |api, context| {
+            // SAFETY: `unread` is borrowed for the call, which copies it;
+            // `fd` is given up to the host.
+            unsafe { (api.connection_done)(context, id, fd, Slice::new(unread)) };
+            true
+        })
+    }
+
+    pub(crate) fn request_begun(&self) {
+        // SAFETY: a plain call of the host's.
+        self.with((), |api, context| unsafe { (api.request_begun)(context) })
+    }
+
+    pub(crate) fn request_ended(&self, status: u16, micros: u64) {
+        // SAFETY: a plain call of the host's.
+        self.with((), |api, context| unsafe {
+            (api.request_ended)(context, status, micros)
         })
     }
 

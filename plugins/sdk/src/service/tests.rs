@@ -21,9 +21,10 @@ use super::call::{build_request, header_block, CallCell, Registry};
 use super::instance::{service_api, Release};
 use super::{AsyncPlugin, Body, BodyError, HttpService, Peer};
 use crate::abi::{
-    decode_headers, Buffer, Header, Port, PortApi, PortEvent, RawRequestHead, ServiceApi, Slice,
-    ABI_VERSION_SERVICE, BODY_LEN_UNKNOWN, EVENT_CANCELLED, EVENT_READABLE, EVENT_REQUEST,
-    EVENT_WRITABLE, FEATURE_STOP, STATUS_END, STATUS_ERROR, STATUS_GONE, STATUS_OK, STATUS_PENDING,
+    decode_headers, Buffer, Header, Port, PortApi, PortEvent, RawConnection, RawRequestHead,
+    ServiceApi, Slice, ABI_VERSION_SERVICE, BODY_LEN_UNKNOWN, EVENT_CANCELLED, EVENT_READABLE,
+    EVENT_REQUEST, EVENT_WRITABLE, FEATURE_STOP, STATUS_END, STATUS_ERROR, STATUS_GONE, STATUS_OK,
+    STATUS_PENDING,
 };
 
 /// An upper bound for anything awaited here, never an expected duration.
@@ -349,6 +350,19 @@ unsafe extern "C" fn request_done(context: *const c_void, id: u64) {
     FakeHost::change(context, id, (), |call| call.done = true)
 }
 
+// This host hands no connection over (the agent's tests serve those).
+unsafe extern "C" fn take_connection(_: *const c_void, _: u64, _: *mut RawConnection) -> i32 {
+    STATUS_GONE
+}
+
+unsafe extern "C" fn connection_yielded(_: *const c_void, _: u64) {}
+
+unsafe extern "C" fn connection_done(_: *const c_void, _: u64, _: i32, _: Slice) {}
+
+unsafe extern "C" fn request_begun(_: *const c_void) {}
+
+unsafe extern "C" fn request_ended(_: *const c_void, _: u16, _: u64) {}
+
 static PORT_API: PortApi = PortApi {
     size: std::mem::size_of::<PortApi>() as u32,
     wait_events,
@@ -359,6 +373,11 @@ static PORT_API: PortApi = PortApi {
     send_end,
     abort,
     request_done,
+    take_connection,
+    connection_yielded,
+    connection_done,
+    request_begun,
+    request_ended,
 };
 
 // ---- a service to drive ----

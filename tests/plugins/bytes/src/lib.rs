@@ -17,6 +17,8 @@ use nine9s_sdk::service::{AsyncPlugin, HttpService};
 pub struct App;
 
 impl AsyncPlugin for App {
+    // It serves its connections itself, as the README's release does.
+    const ENABLE_IO: bool = true;
     type State = ();
 
     fn restore(_state: Option<&[u8]>) -> Result<(), String> {
