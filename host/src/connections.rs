@@ -126,7 +126,8 @@ impl Handed {
 #[derive(Default)]
 pub(crate) struct Requests {
     pub(crate) in_progress: AtomicU64,
-    pub(crate) meter: Mutex<Option<Arc<dyn Meter>>>,
+    /// Set once, before the port takes a connection.
+    pub(crate) meter: std::sync::OnceLock<Arc<dyn Meter>>,
 }
 
 impl Table {
@@ -254,9 +255,9 @@ impl Port {
         self.requests.in_progress.load(Ordering::SeqCst)
     }
 
-    /// Where the requests served on connections are counted.
+    /// Where the requests served on connections are counted (once).
     pub fn set_meter(&self, meter: Arc<dyn Meter>) {
-        *self.requests.meter.lock() = Some(meter);
+        let _ = self.requests.meter.set(meter);
     }
 
     /// Forgets connection `id` and tells the agent how it ended.
@@ -388,8 +389,7 @@ pub(crate) unsafe extern "C" fn request_ended(context: *const c_void, status: u1
     unsafe {
         on_port(context, (), |port| {
             port.requests.in_progress.fetch_sub(1, Ordering::SeqCst);
-            let meter = port.requests.meter.lock().clone();
-            if let Some(meter) = meter {
+            if let Some(meter) = port.requests.meter.get() {
                 meter.request_ended(status, Duration::from_micros(micros));
             }
         });

@@ -141,7 +141,8 @@ pub(crate) async fn serve(
         let serving = serving.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let counted = Counted::begin(&serving.port, &clock);
-            Box::pin(respond(request, serving.clone(), peer, limits, counted))
+            let (service, release) = (serving.service.clone(), serving.release.clone());
+            Box::pin(respond(request, service, release, peer, limits, counted))
                 as Pin<Box<dyn Future<Output = Result<Response<Counted>, Infallible>> + Send>>
         })
     };
@@ -231,7 +232,8 @@ enum End {
 /// response labelled and counted until its body is over.
 async fn respond(
     request: Request<Incoming>,
-    serving: Serving,
+    service: HttpService,
+    release: HeaderValue,
     peer: Option<SocketAddr>,
     limits: Limits,
     mut counted: Counted,
@@ -243,28 +245,28 @@ async fn respond(
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limits.max_body) {
         let text = format!("the request body is over {} bytes\n", limits.max_body);
-        return Ok(counted.answer(StatusCode::PAYLOAD_TOO_LARGE, text, &serving.release));
+        return Ok(counted.answer(StatusCode::PAYLOAD_TOO_LARGE, text, &release));
     }
     let (mut parts, body) = request.into_parts();
     if let Some(peer) = peer {
         parts.extensions.insert(Peer(peer));
     }
     let request = Request::from_parts(parts, Body::incoming(body, limits.max_body, limits.body));
-    let answer = serving.service.clone().respond(request);
+    let answer = service.respond(request);
     let answer = match limits.request {
         Some(limit) => match tokio::time::timeout(limit, answer).await {
             Ok(answer) => answer,
             Err(_) => {
                 let text = format!(
                     "release {} did not answer within {} ms\n",
-                    serving.release.to_str().unwrap_or("?"),
+                    release.to_str().unwrap_or("?"),
                     limit.as_millis()
                 );
                 log(
                     Level::Warn,
                     "a request did not begin its response within the request timeout: answered 504",
                 );
-                return Ok(counted.answer(StatusCode::GATEWAY_TIMEOUT, text, &serving.release));
+                return Ok(counted.answer(StatusCode::GATEWAY_TIMEOUT, text, &release));
             }
         },
         None => answer.await,
@@ -272,7 +274,7 @@ async fn respond(
     match answer {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
-            parts.headers.insert(RELEASE, serving.release.clone());
+            parts.headers.insert(RELEASE, release);
             counted.status = parts.status.as_u16();
             counted.body = Some(body);
             Ok(Response::from_parts(parts, counted.headed()))
@@ -282,7 +284,7 @@ async fn respond(
             let mut response = counted.answer(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the release failed this request\n".to_owned(),
-                &serving.release,
+                &release,
             );
             response
                 .headers_mut()

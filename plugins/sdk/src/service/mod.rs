@@ -216,13 +216,22 @@ where
                 .await
                 .map_err(boxed)?;
             let response = service.call(request).await.map_err(boxed)?;
-            Ok(response.map(|body| Box::pin(ErrorsBoxed(Box::pin(body))) as ResponseBody))
+            Ok(response.map(|body| Box::pin(ErrorsBoxed(body)) as ResponseBody))
         })
     }
 }
 
 /// A body whose errors are boxed.
-struct ErrorsBoxed<B>(Pin<Box<B>>);
+struct ErrorsBoxed<B>(B);
+
+impl<B> ErrorsBoxed<B> {
+    fn body(self: Pin<&mut Self>) -> Pin<&mut B> {
+        // SAFETY: a structural projection: the body is never moved out of
+        // its pinned `ErrorsBoxed`, which has no `Drop` and is `Unpin`
+        // only if `B` is.
+        unsafe { self.map_unchecked_mut(|boxed| &mut boxed.0) }
+    }
+}
 
 impl<B> http_body::Body for ErrorsBoxed<B>
 where
@@ -233,11 +242,10 @@ where
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        self.0
-            .as_mut()
+        self.body()
             .poll_frame(cx)
             .map_err(|e| -> BoxError { e.into() })
     }
