@@ -20,6 +20,14 @@ fn agent(dir: &std::path::Path, extra: &[&str]) -> Agent {
     Agent::start(&dir.join("data"), &args)
 }
 
+fn stage_0_2_0(agent: &Agent) {
+    stage_dir(
+        agent,
+        &release_dir("myservice-0.2.0"),
+        &library("myservice_0_2_0"),
+    );
+}
+
 /// The connections `version`'s instance serves itself, as status says.
 fn connections_of(agent: &Agent, version: &str) -> u64 {
     agent.status()["libraries"]
@@ -45,11 +53,7 @@ fn served(agent: &Agent, version: &str) -> u64 {
 fn a_keep_alive_connection_follows_each_switch_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
-    stage_dir(
-        &agent,
-        &release_dir("myservice-0.2.0"),
-        &library("myservice_0_2_0"),
-    );
+    stage_0_2_0(&agent);
     let staged = stage_fixture(&agent, "no-drain");
     assert_eq!(staged.code, 0, "{staged:?}");
 
@@ -162,11 +166,7 @@ fn the_agents_limits_hold_on_the_connections_a_release_serves() {
 fn switches_under_load_lose_no_request_and_no_count() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
-    stage_dir(
-        &agent,
-        &release_dir("myservice-0.2.0"),
-        &library("myservice_0_2_0"),
-    );
+    stage_0_2_0(&agent);
     let load = nine9s_tests::Load::start(agent.http, "/", 8);
     assert!(eventually(Duration::from_secs(10), || connections_of(
         &agent, "0.1.0"

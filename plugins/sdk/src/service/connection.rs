@@ -154,6 +154,7 @@ pub(crate) async fn serve(
     // the connection ends with it.
     let mut closing = false;
     let mut yield_now = *yielded.borrow_and_update();
+    let mut finish = Finish { flush: false };
     let ended = loop {
         if yield_now {
             yield_now = false;
@@ -175,6 +176,7 @@ pub(crate) async fn serve(
         let check = clock.next_check(&limits);
         tokio::select! {
             ended = poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
+                finish.flush = ended.is_ok();
                 break match ended {
                     Ok(()) if asked && !closing => End::GiveBack,
                     _ => End::Closed,
@@ -194,6 +196,19 @@ pub(crate) async fn serve(
             }
         }
     };
+    // hyper's `poll_without_shutdown` may end before its last write is
+    // flushed: polled as a future, it flushes, then shuts the socket down
+    // (which `Watched` skips for a socket that goes back). Not if it ended
+    // fresh (nothing written, and it would read on) or in error.
+    if finish.flush {
+        clock.keep_open(ended == End::GiveBack);
+        let flushed = tokio::time::timeout(limits.idle, &mut connection).await;
+        if !matches!(flushed, Ok(Ok(()))) && ended == End::GiveBack {
+            drop(connection);
+            serving.port.connection_done(id, -1, &[]);
+            return;
+        }
+    }
     if ended == End::Closed {
         drop(connection);
         serving.port.connection_done(id, -1, &[]);
@@ -216,6 +231,12 @@ pub(crate) async fn serve(
             serving.port.connection_done(id, -1, &[]);
         }
     }
+}
+
+/// What is left to do once hyper is done with a connection.
+struct Finish {
+    /// hyper ended it cleanly: its last writes may still be buffered.
+    flush: bool,
 }
 
 /// How a connection ends for the release.
@@ -419,6 +440,9 @@ struct Clock {
     /// Requests under way whose response's head is made (hyper writes it
     /// as it comes).
     headed: AtomicU64,
+    /// The socket goes back to the host: hyper's shutdown of it only
+    /// flushes.
+    keep_open: std::sync::atomic::AtomicBool,
     pending: AtomicU64,
     since_ms: AtomicU64,
 }
@@ -430,6 +454,7 @@ impl Clock {
             busy: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             headed: AtomicU64::new(0),
+            keep_open: std::sync::atomic::AtomicBool::new(false),
             pending: AtomicU64::new(0),
             since_ms: AtomicU64::new(0),
         }
@@ -445,6 +470,10 @@ impl Clock {
 
     fn busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed) > 0
+    }
+
+    fn keep_open(&self, keep: bool) {
+        self.keep_open.store(keep, Ordering::Relaxed);
     }
 
     fn answered(&self) -> u64 {
@@ -565,6 +594,10 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let me = self.get_mut();
+        if me.clock.keep_open.load(Ordering::Relaxed) {
+            return Pin::new(&mut me.stream).poll_flush(cx);
+        }
+        Pin::new(&mut me.stream).poll_shutdown(cx)
     }
 }
