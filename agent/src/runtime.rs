@@ -555,14 +555,30 @@ struct ConnectionMeter {
 impl nine9s_host::Meter for ConnectionMeter {
     fn request_ended(&self, status: u16, took: Duration) {
         // On one of the release's threads: its own shard, as any thread.
-        let mine = my_shard();
-        let shard = &self.shards[mine];
-        shard.served.fetch_add(1, Ordering::Relaxed);
-        if status >= 500 {
-            shard.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        self.totals.count(mine, status, Some(took));
+        count_served(&self.shards, my_shard(), self.totals, status, false, took);
     }
+}
+
+/// Counts a service's request as served with `status` (what the client
+/// got) after `took`, on the instance's shard and its version's totals;
+/// `panicked`: the release's handler panicked.
+fn count_served(
+    shards: &[Shard; SHARDS],
+    shard: usize,
+    totals: &Totals,
+    status: u16,
+    panicked: bool,
+    took: Duration,
+) {
+    let counts = &shards[shard];
+    counts.served.fetch_add(1, Ordering::Relaxed);
+    if status >= 500 {
+        counts.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if panicked {
+        counts.panics.fetch_add(1, Ordering::Relaxed);
+    }
+    totals.count(shard, status, Some(took));
 }
 
 /// What handing a request to a service gave.
@@ -591,16 +607,15 @@ impl Tally {
     /// Counts the request as served with `status` (what the client got);
     /// `panicked`: the release's handler panicked.
     pub fn count(&self, status: u16, panicked: bool) {
-        let shard = &self.shards[self.shard];
-        shard.served.fetch_add(1, Ordering::Relaxed);
-        if status >= 500 {
-            shard.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        if panicked {
-            shard.panics.fetch_add(1, Ordering::Relaxed);
-        }
-        self.totals
-            .count(self.shard, status, Some(self.started.elapsed()));
+        let took = self.started.elapsed();
+        count_served(
+            &self.shards,
+            self.shard,
+            self.totals,
+            status,
+            panicked,
+            took,
+        );
     }
 }
 

@@ -877,6 +877,15 @@ pub fn stage_dir(agent: &Agent, dir: &Path, lib: &Path) -> Ctl {
         .ok()
 }
 
+/// Stages the sample service `myservice` `version` (`plugins/myservice-*`).
+pub fn stage_myservice(agent: &Agent, version: &str) -> Ctl {
+    stage_dir(
+        agent,
+        &release_dir(&format!("myservice-{version}")),
+        &library(&format!("myservice_{}", version.replace('.', "_"))),
+    )
+}
+
 /// Stages a fixture release from `tests/plugins/<name>`.
 pub fn stage_fixture(agent: &Agent, name: &str) -> Ctl {
     let lib = library(&format!("fixture_{}", name.replace('-', "_")));

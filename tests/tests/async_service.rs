@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use nine9s_tests::{eventually, library, release_dir, stage_dir, Agent};
+use nine9s_tests::{eventually, release_dir, stage_myservice, Agent};
 
 /// An agent on myservice 0.1.0, with room for many connections from the
 /// test's one address.
@@ -26,14 +26,6 @@ fn agent(dir: &std::path::Path, extra: &[&str]) -> Agent {
     ];
     args.extend_from_slice(extra);
     Agent::start(&dir.join("data"), &args)
-}
-
-fn stage_0_2_0(agent: &Agent) {
-    stage_dir(
-        agent,
-        &release_dir("myservice-0.2.0"),
-        &library("myservice_0_2_0"),
-    );
 }
 
 /// A response read off the wire: status, headers, and the body as it came
@@ -285,7 +277,7 @@ fn an_upgrade_with_requests_and_streams_under_way_fails_none() {
     for _ in 0..5 {
         assert_eq!(text(agent.http, "/").0, 200);
     }
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let addr = agent.http;
     // Long enough (9 s, 800 lines of 10 ms) to be under way still when all
     // of them have begun and the switch comes, on a loaded machine too.
@@ -326,7 +318,7 @@ fn upgrade_cycles_leave_one_library_mapped() {
     const CYCLES: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let started = Instant::now();
     for _ in 0..CYCLES {
         agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
@@ -380,7 +372,7 @@ fn next_line(stream: &mut Streamed) -> Option<String> {
 fn a_long_stream_holds_up_no_command() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let mut stream = get(agent.http, "/stream/2000");
     assert!(next_line(&mut stream).is_some());
     agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
@@ -410,7 +402,7 @@ fn a_stream_past_the_drain_timeout_is_cancelled() {
         dir.path(),
         &["--drain-timeout", "1s", "--metrics", "127.0.0.1:0"],
     );
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let mut stream = get(agent.http, "/stream/3000");
     assert!(next_line(&mut stream).is_some());
     agent.ctl(&["upgrade", "--to", "0.2.0", "--permanent"]).ok();
@@ -454,7 +446,7 @@ fn a_change_to_the_old_state_after_the_switch_is_reported() {
     let staged = nine9s_tests::stage_fixture(&agent, "late-writer");
     assert_eq!(staged.code, 0, "{staged:?}");
     agent.ctl(&["upgrade", "--to", "0.1.9", "--permanent"]).ok();
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let addr = agent.http;
     let late = std::thread::spawn(move || text(addr, "/late/1500"));
     // Under way on 0.1.9 before the switch, as the status says.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nine9s_tests::{eventually, library, release_dir, self_signed_localhost, stage_dir, Agent};
+use nine9s_tests::{eventually, release_dir, self_signed_localhost, stage_myservice, Agent};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_rustls::rustls;
 
@@ -179,11 +179,7 @@ fn a_service_streams_over_http2_and_one_connection_crosses_an_upgrade() {
         // An upgrade while the connection is open: its next requests go to
         // the new release, with the count carried.
         tokio::task::block_in_place(|| {
-            stage_dir(
-                &agent,
-                &release_dir("myservice-0.2.0"),
-                &library("myservice_0_2_0"),
-            );
+            stage_myservice(&agent, "0.2.0");
             agent.ctl(&["upgrade", "--to", "0.2.0"]).ok();
         });
         let after = send(&client, get(addr, "/"), &[]).await.unwrap();

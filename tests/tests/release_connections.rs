@@ -11,21 +11,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use nine9s_tests::{eventually, library, release_dir, stage_dir, stage_fixture, Agent, Client};
+use nine9s_tests::{eventually, release_dir, stage_fixture, stage_myservice, Agent, Client};
 
 fn agent(dir: &std::path::Path, extra: &[&str]) -> Agent {
     let bootstrap = release_dir("myservice-0.1.0");
     let mut args = vec!["--bootstrap", bootstrap.to_str().unwrap()];
     args.extend_from_slice(extra);
     Agent::start(&dir.join("data"), &args)
-}
-
-fn stage_0_2_0(agent: &Agent) {
-    stage_dir(
-        agent,
-        &release_dir("myservice-0.2.0"),
-        &library("myservice_0_2_0"),
-    );
 }
 
 /// The connections `version`'s instance serves itself, as status says.
@@ -53,7 +45,7 @@ fn served(agent: &Agent, version: &str) -> u64 {
 fn a_keep_alive_connection_follows_each_switch_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let staged = stage_fixture(&agent, "no-drain");
     assert_eq!(staged.code, 0, "{staged:?}");
 
@@ -166,7 +158,7 @@ fn the_agents_limits_hold_on_the_connections_a_release_serves() {
 fn switches_under_load_lose_no_request_and_no_count() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
-    stage_0_2_0(&agent);
+    stage_myservice(&agent, "0.2.0");
     let load = nine9s_tests::Load::start(agent.http, "/", 8);
     assert!(eventually(Duration::from_secs(10), || connections_of(
         &agent, "0.1.0"

@@ -154,7 +154,8 @@ pub(crate) async fn serve(
     // the connection ends with it.
     let mut closing = false;
     let mut yield_now = *yielded.borrow_and_update();
-    let mut finish = Finish { flush: false };
+    // hyper ended it cleanly: its last writes may still be buffered.
+    let mut flush = false;
     let ended = loop {
         if yield_now {
             yield_now = false;
@@ -176,7 +177,7 @@ pub(crate) async fn serve(
         let check = clock.next_check(&limits);
         tokio::select! {
             ended = poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
-                finish.flush = ended.is_ok();
+                flush = ended.is_ok();
                 break match ended {
                     Ok(()) if asked && !closing => End::GiveBack,
                     _ => End::Closed,
@@ -200,7 +201,7 @@ pub(crate) async fn serve(
     // flushed: polled as a future, it flushes, then shuts the socket down
     // (which `Watched` skips for a socket that goes back). Not if it ended
     // fresh (nothing written, and it would read on) or in error.
-    if finish.flush {
+    if flush {
         clock.keep_open(ended == End::GiveBack);
         let flushed = tokio::time::timeout(limits.idle, &mut connection).await;
         if !matches!(flushed, Ok(Ok(()))) && ended == End::GiveBack {
@@ -231,12 +232,6 @@ pub(crate) async fn serve(
             serving.port.connection_done(id, -1, &[]);
         }
     }
-}
-
-/// What is left to do once hyper is done with a connection.
-struct Finish {
-    /// hyper ended it cleanly: its last writes may still be buffered.
-    flush: bool,
 }
 
 /// How a connection ends for the release.
